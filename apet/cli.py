@@ -1,0 +1,130 @@
+"""Command-line entry points. Argument parsing only: each command calls one package function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+from apet.errors import ApetError, NotYetAvailableError, UsageError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="tiny | llava | llava-13b | a local checkpoint directory | an org/name hub id (cached)")
+    p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
+    p.add_argument("--stages", type=int, default=2, choices=(1, 2),
+                   help="1: whole budget at the vision output; 2 (paper default): 1.5r at the vision output, "
+                        "0.5r after the middle LLM layer")
+    p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
+    p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
+    p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
+    p.add_argument("--basis-method", default="fps", choices=("fps", "dpc", "random"))
+    p.add_argument("--seed", type=int, help="seed for the FPS start token / random basis (default: token 0)")
+    p.add_argument("--no-merge", action="store_true", help="drop tokens without merging them into kept ones")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
+                   help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
+    p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
+    p.add_argument("--device", default="cpu", help="where to trace the model (cpu, cuda)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
+                       basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
+                       dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
+                       stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
+                       device=args.device)
+    manifest = export_artifact(cfg)
+    c = manifest.compression
+    stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
+    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    return 0
+
+
+def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise NotYetAvailableError(f"apet {name} is not available in this version yet",
+                                   "see the README for the commands that work today")
+
+    return run
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "export": ("export a checkpoint to ONNX + manifest", _export_args, cmd_export),
+}
+
+
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    if only is not None:
+        help_text, add_args, _ = COMMANDS[only]
+        parser = argparse.ArgumentParser(prog=f"apet-{only}", description=help_text)
+        add_args(parser)
+        _common(parser)
+        return parser
+    parser = argparse.ArgumentParser(prog="apet", description="ApET token compression for VLM deployment")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        _common(p)
+    return parser
+
+
+def _run(argv: Sequence[str] | None, only: str | None = None) -> int:
+    parser = _parser(only)
+    args = parser.parse_args(argv)
+    command = only or args.command
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[command][2](args)
+    except ApetError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "export")
+
+
+def build_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "build")
+
+
+def run_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "run")
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "bench")
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "eval")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

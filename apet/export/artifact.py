@@ -1,0 +1,224 @@
+"""``apet-export``: a checkpoint becomes one artifact directory, written atomically (DESIGN §3)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from apet import __version__
+from apet.compression import METHODS, CompressionConfig, Stage2Config
+from apet.errors import UsageError, check_range
+from apet.export.budget import Budget, plan_budget
+from apet.export.llm import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, export_llm, save_embeddings
+from apet.export.onnx_utils import (MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, sha256_file,
+                                    spec_dict)
+from apet.export.vision import export_vision
+from apet.manifest import SCHEMA_VERSION, CompressionSpec, GraphEntry, Manifest, Stage2Spec, write_manifest
+from apet.models.base import VisionLanguageAdapter
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+_TMP_MARK = ".apet-tmp-"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``apet-export`` takes; validated before any work starts."""
+
+    model: str
+    out: Path
+    ratio: float | None = None
+    stages: int = 2
+    tokens: str | None = None
+    basis: int = 10
+    basis_method: str = "fps"
+    seed: int | None = None
+    merge: bool = True
+    dtype: str = "fp16"
+    opset: int = 17
+    max_batch: int = 4
+    max_context: int | None = None
+    stage2_layer: int | None = None
+    all_logits: bool = False
+    overwrite: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.tokens is None:
+            raise UsageError("no budget given", "pass --ratio R (e.g. 0.11) or --tokens K[,K2]")
+        if self.ratio is not None:
+            if not (0.0 < self.ratio <= 1.0):
+                raise UsageError(f"--ratio {self.ratio} is outside the allowed range (0, 1]",
+                                 "pass the mean retained fraction, e.g. --ratio 0.11")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is unknown", "use fp16 (engines) or fp32 (CPU parity)")
+        if self.basis_method not in METHODS:
+            raise UsageError(f"--basis-method {self.basis_method!r} is unknown", f"use one of {', '.join(METHODS)}")
+        check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
+        check_range("--max-batch", self.max_batch, 1, 256)
+        check_range("--basis", self.basis, 1, 1 << 16)
+        if self.max_context is not None:
+            check_range("--max-context", self.max_context, 16, 1 << 20)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a scratch directory next to ``out``; on success it replaces ``out`` in one rename.
+
+    On any exception, Ctrl-C or SIGTERM the scratch directory is removed and
+    ``out`` is left as it was (the previous complete artifact, or nothing).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(out)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
+    os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is a normal directory
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    in_main = _is_main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield scratch
+        if out.exists():
+            trash = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-old"
+            out.rename(trash)
+            scratch.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            scratch.rename(out)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _remove_stale_scratch(out: Path) -> None:
+    """Scratch dirs of killed runs (their pid is gone) are deleted; live ones are left alone."""
+    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+        try:
+            pid = int(stale.name.split(_TMP_MARK, 1)[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def compression_configs(cfg: ExportConfig, budget: Budget) -> tuple[CompressionConfig, Stage2Config | None]:
+    stage1 = CompressionConfig(keep=budget.stage1_keep, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
+                               seed=cfg.seed)
+    stage2 = None
+    if budget.stage2_keep is not None and budget.stage2_layer is not None:
+        stage2 = Stage2Config(layer=budget.stage2_layer, span=budget.stage1_keep,
+                              compression=CompressionConfig(keep=budget.stage2_keep, basis=cfg.basis,
+                                                            method=cfg.basis_method, merge=cfg.merge, seed=cfg.seed))
+    return stage1, stage2
+
+
+def _graph_entry(directory: Path, name: str) -> GraphEntry:
+    inputs, outputs = graph_io(directory / name)
+    return GraphEntry(file=name, inputs=spec_dict(inputs), outputs=spec_dict(outputs),
+                      external_data=external_data_files(directory / name))
+
+
+def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = None,
+                    on_step: Callable[[str], None] | None = None) -> Manifest:
+    """Run the whole export into ``cfg.out``; returns the manifest written."""
+    from apet.models.registry import load_adapter
+
+    steps = ["load model", "plan budgets", "export vision.onnx", "export llm.onnx", "write embeddings",
+             "copy tokenizer/processor", "check graphs", "checksums + manifest"]
+    bar = tqdm(total=len(steps), desc="apet-export", unit="step", disable=None)
+
+    def step(i: int) -> None:
+        bar.set_postfix_str(steps[i])
+        log.info("export: %s", steps[i])
+        if on_step:
+            on_step(steps[i])
+
+    try:
+        with atomic_directory(cfg.out, cfg.overwrite) as scratch:
+            step(0)
+            adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
+            bar.update()
+            step(1)
+            spec = adapter.spec
+            budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
+                                 tokens=cfg.tokens, basis=cfg.basis, stage2_layer=cfg.stage2_layer)
+            stage1, stage2 = compression_configs(cfg, budget)
+            max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
+            bar.update()
+            step(2)
+            export_vision(adapter, stage1, scratch / "vision.onnx", opset=cfg.opset)
+            bar.update()
+            step(3)
+            export_llm(adapter, stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
+            bar.update()
+            step(4)
+            save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
+            bar.update()
+            step(5)
+            assets = adapter.save_text_assets(scratch)
+            bar.update()
+            step(6)
+            for name in ("vision.onnx", "llm.onnx"):
+                check_onnx(scratch / name)
+            graphs = {"vision": _graph_entry(scratch, "vision.onnx"), "llm": _graph_entry(scratch, "llm.onnx")}
+            bar.update()
+            step(7)
+            manifest = _manifest(cfg, adapter, budget, graphs, assets, max_context, scratch)
+            write_manifest(scratch, manifest)
+            bar.update()
+    finally:
+        bar.close()
+    return manifest
+
+
+def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, budget: Budget, graphs: dict[str, GraphEntry],
+              assets: list[str], max_context: int, directory: Path) -> Manifest:
+    table = adapter.embed_tokens().weight
+    embeddings = {"kind": "safetensors", "file": EMBEDDINGS_FILE, "tensor": EMBEDDINGS_TENSOR,
+                  "shape": list(table.shape), "dtype": cfg.dtype}
+    stage2 = None if budget.stage2_keep is None else Stage2Spec(layer=int(budget.stage2_layer),
+                                                                keep=budget.stage2_keep)
+    compression = CompressionSpec(ratio=cfg.ratio, stage1_keep=budget.stage1_keep, basis_k=cfg.basis,
+                                  basis_method=cfg.basis_method, merge=cfg.merge, seed=cfg.seed, stage2=stage2)
+    names = [g.file for g in graphs.values()] + [x for g in graphs.values() for x in g.external_data]
+    names += [EMBEDDINGS_FILE] + assets
+    checksums = {name: sha256_file(directory / name) for name in sorted(set(names))}
+    return Manifest(
+        schema_version=SCHEMA_VERSION, apet_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
+        dtype=cfg.dtype, opset=cfg.opset, compression=compression, max_batch=cfg.max_batch,
+        max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
+    )

@@ -1,0 +1,67 @@
+"""``llm.onnx`` (decoder + KV cache [+ stage 2]) and the token-embedding table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from apet.compression import Stage2Config
+from apet.export.decoder import DecoderGraph, empty_past, past_names, present_names
+from apet.export.onnx_utils import export_onnx
+from apet.models.base import VisionLanguageAdapter
+
+EMBEDDINGS_FILE = "embed_tokens.safetensors"
+EMBEDDINGS_TENSOR = "weight"
+
+
+def llm_io_names(num_layers: int, stage2: Stage2Config | None) -> tuple[list[str], list[str]]:
+    inputs = ["inputs_embeds", "position_ids", "attention_mask"] + (["image_start"] if stage2 else [])
+    outputs = ["logits"] + (["stage2_index"] if stage2 else [])
+    return inputs + past_names(num_layers), outputs + present_names(num_layers)
+
+
+def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool) -> dict[str, dict[int, str]]:
+    axes: dict[str, dict[int, str]] = {
+        "inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch", 1: "seq_out"} if all_logits else {0: "batch"},
+    }
+    if stage2:
+        axes["image_start"] = {0: "batch"}
+        axes["stage2_index"] = {0: "batch"}
+    for i in range(num_layers):
+        after = stage2 is not None and i >= stage2.layer
+        past, total = ("past_after", "total_after") if after else ("past", "total")
+        for kind in ("key", "value"):
+            axes[f"past_{kind}.{i}"] = {0: "batch", 2: past}
+            axes[f"present_{kind}.{i}"] = {0: "batch", 2: total}
+    return axes
+
+
+def export_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | None, path: Path, *, opset: int,
+               all_logits: bool = False) -> Path:
+    """Trace the decoder at a prefill shape (P = 0) with every length axis dynamic."""
+    spec = adapter.spec.decoder
+    batch = 2
+    length = (stage2.span if stage2 else 0) + 8
+    embeds = torch.randn(batch, length, spec.hidden_size, dtype=adapter.dtype, device=adapter.device)
+    positions = torch.arange(length, device=adapter.device).expand(batch, -1).contiguous()
+    mask = torch.ones(batch, length, dtype=torch.long, device=adapter.device)
+    args: tuple = (embeds, positions, mask)
+    if stage2:
+        args += (torch.full((batch,), 3, dtype=torch.long, device=adapter.device),)
+    args += tuple(empty_past(adapter, batch))
+    inputs, outputs = llm_io_names(spec.num_layers, stage2)
+    return export_onnx(DecoderGraph(adapter, stage2, all_logits).eval(), args, path, input_names=inputs,
+                       output_names=outputs, dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits),
+                       opset=opset)
+
+
+def save_embeddings(adapter: VisionLanguageAdapter, path: Path) -> Path:
+    """The token-embedding table as safetensors (the runtime looks tokens up itself: no engine needed)."""
+    table = adapter.embed_tokens().weight.detach().to("cpu").contiguous()
+    save_file({EMBEDDINGS_TENSOR: table}, str(path))
+    path.chmod(0o644)
+    return path

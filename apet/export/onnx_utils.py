@@ -1,0 +1,171 @@
+"""ONNX plumbing shared by every exported graph: export, external data, checks, I/O description."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import onnx
+import torch
+
+from apet.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+MAX_OPSET = 20
+PROTOBUF_LIMIT = 2**31 - 1024 * 1024  # stay clear of protobuf's 2 GiB hard limit
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.UINT8: "uint8",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, dims (ints or symbolic names) and dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        return cls(name=str(data["name"]), shape=tuple(data["shape"]), dtype=str(data["dtype"]))
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the tracer's warnings about static shapes: ours are static on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        yield
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: Mapping[str, Mapping[int, str]],
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Trace ``module`` with the TorchScript exporter and save ``path``; weights go to
+    ``path.data`` (one file) when the model does not fit one protobuf.
+
+    The TorchScript exporter is used because it keeps static Python ints static
+    (k, K, head counts), produces plain ops TensorRT 10.3 parses, and needs no
+    ``torch.export``-compatible model code.
+    """
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        raw = Path(scratch) / path.name
+        with quiet_tracing(), torch.no_grad():
+            torch.onnx.export(
+                module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
+                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, opset_version=opset,
+                do_constant_folding=True, dynamo=False,
+            )
+        _save_single_or_external(raw, path)
+    return path
+
+
+def _save_single_or_external(raw: Path, final: Path) -> None:
+    """Keep a small model as one file; consolidate a large one into ``<name>.data``."""
+    loose = [p for p in raw.parent.iterdir() if p != raw]
+    if not loose and raw.stat().st_size < PROTOBUF_LIMIT:
+        shutil.move(str(raw), final)
+        return
+    model = onnx.load(str(raw), load_external_data=True)
+    data_name = final.name + ".data"
+    (final.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    log.info("saved %s with external data %s", final.name, data_name)
+
+
+def external_data_files(path: Path) -> list[str]:
+    """Relative names of the external-data files an ONNX model refers to (no weights loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+    names: set[str] = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(names)
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` with full shape inference; raises ArtifactError naming the file."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # onnx raises several unrelated types
+        raise ArtifactError(f"{Path(path).name} fails onnx.checker: {exc}",
+                            "re-export it; if it persists, report the model and opset") from exc
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph as TensorSpecs (reads only the graph, not the weights)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in tensor_type.shape.dim)
+        return TensorSpec(value.name, dims, _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type)))
+
+    inputs = [spec(v) for v in graph.input if v.name not in initializers]
+    return inputs, [spec(v) for v in graph.output]
+
+
+def op_histogram(path: Path) -> dict[str, int]:
+    """How many nodes of each op type the graph holds (for tests and reports)."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def spec_dict(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
+    return [s.to_json() for s in specs]
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)
+
+
+__all__ = [
+    "DEFAULT_OPSET", "TensorSpec", "asdict", "check_onnx", "export_onnx", "external_data_files",
+    "graph_io", "op_histogram", "quiet_tracing", "sha256_file", "spec_dict",
+]

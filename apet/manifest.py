@@ -1,0 +1,253 @@
+"""The artifact directory's schema: versioned ``manifest.json`` (DESIGN §3).
+
+Every later command reads only the artifact directory, through
+:func:`read_manifest`, which validates the schema version, the types, that
+every path stays inside the directory, and (on request) the checksums.
+Any malformed manifest raises :class:`ArtifactError`, never another exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from apet.errors import ArtifactError
+from apet.models.base import DecoderSpec, ModelSpec, ProcessorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage2Spec:
+    layer: int
+    keep: int
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """What was compressed where: K1 at the vision output, optional K2 after LLM layer L-1."""
+
+    ratio: float | None
+    stage1_keep: int
+    basis_k: int
+    basis_method: str
+    merge: bool = True
+    seed: int | None = None
+    stage2: Stage2Spec | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage2 is not None or self.basis_k > 0
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    external_data: list[str] = field(default_factory=list)
+
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    apet_version: str
+    created: str
+    model: ModelSpec
+    dtype: str
+    opset: int
+    compression: CompressionSpec
+    max_batch: int
+    max_context: int
+    graphs: dict[str, GraphEntry]
+    embeddings: dict[str, Any]
+    text_assets: list[str]
+    checksums: dict[str, str]
+
+    # -- derived -----------------------------------------------------------------------------------
+    @property
+    def visual_tokens(self) -> int:
+        """Tokens the LLM sees per image at its input (K1)."""
+        return self.compression.stage1_keep
+
+    def removed_at_stage2(self) -> int:
+        s2 = self.compression.stage2
+        return 0 if s2 is None else self.compression.stage1_keep - s2.keep
+
+    def files(self) -> list[str]:
+        """Every file the artifact consists of (relative), manifest excluded."""
+        names = [g.file for g in self.graphs.values()] + [x for g in self.graphs.values() for x in g.external_data]
+        if self.embeddings.get("file"):
+            names.append(self.embeddings["file"])
+        return sorted(set(names + list(self.text_assets)))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _safe_relative(name: Any, what: str) -> str:
+    """Reject absolute paths and '..' so a manifest can never point outside its directory."""
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"manifest field {what} must be a non-empty relative path, got {name!r}",
+                            "re-export the artifact")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or name.startswith("~") or ":" in pure.parts[0]:
+        raise ArtifactError(f"manifest path {name!r} ({what}) escapes the artifact directory",
+                            "the manifest was edited or is malicious; re-export the artifact")
+    return name
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(data, Mapping) or key not in data:
+        raise ArtifactError(f"manifest is missing {where}{key}", "re-export the artifact with this apet version")
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        raise ArtifactError(f"manifest field {where}{key} has type {type(value).__name__}",
+                            "re-export the artifact; the manifest is corrupt")
+    return value
+
+
+def _model_from_json(data: Mapping[str, Any]) -> ModelSpec:
+    decoder = _require(data, "decoder", dict, "model.")
+    processor = _require(data, "processor", dict, "model.")
+    try:
+        return ModelSpec(
+            family=_require(data, "family", str, "model."), source=str(data.get("source", "")),
+            n_tokens=_require(data, "n_tokens", int, "model."),
+            patch_grid=tuple(_require(data, "patch_grid", list, "model.")),
+            vision_dim=_require(data, "vision_dim", int, "model."),
+            image_token_id=_require(data, "image_token_id", int, "model."),
+            bos_token_id=data.get("bos_token_id"), eos_token_ids=tuple(_require(data, "eos_token_ids", list, "model.")),
+            pad_token_id=data.get("pad_token_id"), prompt_template=_require(data, "prompt_template", str, "model."),
+            image_placeholder=_require(data, "image_placeholder", str, "model."),
+            decoder=DecoderSpec(**decoder),
+            processor=ProcessorSpec(**{**processor, "image_mean": tuple(processor.get("image_mean", ())),
+                                       "image_std": tuple(processor.get("image_std", ()))}),
+            extra=dict(data.get("extra") or {}),
+        )
+    except TypeError as exc:
+        raise ArtifactError(f"manifest model section is malformed: {exc}", "re-export the artifact") from exc
+
+
+def _compression_from_json(data: Mapping[str, Any]) -> CompressionSpec:
+    stage2 = data.get("stage2") if isinstance(data, Mapping) else None
+    if stage2 is not None:
+        stage2 = Stage2Spec(layer=_require(stage2, "layer", int, "compression.stage2."),
+                            keep=_require(stage2, "keep", int, "compression.stage2."))
+    ratio = data.get("ratio") if isinstance(data, Mapping) else None
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)):
+        raise ArtifactError("manifest field compression.ratio is not a number", "re-export the artifact")
+    seed = data.get("seed")
+    return CompressionSpec(
+        ratio=ratio, stage1_keep=_require(data, "stage1_keep", int, "compression."),
+        basis_k=_require(data, "basis_k", int, "compression."),
+        basis_method=_require(data, "basis_method", str, "compression."),
+        merge=bool(data.get("merge", True)), seed=seed if isinstance(seed, int) else None, stage2=stage2,
+    )
+
+
+def _graph_from_json(name: str, data: Mapping[str, Any]) -> GraphEntry:
+    where = f"graphs.{name}."
+    entry = GraphEntry(
+        file=_safe_relative(_require(data, "file", str, where), where + "file"),
+        inputs=_require(data, "inputs", list, where), outputs=_require(data, "outputs", list, where),
+        external_data=[_safe_relative(x, where + "external_data") for x in data.get("external_data", [])],
+    )
+    for spec in entry.inputs + entry.outputs:
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or \
+                not isinstance(spec.get("shape"), list):
+            raise ArtifactError(f"manifest {where}inputs/outputs entry {spec!r} is malformed", "re-export the artifact")
+    return entry
+
+
+def manifest_from_json(data: Any) -> Manifest:
+    """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
+    if not isinstance(data, Mapping):
+        raise ArtifactError("manifest.json is not a JSON object", "re-export the artifact")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"manifest schema_version {version!r} is not supported by this apet (expects {SCHEMA_VERSION})",
+            "re-export the artifact with this apet version, or install the apet version that wrote it",
+        )
+    try:
+        graphs = _require(data, "graphs", dict, "")
+        embeddings = _require(data, "embeddings", dict, "")
+        if embeddings.get("file") is not None:
+            _safe_relative(embeddings["file"], "embeddings.file")
+        checksums = _require(data, "checksums", dict, "")
+        for key, value in checksums.items():
+            _safe_relative(key, "checksums")
+            if not isinstance(value, str):
+                raise ArtifactError(f"checksum of {key!r} is not a string", "re-export the artifact")
+        return Manifest(
+            schema_version=version, apet_version=str(data.get("apet_version", "")),
+            created=str(data.get("created", "")), model=_model_from_json(_require(data, "model", dict, "")),
+            dtype=_require(data, "dtype", str, ""), opset=_require(data, "opset", int, ""),
+            compression=_compression_from_json(_require(data, "compression", dict, "")),
+            max_batch=_require(data, "max_batch", int, ""), max_context=_require(data, "max_context", int, ""),
+            graphs={str(k): _graph_from_json(str(k), _require(graphs, k, dict, "graphs.")) for k in graphs},
+            embeddings=dict(embeddings),
+            text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
+            checksums={str(k): str(v) for k, v in checksums.items()},
+        )
+    except ArtifactError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ArtifactError(f"manifest.json is malformed: {exc}", "re-export the artifact") from exc
+
+
+def read_manifest(artifact_dir: Path, *, verify_checksums: bool = False) -> Manifest:
+    """Load ``artifact_dir/manifest.json``; optionally check every file's SHA-256 against it."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{artifact_dir} has no {MANIFEST_NAME}",
+                            "pass the directory apet-export wrote (apet-export --out DIR)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", "re-export the artifact") from exc
+    manifest = manifest_from_json(data)
+    if verify_checksums:
+        verify_files(artifact_dir, manifest)
+    return manifest
+
+
+def verify_files(artifact_dir: Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    """Raise ArtifactError for a missing file or a SHA-256 that differs from the manifest's."""
+    from apet.export.onnx_utils import sha256_file
+
+    for name in names if names is not None else sorted(manifest.checksums):
+        path = Path(artifact_dir) / name
+        if not path.is_file():
+            raise ArtifactError(f"{name} is missing from {artifact_dir}", "re-export the artifact")
+        expected = manifest.checksums.get(name)
+        if expected is not None and sha256_file(path) != expected:
+            raise ArtifactError(f"{name} changed after export (checksum mismatch)",
+                                "re-export the artifact; do not edit exported files in place")
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write manifest.json atomically (temp file + rename)."""
+    directory = Path(directory)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(manifest.to_json(), handle, indent=1, sort_keys=False)
+        handle.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, directory / MANIFEST_NAME)
+    return directory / MANIFEST_NAME

@@ -1,0 +1,124 @@
+"""The PyTorch reference of the compressed model: the source model's own Hugging Face modules
+with ApET applied exactly as DESIGN §4 says (the paper's ``token_merging`` + PyramidDrop-style
+``layer_prune``).
+
+It is written independently of :mod:`apet.export.decoder` (per-row Python
+rebuild of the sequence, HF attention and cache, masks and positions derived
+from the compressed mask), so that tests comparing the exported graphs with it
+can catch mistakes in either. The runtime's ``torch`` backend uses it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from apet.compression import CompressionConfig, Stage2Config, compress
+from apet.models.base import VisionLanguageAdapter
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's convention: cumulative count of real tokens minus one; pads get 1."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def causal_bias(mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, S] key mask -> [B, 1, T, S] additive bias; query t sits at key position S - T + t."""
+    batch, total = mask.shape
+    bias = torch.full((batch, 1, query_len, total), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    for t in range(query_len):
+        visible = mask.bool().clone()
+        visible[:, total - query_len + t + 1:] = False
+        bias[:, 0, t][visible] = 0
+    return bias
+
+
+@dataclass
+class ReferenceState:
+    """Decode-time state: HF cache plus the masks of the two layer groups."""
+
+    cache: object
+    mask: torch.Tensor  # full-length mask (layers < L)
+    mask_after: torch.Tensor | None  # compressed mask (layers >= L)
+    image_start: torch.Tensor
+    stage2_index: torch.Tensor | None = None
+    visible_lengths: list[int] = field(default_factory=list)
+
+
+class Reference:
+    """Vision + language model of ``adapter`` with ApET stage 1 (and optional stage 2)."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig,
+                 stage2: Stage2Config | None = None) -> None:
+        self.adapter = adapter
+        self.stage1 = stage1
+        self.stage2 = stage2
+        self.layers = list(adapter.decoder_layers())
+
+    @torch.no_grad()
+    def visual_embeds(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.stage1
+        features = self.adapter.vision_features(pixel_values)
+        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        return self.adapter.project(kept.tokens), kept.index
+
+    def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
+                    layers: range) -> torch.Tensor:
+        cos_sin = self.adapter.rotary_embedding()(hidden, positions)
+        bias = causal_bias(mask, hidden.shape[1], hidden.dtype)
+        for i in layers:
+            out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, position_embeddings=cos_sin)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.adapter.lm_head()(self.adapter.final_norm()(hidden[:, -1:]))
+
+    def _compress_span(self, hidden: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor):
+        s2 = self.stage2
+        assert s2 is not None
+        c = s2.compression
+        rows, masks, indices = [], [], []
+        for b in range(hidden.shape[0]):
+            s = int(image_start[b])
+            kept = compress(hidden[b:b + 1, s:s + s2.span], keep=c.keep, basis=c.basis, method=c.method,
+                            merge=c.merge, seed=c.seed)
+            rows.append(torch.cat([hidden[b, :s], kept.tokens[0], hidden[b, s + s2.span:]]))
+            masks.append(torch.cat([mask[b, :s], torch.ones_like(mask[b, :c.keep]), mask[b, s + s2.span:]]))
+            indices.append(kept.index[0])
+        return torch.stack(rows), torch.stack(masks), torch.stack(indices)
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, mask: torch.Tensor,
+                image_start: torch.Tensor) -> tuple[torch.Tensor, ReferenceState]:
+        """Logits of the last position [B, 1, V] and the state to decode from."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        split = self.stage2.layer if self.stage2 is not None else len(self.layers)
+        hidden = self._run_layers(inputs_embeds, mask, positions_from_mask(mask), cache, range(split))
+        state = ReferenceState(cache=cache, mask=mask, mask_after=None, image_start=image_start)
+        if self.stage2 is not None:
+            hidden, state.mask_after, state.stage2_index = self._compress_span(hidden, mask, image_start)
+            hidden = self._run_layers(hidden, state.mask_after, positions_from_mask(state.mask_after), cache,
+                                      range(split, len(self.layers)))
+        return self._logits(hidden), state
+
+    @torch.no_grad()
+    def decode(self, token_embeds: torch.Tensor, state: ReferenceState) -> torch.Tensor:
+        """One step for [B, 1, H] embeddings; updates ``state`` in place."""
+        ones = torch.ones_like(state.mask[:, :1])
+        state.mask = torch.cat([state.mask, ones], dim=1)
+        split = self.stage2.layer if self.stage2 is not None else len(self.layers)
+        hidden = self._run_layers(token_embeds, state.mask, positions_from_mask(state.mask)[:, -1:], state.cache,
+                                  range(split))
+        if self.stage2 is not None:
+            state.mask_after = torch.cat([state.mask_after, ones], dim=1)
+            hidden = self._run_layers(hidden, state.mask_after, positions_from_mask(state.mask_after)[:, -1:],
+                                      state.cache, range(split, len(self.layers)))
+        return self._logits(hidden)
+
+    def cache_lengths(self, state: ReferenceState) -> list[int]:
+        return [int(state.cache.layers[i].keys.shape[2]) for i in range(len(self.layers))]
