@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
 import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``--model tiny`` caches its checkpoint here instead of the user's cache."""
+    os.environ["APET_CACHE"] = str(tmp_path_factory.mktemp("apet_cache"))
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +29,51 @@ def rtx_api():
         return load_api("tensorrt-rtx")
     except Exception as exc:  # pragma: no cover - CI installs the wheel, so this runs there
         pytest.skip(f"tensorrt_rtx_bindings is not importable here ({exc}); pip install 'apet[rtx]'")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.models.tiny import create_tiny_llava
+
+    return create_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_checkpoint: Path):
+    """The tiny model loaded through the real loading code (float32)."""
+    from apet.models.llava import LlavaAdapter
+
+    return LlavaAdapter.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Callable[..., Path]:
+    """export_tiny(ratio=..., stages=..., dtype=..., tokens=...) -> artifact dir, cached per argument set."""
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("artifacts")
+
+    def export_tiny(ratio: float | None = 0.11, stages: int = 2, dtype: str = "fp32", tokens: str | None = None,
+                    **extra) -> Path:
+        key = (ratio, stages, dtype, tokens, tuple(sorted(extra.items())))
+        if key not in cache:
+            out = root / f"a{len(cache)}"
+            export_artifact(ExportConfig(model=str(tiny_checkpoint), out=out, ratio=ratio, stages=stages,
+                                         dtype=dtype, tokens=tokens, **extra))
+            cache[key] = out
+        return cache[key]
+
+    return export_tiny
+
+
+def make_image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
+    """A structured test image: smooth gradients plus a few solid shapes (not white noise)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 255
+    for _ in range(4):
+        x0, y0 = rng.integers(0, w - 40), rng.integers(0, h - 40)
+        base[y0:y0 + rng.integers(20, 60), x0:x0 + rng.integers(20, 60)] = rng.integers(0, 255, 3)
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))

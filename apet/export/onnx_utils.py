@@ -84,13 +84,39 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / path.name
         with quiet_tracing(), torch.no_grad():
+            example_outputs = module(*args)
             torch.onnx.export(
                 module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
                 dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, opset_version=opset,
                 do_constant_folding=True, dynamo=False,
             )
+        _declare_output_shapes(raw, output_names, example_outputs, dynamic_axes)
         _save_single_or_external(raw, path)
     return path
+
+
+def _declare_output_shapes(path: Path, names: Sequence[str], examples: Any,
+                           dynamic_axes: Mapping[str, Mapping[int, str]]) -> None:
+    """Write static output dims (budgets K, hidden sizes) into the graph where inference lost them.
+
+    Shape inference cannot see through TopK/GatherElements chains, so without
+    this the K of ``visual_embeds`` would read as a symbol in the manifest and
+    in TensorRT's binding shapes.
+    """
+    examples = examples if isinstance(examples, (tuple, list)) else (examples,)
+    model = onnx.load(str(path), load_external_data=False)
+    for output, example in zip(model.graph.output, examples):
+        dynamic = dynamic_axes.get(output.name, {})
+        dims = output.type.tensor_type.shape.dim
+        if len(dims) != example.dim():
+            continue
+        for i, dim in enumerate(dims):
+            if i in dynamic:
+                dim.dim_param = dynamic[i]
+            else:
+                dim.dim_value = int(example.shape[i])
+    # rewrites the protobuf only; external weight files (large models) stay untouched
+    Path(path).write_bytes(model.SerializeToString())
 
 
 def _save_single_or_external(raw: Path, final: Path) -> None:
