@@ -55,6 +55,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="directory written by apet-export")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"),
+                   help="auto: TensorRT if importable, else TensorRT-RTX")
+    p.add_argument("--max-batch", type=int, help="largest batch of the profiles (default: the manifest's)")
+    p.add_argument("--max-context", type=int, help="largest past+new length of the decode profile")
+    p.add_argument("--max-prompt", type=int, help="longest prefill (default: visual tokens + 512)")
+    p.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read and updated)")
+    p.add_argument("--builder-optimization-level", type=int, help="0..5 (TensorRT default 3)")
+    p.add_argument("--compute-capability", default="",
+                   help="TensorRT-RTX AOT targets, comma separated (e.g. sm86,sm89,sm120)")
+    p.add_argument("--graphs", default="vision,llm", help="which engines to build")
+    p.add_argument("--emit-trtexec", action="store_true",
+                   help="write trtexec.sh (build + profiling lines) instead of building")
+    p.add_argument("--overwrite", action="store_true", help="replace engines built from another export")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from apet.engines.build import BuildConfig, build_artifact
+    from apet.engines.profiles import ShapeLimits
+    from apet.engines.trtexec import write_trtexec_script
+    from apet.manifest import read_manifest
+
+    if args.emit_trtexec:
+        limits = ShapeLimits.from_manifest(read_manifest(args.artifact), args.max_batch, args.max_context,
+                                           args.max_prompt)
+        print(f"wrote {write_trtexec_script(args.artifact, limits, args.workspace)}")
+        return 0
+    cfg = BuildConfig(artifact=args.artifact, backend=args.backend, max_batch=args.max_batch,
+                      max_context=args.max_context, max_prompt=args.max_prompt, workspace_mb=args.workspace,
+                      optimization_level=args.builder_optimization_level,
+                      compute_capabilities=tuple(t for t in args.compute_capability.split(",") if t),
+                      timing_cache=args.timing_cache, graphs=tuple(args.graphs.split(",")), overwrite=args.overwrite)
+    report = build_artifact(cfg)
+    for name, engine in report.engines.items():
+        print(f"{engine['file']}: {engine['bytes'] / 1e6:.1f} MB in {engine['seconds']:.1f} s "
+              f"({report.builder} {report.version})")
+    return 0
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from apet.inspect_artifact import describe
+
+    print(describe(args.artifact))
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise NotYetAvailableError(f"apet {name} is not available in this version yet",
@@ -65,6 +117,8 @@ def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "export": ("export a checkpoint to ONNX + manifest", _export_args, cmd_export),
+    "build": ("build TensorRT / TensorRT-RTX engines (or trtexec lines) for an artifact", _build_args, cmd_build),
+    "inspect": ("show an artifact's manifest, graph I/O and engines", _inspect_args, cmd_inspect),
 }
 
 

@@ -70,8 +70,8 @@ class _Logger:
 
             def log(self, severity: Any, msg: str) -> None:
                 if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                    self.errors.append(msg)
-                    log.error("TensorRT: %s", msg)
+                    self.errors.append(msg.strip())  # surfaced in the ApetError we raise
+                    log.debug("TensorRT error: %s", msg)
                 elif severity == trt.ILogger.WARNING:
                     log.debug("TensorRT warning: %s", msg)
                 else:
@@ -120,8 +120,10 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> tuple[Any, Any, Any, Any]:
         for i in range(parser.num_errors):
             error = parser.get_error(i)
             problems.append(f"node {error.node_name() or error.node()!s} ({error.node_operator()}): {error.desc()}")
+        detail = logger.errors[-1].splitlines()[-1] if logger.errors else ""
         raise ArtifactError(
-            f"{api.kind} {api.version} cannot parse {Path(onnx_path).name}: " + "; ".join(problems),
+            f"{api.kind} {api.version} cannot parse {Path(onnx_path).name}: " + "; ".join(problems)
+            + (f" [{detail}]" if detail else ""),
             "the graph uses an op or pattern this TensorRT does not support; re-export with a supported "
             "--opset/--attention setting or report the node named above",
         )

@@ -108,7 +108,7 @@ class DecoderGraph(nn.Module):
         is_prefill = (length + (_BIG - 2)) // _BIG
         new_length = length - removed * is_prefill
 
-        start = image_start.unsqueeze(1)
+        start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
         offsets = torch.arange(span, device=h.device)
         span_index = torch.minimum(start + offsets, length - 1)
         c = s2.compression

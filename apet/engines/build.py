@@ -1,0 +1,189 @@
+"""``apet-build``: the artifact's ONNX graphs become engines, a report, and trtexec lines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from apet.engines.api import TrtApi, load_api
+from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
+from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
+from apet.errors import ArtifactError, UsageError
+from apet.export.onnx_utils import sha256_file
+from apet.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_files
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "build_report.json"
+ENGINE_FILES = {"vision": "vision.plan", "llm": "llm.plan"}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What ``apet-build`` takes."""
+
+    artifact: Path
+    backend: str = "auto"
+    max_batch: int | None = None
+    max_context: int | None = None
+    max_prompt: int | None = None
+    workspace_mb: int | None = None
+    optimization_level: int | None = None
+    compute_capabilities: tuple[str, ...] = ()
+    timing_cache: Path | None = None
+    graphs: tuple[str, ...] = ("vision", "llm")
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.graphs) - set(ENGINE_FILES)
+        if unknown:
+            raise UsageError(f"unknown graphs {sorted(unknown)}", f"choose from {', '.join(ENGINE_FILES)}")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise UsageError(f"--builder-optimization-level {self.optimization_level} is outside [0, 5]",
+                             "use 0 (fastest build) .. 5 (most tuning); 3 is TensorRT's default")
+
+
+@dataclass
+class BuildReport:
+    builder: str
+    version: str
+    created: str
+    manifest_sha256: str
+    limits: dict[str, int]
+    options: dict[str, Any]
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def manifest_digest(artifact: Path) -> str:
+    return sha256_file(Path(artifact) / MANIFEST_NAME)
+
+
+def read_report(artifact: Path) -> dict[str, Any] | None:
+    path = Path(artifact) / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})", "rebuild the engines with apet-build") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
+        raise ArtifactError(f"{path} is malformed", "rebuild the engines with apet-build --overwrite")
+    return data
+
+
+def _guard_existing(cfg: BuildConfig, digest: str) -> None:
+    """Never silently replace engines that belong to a different export."""
+    report = read_report(cfg.artifact)
+    existing = [name for name in ENGINE_FILES.values() if (cfg.artifact / name).exists()]
+    if not existing or cfg.overwrite:
+        return
+    if report is None or report.get("manifest_sha256") != digest:
+        raise UsageError(f"{cfg.artifact} already holds engines ({', '.join(existing)}) built from another export",
+                         "pass --overwrite to replace them")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _layer_information(api: TrtApi, plan: bytes) -> str | None:
+    """Engine inspector JSON; needs a CUDA device to deserialize (absent on CPU-only AOT builds)."""
+    if not api.can_deserialize_here():
+        return None
+    trt = api.module
+    try:
+        engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(plan)
+        if engine is None:  # e.g. a TensorRT-RTX engine on a GPU it does not support
+            return None
+        return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    except Exception as exc:  # inspection is a nice-to-have; the build itself succeeded
+        log.debug("engine inspection unavailable: %s", exc)
+        return None
+
+
+def _profiles(name: str, manifest: Manifest, limits: ShapeLimits) -> list[Profile]:
+    if name == "vision":
+        return vision_profiles(manifest, limits)
+    return llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
+
+
+def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
+    """Build every requested engine into ``cfg.artifact``; returns the report written."""
+    manifest = read_manifest(cfg.artifact)
+    onnx_files = [manifest.graphs[g].file for g in cfg.graphs if g in manifest.graphs]
+    data_files = [x for g in cfg.graphs if g in manifest.graphs for x in manifest.graphs[g].external_data]
+    for missing in [g for g in cfg.graphs if g not in manifest.graphs]:
+        raise ArtifactError(f"the manifest has no {missing} graph", "re-export the artifact")
+    verify_files(cfg.artifact, manifest, onnx_files + data_files)
+    digest = manifest_digest(cfg.artifact)
+    _guard_existing(cfg, digest)
+    api = api or load_api(cfg.backend)
+    limits = ShapeLimits.from_manifest(manifest, cfg.max_batch, cfg.max_context, cfg.max_prompt)
+    options = BuildOptions(workspace_mb=cfg.workspace_mb, optimization_level=cfg.optimization_level,
+                           compute_capabilities=cfg.compute_capabilities, timing_cache=cfg.timing_cache)
+    report = BuildReport(
+        builder=api.kind, version=api.version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        manifest_sha256=digest, limits=limits.__dict__.copy(),
+        options={"workspace_mb": cfg.workspace_mb, "optimization_level": cfg.optimization_level,
+                 "compute_capabilities": list(cfg.compute_capabilities),
+                 "timing_cache": str(cfg.timing_cache) if cfg.timing_cache else None},
+    )
+    previous = read_report(cfg.artifact)
+    if previous and previous.get("manifest_sha256") == digest:
+        report.engines.update({k: v for k, v in previous.get("engines", {}).items() if k not in cfg.graphs})
+
+    bar = tqdm(cfg.graphs, desc="apet-build", unit="engine", disable=None)
+    for name in bar:
+        bar.set_postfix_str(f"{name}: building")
+
+        def progress(phase: str, step: int, steps: int, _name: str = name) -> None:
+            bar.set_postfix_str(f"{_name}: {phase} {step}/{steps}" if steps else f"{_name}: {phase}")
+
+        built = build_engine(api, cfg.artifact / manifest.graphs[name].file, _profiles(name, manifest, limits),
+                             options, progress=progress)
+        plan_path = cfg.artifact / ENGINE_FILES[name]
+        _write_atomic(plan_path, built.plan)
+        report.engines[name] = _engine_entry(api, name, built, manifest, cfg.artifact)
+        log.info("built %s in %.1f s (%.1f MB)", plan_path.name, built.seconds, len(built.plan) / 1e6)
+    _write_atomic(cfg.artifact / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+    return report
+
+
+def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest, artifact: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "file": ENGINE_FILES[name], "onnx": manifest.graphs[name].file, "seconds": round(built.seconds, 3),
+        "bytes": len(built.plan), "sha256": _sha256_bytes(built.plan), "num_layers": built.num_layers,
+        "inputs": built.inputs, "outputs": built.outputs, "profiles": built.profiles,
+        "compute_capabilities": built.compute_capabilities or ["builder default"], "layer_information": None,
+    }
+    info = _layer_information(api, built.plan)
+    if info is not None:
+        layer_file = f"{name}.layers.json"
+        _write_atomic(artifact / layer_file, info.encode())
+        entry["layer_information"] = layer_file
+    return entry
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

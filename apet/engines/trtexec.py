@@ -1,0 +1,204 @@
+"""``trtexec`` command lines for the artifact's engines, and a parser for trtexec's JSON exports.
+
+Users on Jetson or a desktop GPU already profile with ``trtexec``; this writes
+the exact lines that build each engine with the manifest's profiles and time
+it at realistic shapes (prefill at the export's visual-token count, decode at
+several past lengths), with the integer inputs (positions, mask, image start)
+written as binary files so they are meaningful rather than random.
+
+``python -m apet.engines.trtexec report DIR`` turns ``--exportTimes`` /
+``--exportProfile`` JSON into a latency table (median, p90, top-10 layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from apet.engines.build import ENGINE_FILES
+from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, llm_profiles, vision_profiles
+from apet.engines.trt import Profile
+from apet.errors import ArtifactError
+from apet.manifest import Manifest, read_manifest
+
+OUT_DIR = "trtexec"
+TEXT_BEFORE_IMAGE = 6  # "USER: " before the image in the LLaVA-1.5 template
+DECODE_PAST = (128, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One profiling run: which engine, profile index, shapes and integer input values."""
+
+    name: str
+    engine: str
+    profile: int
+    shapes: dict[str, tuple[int, ...]]
+    int_inputs: dict[str, np.ndarray]
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def _shape_flag(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ",".join(f"{name}:{_dims(shape)}" for name, shape in shapes.items())
+
+
+def build_command(onnx_file: str, engine_file: str, profiles: list[Profile], *, workspace_mb: int | None = None,
+                  layer_info: str | None = None) -> list[str]:
+    """A trtexec build line; several profiles are given by repeating the min/opt/max flags."""
+    cmd = ["--onnx=" + onnx_file, "--saveEngine=" + engine_file, "--stronglyTyped", "--profilingVerbosity=detailed"]
+    for profile in profiles:
+        for i, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
+            cmd.append(f"{flag}=" + _shape_flag({n: s[i] for n, s in profile.shapes.items()}))
+    if workspace_mb:
+        cmd.append(f"--memPoolSize=workspace:{workspace_mb}M")
+    if layer_info:
+        cmd.append("--exportLayerInfo=" + layer_info)
+    return cmd
+
+
+def profile_command(run: Run, out_dir: str = OUT_DIR, iterations: int = 200) -> list[str]:
+    cmd = ["--loadEngine=" + run.engine, f"--profile={run.profile}", "--shapes=" + _shape_flag(run.shapes),
+           "--useCudaGraph", "--noDataTransfers", "--separateProfileRun", "--dumpProfile",
+           f"--iterations={iterations}", "--warmUp=500", "--avgRuns=10",
+           f"--exportTimes={out_dir}/{run.name}.times.json", f"--exportProfile={out_dir}/{run.name}.profile.json"]
+    if run.int_inputs:
+        cmd.append("--loadInputs=" + ",".join(f"{n}:{out_dir}/inputs/{run.name}.{n}.bin" for n in run.int_inputs))
+    return cmd
+
+
+def _llm_run(name: str, manifest: Manifest, profile_index: int, profile: Profile, seq: int, past: int) -> Run:
+    removed = manifest.removed_at_stage2()
+    stage2 = manifest.compression.stage2
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tensor, (low, _opt, _high) in profile.shapes.items():
+        shape = list(low)
+        shape[0] = 1
+        if tensor in ("inputs_embeds", "position_ids"):
+            shape[1] = seq
+        elif tensor == "attention_mask":
+            shape[1] = past + seq
+        elif tensor.startswith("past_"):
+            layer = int(tensor.rsplit(".", 1)[1])
+            shape[2] = past - removed if stage2 is not None and layer >= stage2.layer and past > 0 else past
+        shapes[tensor] = tuple(shape)
+    ints = {"position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
+            "attention_mask": np.ones((1, past + seq), dtype=np.int64)}
+    if stage2 is not None:
+        ints["image_start"] = np.array([TEXT_BEFORE_IMAGE], dtype=np.int64)
+    return Run(name, ENGINE_FILES["llm"], profile_index, shapes, ints)
+
+
+def profiling_runs(manifest: Manifest, limits: ShapeLimits) -> list[Run]:
+    vision = vision_profiles(manifest, limits)[0]
+    runs = [Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[0] for n, s in vision.shapes.items()}, {})]
+    prefill, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
+    prompt = min(limits.max_prompt, manifest.visual_tokens + OPT_TEXT_TOKENS)
+    runs.append(_llm_run(f"prefill_{prompt}", manifest, 0, prefill, prompt, 0))
+    shortest = decode.shapes["attention_mask"][0][1] - 1
+    for past in sorted({p for p in DECODE_PAST if p < limits.max_context} | {prompt}):
+        if past >= shortest:
+            runs.append(_llm_run(f"decode_past{past}", manifest, 1, decode, 1, past))
+    return runs
+
+
+def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int | None = None) -> Path:
+    """Write ``trtexec.sh`` and its integer input files into the artifact directory."""
+    manifest = read_manifest(artifact)
+    inputs_dir = artifact / OUT_DIR / "inputs"
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/usr/bin/env bash",
+             "# Generated by apet-build --emit-trtexec. Builds and profiles this artifact's engines with trtexec.",
+             "# BUILD=0 skips the builds (reuse vision.plan/llm.plan from apet-build); TRTEXEC=path overrides.",
+             "set -euo pipefail", 'cd "$(dirname "$0")"', 'TRTEXEC="${TRTEXEC:-trtexec}"', f"mkdir -p {OUT_DIR}",
+             'if [ "${BUILD:-1}" = "1" ]; then']
+    for name, file in ENGINE_FILES.items():
+        profiles = vision_profiles(manifest, limits) if name == "vision" else \
+            llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
+        cmd = build_command(manifest.graphs[name].file, file, profiles, workspace_mb=workspace_mb,
+                            layer_info=f"{OUT_DIR}/{name}.layers.json")
+        lines.append('  "$TRTEXEC" ' + " ".join(shlex.quote(c) for c in cmd) + f" | tee {OUT_DIR}/build_{name}.log")
+    lines.append("fi")
+    for run in profiling_runs(manifest, limits):
+        for tensor, values in run.int_inputs.items():
+            values.tofile(inputs_dir / f"{run.name}.{tensor}.bin")
+        cmd = profile_command(run)
+        lines.append('"$TRTEXEC" ' + " ".join(shlex.quote(c) for c in cmd) + f" | tee {OUT_DIR}/{run.name}.log")
+    script = artifact / "trtexec.sh"
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return script
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read trtexec output {path}: {exc}", "re-run trtexec.sh") from exc
+
+
+def summarize_times(path: Path) -> dict[str, float]:
+    """``--exportTimes`` JSON (a list of per-inference records) -> median/p90 latency and GPU compute (ms)."""
+    records = _load(path)
+    if not isinstance(records, list) or not records:
+        raise ArtifactError(f"{path} holds no timing records", "re-run trtexec with --exportTimes")
+    out: dict[str, float] = {"inferences": float(len(records))}
+    for key in ("latencyMs", "computeMs"):
+        values = sorted(float(r[key]) for r in records if isinstance(r, dict) and key in r)
+        if values:
+            out[f"{key[:-2]}_median_ms"] = statistics.median(values)
+            out[f"{key[:-2]}_p90_ms"] = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+    return out
+
+
+def top_layers(path: Path, count: int = 10) -> list[dict[str, Any]]:
+    """``--exportProfile`` JSON -> the ``count`` most expensive layers by average time."""
+    records = _load(path)
+    layers = [r for r in records if isinstance(r, dict) and "name" in r and "averageMs" in r]
+    layers.sort(key=lambda r: float(r["averageMs"]), reverse=True)
+    return [{"name": r["name"], "average_ms": float(r["averageMs"]), "median_ms": float(r.get("medianMs", 0.0)),
+             "percentage": float(r.get("percentage", 0.0))} for r in layers[:count]]
+
+
+def report(directory: Path) -> str:
+    """A Markdown latency table for every ``*.times.json`` under ``directory/trtexec``."""
+    root = Path(directory) / OUT_DIR if (Path(directory) / OUT_DIR).is_dir() else Path(directory)
+    lines = ["| run | median ms | p90 ms | GPU compute median ms |", "|---|---:|---:|---:|"]
+    details = []
+    for times in sorted(root.glob("*.times.json")):
+        name = times.name[: -len(".times.json")]
+        s = summarize_times(times)
+        lines.append(f"| {name} | {s.get('latency_median_ms', float('nan')):.3f} | "
+                     f"{s.get('latency_p90_ms', float('nan')):.3f} | {s.get('compute_median_ms', float('nan')):.3f} |")
+        profile = root / f"{name}.profile.json"
+        if profile.is_file():
+            details.append(f"\n**{name}: top layers**\n\n| layer | avg ms | % |\n|---|---:|---:|")
+            details += [f"| `{r['name'][:80]}` | {r['average_ms']:.4f} | {r['percentage']:.1f} |"
+                        for r in top_layers(profile)]
+    if len(lines) == 2:
+        raise ArtifactError(f"no *.times.json under {root}", "run trtexec.sh first (it needs trtexec on PATH)")
+    return "\n".join(lines + details)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m apet.engines.trtexec")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="latency table from trtexec --exportTimes/--exportProfile JSON")
+    rep.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    print(report(args.directory))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
