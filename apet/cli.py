@@ -107,6 +107,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
+    p.add_argument("--image", required=True, help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
+    p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print TTFT, decode tokens/s, ApET ms, peak memory")
+    p.add_argument("--json", action="store_true", help="print one JSON record (text, token_ids, stats)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from apet.runtime.pipeline import Pipeline
+
+    image = args.image
+    if image == "@demo":
+        image = str(Path(__file__).parent / "assets" / "demo.png")
+    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
+    pipeline = Pipeline.load(args.artifact, backend=args.backend, device=device, checkpoint=args.checkpoint)
+    stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
+    result = pipeline.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, seed=args.seed, stop=args.stop, stream=stream)
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "keep_index": result.keep_index, "stats": result.stats.to_json()}))
+        return 0
+    print()
+    if args.stats:
+        s = result.stats
+        apet = f"{s.apet_ms:.2f} ms" if s.apet_ms is not None else "inside the vision graph"
+        device_mem = f", device peak {s.peak_device_mb:.0f} MiB" if s.peak_device_mb is not None else ""
+        print(f"[{s.backend}] visual tokens {s.visual_tokens}, prompt {s.prompt_tokens[0]} tokens | vision "
+              f"{s.vision_ms:.1f} ms (ApET {apet}) | prefill {s.prefill_ms:.1f} ms | TTFT {s.ttft_ms:.1f} ms | "
+              f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.new_tokens} tokens) | peak RSS "
+              f"{s.peak_rss_mb:.0f} MiB{device_mem}", file=sys.stderr)
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise NotYetAvailableError(f"apet {name} is not available in this version yet",
@@ -119,6 +165,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "export": ("export a checkpoint to ONNX + manifest", _export_args, cmd_export),
     "build": ("build TensorRT / TensorRT-RTX engines (or trtexec lines) for an artifact", _build_args, cmd_build),
     "inspect": ("show an artifact's manifest, graph I/O and engines", _inspect_args, cmd_inspect),
+    "run": ("answer a prompt about an image with an exported artifact", _run_args, cmd_run),
 }
 
 

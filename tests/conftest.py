@@ -74,6 +74,6 @@ def make_image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
     yy, xx = np.mgrid[0:h, 0:w]
     base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 255
     for _ in range(4):
-        x0, y0 = rng.integers(0, w - 40), rng.integers(0, h - 40)
+        x0, y0 = rng.integers(0, max(1, w - 40)), rng.integers(0, max(1, h - 40))
         base[y0:y0 + rng.integers(20, 60), x0:x0 + rng.integers(20, 60)] = rng.integers(0, 255, 3)
     return Image.fromarray(base.clip(0, 255).astype(np.uint8))

@@ -1,0 +1,85 @@
+"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from apet.errors import BackendError
+from apet.export.decoder import past_names
+from apet.manifest import Manifest
+from apet.runtime.backends.base import (Backend, VisionOutput, import_optional, load_embedding_table,
+                                        positions_from_mask, splice_numpy)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+        super().__init__(artifact_dir, manifest)
+        ort = import_optional("onnxruntime", "dev", "the onnxruntime backend")
+        self._ort = ort
+        wanted = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+        if wanted not in ort.get_available_providers():
+            raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
+                               "pip install onnxruntime-gpu for CUDA, or use --device cpu")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
+        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), options,
+                                           providers=providers)
+        self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), options,
+                                        providers=providers)
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        self.table = load_embedding_table(self.artifact_dir, manifest)
+        self.outputs = [o.name for o in self.llm.get_outputs()]
+        self.has_image_start = "image_start" in {i.name for i in self.llm.get_inputs()}
+        self.past_names = past_names(manifest.model.decoder.num_layers)
+        self.past: list = []
+        self.image_start: np.ndarray | None = None
+        self.stage2_index: np.ndarray | None = None
+
+    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
+        embeds, keep_index = self.vision.run(None, {"pixel_values": pixel_values.astype(self.dtype)})
+        return VisionOutput(embeds, keep_index)
+
+    def _empty_past(self, batch: int) -> list:
+        spec = self.manifest.model.decoder
+        zeros = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=self.dtype)
+        return [self._ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type) for _ in self.past_names]
+
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        binding = self.llm.io_binding()
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        if self.has_image_start:
+            binding.bind_cpu_input("image_start", self.image_start)
+        for name, value in zip(self.past_names, self.past):
+            binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, "cpu" if name in ("logits", "stage2_index") else self.device_type)
+        self.llm.run_with_iobinding(binding)
+        values = dict(zip(self.outputs, binding.get_outputs()))
+        self.past = [values[name.replace("past_", "present_")] for name in self.past_names]
+        if "stage2_index" in values:
+            self.stage2_index = values["stage2_index"].numpy()
+        return values["logits"].numpy()[:, -1].astype(np.float32)
+
+    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
+                visual: VisionOutput) -> np.ndarray:
+        self.check_batch(token_ids.shape[0])
+        self.image_start = np.ascontiguousarray(image_start, dtype=np.int64)
+        self.past = self._empty_past(token_ids.shape[0])
+        embeds = splice_numpy(self.table, token_ids, np.asarray(visual.embeds), image_start)
+        return self._run(embeds, positions_from_mask(attention_mask), attention_mask)
+
+    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        positions = positions_from_mask(attention_mask)[:, -1:]
+        return self._run(self.table[token_ids][:, None], positions, attention_mask)
+
+    def cache_lengths(self) -> list[int]:
+        return [int(value.shape()[2]) for value in self.past[::2]]

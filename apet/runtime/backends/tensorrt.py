@@ -1,0 +1,229 @@
+"""TensorRT / TensorRT-RTX backend: engines from ``apet-build``, device buffers through torch.
+
+The KV cache is preallocated to ``max_context``: each layer has two flat
+device buffers used ping-pong, the engine reading the past from one (viewed
+as a contiguous [B, kv, P, d] tensor) and writing the present to the other.
+Profile 0 of ``llm.plan`` serves prefill, profile 1 decode; each has its own
+execution context. :class:`StepShapes` computes every binding's shape for a
+step and is what the CPU tests exercise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from apet.engines.build import ENGINE_FILES, REPORT_NAME, manifest_digest
+from apet.errors import ArtifactError, BackendError, InputError
+from apet.export.decoder import past_names, present_names
+from apet.manifest import Manifest
+from apet.runtime.backends.base import Backend, VisionOutput, import_optional, positions_from_mask
+
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1
+_DTYPES = {"fp16": "float16", "fp32": "float32"}
+
+
+def tensorrt_available(artifact_dir: Path) -> bool:
+    """Engines and their report are present, a TensorRT module imports and a CUDA device exists."""
+    if not all((Path(artifact_dir) / f).is_file() for f in (*ENGINE_FILES.values(), REPORT_NAME)):
+        return False
+    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """Shapes of every llm.plan binding for one step, from the manifest alone."""
+
+    manifest: Manifest
+    batch: int
+    seq: int
+    past: int  # past length of the layers before stage 2
+
+    @property
+    def profile(self) -> int:
+        return DECODE_PROFILE if self.seq == 1 and self.past > 0 else PREFILL_PROFILE
+
+    def _after(self, layer: int) -> bool:
+        s2 = self.manifest.compression.stage2
+        return s2 is not None and layer >= s2.layer
+
+    def past_length(self, layer: int) -> int:
+        return self.past - self.manifest.removed_at_stage2() if self._after(layer) and self.past > 0 else self.past
+
+    def present_length(self, layer: int) -> int:
+        prefill_removed = self.manifest.removed_at_stage2() if self._after(layer) and self.past == 0 else 0
+        return self.past_length(layer) + self.seq - prefill_removed
+
+    def inputs(self) -> dict[str, tuple[int, ...]]:
+        spec = self.manifest.model.decoder
+        shapes = {"inputs_embeds": (self.batch, self.seq, spec.hidden_size), "position_ids": (self.batch, self.seq),
+                  "attention_mask": (self.batch, self.past + self.seq)}
+        if self.manifest.compression.stage2 is not None:
+            shapes["image_start"] = (self.batch,)
+        for i, name in enumerate(past_names(spec.num_layers)):
+            shapes[name] = (self.batch, spec.num_kv_heads, self.past_length(i // 2), spec.head_dim)
+        return shapes
+
+    def outputs(self) -> dict[str, tuple[int, ...]]:
+        spec = self.manifest.model.decoder
+        shapes = {"logits": (self.batch, 1, spec.vocab_size)}
+        if self.manifest.compression.stage2 is not None:
+            shapes["stage2_index"] = (self.batch, self.manifest.compression.stage2.keep)
+        for i, name in enumerate(present_names(spec.num_layers)):
+            shapes[name] = (self.batch, spec.num_kv_heads, self.present_length(i // 2), spec.head_dim)
+        return shapes
+
+
+def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, runtime_version: str) -> dict:
+    """Refuse engines of another export, another TensorRT version, or that changed on disk."""
+    from apet.export.onnx_utils import sha256_file
+
+    report_path = Path(artifact_dir) / REPORT_NAME
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{report_path} is missing or unreadable ({exc})", "run apet-build on the artifact") from exc
+    if report.get("manifest_sha256") != manifest_digest(artifact_dir):
+        raise ArtifactError("the engines were built from another export of this directory",
+                            "rebuild them: apet-build DIR --overwrite")
+    if report.get("builder") != runtime_kind or report.get("version") != runtime_version:
+        raise ArtifactError(f"the engines were built by {report.get('builder')} {report.get('version')}, "
+                            f"this runtime has {runtime_kind} {runtime_version}",
+                            "rebuild the engines with the TensorRT installed here (apet-build DIR --overwrite)")
+    for name, entry in report.get("engines", {}).items():
+        path = Path(artifact_dir) / entry.get("file", ENGINE_FILES.get(name, ""))
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            raise ArtifactError(f"{path.name} is missing or changed after apet-build", "rebuild the engines")
+    return report
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda") -> None:
+        super().__init__(artifact_dir, manifest)
+        import torch
+
+        from apet.engines.api import load_api
+
+        api = load_api("auto")
+        check_engines(artifact_dir, manifest, api.kind, api.version)
+        self.torch, self.trt = torch, api.module
+        if not torch.cuda.is_available():
+            raise BackendError("the tensorrt backend needs a CUDA device", "use --backend onnxruntime on this machine")
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+        runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self.engines = {}
+        for name, file in ENGINE_FILES.items():
+            engine = runtime.deserialize_cuda_engine((self.artifact_dir / file).read_bytes())
+            if engine is None:
+                raise BackendError(f"{file} cannot be deserialized on {torch.cuda.get_device_name(self.device)}",
+                                   "rebuild for this GPU (TensorRT-RTX: --compute-capability matching it)")
+            self.engines[name] = engine
+        self.vision_context = self.engines["vision"].create_execution_context()
+        self.llm_contexts = []
+        for profile in (PREFILL_PROFILE, DECODE_PROFILE):
+            context = self.engines["llm"].create_execution_context()
+            context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.llm_contexts.append(context)
+        self.dtype = getattr(torch, _DTYPES[manifest.dtype])
+        table = import_optional("safetensors.torch", "dev", "loading the embedding table")
+        self.table = table.load_file(str(self.artifact_dir / manifest.embeddings["file"]),
+                                     device=str(self.device))[manifest.embeddings.get("tensor", "weight")]
+        self._allocate_cache()
+        self.batch = self.past = 0
+        self.image_start = None
+
+    def _allocate_cache(self) -> None:
+        spec = self.manifest.model.decoder
+        elements = self.manifest.max_batch * spec.num_kv_heads * self.manifest.max_context * spec.head_dim
+        names = past_names(spec.num_layers)
+        self.cache = {name: [self.torch.empty(elements, dtype=self.dtype, device=self.device) for _ in range(2)]
+                      for name in names}
+        self.current = 0  # which of the two buffers holds the past
+
+    def _run(self, context, tensors: dict[str, object]) -> None:
+        for name, tensor in tensors.items():
+            context.set_tensor_address(name, tensor.data_ptr())
+        if not context.execute_async_v3(self.stream.cuda_stream):
+            raise BackendError("TensorRT execution failed", "run with --verbose for the TensorRT log")
+
+    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
+        torch = self.torch
+        self.check_batch(pixel_values.shape[0])
+        pixels = torch.from_numpy(pixel_values).to(self.device, self.dtype)
+        k1, hidden = self.manifest.visual_tokens, self.manifest.model.decoder.hidden_size
+        embeds = torch.empty(pixels.shape[0], k1, hidden, dtype=self.dtype, device=self.device)
+        index = torch.empty(pixels.shape[0], k1, dtype=torch.int64, device=self.device)
+        self.vision_context.set_input_shape("pixel_values", tuple(pixels.shape))
+        with torch.cuda.stream(self.stream):
+            self._run(self.vision_context, {"pixel_values": pixels, "visual_embeds": embeds, "keep_index": index})
+        self.stream.synchronize()
+        return VisionOutput(embeds, index.cpu().numpy())
+
+    def _step(self, embeds, attention_mask: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past)
+        context = self.llm_contexts[shapes.profile]
+        positions = positions_from_mask(attention_mask)[:, -embeds.shape[1]:]
+        tensors = {"inputs_embeds": embeds.contiguous(),
+                   "position_ids": torch.from_numpy(positions).to(self.device),
+                   "attention_mask": torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)}
+        if self.image_start is not None:
+            tensors["image_start"] = self.image_start
+        out_shapes = shapes.outputs()
+        for name, shape in shapes.inputs().items():
+            if name.startswith("past_"):
+                tensors[name] = self.cache[name][self.current][: int(np.prod(shape))].view(shape)
+            context.set_input_shape(name, shape)
+        for name, shape in out_shapes.items():
+            if name.startswith("present_"):
+                buffer = self.cache[name.replace("present_", "past_")][1 - self.current]
+                tensors[name] = buffer[: int(np.prod(shape))].view(shape)
+            else:
+                dtype = torch.int64 if name == "stage2_index" else self.dtype
+                tensors[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        with torch.cuda.stream(self.stream):
+            self._run(context, tensors)
+        self.stream.synchronize()
+        self.current = 1 - self.current
+        self.past = shapes.past + shapes.seq
+        return tensors["logits"][:, -1].float().cpu().numpy()
+
+    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
+                visual: VisionOutput) -> np.ndarray:
+        self.check_batch(token_ids.shape[0])
+        if token_ids.shape[1] > self.manifest.max_context:
+            raise InputError(f"prompt of {token_ids.shape[1]} tokens exceeds max_context", "shorten the prompt")
+        torch = self.torch
+        embeds = self.table[torch.from_numpy(token_ids).to(self.device)]
+        span = visual.embeds.shape[1]
+        for row, start in enumerate(image_start.tolist()):
+            embeds[row, start:start + span] = visual.embeds[row]
+        self.past = 0
+        has_stage2 = self.manifest.compression.stage2 is not None
+        self.image_start = torch.from_numpy(image_start).to(self.device) if has_stage2 else None
+        return self._step(embeds, attention_mask)
+
+    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        embeds = self.table[self.torch.from_numpy(token_ids).to(self.device)][:, None]
+        return self._step(embeds, attention_mask)
+
+    def cache_lengths(self) -> list[int]:
+        shapes = StepShapes(self.manifest, 1, 0, self.past)
+        return [shapes.past_length(i) for i in range(self.manifest.model.decoder.num_layers)]
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(self.torch.cuda.max_memory_allocated(self.device))

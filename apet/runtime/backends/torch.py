@@ -1,0 +1,99 @@
+"""PyTorch backend: the source checkpoint run through its own Hugging Face modules with the same
+ApET stages (the reference of DESIGN §7), eagerly on CPU or GPU."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apet.compression import CompressionConfig, Stage2Config, compress
+from apet.errors import BackendError
+from apet.manifest import Manifest
+from apet.models.base import VisionLanguageAdapter
+from apet.reference import Reference, ReferenceState
+from apet.runtime.backends.base import Backend, VisionOutput
+
+
+def compression_from_manifest(manifest: Manifest) -> tuple[CompressionConfig, Stage2Config | None]:
+    c = manifest.compression
+    stage1 = CompressionConfig(keep=c.stage1_keep, basis=c.basis_k, method=c.basis_method, merge=c.merge, seed=c.seed)
+    stage2 = None
+    if c.stage2 is not None:
+        stage2 = Stage2Config(layer=c.stage2.layer, span=c.stage1_keep,
+                              compression=CompressionConfig(keep=c.stage2.keep, basis=c.basis_k,
+                                                            method=c.basis_method, merge=c.merge, seed=c.seed))
+    return stage1, stage2
+
+
+def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
+    from apet.models.registry import load_adapter
+
+    source = checkpoint or manifest.model.source
+    if source == "random-init":
+        raise BackendError("the artifact was exported from a random-init model; the torch backend needs weights",
+                           "pass checkpoint=PATH (apet-run --checkpoint PATH)")
+    dtype = torch.float16 if device.startswith("cuda") and manifest.dtype == "fp16" else torch.float32
+    return load_adapter(source, dtype=dtype, device=device)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", checkpoint: str | None = None,
+                 adapter: VisionLanguageAdapter | None = None) -> None:
+        super().__init__(artifact_dir, manifest)
+        self.device = torch.device(device)
+        self.adapter = adapter or load_source_adapter(manifest, checkpoint, device)
+        if self.adapter.spec.n_tokens != manifest.model.n_tokens or \
+                self.adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
+            raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
+                               "pass the checkpoint the artifact was exported from")
+        stage1, stage2 = compression_from_manifest(manifest)
+        self.reference = Reference(self.adapter, stage1, stage2)
+        self.table = self.adapter.embed_tokens().weight
+        self.state: ReferenceState | None = None
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
+        pixels = torch.from_numpy(pixel_values).to(self.device, self.adapter.dtype)
+        features = self.adapter.vision_features(pixels)
+        c = self.reference.stage1
+        self.synchronize()
+        start = time.perf_counter()
+        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        self.synchronize()
+        apet_ms = (time.perf_counter() - start) * 1e3
+        return VisionOutput(self.adapter.project(kept.tokens), kept.index.cpu().numpy(), apet_ms)
+
+    @torch.no_grad()
+    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
+                visual: VisionOutput) -> np.ndarray:
+        self.check_batch(token_ids.shape[0])
+        ids = torch.from_numpy(token_ids).to(self.device)
+        embeds = self.table[ids].clone()
+        span = visual.embeds.shape[1]
+        for row, start in enumerate(image_start.tolist()):
+            embeds[row, start:start + span] = visual.embeds[row]
+        mask = torch.from_numpy(attention_mask).to(self.device)
+        logits, self.state = self.reference.prefill(embeds, mask, torch.from_numpy(image_start).to(self.device))
+        return logits[:, -1].float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        assert self.state is not None, "prefill first"
+        embeds = self.table[torch.from_numpy(token_ids).to(self.device)][:, None]
+        logits = self.reference.decode(embeds, self.state)
+        return logits[:, -1].float().cpu().numpy()
+
+    def cache_lengths(self) -> list[int]:
+        return self.reference.cache_lengths(self.state) if self.state is not None else []
+
+    def peak_memory_bytes(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None

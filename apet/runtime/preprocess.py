@@ -1,0 +1,159 @@
+"""Image loading and the CLIP preprocessing recipe, without transformers at run time.
+
+Loading accepts a path, bytes, a PIL image or a numpy array; applies EXIF
+orientation; converts palette, greyscale, 16-bit, CMYK and alpha images to
+RGB (alpha composited on white, as users expect for screenshots and logos);
+and turns every decoding failure into an :class:`InputError`. Preprocessing
+reproduces Hugging Face's CLIP image processor (PIL backend): resize the
+shortest edge with the checkpoint's filter, centre crop, rescale, normalise.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from apet.errors import InputError
+from apet.models.base import ProcessorSpec
+
+MAX_PIXELS = 64_000_000  # decompression-bomb limit (8000 x 8000); PIL's own default is ~89 MP
+MAX_FILE_BYTES = 256 << 20
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+def _open(source: ImageInput) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, (bytes, bytearray)):
+        data, name = bytes(source), "<bytes>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"image {path} does not exist", "check the path passed to --image")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise InputError(f"image {path} is larger than {MAX_FILE_BYTES >> 20} MiB", "downscale it first")
+        data, name = path.read_bytes(), str(path)
+    if not data:
+        raise InputError(f"image {name} is empty (0 bytes)", "pass a JPEG/PNG/WebP file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_size(image.size, name)
+            image.load()  # decode now: truncated files fail here, not later
+        return image
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"image {name} is too large to decode safely ({exc})", "downscale it first") from exc
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        raise InputError(f"image {name} cannot be decoded ({type(exc).__name__}: {exc})",
+                         "pass a valid JPEG/PNG/WebP/BMP file (it may be truncated or not an image)") from exc
+
+
+def _check_size(size: tuple[int, int], name: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise InputError(f"image {name} has zero size ({width}x{height})", "pass an image with pixels")
+    if width * height > MAX_PIXELS:
+        raise InputError(f"image {name} has {width}x{height} pixels, over the {MAX_PIXELS:,} limit",
+                         "downscale it first (the model sees at most a few hundred pixels per side)")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise InputError(f"image array has shape {array.shape}", "pass HxW, HxWx1, HxWx3 or HxWx4 pixels")
+    _check_size((array.shape[1], array.shape[0]), "<array>")
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.isfinite(array).all():
+                raise InputError("image array contains NaN or Inf", "pass finite pixel values")
+            scale = 255.0 if array.max() <= 1.0 else 1.0
+            array = (array * scale).clip(0, 255).round().astype(np.uint8)
+        elif array.dtype == np.uint16:
+            array = (array >> 8).astype(np.uint8)
+        else:
+            array = array.clip(0, 255).astype(np.uint8)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; every mode made RGB (alpha composited on white)."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # broken EXIF must not reject an otherwise valid image
+        pass
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray((array / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Any supported input -> an RGB PIL image, or InputError."""
+    image = _open(source)
+    _check_size(image.size, "<image>")
+    try:
+        return to_rgb(image)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"image cannot be converted to RGB ({type(exc).__name__}: {exc})",
+                         "re-save it as an 8-bit RGB PNG or JPEG") from exc
+
+
+def _resize_shortest(image: Image.Image, shortest: int, resample: int) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shortest, int(shortest * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize(size, resample=resample)
+
+
+def _centre_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, C] centre crop; pads with zeros when the image is smaller (as transformers does)."""
+    h, w = array.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), array.shape[2]), dtype=array.dtype)
+        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
+        padded[top:top + h, left:left + w] = array
+        array, h, w = padded, padded.shape[0], padded.shape[1]
+    top, left = (h - height) // 2, (w - width) // 2
+    return array[top:top + height, left:left + width]
+
+
+def preprocess(image: Image.Image, spec: ProcessorSpec) -> np.ndarray:
+    """RGB image -> float32 [3, H, W] pixel values."""
+    resized = _resize_shortest(image, spec.shortest_edge, spec.resample)
+    array = np.asarray(resized, dtype=np.uint8)
+    if spec.do_center_crop:
+        array = _centre_crop(array, spec.crop_height, spec.crop_width)
+    pixels = array.astype(np.float32) * np.float32(spec.rescale_factor)
+    mean = np.asarray(spec.image_mean, dtype=np.float32)
+    std = np.asarray(spec.image_std, dtype=np.float32)
+    return ((pixels - mean) / std).transpose(2, 0, 1).copy()
+
+
+def pixel_batch(images: list[ImageInput], spec: ProcessorSpec) -> np.ndarray:
+    """Load and preprocess several images into one float32 [B, 3, H, W] batch."""
+    return np.stack([preprocess(load_image(image), spec) for image in images])
