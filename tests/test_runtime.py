@@ -203,3 +203,14 @@ def test_readme_demo_commands(tmp_path: Path) -> None:
                               text=True)
     assert streamed.returncode == 0 and "TTFT" in streamed.stderr and "tokens/s" in streamed.stderr
 
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_cache_path_equals_reference(two_stage, tiny_adapter, images, batch: int) -> None:
+    """The GPU fast path (static KV cache, bucketed prompts; graphs off on CPU) gives the same tokens."""
+    static = Pipeline.load(two_stage["artifact"], backend="torch", adapter=tiny_adapter, torch_mode="static")
+    prompts = [PROMPTS[2], PROMPTS[0]][:batch]
+    want = _generate(two_stage["torch"], images[:batch], prompts, max_new_tokens=16)
+    got = _generate(static, images[:batch], prompts, max_new_tokens=16)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got[0].stats.cache_lengths == want[0].stats.cache_lengths

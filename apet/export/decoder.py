@@ -16,6 +16,7 @@ token); the runtime guarantees both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -51,6 +52,75 @@ def additive_mask(attention_mask: torch.Tensor, query_len: int | torch.Tensor, d
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def stage2_rebuild(s2: Stage2Config, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ApET stage 2 at layer L: compress the image span and rebuild the sequence (prefill, T > 1);
+    only shift positions (decode, T == 1). Returns hidden, positions, mask, stage-2 kept indices."""
+    span, keep, removed = s2.span, s2.compression.keep, s2.removed
+    length = torch.onnx.operators.shape_as_tensor(h)[1]
+    is_prefill = (length + (_BIG - 2)) // _BIG
+    new_length = length - removed * is_prefill
+
+    start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
+    offsets = torch.arange(span, device=h.device)
+    span_index = torch.minimum(start + offsets, length - 1)
+    c = s2.compression
+    kept = compress(gather_tokens(h, span_index), keep=keep, basis=c.basis, method=c.method, merge=c.merge,
+                    seed=c.seed)
+
+    positions = torch.arange(new_length, device=h.device).unsqueeze(0)
+    before = positions < start
+    in_span = (positions >= start) & (positions < start + keep * is_prefill)
+    source = torch.minimum(torch.where(before, positions, positions + removed * is_prefill), length - 1)
+    rebuilt = torch.where(in_span.unsqueeze(-1),
+                          gather_tokens(kept.tokens, (positions - start).clamp(0, keep - 1)),
+                          gather_tokens(h, source))
+    new_positions = position_ids[:, :new_length] - removed * (1 - is_prefill)
+    # left padding: dropping R real tokens keeps the pads and shortens the run of ones -> a prefix
+    return rebuilt, new_positions, attention_mask[:, : attention_mask.shape[1] - removed], kept.index
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def of(cls, adapter: VisionLanguageAdapter) -> "HeadLayout":
+        spec = adapter.spec.decoder
+        return cls(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+
+
+def project_qkv(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                layout: HeadLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, heads, T, d], k and v [B, kv_heads, T, d], rotary embedding applied to q and k."""
+    batch, length = h.shape[0], h.shape[1]
+    q = attn.q_proj(h).view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, kv, S, d] -> [B, kv * groups, S, d] for grouped-query attention."""
+    if groups == 1:
+        return x
+    batch, kv, length, dim = x.shape
+    return x.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, kv * groups, length, dim)
+
+
+def merge_heads(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, d] -> o_proj([B, T, heads * d])."""
+    batch, heads, length, dim = out.shape
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, length, heads * dim))
+
+
 class DecoderGraph(nn.Module):
     """What ``llm.onnx`` computes. Inputs: inputs_embeds [B,T,H], position_ids [B,T], attention_mask
     [B,P+T] (left-padded), image_start [B] (stage 2 only), then past_key.i / past_value.i per layer.
@@ -64,32 +134,19 @@ class DecoderGraph(nn.Module):
         self.norm = adapter.final_norm()
         self.head = adapter.lm_head()
         self.rotary = adapter.rotary_embedding()
-        spec = adapter.spec.decoder
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
         self.all_logits = all_logits
 
     # -- blocks ------------------------------------------------------------------------------------
     def _attention(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    bias: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
-        attn = layer.self_attn
-        batch, length = h.shape[0], h.shape[1]
-        q = attn.q_proj(h).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = project_qkv(layer.self_attn, h, cos, sin, self.layout)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        groups = self.num_heads // self.num_kv_heads
-        k_all, v_all = keys, values
-        if groups > 1:
-            k_all = keys.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
-            v_all = values.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, self.num_heads, -1, self.head_dim)
-        scores = (q * self.head_dim**-0.5) @ k_all.transpose(2, 3) + bias
-        out = F.softmax(scores, dim=-1) @ v_all
-        out = attn.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
-        return out, keys, values
+        groups = self.layout.groups
+        scores = (q * self.layout.head_dim**-0.5) @ repeat_kv(keys, groups).transpose(2, 3) + bias
+        out = F.softmax(scores, dim=-1) @ repeat_kv(values, groups)
+        return merge_heads(layer.self_attn, out), keys, values
 
     def _layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                past_k: torch.Tensor, past_v: torch.Tensor):
@@ -97,34 +154,6 @@ class DecoderGraph(nn.Module):
         h = h + attn_out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, keys, values
-
-    def _stage2(self, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_start: torch.Tensor):
-        """Compress the image span and rebuild the sequence (prefill); only shift positions (decode)."""
-        s2 = self.stage2
-        assert s2 is not None
-        span, keep, removed = s2.span, s2.compression.keep, s2.removed
-        length = torch.onnx.operators.shape_as_tensor(h)[1]
-        is_prefill = (length + (_BIG - 2)) // _BIG
-        new_length = length - removed * is_prefill
-
-        start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
-        offsets = torch.arange(span, device=h.device)
-        span_index = torch.minimum(start + offsets, length - 1)
-        c = s2.compression
-        kept = compress(gather_tokens(h, span_index), keep=keep, basis=c.basis, method=c.method, merge=c.merge,
-                        seed=c.seed)
-
-        positions = torch.arange(new_length, device=h.device).unsqueeze(0)
-        before = positions < start
-        in_span = (positions >= start) & (positions < start + keep * is_prefill)
-        source = torch.minimum(torch.where(before, positions, positions + removed * is_prefill), length - 1)
-        rebuilt = torch.where(in_span.unsqueeze(-1),
-                              gather_tokens(kept.tokens, (positions - start).clamp(0, keep - 1)),
-                              gather_tokens(h, source))
-        new_positions = position_ids[:, :new_length] - removed * (1 - is_prefill)
-        # left padding: dropping R real tokens keeps the pads and shortens the run of ones -> a prefix
-        return rebuilt, new_positions, attention_mask[:, : attention_mask.shape[1] - removed], kept.index
 
     # -- graph -------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -137,8 +166,8 @@ class DecoderGraph(nn.Module):
         stage2_index = None
         for i, layer in enumerate(self.layers):
             if self.stage2 is not None and i == self.stage2.layer:
-                h, position_ids, attention_mask, stage2_index = self._stage2(h, position_ids, attention_mask,
-                                                                             image_start)
+                h, position_ids, attention_mask, stage2_index = stage2_rebuild(self.stage2, h, position_ids,
+                                                                               attention_mask, image_start)
                 cos, sin = self.rotary(h, position_ids)
                 bias = additive_mask(attention_mask, h.shape[1], h.dtype)
             h, keys, values = self._layer(layer, h, cos, sin, bias, past[2 * i], past[2 * i + 1])

@@ -83,8 +83,14 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str,
 
         return OnnxRuntimeBackend(artifact_dir, manifest, device=device, threads=options.get("threads"))
     if name == "torch":
-        from apet.runtime.backends.torch import TorchBackend
+        from apet.runtime.backends.torch import StaticTorchBackend, TorchBackend
 
+        mode = options.get("torch_mode") or ("static" if device.startswith("cuda") else "reference")
+        if mode not in ("reference", "static"):
+            raise UsageError(f"torch mode {mode!r} is unknown", "use reference (HF modules) or static (CUDA graphs)")
+        if mode == "static":
+            return StaticTorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
+                                      adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True))
         return TorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
                             adapter=options.get("adapter"))
     from apet.runtime.backends.tensorrt import TensorRTBackend

@@ -97,3 +97,83 @@ class TorchBackend(Backend):
 
     def peak_memory_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+
+
+class StaticTorchBackend(TorchBackend):
+    """The GPU fast path: static KV cache, every stage captured as a CUDA graph (eager on CPU).
+
+    Prompts are left-padded to a multiple of ``bucket`` tokens so a handful of
+    prefill graphs serve every prompt length; graphs are captured on first use.
+    """
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda", checkpoint: str | None = None,
+                 adapter: VisionLanguageAdapter | None = None, cuda_graphs: bool = True, bucket: int = 16) -> None:
+        super().__init__(artifact_dir, manifest, device, checkpoint, adapter)
+        from apet.runtime.static_decoder import StaticDecoder
+
+        self.decoder = StaticDecoder(self.adapter, self.reference.stage2, manifest.max_batch, manifest.max_context)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.bucket = bucket
+        self.calls: dict[tuple, object] = {}
+
+    def _call(self, key: tuple, fn, example: dict[str, torch.Tensor], before_capture=None):
+        from apet.runtime.cuda_graphs import GraphedCall
+
+        if key not in self.calls:
+            self.calls[key] = GraphedCall(fn, example, enabled=self.use_graphs, pool=self.pool,
+                                          before_capture=before_capture)
+        return self.calls[key]
+
+    def _vision(self, pixel_values: torch.Tensor):
+        c = self.reference.stage1
+        kept = compress(self.adapter.vision_features(pixel_values), keep=c.keep, basis=c.basis, method=c.method,
+                        merge=c.merge, seed=c.seed)
+        return self.adapter.project(kept.tokens), kept.index
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
+        pixels = torch.from_numpy(pixel_values).to(self.device, self.adapter.dtype)
+        call = self._call(("vision", pixels.shape[0]), self._vision, {"pixel_values": pixels})
+        embeds, index = call(pixel_values=pixels)
+        return VisionOutput(embeds.clone(), index.cpu().numpy())
+
+    def _prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor,
+                 visual: torch.Tensor) -> torch.Tensor:
+        from apet.runtime.static_decoder import splice
+
+        return self.decoder.prefill(splice(self.table, token_ids, visual, image_start), mask, image_start)
+
+    @torch.no_grad()
+    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
+                visual: VisionOutput) -> np.ndarray:
+        self.check_batch(token_ids.shape[0])
+        extra = -token_ids.shape[1] % self.bucket
+        if token_ids.shape[1] + extra > self.manifest.max_context:
+            extra = 0
+        pad = self.manifest.model.pad_token_id or 0
+        ids = np.pad(token_ids, ((0, 0), (extra, 0)), constant_values=pad)
+        mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
+        tensors = {"token_ids": torch.from_numpy(ids).to(self.device), "mask": torch.from_numpy(mask).to(self.device),
+                   "image_start": torch.from_numpy(image_start + extra).to(self.device), "visual": visual.embeds}
+        call = self._call(("prefill",) + tuple(ids.shape), self._prefill, tensors)
+        self.padding = extra
+        return call(**tensors).float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        from apet.runtime.backends.base import positions_from_mask
+
+        tensors = {"token_ids": torch.from_numpy(token_ids).to(self.device),
+                   "positions": torch.from_numpy(positions_from_mask(attention_mask)[:, -1:]).to(self.device)}
+        key = ("decode", token_ids.shape[0])
+        if key not in self.calls:
+            saved = self.decoder.snapshot()
+            self._call(key, self._decode, tensors, before_capture=lambda: self.decoder.restore(saved))
+        return self.calls[key](**tensors).float().cpu().numpy()
+
+    def _decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(self.table[token_ids][:, None], positions)
+
+    def cache_lengths(self) -> list[int]:
+        return [n - self.padding for n in self.decoder.cache_lengths()]

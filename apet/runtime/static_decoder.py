@@ -1,0 +1,126 @@
+"""The language model with a preallocated, static KV cache: every step has fixed shapes and no
+host syncs, so prefill and decode can be captured as CUDA graphs (the GPU fast path).
+
+Same math as :class:`apet.export.decoder.DecoderGraph` (shared blocks, shared stage-2 rebuild),
+but keys and values are written in place into ``[B, kv, max_context, d]`` buffers and decode
+attends over the whole buffer with a validity mask instead of growing tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from apet.compression import Stage2Config, gather_tokens
+from apet.export.decoder import (HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv,
+                                 stage2_rebuild)
+from apet.models.base import VisionLanguageAdapter
+from apet.reference import positions_from_mask
+
+
+def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with rows' K1 image slots replaced by visual embeddings, without Python loops."""
+    embeds = table[token_ids]
+    span = visual.shape[1]
+    relative = torch.arange(token_ids.shape[1], device=token_ids.device) - image_start.unsqueeze(1)
+    inside = (relative >= 0) & (relative < span)
+    return torch.where(inside.unsqueeze(-1), gather_tokens(visual, relative.clamp(0, span - 1)), embeds)
+
+
+class StaticDecoder:
+    """Prefill (whole prompt, empty cache) and single-token decode over static caches."""
+
+    def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
+                 max_context: int) -> None:
+        self.layers = list(adapter.decoder_layers())
+        self.norm, self.head, self.rotary = adapter.final_norm(), adapter.lm_head(), adapter.rotary_embedding()
+        self.layout = HeadLayout.of(adapter)
+        self.stage2 = stage2
+        self.removed = stage2.removed if stage2 else 0
+        self.split = stage2.layer if stage2 else len(self.layers)
+        dtype, device = adapter.dtype, adapter.device
+        capacity = [max_context, max_context - self.removed]
+        shape = (max_batch, self.layout.num_kv_heads)
+        self.keys = [torch.zeros(*shape, capacity[self._group(i)], self.layout.head_dim, dtype=dtype, device=device)
+                     for i in range(len(self.layers))]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.valid = [torch.zeros(max_batch, c, dtype=torch.bool, device=device) for c in capacity]
+        self.length = torch.zeros(1, dtype=torch.long, device=device)  # cache positions used by group 0
+        self.min_value = torch.finfo(dtype).min
+
+    def _group(self, layer: int) -> int:
+        return 0 if layer < self.split else 1
+
+    def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+               write: slice | torch.Tensor) -> torch.Tensor:
+        layer, batch = self.layers[i], h.shape[0]
+        q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, self.layout)
+        keys, values = self.keys[i][:batch], self.values[i][:batch]
+        if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
+            keys[:, :, write] = k
+            values[:, :, write] = v
+            context_k, context_v = k, v
+        else:  # decode: write at the cache position, attend over the whole buffer
+            keys.index_copy_(2, write, k)
+            values.index_copy_(2, write, v)
+            context_k, context_v = keys, values
+        groups = self.layout.groups
+        out = F.scaled_dot_product_attention(q, repeat_kv(context_k, groups), repeat_kv(context_v, groups),
+                                             attn_mask=bias)
+        h = h + merge_heads(layer.self_attn, out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h[:, -1]))
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, H] prompt embeddings, [B, T] left-padded mask -> logits [B, V]; resets the cache."""
+        batch, length = embeds.shape[:2]
+        positions = positions_from_mask(mask)
+        for valid in self.valid:
+            valid[:batch].zero_()
+        self.valid[0][:batch, :length] = mask.bool()
+        h = embeds
+        cos, sin = self.rotary(h, positions)
+        bias = additive_mask(mask, length, h.dtype)
+        for i in range(len(self.layers)):
+            if i == self.split:
+                h, positions, mask, _ = stage2_rebuild(self.stage2, h, positions, mask, image_start)
+                cos, sin = self.rotary(h, positions)
+                bias = additive_mask(mask, h.shape[1], h.dtype)
+                self.valid[1][:batch, : h.shape[1]] = mask.bool()
+            h = self._block(i, h, cos, sin, bias, slice(0, h.shape[1]))
+        self.length.fill_(length)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H] and full-sequence positions [B, 1] -> logits [B, V]; appends to the cache."""
+        batch = embeds.shape[0]
+        groups = 2 if self.stage2 else 1
+        index = [self.length, self.length - self.removed][:groups]
+        cos_sin = [self.rotary(embeds, positions - shift) for shift in (0, self.removed)[:groups]]
+        biases = []
+        for group, valid in enumerate(self.valid[:groups]):
+            valid[:batch].index_fill_(1, index[group], True)
+            zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
+            biases.append(torch.where(valid[:batch], zero, self.min_value)[:, None, None, :])
+        h = embeds
+        for i in range(len(self.layers)):
+            group = self._group(i)
+            h = self._block(i, h, *cos_sin[group], biases[group], index[group])
+        self.length.add_(1)
+        return self._logits(h)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """The small state a warm-up run would disturb (cache contents beyond it are masked)."""
+        return [self.length.clone()] + [v.clone() for v in self.valid]
+
+    def restore(self, state: list[torch.Tensor]) -> None:
+        for target, saved in zip([self.length, *self.valid], state):
+            target.copy_(saved)
+
+    def cache_lengths(self) -> list[int]:
+        used = int(self.length.item())
+        return [used - (self.removed if self._group(i) else 0) for i in range(len(self.layers))]
