@@ -153,6 +153,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
+    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11")
+    p.add_argument("--stages", type=int, default=2, choices=(1, 2))
+    p.add_argument("--backend", default="torch", choices=("torch",),
+                   help="torch: static KV cache + CUDA graphs on GPU (engines: use trtexec.sh, see README)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--prompt-tokens", type=int, default=40)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="skip HF generate and the paper-style path")
+    p.add_argument("--out", required=True, type=Path)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from apet.bench.run import BenchConfig, run_bench
+
+    def numbers(text: str, kind: type) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError as exc:
+            raise UsageError(f"cannot parse {text!r} as a comma-separated list", "e.g. --ratios 1.0,0.11") from exc
+
+    cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
+                      batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                      repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
+                      baselines=not args.no_baselines)
+    run_bench(cfg)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
 def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise NotYetAvailableError(f"apet {name} is not available in this version yet",
@@ -166,6 +200,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "build": ("build TensorRT / TensorRT-RTX engines (or trtexec lines) for an artifact", _build_args, cmd_build),
     "inspect": ("show an artifact's manifest, graph I/O and engines", _inspect_args, cmd_inspect),
     "run": ("answer a prompt about an image with an exported artifact", _run_args, cmd_run),
+    "bench": ("latency/memory of ApET-compressed inference vs ratio, against HF baselines", _bench_args, cmd_bench),
 }
 
 

@@ -51,6 +51,13 @@ def processor_spec_from_dir(path: Path | None, image_size: int) -> ProcessorSpec
     )
 
 
+def _takes_causal_mask(layer: nn.Module) -> bool:
+    """Older transformers' CLIP encoder layers require a positional causal_attention_mask."""
+    import inspect
+
+    return "causal_attention_mask" in inspect.signature(layer.forward).parameters
+
+
 class LlavaAdapter(VisionLanguageAdapter):
     family = "llava"
 
@@ -123,8 +130,9 @@ class LlavaAdapter(VisionLanguageAdapter):
         depth = select if select >= 0 else len(layers) + 1 + select
         hidden = tower.embeddings(pixel_values.to(self.dtype))
         hidden = tower.pre_layrnorm(hidden)
+        extra = {"causal_attention_mask": None} if _takes_causal_mask(layers[0]) else {}
         for layer in layers[:depth]:
-            out = layer(hidden, None)
+            out = layer(hidden, None, **extra)
             hidden = out[0] if isinstance(out, tuple) else out
         if self.spec.extra["vision_feature_select_strategy"] == "default":
             hidden = hidden[:, 1:]

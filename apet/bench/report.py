@@ -1,0 +1,112 @@
+"""results.md and the PNG plots of an apet-bench run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ("vision_tower", "apet_stage1", "projector", "prefill")
+
+
+def _ms(timing: dict[str, Any] | None) -> str:
+    return "–" if not timing else f"{timing['median_ms']:.3f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env, cfg = results["environment"], results["config"]
+    lines = [f"# apet-bench: {cfg['model']} on {env['device']}",
+             "",
+             f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}; measured ceilings: "
+             f"{env['ceilings']['matmul_tflops']} TFLOP/s matmul, {env['ceilings']['bandwidth_gbs']} GB/s copy. "
+             f"Prompt {cfg['prompt_tokens']} text tokens + visual tokens, {cfg['new_tokens']} new tokens, "
+             f"{cfg['repeats']} repeats (medians; device-event timings on CUDA).",
+             "",
+             "| batch | ratio | K1 | K2 (from layer) | vision ms | ApET-1 ms | proj ms | prefill ms | ApET-2 ms "
+             "| TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in results["runs"]:
+        s, g, b = run["stages"], run["generation"], run["budgets"]
+        decode = g["decode_per_token"]
+        tps = f"{1000 / decode['median_ms'] * run['batch']:.1f}" if decode else "–"
+        k2 = f"{b['k2']} (L{b['stage2_layer']})" if b["k2"] else "–"
+        lines.append(f"| {run['batch']} | {run['ratio']} | {b['k1']} | {k2} | {_ms(s.get('vision_tower'))} | "
+                     f"{_ms(s.get('apet_stage1'))} | {_ms(s.get('projector'))} | {_ms(s.get('prefill'))} | "
+                     f"{_ms(s.get('apet_stage2'))} | {_ms(g['ttft'])} | {_ms(decode)} | {tps} | "
+                     f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} |")
+    lines += ["", "## Against the baselines (same run)", "",
+              "| batch | ratio | TTFT ms | HF generate TTFT ms | paper-style TTFT ms | speedup vs HF | "
+              "speedup vs paper | TTFT / TTFT(ratio 1) | decode speedup vs HF |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in results["runs"]:
+        hf = results["baselines"].get("hf_generate", {}).get(str(run["batch"]))
+        paper = run.get("paper_style")
+        sp = run.get("speedup", {})
+        lines.append(f"| {run['batch']} | {run['ratio']} | {_ms(run['generation']['ttft'])} | "
+                     f"{_ms(hf['ttft']) if hf else '–'} | {_ms(paper['ttft']) if paper else '–'} | "
+                     f"{sp.get('vs_hf_generate_ttft', '–')} | {sp.get('vs_paper_style_ttft', '–')} | "
+                     f"{sp.get('ttft_over_ratio_1', '–')} | {sp.get('vs_hf_generate_decode', '–')} |")
+    lines += ["", "## Measured over floor (floor = max(FLOPs / matmul rate, bytes / bandwidth))", "",
+              "| batch | ratio | " + " | ".join(STAGE_ORDER + ("apet_stage2", "decode_step")) + " |",
+              "|---:|---:|" + "---:|" * (len(STAGE_ORDER) + 2)]
+    for run in results["runs"]:
+        over = run["measured_over_floor"]
+        lines.append(f"| {run['batch']} | {run['ratio']} | " +
+                     " | ".join(str(over.get(k, "–")) for k in STAGE_ORDER + ("apet_stage2", "decode_step")) + " |")
+    lines += ["", "## Floors projected onto Jetson (same FLOP/byte counts; ms)", "",
+              "| batch | ratio | device | vision | prefill | decode step |", "|---:|---:|---|---:|---:|---:|"]
+    for run in results["runs"]:
+        for device, floors in run["jetson_floors_ms"].items():
+            lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {floors['vision_tower']} | "
+                         f"{floors['prefill']} | {floors['decode_step']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = [r for r in results["runs"] if r["batch"] == results["runs"][0]["batch"]]
+    labels = [str(r["ratio"]) for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(runs)
+    for stage in STAGE_ORDER:
+        values = [r["stages"].get(stage, {}).get("median_ms", 0.0) for r in runs]
+        ax.bar(labels, values, bottom=bottom, label=stage.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("ratio (mean retained fraction of visual tokens)")
+    ax.set_ylabel("ms")
+    ax.set_title(f"Time to first token by stage — {results['config']['model']}, batch {runs[0]['batch']}")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "breakdown.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ratios = [r["ratio"] for r in runs]
+    ax.plot(ratios, [r["generation"]["ttft"]["median_ms"] for r in runs], "o-", label="apet (torch, static cache"
+            + (", CUDA graphs)" if results["config"]["cuda_graphs"] else ")"))
+    paper = [(r["ratio"], r["paper_style"]["ttft"]["median_ms"]) for r in runs if r.get("paper_style")]
+    if paper:
+        ax.plot(*zip(*paper), "s--", label="paper-style (HF eager + ApET eager)")
+    hf = results["baselines"].get("hf_generate", {}).get(str(runs[0]["batch"]))
+    if hf:
+        ax.axhline(hf["ttft"]["median_ms"], color="gray", linestyle=":", label="HF generate, all tokens (SDPA)")
+    ax.set_xlabel("ratio")
+    ax.set_ylabel("TTFT ms")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Time to first token vs ratio")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "ttft.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out)

@@ -1,0 +1,210 @@
+"""``apet-bench``: latency, memory and the cost of compression, against the baselines, in one run.
+
+results.json schema (``schema: apet-bench/1``):
+  environment   device, torch, transformers, dtype, ceilings {matmul_tflops, bandwidth_gbs}
+  config        model, ratios, stages, batch sizes, prompt/new tokens, repeats
+  runs[]        one per (batch, ratio): budgets {k1, stage2_layer, k2}, stages {name: timing}, generation
+                {ttft, decode_per_token, end_to_end} (timings: median_ms, p90_ms, min_ms, repeats),
+                peak_memory_mb, kv_cache_bytes, costs {stage: {flops, bytes}}, floors_ms {stage},
+                measured_over_floor {stage}, jetson_floors_ms {device: {stage: ms}},
+                paper_style {ttft, decode_per_token}, speedup {vs_hf_generate_ttft, vs_paper_style_ttft, ...}
+  baselines     hf_generate[batch] {visual_tokens, ttft, end_to_end, decode_ms_per_token}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from apet.bench import flops
+from apet.bench.baselines import hf_generate, paper_style
+from apet.bench.report import write_report
+from apet.bench.stages import ApetPath, Request, summarize_generation
+from apet.compression import CompressionConfig, Stage2Config
+from apet.errors import UsageError
+from apet.export.budget import plan_budget
+from apet.models.base import VisionLanguageAdapter
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "apet-bench/1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    out: Path
+    ratios: tuple[float, ...] = (1.0, 0.33, 0.22, 0.11)
+    stages: int = 2
+    batches: tuple[int, ...] = (1,)
+    prompt_tokens: int = 40
+    new_tokens: int = 64
+    repeats: int = 10
+    device: str = "auto"
+    cuda_graphs: bool = True
+    baselines: bool = True
+
+    def __post_init__(self) -> None:
+        for r in self.ratios:
+            if not 0 < r <= 1:
+                raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
+        if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
+            raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Matmul throughput (large GEMM) and memory bandwidth (device copy, read + write) of this device."""
+    from apet.bench.timing import time_call
+
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    gemm = time_call(lambda: a @ b, device=device, warmup=3, repeats=10)
+    elements = (1 << 30 if device.type == "cuda" else 1 << 26) // 2
+    src = torch.randn(elements, device=device, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    copy = time_call(lambda: dst.copy_(src), device=device, warmup=3, repeats=10)
+    return {"matmul_tflops": round(2 * size**3 / (gemm.median_ms * 1e-3) / 1e12, 2),
+            "bandwidth_gbs": round(2 * src.numel() * 2 / (copy.median_ms * 1e-3) / 1e9, 1)}
+
+
+def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.LlmShape]:
+    spec = adapter.spec
+    tower = adapter.model.config.vision_config
+    select = spec.extra.get("vision_feature_layer", -1)
+    depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
+    vision = flops.VisionShape(tokens=spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
+                               layers=depth, patch=tower.patch_size)
+    d = spec.decoder
+    llm = flops.LlmShape(hidden=d.hidden_size, intermediate=d.intermediate_size, layers=d.num_layers,
+                         heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim, vocab=d.vocab_size)
+    return vision, llm
+
+
+def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
+                request: Request, basis: int) -> tuple[dict[str, flops.Cost], list[int]]:
+    vision, llm = shapes_of(adapter)
+    spec, b = adapter.spec, request.batch
+    prompt = request.prompt_tokens + stage1.keep
+    per_layer = [prompt - (stage2.removed if stage2 and i >= stage2.layer else 0) for i in range(llm.layers)]
+    costs = {"vision_tower": flops.vision_cost(vision, b),
+             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b)
+             if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
+             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b),
+             "prefill": flops.prefill_cost(llm, per_layer, b),
+             "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b)}
+    if stage2 is not None:
+        costs["apet_stage2"] = flops.apet_cost(stage1.keep, llm.hidden, stage2.compression.keep, basis, b)
+    return costs, per_layer
+
+
+def _configs(adapter: VisionLanguageAdapter, ratio: float, stages: int, basis: int = 10):
+    spec = adapter.spec
+    budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages, basis=basis)
+    stage1 = CompressionConfig(keep=budget.stage1_keep, basis=basis)
+    stage2 = None
+    if budget.stage2_keep is not None:
+        stage2 = Stage2Config(layer=int(budget.stage2_layer), span=budget.stage1_keep,
+                              compression=CompressionConfig(keep=budget.stage2_keep, basis=basis))
+    return budget, stage1, stage2
+
+
+def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
+                batch: int) -> dict[str, Any]:
+    request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
+    budget, stage1, stage2 = _configs(adapter, ratio, cfg.stages)
+    device = adapter.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    path = ApetPath(adapter, stage1, stage2, request, graphs=cfg.cuda_graphs)
+    path.generate()  # warm-up
+    runs = [path.generate()[1] for _ in range(cfg.repeats)]
+    stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
+    generation = summarize_generation(runs)
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis)
+    floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
+    measured = {**{k: v["median_ms"] for k, v in stages.items()},
+                "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
+    result = {
+        "ratio": ratio, "batch": batch,
+        "budgets": {"k1": budget.stage1_keep, "stage2_layer": budget.stage2_layer, "k2": budget.stage2_keep,
+                    "mean_tokens": budget.mean_tokens(adapter.spec.decoder.num_layers)},
+        "stages": stages, "generation": generation,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "kv_cache_bytes": flops.kv_bytes(shapes_of(adapter)[1], [n + cfg.new_tokens for n in per_layer], batch,
+                                         2 if adapter.dtype == torch.float16 else 4),
+        "costs": {k: c.to_json() for k, c in costs.items()}, "floors_ms": floors,
+        "measured_over_floor": {k: round(measured[k] / floors[k], 2) for k in floors
+                                if measured.get(k) and floors[k] > 0},
+        "jetson_floors_ms": flops.project(costs),
+    }
+    if cfg.baselines:
+        result["paper_style"] = paper_style(adapter, stage1, stage2, request, max(2, cfg.repeats // 3))
+    del path
+    return result
+
+
+def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
+    for run in runs:
+        ttft = run["generation"]["ttft"]["median_ms"]
+        decode = (run["generation"]["decode_per_token"] or {}).get("median_ms")
+        hf = baselines.get("hf_generate", {}).get(str(run["batch"]))
+        speed: dict[str, float] = {}
+        if hf:
+            speed["vs_hf_generate_ttft"] = round(hf["ttft"]["median_ms"] / ttft, 2)
+            if decode:
+                speed["vs_hf_generate_decode"] = round(hf["decode_ms_per_token"] / decode, 2)
+        paper = run.get("paper_style")
+        if paper:
+            speed["vs_paper_style_ttft"] = round(paper["ttft"]["median_ms"] / ttft, 2)
+            if decode and paper.get("decode_per_token"):
+                speed["vs_paper_style_decode"] = round(paper["decode_per_token"]["median_ms"] / decode, 2)
+        full = next((r for r in runs if r["batch"] == run["batch"] and r["ratio"] == 1.0), None)
+        if full:
+            speed["ttft_over_ratio_1"] = round(ttft / full["generation"]["ttft"]["median_ms"], 3)
+        run["speedup"] = speed
+
+
+def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) -> dict[str, Any]:
+    from apet.models.registry import load_adapter
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    adapter = adapter or load_adapter(cfg.model, dtype=dtype, device=str(device))
+    ceilings = measure_ceilings(device, dtype)
+    log.info("ceilings: %s", ceilings)
+    runs, baselines = [], {"hf_generate": {}}
+    work = [(b, r) for b in cfg.batches for r in cfg.ratios]
+    for batch, ratio in tqdm(work, desc="apet-bench", unit="config", disable=None):
+        runs.append(bench_ratio(adapter, cfg, ceilings, ratio, batch))
+    if cfg.baselines:
+        for batch in cfg.batches:
+            request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
+            baselines["hf_generate"][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2))
+    _speedups(runs, baselines)
+    import transformers
+
+    results = {
+        "schema": SCHEMA,
+        "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                        platform.processor() or platform.machine(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "dtype": str(dtype).split(".")[-1],
+                        "ceilings": ceilings},
+        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                   "out": str(cfg.out), "n_tokens": adapter.spec.n_tokens,
+                   "num_layers": adapter.spec.decoder.num_layers},
+        "runs": runs, "baselines": baselines,
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, cfg.out)
+    return results
