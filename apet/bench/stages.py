@@ -45,40 +45,43 @@ class ApetPath:
     """The compressed model at one budget, every stage captured as its own CUDA graph."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                 request: Request, graphs: bool) -> None:
+                 request: Request, graphs: bool, fuse: bool = True, compile: bool = False) -> None:
         self.adapter, self.stage1, self.stage2, self.request = adapter, stage1, stage2, request
         pixels, ids, mask, start = synthetic_inputs(adapter, request, stage1.keep)
         self.max_context = ids.shape[1] + request.new_tokens + 8
-        self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context)
+        self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse)
+        maybe = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self.table = adapter.embed_tokens().weight
         pool = torch.cuda.graph_pool_handle() if graphs and pixels.is_cuda else None
         g = dict(enabled=graphs, pool=pool)
         c = stage1
         with torch.no_grad():
-            self.vision = GraphedCall(lambda pixel_values: adapter.vision_features(pixel_values),
+            self.vision = GraphedCall(maybe(lambda pixel_values: adapter.vision_features(pixel_values)),
                                       {"pixel_values": pixels}, **g)
             features = self.vision(pixel_values=pixels).clone()
-            self.apet1 = GraphedCall(lambda x: compress(x, keep=c.keep, basis=c.basis, method=c.method,
-                                                        merge=c.merge, seed=c.seed).tokens, {"x": features}, **g)
+            self.apet1 = GraphedCall(maybe(lambda x: compress(x, keep=c.keep, basis=c.basis, method=c.method,
+                                                              merge=c.merge, seed=c.seed).tokens), {"x": features}, **g)
             kept = self.apet1(x=features).clone()
             self.projector = GraphedCall(lambda t: adapter.project(t), {"t": kept}, **g)
             visual = self.projector(t=kept).clone()
-            self.prefill = GraphedCall(self._prefill, {"ids": ids, "mask": mask, "start": start, "visual": visual}, **g)
+            self.prefill = GraphedCall(maybe(self._prefill), {"ids": ids, "mask": mask, "start": start,
+                                                              "visual": visual}, **g)
             self.prefill_inputs = {"ids": ids, "mask": mask, "start": start, "visual": visual}
             self.apet2 = None
             if stage2 is not None:
                 hidden = torch.randn(request.batch, stage1.keep, adapter.spec.decoder.hidden_size,
                                      device=pixels.device, dtype=adapter.dtype)
                 c2 = stage2.compression
-                self.apet2 = GraphedCall(lambda x: compress(x, keep=c2.keep, basis=c2.basis, method=c2.method,
-                                                            merge=c2.merge, seed=c2.seed).tokens, {"x": hidden}, **g)
+                self.apet2 = GraphedCall(maybe(lambda x: compress(x, keep=c2.keep, basis=c2.basis, method=c2.method,
+                                                                  merge=c2.merge, seed=c2.seed).tokens),
+                                         {"x": hidden}, **g)
                 self.apet2_input = hidden
             self.pixels, self.features, self.kept = pixels, features, kept
             self.prefill(**self.prefill_inputs)
             saved = self.decoder.snapshot()
             token = torch.zeros(request.batch, dtype=torch.long, device=pixels.device)
             position = torch.full((request.batch, 1), ids.shape[1], dtype=torch.long, device=pixels.device)
-            self.decode = GraphedCall(self._decode, {"token": token, "position": position},
+            self.decode = GraphedCall(maybe(self._decode), {"token": token, "position": position},
                                       before_capture=lambda: self.decoder.restore(saved), **g)
             self.prompt_length = ids.shape[1]
 

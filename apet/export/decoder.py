@@ -52,18 +52,30 @@ def additive_mask(attention_mask: torch.Tensor, query_len: int | torch.Tensor, d
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def _sequence_length(h: torch.Tensor) -> torch.Tensor | int:
+    """T as a shape-derived tensor when tracing for ONNX (so TensorRT sees shape arithmetic), as an int
+    under torch.compile (which specialises shapes)."""
+    if torch.compiler.is_compiling():
+        return int(h.shape[1])
+    return torch.onnx.operators.shape_as_tensor(h)[1]
+
+
+def _at_most(x: torch.Tensor, bound: torch.Tensor | int) -> torch.Tensor:
+    return x.clamp(max=bound) if isinstance(bound, int) else torch.minimum(x, bound)
+
+
 def stage2_rebuild(s2: Stage2Config, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ApET stage 2 at layer L: compress the image span and rebuild the sequence (prefill, T > 1);
     only shift positions (decode, T == 1). Returns hidden, positions, mask, stage-2 kept indices."""
     span, keep, removed = s2.span, s2.compression.keep, s2.removed
-    length = torch.onnx.operators.shape_as_tensor(h)[1]
+    length = _sequence_length(h)
     is_prefill = (length + (_BIG - 2)) // _BIG
     new_length = length - removed * is_prefill
 
     start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
     offsets = torch.arange(span, device=h.device)
-    span_index = torch.minimum(start + offsets, length - 1)
+    span_index = _at_most(start + offsets, length - 1)
     c = s2.compression
     kept = compress(gather_tokens(h, span_index), keep=keep, basis=c.basis, method=c.method, merge=c.merge,
                     seed=c.seed)
@@ -71,7 +83,7 @@ def stage2_rebuild(s2: Stage2Config, h: torch.Tensor, position_ids: torch.Tensor
     positions = torch.arange(new_length, device=h.device).unsqueeze(0)
     before = positions < start
     in_span = (positions >= start) & (positions < start + keep * is_prefill)
-    source = torch.minimum(torch.where(before, positions, positions + removed * is_prefill), length - 1)
+    source = _at_most(torch.where(before, positions, positions + removed * is_prefill), length - 1)
     rebuilt = torch.where(in_span.unsqueeze(-1),
                           gather_tokens(kept.tokens, (positions - start).clamp(0, keep - 1)),
                           gather_tokens(h, source))
@@ -99,10 +111,16 @@ class HeadLayout:
 def project_qkv(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 layout: HeadLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, heads, T, d], k and v [B, kv_heads, T, d], rotary embedding applied to q and k."""
-    batch, length = h.shape[0], h.shape[1]
-    q = attn.q_proj(h).view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    return split_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin, layout)
+
+
+def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                layout: HeadLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected [B, T, heads*d] tensors -> per-head layout with the rotary embedding applied."""
+    batch, length = q.shape[0], q.shape[1]
+    q = q.view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
+    k = k.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    v = v.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from apet.compression import Stage2Config, gather_tokens
-from apet.export.decoder import (HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv,
+from apet.export.decoder import (HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv, split_heads,
                                  stage2_rebuild)
 from apet.models.base import VisionLanguageAdapter
 from apet.reference import positions_from_mask
@@ -31,8 +31,11 @@ class StaticDecoder:
     """Prefill (whole prompt, empty cache) and single-token decode over static caches."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
-                 max_context: int) -> None:
+                 max_context: int, fuse: bool = False) -> None:
+        from apet.runtime.fusion import FusedLayer
+
         self.layers = list(adapter.decoder_layers())
+        self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
         self.norm, self.head, self.rotary = adapter.final_norm(), adapter.lm_head(), adapter.rotary_embedding()
         self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
@@ -54,7 +57,11 @@ class StaticDecoder:
     def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                write: slice | torch.Tensor) -> torch.Tensor:
         layer, batch = self.layers[i], h.shape[0]
-        q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(h), cos, sin, self.layout)
+        normed = layer.input_layernorm(h)
+        if self.fused is not None:
+            q, k, v = split_heads(*self.fused[i].qkv(normed), cos, sin, self.layout)
+        else:
+            q, k, v = project_qkv(layer.self_attn, normed, cos, sin, self.layout)
         keys, values = self.keys[i][:batch], self.values[i][:batch]
         if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
             keys[:, :, write] = k
@@ -68,7 +75,8 @@ class StaticDecoder:
         out = F.scaled_dot_product_attention(q, repeat_kv(context_k, groups), repeat_kv(context_v, groups),
                                              attn_mask=bias)
         h = h + merge_heads(layer.self_attn, out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        mlp = self.fused[i].mlp if self.fused is not None else layer.mlp
+        return h + mlp(layer.post_attention_layernorm(h))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h[:, -1]))

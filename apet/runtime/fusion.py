@@ -1,0 +1,47 @@
+"""Horizontal fusion of a Llama-style layer's projections for the GPU fast path.
+
+q/k/v become one matmul and gate/up another: at decode (batch 1) each projection is a
+memory-bound GEMV, so fewer, larger ones run closer to peak bandwidth and launch fewer
+kernels. The fused weight is built once and the original ``nn.Linear`` weights are
+re-pointed at slices of it, so no weight memory is duplicated and the HF modules (used by
+the reference path) keep working.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    sizes = [lin.out_features for lin in linears]
+    weight = torch.cat([lin.weight.data for lin in linears], dim=0)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.data if lin.bias is not None else
+                          torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device) for lin in linears])
+    offset = 0
+    for lin, size in zip(linears, sizes):
+        lin.weight.data = weight[offset:offset + size]
+        if lin.bias is not None:
+            lin.bias.data = bias[offset:offset + size]
+        offset += size
+    return weight, bias, sizes
+
+
+class FusedLayer:
+    """One decoder layer's fused projections; ``qkv(h)`` and ``mlp(h)`` equal the unfused modules."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_weight, self.qkv_bias, self.qkv_sizes = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_weight, self.gate_up_bias, self.gate_up_sizes = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down, self.act = mlp.down_proj, mlp.act_fn
+
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(h, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(h, self.gate_up_weight, self.gate_up_bias).split(self.gate_up_sizes, dim=-1)
+        return self.down(self.act(gate) * up)
