@@ -165,6 +165,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
+                   "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--no-baselines", action="store_true", help="skip HF generate and the paper-style path")
     p.add_argument("--out", required=True, type=Path)
 
@@ -181,7 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
                       batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
-                      baselines=not args.no_baselines)
+                      compile=args.compile, baselines=not args.no_baselines)
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

@@ -12,11 +12,13 @@ case "${1:-checks}" in
     python3 scripts/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | tail -40
     python3 -m apet.bench.compression --devices cuda --batches 1,8 --out "$OUT/compression_bench.json"
     ;;
-  bench)
+  bench2)
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.33,0.22,0.11 --stages 2 --batch 1 \
-      --repeats 10 --new-tokens 64 --out "$OUT/two_stage" | tail -30
+      --repeats 10 --new-tokens 64 --compile --out "$OUT/two_stage" | tail -30
+    ;;
+  bench1)
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 1 --batch 1 \
-      --repeats 10 --new-tokens 64 --out "$OUT/one_stage" | tail -12
+      --repeats 10 --new-tokens 64 --compile --out "$OUT/one_stage" | tail -12
     rm -f "$OUT"/one_stage/*.png
     ;;
   vision)

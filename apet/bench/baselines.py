@@ -59,7 +59,7 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int) 
 
     run(2)  # warm-up
     ttft = summarize([run(1) for _ in range(repeats)])
-    e2e = summarize([run(request.new_tokens) for _ in range(max(1, repeats // 2))])
+    e2e = summarize([run(request.new_tokens) for _ in range(max(3, repeats // 2))])
     per_token = (e2e.median_ms - ttft.median_ms) / max(1, request.new_tokens - 1)
     return {"visual_tokens": n, "ttft": ttft.to_json(), "end_to_end": e2e.to_json(),
             "decode_ms_per_token": round(per_token, 4)}

@@ -87,8 +87,10 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ratios = [r["ratio"] for r in runs]
-    ax.plot(ratios, [r["generation"]["ttft"]["median_ms"] for r in runs], "o-", label="apet (torch, static cache"
-            + (", CUDA graphs)" if results["config"]["cuda_graphs"] else ")"))
+    variant = ", compiled" if results["config"].get("compile") else ""
+    variant += ", CUDA graphs" if results["config"]["cuda_graphs"] else ""
+    ax.plot(ratios, [r["generation"]["ttft"]["median_ms"] for r in runs], "o-",
+            label=f"apet (torch, static cache{variant})")
     paper = [(r["ratio"], r["paper_style"]["ttft"]["median_ms"]) for r in runs if r.get("paper_style")]
     if paper:
         ax.plot(*zip(*paper), "s--", label="paper-style (HF eager + ApET eager)")

@@ -49,6 +49,7 @@ class BenchConfig:
     repeats: int = 10
     device: str = "auto"
     cuda_graphs: bool = True
+    compile: bool = False
     baselines: bool = True
 
     def __post_init__(self) -> None:
@@ -124,7 +125,10 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    path = ApetPath(adapter, stage1, stage2, request, graphs=cfg.cuda_graphs)
+    # one cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios
+    max_context = cfg.prompt_tokens + adapter.spec.n_tokens + cfg.new_tokens + 8
+    path = ApetPath(adapter, stage1, stage2, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
+                    max_context=max_context)
     path.generate()  # warm-up
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}

@@ -45,10 +45,11 @@ class ApetPath:
     """The compressed model at one budget, every stage captured as its own CUDA graph."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                 request: Request, graphs: bool, fuse: bool = True, compile: bool = False) -> None:
+                 request: Request, graphs: bool, fuse: bool = True, compile: bool = False,
+                 max_context: int | None = None) -> None:
         self.adapter, self.stage1, self.stage2, self.request = adapter, stage1, stage2, request
         pixels, ids, mask, start = synthetic_inputs(adapter, request, stage1.keep)
-        self.max_context = ids.shape[1] + request.new_tokens + 8
+        self.max_context = max_context or ids.shape[1] + request.new_tokens + 8
         self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse)
         maybe = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self.table = adapter.embed_tokens().weight

@@ -90,7 +90,8 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str,
             raise UsageError(f"torch mode {mode!r} is unknown", "use reference (HF modules) or static (CUDA graphs)")
         if mode == "static":
             return StaticTorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
-                                      adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True))
+                                      adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True),
+                                      compile=options.get("compile", False))
         return TorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
                             adapter=options.get("adapter"))
     from apet.runtime.backends.tensorrt import TensorRTBackend

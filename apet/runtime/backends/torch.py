@@ -107,12 +107,16 @@ class StaticTorchBackend(TorchBackend):
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda", checkpoint: str | None = None,
-                 adapter: VisionLanguageAdapter | None = None, cuda_graphs: bool = True, bucket: int = 16) -> None:
+                 adapter: VisionLanguageAdapter | None = None, cuda_graphs: bool = True, bucket: int = 16,
+                 compile: bool = False) -> None:
         super().__init__(artifact_dir, manifest, device, checkpoint, adapter)
         from apet.runtime.static_decoder import StaticDecoder
 
-        self.decoder = StaticDecoder(self.adapter, self.reference.stage2, manifest.max_batch, manifest.max_context)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        on_gpu = self.device.type == "cuda"
+        self.decoder = StaticDecoder(self.adapter, self.reference.stage2, manifest.max_batch, manifest.max_context,
+                                     fuse=on_gpu)
+        self.use_graphs = cuda_graphs and on_gpu
+        self.compile = compile
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.bucket = bucket
         self.calls: dict[tuple, object] = {}
@@ -121,6 +125,7 @@ class StaticTorchBackend(TorchBackend):
         from apet.runtime.cuda_graphs import GraphedCall
 
         if key not in self.calls:
+            fn = torch.compile(fn, dynamic=False) if self.compile else fn
             self.calls[key] = GraphedCall(fn, example, enabled=self.use_graphs, pool=self.pool,
                                           before_capture=before_capture)
         return self.calls[key]
