@@ -122,8 +122,12 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
     budget, stage1, stage2 = _configs(adapter, ratio, cfg.stages)
     device = adapter.device
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    leftover = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # graphs and compiled code of earlier budgets stay allocated: count only what this budget adds
+        leftover = torch.cuda.memory_allocated(device) - weights
         torch.cuda.reset_peak_memory_stats(device)
     # one cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios
     max_context = cfg.prompt_tokens + adapter.spec.n_tokens + cfg.new_tokens + 8
@@ -142,7 +146,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "budgets": {"k1": budget.stage1_keep, "stage2_layer": budget.stage2_layer, "k2": budget.stage2_keep,
                     "mean_tokens": budget.mean_tokens(adapter.spec.decoder.num_layers)},
         "stages": stages, "generation": generation,
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None,
+        "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
+        if device.type == "cuda" else None,
+        "weights_mb": round(weights / 2**20, 1),
         "kv_cache_bytes": flops.kv_bytes(shapes_of(adapter)[1], [n + cfg.new_tokens for n in per_layer], batch,
                                          2 if adapter.dtype == torch.float16 else 4),
         "costs": {k: c.to_json() for k, c in costs.items()}, "floors_ms": floors,
