@@ -9,8 +9,6 @@ Any malformed manifest raises :class:`ArtifactError`, never another exception.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -243,11 +241,6 @@ def verify_files(artifact_dir: Path, manifest: Manifest, names: list[str] | None
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (temp file + rename)."""
-    directory = Path(directory)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(manifest.to_json(), handle, indent=1, sort_keys=False)
-        handle.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, directory / MANIFEST_NAME)
-    return directory / MANIFEST_NAME
+    from apet.atomic import write_atomic
+
+    return write_atomic(Path(directory) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1) + "\n")

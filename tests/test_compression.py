@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 import torch
 
-import numpy_reference as ref
 from apet.compression import (
     Compressed,
     basis_errors,

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import numpy_reference as ref
 import onnxruntime as ort
 import pytest
 import torch
 
-import numpy_reference as ref
 from apet.compression import CompressionConfig, CompressionModule
 from apet.export.onnx_utils import check_onnx, export_onnx, op_histogram
 

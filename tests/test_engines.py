@@ -17,8 +17,14 @@ import pytest
 from apet.engines.api import TrtApi, load_api
 from apet.engines.build import REPORT_NAME, BuildConfig, build_artifact
 from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
-from apet.engines.trtexec import (build_command, profiling_runs, report, summarize_times, top_layers,
-                                  write_trtexec_script)
+from apet.engines.trtexec import (
+    build_command,
+    profiling_runs,
+    report,
+    summarize_times,
+    top_layers,
+    write_trtexec_script,
+)
 from apet.errors import ArtifactError, BackendError, UsageError
 from apet.manifest import read_manifest
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 
 from apet.compression import compress
 from apet.errors import BackendError, InputError
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.preprocess import load_image, preprocess
 from apet.runtime.sampling import GenerationConfig
-from conftest import make_image
 
 PROMPTS = ["What is in the picture?", "Describe the image.", "How many objects are there and what color are they?"]
 NEW_TOKENS = 12

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import numpy_reference as ref
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 
-import numpy_reference as ref
-from apet.compression import CompressionConfig, compress
+from apet.compression import compress
 from apet.errors import ArtifactError, UsageError
 from apet.manifest import SCHEMA_VERSION, manifest_from_json, read_manifest
 
@@ -115,7 +115,8 @@ def test_manifest_round_trip_and_validation(artifact_factory) -> None:
                        ({**data, "max_batch": "four"}, "max_batch"),
                        ({k: v for k, v in data.items() if k != "graphs"}, "graphs"),
                        ({**data, "text_assets": ["../../etc/passwd"]}, "escapes"),
-                       ({**data, "graphs": {"vision": {**data["graphs"]["vision"], "file": "/etc/passwd"}}}, "escapes")]:
+                       ({**data, "graphs": {"vision": {**data["graphs"]["vision"], "file": "/etc/passwd"}}},
+                        "escapes")]:
         with pytest.raises(ArtifactError, match=words.replace("(", r"\(")):
             manifest_from_json(bad)
 

@@ -164,4 +164,5 @@ def summarize_generation(runs: list[list[float]]) -> dict[str, Any]:
     ttft = summarize([r[0] for r in runs])
     decode = summarize([ms for r in runs for ms in r[1:]]) if any(len(r) > 1 for r in runs) else None
     e2e = summarize([sum(r) for r in runs])
-    return {"ttft": ttft.to_json(), "decode_per_token": decode.to_json() if decode else None, "end_to_end": e2e.to_json()}
+    return {"ttft": ttft.to_json(), "decode_per_token": decode.to_json() if decode else None,
+            "end_to_end": e2e.to_json()}

@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from apet.atomic import write_atomic
 from apet.engines.api import TrtApi, load_api
 from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
@@ -93,18 +92,6 @@ def _guard_existing(cfg: BuildConfig, digest: str) -> None:
                          "pass --overwrite to replace them")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _layer_information(api: TrtApi, plan: bytes) -> str | None:
     """Engine inspector JSON; needs a CUDA device to deserialize (absent on CPU-only AOT builds)."""
     if not api.can_deserialize_here():
@@ -161,10 +148,10 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
         built = build_engine(api, cfg.artifact / manifest.graphs[name].file, _profiles(name, manifest, limits),
                              options, progress=progress)
         plan_path = cfg.artifact / ENGINE_FILES[name]
-        _write_atomic(plan_path, built.plan)
+        write_atomic(plan_path, built.plan)
         report.engines[name] = _engine_entry(api, name, built, manifest, cfg.artifact)
         log.info("built %s in %.1f s (%.1f MB)", plan_path.name, built.seconds, len(built.plan) / 1e6)
-    _write_atomic(cfg.artifact / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+    write_atomic(cfg.artifact / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
     return report
 
 
@@ -178,7 +165,7 @@ def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest
     info = _layer_information(api, built.plan)
     if info is not None:
         layer_file = f"{name}.layers.json"
-        _write_atomic(artifact / layer_file, info.encode())
+        write_atomic(artifact / layer_file, info.encode())
         entry["layer_information"] = layer_file
     return entry
 

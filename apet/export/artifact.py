@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
-import os
-import shutil
-import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from apet import __version__
+from apet.atomic import atomic_directory
 from apet.compression import METHODS, CompressionConfig, Stage2Config
 from apet.errors import UsageError, check_range
 from apet.export.budget import Budget, plan_budget
 from apet.export.llm import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, export_llm, save_embeddings
-from apet.export.onnx_utils import (MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, sha256_file,
-                                    spec_dict)
+from apet.export.onnx_utils import (
+    MAX_OPSET,
+    MIN_OPSET,
+    check_onnx,
+    external_data_files,
+    graph_io,
+    sha256_file,
+    spec_dict,
+)
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, CompressionSpec, GraphEntry, Manifest, Stage2Spec, write_manifest
 from apet.models.base import VisionLanguageAdapter
@@ -30,7 +33,6 @@ from apet.models.base import VisionLanguageAdapter
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-_TMP_MARK = ".apet-tmp-"
 
 
 @dataclass(frozen=True)
@@ -71,67 +73,6 @@ class ExportConfig:
         check_range("--basis", self.basis, 1, 1 << 16)
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a scratch directory next to ``out``; on success it replaces ``out`` in one rename.
-
-    On any exception, Ctrl-C or SIGTERM the scratch directory is removed and
-    ``out`` is left as it was (the previous complete artifact, or nothing).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(out)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
-    os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is a normal directory
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    in_main = _is_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield scratch
-        if out.exists():
-            trash = out.parent / f".{out.name}{_TMP_MARK}{os.getpid()}-old"
-            out.rename(trash)
-            scratch.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            scratch.rename(out)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _remove_stale_scratch(out: Path) -> None:
-    """Scratch dirs of killed runs (their pid is gone) are deleted; live ones are left alone."""
-    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
-        try:
-            pid = int(stale.name.split(_TMP_MARK, 1)[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue
 
 
 def compression_configs(cfg: ExportConfig, budget: Budget) -> tuple[CompressionConfig, Stage2Config | None]:

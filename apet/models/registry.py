@@ -41,7 +41,8 @@ def _from_hub_cache(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:
         raise UsageError(
-            f"cannot load {repo_id!r}: it is not a local directory and not in the Hugging Face cache ({type(exc).__name__})",
+            f"cannot load {repo_id!r}: it is not a local directory and not in the Hugging Face cache "
+            f"({type(exc).__name__})",
             f"download it where you have network (huggingface-cli download {repo_id} --local-dir DIR) "
             "and pass --model DIR",
         ) from exc

@@ -87,8 +87,14 @@ def build_tokenizer(vocab_size: int):
 
 
 def _build(path: Path, seed: int, cfg: TinyLlavaConfig) -> None:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = build_tokenizer(cfg.vocab_target)
     vocab = len(tokenizer)

@@ -12,13 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from apet.compression import Stage2Config, gather_tokens
-from apet.export.decoder import (HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv, split_heads,
-                                 stage2_rebuild)
+from apet.export.decoder import (
+    HeadLayout,
+    additive_mask,
+    merge_heads,
+    project_qkv,
+    repeat_kv,
+    split_heads,
+    stage2_rebuild,
+)
 from apet.models.base import VisionLanguageAdapter
 from apet.reference import positions_from_mask
 
 
-def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor, image_start: torch.Tensor) -> torch.Tensor:
+def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor,
+           image_start: torch.Tensor) -> torch.Tensor:
     """Token embeddings with rows' K1 image slots replaced by visual embeddings, without Python loops."""
     embeds = table[token_ids]
     span = visual.shape[1]

@@ -9,8 +9,14 @@ import numpy as np
 from apet.errors import BackendError
 from apet.export.decoder import past_names
 from apet.manifest import Manifest
-from apet.runtime.backends.base import (Backend, VisionOutput, import_optional, load_embedding_table,
-                                        positions_from_mask, splice_numpy)
+from apet.runtime.backends.base import (
+    Backend,
+    VisionOutput,
+    import_optional,
+    load_embedding_table,
+    positions_from_mask,
+    splice_numpy,
+)
 
 
 class OnnxRuntimeBackend(Backend):

@@ -90,7 +90,8 @@ def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, run
     try:
         report = json.loads(report_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{report_path} is missing or unreadable ({exc})", "run apet-build on the artifact") from exc
+        raise ArtifactError(f"{report_path} is missing or unreadable ({exc})",
+                            "run apet-build on the artifact") from exc
     if report.get("manifest_sha256") != manifest_digest(artifact_dir):
         raise ArtifactError("the engines were built from another export of this directory",
                             "rebuild them: apet-build DIR --overwrite")
