@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from apet.errors import ApetError, NotYetAvailableError, UsageError
+from apet.errors import ApetError, UsageError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -189,12 +189,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotYetAvailableError(f"apet {name} is not available in this version yet",
-                                   "see the README for the commands that work today")
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from apet.eval import data
 
-    return run
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = data.__doc__
+    p.add_argument("source", help="an artifact directory (its fixed budget, any backend) or a model "
+                   "(tiny | alias | checkpoint directory: every --methods x --ratios through the torch reference)")
+    p.add_argument("--data", required=True, action="append", type=Path, help="data file (repeatable: one benchmark "
+                   "per file)")
+    p.add_argument("--images", required=True, type=Path, help="directory the data's image paths are relative to")
+    p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"))
+    p.add_argument("--annotations", type=Path, help="answers/annotations file for --format llava or vqa")
+    p.add_argument("--ratios", default="1.0,0.22,0.11")
+    p.add_argument("--methods", default="apet", help="comma list of rules: apet, random, pool, divprune")
+    p.add_argument("--stages", type=int, default=1, choices=(1, 2))
+    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="for an artifact source")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, help="first N questions of each data file")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", required=True, type=Path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from apet.eval.runner import EvalConfig, run_eval
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError as exc:
+        raise UsageError(f"--ratios {args.ratios!r} is not a comma-separated list of numbers",
+                         "e.g. --ratios 1.0,0.22,0.11") from exc
+    cfg = EvalConfig(source=args.source, data=tuple(args.data), images=args.images, out=args.out, ratios=ratios,
+                     methods=tuple(m for m in args.methods.split(",") if m), stages=args.stages, fmt=args.format,
+                     annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,
+                     max_new_tokens=args.max_new_tokens)
+    run_eval(cfg)
+    print((args.out / "report.md").read_text())
+    return 0
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -203,6 +235,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "inspect": ("show an artifact's manifest, graph I/O and engines", _inspect_args, cmd_inspect),
     "run": ("answer a prompt about an image with an exported artifact", _run_args, cmd_run),
     "bench": ("latency/memory of ApET-compressed inference vs ratio, against HF baselines", _bench_args, cmd_bench),
+    "eval": ("accuracy retention of ApET and other rules vs ratio on your data", _eval_args, cmd_eval),
 }
 
 

@@ -37,10 +37,7 @@ class CompressionSpec:
     merge: bool = True
     seed: int | None = None
     stage2: Stage2Spec | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.stage2 is not None or self.basis_k > 0
+    rule: str = "apet"  # token-selection rule (apet.selection); exported artifacts are always ApET
 
 
 @dataclass(frozen=True)
@@ -154,6 +151,7 @@ def _compression_from_json(data: Mapping[str, Any]) -> CompressionSpec:
         basis_k=_require(data, "basis_k", int, "compression."),
         basis_method=_require(data, "basis_method", str, "compression."),
         merge=bool(data.get("merge", True)), seed=seed if isinstance(seed, int) else None, stage2=stage2,
+        rule=str(data.get("rule", "apet")),
     )
 
 

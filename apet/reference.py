@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config, compress
+from apet.compression import CompressionConfig, Stage2Config
 from apet.models.base import VisionLanguageAdapter
 
 
@@ -50,17 +50,18 @@ class Reference:
     """Vision + language model of ``adapter`` with ApET stage 1 (and optional stage 2)."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig,
-                 stage2: Stage2Config | None = None) -> None:
+                 stage2: Stage2Config | None = None, rule: str = "apet") -> None:
+        from apet.selection import get_rule
+
         self.adapter = adapter
         self.stage1 = stage1
         self.stage2 = stage2
+        self.select = get_rule(rule)
         self.layers = list(adapter.decoder_layers())
 
     @torch.no_grad()
     def visual_embeds(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.stage1
-        features = self.adapter.vision_features(pixel_values)
-        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        kept = self.select(self.adapter.vision_features(pixel_values), self.stage1)
         return self.adapter.project(kept.tokens), kept.index
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
@@ -83,8 +84,7 @@ class Reference:
         rows, masks, indices = [], [], []
         for b in range(hidden.shape[0]):
             s = int(image_start[b])
-            kept = compress(hidden[b:b + 1, s:s + s2.span], keep=c.keep, basis=c.basis, method=c.method,
-                            merge=c.merge, seed=c.seed)
+            kept = self.select(hidden[b:b + 1, s:s + s2.span], c)
             rows.append(torch.cat([hidden[b, :s], kept.tokens[0], hidden[b, s + s2.span:]]))
             masks.append(torch.cat([mask[b, :s], torch.ones_like(mask[b, :c.keep]), mask[b, s + s2.span:]]))
             indices.append(kept.index[0])

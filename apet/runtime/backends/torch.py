@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config, compress
+from apet.compression import CompressionConfig, Stage2Config
 from apet.errors import BackendError
 from apet.manifest import Manifest
 from apet.models.base import VisionLanguageAdapter
@@ -52,7 +52,7 @@ class TorchBackend(Backend):
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
         stage1, stage2 = compression_from_manifest(manifest)
-        self.reference = Reference(self.adapter, stage1, stage2)
+        self.reference = Reference(self.adapter, stage1, stage2, rule=manifest.compression.rule)
         self.table = self.adapter.embed_tokens().weight
         self.state: ReferenceState | None = None
 
@@ -64,10 +64,9 @@ class TorchBackend(Backend):
     def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
         pixels = torch.from_numpy(pixel_values).to(self.device, self.adapter.dtype)
         features = self.adapter.vision_features(pixels)
-        c = self.reference.stage1
         self.synchronize()
         start = time.perf_counter()
-        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        kept = self.reference.select(features, self.reference.stage1)
         self.synchronize()
         apet_ms = (time.perf_counter() - start) * 1e3
         return VisionOutput(self.adapter.project(kept.tokens), kept.index.cpu().numpy(), apet_ms)
@@ -112,6 +111,9 @@ class StaticTorchBackend(TorchBackend):
         super().__init__(artifact_dir, manifest, device, checkpoint, adapter)
         from apet.runtime.static_decoder import StaticDecoder
 
+        if manifest.compression.rule != "apet" and manifest.compression.stage2 is not None:
+            raise BackendError("the static-cache path runs ApET at stage 2; other rules need the reference path",
+                               "use torch_mode='reference' for rule comparisons")
         on_gpu = self.device.type == "cuda"
         self.decoder = StaticDecoder(self.adapter, self.reference.stage2, manifest.max_batch, manifest.max_context,
                                      fuse=on_gpu)
@@ -131,9 +133,7 @@ class StaticTorchBackend(TorchBackend):
         return self.calls[key]
 
     def _vision(self, pixel_values: torch.Tensor):
-        c = self.reference.stage1
-        kept = compress(self.adapter.vision_features(pixel_values), keep=c.keep, basis=c.basis, method=c.method,
-                        merge=c.merge, seed=c.seed)
+        kept = self.reference.select(self.adapter.vision_features(pixel_values), self.reference.stage1)
         return self.adapter.project(kept.tokens), kept.index
 
     @torch.no_grad()

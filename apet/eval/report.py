@@ -1,0 +1,97 @@
+"""report.json / report.md / retention.png of an apet-eval run."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from apet.atomic import write_atomic
+from apet.eval.data import EvalItem
+from apet.eval.scoring import normalize_answer, yes_no, yes_no_scores
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any) -> dict[str, Any]:
+    """Scores per (method, ratio, benchmark), per question type, POPE metrics, and retention vs ratio 1.0."""
+    gold = {(i.benchmark, i.id): i for i in items}
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if (r["benchmark"], r["id"]) in gold:
+            groups[(r["method"], r["ratio"], r["benchmark"])].append(r)
+    rows = []
+    for (method, ratio, benchmark), group in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], -kv[0][1])):
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for r in group:
+            by_type[r["type"]].append(r["score"])
+        row = {"method": method, "ratio": ratio, "benchmark": benchmark, "n": len(group),
+               "score": _mean([r["score"] for r in group]), "errors": sum("error" in r for r in group),
+               "by_type": {t: {"n": len(v), "score": _mean(v)} for t, v in by_type.items()}}
+        yesno = [r for r in group if r["type"] == "yesno"]
+        if yesno:
+            scores = yes_no_scores([normalize_answer(gold[(r["benchmark"], r["id"])].answers[0]) for r in yesno],
+                                   [yes_no(r["prediction"]) for r in yesno])
+            row["yesno"] = scores.__dict__
+        rows.append(row)
+    full = {r["benchmark"]: r["score"] for r in rows if r["ratio"] == 1.0}
+    for row in rows:
+        base = full.get(row["benchmark"])
+        row["retention"] = (row["score"] / base) if base else None
+    mean_retention: dict[str, float] = {}
+    for key in sorted({(r["method"], r["ratio"]) for r in rows}):
+        values = [r["retention"] for r in rows if (r["method"], r["ratio"]) == key and r["retention"] is not None]
+        if values:
+            mean_retention[f"{key[0]}@{key[1]:g}"] = _mean(values)
+    return {"source": str(cfg.source), "stages": cfg.stages, "items": len(items),
+            "benchmarks": sorted({i.benchmark for i in items}), "rows": rows, "mean_retention": mean_retention}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# apet-eval: {report['source']}", "",
+             f"{report['items']} questions in {', '.join(report['benchmarks'])}; {report['stages']} compression "
+             "stage(s). Retention = score / score at ratio 1.0 on the same questions.", "",
+             "| benchmark | method | ratio | n | score | retention | by type | errors |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for row in report["rows"]:
+        types = ", ".join(f"{t} {v['score']:.3f}" for t, v in sorted(row["by_type"].items()))
+        retention = f"{row['retention']:.3f}" if row["retention"] is not None else "–"
+        lines.append(f"| {row['benchmark']} | {row['method']} | {row['ratio']:g} | {row['n']} | "
+                     f"{row['score']:.4f} | {retention} | {types} | {row['errors']} |")
+    if report["mean_retention"]:
+        lines += ["", "| setting | mean retention over benchmarks |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in report["mean_retention"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, value in report["mean_retention"].items():
+        method, ratio = key.split("@")
+        by_method[method].append((float(ratio), value))
+    for method, points in sorted(by_method.items()):
+        points = sorted(points + ([(1.0, 1.0)] if all(r != 1.0 for r, _ in points) else []))
+        ax.plot(*zip(*points), "o-", label=method)
+    ax.set_xlabel("ratio (retained fraction of visual tokens)")
+    ax.set_ylabel("retention (score / score at 1.0)")
+    ax.set_title("Accuracy retention vs ratio")
+    if by_method:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    write_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_atomic(out / "report.md", markdown(report))
+    plot(report, out / "retention.png")

@@ -1,0 +1,159 @@
+"""``apet-eval``: accuracy retention of token-selection rules and budgets on the user's data.
+
+Predictions are appended to ``predictions.jsonl`` one line per answer (flushed and fsynced), so an
+interrupted run resumes where it stopped: answered (method, ratio, id) triples are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+from apet import __version__
+from apet.errors import ApetError, UsageError
+from apet.eval.data import EvalItem, load
+from apet.eval.report import build_report, write_report
+from apet.eval.scoring import prompt_for, score_item
+from apet.export.budget import plan_budget
+from apet.manifest import SCHEMA_VERSION, CompressionSpec, Manifest, Stage2Spec, read_manifest
+from apet.models.base import VisionLanguageAdapter
+from apet.runtime.pipeline import Pipeline
+from apet.runtime.sampling import GenerationConfig
+from apet.selection import RULES
+
+log = logging.getLogger(__name__)
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    source: str  # artifact directory, or a model (tiny, alias, checkpoint directory)
+    data: tuple[Path, ...]
+    images: Path
+    out: Path
+    ratios: tuple[float, ...] = (1.0, 0.22, 0.11)
+    methods: tuple[str, ...] = ("apet",)
+    stages: int = 1
+    fmt: str = "apet"
+    annotations: Path | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+    limit: int | None = None
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in RULES]
+        if unknown:
+            raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
+        if any(not 0 < r <= 1 for r in self.ratios):
+            raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
+        if not self.images.is_dir():
+            raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        return "full" if self.ratio == 1.0 else f"{self.method}@{self.ratio:g}"
+
+
+def settings(cfg: EvalConfig) -> list[Setting]:
+    """Every method at every ratio < 1, plus one uncompressed run (the retention denominator)."""
+    out = [Setting("apet", 1.0)] if 1.0 in cfg.ratios else []
+    return out + [Setting(m, r) for m in cfg.methods for r in cfg.ratios if r < 1.0]
+
+
+def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
+    """An in-memory manifest for running a checkpoint through the runtime's torch backend."""
+    spec = adapter.spec
+    budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages)
+    stage2 = Stage2Spec(budget.stage2_layer, budget.stage2_keep) if budget.stage2_keep is not None else None
+    compression = CompressionSpec(ratio=setting.ratio, stage1_keep=budget.stage1_keep, basis_k=10,
+                                  basis_method="fps", stage2=stage2, rule=setting.method)
+    return Manifest(SCHEMA_VERSION, __version__, dt.datetime.now(dt.timezone.utc).isoformat(), spec,
+                    "fp32" if adapter.dtype.itemsize == 4 else "fp16", 0, compression, 1,
+                    min(spec.decoder.max_positions, 4096), {}, {}, [], {})
+
+
+def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
+    artifact = Path(cfg.source)
+    if (artifact / "manifest.json").is_file():
+        manifest = read_manifest(artifact)
+        setting = Setting(manifest.compression.rule, manifest.compression.ratio or 1.0)
+        if cfg.ratios != (setting.ratio,) or cfg.methods != ("apet",):
+            log.warning("an artifact has one fixed budget (%s); --ratios/--methods are ignored", setting.label)
+        yield setting, Pipeline.load(artifact, backend=cfg.backend, device=cfg.device)
+        return
+    import torch
+
+    from apet.models.registry import load_adapter
+    from apet.runtime.backends.torch import TorchBackend
+
+    dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32
+    adapter = load_adapter(cfg.source, dtype=dtype, device=cfg.device)
+    if adapter.source_dir is None:
+        raise UsageError(f"{cfg.source} has no tokenizer files", "pass a checkpoint directory or an artifact")
+    for setting in settings(cfg):
+        manifest = model_manifest(adapter, setting, cfg.stages)
+        backend = TorchBackend(adapter.source_dir, manifest, device=cfg.device, adapter=adapter)
+        yield setting, Pipeline(adapter.source_dir, manifest, backend)
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """Answered records; a line cut short by a kill is dropped (and rewritten on resume)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("dropping a truncated line of %s", path)
+    return records
+
+
+def _append(handle, record: dict[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    items: list[EvalItem] = []
+    for path in cfg.data:
+        loaded = load(path, cfg.fmt, cfg.annotations)
+        items += loaded[: cfg.limit] if cfg.limit else loaded
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path = cfg.out / PREDICTIONS
+    records = read_predictions(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drops a truncated tail
+    done = {(r["method"], r["ratio"], r["benchmark"], r["id"]) for r in records}
+    generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
+    with open(path, "a", encoding="utf-8") as handle:
+        for setting, pipeline in _pipelines(cfg):
+            todo = [i for i in items if (setting.method, setting.ratio, i.benchmark, i.id) not in done]
+            for item in tqdm(todo, desc=f"apet-eval {setting.label}", unit="q", disable=None):
+                record = {"method": setting.method, "ratio": setting.ratio, "benchmark": item.benchmark,
+                          "id": item.id, "type": item.type}
+                try:
+                    result = pipeline.generate(cfg.images / item.image, prompt_for(item),
+                                               max_new_tokens=generation.max_new_tokens)
+                    record.update(prediction=result.text.strip(), score=score_item(item, result.text))
+                except ApetError as exc:  # a bad image must not stop the run; it scores 0 and is reported
+                    record.update(prediction="", score=0.0, error=str(exc))
+                _append(handle, record)
+                records.append(record)
+    report = build_report(records, items, cfg)
+    write_report(report, cfg.out)
+    return report
