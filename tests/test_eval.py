@@ -9,15 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image
 
 from apet.compression import CompressionConfig
 from apet.errors import InputError, UsageError
 from apet.eval.data import EvalItem, load
 from apet.eval.runner import PREDICTIONS, EvalConfig, read_predictions, run_eval
-from apet.eval.scoring import (choice_letter, normalize_answer, prompt_for, score_item, soft_accuracy, yes_no,
-                               yes_no_scores)
+from apet.eval.scoring import (
+    choice_letter,
+    normalize_answer,
+    prompt_for,
+    score_item,
+    soft_accuracy,
+    yes_no,
+    yes_no_scores,
+)
 from apet.selection import RULES, get_rule
-from conftest import make_image
 
 
 def test_normalization_follows_the_vqa_rules() -> None:
