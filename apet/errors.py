@@ -44,12 +44,6 @@ class BackendError(ApetError):
     exit_code = 5
 
 
-class NotYetAvailableError(ApetError):
-    """A command whose implementation has not landed yet; never pretends to work."""
-
-    exit_code = 6
-
-
 def check_range(name: str, value: float, low: float, high: float, *, fix: str | None = None) -> None:
     """Raise :class:`UsageError` naming the argument, its value and the allowed closed range."""
     if not (low <= value <= high):
