@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -185,13 +184,3 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def spec_dict(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
     return [s.to_json() for s in specs]
-
-
-def file_size(path: Path) -> int:
-    return os.path.getsize(path)
-
-
-__all__ = [
-    "DEFAULT_OPSET", "TensorSpec", "asdict", "check_onnx", "export_onnx", "external_data_files",
-    "graph_io", "op_histogram", "quiet_tracing", "sha256_file", "spec_dict",
-]
