@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from apet.bench.timing import cuda_graph, time_call
+from apet.bench.timing import time_call
 from apet.compression import compress
+from apet.runtime.cuda_graphs import GraphedCall
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def _variants(x: torch.Tensor, keep: int, basis: int) -> dict[str, Callable[[], 
     eager = lambda: compress(x, keep=keep, basis=basis)  # noqa: E731
     variants: dict[str, Callable[[], Any]] = {"eager": eager}
     if x.is_cuda:
-        variants["cuda_graph"] = cuda_graph(eager)
+        graphed_eager = GraphedCall(lambda t: compress(t, keep=keep, basis=basis), {"t": x})
+        variants["cuda_graph"] = lambda: graphed_eager(t=x)
     try:
         compiled = torch.compile(lambda t: compress(t, keep=keep, basis=basis), dynamic=False)
         variants["compile"] = lambda: compiled(x)

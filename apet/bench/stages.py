@@ -11,8 +11,9 @@ import torch
 from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import CompressionConfig, Stage2Config, compress
 from apet.models.base import VisionLanguageAdapter
+from apet.runtime.backends.base import splice
 from apet.runtime.cuda_graphs import GraphedCall
-from apet.runtime.static_decoder import StaticDecoder, splice
+from apet.runtime.static_decoder import StaticDecoder
 
 TEXT_BEFORE_IMAGE = 5  # "<s> USER:" in the LLaVA-1.5 template
 

@@ -50,22 +50,3 @@ def time_call(fn: Callable[[], Any], *, device: torch.device | str, warmup: int 
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return summarize(samples)
-
-
-def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], Any]:
-    """Capture ``fn`` (static inputs/outputs) into a CUDA graph; returns a replay function with its outputs."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay() -> Any:
-        graph.replay()
-        return out
-
-    return replay

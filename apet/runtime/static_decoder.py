@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from apet.compression import Stage2Config, gather_tokens
+from apet.compression import Stage2Config
 from apet.export.decoder import (
     HeadLayout,
     additive_mask,
@@ -23,16 +23,6 @@ from apet.export.decoder import (
 )
 from apet.models.base import VisionLanguageAdapter
 from apet.reference import positions_from_mask
-
-
-def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor,
-           image_start: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with rows' K1 image slots replaced by visual embeddings, without Python loops."""
-    embeds = table[token_ids]
-    span = visual.shape[1]
-    relative = torch.arange(token_ids.shape[1], device=token_ids.device) - image_start.unsqueeze(1)
-    inside = (relative >= 0) & (relative < span)
-    return torch.where(inside.unsqueeze(-1), gather_tokens(visual, relative.clamp(0, span - 1)), embeds)
 
 
 class StaticDecoder:

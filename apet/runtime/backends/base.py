@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from apet.compression import gather_tokens
 from apet.errors import BackendError, InputError
 from apet.manifest import Manifest
 
@@ -87,6 +89,17 @@ def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, i
     for row, start in enumerate(image_start.tolist()):
         embeds[row, start:start + span] = visual[row]
     return embeds
+
+
+def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor,
+           image_start: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with rows' K1 image slots replaced by visual embeddings (torch, no Python loop, so it
+    can sit inside a CUDA graph)."""
+    embeds = table[token_ids]
+    span = visual.shape[1]
+    relative = torch.arange(token_ids.shape[1], device=token_ids.device) - image_start.unsqueeze(1)
+    inside = (relative >= 0) & (relative < span)
+    return torch.where(inside.unsqueeze(-1), gather_tokens(visual, relative.clamp(0, span - 1)), embeds)
 
 
 def import_optional(module: str, extra: str, purpose: str) -> Any:

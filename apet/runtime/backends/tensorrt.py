@@ -21,7 +21,7 @@ from apet.engines.build import ENGINE_FILES, REPORT_NAME, manifest_digest
 from apet.errors import ArtifactError, BackendError, InputError
 from apet.export.decoder import past_names, present_names
 from apet.manifest import Manifest
-from apet.runtime.backends.base import Backend, VisionOutput, import_optional, positions_from_mask
+from apet.runtime.backends.base import Backend, VisionOutput, import_optional, positions_from_mask, splice
 
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -206,10 +206,8 @@ class TensorRTBackend(Backend):
         if token_ids.shape[1] > self.manifest.max_context:
             raise InputError(f"prompt of {token_ids.shape[1]} tokens exceeds max_context", "shorten the prompt")
         torch = self.torch
-        embeds = self.table[torch.from_numpy(token_ids).to(self.device)]
-        span = visual.embeds.shape[1]
-        for row, start in enumerate(image_start.tolist()):
-            embeds[row, start:start + span] = visual.embeds[row]
+        embeds = splice(self.table, torch.from_numpy(token_ids).to(self.device), visual.embeds,
+                        torch.from_numpy(image_start).to(self.device))
         self.past = 0
         has_stage2 = self.manifest.compression.stage2 is not None
         self.image_start = torch.from_numpy(image_start).to(self.device) if has_stage2 else None

@@ -14,7 +14,7 @@ from apet.errors import BackendError
 from apet.manifest import Manifest
 from apet.models.base import VisionLanguageAdapter
 from apet.reference import Reference, ReferenceState
-from apet.runtime.backends.base import Backend, VisionOutput
+from apet.runtime.backends.base import Backend, VisionOutput, splice
 
 
 def compression_from_manifest(manifest: Manifest) -> tuple[CompressionConfig, Stage2Config | None]:
@@ -75,13 +75,10 @@ class TorchBackend(Backend):
     def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
                 visual: VisionOutput) -> np.ndarray:
         self.check_batch(token_ids.shape[0])
-        ids = torch.from_numpy(token_ids).to(self.device)
-        embeds = self.table[ids].clone()
-        span = visual.embeds.shape[1]
-        for row, start in enumerate(image_start.tolist()):
-            embeds[row, start:start + span] = visual.embeds[row]
+        start = torch.from_numpy(image_start).to(self.device)
+        embeds = splice(self.table, torch.from_numpy(token_ids).to(self.device), visual.embeds, start)
         mask = torch.from_numpy(attention_mask).to(self.device)
-        logits, self.state = self.reference.prefill(embeds, mask, torch.from_numpy(image_start).to(self.device))
+        logits, self.state = self.reference.prefill(embeds, mask, start)
         return logits[:, -1].float().cpu().numpy()
 
     @torch.no_grad()
@@ -145,8 +142,6 @@ class StaticTorchBackend(TorchBackend):
 
     def _prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor,
                  visual: torch.Tensor) -> torch.Tensor:
-        from apet.runtime.static_decoder import splice
-
         return self.decoder.prefill(splice(self.table, token_ids, visual, image_start), mask, image_start)
 
     @torch.no_grad()
