@@ -1,0 +1,66 @@
+"""apet-bench on the CPU (tiny model) and the FLOP/byte counter against hand-computed counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from apet.bench import flops
+
+
+def test_vision_cost_by_hand() -> None:
+    v = flops.VisionShape(tokens=5, dim=4, mlp_dim=8, layers=2, patch=2, channels=3)
+    # per layer: 4*5*4*4 (q,k,v,o) + 2*25*4 (QK^T, PV) + 2*5*4*8 (MLP) = 840; patch embed 4*3*2*2*4 = 192
+    cost = flops.vision_cost(v)
+    assert cost.flops == 2 * (2 * 840 + 192)
+    # weights 2*(64 + 64) + 48 = 304 elements, activations 60 pixels + 40 = 100, fp16
+    assert cost.bytes == 2 * (304 + 100)
+
+
+def test_llm_costs_by_hand() -> None:
+    m = flops.LlmShape(hidden=8, intermediate=16, layers=2, heads=2, kv_heads=1, head_dim=4, vocab=10)
+    # weights per layer: q,o 8*8 each, k,v 8*4 each = 192; MLP 3*8*16 = 384
+    decode = flops.decode_cost(m, [3, 3])
+    assert decode.flops == 2 * (2 * (192 + 2 * 4 * 2 * 4 + 384) + 80)
+    assert decode.bytes == 2 * (2 * 576 + 80) + 2 * (2 * 4 * 1 * 4 * 2)
+    prefill = flops.prefill_cost(m, [6, 4])  # stage 2 shortened layer 2 to 4 tokens
+    layer1 = 6 * 192 + 2 * 6 * 3.5 * 2 * 4 + 6 * 384
+    layer2 = 4 * 192 + 2 * 4 * 2.5 * 2 * 4 + 4 * 384
+    assert prefill.flops == 2 * (layer1 + layer2 + 80)
+    assert prefill.bytes == 2 * (2 * 576 + 80 + 7 * 8) + (2 * 6 * 4 * 2 + 2 * 4 * 4 * 2)
+    assert flops.kv_bytes(m, [6, 4]) == 160
+
+
+def test_apet_cost_and_floors_by_hand() -> None:
+    cost = flops.apet_cost(tokens=10, dim=4, keep=6, basis=2)
+    assert cost.flops == 2 * (80 + 16 + 80 + 40 + 80 + 40 + 160 + 160) and cost.bytes == 2 * (40 + 24)
+    assert flops.Cost(2e12, 1e9).floor_ms(1.0, 1.0) == pytest.approx(2000.0)  # compute-bound
+    assert flops.Cost(1e12, 3e9).floor_ms(1.0, 1.0) == pytest.approx(3000.0)  # bandwidth-bound
+    projected = flops.project({"x": flops.Cost(42.6e12, 0)})
+    assert projected["jetson-agx-orin-64gb"]["x"] == pytest.approx(1000.0)
+
+
+def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
+    from apet.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "tiny", "--ratios", "1.0,0.11", "--repeats", "2", "--new-tokens", "4",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "apet-bench/1" and results["environment"]["ceilings"]["matmul_tflops"] > 0
+    assert [r["ratio"] for r in results["runs"]] == [1.0, 0.11]
+    low = results["runs"][1]
+    assert low["budgets"] == {"k1": 40, "stage2_layer": 2, "k2": 16, "mean_tokens": 28.0}
+    for key in ("vision_tower", "apet_stage1", "projector", "prefill", "apet_stage2"):
+        assert low["stages"][key]["median_ms"] > 0 and low["stages"][key]["repeats"] == 6
+    assert low["generation"]["decode_per_token"]["repeats"] == 2 * 3
+    assert low["kv_cache_bytes"] < results["runs"][0]["kv_cache_bytes"]
+    assert set(low["jetson_floors_ms"]) == {"jetson-agx-orin-64gb", "jetson-orin-nano-8gb"}
+    assert {"vs_hf_generate_ttft", "vs_paper_style_ttft", "ttft_over_ratio_1"} <= set(low["speedup"])
+    assert results["baselines"]["hf_generate"]["1"]["visual_tokens"] == 256
+    table = (out / "results.md").read_text()
+    assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table
+    for png in ("breakdown.png", "ttft.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
