@@ -81,6 +81,18 @@ class Stage2Config:
         return self.span - self.compression.keep
 
 
+def stage_configs(stage1_keep: int, stage2: tuple[int, int] | None, basis: int = 10, method: str = "fps",
+                  merge: bool = True, seed: int | None = None) -> tuple[CompressionConfig, Stage2Config | None]:
+    """The two stages' configs from budgets: K1, and (layer L, K2) or None; both stages share basis settings."""
+    def config(keep: int) -> CompressionConfig:
+        return CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed)
+
+    if stage2 is None:
+        return config(stage1_keep), None
+    layer, keep = stage2
+    return config(stage1_keep), Stage2Config(layer=layer, span=stage1_keep, compression=config(keep))
+
+
 def _host_checks_allowed() -> bool:
     """Value checks need a host sync: skip them while tracing, compiling or capturing a CUDA graph."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():

@@ -47,12 +47,6 @@ class GraphEntry:
     outputs: list[dict[str, Any]]
     external_data: list[str] = field(default_factory=list)
 
-    def input_names(self) -> list[str]:
-        return [i["name"] for i in self.inputs]
-
-    def output_names(self) -> list[str]:
-        return [o["name"] for o in self.outputs]
-
 
 @dataclass(frozen=True)
 class Manifest:

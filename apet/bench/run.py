@@ -109,12 +109,7 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 def _configs(adapter: VisionLanguageAdapter, ratio: float, stages: int, basis: int = 10):
     spec = adapter.spec
     budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages, basis=basis)
-    stage1 = CompressionConfig(keep=budget.stage1_keep, basis=basis)
-    stage2 = None
-    if budget.stage2_keep is not None:
-        stage2 = Stage2Config(layer=int(budget.stage2_layer), span=budget.stage1_keep,
-                              compression=CompressionConfig(keep=budget.stage2_keep, basis=basis))
-    return budget, stage1, stage2
+    return (budget, *budget.configs(basis))
 
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,

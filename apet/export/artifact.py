@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from apet import __version__
 from apet.atomic import atomic_directory
-from apet.compression import METHODS, CompressionConfig, Stage2Config
+from apet.compression import METHODS
 from apet.errors import UsageError, check_range
 from apet.export.budget import Budget, plan_budget
 from apet.export.llm import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, export_llm, save_embeddings
@@ -75,17 +75,6 @@ class ExportConfig:
             check_range("--max-context", self.max_context, 16, 1 << 20)
 
 
-def compression_configs(cfg: ExportConfig, budget: Budget) -> tuple[CompressionConfig, Stage2Config | None]:
-    stage1 = CompressionConfig(keep=budget.stage1_keep, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
-                               seed=cfg.seed)
-    stage2 = None
-    if budget.stage2_keep is not None and budget.stage2_layer is not None:
-        stage2 = Stage2Config(layer=budget.stage2_layer, span=budget.stage1_keep,
-                              compression=CompressionConfig(keep=budget.stage2_keep, basis=cfg.basis,
-                                                            method=cfg.basis_method, merge=cfg.merge, seed=cfg.seed))
-    return stage1, stage2
-
-
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
     inputs, outputs = graph_io(directory / name)
     return GraphEntry(file=name, inputs=spec_dict(inputs), outputs=spec_dict(outputs),
@@ -116,7 +105,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             spec = adapter.spec
             budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
                                  tokens=cfg.tokens, basis=cfg.basis, stage2_layer=cfg.stage2_layer)
-            stage1, stage2 = compression_configs(cfg, budget)
+            stage1, stage2 = budget.configs(cfg.basis, cfg.basis_method, cfg.merge, cfg.seed)
             max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
             bar.update()
             step(2)

@@ -19,9 +19,12 @@ class Budget:
     stage2_layer: int | None
     stage2_keep: int | None
 
-    @property
-    def stages(self) -> int:
-        return 1 if self.stage2_keep is None else 2
+    def configs(self, basis: int = 10, method: str = "fps", merge: bool = True, seed: int | None = None):
+        """(stage-1 CompressionConfig, Stage2Config | None) for these budgets."""
+        from apet.compression import stage_configs
+
+        stage2 = None if self.stage2_keep is None else (int(self.stage2_layer), self.stage2_keep)
+        return stage_configs(self.stage1_keep, stage2, basis, method, merge, seed)
 
     def mean_tokens(self, num_layers: int) -> float:
         if self.stage2_keep is None or self.stage2_layer is None:

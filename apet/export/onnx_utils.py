@@ -46,10 +46,6 @@ class TensorSpec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
-        return cls(name=str(data["name"]), shape=tuple(data["shape"]), dtype=str(data["dtype"]))
-
 
 @contextlib.contextmanager
 def quiet_tracing() -> Iterator[None]:

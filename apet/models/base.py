@@ -33,9 +33,6 @@ class DecoderSpec:
     max_positions: int
     hidden_act: str = "silu"
 
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
 
 @dataclass(frozen=True)
 class ProcessorSpec:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config
+from apet.compression import CompressionConfig, Stage2Config, stage_configs
 from apet.errors import BackendError
 from apet.manifest import Manifest
 from apet.models.base import VisionLanguageAdapter
@@ -19,13 +19,8 @@ from apet.runtime.backends.base import Backend, VisionOutput, splice
 
 def compression_from_manifest(manifest: Manifest) -> tuple[CompressionConfig, Stage2Config | None]:
     c = manifest.compression
-    stage1 = CompressionConfig(keep=c.stage1_keep, basis=c.basis_k, method=c.basis_method, merge=c.merge, seed=c.seed)
-    stage2 = None
-    if c.stage2 is not None:
-        stage2 = Stage2Config(layer=c.stage2.layer, span=c.stage1_keep,
-                              compression=CompressionConfig(keep=c.stage2.keep, basis=c.basis_k,
-                                                            method=c.basis_method, merge=c.merge, seed=c.seed))
-    return stage1, stage2
+    stage2 = None if c.stage2 is None else (c.stage2.layer, c.stage2.keep)
+    return stage_configs(c.stage1_keep, stage2, c.basis_k, c.basis_method, c.merge, c.seed)
 
 
 def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
