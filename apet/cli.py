@@ -29,6 +29,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--basis-method", default="fps", choices=("fps", "dpc", "random"))
     p.add_argument("--seed", type=int, help="seed for the FPS start token / random basis (default: token 0)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens without merging them into kept ones")
+    p.add_argument("--basis-placement", default="paper", choices=("paper", "own"),
+                   help="paper (default): the authors' algorithm (basis vectors written into the slots of error "
+                        "ranks K-k+1..K, basis originals merged); own: ablation keeping basis tokens at their "
+                        "own positions")
+    p.add_argument("--image-fit", choices=("pad", "crop"),
+                   help="pad: pad to a square with the mean colour, then resize (original LLaVA-1.5, default); "
+                        "crop: resize the shortest edge and centre-crop (Hugging Face's processor)")
+    p.add_argument("--prompt-template",
+                   help="named prompt template (LLaVA-1.5: vicuna_v1 = the authors' evaluation prompt, default; "
+                        "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--opset", type=int, default=17)
@@ -45,6 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
+                       basis_placement=args.basis_placement, image_fit=args.image_fit,
+                       prompt_template=args.prompt_template,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device)

@@ -1,44 +1,68 @@
 """ApET visual-token compression as pure, export-friendly PyTorch (DESIGN §4).
 
-Per image, tokens X [N, D]: pick k basis tokens (farthest-point sampling by
-default), reconstruct every token from the basis by least squares, keep the
-K-k tokens the basis explains worst plus the k basis tokens, merge every
-dropped token into its cosine-nearest error-selected token, and emit the K
-kept tokens in ascending original position.
+Per image, tokens X [N, D] and a budget of K tokens with a basis of k:
+
+1. pick k basis tokens by farthest-point sampling (FPS order kept);
+2. reconstruct every token from the basis by least squares (float32, ridge 1e-5)
+   and rank all N tokens by their reconstruction error, basis included;
+3. ``top`` = the K worst-explained tokens in descending error; the first K-k
+   are the *error-selected* tokens, the positions of error ranks K-k+1..K are
+   *slots* that receive the basis vectors (their own values are discarded);
+4. every token outside ``top`` (the basis originals included) is averaged
+   into its cosine-nearest error-selected token;
+5. the K rows come out at ``sorted(top)`` with those positions as the index.
+
+How the basis fills the slots differs between the authors' code paths, so it is
+a named *placement* (:data:`PLACEMENTS`):
+
+* ``mask``   LLaVA stage 1: the j-th smallest slot position gets basis vector j
+             (the reference's boolean-mask assignment);
+* ``rank``   LLaVA stage 2 (inside the LLM): slot ``top[K-k+j]`` gets basis vector j
+             (advanced-index assignment);
+* ``blend``  Qwen2.5-VL: the j-th smallest slot gets 0.5·basis_j + 0.5·its own value;
+* ``append`` Video-LLaVA: only the K-k error-selected tokens are ranked; the output is
+             [error-selected in descending-error order, basis in FPS order] with
+             their positions as the index (not ascending);
+* ``own``    an ablation that is *not* the paper: basis tokens are excluded from the
+             ranking, keep their own positions and are not merged.
+
+Deliberate differences from the reference, and nowhere else: the FPS start token
+is fixed (0, or a seeded choice) where the authors draw a random one; merging is
+float32 where the authors merge in fp16/bf16; the least-squares fit uses a
+Cholesky factor of the k×k Gram matrix (unrolled in graphs, :mod:`apet.linalg`;
+LAPACK in eager calls) where the authors call an LU solve — the same projection
+in exact arithmetic. Degenerate inputs where a basis token
+itself ranks in ``top`` behave as the reference does (the basis vector then
+appears twice).
 
 The same function runs eagerly, under CUDA-graph capture / ``torch.compile``
 and inside ``torch.onnx.export``: k and K are Python ints (static in the
 graph), there is no data-dependent Python control flow, no host sync and no
-``torch.linalg`` (see :mod:`apet.linalg`). All math is float32 whatever the
-input dtype, because the Gram system is ill-conditioned in fp16.
-
-Two places where the reference code is ambiguous are made deterministic:
-the FPS start token is fixed (index 0, or a seeded choice), and basis tokens
-are excluded from the error ranking, so the K-k error-selected tokens and the
-k basis tokens never overlap (the reference can emit a token twice when a
-basis token outranks others on error, which only happens on degenerate
-inputs). Ties in the merge assignment go to the lowest position.
+``torch.linalg`` in traced code. All math is float32 whatever the input dtype,
+because the Gram system is ill-conditioned in fp16.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from apet.errors import InputError, UsageError
-from apet.linalg import cholesky_solve
+from apet.linalg import whiten
 
 METHODS = ("fps", "dpc", "random")
+PLACEMENTS = ("mask", "rank", "blend", "append", "own")
+BASIS_PLACEMENTS = ("paper", "own")  # the user's choice; the family and stage turn "paper" into a PLACEMENT
 GRAM_RIDGE = 1e-5
 DPC_NEIGHBOURS = 5
 _NEG = torch.finfo(torch.float32).min
 
 
 class Compressed(NamedTuple):
-    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64, ascending)."""
+    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64)."""
 
     tokens: torch.Tensor
     index: torch.Tensor
@@ -53,6 +77,7 @@ class CompressionConfig:
     method: str = "fps"
     merge: bool = True
     seed: int | None = None
+    placement: str = "mask"
 
     def validate(self, n_tokens: int) -> None:
         if not isinstance(self.basis, int) or self.basis < 1:
@@ -66,6 +91,16 @@ class CompressionConfig:
             )
         if self.method not in METHODS:
             raise UsageError(f"method={self.method!r} is unknown", f"use one of {', '.join(METHODS)}")
+        if self.placement not in PLACEMENTS:
+            raise UsageError(f"placement={self.placement!r} is unknown", f"use one of {', '.join(PLACEMENTS)}")
+
+    def apply(self, x: torch.Tensor) -> Compressed:
+        """``compress(x)`` with these settings."""
+        return compress(x, keep=self.keep, basis=self.basis, method=self.method, merge=self.merge, seed=self.seed,
+                        placement=self.placement)
+
+    def with_keep(self, keep: int) -> "CompressionConfig":
+        return replace(self, keep=keep)
 
 
 @dataclass(frozen=True)
@@ -77,20 +112,39 @@ class Stage2Config:
     compression: CompressionConfig
 
     @property
+    def keep(self) -> int:
+        return self.compression.keep
+
+    @property
     def removed(self) -> int:
         return self.span - self.compression.keep
 
 
-def stage_configs(stage1_keep: int, stage2: tuple[int, int] | None, basis: int = 10, method: str = "fps",
-                  merge: bool = True, seed: int | None = None) -> tuple[CompressionConfig, Stage2Config | None]:
-    """The two stages' configs from budgets: K1, and (layer L, K2) or None; both stages share basis settings."""
-    def config(keep: int) -> CompressionConfig:
-        return CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed)
+def resolve_placement(basis_placement: str, paper_placement: str) -> str:
+    """The user's ``--basis-placement`` (paper | own) at a stage whose paper semantics are ``paper_placement``."""
+    if basis_placement not in BASIS_PLACEMENTS:
+        raise UsageError(f"--basis-placement {basis_placement!r} is unknown",
+                         "use paper (the authors' algorithm, default) or own (ablation)")
+    return paper_placement if basis_placement == "paper" else "own"
 
+
+def stage_configs(stage1_keep: int, stage2: tuple[int, int] | None, basis: int = 10, method: str = "fps",
+                  merge: bool = True, seed: int | None = None, basis_placement: str = "paper",
+                  stage1_placement: str = "mask") -> tuple[CompressionConfig, Stage2Config | None]:
+    """The two stages' configs from budgets: K1, and (layer L, K2) or None; both stages share basis settings.
+
+    ``stage1_placement`` is the family's paper placement at the vision output (LLaVA: mask); the
+    second stage always uses the LLM-side ``rank`` placement of the reference's ``layer_prune``.
+    """
+    def config(keep: int, paper: str) -> CompressionConfig:
+        return CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed,
+                                 placement=resolve_placement(basis_placement, paper))
+
+    first = config(stage1_keep, stage1_placement)
     if stage2 is None:
-        return config(stage1_keep), None
+        return first, None
     layer, keep = stage2
-    return config(stage1_keep), Stage2Config(layer=layer, span=stage1_keep, compression=config(keep))
+    return first, Stage2Config(layer=layer, span=stage1_keep, compression=config(keep, "rank"))
 
 
 def _host_checks_allowed() -> bool:
@@ -118,31 +172,35 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _membership(index: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """index [B, M] -> [B, M, N] float one-hot rows; a matmul-friendly scatter."""
+def _one_hot(index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """index [..., M] -> [..., M, N] float one-hot rows; a matmul-friendly scatter."""
     positions = torch.arange(n_tokens, device=index.device)
     return (index.unsqueeze(-1) == positions).to(torch.float32)
 
 
-def farthest_point_basis(x: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
-    """k token indices by farthest-point sampling (squared Euclidean), starting at ``start``.
+def _members(index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """index [B, M] -> [B, N] float: 1 where a position is in ``index``."""
+    return _one_hot(index, n_tokens).amax(1)
 
-    Tokens already chosen are masked out, so exact duplicates never yield a
-    repeated basis index (plain FPS would re-pick token ``start`` once every
-    remaining distance is zero).
+
+def farthest_point_basis(x: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
+    """k token indices [B, k] by plain farthest-point sampling (squared Euclidean) from ``start``.
+
+    As in the reference: a running minimum of squared distances, next = argmax (first on ties),
+    chosen tokens not masked. The centre is picked with a one-hot sum rather than a gather, which
+    is exact in any precision and keeps the unrolled graph free of per-step shape arithmetic.
     """
-    sq_norm = (x * x).sum(-1)  # [B, N]
-    index = torch.zeros_like(sq_norm[:, 0], dtype=torch.long) + start  # [B]
     positions = torch.arange(x.shape[1], device=x.device)
+    index = torch.zeros_like(x[:, 0, 0], dtype=torch.long) + start  # [B]
     chosen = [index]
-    taken = positions == index.unsqueeze(-1)
     nearest: torch.Tensor | None = None
     for _ in range(k - 1):
-        centre = gather_tokens(x, index.unsqueeze(-1))  # [B, 1, D]
-        dist = sq_norm - 2.0 * (x @ centre.transpose(1, 2))[..., 0] + (centre * centre).sum(-1)
+        pick = (positions == index.unsqueeze(-1)).to(x.dtype).unsqueeze(-1)  # [B, N, 1]
+        centre = (x * pick).sum(1, keepdim=True)  # [B, 1, D]
+        diff = x - centre
+        dist = (diff * diff).sum(-1)
         nearest = dist if nearest is None else torch.minimum(nearest, dist)
-        index = torch.argmax(nearest.masked_fill(taken, _NEG), dim=1)
-        taken = taken | (positions == index.unsqueeze(-1))
+        index = torch.argmax(nearest, dim=1)
         chosen.append(index)
     return torch.stack(chosen, dim=1)
 
@@ -173,11 +231,15 @@ def random_basis(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return torch.zeros_like(x[:, :k, 0], dtype=torch.long) + picked
 
 
+def fps_start(n_tokens: int, seed: int | None) -> int:
+    """Token 0, or a seeded start (the authors draw a random start per call)."""
+    return 0 if seed is None else int(_rng(seed).integers(n_tokens))
+
+
 def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None = None) -> torch.Tensor:
-    """Basis token indices [B, k] (in selection order) by ``method``."""
+    """Basis token indices [B, k] in selection order by ``method``."""
     if method == "fps":
-        start = 0 if seed is None else int(_rng(seed).integers(int(x.shape[1])))
-        return farthest_point_basis(x, k, start)
+        return farthest_point_basis(x, k, fps_start(int(x.shape[1]), seed))
     if method == "dpc":
         return density_peak_basis(x, k)
     if method == "random":
@@ -185,46 +247,100 @@ def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None 
     raise UsageError(f"method={method!r} is unknown", f"use one of {', '.join(METHODS)}")
 
 
-def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Eager calls use LAPACK/cuSOLVER (three kernels instead of ~150 tiny ones); tracing, compiling and
-    CUDA-graph capture use the unrolled, exportable solver. A failed factorisation falls back too."""
+def _whiten(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Q = L⁻¹ S for G = L Lᵀ. Eager calls use LAPACK/cuSOLVER (two kernels instead of ~130 tiny ones);
+    tracing, compiling and CUDA-graph capture use the unrolled, exportable version. A failed
+    factorisation falls back too."""
     if _host_checks_allowed():
         lower, info = torch.linalg.cholesky_ex(gram)
         if not bool(info.any()):
-            return torch.cholesky_solve(rhs, lower)
-    return cholesky_solve(gram, rhs)
+            return torch.linalg.solve_triangular(lower, basis, upper=False)
+    return whiten(gram, basis)
 
 
 def basis_errors(x: torch.Tensor, basis_index: torch.Tensor) -> torch.Tensor:
     """Per-token least-squares reconstruction error ||x_i - x̂_i||_2 from the basis, float32 [B, N].
 
-    G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ (solved), X̂ = Cᵀ S.
+    G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ, X̂ = Cᵀ S — computed as X̂ = (Q Xᵀ)ᵀ Q with Q = L⁻¹ S and
+    G = L Lᵀ, which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q) with one triangular solve instead of two.
+    The basis order does not matter.
     """
     x32 = x.to(torch.float32)
     basis = gather_tokens(x32, basis_index)  # [B, k, D]
     k = int(basis_index.shape[1])
     ridge = GRAM_RIDGE * torch.eye(k, dtype=torch.float32, device=x.device)
-    gram = basis @ basis.transpose(1, 2) + ridge
-    coeffs = _solve(gram, basis @ x32.transpose(1, 2))  # [B, k, N]
-    residual = x32 - coeffs.transpose(1, 2) @ basis
+    q = _whiten(basis @ basis.transpose(1, 2) + ridge, basis)  # [B, k, D]
+    residual = x32 - (x32 @ q.transpose(1, 2)) @ q
     return torch.sqrt((residual * residual).sum(-1))
 
 
+def _ascending_order(index: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts int64 positions ascending (TopK on float32: exact below 2^24, and
+    a TopK every TensorRT parses, unlike int64 Sort)."""
+    return torch.topk(index.to(torch.float32), int(index.shape[1]), dim=1, largest=False, sorted=True).indices
+
+
 def _ascending(index: torch.Tensor) -> torch.Tensor:
-    """Sort int64 indices ascending along dim 1 (TopK with largest=0: exports where Sort does not)."""
-    return torch.topk(index, int(index.shape[1]), dim=1, largest=False, sorted=True).values
+    return torch.gather(index, 1, _ascending_order(index))
 
 
-def _merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """Average every dropped token into its most cosine-similar target; returns [B, T, D] float32."""
+def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Average every dropped token into its most cosine-similar target; returns [B, T, D] float32.
+
+    ``targets`` [B, T] in the reference's order (ties go to the earliest target), ``dropped`` [B, N]
+    is 1 for tokens to merge. Each target becomes (itself + Σ assigned) / (1 + count).
+    """
     n_tokens = int(x.shape[1])
     unit = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
     similarity = gather_tokens(unit, targets) @ unit.transpose(1, 2)  # [B, T, N]
-    nearest = torch.argmax(similarity, dim=1)  # [B, N], first (lowest-position) target on ties
-    assigned = _membership(nearest, int(targets.shape[1])) * dropped.unsqueeze(-1)  # [B, N, T]
-    members = assigned + _membership(targets, n_tokens).transpose(1, 2)  # each target counts itself
+    nearest = torch.argmax(similarity, dim=1)  # [B, N]: first target on ties
+    assigned = _one_hot(nearest, int(targets.shape[1])) * dropped.unsqueeze(-1)  # [B, N, T]
+    members = assigned + _one_hot(targets, n_tokens).transpose(1, 2)  # each target counts itself
     total = members.transpose(1, 2) @ x  # [B, T, D]
     return total / members.sum(1).unsqueeze(-1)
+
+
+def _selected_tokens(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """The error-selected tokens, merged with every token outside ``ranked`` (and ``exclude``)."""
+    if not merge:
+        return gather_tokens(x, selected)
+    outside = _members(ranked, int(x.shape[1])) if exclude is None else \
+        torch.maximum(_members(ranked, int(x.shape[1])), _members(exclude, int(x.shape[1])))
+    return merge_into(x, selected, 1.0 - outside)
+
+
+def _in_position_order(tokens: torch.Tensor, index: torch.Tensor) -> Compressed:
+    order = _ascending_order(index)
+    return Compressed(gather_tokens(tokens, order), torch.gather(index, 1, order))
+
+
+def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
+           placement: str) -> Compressed:
+    """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
+    k = int(basis_index.shape[1])
+    chosen = keep - k if placement == "append" else keep
+    ranked = torch.topk(errors, chosen, dim=1).indices  # descending error
+    selected = ranked[:, : keep - k]
+    selected_tokens = _selected_tokens(x, selected, ranked, merge)
+    basis_tokens = gather_tokens(x, basis_index)
+    if placement == "append":
+        return Compressed(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
+    slots = ranked[:, keep - k:]
+    if placement in ("mask", "blend"):
+        slots = _ascending(slots)
+    slot_tokens = basis_tokens if placement != "blend" else 0.5 * basis_tokens + 0.5 * gather_tokens(x, slots)
+    return _in_position_order(torch.cat([selected_tokens, slot_tokens], 1), torch.cat([selected, slots], 1))
+
+
+def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool) -> Compressed:
+    """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
+    k = int(basis_index.shape[1])
+    is_basis = _members(basis_index, int(x.shape[1])) > 0
+    selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
+    selected_tokens = _selected_tokens(x, selected, selected, merge, exclude=basis_index)
+    tokens = torch.cat([selected_tokens, gather_tokens(x, basis_index)], 1)
+    return _in_position_order(tokens, torch.cat([selected, basis_index], 1))
 
 
 def compress(
@@ -234,33 +350,25 @@ def compress(
     method: str = "fps",
     merge: bool = True,
     seed: int | None = None,
+    placement: str = "mask",
 ) -> Compressed:
     """Keep ``keep`` of the N tokens of each image by ApET; see the module docstring."""
     _check_input(x)
     n_tokens = int(x.shape[1])
-    CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed).validate(n_tokens)
+    CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed,
+                      placement=placement).validate(n_tokens)
     if keep == n_tokens:
         index = torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(n_tokens, device=x.device)
         return Compressed(x, index)
 
     x32 = x.to(torch.float32)
-    basis_index = _ascending(select_basis(x32, basis, method, seed))
+    basis_index = select_basis(x32, basis, method, seed)
     errors = basis_errors(x32, basis_index)
-    is_basis = _membership(basis_index, n_tokens).sum(1) > 0  # [B, N]
-    ranked = errors.masked_fill(is_basis, _NEG)
-    selected = _ascending(torch.topk(ranked, keep - basis, dim=1).indices)  # error-selected, [B, K-k]
-
-    if merge:
-        is_selected = _membership(selected, n_tokens).sum(1) > 0
-        dropped = (~(is_basis | is_selected)).to(torch.float32)
-        selected_tokens = _merge_into(x32, selected, dropped)
+    if placement == "own":
+        kept = _own(x32, errors, basis_index, keep, merge)
     else:
-        selected_tokens = gather_tokens(x32, selected)
-
-    index = torch.cat([selected, basis_index], dim=1)
-    tokens = torch.cat([selected_tokens, gather_tokens(x32, basis_index)], dim=1)
-    order = torch.topk(index, keep, dim=1, largest=False, sorted=True).indices
-    return Compressed(gather_tokens(tokens, order).to(x.dtype), torch.gather(index, 1, order))
+        kept = _paper(x32, errors, basis_index, keep, merge, placement)
+    return Compressed(kept.tokens.to(x.dtype), kept.index)
 
 
 class CompressionModule(torch.nn.Module):
@@ -271,6 +379,5 @@ class CompressionModule(torch.nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        out = compress(x, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        out = self.config.apply(x)
         return out.tokens, out.index

@@ -1,7 +1,7 @@
 """Small fixed-size linear solvers that export to plain ONNX ops.
 
 ``torch.linalg`` has no ONNX mapping (and TensorRT has no solver layer), so the
-k x k Gram system of ApET is solved with an *unrolled* Cholesky factorisation:
+k x k Gram system of ApET is handled with an *unrolled* Cholesky factorisation:
 k is a Python int at trace time, every loop below unrolls into MatMul / Sub /
 Div / Sqrt / Slice / Concat nodes, and the graph has no Loop or If.
 
@@ -51,29 +51,13 @@ def _forward_substitute(lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.cat(rows, dim=-2)
 
 
-def _backward_substitute(lower: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``L^T x = rhs`` row by row from the bottom; rhs is [..., k, N]."""
-    k = int(lower.shape[-1])
-    upper = lower.transpose(-1, -2)
-    rows: list[torch.Tensor] = []  # rows[m] holds solution row k-1-m
-    for i in range(k - 1, -1, -1):
-        row = rhs[..., i : i + 1, :]
-        if i < k - 1:
-            solved = torch.cat(rows[::-1], dim=-2)  # rows i+1..k-1, [..., k-1-i, N]
-            row = row - upper[..., i : i + 1, i + 1 :] @ solved
-        rows.append(row / upper[..., i : i + 1, i : i + 1])
-    return torch.cat(rows[::-1], dim=-2)
+def whiten(gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹ rows`` for the Cholesky factor L of SPD ``gram`` [..., k, k]; ``rows`` is [..., k, D].
 
-
-def cholesky_solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve ``gram @ X = rhs`` for SPD ``gram`` [..., k, k] and ``rhs`` [..., k, N].
-
-    Export-safe (static k, no ``torch.linalg``) and free of host syncs, so the
-    same code runs in eager mode, under CUDA-graph capture, ``torch.compile``
-    and ``torch.onnx.export``.
+    With S the basis and G = S Sᵀ + λI = L Lᵀ, Q = L⁻¹ S turns a least-squares reconstruction
+    into two products: Sᵀ G⁻¹ S x = Qᵀ (Q x). That needs one triangular substitution instead of
+    the two of a full solve (about 70 fewer graph nodes at k = 10). Export-safe, no host syncs.
     """
-    if gram.shape[-1] != gram.shape[-2] or gram.shape[-1] != rhs.shape[-2]:
-        raise ValueError(f"cholesky_solve: gram {tuple(gram.shape)} and rhs {tuple(rhs.shape)} do not match")
-    lower = cholesky_lower(gram)
-    return _backward_substitute(lower, _forward_substitute(lower, rhs))
-
+    if gram.shape[-1] != gram.shape[-2] or gram.shape[-1] != rows.shape[-2]:
+        raise ValueError(f"whiten: gram {tuple(gram.shape)} and rows {tuple(rows.shape)} do not match")
+    return _forward_substitute(cholesky_lower(gram), rows)

@@ -15,29 +15,10 @@ from typing import Any, Mapping
 
 from apet.errors import ArtifactError
 from apet.models.base import DecoderSpec, ModelSpec, ProcessorSpec
+from apet.plan import CompressionPlan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-
-
-@dataclass(frozen=True)
-class Stage2Spec:
-    layer: int
-    keep: int
-
-
-@dataclass(frozen=True)
-class CompressionSpec:
-    """What was compressed where: K1 at the vision output, optional K2 after LLM layer L-1."""
-
-    ratio: float | None
-    stage1_keep: int
-    basis_k: int
-    basis_method: str
-    merge: bool = True
-    seed: int | None = None
-    stage2: Stage2Spec | None = None
-    rule: str = "apet"  # token-selection rule (apet.selection); exported artifacts are always ApET
 
 
 @dataclass(frozen=True)
@@ -56,7 +37,7 @@ class Manifest:
     model: ModelSpec
     dtype: str
     opset: int
-    compression: CompressionSpec
+    compression: CompressionPlan
     max_batch: int
     max_context: int
     graphs: dict[str, GraphEntry]
@@ -71,8 +52,7 @@ class Manifest:
         return self.compression.stage1_keep
 
     def removed_at_stage2(self) -> int:
-        s2 = self.compression.stage2
-        return 0 if s2 is None else self.compression.stage1_keep - s2.keep
+        return self.compression.removed_at_stage2
 
     def files(self) -> list[str]:
         """Every file the artifact consists of (relative), manifest excluded."""
@@ -82,7 +62,9 @@ class Manifest:
         return sorted(set(names + list(self.text_assets)))
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["compression"] = self.compression.to_json()
+        return data
 
 
 def _safe_relative(name: Any, what: str) -> str:
@@ -126,27 +108,21 @@ def _model_from_json(data: Mapping[str, Any]) -> ModelSpec:
             processor=ProcessorSpec(**{**processor, "image_mean": tuple(processor.get("image_mean", ())),
                                        "image_std": tuple(processor.get("image_std", ()))}),
             extra=dict(data.get("extra") or {}),
+            prompt_template_name=str(data.get("prompt_template_name", "custom")),
         )
     except TypeError as exc:
         raise ArtifactError(f"manifest model section is malformed: {exc}", "re-export the artifact") from exc
 
 
-def _compression_from_json(data: Mapping[str, Any]) -> CompressionSpec:
-    stage2 = data.get("stage2") if isinstance(data, Mapping) else None
-    if stage2 is not None:
-        stage2 = Stage2Spec(layer=_require(stage2, "layer", int, "compression.stage2."),
-                            keep=_require(stage2, "keep", int, "compression.stage2."))
-    ratio = data.get("ratio") if isinstance(data, Mapping) else None
-    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)):
-        raise ArtifactError("manifest field compression.ratio is not a number", "re-export the artifact")
-    seed = data.get("seed")
-    return CompressionSpec(
-        ratio=ratio, stage1_keep=_require(data, "stage1_keep", int, "compression."),
-        basis_k=_require(data, "basis_k", int, "compression."),
-        basis_method=_require(data, "basis_method", str, "compression."),
-        merge=bool(data.get("merge", True)), seed=seed if isinstance(seed, int) else None, stage2=stage2,
-        rule=str(data.get("rule", "apet")),
-    )
+def _compression_from_json(data: Mapping[str, Any]) -> CompressionPlan:
+    try:
+        plan = CompressionPlan.from_json(data)
+        plan.stage1.validate(plan.stage1.keep)
+        if plan.stage2 is not None:
+            plan.stage2.compression.validate(plan.stage2.span)
+        return plan
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"manifest section compression is malformed ({exc})", "re-export the artifact") from exc
 
 
 def _graph_from_json(name: str, data: Mapping[str, Any]) -> GraphEntry:

@@ -10,12 +10,13 @@ engine. A new rule is one function::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from apet.compression import Compressed, CompressionConfig, compress, gather_tokens
+from apet.compression import Compressed, CompressionConfig, gather_tokens
 from apet.errors import UsageError
 
 Rule = Callable[[torch.Tensor, CompressionConfig], Compressed]
@@ -49,8 +50,13 @@ def _ascending(x: torch.Tensor, index: torch.Tensor) -> Compressed:
 @register("apet")
 def apet(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """ApET (DESIGN §4): reconstruction error from an FPS basis, merged."""
-    return compress(x, keep=config.keep, basis=config.basis, method=config.method, merge=config.merge,
-                    seed=config.seed)
+    return config.apply(x)
+
+
+@register("apet-own")
+def apet_own(x: torch.Tensor, config: CompressionConfig) -> Compressed:
+    """ApET with the ``own`` basis placement (ablation: basis tokens at their own positions, not merged)."""
+    return replace(config, placement="own").apply(x)
 
 
 @register("random")

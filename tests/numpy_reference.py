@@ -1,6 +1,13 @@
 """Independent NumPy float64 implementation of DESIGN §4, written plainly (loops, no tricks).
 
-It shares no code with ``apet.compression``; the tests compare the two.
+It follows the steps of the authors' code as DESIGN §4 and issue 12 spell them out and
+shares no code with ``apet.compression``; the tests compare the two. Placements:
+
+* ``mask``   (LLaVA stage 1)  the j-th smallest slot position receives basis vector j;
+* ``rank``   (LLaVA stage 2)  slot ``top[K-k+j]`` receives basis vector j;
+* ``blend``  (Qwen2.5-VL)     the j-th smallest slot receives 0.5·basis_j + 0.5·its value;
+* ``append`` (Video-LLaVA)    rank K-k tokens only; output [selected in error order, basis in FPS order];
+* ``own``    (ablation)       basis excluded from ranking, at its own positions, not merged.
 """
 
 from __future__ import annotations
@@ -9,14 +16,13 @@ import numpy as np
 
 
 def fps(x: np.ndarray, k: int, start: int = 0) -> list[int]:
+    """Plain farthest-point sampling: running minimum of squared distances, next = first argmax."""
     chosen = [start]
-    nearest = np.full(x.shape[0], np.inf)
+    nearest = np.full(x.shape[0], 1e300)
     for _ in range(k - 1):
         diff = x - x[chosen[-1]]
         nearest = np.minimum(nearest, (diff * diff).sum(-1))
-        candidates = nearest.copy()
-        candidates[chosen] = -np.inf
-        chosen.append(int(np.argmax(candidates)))
+        chosen.append(int(np.argmax(nearest)))
     return chosen
 
 
@@ -39,39 +45,68 @@ def errors(x: np.ndarray, basis: list[int]) -> np.ndarray:
     return np.linalg.norm(x - coeffs.T @ s, axis=1)
 
 
-def compress_one(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", merge: bool = True,
-                 basis_index: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def merge(x: np.ndarray, targets: list[int], dropped: list[int]) -> dict[int, np.ndarray]:
+    """Each dropped token joins its most cosine-similar target (first in ``targets`` order on ties);
+    every target becomes (itself + Σ joined) / (1 + count)."""
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sums = {t: x[t].copy() for t in targets}
+    counts = {t: 1 for t in targets}
+    for j in dropped:
+        sims = [float(unit[t] @ unit[j]) for t in targets]
+        best = targets[int(np.argmax(sims))]
+        sums[best] += x[j]
+        counts[best] += 1
+    return {t: sums[t] / counts[t] for t in targets}
+
+
+def compress_one(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", merge_tokens: bool = True,
+                 basis_index: list[int] | None = None, placement: str = "mask",
+                 start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One image [N, D] -> (tokens [K, D], index [K]) following DESIGN §4 step by step."""
     x = x.astype(np.float64)
     n = x.shape[0]
     if keep == n:
         return x.copy(), np.arange(n)
     if basis_index is None:
-        basis_index = fps(x, basis) if method == "fps" else dpc(x, basis)
-    basis_set = sorted(basis_index)
-    err = errors(x, basis_set)
-    ranked = [i for i in np.argsort(-err, kind="stable") if i not in basis_set]
-    selected = sorted(int(i) for i in ranked[: keep - basis])
-    kept_tokens = {i: x[i].copy() for i in selected}
-    if merge:
-        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-        sums = {i: x[i].copy() for i in selected}
-        counts = {i: 1 for i in selected}
-        for j in range(n):
-            if j in sums or j in basis_set:
-                continue
-            sims = [unit[i] @ unit[j] for i in selected]
-            target = selected[int(np.argmax(sims))]
-            sums[target] += x[j]
-            counts[target] += 1
-        kept_tokens = {i: sums[i] / counts[i] for i in selected}
-    for i in basis_set:
-        kept_tokens[i] = x[i].copy()
-    index = np.array(sorted(kept_tokens))
-    return np.stack([kept_tokens[i] for i in index]), index
+        basis_index = fps(x, basis, start) if method == "fps" else dpc(x, basis)
+    err = errors(x, basis_index)
+    by_error = [int(i) for i in np.argsort(-err, kind="stable")]
+    if placement == "own":
+        return _own(x, err, basis_index, keep, merge_tokens)
+
+    ranked = by_error[: keep - basis] if placement == "append" else by_error[:keep]
+    selected = ranked[: keep - basis]
+    dropped = [j for j in range(n) if j not in ranked]
+    values = merge(x, selected, dropped) if merge_tokens else {t: x[t].copy() for t in selected}
+    if placement == "append":
+        tokens = [values[t] for t in selected] + [x[b].copy() for b in basis_index]
+        return np.stack(tokens), np.array(selected + list(basis_index))
+
+    slots = ranked[keep - basis:]
+    if placement in ("mask", "blend"):
+        slots = sorted(slots)
+    for j, position in enumerate(slots):
+        vector = x[basis_index[j]]
+        values[position] = 0.5 * vector + 0.5 * x[position] if placement == "blend" else vector.copy()
+    index = sorted(values)
+    return np.stack([values[i] for i in index]), np.array(index)
 
 
-def compress(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", merge: bool = True):
+def _own(x: np.ndarray, err: np.ndarray, basis_index: list[int], keep: int,
+         merge_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
+    basis_set = set(basis_index)
+    ranked = [int(i) for i in np.argsort(-err, kind="stable") if int(i) not in basis_set]
+    selected = ranked[: keep - len(basis_index)]
+    dropped = [j for j in range(x.shape[0]) if j not in selected and j not in basis_set]
+    values = merge(x, selected, dropped) if merge_tokens else {t: x[t].copy() for t in selected}
+    for b in basis_set:
+        values[b] = x[b].copy()
+    index = sorted(values)
+    return np.stack([values[i] for i in index]), np.array(index)
+
+
+def compress(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", merge_tokens: bool = True,
+             placement: str = "mask", start: int = 0):
     """Batch [B, N, D] version of :func:`compress_one`."""
-    outs = [compress_one(xb, keep, basis, method, merge) for xb in x]
+    outs = [compress_one(xb, keep, basis, method, merge_tokens, placement=placement, start=start) for xb in x]
     return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])

@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config
 from apet.manifest import read_manifest
 from apet.reference import Reference, positions_from_mask
 
@@ -135,8 +134,8 @@ def test_two_stage_llm_matches_reference(artifact_factory, tiny_adapter, lengths
     assert (k1, s2.layer, s2.keep) == (40, 2, 16)
     embeds, mask = _prompt(len(lengths), lengths, seed=11)
     image_start = torch.tensor([max(lengths) - n + 6 for n in lengths])  # 6 text tokens, then K1 image tokens
-    reference = Reference(tiny_adapter, CompressionConfig(keep=k1),
-                          Stage2Config(layer=s2.layer, span=k1, compression=CompressionConfig(keep=s2.keep)))
+    assert (manifest.compression.stage1.placement, s2.compression.placement) == ("mask", "rank")
+    reference = Reference(tiny_adapter, manifest.compression.stage1, s2)
     want_first, state = reference.prefill(embeds, mask, image_start)
     got_first, got_tokens, result, runner = _ort_greedy(artifact / "llm.onnx", tiny_adapter, embeds, mask, 0,
                                                         image_start)
@@ -178,3 +177,25 @@ def test_llm_graph_is_plain_onnx(artifact_factory) -> None:
     onnx.checker.check_model(str(artifact / "llm.onnx"), full_check=True)
     ops = {n.op_type for n in onnx.load(str(artifact / "llm.onnx")).graph.node}
     assert not {"Loop", "If", "Scan"} & ops and "Softmax" in ops and "TopK" in ops
+
+
+def test_stage2_index_equals_numpy_reference_on_hidden_states(artifact_factory, tiny_adapter) -> None:
+    """Acceptance (issue 12): stage2_index of llm.onnx == the float64 oracle (stage-2 placement) applied
+    to the Hugging Face hidden states entering layer L over the K1-token image span."""
+    import numpy_reference as ref
+
+    artifact = artifact_factory(ratio=0.11, stages=2)
+    plan = read_manifest(artifact).compression
+    k1, s2 = plan.stage1_keep, plan.stage2
+    lengths = [70, 58]
+    embeds, mask = _prompt(len(lengths), lengths, seed=21)
+    image_start = torch.tensor([max(lengths) - n + 6 for n in lengths])
+    _, _, result, _ = _ort_greedy(artifact / "llm.onnx", tiny_adapter, embeds, mask, 0, image_start)
+    lm = tiny_adapter.model.model.language_model
+    with torch.no_grad():
+        hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                    output_hidden_states=True).hidden_states[s2.layer]  # the input of layer L
+    for row, start in enumerate(image_start.tolist()):
+        span = hidden[row, start:start + k1].double().numpy()
+        _, want = ref.compress_one(span, s2.keep, s2.compression.basis, placement="rank")
+        np.testing.assert_array_equal(result["stage2_index"][row], want)

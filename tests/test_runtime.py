@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_image
+from PIL import Image
 
 from apet.compression import compress
 from apet.errors import BackendError, InputError
@@ -27,8 +29,20 @@ def images() -> list:
     return [make_image(1, (300, 200)), make_image(2, (180, 260))]
 
 
+def expand2square(image, mean: list[float]):
+    """The original LLaVA's padding (llava/mm_utils.py), restated here independently of apet."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in mean))
+    result.paste(image, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
+    return result
+
+
 def hf_generate(adapter, images: list, prompts: list[str], keep: int, new_tokens: int) -> list[list[int]]:
-    """Hugging Face generate on the same checkpoint with ApET stage 1 applied to its image features."""
+    """Hugging Face generate on the same checkpoint with ApET stage 1 applied to its image features; images
+    padded to a square first, as the original LLaVA-1.5 (and apet's default ``image_fit: pad``) does."""
     from transformers import AutoProcessor
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -43,7 +57,9 @@ def hf_generate(adapter, images: list, prompts: list[str], keep: int, new_tokens
     longest = max(map(len, rows))
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (longest - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
-    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    mean = processor.image_processor.image_mean
+    pixels = processor.image_processor(images=[expand2square(i, mean) for i in images],
+                                       return_tensors="pt")["pixel_values"]
 
     def compressed_features(pixel_values, **kwargs):
         kept = compress(adapter.vision_features(pixel_values), keep=keep)
@@ -156,11 +172,15 @@ def test_preprocessing_equals_hf_image_processor(tiny_checkpoint: Path) -> None:
     from apet.models.llava import processor_spec_from_dir
 
     processor = AutoProcessor.from_pretrained(tiny_checkpoint).image_processor
-    spec = processor_spec_from_dir(tiny_checkpoint, 224)
-    for seed, size in enumerate([(300, 200), (200, 300), (224, 224), (640, 97), (50, 40)]):
+    padded = processor_spec_from_dir(tiny_checkpoint, 224)
+    assert padded.image_fit == "pad"  # the original LLaVA-1.5 recipe is the default
+    cropped = replace(padded, image_fit="crop")
+    for seed, size in enumerate([(300, 200), (200, 300), (224, 224), (640, 97), (50, 40), (301, 200)]):
         image = make_image(seed, size)
         want = processor(images=image, return_tensors="np")["pixel_values"][0]
-        np.testing.assert_allclose(preprocess(load_image(image), spec), want, atol=1e-5)
+        np.testing.assert_allclose(preprocess(load_image(image), cropped), want, atol=1e-5)
+        want = processor(images=expand2square(image, processor.image_mean), return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(preprocess(load_image(image), padded), want, atol=1e-5)
 
 
 def test_stats_are_populated(two_stage, images) -> None:

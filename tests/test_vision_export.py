@@ -109,7 +109,8 @@ def test_manifest_round_trip_and_validation(artifact_factory) -> None:
     manifest = manifest_from_json(data)
     assert json.loads(json.dumps(manifest.to_json())) == data
     assert data["schema_version"] == SCHEMA_VERSION and data["model"]["n_tokens"] == 256
-    assert data["compression"]["stage1_keep"] == 32 and data["compression"]["stage2"] is None
+    assert data["compression"]["stage1"]["keep"] == 32 and data["compression"]["stage2"] is None
+    assert data["compression"]["stage1"]["placement"] == "mask" and data["compression"]["basis_placement"] == "paper"
     assert set(manifest.files()) <= set(data["checksums"])
     for bad, words in [({**data, "schema_version": 99}, "schema_version 99"),
                        ({**data, "max_batch": "four"}, "max_batch"),
@@ -176,15 +177,22 @@ def test_export_config_validation(kwargs, words, tmp_path: Path) -> None:
 
 
 def test_budget_planning_matches_the_paper() -> None:
-    from apet.export.budget import plan_budget
+    from apet.plan import CompressionPlan, plan_compression
 
-    assert plan_budget(576, 32, ratio=0.11, stages=1).stage1_keep == 64
-    two = plan_budget(576, 32, ratio=0.11)
-    assert (two.stage1_keep, two.stage2_layer, two.stage2_keep) == (96, 16, 32) and two.mean_tokens(32) == 64
-    assert plan_budget(576, 32, ratio=1.0).stage2_keep is None and plan_budget(576, 32, ratio=1.0).stage1_keep == 576
-    assert plan_budget(576, 32, tokens="128,48").stage2_keep == 48
+    assert plan_compression(576, 32, ratio=0.11, stages=1).stage1_keep == 64
+    two = plan_compression(576, 32, ratio=0.11)
+    assert (two.stage1_keep, two.stage2.layer, two.stage2.keep) == (96, 16, 32) and two.mean_tokens(32) == 64
+    assert (two.stage1.placement, two.stage2.compression.placement) == ("mask", "rank")
+    full = plan_compression(576, 32, ratio=1.0)
+    assert full.stage2 is None and full.stage1_keep == 576
+    assert plan_compression(576, 32, tokens="128,48").stage2.keep == 48
+    own = plan_compression(576, 32, ratio=0.11, basis_placement="own")
+    assert (own.stage1.placement, own.stage2.compression.placement) == ("own", "own")
+    assert CompressionPlan.from_json(two.to_json()) == two
     with pytest.raises(UsageError, match="basis"):
-        plan_budget(64, 4, ratio=0.05)
+        plan_compression(64, 4, ratio=0.05)
+    with pytest.raises(UsageError, match="K2=96 is not smaller than K1=32"):
+        plan_compression(576, 32, tokens="32,96")
 
 
 def test_unknown_model_and_offline_hub_id_fail_clearly() -> None:

@@ -93,7 +93,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             label=f"apet (torch, static cache{variant})")
     paper = [(r["ratio"], r["paper_style"]["ttft"]["median_ms"]) for r in runs if r.get("paper_style")]
     if paper:
-        ax.plot(*zip(*paper), "s--", label="paper-style (HF eager + ApET eager)")
+        ax.plot(*zip(*paper), "s--", label="paper-style (HF SDPA + ApET eager)")
     hf = results["baselines"].get("hf_generate", {}).get(str(runs[0]["batch"]))
     if hf:
         ax.axhline(hf["ttft"]["median_ms"], color="gray", linestyle=":", label="HF generate, all tokens (SDPA)")

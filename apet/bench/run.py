@@ -29,8 +29,8 @@ from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
 from apet.errors import UsageError
-from apet.export.budget import plan_budget
 from apet.models.base import VisionLanguageAdapter
+from apet.plan import plan_compression
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +106,16 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
     return costs, per_layer
 
 
-def _configs(adapter: VisionLanguageAdapter, ratio: float, stages: int, basis: int = 10):
+def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
-    budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages, basis=basis)
-    return (budget, *budget.configs(basis))
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages)
 
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
                 batch: int) -> dict[str, Any]:
     request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
-    budget, stage1, stage2 = _configs(adapter, ratio, cfg.stages)
+    plan = _plan(adapter, ratio, cfg.stages)
+    stage1, stage2 = plan.stage1, plan.stage2
     device = adapter.device
     weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
     leftover = 0
@@ -138,8 +138,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
     result = {
         "ratio": ratio, "batch": batch,
-        "budgets": {"k1": budget.stage1_keep, "stage2_layer": budget.stage2_layer, "k2": budget.stage2_keep,
-                    "mean_tokens": budget.mean_tokens(adapter.spec.decoder.num_layers)},
+        "budgets": {"k1": plan.stage1_keep, "stage2_layer": stage2.layer if stage2 else None,
+                    "k2": stage2.keep if stage2 else None,
+                    "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers)},
         "stages": stages, "generation": generation,
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from apet.bench.timing import Timing, summarize, time_call
-from apet.compression import CompressionConfig, Stage2Config, compress
+from apet.compression import CompressionConfig, Stage2Config
 from apet.models.base import VisionLanguageAdapter
 from apet.runtime.backends.base import splice
 from apet.runtime.cuda_graphs import GraphedCall
@@ -61,8 +61,7 @@ class ApetPath:
             self.vision = GraphedCall(maybe(lambda pixel_values: adapter.vision_features(pixel_values)),
                                       {"pixel_values": pixels}, **g)
             features = self.vision(pixel_values=pixels).clone()
-            self.apet1 = GraphedCall(maybe(lambda x: compress(x, keep=c.keep, basis=c.basis, method=c.method,
-                                                              merge=c.merge, seed=c.seed).tokens), {"x": features}, **g)
+            self.apet1 = GraphedCall(maybe(lambda x: c.apply(x).tokens), {"x": features}, **g)
             kept = self.apet1(x=features).clone()
             self.projector = GraphedCall(lambda t: adapter.project(t), {"t": kept}, **g)
             visual = self.projector(t=kept).clone()
@@ -74,9 +73,7 @@ class ApetPath:
                 hidden = torch.randn(request.batch, stage1.keep, adapter.spec.decoder.hidden_size,
                                      device=pixels.device, dtype=adapter.dtype)
                 c2 = stage2.compression
-                self.apet2 = GraphedCall(maybe(lambda x: compress(x, keep=c2.keep, basis=c2.basis, method=c2.method,
-                                                                  merge=c2.merge, seed=c2.seed).tokens),
-                                         {"x": hidden}, **g)
+                self.apet2 = GraphedCall(maybe(lambda x: c2.apply(x).tokens), {"x": hidden}, **g)
                 self.apet2_input = hidden
             self.pixels, self.features, self.kept = pixels, features, kept
             self.prefill(**self.prefill_inputs)

@@ -151,6 +151,9 @@ def build_engine(
     trt = api.module
     builder, network, _parser, logger = parse_onnx(api, onnx_path)
     config = builder.create_builder_config()
+    # ApET's float32 Gram system, projections and merging must not drop to TF32 (10-bit mantissa, as
+    # ill-conditioned as fp16); every other layer of the strongly typed network is fp16 anyway.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if options.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
     if options.optimization_level is not None:

@@ -21,9 +21,9 @@ from apet.errors import ApetError, UsageError
 from apet.eval.data import EvalItem, load
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
-from apet.export.budget import plan_budget
-from apet.manifest import SCHEMA_VERSION, CompressionSpec, Manifest, Stage2Spec, read_manifest
+from apet.manifest import SCHEMA_VERSION, Manifest, read_manifest
 from apet.models.base import VisionLanguageAdapter
+from apet.plan import plan_compression
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 from apet.selection import RULES
@@ -77,10 +77,8 @@ def settings(cfg: EvalConfig) -> list[Setting]:
 def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
     """An in-memory manifest for running a checkpoint through the runtime's torch backend."""
     spec = adapter.spec
-    budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages)
-    stage2 = Stage2Spec(budget.stage2_layer, budget.stage2_keep) if budget.stage2_keep is not None else None
-    compression = CompressionSpec(ratio=setting.ratio, stage1_keep=budget.stage1_keep, basis_k=10,
-                                  basis_method="fps", stage2=stage2, rule=setting.method)
+    compression = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
+                                   rule=setting.method)
     return Manifest(SCHEMA_VERSION, __version__, dt.datetime.now(dt.timezone.utc).isoformat(), spec,
                     "fp32" if adapter.dtype.itemsize == 4 else "fp16", 0, compression, 1,
                     min(spec.decoder.max_positions, 4096), {}, {}, [], {})
@@ -108,6 +106,13 @@ def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
         manifest = model_manifest(adapter, setting, cfg.stages)
         backend = TorchBackend(adapter.source_dir, manifest, device=cfg.device, adapter=adapter)
         yield setting, Pipeline(adapter.source_dir, manifest, backend)
+
+
+def _conditions(manifest: Manifest) -> dict[str, Any]:
+    """What the scores depend on besides the rule and ratio: recorded in the report."""
+    return {"prompt_template": manifest.model.prompt_template_name, "image_fit": manifest.model.processor.image_fit,
+            "basis_placement": manifest.compression.basis_placement,
+            "stages": 1 if manifest.compression.stage2 is None else 2}
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -140,8 +145,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drops a truncated tail
     done = {(r["method"], r["ratio"], r["benchmark"], r["id"]) for r in records}
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
+    conditions: dict[str, dict[str, Any]] = {}
     with open(path, "a", encoding="utf-8") as handle:
         for setting, pipeline in _pipelines(cfg):
+            conditions[setting.label] = _conditions(pipeline.manifest)
             todo = [i for i in items if (setting.method, setting.ratio, i.benchmark, i.id) not in done]
             for item in tqdm(todo, desc=f"apet-eval {setting.label}", unit="q", disable=None):
                 record = {"method": setting.method, "ratio": setting.ratio, "benchmark": item.benchmark,
@@ -155,5 +162,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 _append(handle, record)
                 records.append(record)
     report = build_report(records, items, cfg)
+    report["conditions"] = conditions
     write_report(report, cfg.out)
     return report

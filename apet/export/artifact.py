@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 
 from apet import __version__
 from apet.atomic import atomic_directory
-from apet.compression import METHODS
+from apet.compression import BASIS_PLACEMENTS, METHODS
 from apet.errors import UsageError, check_range
-from apet.export.budget import Budget, plan_budget
 from apet.export.llm import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, export_llm, save_embeddings
 from apet.export.onnx_utils import (
     MAX_OPSET,
@@ -27,8 +26,9 @@ from apet.export.onnx_utils import (
     spec_dict,
 )
 from apet.export.vision import export_vision
-from apet.manifest import SCHEMA_VERSION, CompressionSpec, GraphEntry, Manifest, Stage2Spec, write_manifest
+from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, write_manifest
 from apet.models.base import VisionLanguageAdapter
+from apet.plan import CompressionPlan, plan_compression
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class ExportConfig:
     basis_method: str = "fps"
     seed: int | None = None
     merge: bool = True
+    basis_placement: str = "paper"
+    image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
+    prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
     dtype: str = "fp16"
     opset: int = 17
     max_batch: int = 4
@@ -68,6 +71,9 @@ class ExportConfig:
             raise UsageError(f"--dtype {self.dtype!r} is unknown", "use fp16 (engines) or fp32 (CPU parity)")
         if self.basis_method not in METHODS:
             raise UsageError(f"--basis-method {self.basis_method!r} is unknown", f"use one of {', '.join(METHODS)}")
+        if self.basis_placement not in BASIS_PLACEMENTS:
+            raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
+                             "use paper (the authors' algorithm, default) or own (ablation)")
         check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
@@ -100,19 +106,21 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
+            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template)
             bar.update()
             step(1)
             spec = adapter.spec
-            budget = plan_budget(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
-                                 tokens=cfg.tokens, basis=cfg.basis, stage2_layer=cfg.stage2_layer)
-            stage1, stage2 = budget.configs(cfg.basis, cfg.basis_method, cfg.merge, cfg.seed)
+            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
+                                    tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
+                                    seed=cfg.seed, basis_placement=cfg.basis_placement,
+                                    stage2_layer=cfg.stage2_layer)
             max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
             bar.update()
             step(2)
-            export_vision(adapter, stage1, scratch / "vision.onnx", opset=cfg.opset)
+            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)
             bar.update()
             step(3)
-            export_llm(adapter, stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
+            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
             bar.update()
             step(4)
             save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
@@ -126,7 +134,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             graphs = {"vision": _graph_entry(scratch, "vision.onnx"), "llm": _graph_entry(scratch, "llm.onnx")}
             bar.update()
             step(7)
-            manifest = _manifest(cfg, adapter, budget, graphs, assets, max_context, scratch)
+            manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch)
             write_manifest(scratch, manifest)
             bar.update()
     finally:
@@ -134,21 +142,17 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
     return manifest
 
 
-def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, budget: Budget, graphs: dict[str, GraphEntry],
+def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: CompressionPlan, graphs: dict[str, GraphEntry],
               assets: list[str], max_context: int, directory: Path) -> Manifest:
     table = adapter.embed_tokens().weight
     embeddings = {"kind": "safetensors", "file": EMBEDDINGS_FILE, "tensor": EMBEDDINGS_TENSOR,
                   "shape": list(table.shape), "dtype": cfg.dtype}
-    stage2 = None if budget.stage2_keep is None else Stage2Spec(layer=int(budget.stage2_layer),
-                                                                keep=budget.stage2_keep)
-    compression = CompressionSpec(ratio=cfg.ratio, stage1_keep=budget.stage1_keep, basis_k=cfg.basis,
-                                  basis_method=cfg.basis_method, merge=cfg.merge, seed=cfg.seed, stage2=stage2)
     names = [g.file for g in graphs.values()] + [x for g in graphs.values() for x in g.external_data]
     names += [EMBEDDINGS_FILE] + assets
     checksums = {name: sha256_file(directory / name) for name in sorted(set(names))}
     return Manifest(
         schema_version=SCHEMA_VERSION, apet_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
-        dtype=cfg.dtype, opset=cfg.opset, compression=compression, max_batch=cfg.max_batch,
+        dtype=cfg.dtype, opset=cfg.opset, compression=plan, max_batch=cfg.max_batch,
         max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
     )

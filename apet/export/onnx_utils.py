@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -68,8 +67,8 @@ def export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int = DEFAULT_OPSET,
 ) -> Path:
-    """Trace ``module`` with the TorchScript exporter and save ``path``; weights go to
-    ``path.data`` (one file) when the model does not fit one protobuf.
+    """Trace ``module`` with the TorchScript exporter, optimise the graph and save ``path``; weights
+    go to ``path.data`` (one file) when the model does not fit one protobuf.
 
     The TorchScript exporter is used because it keeps static Python ints static
     (k, K, head counts), produces plain ops TensorRT 10.3 parses, and needs no
@@ -86,7 +85,7 @@ def export_onnx(
                 do_constant_folding=True, dynamo=False,
             )
         _declare_output_shapes(raw, output_names, example_outputs, dynamic_axes)
-        _save_single_or_external(raw, path)
+        _optimize_and_save(raw, path)
     return path
 
 
@@ -114,17 +113,28 @@ def _declare_output_shapes(path: Path, names: Sequence[str], examples: Any,
     Path(path).write_bytes(model.SerializeToString())
 
 
-def _save_single_or_external(raw: Path, final: Path) -> None:
-    """Keep a small model as one file; consolidate a large one into ``<name>.data``."""
-    loose = [p for p in raw.parent.iterdir() if p != raw]
-    if not loose and raw.stat().st_size < PROTOBUF_LIMIT:
-        shutil.move(str(raw), final)
+def _optimize_and_save(raw: Path, final: Path) -> None:
+    """Fold constants and drop dead or no-op nodes with the onnxscript optimizer, then write ``final``.
+
+    The TorchScript exporter leaves every shape computation and literal as its own node (about half
+    of a raw graph is ``Constant``); on Jetson each unfused node can cost a kernel launch. Folding is
+    size-limited, so no weight is materialised twice. The ONNX IR keeps weights as lazy external
+    tensors and streams them out, so a 7B graph is rewritten without holding its weights in one
+    protobuf: a model that does not fit one protobuf goes to ``<name>.data`` (one file); a small one
+    stays a single file. ``raw``'s directory holds nothing but the model and its external data.
+    """
+    import onnx_ir as ir
+    from onnxscript import optimizer
+
+    model = ir.load(str(raw))
+    optimizer.optimize(model, num_iterations=2)
+    weights = sum(p.stat().st_size for p in raw.parent.iterdir())
+    if weights < PROTOBUF_LIMIT:
+        ir.save(model, str(final))
         return
-    model = onnx.load(str(raw), load_external_data=True)
     data_name = final.name + ".data"
     (final.parent / data_name).unlink(missing_ok=True)
-    onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=1024)
+    ir.save(model, str(final), external_data=data_name)
     log.info("saved %s with external data %s", final.name, data_name)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apet.compression import CompressionConfig, compress
+from apet.compression import CompressionConfig
 from apet.export.onnx_utils import export_onnx
 from apet.models.base import VisionLanguageAdapter
 
@@ -30,8 +30,7 @@ class VisionGraph(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self._adapter.vision_features(pixel_values)
-        c = self.compression
-        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+        kept = self.compression.apply(features)
         return self._adapter.project(kept.tokens), kept.index
 
 

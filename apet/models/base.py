@@ -36,7 +36,10 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class ProcessorSpec:
-    """How an image becomes ``pixel_values`` (the CLIP recipe: resize, centre crop, rescale, normalise)."""
+    """How an image becomes ``pixel_values`` (the CLIP recipe: [pad to square,] resize, centre crop, rescale,
+    normalise). ``image_fit`` is ``pad`` (the original LLaVA-1.5's ``image_aspect_ratio: pad``: the image is
+    first padded to a square with the mean colour, so nothing is cut off) or ``crop`` (Hugging Face's CLIP
+    processor: shortest edge resized, centre cropped)."""
 
     crop_height: int
     crop_width: int
@@ -46,6 +49,7 @@ class ProcessorSpec:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     do_center_crop: bool = True
+    image_fit: str = "crop"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class ModelSpec:
     decoder: DecoderSpec
     processor: ProcessorSpec
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt_template_name: str = "custom"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +80,8 @@ class VisionLanguageAdapter(ABC):
     """One model family. Subclasses register themselves in :mod:`apet.models.registry`."""
 
     family: ClassVar[str]
+    prompt_templates: ClassVar[dict[str, str]] = {}  # named templates a user may pick with --prompt-template
+    image_fits: ClassVar[tuple[str, ...]] = ("pad", "crop")
 
     def __init__(self, model: nn.Module, spec: ModelSpec, source_dir: Path | None) -> None:
         self.model = model
@@ -123,6 +130,24 @@ class VisionLanguageAdapter(ABC):
     @abstractmethod
     def save_text_assets(self, out_dir: Path) -> list[str]:
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
+
+    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` (None keeps the family default)."""
+        from dataclasses import replace
+
+        from apet.errors import UsageError
+
+        if image_fit is not None:
+            if image_fit not in self.image_fits:
+                raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",
+                                 f"use one of {', '.join(self.image_fits)}")
+            self.spec = replace(self.spec, processor=replace(self.spec.processor, image_fit=image_fit))
+        if prompt_template is not None:
+            if prompt_template not in self.prompt_templates:
+                raise UsageError(f"--prompt-template {prompt_template!r} is unknown for {self.family}",
+                                 f"use one of {', '.join(self.prompt_templates)}")
+            self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
+                                prompt_template_name=prompt_template)
 
     def format_prompt(self, user_text: str) -> str:
         return self.spec.prompt_template.format(prompt=user_text)

@@ -16,7 +16,17 @@ from apet.models.base import DecoderSpec, ModelSpec, ProcessorSpec, VisionLangua
 
 log = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+# Named prompt templates. ``vicuna_v1`` is the conversation the original LLaVA-1.5 was trained and evaluated
+# with (llava/conversation.py ``conv_vicuna_v1``: system sentence, ``USER: <image>\n{q} ASSISTANT:``), the
+# authors' evaluation prompt and our default; ``hf`` is the shorter one of the Hugging Face model cards.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+PROMPT_TEMPLATES = {
+    "vicuna_v1": VICUNA_V1_SYSTEM + " USER: <image>\n{prompt} ASSISTANT:",
+    "hf": "USER: <image>\n{prompt} ASSISTANT:",
+}
+DEFAULT_TEMPLATE = "vicuna_v1"
+DEFAULT_IMAGE_FIT = "pad"  # the original LLaVA-1.5's image_aspect_ratio
 TEXT_ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
                     "generation_config.json")
@@ -47,7 +57,7 @@ def processor_spec_from_dir(path: Path | None, image_size: int) -> ProcessorSpec
         resample=int(settings.get("resample", 3)), rescale_factor=float(settings.get("rescale_factor", 1 / 255)),
         image_mean=tuple(settings.get("image_mean", [0.48145466, 0.4578275, 0.40821073])),
         image_std=tuple(settings.get("image_std", [0.26862954, 0.26130258, 0.27577711])),
-        do_center_crop=bool(settings.get("do_center_crop", True)),
+        do_center_crop=bool(settings.get("do_center_crop", True)), image_fit=DEFAULT_IMAGE_FIT,
     )
 
 
@@ -60,6 +70,7 @@ def _takes_causal_mask(layer: nn.Module) -> bool:
 
 class LlavaAdapter(VisionLanguageAdapter):
     family = "llava"
+    prompt_templates = PROMPT_TEMPLATES
 
     @classmethod
     def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LlavaAdapter":
@@ -107,7 +118,8 @@ class LlavaAdapter(VisionLanguageAdapter):
             family=cls.family, source=source, n_tokens=grid * grid + (1 if strategy == "full" else 0),
             patch_grid=(grid, grid), vision_dim=vision.hidden_size, image_token_id=int(config.image_token_index),
             bos_token_id=text.bos_token_id, eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
-            pad_token_id=text.pad_token_id, prompt_template=PROMPT_TEMPLATE, image_placeholder="<image>",
+            pad_token_id=text.pad_token_id, prompt_template=PROMPT_TEMPLATES[DEFAULT_TEMPLATE],
+            prompt_template_name=DEFAULT_TEMPLATE, image_placeholder="<image>",
             decoder=decoder, processor=processor,
             extra={"vision_feature_layer": layer, "vision_feature_select_strategy": strategy},
         )

@@ -5,7 +5,9 @@ orientation; converts palette, greyscale, 16-bit, CMYK and alpha images to
 RGB (alpha composited on white, as users expect for screenshots and logos);
 and turns every decoding failure into an :class:`InputError`. Preprocessing
 reproduces Hugging Face's CLIP image processor (PIL backend): resize the
-shortest edge with the checkpoint's filter, centre crop, rescale, normalise.
+shortest edge with the checkpoint's filter, centre crop, rescale, normalise —
+after padding to a square with the mean colour when the artifact's
+``image_fit`` is ``pad`` (the original LLaVA-1.5 recipe).
 """
 
 from __future__ import annotations
@@ -142,8 +144,25 @@ def _centre_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[top:top + height, left:left + width]
 
 
+IMAGE_FITS = ("pad", "crop")
+
+
+def pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
+    """The original LLaVA's ``expand2square``: centre the image on a square of the mean colour
+    (each channel ``int(mean * 255)``); the extra rows/columns go after when the margin is odd."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 def preprocess(image: Image.Image, spec: ProcessorSpec) -> np.ndarray:
     """RGB image -> float32 [3, H, W] pixel values."""
+    if spec.image_fit == "pad":
+        image = pad_to_square(image, spec.image_mean)
     resized = _resize_shortest(image, spec.shortest_edge, spec.resample)
     array = np.asarray(resized, dtype=np.uint8)
     if spec.do_center_crop:

@@ -9,18 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config, stage_configs
 from apet.errors import BackendError
 from apet.manifest import Manifest
 from apet.models.base import VisionLanguageAdapter
 from apet.reference import Reference, ReferenceState
 from apet.runtime.backends.base import Backend, VisionOutput, splice
-
-
-def compression_from_manifest(manifest: Manifest) -> tuple[CompressionConfig, Stage2Config | None]:
-    c = manifest.compression
-    stage2 = None if c.stage2 is None else (c.stage2.layer, c.stage2.keep)
-    return stage_configs(c.stage1_keep, stage2, c.basis_k, c.basis_method, c.merge, c.seed)
 
 
 def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
@@ -46,8 +39,8 @@ class TorchBackend(Backend):
                 self.adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
-        stage1, stage2 = compression_from_manifest(manifest)
-        self.reference = Reference(self.adapter, stage1, stage2, rule=manifest.compression.rule)
+        plan = manifest.compression
+        self.reference = Reference(self.adapter, plan.stage1, plan.stage2, rule=plan.rule)
         self.table = self.adapter.embed_tokens().weight
         self.state: ReferenceState | None = None
 

@@ -1,0 +1,146 @@
+"""The compression plan: what ApET keeps where, in one type that export, runtime, engines, bench and
+eval all read (and the manifest serialises).
+
+Budgets: ``--ratio r`` is the mean retained fraction over the LLM's layers, as the
+paper reports it: two stages keep K1 = 1.5·r·N up to layer L = layers/2 and
+K2 = 0.5·r·N after it (for r > 2/3, K1 = N and K2 = (2r-1)·N); one stage keeps
+r·N at the vision output. Budgets round to the nearest multiple of 8
+(tensor-core friendly) and never exceed N; ``--tokens K[,K2]`` sets them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from apet.compression import BASIS_PLACEMENTS, CompressionConfig, Stage2Config, stage_configs
+from apet.errors import UsageError
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """Stage 1 at the vision output, optional stage 2 after LLM layer L-1, and how they were chosen."""
+
+    stage1: CompressionConfig
+    stage2: Stage2Config | None = None
+    ratio: float | None = None
+    basis_placement: str = "paper"
+    rule: str = "apet"  # token-selection rule (apet.selection); exported artifacts are always ApET
+
+    # -- derived facts (one home each) -------------------------------------------------------------
+    @property
+    def stage1_keep(self) -> int:
+        """Visual tokens per image (per view / frame) at the LLM input: K1."""
+        return self.stage1.keep
+
+    @property
+    def removed_at_stage2(self) -> int:
+        return 0 if self.stage2 is None else self.stage2.removed
+
+    def mean_tokens(self, num_layers: int) -> float:
+        """The per-layer mean of visual tokens the paper reports as its budget."""
+        if self.stage2 is None:
+            return float(self.stage1_keep)
+        after = num_layers - self.stage2.layer
+        return (self.stage1_keep * self.stage2.layer + self.stage2.compression.keep * after) / num_layers
+
+    def with_rule(self, rule: str) -> "CompressionPlan":
+        return replace(self, rule=rule)
+
+    # -- serialisation -----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        stage2 = None if self.stage2 is None else {"layer": self.stage2.layer, "span": self.stage2.span,
+                                                   **_config_json(self.stage2.compression)}
+        return {"ratio": self.ratio, "rule": self.rule, "basis_placement": self.basis_placement,
+                "stage1": _config_json(self.stage1), "stage2": stage2}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CompressionPlan":
+        """Raises KeyError/TypeError/ValueError on malformed data (the manifest reader turns them into
+        ArtifactError)."""
+        stage2 = data.get("stage2")
+        ratio = data.get("ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+            raise TypeError("compression.ratio is not a number")
+        return cls(
+            stage1=_config_from_json(data["stage1"]),
+            stage2=None if stage2 is None else Stage2Config(layer=_int(stage2["layer"]), span=_int(stage2["span"]),
+                                                            compression=_config_from_json(stage2)),
+            ratio=None if ratio is None else float(ratio), basis_placement=str(data.get("basis_placement", "paper")),
+            rule=str(data.get("rule", "apet")),
+        )
+
+
+def _config_json(config: CompressionConfig) -> dict[str, Any]:
+    return {"keep": config.keep, "basis": config.basis, "method": config.method, "merge": config.merge,
+            "seed": config.seed, "placement": config.placement}
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _config_from_json(data: Mapping[str, Any]) -> CompressionConfig:
+    seed = data.get("seed")
+    return CompressionConfig(keep=_int(data["keep"]), basis=_int(data["basis"]), method=str(data["method"]),
+                             merge=bool(data["merge"]), seed=None if seed is None else _int(seed),
+                             placement=str(data["placement"]))
+
+
+def round_to_8(value: float, limit: int) -> int:
+    return min(limit, max(8, 8 * int(value / 8 + 0.5)))
+
+
+def _parse_tokens(tokens: str) -> list[int]:
+    try:
+        values = [int(t) for t in tokens.split(",")]
+    except ValueError as exc:
+        raise UsageError(f"--tokens {tokens!r} is not K or K1,K2", "pass e.g. --tokens 64 or --tokens 96,32") from exc
+    if not 1 <= len(values) <= 2:
+        raise UsageError(f"--tokens {tokens!r} has {len(values)} values", "pass one (K) or two (K1,K2) budgets")
+    return values
+
+
+def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None) -> tuple[int, int | None]:
+    if tokens is not None:
+        values = _parse_tokens(tokens)
+        return values[0], (values[1] if len(values) == 2 else None)
+    if ratio is None or not (0.0 < ratio <= 1.0):
+        raise UsageError(f"--ratio {ratio!r} is outside the allowed range (0, 1]",
+                         "pass the mean retained fraction, e.g. --ratio 0.11 (64 of 576 tokens)")
+    if stages == 1:
+        return round_to_8(ratio * n_tokens, n_tokens), None
+    k1 = round_to_8(min(1.5 * ratio, 1.0) * n_tokens, n_tokens)
+    k2 = round_to_8((0.5 * ratio if ratio <= 2 / 3 else 2 * ratio - 1) * n_tokens, n_tokens)
+    return k1, (None if k2 >= k1 else k2)  # nothing to remove at stage 2 (e.g. ratio 1.0)
+
+
+def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = None, stages: int = 2,
+                     tokens: str | None = None, basis: int = 10, method: str = "fps", merge: bool = True,
+                     seed: int | None = None, basis_placement: str = "paper", stage1_placement: str = "mask",
+                     stage2_layer: int | None = None, rule: str = "apet") -> CompressionPlan:
+    """Turn the user's budget options into a validated plan with static keeps."""
+    if stages not in (1, 2):
+        raise UsageError(f"--stages {stages} is invalid", "use --stages 1 or --stages 2")
+    if basis_placement not in BASIS_PLACEMENTS:
+        raise UsageError(f"--basis-placement {basis_placement!r} is unknown",
+                         "use paper (the authors' algorithm, default) or own (ablation)")
+    layer = num_layers // 2 if stage2_layer is None else stage2_layer
+    k1, k2 = _budgets(n_tokens, ratio, stages, tokens)
+    for name, keep in (("K1", k1), ("K2", k2)):
+        if keep is not None and keep != n_tokens and not (basis + 1 <= keep <= n_tokens):
+            raise UsageError(
+                f"{name}={keep} tokens is outside [{basis + 1}, {n_tokens}] (basis={basis}, N={n_tokens})",
+                "raise --ratio / --tokens, or lower --basis",
+            )
+    if k2 is not None and k2 >= k1:
+        raise UsageError(f"--tokens {tokens}: K2={k2} is not smaller than K1={k1}, so stage 2 would remove nothing",
+                         "pass K1,K2 with K2 < K1 (e.g. --tokens 96,32), or one budget for a single stage")
+    if k2 is not None and not (1 <= layer < num_layers):
+        raise UsageError(f"stage-2 layer {layer} is outside [1, {num_layers - 1}]", "pick a middle decoder layer")
+    stage1, stage2 = stage_configs(k1, None if k2 is None else (layer, k2), basis, method, merge, seed,
+                                   basis_placement, stage1_placement)
+    return CompressionPlan(stage1=stage1, stage2=stage2, ratio=ratio if tokens is None else None,
+                           basis_placement=basis_placement, rule=rule)
