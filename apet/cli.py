@@ -141,14 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from apet.runtime.pipeline import Pipeline
 
-    image = args.image
-    if image == "@demo":
-        image = str(Path(__file__).parent / "assets" / "demo.png")
-    device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
-    pipeline = Pipeline.load(args.artifact, backend=args.backend, device=device, checkpoint=args.checkpoint)
+    pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
-    result = pipeline.generate(image, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed, stop=args.stop, stream=stream)
+    result = pipeline.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                               stream=stream)
     if args.json:
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "keep_index": result.keep_index, "stats": result.stats.to_json()}))

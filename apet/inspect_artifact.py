@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apet.engines.build import read_report
+from apet.contracts.files import read_report
 from apet.manifest import read_manifest
 
 

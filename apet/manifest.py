@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from apet.contracts.cache import CacheLayout
+from apet.contracts.files import MANIFEST_NAME, sha256_file
+from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.errors import ArtifactError
-from apet.models.base import DecoderSpec, ModelSpec, ProcessorSpec
 from apet.plan import CompressionPlan
 
 SCHEMA_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,26 @@ class Manifest:
     # -- derived -----------------------------------------------------------------------------------
     @property
     def visual_tokens(self) -> int:
-        """Tokens the LLM sees per image at its input (K1)."""
+        """Tokens per image (view, frame) at the LLM input after stage 1 (K1)."""
         return self.compression.stage1_keep
 
     def removed_at_stage2(self) -> int:
         return self.compression.removed_at_stage2
+
+    @property
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout.of(self.model.decoder.num_layers, self.compression)
+
+    @property
+    def family(self):
+        """The :class:`apet.models.family.Family` that exported this artifact."""
+        from apet.models.registry import get_family
+
+        return get_family(self.model.family)
+
+    def extra_token_ids(self) -> dict[str, int]:
+        """Ids of the learned rows appended to the embedding table (e.g. ``image_newline``)."""
+        return {str(k): int(v) for k, v in (self.embeddings.get("extra_rows") or {}).items()}
 
     def files(self) -> list[str]:
         """Every file the artifact consists of (relative), manifest excluded."""
@@ -65,6 +81,18 @@ class Manifest:
         data = asdict(self)
         data["compression"] = self.compression.to_json()
         return data
+
+
+def in_memory_manifest(model: ModelSpec, plan: CompressionPlan, *, dtype: str, max_batch: int,
+                       max_context: int) -> Manifest:
+    """A manifest for running a checkpoint directly (evaluation over many budgets, benchmarks): no
+    graphs, no files, the model's own spec and one compression plan."""
+    import datetime as dt
+
+    from apet import __version__
+
+    return Manifest(SCHEMA_VERSION, __version__, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    model, dtype, 0, plan, max_batch, max_context, {}, {}, [], {})
 
 
 def _safe_relative(name: Any, what: str) -> str:
@@ -105,8 +133,7 @@ def _model_from_json(data: Mapping[str, Any]) -> ModelSpec:
             pad_token_id=data.get("pad_token_id"), prompt_template=_require(data, "prompt_template", str, "model."),
             image_placeholder=_require(data, "image_placeholder", str, "model."),
             decoder=DecoderSpec(**decoder),
-            processor=ProcessorSpec(**{**processor, "image_mean": tuple(processor.get("image_mean", ())),
-                                       "image_std": tuple(processor.get("image_std", ()))}),
+            processor=dict(processor),
             extra=dict(data.get("extra") or {}),
             prompt_template_name=str(data.get("prompt_template_name", "custom")),
         )
@@ -195,8 +222,6 @@ def read_manifest(artifact_dir: Path, *, verify_checksums: bool = False) -> Mani
 
 def verify_files(artifact_dir: Path, manifest: Manifest, names: list[str] | None = None) -> None:
     """Raise ArtifactError for a missing file or a SHA-256 that differs from the manifest's."""
-    from apet.export.onnx_utils import sha256_file
-
     for name in names if names is not None else sorted(manifest.checksums):
         path = Path(artifact_dir) / name
         if not path.is_file():

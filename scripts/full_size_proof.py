@@ -61,9 +61,10 @@ def llm(args: argparse.Namespace) -> dict:
     import onnxruntime as ort
 
     from apet.compression import CompressionConfig, Stage2Config
-    from apet.export.decoder import DecoderGraph, empty_past
+    from apet.export.decoder import DecoderGraph
     from apet.export.llm import export_llm
     from apet.export.onnx_utils import check_onnx
+    from apet.modeling.blocks import empty_past
     from apet.models.registry import load_adapter
 
     torch.manual_seed(0)

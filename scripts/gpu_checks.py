@@ -23,8 +23,8 @@ def main() -> None:
     from conftest import make_image
 
     from apet.export.artifact import ExportConfig, export_artifact
-    from apet.models.llava import LlavaAdapter
-    from apet.models.tiny import create_tiny_llava
+    from apet.models.llava.adapter import LlavaAdapter
+    from apet.models.llava.tiny import create_tiny_llava
     from apet.runtime.pipeline import Pipeline
     from apet.runtime.sampling import GenerationConfig
 

@@ -33,7 +33,7 @@ def rtx_api():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.models.tiny import create_tiny_llava
+    from apet.models.llava.tiny import create_tiny_llava
 
     return create_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=0)
 
@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_checkpoint: Path):
     """The tiny model loaded through the real loading code (float32)."""
-    from apet.models.llava import LlavaAdapter
+    from apet.models.llava.adapter import LlavaAdapter
 
     return LlavaAdapter.load(tiny_checkpoint)
 

@@ -14,8 +14,9 @@ import onnx
 import onnx.helper as oh
 import pytest
 
+from apet.contracts.files import REPORT_NAME
 from apet.engines.api import TrtApi, load_api
-from apet.engines.build import REPORT_NAME, BuildConfig, build_artifact
+from apet.engines.build import BuildConfig, build_artifact
 from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
 from apet.engines.trtexec import (
     build_command,
@@ -182,7 +183,7 @@ def test_trtexec_lines_follow_the_manifest(artifact_factory, tmp_path: Path) -> 
     build_llm = next(line for line in script.splitlines() if "--saveEngine=llm.plan" in line)
     assert build_llm.count("--minShapes=") == 2 and build_llm.count("--maxShapes=") == 2  # prefill + decode
     assert "inputs_embeds:1x41x64" in build_llm and "inputs_embeds:4x512x64" in build_llm
-    runs = {run.name: run for run in profiling_runs(manifest, limits)}
+    runs = {run.name: run for run in profiling_runs(manifest, limits, artifact)}
     prefill = runs["prefill_80"]
     assert prefill.profile == 0 and prefill.shapes["inputs_embeds"] == (1, 80, 64)
     assert prefill.shapes["past_key.2"] == (1, 2, 0, 16)
@@ -190,7 +191,11 @@ def test_trtexec_lines_follow_the_manifest(artifact_factory, tmp_path: Path) -> 
     decode = runs["decode_past128"]
     assert decode.profile == 1 and decode.shapes["attention_mask"] == (1, 129)
     assert decode.shapes["past_key.0"] == (1, 2, 128, 16) and decode.shapes["past_key.3"] == (1, 2, 104, 16)
-    assert decode.int_inputs["image_start"].tolist() == [6]
+    # the real count of the artifact's template before <image>: BOS + the vicuna_v1 system sentence + "USER:"
+    from apet.models.prompt import PromptEncoder
+
+    before = len(PromptEncoder(artifact, manifest.model).split("x")[0])
+    assert before > 20 and decode.int_inputs["image_start"].tolist() == [before]
     for flag in ("--useCudaGraph", "--noDataTransfers", "--separateProfileRun", "--dumpProfile",
                  "--exportTimes=trtexec/decode_past128.times.json", "--exportProfile=", "--shapes=", "--profile=1",
                  "--loadInputs=position_ids:trtexec/inputs/decode_past128.position_ids.bin"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apet.manifest import read_manifest
-from apet.reference import Reference, positions_from_mask
+from apet.modeling.reference import Reference, positions_from_mask
 
 HIDDEN, LAYERS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 

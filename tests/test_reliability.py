@@ -26,9 +26,9 @@ from PIL import Image
 
 from apet.errors import ApetError, ArtifactError, BackendError, InputError
 from apet.manifest import manifest_from_json, read_manifest
+from apet.media.images import MAX_PIXELS, load_image
 from apet.runtime.backends.base import import_optional
 from apet.runtime.pipeline import Pipeline
-from apet.runtime.preprocess import MAX_PIXELS, load_image
 from apet.runtime.sampling import GenerationConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_no_code_executing_deserialisation_in_the_package() -> None:
 
 
 def test_pickled_checkpoints_are_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from apet.models.llava import LlavaAdapter
+    from apet.models.llava.adapter import LlavaAdapter
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_checkpoint, pickled)

@@ -16,8 +16,9 @@ from PIL import Image
 
 from apet.compression import compress
 from apet.errors import BackendError, InputError
+from apet.media.images import load_image
+from apet.models.shared.clip import ClipRecipe, preprocess, processor_settings, recipe_from_settings
 from apet.runtime.pipeline import Pipeline
-from apet.runtime.preprocess import load_image, preprocess
 from apet.runtime.sampling import GenerationConfig
 
 PROMPTS = ["What is in the picture?", "Describe the image.", "How many objects are there and what color are they?"]
@@ -169,11 +170,13 @@ def test_eos_ends_generation(single_stage, images, monkeypatch: pytest.MonkeyPat
 def test_preprocessing_equals_hf_image_processor(tiny_checkpoint: Path) -> None:
     from transformers import AutoProcessor
 
-    from apet.models.llava import processor_spec_from_dir
-
     processor = AutoProcessor.from_pretrained(tiny_checkpoint).image_processor
-    padded = processor_spec_from_dir(tiny_checkpoint, 224)
-    assert padded.image_fit == "pad"  # the original LLaVA-1.5 recipe is the default
+    from apet.models.llava.adapter import LlavaAdapter
+
+    default = ClipRecipe.from_json(LlavaAdapter.load(tiny_checkpoint).spec.processor)
+    assert default.image_fit == "pad"  # the original LLaVA-1.5 recipe is the default
+    padded = recipe_from_settings(processor_settings(tiny_checkpoint), 224, "pad")
+    assert padded == default
     cropped = replace(padded, image_fit="crop")
     for seed, size in enumerate([(300, 200), (200, 300), (224, 224), (640, 97), (50, 40), (301, 200)]):
         image = make_image(seed, size)
@@ -186,7 +189,7 @@ def test_preprocessing_equals_hf_image_processor(tiny_checkpoint: Path) -> None:
 def test_stats_are_populated(two_stage, images) -> None:
     result = _generate(two_stage["torch"], images[:1], PROMPTS[:1], max_new_tokens=4)[0]
     s = result.stats
-    assert s.backend == "torch" and s.visual_tokens == 40 and s.new_tokens == 4
+    assert s.backend == "torch" and s.visual_tokens == [40] and s.new_tokens == 4
     assert s.ttft_ms >= s.prefill_ms > 0 and s.apet_ms is not None and s.decode_tokens_per_s > 0
     assert s.peak_rss_mb > 10
 

@@ -27,16 +27,17 @@ def test_step_shapes_equal_what_onnxruntime_produces(artifact_factory) -> None:
     manifest = pipeline.manifest
     backend = pipeline.backend
     prompts = ["What is in the picture?", "Describe it."]
-    encoded = pipeline.encoder.encode(prompts, manifest.max_context, 4)
-    visual = backend.encode_images(np.stack([np.zeros((3, 224, 224), np.float32)] * 2))
-    backend.prefill(encoded.token_ids, encoded.attention_mask, encoded.image_start, visual)
-    batch, seq = encoded.token_ids.shape
+    inputs = pipeline.processor.vision_inputs(["@demo", "@demo"])
+    visual = backend.encode(inputs)
+    layout = pipeline.processor.layout(prompts, inputs, visual.keep_index, 4)
+    backend.prefill(layout, visual)
+    batch, seq = layout.token_ids.shape
     prefill = StepShapes(manifest, batch, seq, 0)
     assert prefill.profile == PREFILL_PROFILE
     assert [tuple(v.shape()) for v in backend.past] == [prefill.outputs()[f"present_{k}.{i}"]
                                                         for i in range(4) for k in ("key", "value")]
-    mask = np.concatenate([encoded.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
-    backend.decode(np.array([5, 6]), mask)
+    mask = np.concatenate([layout.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
+    backend.decode(np.array([5, 6]), mask, pipeline.processor.decode_positions(layout, mask))
     decode = StepShapes(manifest, batch, 1, seq)
     assert decode.profile == DECODE_PROFILE
     assert decode.inputs()["past_key.3"] == prefill.outputs()["present_key.3"]

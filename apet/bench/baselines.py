@@ -7,13 +7,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
-from apet.bench.stages import Request, synthetic_inputs
+from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
-from apet.compression import CompressionConfig, Stage2Config
-from apet.models.base import VisionLanguageAdapter
-from apet.reference import Reference
+from apet.modeling.reference import Reference
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.registry import get_family
+from apet.plan import CompressionPlan, plan_compression
+from apet.runtime.backends.base import splice
+from apet.runtime.backends.torch import embedding_table
 
 
 def _sync(device: torch.device) -> None:
@@ -21,20 +25,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int) -> dict[str, Any]:
+def _tensors(arrays: dict[str, np.ndarray], adapter: VisionLanguageAdapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in arrays.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(adapter.device)
+        out[name] = tensor.to(adapter.dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
+def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, max_context: int) -> dict[str, Any]:
     """Plain ``generate`` with every visual token: TTFT (max_new_tokens=1) and N-token end to end."""
-    n = adapter.spec.n_tokens
-    pixels, ids, mask, _ = synthetic_inputs(adapter, request, n)
-    device = pixels.device
-    model = adapter.model
+    spec = adapter.spec
+    family = get_family(spec.family)
+    full = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=1.0, stages=1)
+    _, inputs, make_layout = synthetic_request(adapter, full, request, max_context)
+    stages = family.vision_stages(adapter, full.stage1.apply)
+    with torch.no_grad():
+        _, index = stages(*_tensors(inputs.arrays, adapter).values())
+    layout = make_layout(index.cpu().numpy())
+    kwargs = {**_tensors(family.hf_generate_inputs(inputs, layout), adapter),
+              "input_ids": torch.from_numpy(layout.token_ids).to(adapter.device),
+              "attention_mask": torch.from_numpy(layout.attention_mask).to(adapter.device)}
+    device, model = adapter.device, adapter.model
 
     def run(new_tokens: int) -> float:
         _sync(device)
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           pad_token_id=adapter.spec.pad_token_id or 0)
+            model.generate(**kwargs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=spec.pad_token_id or 0)
         _sync(device)
         return (time.perf_counter() - start) * 1e3
 
@@ -42,34 +61,38 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int) 
     ttft = summarize([run(1) for _ in range(repeats)])
     e2e = summarize([run(request.new_tokens) for _ in range(max(3, repeats // 2))])
     per_token = (e2e.median_ms - ttft.median_ms) / max(1, request.new_tokens - 1)
-    return {"visual_tokens": n, "ttft": ttft.to_json(), "end_to_end": e2e.to_json(),
+    return {"visual_tokens": int(layout.visual_tokens[0]), "ttft": ttft.to_json(), "end_to_end": e2e.to_json(),
             "decode_ms_per_token": round(per_token, 4)}
 
 
-def paper_style(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, repeats: int) -> dict[str, Any]:
+def paper_style(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, repeats: int,
+                max_context: int) -> dict[str, Any]:
     """The authors' code path: HF modules with SDPA attention (their default; their stage 2 does not even run
     with eager attention), ApET with the paper's semantics in eager PyTorch, HF dynamic cache."""
-    pixels, ids, mask, start = synthetic_inputs(adapter, request, stage1.keep)
-    device = pixels.device
-    reference = Reference(adapter, stage1, stage2)
-    table = adapter.embed_tokens().weight
+    processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
+    reference = Reference(adapter, plan.stage1, plan.stage2)
+    vision_inputs = tuple(_tensors(inputs.arrays, adapter)[n] for n in reference.vision.input_names)
+    table, device = embedding_table(adapter), adapter.device
+    with torch.no_grad():
+        layout = make_layout(reference.visual_embeds(*vision_inputs)[1].cpu().numpy())
+    ids, rows, mask, start, positions = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (
+        layout.token_ids, layout.visual_rows, layout.attention_mask, layout.image_start, layout.positions))
     ttfts, decodes = [], []
     with torch.no_grad():
         for i in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            visual, _ = reference.visual_embeds(pixels)
-            embeds = table[ids].clone()
-            embeds[:, int(start[0]):int(start[0]) + stage1.keep] = visual
-            logits, state = reference.prefill(embeds, mask, start)
+            visual, _ = reference.visual_embeds(*vision_inputs)
+            logits, state = reference.prefill(splice(table, ids, visual, rows), mask, start, positions)
             token = logits[:, -1].argmax(-1)
             _sync(device)
             t1 = time.perf_counter()
-            steps = []
+            steps, step_mask = [], layout.attention_mask
             for _ in range(min(request.new_tokens - 1, 16)):
                 s0 = time.perf_counter()
-                token = reference.decode(table[token][:, None], state)[:, -1].argmax(-1)
+                step_mask = np.concatenate([step_mask, np.ones_like(step_mask[:, :1])], axis=1)
+                position = torch.from_numpy(processor.decode_positions(layout, step_mask)).to(device)
+                token = reference.decode(table[token][:, None], state, position)[:, -1].argmax(-1)
                 _sync(device)
                 steps.append((time.perf_counter() - s0) * 1e3)
             if i > 0:  # the first round is warm-up

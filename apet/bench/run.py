@@ -29,7 +29,8 @@ from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
 from apet.errors import UsageError
-from apet.models.base import VisionLanguageAdapter
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.registry import get_family
 from apet.plan import plan_compression
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
 
 def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.LlmShape]:
     spec = adapter.spec
-    tower = adapter.model.config.vision_config
-    select = spec.extra.get("vision_feature_layer", -1)
-    depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
-    vision = flops.VisionShape(tokens=spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
-                               layers=depth, patch=tower.patch_size)
+    vision = get_family(spec.family).vision_flops_shape(adapter)
     d = spec.decoder
     llm = flops.LlmShape(hidden=d.hidden_size, intermediate=d.intermediate_size, layers=d.num_layers,
                          heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim, vocab=d.vocab_size)
@@ -108,7 +105,13 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages)
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages,
+                            stage1_placement=get_family(spec.family).stage1_placement)
+
+
+def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
+    """One cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios."""
+    return cfg.prompt_tokens + 4 * adapter.spec.n_tokens + cfg.new_tokens + 64
 
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
@@ -124,10 +127,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         # graphs and compiled code of earlier budgets stay allocated: count only what this budget adds
         leftover = torch.cuda.memory_allocated(device) - weights
         torch.cuda.reset_peak_memory_stats(device)
-    # one cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios
-    max_context = cfg.prompt_tokens + adapter.spec.n_tokens + cfg.new_tokens + 8
-    path = ApetPath(adapter, stage1, stage2, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
-                    max_context=max_context)
+    path = ApetPath(adapter, plan, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
+                    max_context=_max_context(adapter, cfg))
     path.generate()  # warm-up
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
@@ -153,7 +154,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "jetson_floors_ms": flops.project(costs),
     }
     if cfg.baselines:
-        result["paper_style"] = paper_style(adapter, stage1, stage2, request, max(2, cfg.repeats // 3))
+        result["paper_style"] = paper_style(adapter, plan, request, max(2, cfg.repeats // 3),
+                                            _max_context(adapter, cfg))
     del path
     return result
 
@@ -195,7 +197,8 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
     if cfg.baselines:
         for batch in cfg.batches:
             request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
-            baselines["hf_generate"][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2))
+            baselines["hf_generate"][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
+                                                               _max_context(adapter, cfg))
     _speedups(runs, baselines)
     import transformers
 

@@ -6,86 +6,118 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from apet.bench.timing import Timing, summarize, time_call
-from apet.compression import CompressionConfig, Stage2Config
-from apet.models.base import VisionLanguageAdapter
+from apet.manifest import in_memory_manifest
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.registry import get_family
+from apet.plan import CompressionPlan
 from apet.runtime.backends.base import splice
+from apet.runtime.backends.torch import embedding_table
 from apet.runtime.cuda_graphs import GraphedCall
 from apet.runtime.static_decoder import StaticDecoder
-
-TEXT_BEFORE_IMAGE = 5  # "<s> USER:" in the LLaVA-1.5 template
 
 
 @dataclass(frozen=True)
 class Request:
-    """A synthetic request: random pixels, ``prompt_tokens`` text tokens around the image, N new tokens."""
+    """A synthetic request: one random-content image per row, ``prompt_tokens`` text tokens around the visual
+    span (the family's real layout; random ids where the model has no tokenizer), N new tokens."""
 
     batch: int
     prompt_tokens: int
     new_tokens: int
+    image_size: tuple[int, int] = (640, 480)
 
 
-def synthetic_inputs(adapter: VisionLanguageAdapter, request: Request, visual_tokens: int, seed: int = 0):
-    spec, device = adapter.spec, adapter.device
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    proc = spec.processor
-    pixels = torch.randn(request.batch, 3, proc.crop_height, proc.crop_width, generator=generator)
-    text = torch.randint(3, min(spec.decoder.vocab_size, 30000), (request.batch, request.prompt_tokens),
-                         generator=generator)
-    before = min(TEXT_BEFORE_IMAGE, request.prompt_tokens)
-    image = torch.full((request.batch, visual_tokens), spec.image_token_id)
-    ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)
-    mask = torch.ones_like(ids)
-    start = torch.full((request.batch,), before, dtype=torch.long)
-    return pixels.to(device, adapter.dtype), ids.to(device), mask.to(device), start.to(device)
+def bench_manifest(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int):
+    dtype = "fp16" if adapter.dtype == torch.float16 else "fp32"
+    return in_memory_manifest(adapter.spec, plan, dtype=dtype, max_batch=request.batch, max_context=max_context)
+
+
+def synthetic_request(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
+                      seed: int = 0):
+    """(processor, vision inputs as torch tensors, a function keep_index -> Layout) through the family's own
+    processor, so the benchmark runs the layout users get (the tokenizer is used when the checkpoint has one)."""
+    from PIL import Image
+
+    manifest = bench_manifest(adapter, plan, request, max_context)
+    tokenizer = adapter.source_dir if adapter.source_dir and (adapter.source_dir / "tokenizer.json").is_file() else None
+    processor = get_family(adapter.family).processor(tokenizer, manifest)
+    rng = np.random.default_rng(seed)
+    width, height = request.image_size
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    inputs = processor.vision_inputs([image] * request.batch)
+    before = processor.encoder.text_before_media()
+    prompt = " ".join(["word"] * max(1, request.prompt_tokens - before))
+
+    def layout(keep_index: np.ndarray):
+        return processor.layout([prompt] * request.batch, inputs, keep_index, request.new_tokens)
+
+    return processor, inputs, layout
+
+
+def _device(arrays: dict[str, np.ndarray], names: list[str], adapter: VisionLanguageAdapter) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in names:
+        tensor = torch.from_numpy(arrays[name]).to(adapter.device)
+        out[name] = tensor.to(adapter.dtype) if tensor.is_floating_point() else tensor
+    return out
 
 
 class ApetPath:
     """The compressed model at one budget, every stage captured as its own CUDA graph."""
 
-    def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                 request: Request, graphs: bool, fuse: bool = True, compile: bool = False,
-                 max_context: int | None = None) -> None:
-        self.adapter, self.stage1, self.stage2, self.request = adapter, stage1, stage2, request
-        pixels, ids, mask, start = synthetic_inputs(adapter, request, stage1.keep)
-        self.max_context = max_context or ids.shape[1] + request.new_tokens + 8
+    def __init__(self, adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, graphs: bool,
+                 fuse: bool = True, compile: bool = False, max_context: int = 2048) -> None:
+        self.adapter, self.plan, self.request = adapter, plan, request
+        stage1, stage2 = plan.stage1, plan.stage2
+        _, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
+        stages = get_family(adapter.family).vision_stages(adapter, stage1.apply)
+        names = stages.input_names
+        vision_inputs = _device(inputs.arrays, names, adapter)
+        self.max_context = max_context
         self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse)
         maybe = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
-        self.table = adapter.embed_tokens().weight
-        pool = torch.cuda.graph_pool_handle() if graphs and pixels.is_cuda else None
+        self.table = embedding_table(adapter)
+        device = adapter.device
+        pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None
         g = dict(enabled=graphs, pool=pool)
-        c = stage1
         with torch.no_grad():
-            self.vision = GraphedCall(maybe(lambda pixel_values: adapter.vision_features(pixel_values)),
-                                      {"pixel_values": pixels}, **g)
-            features = self.vision(pixel_values=pixels).clone()
-            self.apet1 = GraphedCall(maybe(lambda x: c.apply(x).tokens), {"x": features}, **g)
-            kept = self.apet1(x=features).clone()
-            self.projector = GraphedCall(lambda t: adapter.project(t), {"t": kept}, **g)
-            visual = self.projector(t=kept).clone()
-            self.prefill = GraphedCall(maybe(self._prefill), {"ids": ids, "mask": mask, "start": start,
-                                                              "visual": visual}, **g)
-            self.prefill_inputs = {"ids": ids, "mask": mask, "start": start, "visual": visual}
+            self.vision = GraphedCall(maybe(lambda **kw: stages.vision(*(kw[n] for n in names))), vision_inputs, **g)
+            features = self.vision(**vision_inputs).clone()
+            self.apet1 = GraphedCall(maybe(lambda x: stages.apet_stage1(x)), {"x": features}, **g)
+            tokens, index = (t.clone() for t in self.apet1(x=features))
+            self.projector = GraphedCall(lambda t, i: stages.projector(t, i, *(vision_inputs[n] for n in names))[0],
+                                         {"t": tokens, "i": index}, **g)
+            visual = self.projector(t=tokens, i=index).clone()
+            layout = make_layout(index.cpu().numpy())
+            arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
+                      "positions": layout.positions, "start": layout.image_start}
+            self.prefill_inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
+            self.prefill_inputs["visual"] = visual
+            self.prefill = GraphedCall(maybe(self._prefill), self.prefill_inputs, **g)
             self.apet2 = None
             if stage2 is not None:
                 hidden = torch.randn(request.batch, stage1.keep, adapter.spec.decoder.hidden_size,
-                                     device=pixels.device, dtype=adapter.dtype)
+                                     device=device, dtype=adapter.dtype)
                 c2 = stage2.compression
                 self.apet2 = GraphedCall(maybe(lambda x: c2.apply(x).tokens), {"x": hidden}, **g)
                 self.apet2_input = hidden
-            self.pixels, self.features, self.kept = pixels, features, kept
+            self.vision_inputs, self.features, self.kept = vision_inputs, features, (tokens, index)
             self.prefill(**self.prefill_inputs)
             saved = self.decoder.snapshot()
-            token = torch.zeros(request.batch, dtype=torch.long, device=pixels.device)
-            position = torch.full((request.batch, 1), ids.shape[1], dtype=torch.long, device=pixels.device)
+            self.prompt_length = layout.token_ids.shape[1]
+            token = torch.zeros(request.batch, dtype=torch.long, device=device)
+            position = torch.from_numpy(layout.positions[..., -1:] + 1).to(device)
             self.decode = GraphedCall(maybe(self._decode), {"token": token, "position": position},
                                       before_capture=lambda: self.decoder.restore(saved), **g)
-            self.prompt_length = ids.shape[1]
+            self.last_position = layout.positions[..., -1:]
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, visual: torch.Tensor):
-        return self.decoder.prefill(splice(self.table, ids, visual, start), mask, start)
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                 start: torch.Tensor, visual: torch.Tensor):
+        return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start)
 
     def _decode(self, token: torch.Tensor, position: torch.Tensor):
         return self.decoder.decode(self.table[token][:, None], position)
@@ -93,23 +125,23 @@ class ApetPath:
     @torch.no_grad()
     def first_token(self) -> torch.Tensor:
         """Vision -> ApET -> projector -> prefill -> argmax, graphs replayed back to back (no host sync)."""
-        features = self.vision(pixel_values=self.pixels)
-        kept = self.apet1(x=features)
-        visual = self.projector(t=kept)
+        features = self.vision(**self.vision_inputs)
+        tokens, index = self.apet1(x=features)
+        visual = self.projector(t=tokens, i=index)
         logits = self.prefill(**{**self.prefill_inputs, "visual": visual})
         return logits.argmax(-1)
 
     @torch.no_grad()
     def generate(self) -> tuple[torch.Tensor, list[float]]:
         """TTFT then new_tokens-1 decode steps; returns the tokens and per-step ms (device events)."""
-        device = self.pixels.device
+        device = self.adapter.device
         timer = _Timer(device)
         timer.start()
         token = self.first_token()
         steps = [timer.stop()]
         tokens = [token]
         for i in range(self.request.new_tokens - 1):
-            position = torch.full((self.request.batch, 1), self.prompt_length + i, dtype=torch.long, device=device)
+            position = torch.from_numpy(self.last_position + 1 + i).to(device)
             timer.start()
             token = self.decode(token=token, position=position).argmax(-1)
             steps.append(timer.stop())
@@ -117,11 +149,12 @@ class ApetPath:
         return torch.stack(tokens, 1), steps
 
     def stage_timings(self, repeats: int) -> dict[str, Timing]:
-        device = self.pixels.device
+        device = self.adapter.device
+        tokens, index = self.kept
         timings = {
-            "vision_tower": time_call(lambda: self.vision(pixel_values=self.pixels), device=device, repeats=repeats),
+            "vision_tower": time_call(lambda: self.vision(**self.vision_inputs), device=device, repeats=repeats),
             "apet_stage1": time_call(lambda: self.apet1(x=self.features), device=device, repeats=repeats),
-            "projector": time_call(lambda: self.projector(t=self.kept), device=device, repeats=repeats),
+            "projector": time_call(lambda: self.projector(t=tokens, i=index), device=device, repeats=repeats),
             "prefill": time_call(lambda: self.prefill(**self.prefill_inputs), device=device, repeats=repeats),
         }
         if self.apet2 is not None:
@@ -130,9 +163,7 @@ class ApetPath:
         return timings
 
     def cache_lengths(self, context: int) -> list[int]:
-        removed = self.stage2.removed if self.stage2 else 0
-        split = self.stage2.layer if self.stage2 else len(self.decoder.layers)
-        return [context - (removed if i >= split else 0) for i in range(len(self.decoder.layers))]
+        return self.decoder.cache_layout.lengths(context)
 
 
 class _Timer:

@@ -12,17 +12,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from apet.atomic import write_atomic
+from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_bytes
 from apet.engines.api import TrtApi, load_api
 from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
 from apet.errors import ArtifactError, UsageError
-from apet.export.onnx_utils import sha256_file
-from apet.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_files
+from apet.manifest import Manifest, read_manifest, verify_files
 
 log = logging.getLogger(__name__)
 
-REPORT_NAME = "build_report.json"
-ENGINE_FILES = {"vision": "vision.plan", "llm": "llm.plan"}
 
 
 @dataclass(frozen=True)
@@ -62,23 +60,6 @@ class BuildReport:
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
-
-
-def manifest_digest(artifact: Path) -> str:
-    return sha256_file(Path(artifact) / MANIFEST_NAME)
-
-
-def read_report(artifact: Path) -> dict[str, Any] | None:
-    path = Path(artifact) / REPORT_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})", "rebuild the engines with apet-build") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
-        raise ArtifactError(f"{path} is malformed", "rebuild the engines with apet-build --overwrite")
-    return data
 
 
 def _guard_existing(cfg: BuildConfig, digest: str) -> None:
@@ -158,7 +139,7 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
 def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest, artifact: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "file": ENGINE_FILES[name], "onnx": manifest.graphs[name].file, "seconds": round(built.seconds, 3),
-        "bytes": len(built.plan), "sha256": _sha256_bytes(built.plan), "num_layers": built.num_layers,
+        "bytes": len(built.plan), "sha256": sha256_bytes(built.plan), "num_layers": built.num_layers,
         "inputs": built.inputs, "outputs": built.outputs, "profiles": built.profiles,
         "compute_capabilities": built.compute_capabilities or ["builder default"], "layer_information": None,
     }
@@ -168,9 +149,3 @@ def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest
         write_atomic(artifact / layer_file, info.encode())
         entry["layer_information"] = layer_file
     return entry
-
-
-def _sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

@@ -1,9 +1,16 @@
-"""Optimization profiles derived from the manifest: vision (batch) and LLM (prefill, decode)."""
+"""Optimization profiles derived from the manifest: vision (the family's dims) and LLM (prefill, decode).
+
+Shapes are never spelled out per tensor here: the manifest records every graph input with its
+symbolic dims (``batch``, ``seq``, ``past``, ``past_after``, ...), the family sizes the vision
+dims and the :class:`~apet.contracts.cache.CacheLayout` the LLM dims, and :func:`resolve_shape`
+fills them in. The same holds for trtexec lines and the TensorRT backend's bindings.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apet.contracts.specs import resolve_shape
 from apet.engines.trt import Profile
 from apet.errors import UsageError
 from apet.manifest import Manifest
@@ -23,55 +30,40 @@ class ShapeLimits:
     @classmethod
     def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, max_context: int | None = None,
                       max_prompt: int | None = None) -> "ShapeLimits":
+        visual = manifest.family.max_visual_tokens(manifest)
         batch = max_batch or manifest.max_batch
         context = max_context or manifest.max_context
-        prompt = max_prompt or min(context, manifest.visual_tokens + DEFAULT_TEXT_TOKENS)
+        prompt = max_prompt or min(context, visual + DEFAULT_TEXT_TOKENS)
         if prompt > context:
             raise UsageError(f"--max-prompt {prompt} exceeds --max-context {context}", "lower --max-prompt")
-        if prompt <= manifest.visual_tokens:
-            raise UsageError(f"--max-prompt {prompt} leaves no room for text after {manifest.visual_tokens} "
-                             "visual tokens", f"use at least {manifest.visual_tokens + 16}")
+        if prompt <= visual:
+            raise UsageError(f"--max-prompt {prompt} leaves no room for text after {visual} visual tokens",
+                             f"use at least {visual + 16}")
         if batch < 1:
             raise UsageError(f"--max-batch {batch} must be at least 1", "pass --max-batch 1 or more")
         return cls(batch, context, prompt)
 
 
+def _shapes(manifest: Manifest, graph: str, dims: tuple[dict[str, int], dict[str, int], dict[str, int]]):
+    return {spec["name"]: tuple(resolve_shape(spec, d) for d in dims) for spec in manifest.graphs[graph].inputs}
+
+
 def vision_profiles(manifest: Manifest, limits: ShapeLimits) -> list[Profile]:
-    proc = manifest.model.processor
-    image = (3, proc.crop_height, proc.crop_width)
-    return [Profile("vision", {"pixel_values": ((1, *image), (1, *image), (limits.max_batch, *image))})]
-
-
-def _llm_shapes(manifest: Manifest, batch: tuple[int, int, int], seq: tuple[int, int, int],
-                past: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
-    spec = manifest.model.decoder
-    stage2 = manifest.compression.stage2
-    removed = manifest.removed_at_stage2()
-    shapes: dict[str, tuple[tuple[int, ...], ...]] = {
-        "inputs_embeds": tuple((b, t, spec.hidden_size) for b, t in zip(batch, seq)),
-        "position_ids": tuple((b, t) for b, t in zip(batch, seq)),
-        "attention_mask": tuple((b, p + t) for b, p, t in zip(batch, past, seq)),
-    }
-    if stage2 is not None:
-        shapes["image_start"] = tuple((b,) for b in batch)
-    for i in range(spec.num_layers):
-        shortened = stage2 is not None and i >= stage2.layer
-        lengths = tuple(max(0, p - removed) if shortened and p > 0 else p for p in past)
-        for kind in ("key", "value"):
-            shapes[f"past_{kind}.{i}"] = tuple((b, spec.num_kv_heads, p, spec.head_dim)
-                                               for b, p in zip(batch, lengths))
-    return shapes
+    ranges = manifest.family.vision_dims(manifest, limits.max_batch)
+    dims = tuple({name: r[i] for name, r in ranges.items()} for i in range(3))
+    return [Profile("vision", _shapes(manifest, "vision", dims))]
 
 
 def llm_profiles(manifest: Manifest, max_batch: int | None = None, max_context: int | None = None,
                  max_prompt: int | None = None) -> list[Profile]:
-    """Profile 0 = prefill (whole prompt incl. the image span, empty cache); profile 1 = decode (T = 1)."""
+    """Profile 0 = prefill (whole prompt incl. the visual span, empty cache); profile 1 = decode (T = 1)."""
     limits = ShapeLimits.from_manifest(manifest, max_batch, max_context, max_prompt)
-    k1 = manifest.visual_tokens
+    layout = manifest.cache_layout
+    typical = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
+    # with stage 2 a prefill holds the whole K1 span; the removed tokens must leave at least one
+    shortest = manifest.visual_tokens + 1 if manifest.compression.stage2 is not None else 2
     batch = (1, 1, limits.max_batch)
-    shortest = k1 + 1 if manifest.compression.stage2 is not None else 2
-    typical = min(limits.max_prompt, k1 + OPT_TEXT_TOKENS)
-    prefill = _llm_shapes(manifest, batch, (shortest, typical, limits.max_prompt), (0, 0, 0))
-    decode = _llm_shapes(manifest, batch, (1, 1, 1), (shortest, min(typical + 64, limits.max_context - 1),
-                                                       limits.max_context - 1))
-    return [Profile("prefill", prefill), Profile("decode", decode)]
+    prefill = tuple(layout.dims(b, t, 0) for b, t in zip(batch, (shortest, typical, limits.max_prompt)))
+    past = (shortest, min(typical + 64, limits.max_context - 1), limits.max_context - 1)
+    decode = tuple(layout.dims(b, 1, p) for b, p in zip(batch, past))
+    return [Profile("prefill", _shapes(manifest, "llm", prefill)), Profile("decode", _shapes(manifest, "llm", decode))]

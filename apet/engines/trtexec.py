@@ -22,14 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from apet.engines.build import ENGINE_FILES
+from apet.contracts.files import ENGINE_FILES
+from apet.contracts.specs import resolve_shape
 from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, llm_profiles, vision_profiles
 from apet.engines.trt import Profile
 from apet.errors import ArtifactError
 from apet.manifest import Manifest, read_manifest
 
 OUT_DIR = "trtexec"
-TEXT_BEFORE_IMAGE = 6  # "USER: " before the image in the LLaVA-1.5 template
 DECODE_PAST = (128, 512, 1024, 2048, 4096)
 
 
@@ -76,38 +76,28 @@ def profile_command(run: Run, out_dir: str = OUT_DIR, iterations: int = 200) -> 
     return cmd
 
 
-def _llm_run(name: str, manifest: Manifest, profile_index: int, profile: Profile, seq: int, past: int) -> Run:
-    removed = manifest.removed_at_stage2()
-    stage2 = manifest.compression.stage2
-    shapes: dict[str, tuple[int, ...]] = {}
-    for tensor, (low, _opt, _high) in profile.shapes.items():
-        shape = list(low)
-        shape[0] = 1
-        if tensor in ("inputs_embeds", "position_ids"):
-            shape[1] = seq
-        elif tensor == "attention_mask":
-            shape[1] = past + seq
-        elif tensor.startswith("past_"):
-            layer = int(tensor.rsplit(".", 1)[1])
-            shape[2] = past - removed if stage2 is not None and layer >= stage2.layer and past > 0 else past
-        shapes[tensor] = tuple(shape)
-    ints = {"position_ids": np.arange(past, past + seq, dtype=np.int64)[None],
+def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, seq: int, past: int) -> Run:
+    """Batch 1, ``seq`` new tokens after ``past``: shapes from the cache layout, meaningful integer inputs."""
+    dims = manifest.cache_layout.dims(1, seq, past)
+    shapes = {spec["name"]: resolve_shape(spec, dims) for spec in manifest.graphs["llm"].inputs}
+    positions = np.arange(past, past + seq, dtype=np.int64)
+    ints = {"position_ids": np.broadcast_to(positions, shapes["position_ids"]).copy(),
             "attention_mask": np.ones((1, past + seq), dtype=np.int64)}
-    if stage2 is not None:
-        ints["image_start"] = np.array([TEXT_BEFORE_IMAGE], dtype=np.int64)
+    if "image_start" in shapes:
+        ints["image_start"] = np.array([manifest.family.text_before_media(manifest, artifact)], dtype=np.int64)
     return Run(name, ENGINE_FILES["llm"], profile_index, shapes, ints)
 
 
-def profiling_runs(manifest: Manifest, limits: ShapeLimits) -> list[Run]:
+def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> list[Run]:
     vision = vision_profiles(manifest, limits)[0]
     runs = [Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[0] for n, s in vision.shapes.items()}, {})]
-    prefill, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
-    prompt = min(limits.max_prompt, manifest.visual_tokens + OPT_TEXT_TOKENS)
-    runs.append(_llm_run(f"prefill_{prompt}", manifest, 0, prefill, prompt, 0))
+    _, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
+    prompt = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
+    runs.append(_llm_run(f"prefill_{prompt}", manifest, artifact, 0, prompt, 0))
     shortest = decode.shapes["attention_mask"][0][1] - 1
     for past in sorted({p for p in DECODE_PAST if p < limits.max_context} | {prompt}):
         if past >= shortest:
-            runs.append(_llm_run(f"decode_past{past}", manifest, 1, decode, 1, past))
+            runs.append(_llm_run(f"decode_past{past}", manifest, artifact, 1, 1, past))
     return runs
 
 
@@ -128,7 +118,7 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
                             layer_info=f"{OUT_DIR}/{name}.layers.json")
         lines.append('  "$TRTEXEC" ' + " ".join(shlex.quote(c) for c in cmd) + f" | tee {OUT_DIR}/build_{name}.log")
     lines.append("fi")
-    for run in profiling_runs(manifest, limits):
+    for run in profiling_runs(manifest, limits, artifact):
         for tensor, values in run.int_inputs.items():
             values.tofile(inputs_dir / f"{run.name}.{tensor}.bin")
         cmd = profile_command(run)

@@ -6,7 +6,6 @@ interrupted run resumes where it stopped: answered (method, ratio, id) triples a
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -16,13 +15,13 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from apet import __version__
 from apet.errors import ApetError, UsageError
 from apet.eval.data import EvalItem, load
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
-from apet.manifest import SCHEMA_VERSION, Manifest, read_manifest
-from apet.models.base import VisionLanguageAdapter
+from apet.manifest import Manifest, in_memory_manifest, read_manifest
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.registry import get_family
 from apet.plan import plan_compression
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
@@ -75,13 +74,12 @@ def settings(cfg: EvalConfig) -> list[Setting]:
 
 
 def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
-    """An in-memory manifest for running a checkpoint through the runtime's torch backend."""
+    """The manifest under which a checkpoint runs through the runtime's torch backend at one setting."""
     spec = adapter.spec
-    compression = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
-                                   rule=setting.method)
-    return Manifest(SCHEMA_VERSION, __version__, dt.datetime.now(dt.timezone.utc).isoformat(), spec,
-                    "fp32" if adapter.dtype.itemsize == 4 else "fp16", 0, compression, 1,
-                    min(spec.decoder.max_positions, 4096), {}, {}, [], {})
+    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
+                            stage1_placement=get_family(spec.family).stage1_placement, rule=setting.method)
+    return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
+                              max_context=min(spec.decoder.max_positions, 4096))
 
 
 def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
@@ -110,7 +108,7 @@ def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
 
 def _conditions(manifest: Manifest) -> dict[str, Any]:
     """What the scores depend on besides the rule and ratio: recorded in the report."""
-    return {"prompt_template": manifest.model.prompt_template_name, "image_fit": manifest.model.processor.image_fit,
+    return {"prompt_template": manifest.model.prompt_template_name, "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
             "stages": 1 if manifest.compression.stage2 is None else 2}
 

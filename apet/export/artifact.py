@@ -14,20 +14,14 @@ from tqdm.auto import tqdm
 from apet import __version__
 from apet.atomic import atomic_directory
 from apet.compression import BASIS_PLACEMENTS, METHODS
+from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, sha256_file
 from apet.errors import UsageError, check_range
-from apet.export.llm import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, export_llm, save_embeddings
-from apet.export.onnx_utils import (
-    MAX_OPSET,
-    MIN_OPSET,
-    check_onnx,
-    external_data_files,
-    graph_io,
-    sha256_file,
-    spec_dict,
-)
+from apet.export.llm import export_llm, save_embeddings
+from apet.export.onnx_utils import MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, spec_dict
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, write_manifest
-from apet.models.base import VisionLanguageAdapter
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.registry import get_family
 from apet.plan import CompressionPlan, plan_compression
 
 log = logging.getLogger(__name__)
@@ -109,11 +103,14 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template)
             bar.update()
             step(1)
-            spec = adapter.spec
+            spec, family = adapter.spec, get_family(adapter.family)
+            if cfg.stages > family.max_stages:
+                raise UsageError(f"--stages {cfg.stages}: the {family.name} family has {family.max_stages} stage(s)",
+                                 f"pass --stages {family.max_stages}")
             plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
-                                    stage2_layer=cfg.stage2_layer)
+                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)
             max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
             bar.update()
             step(2)
@@ -123,7 +120,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
             bar.update()
             step(4)
-            save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
+            extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
             bar.update()
             step(5)
             assets = adapter.save_text_assets(scratch)
@@ -134,7 +131,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             graphs = {"vision": _graph_entry(scratch, "vision.onnx"), "llm": _graph_entry(scratch, "llm.onnx")}
             bar.update()
             step(7)
-            manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch)
+            manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch, extra_rows)
             write_manifest(scratch, manifest)
             bar.update()
     finally:
@@ -142,11 +139,12 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
     return manifest
 
 
-def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: CompressionPlan, graphs: dict[str, GraphEntry],
-              assets: list[str], max_context: int, directory: Path) -> Manifest:
-    table = adapter.embed_tokens().weight
+def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: CompressionPlan,
+              graphs: dict[str, GraphEntry], assets: list[str], max_context: int, directory: Path,
+              extra_rows: dict[str, int]) -> Manifest:
+    rows, hidden = adapter.embed_tokens().weight.shape
     embeddings = {"kind": "safetensors", "file": EMBEDDINGS_FILE, "tensor": EMBEDDINGS_TENSOR,
-                  "shape": list(table.shape), "dtype": cfg.dtype}
+                  "shape": [rows + len(extra_rows), hidden], "dtype": cfg.dtype, "extra_rows": extra_rows}
     names = [g.file for g in graphs.values()] + [x for g in graphs.values() for x in g.external_data]
     names += [EMBEDDINGS_FILE] + assets
     checksums = {name: sha256_file(directory / name) for name in sorted(set(names))}

@@ -8,23 +8,19 @@ import torch
 from safetensors.torch import save_file
 
 from apet.compression import Stage2Config
-from apet.export.decoder import DecoderGraph, empty_past, past_names, present_names
+from apet.contracts.files import EMBEDDINGS_TENSOR
+from apet.contracts.io import llm_io_names
+from apet.export.decoder import DecoderGraph
 from apet.export.onnx_utils import export_onnx
-from apet.models.base import VisionLanguageAdapter
-
-EMBEDDINGS_FILE = "embed_tokens.safetensors"
-EMBEDDINGS_TENSOR = "weight"
+from apet.modeling.blocks import empty_past
+from apet.models.adapter import VisionLanguageAdapter
 
 
-def llm_io_names(num_layers: int, stage2: Stage2Config | None) -> tuple[list[str], list[str]]:
-    inputs = ["inputs_embeds", "position_ids", "attention_mask"] + (["image_start"] if stage2 else [])
-    outputs = ["logits"] + (["stage2_index"] if stage2 else [])
-    return inputs + past_names(num_layers), outputs + present_names(num_layers)
-
-
-def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool) -> dict[str, dict[int, str]]:
+def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool,
+                  position_rank: int) -> dict[str, dict[int, str]]:
+    position_axes = {0: "batch", 1: "seq"} if position_rank == 1 else {1: "batch", 2: "seq"}
     axes: dict[str, dict[int, str]] = {
-        "inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+        "inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": position_axes,
         "attention_mask": {0: "batch", 1: "total"},
         "logits": {0: "batch", 1: "seq_out"} if all_logits else {0: "batch"},
     }
@@ -48,20 +44,29 @@ def export_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | None, path
     length = (stage2.span if stage2 else 0) + 8
     embeds = torch.randn(batch, length, spec.hidden_size, dtype=adapter.dtype, device=adapter.device)
     positions = torch.arange(length, device=adapter.device).expand(batch, -1).contiguous()
+    if spec.position_rank == 3:  # M-RoPE: [3, B, T] (temporal, height, width)
+        positions = positions.unsqueeze(0).expand(3, -1, -1).contiguous()
     mask = torch.ones(batch, length, dtype=torch.long, device=adapter.device)
     args: tuple = (embeds, positions, mask)
     if stage2:
         args += (torch.full((batch,), 3, dtype=torch.long, device=adapter.device),)
     args += tuple(empty_past(adapter, batch))
-    inputs, outputs = llm_io_names(spec.num_layers, stage2)
+    inputs, outputs = llm_io_names(spec.num_layers, stage2 is not None)
     return export_onnx(DecoderGraph(adapter, stage2, all_logits).eval(), args, path, input_names=inputs,
-                       output_names=outputs, dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits),
+                       output_names=outputs,
+                       dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits, spec.position_rank),
                        opset=opset)
 
 
-def save_embeddings(adapter: VisionLanguageAdapter, path: Path) -> Path:
-    """The token-embedding table as safetensors (the runtime looks tokens up itself: no engine needed)."""
-    table = adapter.embed_tokens().weight.detach().to("cpu").contiguous()
-    save_file({EMBEDDINGS_TENSOR: table}, str(path))
+def save_embeddings(adapter: VisionLanguageAdapter, path: Path) -> dict[str, int]:
+    """The token-embedding table as safetensors (the runtime looks tokens up itself: no engine needed), with
+    the family's extra learned rows appended after the vocabulary; returns {name: row id} of those rows."""
+    table = adapter.embed_tokens().weight.detach().to("cpu")
+    extra = adapter.extra_embeddings()
+    ids = {name: table.shape[0] + i for i, name in enumerate(extra)}
+    if extra:
+        rows = [row.detach().to("cpu", table.dtype).reshape(1, -1) for row in extra.values()]
+        table = torch.cat([table, *rows])
+    save_file({EMBEDDINGS_TENSOR: table.contiguous()}, str(path))
     path.chmod(0o644)
-    return path
+    return ids

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import onnx
 import torch
 
+from apet.contracts.specs import TensorSpec
 from apet.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -32,18 +31,6 @@ _ONNX_DTYPES = {
     onnx.TensorProto.BOOL: "bool",
     onnx.TensorProto.UINT8: "uint8",
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: its name, dims (ints or symbolic names) and dtype."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
 @contextlib.contextmanager
@@ -178,14 +165,6 @@ def op_histogram(path: Path) -> dict[str, int]:
         key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def spec_dict(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:

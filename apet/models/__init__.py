@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers the built-in ones (each import is torch-free)."""
+
+import apet.models.llava  # noqa: F401

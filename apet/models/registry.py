@@ -1,36 +1,69 @@
-"""Resolve ``--model`` (alias, local directory, hub id, ``tiny``, ``*-shapes``) to an adapter."""
+"""The family registry, and ``--model`` (alias, tiny name, ``*-shapes``, local directory, hub id) to a family.
+
+A family package registers one :class:`apet.models.family.Family` instance on import
+(``apet.models`` imports every built-in family); the runtime looks up the family named in a
+manifest with :func:`get_family`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from apet.errors import ArtifactError, UsageError
+from apet.models.family import Family
 
-from apet.errors import UsageError
-from apet.models.base import VisionLanguageAdapter
-from apet.models.llava import LlavaAdapter
+if TYPE_CHECKING:
+    from apet.models.adapter import VisionLanguageAdapter
 
 log = logging.getLogger(__name__)
 
-ADAPTERS: dict[str, type[VisionLanguageAdapter]] = {"llava": LlavaAdapter}
-ALIASES = {"llava": "llava-hf/llava-1.5-7b-hf", "llava-13b": "llava-hf/llava-1.5-13b-hf"}
-SHAPES = ("llava-shapes", "llava-13b-shapes")
+FAMILIES: dict[str, Family] = {}
 
 
-def _family_of(path: Path) -> str:
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def _families() -> dict[str, Family]:
+    import apet.models  # noqa: F401  (registers the built-in families)
+
+    return FAMILIES
+
+
+def get_family(name: str) -> Family:
+    families = _families()
+    if name not in families:
+        raise ArtifactError(f"model family {name!r} is not supported by this apet",
+                            f"supported families: {', '.join(families)}; upgrade apet or re-export")
+    return families[name]
+
+
+def known_models() -> list[str]:
+    names: list[str] = []
+    for family in _families().values():
+        names += ([family.tiny] if family.tiny else []) + list(family.aliases) + list(family.shapes)
+    return names
+
+
+def family_of_checkpoint(path: Path) -> Family:
+    from apet.models.shared.hf_files import read_json
+
     config = path / "config.json"
     if not config.is_file():
         raise UsageError(f"{path} is not a checkpoint directory (no config.json)",
-                         "pass a directory saved with save_pretrained, an alias (tiny, llava, llava-13b) or a hub id")
-    model_type = json.loads(config.read_text()).get("model_type", "")
-    if model_type not in ADAPTERS:
-        raise UsageError(f"model family {model_type!r} in {path} is not supported",
-                         f"supported families: {', '.join(ADAPTERS)}")
-    return model_type
+                         f"pass a directory saved with save_pretrained, one of {', '.join(known_models())}, "
+                         "or a hub id")
+    model_type = read_json(config).get("model_type", "")
+    for family in _families().values():
+        if model_type in family.model_types:
+            return family
+    supported = sorted(t for f in _families().values() for t in f.model_types)
+    raise UsageError(f"model family {model_type!r} in {path} is not supported",
+                     f"supported model types: {', '.join(supported)}")
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -49,43 +82,36 @@ def _from_hub_cache(repo_id: str) -> Path:
 
 
 def resolve_checkpoint(model: str) -> Path:
-    """The local checkpoint directory ``model`` names (creating the tiny one on demand)."""
-    if model == "tiny":
-        from apet.models.tiny import ensure_tiny_llava
-
-        return ensure_tiny_llava()
+    """The local checkpoint directory ``model`` names (creating a tiny one on demand)."""
+    for family in _families().values():
+        if model == family.tiny:
+            return family.tiny_checkpoint()
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    repo_id = ALIASES.get(model, model)
+    aliases = {k: v for f in _families().values() for k, v in f.aliases.items()}
+    repo_id = aliases.get(model, model)
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
         return _from_hub_cache(repo_id)
-    known = ", ".join(["tiny", *ALIASES, *SHAPES])
+    if path.exists():
+        raise UsageError(f"--model {model!r} is a file, not a checkpoint directory",
+                         "pass the directory that holds config.json and the .safetensors weights")
     raise UsageError(f"--model {model!r} is neither a known alias nor an existing directory",
-                     f"use one of {known}, a local checkpoint directory or an org/name hub id")
+                     f"use one of {', '.join(known_models())}, a local checkpoint directory or an org/name hub id")
 
 
-def load_adapter(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> VisionLanguageAdapter:
+def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu") -> "VisionLanguageAdapter":
     """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights)."""
-    if model in SHAPES:
-        return LlavaAdapter.random_init(shapes_config(model), dtype=dtype, device=device)
+    import torch
+
+    dtype = dtype or torch.float32
+    for family in _families().values():
+        if model in family.shapes:
+            return family.random_init(model, dtype=dtype, device=device)
     path = resolve_checkpoint(model)
-    adapter = ADAPTERS[_family_of(path)].load(path, dtype=dtype, device=device)
-    if model in ALIASES or model == "tiny":
-        adapter.spec = replace(adapter.spec, source=ALIASES.get(model, model))
+    family = family_of_checkpoint(path)
+    adapter = family.load(path, dtype=dtype, device=device)
+    aliases = {k: v for f in _families().values() for k, v in f.aliases.items()}
+    if model in aliases or model == family.tiny:
+        adapter.spec = replace(adapter.spec, source=aliases.get(model, model))
     return adapter
-
-
-def shapes_config(name: str) -> Any:
-    """LLaVA-1.5-7B/13B architecture configs (CLIP ViT-L/14-336 + 2-layer MLP + Vicuna)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    big = name == "llava-13b-shapes"
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=5120 if big else 4096, intermediate_size=13824 if big else 11008,
-                       num_hidden_layers=40 if big else 32, num_attention_heads=40 if big else 32,
-                       num_key_value_heads=40 if big else 32, vocab_size=32064, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                       vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=576)

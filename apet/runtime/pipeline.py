@@ -20,14 +20,13 @@ import numpy as np
 
 from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest, read_manifest
-from apet.runtime.backends.base import Backend
-from apet.runtime.preprocess import ImageInput, pixel_batch
+from apet.runtime.backends.base import Backend, backend_class, resolve_backend
 from apet.runtime.sampling import GenerationConfig, Sampler
-from apet.runtime.text import PromptEncoder, StreamDecoder
+from apet.runtime.text import StreamDecoder
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+MediaInput = Any  # an image (path, bytes, PIL image, array) or, for video families, a video
 StreamCallback = Callable[[int, str], None]  # (batch row, text delta)
 
 
@@ -38,7 +37,7 @@ class Stats:
     backend: str
     batch: int
     prompt_tokens: list[int]
-    visual_tokens: int
+    visual_tokens: list[int]
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
     apet_ms: float | None = None
@@ -69,19 +68,19 @@ def _peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str, **options: Any) -> Backend:
-    """Instantiate a backend; ``auto`` = TensorRT engines when present and importable, else ONNX Runtime."""
-    if name not in BACKENDS:
-        raise UsageError(f"backend {name!r} is unknown", f"use one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        from apet.runtime.backends.tensorrt import tensorrt_available
-
-        name = "tensorrt" if tensorrt_available(artifact_dir) else "onnxruntime"
-        log.info("backend auto -> %s", name)
+def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str | None, **options: Any) -> Backend:
+    """Instantiate a registered backend; ``auto`` = the first one available (TensorRT engines on a GPU,
+    else ONNX Runtime). ``device`` None = the backend's own default (cuda for TensorRT, cpu otherwise)."""
+    name = resolve_backend(name, artifact_dir, device)
+    log.info("backend %s", name)
+    if name == "tensorrt":
+        if device is not None and not device.startswith("cuda"):
+            raise BackendError("the tensorrt backend runs on a CUDA device",
+                               "pass --device cuda, or --backend onnxruntime")
+        return backend_class(name)(artifact_dir, manifest, device=device or "cuda")
+    device = device or "cpu"
     if name == "onnxruntime":
-        from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(artifact_dir, manifest, device=device, threads=options.get("threads"))
+        return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"))
     if name == "torch":
         from apet.runtime.backends.torch import StaticTorchBackend, TorchBackend
 
@@ -94,11 +93,7 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str,
                                       compile=options.get("compile", False))
         return TorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
                             adapter=options.get("adapter"))
-    from apet.runtime.backends.tensorrt import TensorRTBackend
-
-    if not device.startswith("cuda"):
-        raise BackendError("the tensorrt backend runs on a CUDA device", "pass --device cuda, or --backend onnxruntime")
-    return TensorRTBackend(artifact_dir, manifest, device=device)
+    return backend_class(name)(artifact_dir, manifest, device=device, **options)
 
 
 class Pipeline:
@@ -106,54 +101,57 @@ class Pipeline:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
         self.backend = backend
-        self.encoder = PromptEncoder(self.artifact_dir, manifest)
+        self.processor = manifest.family.processor(self.artifact_dir, manifest)
+        self.encoder = self.processor.encoder
         self.eos_ids = set(manifest.model.eos_token_ids)
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str = "cpu", *,
+    def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str | None = None, *,
              verify_checksums: bool = True, **options: Any) -> "Pipeline":
         artifact_dir = Path(artifact_dir)
         manifest = read_manifest(artifact_dir, verify_checksums=verify_checksums)
         return cls(artifact_dir, manifest, make_backend(backend, artifact_dir, manifest, device, **options))
 
     # -- public API --------------------------------------------------------------------------------
-    def generate(self, image: ImageInput, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, image: MediaInput, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
                  stream: StreamCallback | None = None) -> Result:
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         return self.generate_batch([image], [prompt], config, stream)[0]
 
-    def generate_batch(self, images: Sequence[ImageInput], prompts: Sequence[str],
+    def generate_batch(self, media: Sequence[MediaInput], prompts: Sequence[str],
                        config: GenerationConfig = GenerationConfig(),
                        stream: StreamCallback | None = None) -> list[Result]:
-        if len(images) != len(prompts) or not prompts:
-            raise UsageError(f"{len(images)} images for {len(prompts)} prompts", "pass one image per prompt")
+        if len(media) != len(prompts) or not prompts:
+            raise UsageError(f"{len(media)} images for {len(prompts)} prompts", "pass one image per prompt")
         with self._lock:
-            return self._generate(list(images), list(prompts), config, stream)
+            return self._generate(list(media), list(prompts), config, stream)
 
     # -- the request ---------------------------------------------------------------------------------
-    def _generate(self, images: list[ImageInput], prompts: list[str], config: GenerationConfig,
+    def _generate(self, media: list[MediaInput], prompts: list[str], config: GenerationConfig,
                   stream: StreamCallback | None) -> list[Result]:
-        backend, batch = self.backend, len(prompts)
+        backend, processor, batch = self.backend, self.processor, len(prompts)
         backend.check_batch(batch)
         start = time.perf_counter()
-        encoded = self.encoder.encode(prompts, self.manifest.max_context, config.max_new_tokens)
-        pixels = pixel_batch(images, self.manifest.model.processor)
-        stats = Stats(backend.name, batch, encoded.prompt_lengths, self.manifest.visual_tokens)
-        stats.preprocess_ms = (time.perf_counter() - start) * 1e3
+        processor.check_prompts(prompts, config.max_new_tokens)
+        inputs = processor.vision_inputs(media)
+        preprocess_ms = (time.perf_counter() - start) * 1e3
 
         t0 = time.perf_counter()
-        visual = backend.encode_images(pixels)
+        visual = backend.encode(inputs)
         backend.synchronize()
-        stats.vision_ms, stats.apet_ms = (time.perf_counter() - t0) * 1e3, visual.apet_ms
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        layout = processor.layout(prompts, inputs, visual.keep_index, config.max_new_tokens)
+        stats = Stats(backend.name, batch, layout.prompt_lengths, layout.visual_tokens, preprocess_ms=preprocess_ms,
+                      vision_ms=vision_ms, apet_ms=visual.apet_ms)
 
         t0 = time.perf_counter()
-        logits = backend.prefill(encoded.token_ids, encoded.attention_mask, encoded.image_start, visual)
+        logits = backend.prefill(layout, visual)
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
         stats.ttft_ms = (time.perf_counter() - start) * 1e3
 
-        sampler, mask = Sampler(config), encoded.attention_mask
+        sampler, mask = Sampler(config), layout.attention_mask
         decoders = [StreamDecoder(self.encoder) for _ in range(batch)]
         finish: list[str | None] = [None] * batch
         eos, pad = self.eos_ids, self.encoder.pad_id
@@ -169,7 +167,7 @@ class Pipeline:
             if all(f is not None for f in finish) or step + 1 == config.max_new_tokens:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
-            logits = backend.decode(tokens.astype(np.int64), mask)
+            logits = backend.decode(tokens.astype(np.int64), mask, processor.decode_positions(layout, mask))
         backend.synchronize()
         stats.decode_ms = (time.perf_counter() - t0) * 1e3
         for row, decoder in enumerate(decoders):
@@ -182,7 +180,8 @@ class Pipeline:
         stats.peak_device_mb = None if device_peak is None else device_peak / (1 << 20)
         stats.cache_lengths = backend.cache_lengths()
         return [Result(self._final_text(d, config), d.ids, finish[row] or "length", stats,
-                       visual.keep_index[row].tolist()) for row, d in enumerate(decoders)]
+                       visual.keep_index[row].tolist() if row < len(visual.keep_index) else [])
+                for row, d in enumerate(decoders)]
 
     @staticmethod
     def _accept(row: int, token: int, decoder: StreamDecoder, eos: set[int], config: GenerationConfig,

@@ -1,7 +1,7 @@
 """The language model with a preallocated, static KV cache: every step has fixed shapes and no
 host syncs, so prefill and decode can be captured as CUDA graphs (the GPU fast path).
 
-Same math as :class:`apet.export.decoder.DecoderGraph` (shared blocks, shared stage-2 rebuild),
+Same math as :class:`apet.export.decoder.DecoderGraph` (shared blocks in :mod:`apet.modeling.blocks`),
 but keys and values are written in place into ``[B, kv, max_context, d]`` buffers and decode
 attends over the whole buffer with a validity mask instead of growing tensors.
 """
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from apet.compression import Stage2Config
-from apet.export.decoder import (
+from apet.contracts.cache import CacheLayout
+from apet.modeling.blocks import (
     HeadLayout,
     additive_mask,
     merge_heads,
@@ -21,8 +22,7 @@ from apet.export.decoder import (
     split_heads,
     stage2_rebuild,
 )
-from apet.models.base import VisionLanguageAdapter
-from apet.reference import positions_from_mask
+from apet.models.adapter import VisionLanguageAdapter
 
 
 class StaticDecoder:
@@ -34,13 +34,15 @@ class StaticDecoder:
 
         self.layers = list(adapter.decoder_layers())
         self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
-        self.norm, self.head, self.rotary = adapter.final_norm(), adapter.lm_head(), adapter.rotary_embedding()
+        self.norm, self.head, self.rotary = adapter.final_norm(), adapter.lm_head(), adapter.rotary
         self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
-        self.removed = stage2.removed if stage2 else 0
+        self.cache_layout = CacheLayout(len(self.layers), stage2.layer if stage2 else None,
+                                        stage2.removed if stage2 else 0)
+        self.removed = self.cache_layout.removed
         self.split = stage2.layer if stage2 else len(self.layers)
         dtype, device = adapter.dtype, adapter.device
-        capacity = [max_context, max_context - self.removed]
+        capacity = [max_context, self.cache_layout.capacity(self.split, max_context)]
         shape = (max_batch, self.layout.num_kv_heads)
         self.keys = [torch.zeros(*shape, capacity[self._group(i)], self.layout.head_dim, dtype=dtype, device=device)
                      for i in range(len(self.layers))]
@@ -80,10 +82,10 @@ class StaticDecoder:
         return self.head(self.norm(h[:, -1]))
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, H] prompt embeddings, [B, T] left-padded mask -> logits [B, V]; resets the cache."""
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                image_start: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, H] prompt embeddings, [B, T] left-padded mask, positions -> logits [B, V]; resets the cache."""
         batch, length = embeds.shape[:2]
-        positions = positions_from_mask(mask)
         for valid in self.valid:
             valid[:batch].zero_()
         self.valid[0][:batch, :length] = mask.bool()
@@ -128,5 +130,4 @@ class StaticDecoder:
             target.copy_(saved)
 
     def cache_lengths(self) -> list[int]:
-        used = int(self.length.item())
-        return [used - (self.removed if self._group(i) else 0) for i in range(len(self.layers))]
+        return self.cache_layout.lengths(int(self.length.item()))

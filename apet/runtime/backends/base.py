@@ -1,59 +1,79 @@
-"""The small interface every runtime backend implements, and helpers they share.
+"""The small interface every runtime backend implements, its registry, and helpers they share.
 
-The pipeline speaks numpy at this boundary for ids, masks and logits (small),
-while visual embeddings and the KV cache stay in the backend's own memory
-(device tensors, OrtValues) between calls.
+The pipeline speaks numpy at this boundary for ids, masks, positions and logits (small), while
+visual embeddings and the KV cache stay in the backend's own memory (device tensors, OrtValues)
+between calls. As in Polygraphy's runners, the public methods validate and the ``_``-prefixed ones
+run, so a backend never re-checks what the base class checked.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
-from apet.compression import gather_tokens
 from apet.errors import BackendError, InputError
 from apet.manifest import Manifest
+from apet.models.family import Layout, VisionInputs
 
 
 @dataclass
 class VisionOutput:
-    embeds: Any  # backend-native [B, K1, H]
-    keep_index: np.ndarray  # [B, K1] int64
+    embeds: Any  # backend-native visual embeddings, flattened by rows for splicing
+    keep_index: np.ndarray  # the vision graph's kept indices (int64)
     apet_ms: float | None = None  # time of ApET alone, where the backend can separate it
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Hugging Face's convention for left padding: running count of real tokens minus one; pads get 1."""
-    positions = np.cumsum(mask, axis=-1) - 1
-    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 class Backend(ABC):
     """Runs the artifact's vision and language graphs; owns the KV cache between calls."""
 
-    name: str = "?"
+    name: ClassVar[str] = "?"
 
     def __init__(self, artifact_dir: Path, manifest: Manifest) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
 
+    @classmethod
+    def available(cls, artifact_dir: Path, device: str | None) -> bool:
+        """Whether ``auto`` may pick this backend for ``artifact_dir`` on ``device``."""
+        return True
+
+    # -- public: validate, then run --------------------------------------------------------------
+    def encode(self, inputs: VisionInputs) -> VisionOutput:
+        """The vision graph on one batch of requests."""
+        self.check_batch(inputs.items)
+        return self._encode(inputs.arrays)
+
+    def prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
+        """Whole prompts (visual rows spliced in) -> float32 logits [B, V]; starts a new cache."""
+        self.check_batch(layout.batch)
+        if layout.token_ids.shape[1] > self.manifest.max_context:
+            raise InputError(f"a prompt of {layout.token_ids.shape[1]} tokens exceeds the artifact's max_context "
+                             f"{self.manifest.max_context}", "shorten the prompt or re-export with --max-context")
+        return self._prefill(layout, visual)
+
+    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One new token per row [B] with the full mask [B, P+1] and its positions -> float32 logits [B, V]."""
+        return self._decode(token_ids, attention_mask, positions)
+
+    def check_batch(self, batch: int) -> None:
+        if batch > self.manifest.max_batch:
+            raise InputError(f"batch of {batch} exceeds the artifact's max batch {self.manifest.max_batch}",
+                             "split the request, or re-export/re-build with a larger --max-batch")
+
+    # -- implementations ---------------------------------------------------------------------------
     @abstractmethod
-    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
-        """float32 [B, 3, H, W] -> visual embeddings (native) and kept indices."""
+    def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput: ...
 
     @abstractmethod
-    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
-                visual: VisionOutput) -> np.ndarray:
-        """Whole prompts (image slots filled from ``visual``) -> float32 logits [B, V]; starts a new cache."""
+    def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray: ...
 
     @abstractmethod
-    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """One new token per row [B] with the full mask [B, P+1] -> float32 logits [B, V]."""
+    def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray: ...
 
     @abstractmethod
     def cache_lengths(self) -> list[int]:
@@ -65,14 +85,46 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
 
-    def check_batch(self, batch: int) -> None:
-        if batch > self.manifest.max_batch:
-            raise InputError(f"batch of {batch} exceeds the artifact's max batch {self.manifest.max_batch}",
-                             "split the request, or re-export/re-build with a larger --max-batch")
+
+# -- registry --------------------------------------------------------------------------------------
+# name -> "module:Class"; modules import their optional dependencies lazily, so listing costs nothing
+BACKENDS: dict[str, str] = {
+    "tensorrt": "apet.runtime.backends.tensorrt:TensorRTBackend",
+    "onnxruntime": "apet.runtime.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch": "apet.runtime.backends.torch:TorchBackend",
+}
+AUTO_ORDER = ("tensorrt", "onnxruntime")  # ``auto`` takes the first one available
 
 
+def register_backend(name: str, target: str, auto: bool = False) -> None:
+    """Add a backend (``"package.module:Class"``); ``auto`` puts it first in the ``auto`` order."""
+    global AUTO_ORDER
+    BACKENDS[name] = target
+    if auto:
+        AUTO_ORDER = (name, *AUTO_ORDER)
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise BackendError(f"backend {name!r} is unknown", f"use one of auto, {', '.join(BACKENDS)}")
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_backend(name: str, artifact_dir: Path, device: str | None) -> str:
+    """``auto`` -> the first backend of :data:`AUTO_ORDER` available here; other names pass through."""
+    if name != "auto":
+        backend_class(name)  # unknown names fail here
+        return name
+    for candidate in AUTO_ORDER:
+        if backend_class(candidate).available(artifact_dir, device):
+            return candidate
+    raise BackendError("no runtime backend is available", "pip install onnxruntime (CPU) or build engines")
+
+
+# -- shared helpers --------------------------------------------------------------------------------
 def load_embedding_table(artifact_dir: Path, manifest: Manifest) -> np.ndarray:
-    """The token-embedding table (numpy, the export dtype)."""
+    """The token-embedding table with the family's extra rows (numpy, the export dtype)."""
     from safetensors.numpy import load_file
 
     entry = manifest.embeddings
@@ -82,30 +134,26 @@ def load_embedding_table(artifact_dir: Path, manifest: Manifest) -> np.ndarray:
     return load_file(str(path))[entry.get("tensor", "weight")]
 
 
-def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, image_start: np.ndarray) -> np.ndarray:
-    """Text embeddings with each row's K1 image slots replaced by its visual embeddings."""
+def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Token embeddings with every slot whose ``rows`` entry is >= 0 taken from the flattened visual rows."""
     embeds = table[token_ids]
-    span = visual.shape[1]
-    for row, start in enumerate(image_start.tolist()):
-        embeds[row, start:start + span] = visual[row]
+    flat = visual.reshape(-1, visual.shape[-1])
+    where = rows >= 0
+    embeds[where] = flat[rows[where]]
     return embeds
 
 
-def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor,
-           image_start: torch.Tensor) -> torch.Tensor:
-    """Token embeddings with rows' K1 image slots replaced by visual embeddings (torch, no Python loop, so it
-    can sit inside a CUDA graph)."""
-    embeds = table[token_ids]
-    span = visual.shape[1]
-    relative = torch.arange(token_ids.shape[1], device=token_ids.device) - image_start.unsqueeze(1)
-    inside = (relative >= 0) & (relative < span)
-    return torch.where(inside.unsqueeze(-1), gather_tokens(visual, relative.clamp(0, span - 1)), embeds)
+def splice(table: Any, token_ids: Any, visual: Any, rows: Any) -> Any:
+    """The torch version of :func:`splice_numpy` (no Python loop, so it can sit inside a CUDA graph)."""
+    import torch
+
+    flat = visual.reshape(-1, visual.shape[-1])
+    picked = flat[rows.clamp(min=0)]
+    return torch.where((rows >= 0).unsqueeze(-1), picked, table[token_ids])
 
 
 def import_optional(module: str, extra: str, purpose: str) -> Any:
     """Import a backend package or raise BackendError naming the pip extra that provides it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except Exception as exc:

@@ -6,17 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
 from apet.errors import BackendError
-from apet.export.decoder import past_names
 from apet.manifest import Manifest
-from apet.runtime.backends.base import (
-    Backend,
-    VisionOutput,
-    import_optional,
-    load_embedding_table,
-    positions_from_mask,
-    splice_numpy,
-)
+from apet.models.family import Layout
+from apet.runtime.backends.base import Backend, VisionOutput, import_optional, load_embedding_table, splice_numpy
 
 
 class OnnxRuntimeBackend(Backend):
@@ -42,14 +36,16 @@ class OnnxRuntimeBackend(Backend):
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.table = load_embedding_table(self.artifact_dir, manifest)
         self.outputs = [o.name for o in self.llm.get_outputs()]
-        self.has_image_start = "image_start" in {i.name for i in self.llm.get_inputs()}
+        self.has_image_start = IMAGE_START in {i.name for i in self.llm.get_inputs()}
         self.past_names = past_names(manifest.model.decoder.num_layers)
+        self.present_names = present_names(manifest.model.decoder.num_layers)
         self.past: list = []
         self.image_start: np.ndarray | None = None
         self.stage2_index: np.ndarray | None = None
 
-    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
-        embeds, keep_index = self.vision.run(None, {"pixel_values": pixel_values.astype(self.dtype)})
+    def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
+        feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
+        embeds, keep_index = self.vision.run(None, feed)
         return VisionOutput(embeds, keep_index)
 
     def _empty_past(self, batch: int) -> list:
@@ -63,28 +59,25 @@ class OnnxRuntimeBackend(Backend):
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         if self.has_image_start:
-            binding.bind_cpu_input("image_start", self.image_start)
+            binding.bind_cpu_input(IMAGE_START, self.image_start)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
-            binding.bind_output(name, "cpu" if name in ("logits", "stage2_index") else self.device_type)
+            binding.bind_output(name, "cpu" if name in (LOGITS, STAGE2_INDEX) else self.device_type)
         self.llm.run_with_iobinding(binding)
         values = dict(zip(self.outputs, binding.get_outputs()))
-        self.past = [values[name.replace("past_", "present_")] for name in self.past_names]
-        if "stage2_index" in values:
-            self.stage2_index = values["stage2_index"].numpy()
-        return values["logits"].numpy()[:, -1].astype(np.float32)
+        self.past = [values[name] for name in self.present_names]
+        if STAGE2_INDEX in values:
+            self.stage2_index = values[STAGE2_INDEX].numpy()
+        return values[LOGITS].numpy()[:, -1].astype(np.float32)
 
-    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
-                visual: VisionOutput) -> np.ndarray:
-        self.check_batch(token_ids.shape[0])
-        self.image_start = np.ascontiguousarray(image_start, dtype=np.int64)
-        self.past = self._empty_past(token_ids.shape[0])
-        embeds = splice_numpy(self.table, token_ids, np.asarray(visual.embeds), image_start)
-        return self._run(embeds, positions_from_mask(attention_mask), attention_mask)
+    def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
+        self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
+        self.past = self._empty_past(layout.batch)
+        embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
+        return self._run(embeds, layout.positions, layout.attention_mask)
 
-    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        positions = positions_from_mask(attention_mask)[:, -1:]
+    def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self._run(self.table[token_ids][:, None], positions, attention_mask)
 
     def cache_lengths(self) -> list[int]:

@@ -5,23 +5,24 @@ device buffers used ping-pong, the engine reading the past from one (viewed
 as a contiguous [B, kv, P, d] tensor) and writing the present to the other.
 Profile 0 of ``llm.plan`` serves prefill, profile 1 decode; each has its own
 execution context. :class:`StepShapes` computes every binding's shape for a
-step and is what the CPU tests exercise.
+step from the manifest's graph I/O and the cache layout, and is what the CPU tests exercise.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from apet.engines.build import ENGINE_FILES, REPORT_NAME, manifest_digest
+from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
+from apet.contracts.io import IMAGE_START, STAGE2_INDEX, past_names, present_to_past
+from apet.contracts.specs import resolve_shape
 from apet.errors import ArtifactError, BackendError, InputError
-from apet.export.decoder import past_names, present_names
 from apet.manifest import Manifest
-from apet.runtime.backends.base import Backend, VisionOutput, import_optional, positions_from_mask, splice
+from apet.models.family import Layout
+from apet.runtime.backends.base import Backend, VisionOutput, import_optional, splice
 
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -51,47 +52,23 @@ class StepShapes:
     def profile(self) -> int:
         return DECODE_PROFILE if self.seq == 1 and self.past > 0 else PREFILL_PROFILE
 
-    def _after(self, layer: int) -> bool:
-        s2 = self.manifest.compression.stage2
-        return s2 is not None and layer >= s2.layer
-
-    def past_length(self, layer: int) -> int:
-        return self.past - self.manifest.removed_at_stage2() if self._after(layer) and self.past > 0 else self.past
-
-    def present_length(self, layer: int) -> int:
-        prefill_removed = self.manifest.removed_at_stage2() if self._after(layer) and self.past == 0 else 0
-        return self.past_length(layer) + self.seq - prefill_removed
+    def _resolve(self, specs: list[dict]) -> dict[str, tuple[int, ...]]:
+        dims = self.manifest.cache_layout.dims(self.batch, self.seq, self.past)
+        dims["seq_out"] = 1  # apet-run's graphs return the last position's logits only
+        return {spec["name"]: resolve_shape(spec, dims) for spec in specs}
 
     def inputs(self) -> dict[str, tuple[int, ...]]:
-        spec = self.manifest.model.decoder
-        shapes = {"inputs_embeds": (self.batch, self.seq, spec.hidden_size), "position_ids": (self.batch, self.seq),
-                  "attention_mask": (self.batch, self.past + self.seq)}
-        if self.manifest.compression.stage2 is not None:
-            shapes["image_start"] = (self.batch,)
-        for i, name in enumerate(past_names(spec.num_layers)):
-            shapes[name] = (self.batch, spec.num_kv_heads, self.past_length(i // 2), spec.head_dim)
-        return shapes
+        return self._resolve(self.manifest.graphs["llm"].inputs)
 
     def outputs(self) -> dict[str, tuple[int, ...]]:
-        spec = self.manifest.model.decoder
-        shapes = {"logits": (self.batch, 1, spec.vocab_size)}
-        if self.manifest.compression.stage2 is not None:
-            shapes["stage2_index"] = (self.batch, self.manifest.compression.stage2.keep)
-        for i, name in enumerate(present_names(spec.num_layers)):
-            shapes[name] = (self.batch, spec.num_kv_heads, self.present_length(i // 2), spec.head_dim)
-        return shapes
+        return self._resolve(self.manifest.graphs["llm"].outputs)
 
 
 def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, runtime_version: str) -> dict:
     """Refuse engines of another export, another TensorRT version, or that changed on disk."""
-    from apet.export.onnx_utils import sha256_file
-
-    report_path = Path(artifact_dir) / REPORT_NAME
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{report_path} is missing or unreadable ({exc})",
-                            "run apet-build on the artifact") from exc
+    report = read_report(artifact_dir)
+    if report is None:
+        raise ArtifactError(f"{Path(artifact_dir) / REPORT_NAME} is missing", "run apet-build on the artifact")
     if report.get("manifest_sha256") != manifest_digest(artifact_dir):
         raise ArtifactError("the engines were built from another export of this directory",
                             "rebuild them: apet-build DIR --overwrite")
@@ -149,7 +126,7 @@ class TensorRTBackend(Backend):
         elements = self.manifest.max_batch * spec.num_kv_heads * self.manifest.max_context * spec.head_dim
         names = past_names(spec.num_layers)
         self.cache = {name: [self.torch.empty(elements, dtype=self.dtype, device=self.device) for _ in range(2)]
-                      for name in names}
+                      for name in names}  # layers after stage 2 use a prefix (the cache layout's capacity)
         self.current = 0  # which of the two buffers holds the past
 
     def _run(self, context, tensors: dict[str, object]) -> None:
@@ -158,40 +135,60 @@ class TensorRTBackend(Backend):
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise BackendError("TensorRT execution failed", "run with --verbose for the TensorRT log")
 
-    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
-        torch = self.torch
-        self.check_batch(pixel_values.shape[0])
-        pixels = torch.from_numpy(pixel_values).to(self.device, self.dtype)
-        k1, hidden = self.manifest.visual_tokens, self.manifest.model.decoder.hidden_size
-        embeds = torch.empty(pixels.shape[0], k1, hidden, dtype=self.dtype, device=self.device)
-        index = torch.empty(pixels.shape[0], k1, dtype=torch.int64, device=self.device)
-        self.vision_context.set_input_shape("pixel_values", tuple(pixels.shape))
-        with torch.cuda.stream(self.stream):
-            self._run(self.vision_context, {"pixel_values": pixels, "visual_embeds": embeds, "keep_index": index})
-        self.stream.synchronize()
-        return VisionOutput(embeds, index.cpu().numpy())
+    @classmethod
+    def available(cls, artifact_dir: Path, device: str | None) -> bool:
+        return tensorrt_available(artifact_dir) and (device is None or device.startswith("cuda"))
 
-    def _step(self, embeds, attention_mask: np.ndarray) -> np.ndarray:
+    def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
+        torch = self.torch
+        dtypes = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+        specs = {spec["name"]: spec for spec in self.manifest.graphs["vision"].inputs}
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device, dtypes[specs[name]["dtype"]])
+                   for name, value in arrays.items()}
+        dims: dict[str, int] = {}
+        for name, tensor in tensors.items():
+            self.vision_context.set_input_shape(name, tuple(tensor.shape))
+            dims.update({d: int(n) for d, n in zip(specs[name]["shape"], tensor.shape) if isinstance(d, str)})
+        for spec in self.manifest.graphs["vision"].outputs:
+            tensors[spec["name"]] = torch.empty(resolve_shape(spec, dims), dtype=dtypes[spec["dtype"]],
+                                                device=self.device)
+        with torch.cuda.stream(self.stream):
+            self._run(self.vision_context, tensors)
+        self.stream.synchronize()
+        return VisionOutput(tensors["visual_embeds"], tensors["keep_index"].cpu().numpy())
+
+    def _check_profile(self, shapes: StepShapes) -> None:
+        """A prompt inside max_context can still be outside the engine's prefill profile: say which limit."""
+        profiles = (read_report(self.artifact_dir) or {}).get("limits", {})
+        prompt_limit = profiles.get("max_prompt")
+        if shapes.profile == PREFILL_PROFILE and prompt_limit and shapes.seq > prompt_limit:
+            raise InputError(f"a prompt of {shapes.seq} tokens exceeds the engines' prefill profile "
+                             f"(max {prompt_limit} tokens)",
+                             "shorten the prompt, or rebuild with a larger limit: apet-build DIR --max-prompt N "
+                             "--overwrite")
+
+    def _step(self, embeds, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         torch = self.torch
         shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past)
+        self._check_profile(shapes)
         context = self.llm_contexts[shapes.profile]
-        positions = positions_from_mask(attention_mask)[:, -embeds.shape[1]:]
         tensors = {"inputs_embeds": embeds.contiguous(),
-                   "position_ids": torch.from_numpy(positions).to(self.device),
+                   "position_ids": torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device),
                    "attention_mask": torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)}
         if self.image_start is not None:
-            tensors["image_start"] = self.image_start
-        out_shapes = shapes.outputs()
+            tensors[IMAGE_START] = self.image_start
         for name, shape in shapes.inputs().items():
             if name.startswith("past_"):
                 tensors[name] = self.cache[name][self.current][: int(np.prod(shape))].view(shape)
-            context.set_input_shape(name, shape)
-        for name, shape in out_shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise InputError(f"input {name} of shape {shape} is outside the engine's optimization profile",
+                                 "rebuild the engines with larger limits (apet-build --max-prompt/--max-context)")
+        for name, shape in shapes.outputs().items():
             if name.startswith("present_"):
-                buffer = self.cache[name.replace("present_", "past_")][1 - self.current]
+                buffer = self.cache[present_to_past(name)][1 - self.current]
                 tensors[name] = buffer[: int(np.prod(shape))].view(shape)
             else:
-                dtype = torch.int64 if name == "stage2_index" else self.dtype
+                dtype = torch.int64 if name == STAGE2_INDEX else self.dtype
                 tensors[name] = torch.empty(shape, dtype=dtype, device=self.device)
         with torch.cuda.stream(self.stream):
             self._run(context, tensors)
@@ -200,26 +197,21 @@ class TensorRTBackend(Backend):
         self.past = shapes.past + shapes.seq
         return tensors["logits"][:, -1].float().cpu().numpy()
 
-    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
-                visual: VisionOutput) -> np.ndarray:
-        self.check_batch(token_ids.shape[0])
-        if token_ids.shape[1] > self.manifest.max_context:
-            raise InputError(f"prompt of {token_ids.shape[1]} tokens exceeds max_context", "shorten the prompt")
+    def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         torch = self.torch
-        embeds = splice(self.table, torch.from_numpy(token_ids).to(self.device), visual.embeds,
-                        torch.from_numpy(image_start).to(self.device))
+        rows = torch.from_numpy(layout.visual_rows).to(self.device)
+        embeds = splice(self.table, torch.from_numpy(layout.token_ids).to(self.device), visual.embeds, rows)
         self.past = 0
         has_stage2 = self.manifest.compression.stage2 is not None
-        self.image_start = torch.from_numpy(image_start).to(self.device) if has_stage2 else None
-        return self._step(embeds, attention_mask)
+        self.image_start = torch.from_numpy(layout.image_start).to(self.device) if has_stage2 else None
+        return self._step(embeds, layout.attention_mask, layout.positions)
 
-    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         embeds = self.table[self.torch.from_numpy(token_ids).to(self.device)][:, None]
-        return self._step(embeds, attention_mask)
+        return self._step(embeds, attention_mask, positions)
 
     def cache_lengths(self) -> list[int]:
-        shapes = StepShapes(self.manifest, 1, 0, self.past)
-        return [shapes.past_length(i) for i in range(self.manifest.model.decoder.num_layers)]
+        return self.manifest.cache_layout.lengths(self.past)
 
     def synchronize(self) -> None:
         self.stream.synchronize()

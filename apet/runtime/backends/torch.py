@@ -1,5 +1,5 @@
-"""PyTorch backend: the source checkpoint run through its own Hugging Face modules with the same
-ApET stages (the reference of DESIGN §7), eagerly on CPU or GPU."""
+"""PyTorch backends: the source checkpoint run through its own Hugging Face modules with the same ApET
+stages (the reference of DESIGN §7), and on a GPU a static-cache path captured as CUDA graphs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 
 from apet.errors import BackendError
 from apet.manifest import Manifest
-from apet.models.base import VisionLanguageAdapter
-from apet.reference import Reference, ReferenceState
+from apet.modeling.reference import Reference, ReferenceState
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.family import Layout
 from apet.runtime.backends.base import Backend, VisionOutput, splice
 
 
@@ -25,6 +26,15 @@ def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str)
                            "pass checkpoint=PATH (apet-run --checkpoint PATH)")
     dtype = torch.float16 if device.startswith("cuda") and manifest.dtype == "fp16" else torch.float32
     return load_adapter(source, dtype=dtype, device=device)
+
+
+def embedding_table(adapter: VisionLanguageAdapter) -> torch.Tensor:
+    """The token embeddings with the family's extra rows appended, as the exported table has them."""
+    table = adapter.embed_tokens().weight
+    extra = adapter.extra_embeddings()
+    if not extra:
+        return table
+    return torch.cat([table, *[row.reshape(1, -1).to(table.dtype) for row in extra.values()]])
 
 
 class TorchBackend(Backend):
@@ -41,39 +51,47 @@ class TorchBackend(Backend):
                                "pass the checkpoint the artifact was exported from")
         plan = manifest.compression
         self.reference = Reference(self.adapter, plan.stage1, plan.stage2, rule=plan.rule)
-        self.table = self.adapter.embed_tokens().weight
+        self.table = embedding_table(self.adapter)
         self.state: ReferenceState | None = None
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.no_grad()
-    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
-        pixels = torch.from_numpy(pixel_values).to(self.device, self.adapter.dtype)
-        features = self.adapter.vision_features(pixels)
-        self.synchronize()
-        start = time.perf_counter()
-        kept = self.reference.select(features, self.reference.stage1)
-        self.synchronize()
-        apet_ms = (time.perf_counter() - start) * 1e3
-        return VisionOutput(self.adapter.project(kept.tokens), kept.index.cpu().numpy(), apet_ms)
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """The vision inputs in graph order, floats in the model dtype."""
+        tensors = [torch.from_numpy(arrays[name]).to(self.device) for name in self.reference.vision.input_names]
+        return tuple(t.to(self.adapter.dtype) if t.is_floating_point() else t for t in tensors)
 
     @torch.no_grad()
-    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
-                visual: VisionOutput) -> np.ndarray:
-        self.check_batch(token_ids.shape[0])
-        start = torch.from_numpy(image_start).to(self.device)
-        embeds = splice(self.table, torch.from_numpy(token_ids).to(self.device), visual.embeds, start)
-        mask = torch.from_numpy(attention_mask).to(self.device)
-        logits, self.state = self.reference.prefill(embeds, mask, start)
+    def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
+        vision = self.reference.vision
+        inputs = self._tensors(arrays)
+        features = vision.vision(*inputs)
+        self.synchronize()
+        start = time.perf_counter()
+        tokens, index = vision.apet_stage1(features)
+        self.synchronize()
+        apet_ms = (time.perf_counter() - start) * 1e3
+        embeds, index = vision.projector(tokens, index, *inputs)
+        return VisionOutput(embeds, index.cpu().numpy(), apet_ms)
+
+    @torch.no_grad()
+    def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
+        rows = torch.from_numpy(layout.visual_rows).to(self.device)
+        embeds = splice(self.table, torch.from_numpy(layout.token_ids).to(self.device), visual.embeds, rows)
+        mask = torch.from_numpy(layout.attention_mask).to(self.device)
+        start = torch.from_numpy(layout.image_start).to(self.device)
+        positions = torch.from_numpy(layout.positions).to(self.device)
+        logits, self.state = self.reference.prefill(embeds, mask, start, positions)
         return logits[:, -1].float().cpu().numpy()
 
     @torch.no_grad()
-    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        assert self.state is not None, "prefill first"
+    def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.state is None:
+            raise BackendError("decode before prefill", "call prefill first")
         embeds = self.table[torch.from_numpy(token_ids).to(self.device)][:, None]
-        logits = self.reference.decode(embeds, self.state)
+        logits = self.reference.decode(embeds, self.state, torch.from_numpy(positions).to(self.device))
         return logits[:, -1].float().cpu().numpy()
 
     def cache_lengths(self) -> list[int]:
@@ -106,6 +124,7 @@ class StaticTorchBackend(TorchBackend):
         self.compile = compile
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.bucket = bucket
+        self.padding = 0
         self.calls: dict[tuple, object] = {}
 
     def _call(self, key: tuple, fn, example: dict[str, torch.Tensor], before_capture=None):
@@ -117,50 +136,50 @@ class StaticTorchBackend(TorchBackend):
                                           before_capture=before_capture)
         return self.calls[key]
 
-    def _vision(self, pixel_values: torch.Tensor):
-        kept = self.reference.select(self.adapter.vision_features(pixel_values), self.reference.stage1)
-        return self.adapter.project(kept.tokens), kept.index
-
     @torch.no_grad()
-    def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
-        pixels = torch.from_numpy(pixel_values).to(self.device, self.adapter.dtype)
-        call = self._call(("vision", pixels.shape[0]), self._vision, {"pixel_values": pixels})
-        embeds, index = call(pixel_values=pixels)
+    def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
+        inputs = self._tensors(arrays)
+        names = self.reference.vision.input_names
+        call = self._call(("vision",) + tuple(tuple(t.shape) for t in inputs),
+                          lambda **kw: self.reference.vision(*(kw[n] for n in names)), dict(zip(names, inputs)))
+        embeds, index = call(**dict(zip(names, inputs)))
         return VisionOutput(embeds.clone(), index.cpu().numpy())
 
-    def _prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor,
-                 visual: torch.Tensor) -> torch.Tensor:
-        return self.decoder.prefill(splice(self.table, token_ids, visual, image_start), mask, image_start)
+    def _graph_prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                       positions: torch.Tensor, image_start: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        return self.decoder.prefill(splice(self.table, token_ids, visual, rows), mask, positions, image_start)
 
     @torch.no_grad()
-    def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
-                visual: VisionOutput) -> np.ndarray:
-        self.check_batch(token_ids.shape[0])
-        extra = -token_ids.shape[1] % self.bucket
-        if token_ids.shape[1] + extra > self.manifest.max_context:
+    def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
+        length = layout.token_ids.shape[1]
+        extra = -length % self.bucket
+        if length + extra > self.manifest.max_context:
             extra = 0
-        pad = self.manifest.model.pad_token_id or 0
-        ids = np.pad(token_ids, ((0, 0), (extra, 0)), constant_values=pad)
-        mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-        tensors = {"token_ids": torch.from_numpy(ids).to(self.device), "mask": torch.from_numpy(mask).to(self.device),
-                   "image_start": torch.from_numpy(image_start + extra).to(self.device), "visual": visual.embeds}
-        call = self._call(("prefill",) + tuple(ids.shape), self._prefill, tensors)
+        pad = ((0, 0), (extra, 0))
+        position_pad = pad if layout.positions.ndim == 2 else ((0, 0),) + pad
+        arrays = {"token_ids": np.pad(layout.token_ids, pad, constant_values=self.manifest.model.pad_token_id or 0),
+                  "mask": np.pad(layout.attention_mask, pad),
+                  "rows": np.pad(layout.visual_rows, pad, constant_values=-1),
+                  "positions": np.pad(layout.positions, position_pad, constant_values=1),
+                  "image_start": layout.image_start + extra}
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
+        tensors["visual"] = visual.embeds
+        call = self._call(("prefill",) + tuple(arrays["token_ids"].shape) + tuple(visual.embeds.shape),
+                          self._graph_prefill, tensors)
         self.padding = extra
         return call(**tensors).float().cpu().numpy()
 
     @torch.no_grad()
-    def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        from apet.runtime.backends.base import positions_from_mask
-
+    def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         tensors = {"token_ids": torch.from_numpy(token_ids).to(self.device),
-                   "positions": torch.from_numpy(positions_from_mask(attention_mask)[:, -1:]).to(self.device)}
+                   "positions": torch.from_numpy(np.ascontiguousarray(positions)).to(self.device)}
         key = ("decode", token_ids.shape[0])
         if key not in self.calls:
             saved = self.decoder.snapshot()
-            self._call(key, self._decode, tensors, before_capture=lambda: self.decoder.restore(saved))
+            self._call(key, self._graph_decode, tensors, before_capture=lambda: self.decoder.restore(saved))
         return self.calls[key](**tensors).float().cpu().numpy()
 
-    def _decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _graph_decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(self.table[token_ids][:, None], positions)
 
     def cache_lengths(self) -> list[int]:

@@ -5,7 +5,9 @@ with ApET applied exactly as DESIGN §4 says (the paper's ``token_merging`` + Py
 It is written independently of :mod:`apet.export.decoder` (per-row Python
 rebuild of the sequence, HF attention and cache, masks and positions derived
 from the compressed mask), so that tests comparing the exported graphs with it
-can catch mistakes in either. The runtime's ``torch`` backend uses it too.
+can catch mistakes in either. The runtime's ``torch`` backend uses it too. The
+vision side is the family's own :class:`~apet.models.vision.VisionStages` with
+the selection rule plugged in.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from apet.compression import CompressionConfig, Stage2Config
-from apet.models.base import VisionLanguageAdapter
+from apet.models.adapter import VisionLanguageAdapter
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -51,22 +53,24 @@ class Reference:
 
     def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig,
                  stage2: Stage2Config | None = None, rule: str = "apet") -> None:
+        from apet.models.registry import get_family
         from apet.selection import get_rule
 
         self.adapter = adapter
         self.stage1 = stage1
         self.stage2 = stage2
         self.select = get_rule(rule)
+        self.vision = get_family(adapter.family).vision_stages(adapter, lambda x: self.select(x, stage1))
         self.layers = list(adapter.decoder_layers())
 
     @torch.no_grad()
-    def visual_embeds(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kept = self.select(self.adapter.vision_features(pixel_values), self.stage1)
-        return self.adapter.project(kept.tokens), kept.index
+    def visual_embeds(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's vision stages with the selection rule: (visual embeddings, kept indices)."""
+        return self.vision(*inputs)
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
                     layers: range) -> torch.Tensor:
-        cos_sin = self.adapter.rotary_embedding()(hidden, positions)
+        cos_sin = self.adapter.hf_position_embeddings(hidden, positions)
         bias = causal_bias(mask, hidden.shape[1], hidden.dtype)
         for i in layers:
             out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
@@ -91,14 +95,16 @@ class Reference:
         return torch.stack(rows), torch.stack(masks), torch.stack(indices)
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: torch.Tensor, mask: torch.Tensor,
-                image_start: torch.Tensor) -> tuple[torch.Tensor, ReferenceState]:
-        """Logits of the last position [B, 1, V] and the state to decode from."""
+    def prefill(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ReferenceState]:
+        """Logits of the last position [B, 1, V] and the state to decode from. ``positions`` default to the
+        1-D ones of the mask; M-RoPE families pass their [3, B, T] positions (no stage 2 there)."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         split = self.stage2.layer if self.stage2 is not None else len(self.layers)
-        hidden = self._run_layers(inputs_embeds, mask, positions_from_mask(mask), cache, range(split))
+        positions = positions_from_mask(mask) if positions is None else positions
+        hidden = self._run_layers(inputs_embeds, mask, positions, cache, range(split))
         state = ReferenceState(cache=cache, mask=mask, mask_after=None, image_start=image_start)
         if self.stage2 is not None:
             hidden, state.mask_after, state.stage2_index = self._compress_span(hidden, mask, image_start)
@@ -107,13 +113,14 @@ class Reference:
         return self._logits(hidden), state
 
     @torch.no_grad()
-    def decode(self, token_embeds: torch.Tensor, state: ReferenceState) -> torch.Tensor:
+    def decode(self, token_embeds: torch.Tensor, state: ReferenceState,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         """One step for [B, 1, H] embeddings; updates ``state`` in place."""
         ones = torch.ones_like(state.mask[:, :1])
         state.mask = torch.cat([state.mask, ones], dim=1)
         split = self.stage2.layer if self.stage2 is not None else len(self.layers)
-        hidden = self._run_layers(token_embeds, state.mask, positions_from_mask(state.mask)[:, -1:], state.cache,
-                                  range(split))
+        positions = positions_from_mask(state.mask)[:, -1:] if positions is None else positions
+        hidden = self._run_layers(token_embeds, state.mask, positions, state.cache, range(split))
         if self.stage2 is not None:
             state.mask_after = torch.cat([state.mask_after, ones], dim=1)
             hidden = self._run_layers(hidden, state.mask_after, positions_from_mask(state.mask_after)[:, -1:],

@@ -1,41 +1,18 @@
-"""Seeded, randomly initialised tiny LLaVA checkpoints, written as real Hugging Face directories.
-
-They exercise every loading path of the product (config, safetensors weights,
-tokenizer.json, processor config) with no network, fast enough for a laptop
-CPU: the README demo and the tests run on them.
-"""
+"""The seeded, randomly initialised tiny LLaVA-1.5 checkpoint (README demo and tests)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
+from apet.models.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-_WORDS = (
-    "the a an of to in on at with for from by is are was were be been this that these those it its there here "
-    "what which who where when why how describe image picture photo show shows showing see seen look looks "
-    "cat cats dog dogs bird car cars bus truck bike person people man woman child children boy girl tree trees "
-    "house building street road sky cloud clouds sun water river sea beach mountain grass field flower flowers "
-    "table chair bed room window door wall floor kitchen food plate cup bottle phone computer book sign text "
-    "red green blue yellow white black brown gray orange pink purple color colors large small big little tall "
-    "short left right top bottom front back middle near far inside outside up down over under next behind "
-    "one two three four five many some all no yes not and or but so very more most less count number "
-    "sitting standing walking running playing eating holding wearing riding driving flying lying looking "
-    "answer question please briefly detail details detailed scene object objects animal animals vehicle "
-    "USER ASSISTANT : . , ? ! ' \" ( ) - 0 1 2 3 4 5 6 7 8 9"
-).split()
 
 
 @dataclass(frozen=True)
@@ -57,27 +34,12 @@ class TinyLlavaConfig:
     init_std: float = 0.25  # large enough that generations depend on image and prompt
 
 
-def _corpus() -> list[str]:
-    """A deterministic corpus for the BPE trainer: the word list in many short sentences."""
-    lines = []
-    for i in range(len(_WORDS)):
-        window = [_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(9)]
-        lines.append(" ".join(window))
-        lines.append(f"USER: <image>\n{' '.join(window[:5])}? ASSISTANT: {' '.join(window[5:])}.")
-    return lines
-
-
 def build_tokenizer(vocab_size: int):
-    """A byte-level BPE trained offline on the corpus above, with Llama-style BOS handling."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A byte-level BPE trained offline, with Llama-style BOS handling and the ``<image>`` token."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus())
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
@@ -119,38 +81,18 @@ def _build(path: Path, seed: int, cfg: TinyLlavaConfig) -> None:
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
         do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_convert_rgb=True)
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3, do_convert_rgb=True)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     processor.save_pretrained(path)
-    (path / "APET_TINY").write_text(f"seed={seed} format={TINY_FORMAT_VERSION}\n")
 
 
 def create_tiny_llava(path: str | os.PathLike, seed: int = 0, config: TinyLlavaConfig = TinyLlavaConfig()) -> Path:
     """Write a loadable tiny LLaVA checkpoint to ``path`` (atomically) and return it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        _build(scratch, seed, config)
-        if path.exists():
-            shutil.rmtree(path)
-        scratch.rename(path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return path
-
-
-def cache_dir() -> Path:
-    """The user cache for generated checkpoints (``$APET_CACHE`` or ``$XDG_CACHE_HOME/apet``)."""
-    root = os.environ.get("APET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apet"
-    return Path(root)
+    return write_checkpoint(path, lambda scratch: _build(scratch, seed, config),
+                            f"seed={seed} format={TINY_FORMAT_VERSION}")
 
 
 def ensure_tiny_llava(seed: int = 0) -> Path:
     """The cached tiny checkpoint for ``seed``, created on first use."""
-    path = cache_dir() / f"tiny-llava-seed{seed}-v{TINY_FORMAT_VERSION}"
-    if not (path / "APET_TINY").is_file():
-        log.info("creating the tiny LLaVA checkpoint in %s", path)
-        create_tiny_llava(path, seed)
-    return path
+    return ensure_cached(f"tiny-llava-seed{seed}-v{TINY_FORMAT_VERSION}", lambda p: create_tiny_llava(p, seed))

@@ -1,13 +1,8 @@
-"""Image loading and the CLIP preprocessing recipe, without transformers at run time.
+"""Image loading for every family, without transformers or torch.
 
-Loading accepts a path, bytes, a PIL image or a numpy array; applies EXIF
-orientation; converts palette, greyscale, 16-bit, CMYK and alpha images to
-RGB (alpha composited on white, as users expect for screenshots and logos);
-and turns every decoding failure into an :class:`InputError`. Preprocessing
-reproduces Hugging Face's CLIP image processor (PIL backend): resize the
-shortest edge with the checkpoint's filter, centre crop, rescale, normalise —
-after padding to a square with the mean colour when the artifact's
-``image_fit`` is ``pad`` (the original LLaVA-1.5 recipe).
+Accepts a path, bytes, a PIL image or a numpy array; applies EXIF orientation; converts palette,
+greyscale, 16-bit, CMYK and alpha images to RGB (alpha composited on white, as users expect for
+screenshots and logos); and turns every decoding failure into an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from apet.errors import InputError
-from apet.models.base import ProcessorSpec
 
 MAX_PIXELS = 64_000_000  # decompression-bomb limit (8000 x 8000); PIL's own default is ~89 MP
 MAX_FILE_BYTES = 256 << 20
@@ -30,7 +24,16 @@ MAX_FILE_BYTES = 256 << 20
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 
+DEMO = "@demo"  # the image shipped with the package, usable wherever an image is
+
+
+def demo_image_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "demo.png"
+
+
 def _open(source: ImageInput) -> Image.Image:
+    if isinstance(source, str) and source == DEMO:
+        source = demo_image_path()
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
@@ -122,57 +125,3 @@ def load_image(source: ImageInput) -> Image.Image:
     except Exception as exc:
         raise InputError(f"image cannot be converted to RGB ({type(exc).__name__}: {exc})",
                          "re-save it as an 8-bit RGB PNG or JPEG") from exc
-
-
-def _resize_shortest(image: Image.Image, shortest: int, resample: int) -> Image.Image:
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = shortest, int(shortest * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    return image.resize(size, resample=resample)
-
-
-def _centre_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[H, W, C] centre crop; pads with zeros when the image is smaller (as transformers does)."""
-    h, w = array.shape[:2]
-    if h < height or w < width:
-        padded = np.zeros((max(h, height), max(w, width), array.shape[2]), dtype=array.dtype)
-        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
-        padded[top:top + h, left:left + w] = array
-        array, h, w = padded, padded.shape[0], padded.shape[1]
-    top, left = (h - height) // 2, (w - width) // 2
-    return array[top:top + height, left:left + width]
-
-
-IMAGE_FITS = ("pad", "crop")
-
-
-def pad_to_square(image: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
-    """The original LLaVA's ``expand2square``: centre the image on a square of the mean colour
-    (each channel ``int(mean * 255)``); the extra rows/columns go after when the margin is odd."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
-def preprocess(image: Image.Image, spec: ProcessorSpec) -> np.ndarray:
-    """RGB image -> float32 [3, H, W] pixel values."""
-    if spec.image_fit == "pad":
-        image = pad_to_square(image, spec.image_mean)
-    resized = _resize_shortest(image, spec.shortest_edge, spec.resample)
-    array = np.asarray(resized, dtype=np.uint8)
-    if spec.do_center_crop:
-        array = _centre_crop(array, spec.crop_height, spec.crop_width)
-    pixels = array.astype(np.float32) * np.float32(spec.rescale_factor)
-    mean = np.asarray(spec.image_mean, dtype=np.float32)
-    std = np.asarray(spec.image_std, dtype=np.float32)
-    return ((pixels - mean) / std).transpose(2, 0, 1).copy()
-
-
-def pixel_batch(images: list[ImageInput], spec: ProcessorSpec) -> np.ndarray:
-    """Load and preprocess several images into one float32 [B, 3, H, W] batch."""
-    return np.stack([preprocess(load_image(image), spec) for image in images])

@@ -1,0 +1,73 @@
+"""Plain-data facts about a model and its graphs, as the manifest records them (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, dims (ints or symbolic names) and dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def resolve_shape(spec: Mapping[str, Any], dims: Mapping[str, int]) -> tuple[int, ...]:
+    """A manifest I/O entry's shape with its symbolic dims replaced by ``dims`` values."""
+    out = []
+    for d in spec["shape"]:
+        if isinstance(d, str):
+            if d not in dims:
+                raise KeyError(f"no value for dim {d!r} of {spec['name']}")
+            out.append(int(dims[d]))
+        else:
+            out.append(int(d))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Static shape facts of the language model (written to the manifest)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_positions: int
+    hidden_act: str = "silu"
+    position_rank: int = 1  # 1: position_ids [B, T]; 3: M-RoPE position_ids [3, B, T]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the manifest records about the source model. ``processor`` is the family's own preprocessing
+    settings (its processor module reads them); ``n_tokens`` is visual tokens per view/frame before ApET."""
+
+    family: str
+    source: str
+    n_tokens: int
+    patch_grid: tuple[int, int]
+    vision_dim: int
+    image_token_id: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    prompt_template: str  # contains "{prompt}" and exactly one media placeholder
+    image_placeholder: str
+    decoder: DecoderSpec
+    processor: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    prompt_template_name: str = "custom"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Reading user media (images; video later) into RGB frames, torch-free."""

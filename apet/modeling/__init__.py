@@ -1,0 +1,1 @@
+"""Torch model pieces shared by export, the torch runtime and the benchmarks."""

@@ -1,0 +1,106 @@
+"""The torch half of a model family: a loaded checkpoint and the modules generic code may ask for.
+
+The language model must be a Llama-style decoder (RMSNorm, rotary attention with optional GQA
+and q/k/v bias, gated MLP), which covers Vicuna/Llama, Mistral and Qwen2 language towers. What
+differs on the vision side is not asked of the adapter by generic code: the family builds its
+vision graph (:class:`VisionStages`) from it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from apet.contracts.specs import ModelSpec
+from apet.errors import UsageError
+
+
+class VisionLanguageAdapter(ABC):
+    """One loaded model of a family (see :mod:`apet.models.family` for the family itself)."""
+
+    family: ClassVar[str]
+    prompt_templates: ClassVar[dict[str, str]] = {}  # named templates a user may pick with --prompt-template
+    image_fits: ClassVar[tuple[str, ...]] = ()  # --image-fit choices, if the family has any
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, source_dir: Path | None) -> None:
+        self.model = model
+        self.spec = spec
+        self.source_dir = source_dir
+
+    # -- language side -----------------------------------------------------------------------------
+    @abstractmethod
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """Llama-style decoder layers (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp)."""
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module: ...
+
+    @abstractmethod
+    def lm_head(self) -> nn.Linear: ...
+
+    @abstractmethod
+    def embed_tokens(self) -> nn.Embedding: ...
+
+    @abstractmethod
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, head_dim] for ``position_ids`` ([B, T], or [3, B, T] for M-RoPE families)."""
+
+    def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        """What the Hugging Face decoder layers take as ``position_embeddings`` (the reference path);
+        the same as :meth:`rotary` unless the family's layers apply M-RoPE sections themselves."""
+        return self.rotary(hidden, position_ids)
+
+    def extra_embeddings(self) -> dict[str, torch.Tensor]:
+        """Learned rows the runtime splices besides tokens and vision output (e.g. LLaVA-NeXT's
+        ``image_newline``), by name; they are appended to the embedding table at export."""
+        return {}
+
+    # -- text side ---------------------------------------------------------------------------------
+    @abstractmethod
+    def save_text_assets(self, out_dir: Path) -> list[str]:
+        """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
+
+    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` (None keeps the family default)."""
+        if image_fit is not None:
+            if image_fit not in self.image_fits:
+                raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",
+                                 f"use one of {', '.join(self.image_fits) or '(none: drop the option)'}")
+            self.spec = replace(self.spec, processor={**self.spec.processor, "image_fit": image_fit})
+        if prompt_template is not None:
+            if prompt_template not in self.prompt_templates:
+                raise UsageError(f"--prompt-template {prompt_template!r} is unknown for {self.family}",
+                                 f"use one of {', '.join(self.prompt_templates)}")
+            self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
+                                prompt_template_name=prompt_template)
+
+    def format_prompt(self, user_text: str) -> str:
+        return self.spec.prompt_template.format(prompt=user_text)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def describe_decoder(text_config: Any, position_rank: int = 1):
+    """A :class:`DecoderSpec` from a Hugging Face text config (Llama, Mistral, Qwen2 field names)."""
+    from apet.contracts.specs import DecoderSpec
+
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return DecoderSpec(
+        num_layers=text_config.num_hidden_layers, hidden_size=text_config.hidden_size,
+        num_heads=text_config.num_attention_heads,
+        num_kv_heads=text_config.num_key_value_heads or text_config.num_attention_heads, head_dim=head_dim,
+        intermediate_size=text_config.intermediate_size, vocab_size=text_config.vocab_size,
+        rms_norm_eps=text_config.rms_norm_eps, max_positions=text_config.max_position_embeddings,
+        hidden_act=text_config.hidden_act, position_rank=position_rank,
+    )

@@ -1,0 +1,156 @@
+"""The seam between generic machinery and model families (DESIGN §2).
+
+A family is one registered package under :mod:`apet.models` that owns everything that differs
+between vision-language models:
+
+* **runtime half** (:class:`Processor`, torch-free): media -> the vision graph's inputs, and after
+  the vision graph ran, prompts + kept indices -> the LLM's prefill :class:`Layout` (token ids,
+  which rows of the visual embeddings go where, positions, the stage-2 span), plus positions
+  for decode steps;
+* **graph half** (:class:`VisionStages`, torch): the vision graph ``features -> ApET -> finish``
+  with its input names, dynamic axes and example inputs, and where compression sits;
+* **facts** (:class:`Family`): names and aliases, the paper's placement at stage 1, whether a
+  second stage exists, how many visual tokens a request can need, the vision profile dims.
+
+Export, engines, runtime, bench and eval ask the family named in the manifest and never assume
+CLIP pixels, one image span or 1-D positions. Adding a family = one package + its tests.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch-free at run time
+    from apet.manifest import Manifest
+    from apet.models.adapter import VisionLanguageAdapter
+
+
+@dataclass
+class VisionInputs:
+    """What the vision graph takes for one batch of requests, plus the family's bookkeeping."""
+
+    arrays: dict[str, np.ndarray]
+    items: int  # requests (images / videos) in the batch
+    meta: Any = None
+
+
+@dataclass
+class Layout:
+    """One prefill: left-padded prompts with visual slots, and where each visual row goes.
+
+    ``visual_rows[b, t]`` is a row of the vision graph's embeddings flattened to [rows, H] (-1 for a
+    text token); ``positions`` is [B, T] or [3, B, T] (M-RoPE); ``image_start[b]`` is where the
+    stage-2 span (the first K1 visual tokens of the row) starts.
+    """
+
+    token_ids: np.ndarray
+    attention_mask: np.ndarray
+    visual_rows: np.ndarray
+    positions: np.ndarray
+    image_start: np.ndarray
+    visual_tokens: list[int]
+    prompt_lengths: list[int]
+    state: dict[str, Any] = field(default_factory=dict)  # what decode_positions needs
+
+    @property
+    def batch(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Hugging Face's 1-D convention for left padding: running count of real tokens minus one; pads get 1."""
+    positions = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, positions).astype(np.int64)
+
+
+class Processor(ABC):
+    """Runtime half of a family for one artifact (torch-free)."""
+
+    def __init__(self, artifact_dir: Path | None, manifest: "Manifest") -> None:
+        self.artifact_dir = None if artifact_dir is None else Path(artifact_dir)
+        self.manifest = manifest
+
+    @abstractmethod
+    def vision_inputs(self, media: Sequence[Any]) -> VisionInputs:
+        """Load and preprocess one medium per request (InputError for unreadable data)."""
+
+    @abstractmethod
+    def layout(self, prompts: Sequence[str], inputs: VisionInputs, keep_index: np.ndarray,
+               max_new_tokens: int) -> Layout:
+        """The prefill for ``prompts`` once the vision graph returned ``keep_index``; InputError when a
+        prompt plus ``max_new_tokens`` does not fit the artifact's context."""
+
+    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """Cheap checks before any compute (empty prompt, context overflow at the largest visual count)."""
+
+    def decode_positions(self, layout: Layout, attention_mask: np.ndarray) -> np.ndarray:
+        """Positions of the next token, [B, 1] (or [3, B, 1]); ``attention_mask`` already includes it."""
+        return positions_from_mask(attention_mask)[:, -1:]
+
+
+# (features [B', N, D]) -> kept tokens and their positions; ApET's CompressionConfig.apply or an eval rule
+Selector = Callable[[Any], Any]
+
+
+class Family(ABC):
+    """Facts and factories of one model family; one instance is registered per family."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # config.json model_type values this family loads
+    aliases: ClassVar[dict[str, str]] = {}  # short --model names -> hub ids
+    shapes: ClassVar[tuple[str, ...]] = ()  # --model names for random weights at real sizes
+    tiny: ClassVar[str | None] = None  # --model name of the seeded tiny checkpoint
+    media: ClassVar[str] = "image"  # "image" or "video"
+    stage1_placement: ClassVar[str] = "mask"  # the paper's basis placement at the vision output
+    max_stages: ClassVar[int] = 2
+
+    # -- torch half (lazy imports in the implementations) ------------------------------------------
+    @abstractmethod
+    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
+        """Load a local checkpoint directory (safetensors only)."""
+
+    @abstractmethod
+    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
+        """Random weights at the real sizes of ``shape_name`` (one of :attr:`shapes`)."""
+
+    @abstractmethod
+    def tiny_checkpoint(self) -> Path:
+        """The cached seeded tiny checkpoint, created on first use."""
+
+    @abstractmethod
+    def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
+        """The vision graph as a :class:`apet.models.vision.VisionStages` module."""
+
+    def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
+        """The ViT's shape for the benchmarks' FLOP and byte counts (:class:`apet.bench.flops.VisionShape`)."""
+        raise NotImplementedError(f"{self.name} declares no vision FLOP model")
+
+    def hf_generate_inputs(self, inputs: VisionInputs, layout: Layout) -> dict[str, np.ndarray]:
+        """Keyword arguments besides ids and mask that the Hugging Face model's ``generate`` takes for these
+        media (the plain-HF baseline of the benchmarks and the parity tests)."""
+        return dict(inputs.arrays)
+
+    # -- facts (manifest only, torch-free) ---------------------------------------------------------
+    @abstractmethod
+    def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor: ...
+
+    @abstractmethod
+    def max_visual_tokens(self, manifest: "Manifest") -> int:
+        """Visual tokens one request can need at the LLM input (sizes profiles and context checks)."""
+
+    def typical_visual_tokens(self, manifest: "Manifest") -> int:
+        return self.max_visual_tokens(manifest)
+
+    @abstractmethod
+    def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of every symbolic dim of the vision graph's inputs, for engine profiles."""
+
+    def text_before_media(self, manifest: "Manifest", tokenizer_dir: Path | None) -> int:
+        """Prompt tokens before the first visual token (trtexec inputs, synthetic benchmark prompts): counted
+        with the tokenizer in ``tokenizer_dir``, estimated without one."""
+        return self.processor(tokenizer_dir, manifest).encoder.text_before_media()

@@ -1,0 +1,121 @@
+"""Prompts to token ids around the visual span, and the prefill layout of one visual span per request.
+
+Uses the ``tokenizers`` library on the artifact's ``tokenizer.json`` directly, so a deployed runtime
+needs neither transformers nor torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from apet.contracts.specs import ModelSpec
+from apet.errors import ArtifactError, InputError
+from apet.models.family import Layout, positions_from_mask
+
+
+class PromptEncoder:
+    """Formats a user prompt with the artifact's template and splits it at the media placeholder."""
+
+    def __init__(self, tokenizer_dir: Path, model: ModelSpec) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing", "re-export the artifact (the tokenizer is copied at export)")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.model = model
+        self.pad_id = model.pad_token_id if model.pad_token_id is not None else 0
+
+    def split(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the single media placeholder of the formatted prompt."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty", "pass a question or instruction, e.g. --prompt 'What is this?'")
+        if self.model.image_placeholder in prompt:
+            raise InputError(f"the prompt contains the media placeholder {self.model.image_placeholder!r}",
+                             "remove it: the image is inserted by the prompt template")
+        ids = self.tokenizer.encode(self.model.prompt_template.format(prompt=prompt)).ids
+        positions = [i for i, t in enumerate(ids) if t == self.model.image_token_id]
+        if len(positions) != 1:
+            raise ArtifactError(f"the prompt template yields {len(positions)} media tokens, expected 1",
+                                "the tokenizer does not know the media placeholder; re-export the artifact")
+        return ids[:positions[0]], ids[positions[0] + 1:]
+
+    def text_before_media(self) -> int:
+        return len(self.split("x")[0])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class SyntheticPromptEncoder(PromptEncoder):
+    """For random-weight ``*-shapes`` models (benchmarks), which come without a tokenizer: the template's
+    text before the placeholder is about 1.3 tokens per word plus BOS, the prompt is one token per word,
+    and ids are fixed pseudo-random vocabulary entries. Never used where real text matters."""
+
+    def __init__(self, model: ModelSpec, seed: int = 0) -> None:
+        self.model = model
+        self.pad_id = model.pad_token_id if model.pad_token_id is not None else 0
+        self.rng = np.random.default_rng(seed)
+        self.before = estimated_text_before(model.prompt_template, model.image_placeholder)
+        self.vocab = model.decoder.vocab_size
+
+    def _ids(self, count: int) -> list[int]:
+        return self.rng.integers(3, min(self.vocab, 30000), count).tolist()
+
+    def split(self, prompt: str) -> tuple[list[int], list[int]]:
+        return self._ids(self.before), self._ids(len(prompt.split()))
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def estimated_text_before(template: str, placeholder: str) -> int:
+    """Tokens before the placeholder without a tokenizer: about 1.3 Llama tokens per word, plus BOS."""
+    words = template.split(placeholder)[0].split()
+    return 1 + round(1.3 * len(words))
+
+
+def prompt_encoder(tokenizer_dir: Path | None, model: ModelSpec) -> PromptEncoder:
+    """The artifact's tokenizer; without a directory (random-weight benchmarks), a synthetic encoder."""
+    return SyntheticPromptEncoder(model) if tokenizer_dir is None else PromptEncoder(tokenizer_dir, model)
+
+
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, max_context: int) -> None:
+    if prompt_tokens + max_new_tokens > max_context:
+        raise InputError(
+            f"the prompt needs {prompt_tokens} tokens (incl. {visual_tokens} visual) + {max_new_tokens} new "
+            f"tokens, over the artifact's max_context {max_context}",
+            "shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-context")
+
+
+def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Sequence[tuple[np.ndarray, np.ndarray]],
+                       max_context: int, max_new_tokens: int) -> Layout:
+    """Left-padded prompts, each with one visual span in place of the placeholder; 1-D positions.
+
+    ``spans[b]`` = (rows, ids): ``rows[j]`` is the visual-embedding row of slot j (-1 where the slot is
+    a token, e.g. an ``image_newline``), ``ids[j]`` the token id stored there (the placeholder id for
+    visual rows).
+    """
+    rows_per_prompt, starts = [], []
+    for prompt, (rows, ids) in zip(prompts, spans):
+        before, after = encoder.split(prompt)
+        check_context(len(before) + len(rows) + len(after), int((rows >= 0).sum()), max_new_tokens, max_context)
+        rows_per_prompt.append((before + [int(i) for i in ids] + after,
+                                [-1] * len(before) + [int(r) for r in rows] + [-1] * len(after)))
+        starts.append(len(before))
+    longest = max(len(ids) for ids, _ in rows_per_prompt)
+    batch = len(rows_per_prompt)
+    token_ids = np.full((batch, longest), encoder.pad_id, dtype=np.int64)
+    mask = np.zeros((batch, longest), dtype=np.int64)
+    visual_rows = np.full((batch, longest), -1, dtype=np.int64)
+    image_start = np.zeros(batch, dtype=np.int64)
+    for b, (ids, rows) in enumerate(rows_per_prompt):
+        pad = longest - len(ids)
+        token_ids[b, pad:], mask[b, pad:], visual_rows[b, pad:] = ids, 1, rows
+        image_start[b] = pad + starts[b]
+    return Layout(token_ids, mask, visual_rows, positions_from_mask(mask), image_start,
+                  visual_tokens=[int((r >= 0).sum()) for r, _ in spans],
+                  prompt_lengths=[len(ids) for ids, _ in rows_per_prompt])

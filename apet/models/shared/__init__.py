@@ -1,0 +1,1 @@
+"""Pieces several families share (CLIP preprocessing, Hugging Face checkpoint files)."""

@@ -1,0 +1,90 @@
+"""Seeded tiny checkpoints shared machinery: an offline BPE tokenizer, the cache directory, atomic writes.
+
+Every family's tiny checkpoint is a real Hugging Face directory (config, safetensors weights,
+tokenizer.json, processor config) so tests exercise the loading paths users take, with no network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+_WORDS = (
+    "the a an of to in on at with for from by is are was were be been this that these those it its there here "
+    "what which who where when why how describe image picture photo show shows showing see seen look looks "
+    "cat cats dog dogs bird car cars bus truck bike person people man woman child children boy girl tree trees "
+    "house building street road sky cloud clouds sun water river sea beach mountain grass field flower flowers "
+    "table chair bed room window door wall floor kitchen food plate cup bottle phone computer book sign text "
+    "red green blue yellow white black brown gray orange pink purple color colors large small big little tall "
+    "short left right top bottom front back middle near far inside outside up down over under next behind "
+    "one two three four five many some all no yes not and or but so very more most less count number "
+    "sitting standing walking running playing eating holding wearing riding driving flying lying looking "
+    "answer question please briefly detail details detailed scene object objects animal animals vehicle "
+    "USER ASSISTANT : . , ? ! ' \" ( ) - 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+
+
+def corpus(template_lines: Sequence[str] = ("USER: <image>\n{q}? ASSISTANT: {a}.",)) -> list[str]:
+    """A deterministic corpus for the BPE trainer: the word list in many short sentences and templates."""
+    lines = []
+    for i in range(len(_WORDS)):
+        window = [_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(9)]
+        lines.append(" ".join(window))
+        for template in template_lines:
+            lines.append(template.format(q=" ".join(window[:5]), a=" ".join(window[5:])))
+    return lines
+
+
+def train_bpe(vocab_size: int, special_tokens: Sequence[str], lines: Sequence[str]):
+    """A byte-level BPE (``tokenizers.Tokenizer``) trained offline on ``lines``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(lines), trainer=trainer)
+    return tok
+
+
+def cache_dir() -> Path:
+    """The user cache for generated checkpoints (``$APET_CACHE`` or ``$XDG_CACHE_HOME/apet``)."""
+    root = os.environ.get("APET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apet"
+    return Path(root)
+
+
+MARKER = "APET_TINY"
+
+
+def write_checkpoint(path: str | os.PathLike, build: Callable[[Path], None], stamp: str) -> Path:
+    """Run ``build(scratch)`` in a scratch directory next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        build(scratch)
+        (scratch / MARKER).write_text(stamp + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        scratch.rename(path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def ensure_cached(name: str, create: Callable[[Path], Path]) -> Path:
+    """The cached checkpoint ``name`` under :func:`cache_dir`, created on first use."""
+    path = cache_dir() / name
+    if not (path / MARKER).is_file():
+        log.info("creating the tiny checkpoint %s", path)
+        create(path)
+    return path

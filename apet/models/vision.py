@@ -1,0 +1,65 @@
+"""The vision graph of a family as ``features -> select -> finish`` (torch).
+
+``vision.onnx`` is this module traced; the torch backend, the benchmarks and evaluation run the
+same module with another selector (an eval rule) or time its stages one by one. Each stage runs
+inside a named submodule so exported node names carry a scope (``vision/…``, ``apet_stage1/…``,
+``projector/…``) that trtexec's per-layer profiles and Nsight can attribute time to.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from apet.compression import Compressed
+from apet.contracts.io import VISION_OUTPUTS
+from apet.models.adapter import VisionLanguageAdapter
+
+
+class Scope(nn.Module):
+    """Runs ``fn`` inside a named module: the ONNX exporter prefixes its nodes with the attribute name."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class VisionStages(nn.Module):
+    """features -> select (ApET stage 1, or an eval rule) -> finish."""
+
+    input_names: ClassVar[list[str]]
+    output_names: ClassVar[list[str]] = VISION_OUTPUTS
+
+    def __init__(self, adapter: VisionLanguageAdapter, select: Callable[[torch.Tensor], Compressed]) -> None:
+        super().__init__()
+        self.model = adapter.model  # registered so tracing sees the weights
+        self.adapter = adapter
+        self.vision = Scope(self.features)
+        self.apet_stage1 = Scope(lambda x: tuple(select(x)))
+        self.projector = Scope(self.finish)
+
+    @abstractmethod
+    def features(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The tokens ApET sees, [B', N, D] (B' = images, views or frames)."""
+
+    @abstractmethod
+    def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Kept tokens and positions -> the graph outputs (visual_embeds, keep_index)."""
+
+    @abstractmethod
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Inputs to trace the graph with (batch = images, views or frames as the family counts them)."""
+
+    @abstractmethod
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Symbolic dims of inputs and outputs (their names are what the family's ``vision_dims`` sizes)."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tokens, index = self.apet_stage1(self.vision(*inputs))
+        return self.projector(tokens, index, *inputs)
