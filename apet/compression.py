@@ -45,7 +45,7 @@ because the Gram system is ill-conditioned in fp16.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ BASIS_PLACEMENTS = ("paper", "own")  # the user's choice; the family and stage t
 GRAM_RIDGE = 1e-5
 DPC_NEIGHBOURS = 5
 _NEG = torch.finfo(torch.float32).min
+Nearest = Callable[[torch.Tensor], torch.Tensor]  # targets [B, T] -> index of the cosine-nearest target [B, N]
 
 
 class Compressed(NamedTuple):
@@ -284,16 +285,22 @@ def _ascending(index: torch.Tensor) -> torch.Tensor:
     return torch.gather(index, 1, _ascending_order(index))
 
 
-def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+def cosine_nearest(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """For every token, the index into ``targets`` of its most cosine-similar target, [B, N] (first on ties)."""
+    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
+    return torch.argmax(gather_tokens(unit, targets) @ unit.transpose(1, 2), dim=1)
+
+
+def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor,
+               nearest: torch.Tensor | None = None) -> torch.Tensor:
     """Average every dropped token into its most cosine-similar target; returns [B, T, D] float32.
 
     ``targets`` [B, T] in the reference's order (ties go to the earliest target), ``dropped`` [B, N]
-    is 1 for tokens to merge. Each target becomes (itself + Σ assigned) / (1 + count).
+    is 1 for tokens to merge, ``nearest`` the assignment if already known (the fused GPU path).
+    Each target becomes (itself + Σ assigned) / (1 + count).
     """
     n_tokens = int(x.shape[1])
-    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
-    similarity = gather_tokens(unit, targets) @ unit.transpose(1, 2)  # [B, T, N]
-    nearest = torch.argmax(similarity, dim=1)  # [B, N]: first target on ties
+    nearest = cosine_nearest(x, targets) if nearest is None else nearest
     assigned = _one_hot(nearest, int(targets.shape[1])) * dropped.unsqueeze(-1)  # [B, N, T]
     members = assigned + _one_hot(targets, n_tokens).transpose(1, 2)  # each target counts itself
     total = members.transpose(1, 2) @ x  # [B, T, D]
@@ -301,13 +308,13 @@ def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor) ->
 
 
 def _selected_tokens(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool,
-                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+                     nearest: Nearest, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """The error-selected tokens, merged with every token outside ``ranked`` (and ``exclude``)."""
     if not merge:
         return gather_tokens(x, selected)
     outside = _members(ranked, int(x.shape[1])) if exclude is None else \
         torch.maximum(_members(ranked, int(x.shape[1])), _members(exclude, int(x.shape[1])))
-    return merge_into(x, selected, 1.0 - outside)
+    return merge_into(x, selected, 1.0 - outside, nearest(selected))
 
 
 def _in_position_order(tokens: torch.Tensor, index: torch.Tensor) -> Compressed:
@@ -316,13 +323,13 @@ def _in_position_order(tokens: torch.Tensor, index: torch.Tensor) -> Compressed:
 
 
 def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-           placement: str) -> Compressed:
+           placement: str, nearest: Nearest) -> Compressed:
     """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
     k = int(basis_index.shape[1])
     chosen = keep - k if placement == "append" else keep
     ranked = torch.topk(errors, chosen, dim=1).indices  # descending error
     selected = ranked[:, : keep - k]
-    selected_tokens = _selected_tokens(x, selected, ranked, merge)
+    selected_tokens = _selected_tokens(x, selected, ranked, merge, nearest)
     basis_tokens = gather_tokens(x, basis_index)
     if placement == "append":
         return Compressed(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
@@ -333,12 +340,13 @@ def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, kee
     return _in_position_order(torch.cat([selected_tokens, slot_tokens], 1), torch.cat([selected, slots], 1))
 
 
-def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool) -> Compressed:
+def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
+         nearest: Nearest) -> Compressed:
     """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
     k = int(basis_index.shape[1])
     is_basis = _members(basis_index, int(x.shape[1])) > 0
     selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
-    selected_tokens = _selected_tokens(x, selected, selected, merge, exclude=basis_index)
+    selected_tokens = _selected_tokens(x, selected, selected, merge, nearest, exclude=basis_index)
     tokens = torch.cat([selected_tokens, gather_tokens(x, basis_index)], 1)
     return _in_position_order(tokens, torch.cat([selected, basis_index], 1))
 
@@ -362,13 +370,33 @@ def compress(
         return Compressed(x, index)
 
     x32 = x.to(torch.float32)
-    basis_index = select_basis(x32, basis, method, seed)
-    errors = basis_errors(x32, basis_index)
-    if placement == "own":
-        kept = _own(x32, errors, basis_index, keep, merge)
+    if method == "fps" and _fused_available(x32):
+        from apet.kernels import apet_fused
+
+        gram = apet_fused.token_gram(x32)
+        basis_index, errors = apet_fused.fps_errors(gram, basis, fps_start(n_tokens, seed), GRAM_RIDGE)
+        nearest: Nearest = lambda targets: apet_fused.cosine_nearest(gram, targets)  # noqa: E731
     else:
-        kept = _paper(x32, errors, basis_index, keep, merge, placement)
+        basis_index = select_basis(x32, basis, method, seed)
+        errors = basis_errors(x32, basis_index)
+        nearest = lambda targets: cosine_nearest(x32, targets)  # noqa: E731
+    if placement == "own":
+        kept = _own(x32, errors, basis_index, keep, merge, nearest)
+    else:
+        kept = _paper(x32, errors, basis_index, keep, merge, placement, nearest)
     return Compressed(kept.tokens.to(x.dtype), kept.index)
+
+
+FUSED = {"enabled": True}  # set ``FUSED["enabled"] = False`` to compare the GPU path with the plain one
+
+
+def _fused_available(x: torch.Tensor) -> bool:
+    """The Triton path of :mod:`apet.kernels.apet_fused`: GPU tensors, never while exporting to ONNX."""
+    if not FUSED["enabled"] or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False
+    from apet.kernels import apet_fused
+
+    return apet_fused.available(x)
 
 
 class CompressionModule(torch.nn.Module):
