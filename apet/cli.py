@@ -166,8 +166,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
     p.add_argument("--ratios", default="1.0,0.33,0.22,0.11")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2))
-    p.add_argument("--backend", default="torch", choices=("torch",),
-                   help="torch: static KV cache + CUDA graphs on GPU (engines: use trtexec.sh, see README)")
+    p.add_argument("--backends", default="torch",
+                   help="torch (static KV cache + CUDA graphs on GPU) and/or onnxruntime (exports the plan's graphs "
+                        "and runs them with the CUDA execution provider, with parity against the torch reference); "
+                        "engines: use trtexec.sh, see README")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompt-tokens", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -176,7 +178,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
-    p.add_argument("--no-baselines", action="store_true", help="skip HF generate and the paper-style path")
+    p.add_argument("--baselines", default="hf,hf-static,paper",
+                   help="comma list: hf (plain generate), hf-static (static cache, compiled decode), paper "
+                        "(the authors' code path); empty for none")
+    p.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
+    p.add_argument("--image-size", default="640x480", help="WxH of the synthetic image (families with dynamic "
+                   "resolution or tiling see a different number of visual tokens)")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -189,10 +196,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"cannot parse {text!r} as a comma-separated list", "e.g. --ratios 1.0,0.11") from exc
 
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError as exc:
+        raise UsageError(f"--image-size {args.image_size!r} is not WxH", "e.g. --image-size 672x672") from exc
+    baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b)
     cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
                       batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
-                      compile=args.compile, baselines=not args.no_baselines)
+                      compile=args.compile, baselines=baselines,
+                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height))
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

@@ -47,9 +47,9 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
 
     out = tmp_path / "bench"
     assert main(["bench", "--model", "tiny", "--ratios", "1.0,0.11", "--repeats", "2", "--new-tokens", "4",
-                 "--out", str(out)]) == 0
+                 "--baselines", "hf,paper", "--backends", "torch,onnxruntime", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "apet-bench/1" and results["environment"]["ceilings"]["matmul_tflops"] > 0
+    assert results["schema"] == "apet-bench/2" and results["environment"]["ceilings"]["matmul_tflops"] > 0
     assert [r["ratio"] for r in results["runs"]] == [1.0, 0.11]
     low = results["runs"][1]
     assert low["budgets"] == {"k1": 40, "stage2_layer": 2, "k2": 16, "mean_tokens": 28.0}
@@ -60,6 +60,12 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert set(low["jetson_floors_ms"]) == {"jetson-agx-orin-64gb", "jetson-orin-nano-8gb"}
     assert {"vs_hf_generate_ttft", "vs_paper_style_ttft", "ttft_over_ratio_1"} <= set(low["speedup"])
     assert results["baselines"]["hf_generate"]["1"]["visual_tokens"] == 256
+    # the exported graphs ran in ONNX Runtime and agree with the torch reference on the same weights (fp32 CPU)
+    parity = low["onnxruntime"]["parity"]
+    assert parity["stage1_index_equal"] and parity["stage2_index_equal"]
+    assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 32
+    assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
+    assert low["onnxruntime"]["ttft"]["median_ms"] > 0 and low["visual_tokens"] == 40
     table = (out / "results.md").read_text()
     assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table
     for png in ("breakdown.png", "ttft.png"):

@@ -34,17 +34,40 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_ms(s.get('apet_stage2'))} | {_ms(g['ttft'])} | {_ms(decode)} | {tps} | "
                      f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} |")
     lines += ["", "## Against the baselines (same run)", "",
-              "| batch | ratio | TTFT ms | HF generate TTFT ms | paper-style TTFT ms | speedup vs HF | "
-              "speedup vs paper | TTFT / TTFT(ratio 1) | decode speedup vs HF |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| batch | ratio | TTFT ms | HF generate TTFT | HF static-cache TTFT | paper-style TTFT | "
+              "speedup vs HF | vs HF static | vs paper | TTFT / TTFT(ratio 1) | decode vs HF | decode vs HF static |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
         hf = results["baselines"].get("hf_generate", {}).get(str(run["batch"]))
+        static = results["baselines"].get("hf_static", {}).get(str(run["batch"]))
         paper = run.get("paper_style")
         sp = run.get("speedup", {})
         lines.append(f"| {run['batch']} | {run['ratio']} | {_ms(run['generation']['ttft'])} | "
-                     f"{_ms(hf['ttft']) if hf else '–'} | {_ms(paper['ttft']) if paper else '–'} | "
-                     f"{sp.get('vs_hf_generate_ttft', '–')} | {sp.get('vs_paper_style_ttft', '–')} | "
-                     f"{sp.get('ttft_over_ratio_1', '–')} | {sp.get('vs_hf_generate_decode', '–')} |")
+                     f"{_ms(hf['ttft']) if hf else '–'} | {_ms(static['ttft']) if static else '–'} | "
+                     f"{_ms(paper['ttft']) if paper else '–'} | "
+                     f"{sp.get('vs_hf_generate_ttft', '–')} | {sp.get('vs_hf_static_ttft', '–')} | "
+                     f"{sp.get('vs_paper_style_ttft', '–')} | {sp.get('ttft_over_ratio_1', '–')} | "
+                     f"{sp.get('vs_hf_generate_decode', '–')} | {sp.get('vs_hf_static_decode', '–')} |")
+    baselines = [(key, batch, b) for key in ("hf_generate", "hf_static")
+                 for batch, b in results["baselines"].get(key, {}).items()]
+    if baselines:
+        lines += ["", "| baseline | batch | visual tokens | TTFT ms | decode ms/token | warm-up s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {key} | {batch} | {b['visual_tokens']} | {_ms(b['ttft'])} | {b['decode_ms_per_token']} | "
+                  f"{b.get('warmup_s', '–')} |" for key, batch, b in baselines]
+    ort = [run for run in results["runs"] if run.get("onnxruntime")]
+    if ort:
+        lines += ["", "## The exported graphs in ONNX Runtime (CUDA EP) vs the torch path (same weights)", "",
+                  "| batch | ratio | ORT TTFT ms | torch TTFT ms | ORT decode ms/tok | torch decode ms/tok | "
+                  "stage-1 index equal | stage-2 index equal | greedy steps equal | max abs Δlogit (scale) |",
+                  "|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+        for run in ort:
+            o, p = run["onnxruntime"], run["onnxruntime"]["parity"]
+            lines.append(f"| {run['batch']} | {run['ratio']} | {_ms(o['ttft'])} | {_ms(run['generation']['ttft'])} | "
+                         f"{_ms(o['decode_per_token'])} | {_ms(run['generation']['decode_per_token'])} | "
+                         f"{p['stage1_index_equal']} | {p['stage2_index_equal']} | "
+                         f"{p['greedy_equal_steps']}/{p['greedy_steps']} | "
+                         f"{p['max_abs_logit_diff']} ({p['logit_scale']}) |")
     lines += ["", "## Measured over floor (floor = max(FLOPs / matmul rate, bytes / bandwidth))", "",
               "| batch | ratio | " + " | ".join(STAGE_ORDER + ("apet_stage2", "decode_step")) + " |",
               "|---:|---:|" + "---:|" * (len(STAGE_ORDER) + 2)]
@@ -86,11 +109,12 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ratios = [r["ratio"] for r in runs]
     variant = ", compiled" if results["config"].get("compile") else ""
     variant += ", CUDA graphs" if results["config"]["cuda_graphs"] else ""
-    ax.plot(ratios, [r["generation"]["ttft"]["median_ms"] for r in runs], "o-",
-            label=f"apet (torch, static cache{variant})")
+    for batch in sorted({r["batch"] for r in results["runs"]}):
+        rows = [r for r in results["runs"] if r["batch"] == batch]
+        ax.plot([r["ratio"] for r in rows], [r["generation"]["ttft"]["median_ms"] for r in rows], "o-",
+                label=f"apet batch {batch} (torch, static cache{variant})")
     paper = [(r["ratio"], r["paper_style"]["ttft"]["median_ms"]) for r in runs if r.get("paper_style")]
     if paper:
         ax.plot(*zip(*paper), "s--", label="paper-style (HF SDPA + ApET eager)")
@@ -100,7 +124,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("ratio")
     ax.set_ylabel("TTFT ms")
     ax.set_ylim(bottom=0)
-    ax.set_title("Time to first token vs ratio")
+    ax.set_title("Time to first token vs ratio, per batch size")
     ax.legend()
     fig.tight_layout()
     written.append(out / "ttft.png")

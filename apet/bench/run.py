@@ -13,6 +13,7 @@ results.json schema (``schema: apet-bench/1``):
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import platform
@@ -35,7 +36,8 @@ from apet.plan import plan_compression
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "apet-bench/1"
+SCHEMA = "apet-bench/2"
+BASELINES = ("hf", "hf-static", "paper")  # plain HF generate, HF with static cache + compiled decode, authors' path
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class BenchConfig:
     device: str = "auto"
     cuda_graphs: bool = True
     compile: bool = False
-    baselines: bool = True
+    baselines: tuple[str, ...] = BASELINES
+    backends: tuple[str, ...] = ("torch",)
+    image_size: tuple[int, int] = (640, 480)
 
     def __post_init__(self) -> None:
         for r in self.ratios:
@@ -59,6 +63,14 @@ class BenchConfig:
                 raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
+        if any(b < 1 for b in self.batches):
+            raise UsageError(f"--batch {','.join(map(str, self.batches))}: batch sizes must be >= 1",
+                             "e.g. --batch 1,4,8")
+        for name, chosen, allowed in (("--baselines", self.baselines, BASELINES),
+                                      ("--backends", self.backends, ("torch", "onnxruntime"))):
+            unknown = [c for c in chosen if c not in allowed]
+            if unknown:
+                raise UsageError(f"{name} {','.join(unknown)} is unknown", f"choose from {', '.join(allowed)}")
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -114,19 +126,26 @@ def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
     return cfg.prompt_tokens + 4 * adapter.spec.n_tokens + cfg.new_tokens + 64
 
 
+def _release_memory(device: torch.device, weights: int) -> int:
+    """Free what earlier configurations left (graph pools, caches) and reset the peak; returns the bytes that
+    are still allocated beyond the weights (0 when everything was released)."""
+    if device.type != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return max(0, torch.cuda.memory_allocated(device) - weights)
+
+
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
                 batch: int) -> dict[str, Any]:
-    request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
+    request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
     plan = _plan(adapter, ratio, cfg.stages)
     stage1, stage2 = plan.stage1, plan.stage2
     device = adapter.device
     weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
-    leftover = 0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        # graphs and compiled code of earlier budgets stay allocated: count only what this budget adds
-        leftover = torch.cuda.memory_allocated(device) - weights
-        torch.cuda.reset_peak_memory_stats(device)
+    leftover = _release_memory(device, weights)
     path = ApetPath(adapter, plan, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
                     max_context=_max_context(adapter, cfg))
     path.generate()  # warm-up
@@ -144,7 +163,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                     "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers)},
         "stages": stages, "generation": generation,
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
-        if device.type == "cuda" else None,
+        if device.type == "cuda" else None, "leftover_before_mb": round(leftover / 2**20, 1),
+        "visual_tokens": path.visual_tokens,
         "weights_mb": round(weights / 2**20, 1),
         "kv_cache_bytes": flops.kv_bytes(shapes_of(adapter)[1], [n + cfg.new_tokens for n in per_layer], batch,
                                          2 if adapter.dtype == torch.float16 else 4),
@@ -153,10 +173,15 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                                 if measured.get(k) and floors[k] > 0},
         "jetson_floors_ms": flops.project(costs),
     }
-    if cfg.baselines:
+    del path
+    if "paper" in cfg.baselines:
         result["paper_style"] = paper_style(adapter, plan, request, max(2, cfg.repeats // 3),
                                             _max_context(adapter, cfg))
-    del path
+    if "onnxruntime" in cfg.backends:
+        from apet.bench.ort_path import ort_run
+
+        _release_memory(device, weights)
+        result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats)
     return result
 
 
@@ -164,12 +189,13 @@ def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
     for run in runs:
         ttft = run["generation"]["ttft"]["median_ms"]
         decode = (run["generation"]["decode_per_token"] or {}).get("median_ms")
-        hf = baselines.get("hf_generate", {}).get(str(run["batch"]))
         speed: dict[str, float] = {}
-        if hf:
-            speed["vs_hf_generate_ttft"] = round(hf["ttft"]["median_ms"] / ttft, 2)
-            if decode:
-                speed["vs_hf_generate_decode"] = round(hf["decode_ms_per_token"] / decode, 2)
+        for key in ("hf_generate", "hf_static"):
+            hf = baselines.get(key, {}).get(str(run["batch"]))
+            if hf:
+                speed[f"vs_{key}_ttft"] = round(hf["ttft"]["median_ms"] / ttft, 2)
+                if decode:
+                    speed[f"vs_{key}_decode"] = round(hf["decode_ms_per_token"] / decode, 2)
         paper = run.get("paper_style")
         if paper:
             speed["vs_paper_style_ttft"] = round(paper["ttft"]["median_ms"] / ttft, 2)
@@ -190,15 +216,19 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
     adapter = adapter or load_adapter(cfg.model, dtype=dtype, device=str(device))
     ceilings = measure_ceilings(device, dtype)
     log.info("ceilings: %s", ceilings)
-    runs, baselines = [], {"hf_generate": {}}
+    runs: list[dict[str, Any]] = []
+    baselines: dict[str, dict[str, Any]] = {"hf_generate": {}, "hf_static": {}}
     work = [(b, r) for b in cfg.batches for r in cfg.ratios]
     for batch, ratio in tqdm(work, desc="apet-bench", unit="config", disable=None):
         runs.append(bench_ratio(adapter, cfg, ceilings, ratio, batch))
-    if cfg.baselines:
-        for batch in cfg.batches:
-            request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
-            baselines["hf_generate"][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
-                                                               _max_context(adapter, cfg))
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    for batch in cfg.batches:
+        request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
+        for name, key, static in (("hf", "hf_generate", False), ("hf-static", "hf_static", True)):
+            if name in cfg.baselines:
+                _release_memory(adapter.device, weights)
+                baselines[key][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
+                                                         _max_context(adapter, cfg), static=static)
     _speedups(runs, baselines)
     import transformers
 

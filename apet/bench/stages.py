@@ -109,6 +109,7 @@ class ApetPath:
             self.prefill(**self.prefill_inputs)
             saved = self.decoder.snapshot()
             self.prompt_length = layout.token_ids.shape[1]
+            self.visual_tokens = int(layout.visual_tokens[0])
             token = torch.zeros(request.batch, dtype=torch.long, device=device)
             position = torch.from_numpy(layout.positions[..., -1:] + 1).to(device)
             self.decode = GraphedCall(maybe(self._decode), {"token": token, "position": position},

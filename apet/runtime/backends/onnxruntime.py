@@ -27,7 +27,9 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        # ApET's float32 math must not run in TF32 (as coarse as fp16); the CUDA EP enables it by default
+        providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
+            if wanted == "CUDAExecutionProvider" else [wanted]
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
         self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), options,
                                            providers=providers)
@@ -67,15 +69,17 @@ class OnnxRuntimeBackend(Backend):
         self.llm.run_with_iobinding(binding)
         values = dict(zip(self.outputs, binding.get_outputs()))
         self.past = [values[name] for name in self.present_names]
-        if STAGE2_INDEX in values:
-            self.stage2_index = values[STAGE2_INDEX].numpy()
+        self.last_outputs = values
         return values[LOGITS].numpy()[:, -1].astype(np.float32)
 
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
         self.past = self._empty_past(layout.batch)
         embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
-        return self._run(embeds, layout.positions, layout.attention_mask)
+        logits = self._run(embeds, layout.positions, layout.attention_mask)
+        if STAGE2_INDEX in self.last_outputs:  # meaningful at prefill only (a decode step has no image span)
+            self.stage2_index = self.last_outputs[STAGE2_INDEX].numpy()
+        return logits
 
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self._run(self.table[token_ids][:, None], positions, attention_mask)
