@@ -1,5 +1,6 @@
-"""GPU checks (run by hand on a CUDA machine): the CUDA-graph torch path gives the same tokens as the
-HF-module reference on the tiny model, in fp32 and fp16; writes a JSON summary.
+"""GPU checks (run by hand on a CUDA machine): the CUDA-graph torch path and ONNX Runtime (CPU, and CUDA where
+onnxruntime-gpu is installed) give the same tokens as the HF-module reference on the tiny model, in fp32 and
+fp16; writes a JSON summary.
 
   python scripts/gpu_checks.py --out gpu_checks.json
 """
@@ -45,8 +46,12 @@ def main() -> None:
                                             torch_mode="reference"),
             "static_graphs_cuda": Pipeline.load(artifact, backend="torch", device="cuda", adapter=adapter,
                                                 torch_mode="static"),
-            "onnxruntime_cpu": Pipeline.load(artifact, backend="onnxruntime"),
+            "onnxruntime_cpu": Pipeline.load(artifact, backend="onnxruntime", device="cpu"),
         }
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            pipelines["onnxruntime_cuda"] = Pipeline.load(artifact, backend="onnxruntime", device="cuda")
         tokens = {}
         for name, pipeline in pipelines.items():
             for batch in (1, 2):
@@ -56,7 +61,7 @@ def main() -> None:
                 report[f"{dtype_name}/{name}/b{batch}_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
         for batch in (1, 2):
             ref = tokens[("reference_cuda", batch)]
-            for name in ("static_graphs_cuda", "onnxruntime_cpu"):
+            for name in [n for n in pipelines if n != "reference_cuda"]:
                 got = tokens[(name, batch)]
                 same = [int(np.sum(np.array(a[:len(b)]) == np.array(b[:len(a)]))) for a, b in zip(got, ref)]
                 report[f"{dtype_name}/b{batch}/{name}_equal"] = got == ref
