@@ -23,16 +23,23 @@ class ShapeLimits:
     @classmethod
     def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, max_context: int | None = None,
                       max_prompt: int | None = None) -> "ShapeLimits":
-        batch = max_batch or manifest.max_batch
-        context = max_context or manifest.max_context
-        prompt = max_prompt or min(context, manifest.visual_tokens + DEFAULT_TEXT_TOKENS)
+        batch = manifest.max_batch if max_batch is None else max_batch
+        context = manifest.max_context if max_context is None else max_context
+        prompt = min(context, manifest.visual_tokens + DEFAULT_TEXT_TOKENS) if max_prompt is None else max_prompt
+        if not 1 <= batch <= manifest.max_batch:
+            raise UsageError(f"--max-batch {batch} is outside [1, {manifest.max_batch}] (the export's max batch)",
+                             f"pass --max-batch between 1 and {manifest.max_batch}, or re-export with a larger "
+                             "--max-batch")
+        if not manifest.visual_tokens + 2 <= context <= manifest.max_context:
+            raise UsageError(f"--max-context {context} is outside [{manifest.visual_tokens + 2}, "
+                             f"{manifest.max_context}] (the export's KV-cache capacity)",
+                             f"pass --max-context up to {manifest.max_context}, or re-export with a larger "
+                             "--max-context")
         if prompt > context:
             raise UsageError(f"--max-prompt {prompt} exceeds --max-context {context}", "lower --max-prompt")
         if prompt <= manifest.visual_tokens:
             raise UsageError(f"--max-prompt {prompt} leaves no room for text after {manifest.visual_tokens} "
                              "visual tokens", f"use at least {manifest.visual_tokens + 16}")
-        if batch < 1:
-            raise UsageError(f"--max-batch {batch} must be at least 1", "pass --max-batch 1 or more")
         return cls(batch, context, prompt)
 
 
@@ -75,3 +82,10 @@ def llm_profiles(manifest: Manifest, max_batch: int | None = None, max_context: 
     decode = _llm_shapes(manifest, batch, (1, 1, 1), (shortest, min(typical + 64, limits.max_context - 1),
                                                        limits.max_context - 1))
     return [Profile("prefill", prefill), Profile("decode", decode)]
+
+
+def check_workspace(workspace_mb: int | None) -> None:
+    """The builder workspace limit must be a positive number of MiB (or absent: TensorRT's default)."""
+    if workspace_mb is not None and workspace_mb < 1:
+        raise UsageError(f"--workspace {workspace_mb} MiB is not a positive size",
+                         "pass a builder workspace limit in MiB (e.g. --workspace 4096), or leave it out")

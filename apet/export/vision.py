@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apet.compression import CompressionConfig, compress
+from apet.compression import Compressed, CompressionConfig, compress
 from apet.export.onnx_utils import export_onnx
+from apet.export.scope import Scope
 from apet.models.base import VisionLanguageAdapter
 
 VISION_INPUTS = ["pixel_values"]
@@ -19,20 +20,27 @@ class VisionGraph(nn.Module):
     """What ``vision.onnx`` computes; also the PyTorch reference the tests compare it with.
 
     The projector runs on the K1 kept tokens only: it is per-token, so this
-    equals the reference's project-then-select at K1/N of the cost.
+    equals the reference's project-then-select at K1/N of the cost. Each part
+    runs in its own :class:`Scope` (``vision/``, ``apet_stage1/``,
+    ``projector/``) so profiles attribute time to it.
     """
 
     def __init__(self, adapter: VisionLanguageAdapter, compression: CompressionConfig) -> None:
         super().__init__()
+        # attribute names are the node-name scopes (apet.scopes.VISION, APET_STAGE1, PROJECTOR)
+        self.vision = Scope(adapter.vision_features)
+        self.apet_stage1 = Scope(self._compress)
+        self.projector = Scope(adapter.project)
         self.model = adapter.model  # registered so tracing sees the weights
-        self._adapter = adapter
         self.compression = compression
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self._adapter.vision_features(pixel_values)
+    def _compress(self, features: torch.Tensor) -> Compressed:
         c = self.compression
-        kept = compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
-        return self._adapter.project(kept.tokens), kept.index
+        return compress(features, keep=c.keep, basis=c.basis, method=c.method, merge=c.merge, seed=c.seed)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = self.apet_stage1(self.vision(pixel_values))
+        return self.projector(kept.tokens), kept.index
 
 
 def export_vision(adapter: VisionLanguageAdapter, compression: CompressionConfig, path: Path, *,
