@@ -33,7 +33,7 @@ def _family_of(path: Path) -> str:
     return model_type
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str, option: str = "--model") -> Path:
     """A hub id resolves only from the local HF cache: the tool never downloads at run time."""
     try:
         from huggingface_hub import snapshot_download
@@ -44,12 +44,13 @@ def _from_hub_cache(repo_id: str) -> Path:
             f"cannot load {repo_id!r}: it is not a local directory and not in the Hugging Face cache "
             f"({type(exc).__name__})",
             f"download it where you have network (huggingface-cli download {repo_id} --local-dir DIR) "
-            "and pass --model DIR",
+            f"and pass {'--model' if option == '--model' else '--checkpoint'} DIR",
         ) from exc
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """The local checkpoint directory ``model`` names (creating the tiny one on demand)."""
+def resolve_checkpoint(model: str, option: str = "--model") -> Path:
+    """The local checkpoint directory ``model`` names (creating the tiny one on demand); errors name
+    ``option``, the command-line option the value came from."""
     if model == "tiny":
         from apet.models.tiny import ensure_tiny_llava
 
@@ -59,17 +60,18 @@ def resolve_checkpoint(model: str) -> Path:
         return path
     repo_id = ALIASES.get(model, model)
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
-        return _from_hub_cache(repo_id)
+        return _from_hub_cache(repo_id, option)
     known = ", ".join(["tiny", *ALIASES, *SHAPES])
-    raise UsageError(f"--model {model!r} is neither a known alias nor an existing directory",
+    raise UsageError(f"{option} {model!r} is neither a known alias nor an existing directory",
                      f"use one of {known}, a local checkpoint directory or an org/name hub id")
 
 
-def load_adapter(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> VisionLanguageAdapter:
+def load_adapter(model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 option: str = "--model") -> VisionLanguageAdapter:
     """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights)."""
     if model in SHAPES:
         return LlavaAdapter.random_init(shapes_config(model), dtype=dtype, device=device)
-    path = resolve_checkpoint(model)
+    path = resolve_checkpoint(model, option)
     adapter = ADAPTERS[_family_of(path)].load(path, dtype=dtype, device=device)
     if model in ALIASES or model == "tiny":
         adapter.spec = replace(adapter.spec, source=ALIASES.get(model, model))

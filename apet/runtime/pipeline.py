@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from apet.errors import BackendError, UsageError
+from apet.devices import check_device
+from apet.errors import BackendError, InputError, UsageError
 from apet.manifest import Manifest, read_manifest
 from apet.runtime.backends.base import Backend
 from apet.runtime.preprocess import ImageInput, pixel_batch
@@ -28,6 +29,16 @@ from apet.runtime.text import PromptEncoder, StreamDecoder
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+DEMO_IMAGE = "@demo"  # the small image shipped with the package, usable wherever an image is
+
+
+def resolve_image(image: ImageInput) -> ImageInput:
+    """``@demo`` -> the bundled image; a directory is refused by name (not reported as missing)."""
+    if isinstance(image, str) and image == DEMO_IMAGE:
+        return str(Path(__file__).resolve().parents[1] / "assets" / "demo.png")
+    if isinstance(image, (str, Path)) and Path(image).is_dir():
+        raise InputError(f"image {image} is a directory, not an image file", "pass one image file (JPEG/PNG/...)")
+    return image
 StreamCallback = Callable[[int, str], None]  # (batch row, text delta)
 
 
@@ -73,6 +84,7 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str,
     """Instantiate a backend; ``auto`` = TensorRT engines when present and importable, else ONNX Runtime."""
     if name not in BACKENDS:
         raise UsageError(f"backend {name!r} is unknown", f"use one of {', '.join(BACKENDS)}")
+    device = check_device(device)
     if name == "auto":
         from apet.runtime.backends.tensorrt import tensorrt_available
 
@@ -81,7 +93,8 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str,
     if name == "onnxruntime":
         from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifact_dir, manifest, device=device, threads=options.get("threads"))
+        return OnnxRuntimeBackend(artifact_dir, manifest, device=device, threads=options.get("threads"),
+                                  profile_apet=bool(options.get("profile_apet")))
     if name == "torch":
         from apet.runtime.backends.torch import StaticTorchBackend, TorchBackend
 
@@ -139,14 +152,16 @@ class Pipeline:
         backend.check_batch(batch)
         start = time.perf_counter()
         encoded = self.encoder.encode(prompts, self.manifest.max_context, config.max_new_tokens)
-        pixels = pixel_batch(images, self.manifest.model.processor)
+        backend.check_request(batch, encoded.token_ids.shape[1], config.max_new_tokens)
+        pixels = pixel_batch([resolve_image(image) for image in images], self.manifest.model.processor)
         stats = Stats(backend.name, batch, encoded.prompt_lengths, self.manifest.visual_tokens)
         stats.preprocess_ms = (time.perf_counter() - start) * 1e3
 
         t0 = time.perf_counter()
         visual = backend.encode_images(pixels)
         backend.synchronize()
-        stats.vision_ms, stats.apet_ms = (time.perf_counter() - t0) * 1e3, visual.apet_ms
+        stats.vision_ms = (time.perf_counter() - t0) * 1e3
+        stats.apet_ms = backend.apet_ms(visual)
 
         t0 = time.perf_counter()
         logits = backend.prefill(encoded.token_ids, encoded.attention_mask, encoded.image_start, visual)

@@ -62,8 +62,18 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         return None
 
+    def apet_ms(self, visual: VisionOutput) -> float | None:
+        """Milliseconds of ApET (stage 1) in the last vision run, where the backend can tell; called after the
+        vision timing so that reading a profile does not count as vision time."""
+        return visual.apet_ms
+
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
+
+    def check_request(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        """Refuse a request this backend cannot serve before any work starts (engines may be smaller than the
+        export's limits)."""
+        self.check_batch(batch)
 
     def check_batch(self, batch: int) -> None:
         if batch > self.manifest.max_batch:

@@ -1,11 +1,19 @@
-"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put."""
+"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put.
+
+With ``profile_apet`` the first vision run is profiled by ONNX Runtime and ApET's time is the sum of
+the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`), so ``apet-run --stats`` reports it.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from apet import scopes
 from apet.errors import BackendError
 from apet.export.decoder import past_names
 from apet.manifest import Manifest
@@ -22,7 +30,8 @@ from apet.runtime.backends.base import (
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 profile_apet: bool = False) -> None:
         super().__init__(artifact_dir, manifest)
         ort = import_optional("onnxruntime", "dev", "the onnxruntime backend")
         self._ort = ort
@@ -35,7 +44,14 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
-        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), options,
+        self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
+        vision_options = options
+        if self._profile_dir is not None:
+            vision_options = ort.SessionOptions()
+            vision_options.intra_op_num_threads = options.intra_op_num_threads
+            vision_options.enable_profiling = True
+            vision_options.profile_file_prefix = str(Path(self._profile_dir) / "vision")
+        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), vision_options,
                                            providers=providers)
         self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), options,
                                         providers=providers)
@@ -51,6 +67,17 @@ class OnnxRuntimeBackend(Backend):
     def encode_images(self, pixel_values: np.ndarray) -> VisionOutput:
         embeds, keep_index = self.vision.run(None, {"pixel_values": pixel_values.astype(self.dtype)})
         return VisionOutput(embeds, keep_index)
+
+    def apet_ms(self, visual: VisionOutput) -> float | None:
+        """ApET's share of the profiled run (once: ONNX Runtime profiles a session until end_profiling)."""
+        if self._profile_dir is None:
+            return visual.apet_ms
+        try:
+            events = json.loads(Path(self.vision.end_profiling()).read_text())
+        finally:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
+        return scope_ms(events, scopes.APET_STAGE1)
 
     def _empty_past(self, batch: int) -> list:
         spec = self.manifest.model.decoder
@@ -89,3 +116,11 @@ class OnnxRuntimeBackend(Backend):
 
     def cache_lengths(self) -> list[int]:
         return [int(value.shape()[2]) for value in self.past[::2]]
+
+
+def scope_ms(events: list, scope: str) -> float:
+    """Milliseconds of kernel time of the nodes in ``scope`` in an ONNX Runtime profile (chrome trace JSON)."""
+    prefix = f"/{scope}/"
+    micros = sum(float(e.get("dur", 0)) for e in events if isinstance(e, dict) and e.get("cat") == "Node"
+                 and str(e.get("name", "")).endswith("_kernel_time") and prefix in str(e.get("name", "")))
+    return micros / 1e3

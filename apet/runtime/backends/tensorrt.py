@@ -82,6 +82,48 @@ class StepShapes:
         return shapes
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """The largest request llm.plan's profiles accept (``build_report.json`` limits), checked before any work:
+    the engines may be built smaller than the export (``apet-build --max-context/--max-prompt/--max-batch``)."""
+
+    max_batch: int
+    max_context: int
+    max_prompt: int
+
+    @classmethod
+    def from_report(cls, report: dict) -> "EngineLimits":
+        limits = report.get("limits") or {}
+        try:
+            return cls(int(limits["max_batch"]), int(limits["max_context"]), int(limits["max_prompt"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{REPORT_NAME} has no valid limits ({exc})",
+                                "rebuild the engines: apet-build DIR --overwrite") from exc
+
+    def check(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        if batch > self.max_batch:
+            raise InputError(f"batch of {batch} exceeds the engines' max batch {self.max_batch}",
+                             f"split the request, or rebuild: apet-build DIR --max-batch {batch} --overwrite")
+        if prompt_tokens > self.max_prompt:
+            raise InputError(f"the prompt needs {prompt_tokens} tokens, over the engines' prefill profile maximum "
+                             f"{self.max_prompt} (apet-build --max-prompt)",
+                             f"shorten the prompt, or rebuild: apet-build DIR --max-prompt {prompt_tokens} "
+                             "--overwrite")
+        if prompt_tokens + new_tokens > self.max_context:
+            raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the engines' decode profile "
+                             f"maximum {self.max_context} (apet-build --max-context)",
+                             f"lower --max-new-tokens, or rebuild: apet-build DIR --max-context "
+                             f"{prompt_tokens + new_tokens} --overwrite (up to the export's max_context)")
+
+
+def set_shape(context, name: str, shape: tuple[int, ...], engine: str) -> None:
+    """``set_input_shape`` returns False (it does not raise) for a shape outside the active profile."""
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+        raise InputError(f"{name} shape {tuple(shape)} is outside {engine}'s optimization profile",
+                         "rebuild the engines for this request size (apet-build --max-batch/--max-prompt/"
+                         "--max-context ... --overwrite)")
+
+
 def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, runtime_version: str) -> dict:
     """Refuse engines of another export, another TensorRT version, or that changed on disk."""
     from apet.export.onnx_utils import sha256_file
@@ -116,7 +158,7 @@ class TensorRTBackend(Backend):
         from apet.engines.api import load_api
 
         api = load_api("auto")
-        check_engines(artifact_dir, manifest, api.kind, api.version)
+        self.limits = EngineLimits.from_report(check_engines(artifact_dir, manifest, api.kind, api.version))
         self.torch, self.trt = torch, api.module
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA device", "use --backend onnxruntime on this machine")
@@ -165,7 +207,7 @@ class TensorRTBackend(Backend):
         k1, hidden = self.manifest.visual_tokens, self.manifest.model.decoder.hidden_size
         embeds = torch.empty(pixels.shape[0], k1, hidden, dtype=self.dtype, device=self.device)
         index = torch.empty(pixels.shape[0], k1, dtype=torch.int64, device=self.device)
-        self.vision_context.set_input_shape("pixel_values", tuple(pixels.shape))
+        set_shape(self.vision_context, "pixel_values", tuple(pixels.shape), ENGINE_FILES["vision"])
         with torch.cuda.stream(self.stream):
             self._run(self.vision_context, {"pixel_values": pixels, "visual_embeds": embeds, "keep_index": index})
         self.stream.synchronize()
@@ -185,7 +227,7 @@ class TensorRTBackend(Backend):
         for name, shape in shapes.inputs().items():
             if name.startswith("past_"):
                 tensors[name] = self.cache[name][self.current][: int(np.prod(shape))].view(shape)
-            context.set_input_shape(name, shape)
+            set_shape(context, name, shape, ENGINE_FILES["llm"])
         for name, shape in out_shapes.items():
             if name.startswith("present_"):
                 buffer = self.cache[name.replace("present_", "past_")][1 - self.current]
@@ -202,9 +244,7 @@ class TensorRTBackend(Backend):
 
     def prefill(self, token_ids: np.ndarray, attention_mask: np.ndarray, image_start: np.ndarray,
                 visual: VisionOutput) -> np.ndarray:
-        self.check_batch(token_ids.shape[0])
-        if token_ids.shape[1] > self.manifest.max_context:
-            raise InputError(f"prompt of {token_ids.shape[1]} tokens exceeds max_context", "shorten the prompt")
+        self.check_request(token_ids.shape[0], token_ids.shape[1], 1)
         torch = self.torch
         embeds = splice(self.table, torch.from_numpy(token_ids).to(self.device), visual.embeds,
                         torch.from_numpy(image_start).to(self.device))
@@ -216,6 +256,10 @@ class TensorRTBackend(Backend):
     def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         embeds = self.table[self.torch.from_numpy(token_ids).to(self.device)][:, None]
         return self._step(embeds, attention_mask)
+
+    def check_request(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        super().check_request(batch, prompt_tokens, new_tokens)
+        self.limits.check(batch, prompt_tokens, new_tokens)
 
     def cache_lengths(self) -> list[int]:
         shapes = StepShapes(self.manifest, 1, 0, self.past)
