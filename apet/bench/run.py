@@ -23,11 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from apet.atomic import write_atomic
 from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
+from apet.devices import check_device
 from apet.errors import UsageError
 from apet.export.budget import plan_budget
 from apet.models.base import VisionLanguageAdapter
@@ -58,6 +60,10 @@ class BenchConfig:
                 raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise UsageError(f"--batch {','.join(map(str, self.batches))} must list batch sizes >= 1",
+                             "e.g. --batch 1 or --batch 1,4")
+        check_device(self.device, allow_auto=True)
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -210,6 +216,6 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
         "runs": runs, "baselines": baselines,
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_atomic(cfg.out / "results.json", json.dumps(results, indent=1))
     write_report(results, cfg.out)
     return results

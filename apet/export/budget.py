@@ -47,6 +47,22 @@ def _parse_tokens(tokens: str) -> list[int]:
     return values
 
 
+def check_budget_options(ratio: float | None, tokens: str | None) -> tuple[int, int | None]:
+    """Options that contradict each other are refused, never silently dropped; returns the --tokens budgets
+    (K1, K2 or None), or (0, None) without --tokens."""
+    if ratio is not None and tokens is not None:
+        raise UsageError(f"--ratio {ratio} and --tokens {tokens} both set the budget",
+                         "pass one of them: --ratio for the paper's mean fraction, --tokens for exact K1[,K2]")
+    if tokens is None:
+        return 0, None
+    values = _parse_tokens(tokens)
+    k1, k2 = values[0], (values[1] if len(values) == 2 else None)
+    if k2 is not None and k2 >= k1:
+        raise UsageError(f"--tokens {tokens}: stage 2 keeps K2={k2}, not fewer than stage 1's K1={k1}",
+                         "pass K1,K2 with K2 < K1 (e.g. --tokens 96,32), or one budget K for a single stage")
+    return k1, k2
+
+
 def plan_budget(n_tokens: int, num_layers: int, *, ratio: float | None = None, stages: int = 2,
                 tokens: str | None = None, basis: int = 10, stage2_layer: int | None = None) -> Budget:
     """Turn the user's budget options into validated static keeps."""
@@ -54,8 +70,7 @@ def plan_budget(n_tokens: int, num_layers: int, *, ratio: float | None = None, s
         raise UsageError(f"--stages {stages} is invalid", "use --stages 1 or --stages 2")
     layer = num_layers // 2 if stage2_layer is None else stage2_layer
     if tokens is not None:
-        values = _parse_tokens(tokens)
-        k1, k2 = values[0], (values[1] if len(values) == 2 else None)
+        k1, k2 = check_budget_options(ratio, tokens)
     else:
         if ratio is None or not (0.0 < ratio <= 1.0):
             raise UsageError(f"--ratio {ratio!r} is outside the allowed range (0, 1]",
@@ -66,7 +81,7 @@ def plan_budget(n_tokens: int, num_layers: int, *, ratio: float | None = None, s
             k1 = round_to_8(min(1.5 * ratio, 1.0) * n_tokens, n_tokens)
             k2 = round_to_8((0.5 * ratio if ratio <= 2 / 3 else 2 * ratio - 1) * n_tokens, n_tokens)
     if k2 is not None and k2 >= k1:
-        k2 = None  # nothing to remove at stage 2 (e.g. ratio 1.0)
+        k2 = None  # --ratio near 1.0: nothing left to remove at stage 2
     for name, keep in (("K1", k1), ("K2", k2)):
         if keep is not None and keep != n_tokens and not (basis + 1 <= keep <= n_tokens):
             raise UsageError(
