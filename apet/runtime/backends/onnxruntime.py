@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,8 @@ class OnnxRuntimeBackend(Backend):
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
         self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
+        if self._profile_dir is not None:  # removed after the first vision run, or when the backend goes away
+            weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
         vision_options = options
         if self._profile_dir is not None:
             vision_options = ort.SessionOptions()
