@@ -37,6 +37,10 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:  # a failed write names no file; say which one (disk full, read-only, ...)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -83,6 +87,33 @@ def _remove_stale_scratch(out: Path) -> None:
             continue
 
 
+def _scratch(out: Path) -> Path:
+    """A scratch directory next to ``out`` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_scratch(out)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
+    os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is a normal directory
+    return scratch
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt (main thread only), so ``finally`` blocks clean up scratch."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a scratch directory next to ``out``; on success it replaces ``out`` in one rename.
@@ -93,25 +124,39 @@ def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(out)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
-    os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is a normal directory
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, _terminate)
+    scratch = _scratch(out)
     try:
-        yield scratch
-        if out.exists():
-            _replace_directory(scratch, out)
-        else:
-            scratch.rename(out)
+        with _sigterm_as_interrupt():
+            yield scratch
+            if out.exists():
+                _replace_directory(scratch, out)
+            else:
+                scratch.rename(out)
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links: copy instead
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_update(directory: Path) -> Iterator[Path]:
+    """Yield a scratch copy of ``directory`` whose files are hard links (no data copied); on success the
+    scratch replaces ``directory`` in one exchange, so readers see every new file or none.
+
+    Write new files into the scratch with :func:`write_atomic` (a new inode replaces the link; the
+    original stays untouched). On any exception, Ctrl-C or SIGTERM nothing in ``directory`` changes.
+    """
+    directory = Path(directory)
+    scratch = _scratch(directory)
+    try:
+        with _sigterm_as_interrupt():
+            shutil.copytree(directory, scratch, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True)
+            yield scratch
+            _replace_directory(scratch, directory)
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from apet.errors import ApetError, UsageError
+from apet.errors import UsageError, guarded
+from apet.quiet import quiet_third_party
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
-    p.add_argument("--basis-method", default="fps", choices=("fps", "dpc", "random"))
+    p.add_argument("--basis-method", default="fps", choices=("fps", "dpc", "random"),
+                   help="how the k basis tokens are picked: farthest-point sampling (the paper), density peaks, "
+                        "or random")
     p.add_argument("--seed", type=int, help="seed for the FPS start token / random basis (default: token 0)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens without merging them into kept ones")
     p.add_argument("--basis-placement", default="paper", choices=("paper", "own"),
@@ -41,13 +43,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17..20; TensorRT 10.3 parses 17)")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs and engines serve")
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
-    p.add_argument("--device", default="cpu", help="where to trace the model (cpu, cuda)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="cpu", help="where to trace the model: cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write (written atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an earlier apet artifact (never any other directory)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -79,7 +82,7 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--builder-optimization-level", type=int, help="0..5 (TensorRT default 3)")
     p.add_argument("--compute-capability", default="",
                    help="TensorRT-RTX AOT targets, comma separated (e.g. sm86,sm89,sm120)")
-    p.add_argument("--graphs", default="vision,llm", help="which engines to build")
+    p.add_argument("--graphs", default="vision,llm", help="which engines to build (comma separated)")
     p.add_argument("--emit-trtexec", action="store_true",
                    help="write trtexec.sh (build + profiling lines) instead of building")
     p.add_argument("--overwrite", action="store_true", help="replace engines built from another export")
@@ -109,41 +112,50 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="only describe; skip hashing files and checking graphs and engines against the manifest")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from apet.inspect_artifact import describe
+    from apet.inspect_artifact import describe, verify
 
     print(describe(args.artifact))
+    if not args.no_verify:
+        print(verify(args.artifact))
     return 0
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
     p.add_argument("--image", required=True, help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the question or instruction about the image")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
     p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
+    p.add_argument("--seed", type=int, help="sampling seed (with --temperature > 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stats", action="store_true", help="print TTFT, decode tokens/s, ApET ms, peak memory")
+    p.add_argument("--stats", action="store_true",
+                   help="print TTFT, decode tokens/s, ApET stage-1 ms (onnxruntime: from a profile of the vision "
+                        "run; torch: timed; tensorrt: see `python -m apet.engines.trtexec report`), peak memory")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, token_ids, stats)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
+    from apet.media.images import resolve_image
     from apet.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint)
+    image = resolve_image(args.image)  # before loading anything: a wrong --image fails fast
+    pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
+                             profile_apet=args.stats or args.json)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
-    result = pipeline.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+    result = pipeline.generate(image, args.prompt, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                stream=stream)
     if args.json:
@@ -153,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     if args.stats:
         s = result.stats
-        apet = f"{s.apet_ms:.2f} ms" if s.apet_ms is not None else "inside the vision graph"
+        apet = f"{s.apet_ms:.2f} ms" if s.apet_ms is not None else \
+            "not separable in the engine: python -m apet.engines.trtexec report"
         device_mem = f", device peak {s.peak_device_mb:.0f} MiB" if s.peak_device_mb is not None else ""
         print(f"[{s.backend}] visual tokens {s.visual_tokens}, prompt {s.prompt_tokens[0]} tokens | vision "
               f"{s.vision_ms:.1f} ms (ApET {apet}) | prefill {s.prefill_ms:.1f} ms | TTFT {s.ttft_ms:.1f} ms | "
@@ -164,18 +177,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
-    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2))
+    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11", help="comma-separated retained fractions")
+    p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages (see apet-export --stages)")
     p.add_argument("--backends", default="torch",
                    help="torch (static KV cache + CUDA graphs on GPU) and/or onnxruntime (exports the plan's graphs "
                         "and runs them with the CUDA execution provider, with parity against the torch reference); "
                         "engines: use trtexec.sh, see README")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--prompt-tokens", type=int, default=40)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--prompt-tokens", type=int, default=40, help="text tokens of the synthetic prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (>= 2)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -184,7 +197,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic image (families with dynamic "
                    "resolution or tiling see a different number of visual tokens)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="results directory (results.json, results.md, plots)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -214,24 +227,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from apet.eval import data
 
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = data.__doc__
+    p.epilog = _plain(data.__doc__ or "")
     p.add_argument("source", help="an artifact directory (its fixed budget, any backend) or a model "
                    "(tiny | alias | checkpoint directory: every --methods x --ratios through the torch reference)")
     p.add_argument("--data", required=True, action="append", type=Path, help="data file (repeatable: one benchmark "
                    "per file)")
     p.add_argument("--images", required=True, type=Path, help="directory the data's image paths are relative to")
-    p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"))
+    p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"),
+                   help="layout of --data (see below)")
     p.add_argument("--annotations", type=Path, help="answers/annotations file for --format llava or vqa")
-    p.add_argument("--ratios", default="1.0,0.22,0.11")
+    p.add_argument("--ratios", default="1.0,0.22,0.11", help="comma-separated retained fractions (model source)")
     p.add_argument("--methods", default="apet", help="comma list of rules: apet, random, pool, divprune")
-    p.add_argument("--stages", type=int, default=1, choices=(1, 2))
+    p.add_argument("--stages", type=int, default=1, choices=(1, 2),
+                   help="ApET stages for a model source (an artifact has its own)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="for an artifact source")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--limit", type=int, help="first N questions of each data file")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--limit", type=int, help="first N questions of each data file (N >= 1)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")
+    p.add_argument("--out", required=True, type=Path,
+                   help="results directory (predictions.jsonl, report.json/.md, retention.png); resumed if present")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -261,19 +276,38 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults next to each option; keep the epilog's line breaks."""
+
+
+def _plain(doc: str) -> str:
+    """A module docstring as plain help text (no RST literal markers)."""
+    return doc.replace("``", "").replace("::", ":").strip()
+
+
+def _version(parser: argparse.ArgumentParser) -> None:
+    from apet import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
 def _parser(only: str | None = None) -> argparse.ArgumentParser:
     if only is not None:
         help_text, add_args, _ = COMMANDS[only]
-        parser = argparse.ArgumentParser(prog=f"apet-{only}", description=help_text)
+        parser = argparse.ArgumentParser(prog=f"apet-{only}", description=help_text, formatter_class=_Formatter)
         add_args(parser)
         _common(parser)
+        _version(parser)
         return parser
-    parser = argparse.ArgumentParser(prog="apet", description="ApET token compression for VLM deployment")
+    parser = argparse.ArgumentParser(prog="apet", description="ApET token compression for VLM deployment",
+                                     formatter_class=_Formatter)
+    _version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Formatter)
         add_args(p)
         _common(p)
+        _version(p)
     return parser
 
 
@@ -283,16 +317,9 @@ def _run(argv: Sequence[str] | None, only: str | None = None) -> int:
     command = only or args.command
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return COMMANDS[command][2](args)
-    except ApetError as exc:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    if not args.verbose:
+        quiet_third_party()
+    return guarded(lambda: COMMANDS[command][2](args), args.verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

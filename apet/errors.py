@@ -8,6 +8,11 @@ device can tell a bad argument from a broken artifact from a missing backend.
 
 from __future__ import annotations
 
+import errno
+import sys
+import traceback
+from typing import Callable
+
 
 class ApetError(Exception):
     """Base class: an actionable error. ``fix`` is appended to the message."""
@@ -51,3 +56,49 @@ def check_range(name: str, value: float, low: float, high: float, *, fix: str | 
             f"{name}={value!r} is outside the allowed range [{low}, {high}]",
             fix or f"pass a {name} between {low} and {high}",
         )
+
+
+class StorageError(ApetError):
+    """The file system refused a read or write: read-only, full, permission denied, a path through a file."""
+
+    exit_code = 6
+
+
+_OS_FIXES = {
+    errno.EROFS: ("is on a read-only file system", "write to a writable location (another --out)"),
+    errno.ENOSPC: ("ran out of space (disk full)", "free some space, or write to another disk"),
+    errno.EDQUOT: ("exceeds the disk quota", "free some space, or write to another disk"),
+    errno.EACCES: ("is not accessible (permission denied)", "choose a location you can write to, or fix its "
+                   "permissions"),
+    errno.EPERM: ("is not permitted here", "choose a location you can write to"),
+    errno.ENOTDIR: ("goes through a regular file, not a directory", "choose a path whose parents are directories"),
+    errno.ENOENT: ("does not exist or cannot be created here", "check the path (pseudo file systems such as /proc "
+                   "cannot hold files)"),
+    errno.EISDIR: ("is a directory where a file is expected", "pass a file path"),
+    errno.EEXIST: ("already exists", "remove it or choose another path"),
+}
+
+
+def storage_error(exc: OSError) -> StorageError:
+    """An OSError from the file system as an actionable :class:`StorageError` naming the path."""
+    path = exc.filename if exc.filename is not None else "a file"
+    what, fix = _OS_FIXES.get(exc.errno or -1, (f"failed ({exc.strerror or exc})", "check the path and the disk"))
+    error = StorageError(f"{path} {what} [{exc.strerror or type(exc).__name__}]", fix)
+    error.__cause__ = exc
+    return error
+
+
+def guarded(call: Callable[[], int], verbose: bool) -> int:
+    """Run a command the way every entry point does: an :class:`ApetError` or a refused file-system
+    operation becomes one line on stderr and its exit code; Ctrl-C / SIGTERM exit 130."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        print("interrupted: outputs were left as they were before the command", file=sys.stderr)
+        return 130
+    except (ApetError, OSError) as exc:
+        error = storage_error(exc) if isinstance(exc, OSError) else exc
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code

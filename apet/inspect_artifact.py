@@ -1,15 +1,26 @@
-"""``apet inspect DIR``: what an artifact holds — manifest, graph I/O, engines and their profiles."""
+"""``apet inspect DIR``: what an artifact holds — manifest, graph I/O, engines and their profiles — and
+whether it is intact: every checksum, the manifest's own digest, graph I/O and engines (:func:`verify`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from apet.contracts.files import read_report
-from apet.manifest import read_manifest
+from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
+from apet.errors import ArtifactError
+from apet.export.onnx_utils import graph_io, nodes_by_stage, spec_dict
+from apet.manifest import Manifest, read_manifest
 
 
 def _io_lines(title: str, specs: list[dict]) -> list[str]:
     return [f"    {title} {s['name']}: {s.get('dtype', '?')}[{', '.join(str(d) for d in s['shape'])}]" for s in specs]
+
+
+def _node_counts(path: Path) -> dict[str, int]:
+    """Nodes per stage, or nothing for a graph that cannot be read (verification reports why)."""
+    try:
+        return nodes_by_stage(path)
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: describing must not fail on it
+        return {}
 
 
 def describe(artifact: Path) -> str:
@@ -28,6 +39,9 @@ def describe(artifact: Path) -> str:
         data = f" + {', '.join(graph.external_data)}" if graph.external_data else ""
         lines.append(f"  graph {name}: {graph.file}{data}")
         lines += _io_lines("in ", graph.inputs) + _io_lines("out", graph.outputs)
+        stages = _node_counts(artifact / graph.file)
+        if stages:
+            lines.append(f"    nodes {sum(stages.values())}: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     report = read_report(artifact)
     if report is None:
         lines.append("  engines    none (run apet-build)")
@@ -42,3 +56,68 @@ def describe(artifact: Path) -> str:
             for tensor, (low, opt, high) in profile["shapes"].items():
                 lines.append(f"      {tensor}: min {low} opt {opt} max {high}")
     return "\n".join(lines)
+
+
+def _checksum_problems(artifact: Path, manifest: Manifest) -> list[str]:
+    problems = [f"{name} is not covered by a checksum in the manifest"
+                for name in manifest.files() if name not in manifest.checksums]
+    for name, expected in sorted(manifest.checksums.items()):
+        path = artifact / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name} changed after export (checksum mismatch)")
+    return problems
+
+
+def _io_problems(artifact: Path, manifest: Manifest) -> list[str]:
+    problems = []
+    for name, graph in manifest.graphs.items():
+        try:
+            inputs, outputs = graph_io(artifact / graph.file)
+        except Exception as exc:  # onnx raises DecodeError, OSError, ... on a truncated or foreign file
+            problems.append(f"{graph.file} cannot be read as ONNX ({type(exc).__name__})")
+            continue
+        for kind, actual, recorded in (("inputs", inputs, graph.inputs), ("outputs", outputs, graph.outputs)):
+            if spec_dict(actual) != list(recorded):
+                problems.append(f"{graph.file} {kind} differ from the manifest's graphs.{name}.{kind}")
+    return problems
+
+
+def _engine_problems(artifact: Path) -> list[str]:
+    plans = [file for file in ENGINE_FILES.values() if (artifact / file).exists()]
+    try:
+        report = read_report(artifact)
+    except ArtifactError as exc:
+        return [str(exc)]
+    if report is None:
+        return [f"{file} is not recorded in any {REPORT_NAME} (a foreign or stale engine)" for file in plans]
+    problems = []
+    if report.get("manifest_sha256") != manifest_digest(artifact):
+        problems.append(f"{REPORT_NAME} belongs to another export of this directory (engines are stale)")
+    recorded = {entry.get("file"): entry for entry in report["engines"].values() if isinstance(entry, dict)}
+    for file in plans:
+        if file not in recorded:
+            problems.append(f"{file} is not recorded in {REPORT_NAME} (a foreign or stale engine)")
+    for file, entry in recorded.items():
+        path = artifact / str(file)
+        if not path.is_file():
+            problems.append(f"{file} is recorded in {REPORT_NAME} but missing")
+        elif sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{file} changed after apet-build (checksum mismatch)")
+    return problems
+
+
+def verify(artifact: Path) -> str:
+    """Check every checksum, the manifest's own digest, graph I/O against the manifest and the engines
+    against the build report; raise :class:`ArtifactError` naming every problem found."""
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)  # validates the manifest's digest
+    problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest) + _engine_problems(artifact)
+    if problems:
+        raise ArtifactError(f"{artifact} failed verification: " + "; ".join(problems),
+                            "re-export the artifact (apet-export --overwrite) and rebuild its engines "
+                            "(apet-build --overwrite)")
+    engines = [file for file in ENGINE_FILES.values() if (artifact / file).exists()]
+    return (f"  verified   manifest digest, {len(manifest.checksums)} checksums, graph I/O"
+            + (f", {', '.join(engines)} against {REPORT_NAME}" if engines else ""))

@@ -2,14 +2,17 @@
 
 Every later command reads only the artifact directory, through
 :func:`read_manifest`, which validates the schema version, the types, that
-every path stays inside the directory, and (on request) the checksums.
-Any malformed manifest raises :class:`ArtifactError`, never another exception.
+every path stays inside the directory, the manifest's own digest (so an
+edited manifest is refused, not run) and, on request, the checksums of every
+file. Any malformed manifest raises :class:`ArtifactError`, never another
+exception.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
@@ -45,6 +48,7 @@ class Manifest:
     embeddings: dict[str, Any]
     text_assets: list[str]
     checksums: dict[str, str]
+    digest: str = ""  # SHA-256 of this manifest's canonical JSON without the digest (see content_digest)
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -166,6 +170,33 @@ def _graph_from_json(name: str, data: Mapping[str, Any]) -> GraphEntry:
     return entry
 
 
+def content_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no whitespace) without its ``digest`` field."""
+    body = {k: v for k, v in data.items() if k != "digest"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sign(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest JSON with its digest set (what :func:`write_manifest` writes)."""
+    normal = json.loads(json.dumps({k: v for k, v in data.items() if k != "digest"}))
+    return {**normal, "digest": content_digest(normal)}
+
+
+def _check_digest(data: Mapping[str, Any]) -> None:
+    digest = data.get("digest")
+    if not isinstance(digest, str) or not digest:
+        raise ArtifactError("manifest.json has no digest (written by an older apet, or edited)",
+                            "re-export the artifact with this apet version")
+    try:
+        actual = content_digest(data)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"manifest.json cannot be canonicalised ({exc})", "re-export the artifact") from exc
+    if actual != digest:
+        raise ArtifactError("manifest.json changed after export (its digest does not match its content)",
+                            "re-export the artifact; never edit manifest.json by hand")
+
+
 def manifest_from_json(data: Any) -> Manifest:
     """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
     if not isinstance(data, Mapping):
@@ -186,7 +217,7 @@ def manifest_from_json(data: Any) -> Manifest:
             _safe_relative(key, "checksums")
             if not isinstance(value, str):
                 raise ArtifactError(f"checksum of {key!r} is not a string", "re-export the artifact")
-        return Manifest(
+        manifest = Manifest(
             schema_version=version, apet_version=str(data.get("apet_version", "")),
             created=str(data.get("created", "")), model=_model_from_json(_require(data, "model", dict, "")),
             dtype=_require(data, "dtype", str, ""), opset=_require(data, "opset", int, ""),
@@ -197,6 +228,8 @@ def manifest_from_json(data: Any) -> Manifest:
             text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
             checksums={str(k): str(v) for k, v in checksums.items()},
         )
+        _check_digest(data)
+        return replace(manifest, digest=str(data["digest"]))
     except ArtifactError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -233,7 +266,7 @@ def verify_files(artifact_dir: Path, manifest: Manifest, names: list[str] | None
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (temp file + rename)."""
+    """Write manifest.json (with its digest) atomically (temp file + rename)."""
     from apet.atomic import write_atomic
 
-    return write_atomic(Path(directory) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=1) + "\n")
+    return write_atomic(Path(directory) / MANIFEST_NAME, json.dumps(sign(manifest.to_json()), indent=1) + "\n")

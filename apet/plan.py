@@ -103,6 +103,19 @@ def _parse_tokens(tokens: str) -> list[int]:
     return values
 
 
+def check_budget_options(ratio: float | None, tokens: str | None) -> None:
+    """Options that contradict each other are refused, never silently dropped."""
+    if ratio is not None and tokens is not None:
+        raise UsageError(f"--ratio {ratio} and --tokens {tokens} both set the budget",
+                         "pass one of them: --ratio for the paper's mean fraction, --tokens for exact K1[,K2]")
+    if tokens is not None:
+        values = _parse_tokens(tokens)
+        if len(values) == 2 and values[1] >= values[0]:
+            raise UsageError(f"--tokens {tokens}: K2={values[1]} is not smaller than K1={values[0]}, so stage 2 "
+                             "would remove nothing",
+                             "pass K1,K2 with K2 < K1 (e.g. --tokens 96,32), or one budget for a single stage")
+
+
 def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None) -> tuple[int, int | None]:
     if tokens is not None:
         values = _parse_tokens(tokens)

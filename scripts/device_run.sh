@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
-# The GPU runs behind the numbers in docs/benchmarks.md (run from the repository root on a CUDA machine;
-# $OUT is where results go). Stages: checks | bench | vision | llm
+# The GPU runs behind docs/benchmarks.md (run from the repository root on a CUDA machine, e.g. through the
+# device tool; $OUT is where results go). Stages:
+#   ort NN [last]   append one carried piece of the onnxruntime-gpu wheel (.whl/ort.part.NN); install after the last
+#   checks          tiny-model token parity of every GPU path, the fused ApET kernel test, variants + profiler
+#   llava           apet-bench llava-shapes (two stages, batch 1, compile, all baselines)
+#   batch           apet-bench llava-shapes at batch 4 and 8, ratio 1.0 vs 0.11
+#   ortbench        the exported 7B-shape graphs in ONNX Runtime CUDA vs the torch path (parity + timing)
+#   family NAME ... apet-bench for another family (arguments passed through)
 set -uo pipefail
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
+export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-python3 -c "import torch, transformers, onnxruntime; print('torch', torch.__version__, 'transformers', transformers.__version__, 'ort', onnxruntime.__version__)"
-case "${1:-checks}" in
+stage="${1:-checks}"
+shift || true
+case "$stage" in
+  ort)  # ort NN [last]: append piece NN (carried alone: 64 MiB per call), install after the last one
+    cat ".whl/ort.part.$1" >> /tmp/ort.whl.partial
+    ls -la /tmp/ort.whl.partial
+    if [ "${2:-}" = "last" ]; then
+      mv /tmp/ort.whl.partial /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+      sha256sum /tmp/onnxruntime_gpu-*.whl; cat .whl/ort.sha256
+      python3 -m pip install --quiet --no-deps --target /tmp/ortgpu /tmp/onnxruntime_gpu-*.whl
+      python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+    fi
+    ;;
   checks)
-    python3 scripts/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | tail -40
-    python3 -m apet.bench.compression --devices cuda --batches 1,8 --out "$OUT/compression_bench.json"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers, onnxruntime, onnx_ir, onnxscript; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -5
+    python3 scripts/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | tail -30
+    python3 scripts/gpu_variants.py --out "$OUT/variants.json" 2>&1 | tail -40
     ;;
-  bench2)
+  llava)
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.33,0.22,0.11 --stages 2 --batch 1 \
-      --repeats 10 --new-tokens 64 --compile --out "$OUT/two_stage" | tail -30
+      --repeats 10 --new-tokens 64 --compile --out "$OUT/llava" 2>&1 | tail -40
     ;;
-  bench1)
-    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 1 --batch 1 \
-      --repeats 10 --new-tokens 64 --compile --out "$OUT/one_stage" | tail -12
-    rm -f "$OUT"/one_stage/*.png
+  batch)
+    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 4,8 \
+      --repeats 6 --new-tokens 32 --compile --baselines hf,hf-static --out "$OUT/llava_batch" 2>&1 | tail -30
     ;;
-  vision)
-    python3 scripts/full_size_proof.py vision --device cuda --out /tmp/fullsize/vision --images 16
-    cp /tmp/fullsize/vision/proof_vision.json "$OUT/"
+  ortbench)
+    python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 \
+      --new-tokens 32 --backends torch,onnxruntime --baselines "" --out "$OUT/llava_ort" 2>&1 | tail -30
     ;;
-  llm)
-    python3 scripts/full_size_proof.py llm --device cuda --out /tmp/fullsize/llm
-    cp /tmp/fullsize/llm/proof_llm.json "$OUT/"
+  family)
+    python3 -m apet.cli bench "$@" 2>&1 | tail -40
     ;;
 esac

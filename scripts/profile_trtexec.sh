@@ -2,7 +2,8 @@
 # Build and profile an artifact's engines with trtexec, then print a latency table.
 #   scripts/profile_trtexec.sh ARTIFACT_DIR
 # Needs trtexec on PATH (Jetson: /usr/src/tensorrt/bin/trtexec; or set TRTEXEC=...) and apet installed.
-# BUILD=0 reuses engines already in the directory instead of rebuilding them with trtexec.
+# BUILD=1 (default) builds engines with trtexec into ARTIFACT_DIR/trtexec/ and profiles those; BUILD=0 profiles
+# the engines apet-build wrote (never overwritten either way). The report groups per-layer time by stage.
 set -euo pipefail
 dir="${1:?usage: scripts/profile_trtexec.sh ARTIFACT_DIR}"
 trtexec_bin="${TRTEXEC:-trtexec}"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
@@ -17,17 +18,8 @@ import pytest
 from apet.contracts.files import REPORT_NAME
 from apet.engines.api import TrtApi, load_api
 from apet.engines.build import BuildConfig, build_artifact
-from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
-from apet.engines.trtexec import (
-    build_command,
-    profiling_runs,
-    report,
-    summarize_times,
-    top_layers,
-    write_trtexec_script,
-)
 from apet.errors import ArtifactError, BackendError, UsageError
-from apet.manifest import read_manifest
+from apet.manifest import read_manifest, sign
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def test_rebuild_refuses_engines_of_another_export(built_artifact: Path, rtx_api
     original = manifest_path.read_text()
     data = json.loads(original)
     data["created"] = "another export"
-    manifest_path.write_text(json.dumps(data))
+    manifest_path.write_text(json.dumps(sign(data)))  # a genuine re-export: a different, valid manifest
     try:
         with pytest.raises(UsageError, match="another export"):
             build_artifact(BuildConfig(artifact=built_artifact, graphs=("vision",)), api=rtx_api)
@@ -172,68 +164,6 @@ def test_missing_builder_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) ->
         load_api("onnxruntime")
 
 
-# -- trtexec lines and parsing ---------------------------------------------------------------------
-def test_trtexec_lines_follow_the_manifest(artifact_factory, tmp_path: Path) -> None:
-    artifact = tmp_path / "artifact"
-    shutil.copytree(artifact_factory(ratio=0.11, stages=2, dtype="fp16"), artifact)
-    manifest = read_manifest(artifact)
-    limits = ShapeLimits.from_manifest(manifest, max_context=512)
-    script = write_trtexec_script(artifact, limits).read_text()
-    assert script.startswith("#!/usr/bin/env bash") and "--stronglyTyped" in script
-    build_llm = next(line for line in script.splitlines() if "--saveEngine=llm.plan" in line)
-    assert build_llm.count("--minShapes=") == 2 and build_llm.count("--maxShapes=") == 2  # prefill + decode
-    assert "inputs_embeds:1x41x64" in build_llm and "inputs_embeds:4x512x64" in build_llm
-    runs = {run.name: run for run in profiling_runs(manifest, limits, artifact)}
-    prefill = runs["prefill_80"]
-    assert prefill.profile == 0 and prefill.shapes["inputs_embeds"] == (1, 80, 64)
-    assert prefill.shapes["past_key.2"] == (1, 2, 0, 16)
-    assert prefill.int_inputs["position_ids"].tolist() == [list(range(80))]
-    decode = runs["decode_past128"]
-    assert decode.profile == 1 and decode.shapes["attention_mask"] == (1, 129)
-    assert decode.shapes["past_key.0"] == (1, 2, 128, 16) and decode.shapes["past_key.3"] == (1, 2, 104, 16)
-    # the real count of the artifact's template before <image>: BOS + the vicuna_v1 system sentence + "USER:"
-    from apet.models.prompt import PromptEncoder
-
-    before = len(PromptEncoder(artifact, manifest.model).split("x")[0])
-    assert before > 20 and decode.int_inputs["image_start"].tolist() == [before]
-    for flag in ("--useCudaGraph", "--noDataTransfers", "--separateProfileRun", "--dumpProfile",
-                 "--exportTimes=trtexec/decode_past128.times.json", "--exportProfile=", "--shapes=", "--profile=1",
-                 "--loadInputs=position_ids:trtexec/inputs/decode_past128.position_ids.bin"):
-        assert flag in script
-    saved = np.fromfile(artifact / "trtexec/inputs/decode_past128.attention_mask.bin", dtype=np.int64)
-    assert saved.tolist() == [1] * 129
-    vision = vision_profiles(manifest, limits)
-    assert build_command("v.onnx", "v.plan", vision)[4] == "--minShapes=pixel_values:1x3x224x224"
-    assert len(llm_profiles(manifest, max_context=512)) == 2
-
-
-def _write_trtexec_outputs(directory: Path) -> None:
-    """Samples in trtexec's documented --exportTimes / --exportProfile formats."""
-    directory.mkdir(parents=True)
-    times = [{"startEnqMs": i * 2.0, "endEnqMs": i * 2.0 + 0.05, "startComputeMs": i * 2.0 + 0.01,
-              "endComputeMs": i * 2.0 + 1.0 + i * 0.01, "startOutMs": 0, "endOutMs": 0, "inMs": 0,
-              "computeMs": 0.99 + i * 0.01, "outMs": 0, "latencyMs": 1.0 + i * 0.01, "endToEndMs": 1.0 + i * 0.01}
-             for i in range(11)]
-    (directory / "decode_past128.times.json").write_text(json.dumps(times))
-    profile = [{"count": 11}] + [{"name": f"layer_{i}", "timeMs": 11 * 0.01 * i, "averageMs": 0.01 * i,
-                                  "medianMs": 0.01 * i, "percentage": float(i)} for i in range(15)]
-    (directory / "decode_past128.profile.json").write_text(json.dumps(profile))
-
-
-def test_trtexec_json_parsing(tmp_path: Path) -> None:
-    _write_trtexec_outputs(tmp_path / "trtexec")
-    summary = summarize_times(tmp_path / "trtexec/decode_past128.times.json")
-    assert summary["inferences"] == 11
-    assert summary["latency_median_ms"] == pytest.approx(1.05) and summary["latency_p90_ms"] == pytest.approx(1.09)
-    assert summary["compute_median_ms"] == pytest.approx(1.04)
-    layers = top_layers(tmp_path / "trtexec/decode_past128.profile.json")
-    assert [layer["name"] for layer in layers] == [f"layer_{i}" for i in range(14, 4, -1)]
-    table = report(tmp_path)
-    assert "| decode_past128 | 1.050 | 1.090 | 1.040 |" in table and "`layer_14`" in table
-    with pytest.raises(ArtifactError, match="no \\*.times.json"):
-        report(tmp_path / "empty")
-
-
 @pytest.mark.trt
 def test_cli_build_and_emit_acceptance(artifact_factory, tmp_path: Path) -> None:
     artifact = tmp_path / "b"
@@ -249,3 +179,97 @@ def test_cli_build_and_emit_acceptance(artifact_factory, tmp_path: Path) -> None
     inspect = subprocess.run([sys.executable, "-m", "apet.cli", "inspect", str(artifact)], capture_output=True,
                              text=True)
     assert inspect.returncode == 0 and "profile decode" in inspect.stdout and "stage2_index" in inspect.stdout
+
+
+# -- all-or-nothing, interruptible builds ------------------------------------------------------------
+def _snapshot(artifact: Path) -> dict[str, tuple[int, bytes]]:
+    """Inode and content of the files a build writes."""
+    return {name: ((artifact / name).stat().st_ino, (artifact / name).read_bytes())
+            for name in ("vision.plan", "llm.plan", REPORT_NAME)}
+
+
+@pytest.mark.trt
+def test_signals_during_apet_build_leave_previous_engines(built_artifact: Path, tmp_path: Path) -> None:
+    """Ctrl-C and SIGTERM sent to a real apet-build mid-build: exit 130 within seconds, engines and report
+    exactly as before, no scratch left (TensorRT-RTX's logger would otherwise swallow the Ctrl-C)."""
+    artifact = tmp_path / "artifact"
+    shutil.copytree(built_artifact, artifact)
+    before = _snapshot(artifact)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        process = subprocess.Popen([sys.executable, "-m", "apet.cli", "build", str(artifact), "--backend",
+                                    "tensorrt-rtx", "--overwrite", "--max-context", "512"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".artifact.apet-tmp-*")) and time.time() < deadline:
+            time.sleep(0.05)  # the scratch copy exists: the build is starting
+        time.sleep(1.0)
+        assert process.poll() is None, "the build finished before the signal"
+        process.send_signal(sig)
+        sent = time.time()
+        _out, err = process.communicate(timeout=120)
+        assert process.returncode == 130, err
+        assert time.time() - sent < 15 and "interrupted" in err and "Traceback" not in err
+        assert _snapshot(artifact) == before
+        assert not list(tmp_path.glob(".artifact.apet-tmp-*"))
+
+
+@pytest.mark.trt
+def test_failed_build_changes_nothing(built_artifact: Path, rtx_api, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vision engine builds, the LLM engine fails: vision.plan must not be replaced either."""
+    from apet.engines import build as build_module
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(built_artifact, artifact)
+    before = _snapshot(artifact)
+    real = build_module.build_engine
+
+    def failing_llm(api, onnx_path, *args, **kwargs):
+        if Path(onnx_path).name == "llm.onnx":
+            raise BackendError("tensorrt-rtx failed to build llm.onnx: out of memory", "more --workspace")
+        return real(api, onnx_path, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "build_engine", failing_llm)
+    with pytest.raises(BackendError):
+        build_artifact(BuildConfig(artifact=artifact, overwrite=True, max_context=256), api=rtx_api)
+    assert _snapshot(artifact) == before and not list(tmp_path.glob(".artifact.apet-tmp-*"))
+
+
+# -- apet inspect verifies -----------------------------------------------------------------------------
+def _inspect(artifact: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "apet.cli", "inspect", str(artifact)], capture_output=True,
+                          text=True)
+
+
+@pytest.mark.trt
+def test_inspect_verifies_files_manifest_graphs_and_engines(built_artifact: Path, tmp_path: Path) -> None:
+    good = _inspect(built_artifact)
+    assert good.returncode == 0 and "verified" in good.stdout, good.stderr
+
+    def broken(name: str, damage) -> subprocess.CompletedProcess:
+        target = tmp_path / name
+        shutil.copytree(built_artifact, target)
+        damage(target)
+        return _inspect(target)
+
+    def edit_manifest(target: Path) -> None:
+        data = json.loads((target / "manifest.json").read_text())
+        data["max_batch"] = 64
+        (target / "manifest.json").write_text(json.dumps(data))
+
+    def resigned_io(target: Path) -> None:  # a consistent-looking manifest whose graph I/O was changed
+        data = json.loads((target / "manifest.json").read_text())
+        data["graphs"]["vision"]["outputs"][0]["shape"][1] = 999
+        (target / "manifest.json").write_text(json.dumps(sign(data)))
+
+    cases = {
+        "edited": (edit_manifest, "digest"),
+        "truncated": (lambda t: (t / "llm.onnx").write_bytes((t / "llm.onnx").read_bytes()[:1000]), "llm.onnx"),
+        "io": (resigned_io, "outputs differ"),
+        "foreign": (lambda t: shutil.copy(t / "vision.plan", t / "llm.plan"), "llm.plan changed after apet-build"),
+        "stale": (lambda t: (t / REPORT_NAME).unlink(), "not recorded"),
+    }
+    for name, (damage, words) in cases.items():
+        result = broken(name, damage)
+        assert result.returncode == 4 and words in result.stderr and "Traceback" not in result.stderr, \
+            (name, result.stderr)

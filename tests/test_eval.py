@@ -48,9 +48,52 @@ def test_yes_no_and_pope_metrics_by_hand() -> None:
     assert yes_no("Yes, there is.") == "yes" and yes_no("no") == "no" and yes_no("maybe") is None
     gold = ["yes", "yes", "yes", "no", "no", "no"]
     predicted = ["yes", "yes", "no", "yes", "no", None]
-    s = yes_no_scores(gold, predicted)  # tp 2, fp 1, fn 1, correct 4 of 6
-    assert s.accuracy == pytest.approx(4 / 6) and s.precision == pytest.approx(2 / 3)
+    s = yes_no_scores(gold, predicted)  # tp 2, fp 1, fn 1, correct 3 of 6 (the unreadable answer is wrong)
+    assert s.accuracy == pytest.approx(3 / 6) and s.precision == pytest.approx(2 / 3)
     assert s.recall == pytest.approx(2 / 3) and s.f1 == pytest.approx(2 / 3) and s.yes_ratio == pytest.approx(0.5)
+    assert s.unreadable == 1
+
+
+def test_yes_no_accuracy_agrees_with_the_per_type_score(tmp_path: Path) -> None:
+    """The same answers scored twice in one report (per type, and POPE's metrics) must agree."""
+    from apet.eval.report import build_report
+
+    items = [EvalItem(f"q{i}", "0.png", "Is it?", (gold,), "yesno", benchmark="b")
+             for i, gold in enumerate(["yes", "no", "no", "yes"])]
+    predictions = ["Yes.", "maybe", "No", "I cannot tell"]  # two unreadable: one with gold "no", one "yes"
+    records = [{"method": "apet", "ratio": 1.0, "benchmark": "b", "id": item.id, "type": "yesno", "prediction": p,
+                "score": score_item(item, p)} for item, p in zip(items, predictions)]
+    cfg = EvalConfig(source="tiny", data=(), images=tmp_path, out=tmp_path)
+    row = build_report(records, items, cfg)["rows"][0]
+    assert row["yesno"]["accuracy"] == row["by_type"]["yesno"]["score"] == row["score"] == 0.5
+    assert row["yesno"]["unreadable"] == 2
+
+
+def test_eval_refuses_empty_data_zero_limit_and_missing_images(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    empty = _write(tmp_path / "empty.jsonl", [])
+    with pytest.raises(InputError, match="holds no questions"):
+        run_eval(EvalConfig(source=str(tiny_checkpoint), data=(empty,), images=images, out=tmp_path / "o"))
+    with pytest.raises(UsageError, match="--limit 0"):
+        EvalConfig(source=str(tiny_checkpoint), data=(empty,), images=images, out=tmp_path / "o", limit=0)
+    rows = [{"id": f"q{i}", "image": f"{i}.png", "question": "What?", "answer": "x"} for i in range(5)]
+    make_image(0).save(images / "0.png")
+    data = _write(tmp_path / "data.jsonl", rows)
+    with pytest.raises(InputError, match=r"4 image\(s\).*--images .*: 1.png, 2.png, 3.png and 1 more") as info:
+        run_eval(EvalConfig(source=str(tiny_checkpoint), data=(data,), images=images, out=tmp_path / "o"))
+    assert "--image " not in str(info.value) and not (tmp_path / "o").exists()
+
+
+def test_report_of_a_two_stage_artifact_says_two_stages(artifact_factory, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(0).save(images / "0.png")
+    data = _write(tmp_path / "data.jsonl", [{"id": "q0", "image": "0.png", "question": "What?", "answer": "x"}])
+    artifact = artifact_factory(ratio=0.11, stages=2)
+    report = run_eval(EvalConfig(source=str(artifact), data=(data,), images=images, out=tmp_path / "o",
+                                 ratios=(0.11,), backend="onnxruntime", max_new_tokens=1))
+    assert report["stages"] == 2 and "2 compression stages" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_multiple_choice_letters() -> None:

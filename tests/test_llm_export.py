@@ -12,6 +12,7 @@ import torch
 
 from apet.manifest import read_manifest
 from apet.modeling.reference import Reference, positions_from_mask
+from apet.models.compat import cache_kwargs
 
 HIDDEN, LAYERS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 
@@ -57,7 +58,7 @@ def _hf_greedy(adapter, embeds: torch.Tensor, mask: torch.Tensor, steps: int) ->
     cache = DynamicCache()
     with torch.no_grad():
         hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
-                    past_key_values=cache, use_cache=True).last_hidden_state
+                    **cache_kwargs(lm, cache), use_cache=True).last_hidden_state
         first = head(hidden[:, -1:])
         logits, tokens = first, []
         for _ in range(steps):
@@ -65,7 +66,7 @@ def _hf_greedy(adapter, embeds: torch.Tensor, mask: torch.Tensor, steps: int) ->
             tokens.append(token.tolist())
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             hidden = lm(inputs_embeds=table(token)[:, None], attention_mask=mask,
-                        position_ids=positions_from_mask(mask)[:, -1:], past_key_values=cache,
+                        position_ids=positions_from_mask(mask)[:, -1:], **cache_kwargs(lm, cache),
                         use_cache=True).last_hidden_state
             logits = head(hidden)
     return first, tokens

@@ -13,9 +13,16 @@ import pytest
 
 from apet.engines.build import BuildConfig, build_artifact
 from apet.engines.profiles import llm_profiles
-from apet.errors import ArtifactError
-from apet.manifest import read_manifest
-from apet.runtime.backends.tensorrt import DECODE_PROFILE, PREFILL_PROFILE, StepShapes, check_engines
+from apet.errors import ArtifactError, InputError
+from apet.manifest import read_manifest, sign
+from apet.runtime.backends.tensorrt import (
+    DECODE_PROFILE,
+    PREFILL_PROFILE,
+    EngineLimits,
+    StepShapes,
+    check_engines,
+    set_shape,
+)
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 
@@ -74,7 +81,7 @@ def test_engine_checks_refuse_foreign_or_stale_engines(artifact_factory, rtx_api
     plan.write_bytes(original)
     data = json.loads((artifact / "manifest.json").read_text())
     data["created"] = "re-exported"
-    (artifact / "manifest.json").write_text(json.dumps(data))
+    (artifact / "manifest.json").write_text(json.dumps(sign(data)))
     with pytest.raises(ArtifactError, match="another export"):
         check_engines(artifact, read_manifest(artifact), rtx_api.kind, rtx_api.version)
 
@@ -85,3 +92,38 @@ def test_generation_config_validation() -> None:
     for kwargs in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(UsageError):
             GenerationConfig(**kwargs)
+
+
+def test_engine_limits_are_checked_before_any_work_and_name_the_flag() -> None:
+    limits = EngineLimits(max_batch=2, max_context=512, max_prompt=200)
+    limits.check(2, 200, 312)  # exactly fits
+    with pytest.raises(InputError, match=r"prefill profile maximum 200.*--max-prompt 201"):
+        limits.check(1, 201, 8)  # inside max_context, outside the prefill profile
+    with pytest.raises(InputError, match=r"decode profile maximum 512.*--max-context 513"):
+        limits.check(1, 200, 313)
+    with pytest.raises(InputError, match=r"max batch 2.*--max-batch 3"):
+        limits.check(3, 10, 1)
+    assert EngineLimits.from_report({"limits": {"max_batch": 4, "max_context": 512, "max_prompt": 296}}) == \
+        EngineLimits(4, 512, 296)
+    with pytest.raises(ArtifactError, match="limits"):
+        EngineLimits.from_report({})
+
+
+def test_a_refused_binding_shape_is_an_error_not_ignored() -> None:
+    class Context:  # TensorRT's set_input_shape returns False for a shape outside the profile; it does not raise
+        def set_input_shape(self, name: str, shape: tuple) -> bool:
+            return False
+
+    with pytest.raises(InputError, match=r"inputs_embeds shape \(1, 600, 64\) is outside llm.plan"):
+        set_shape(Context(), "inputs_embeds", (1, 600, 64), "llm.plan")
+
+
+def test_pipeline_asks_the_backend_before_running_vision(artifact_factory) -> None:
+    pipeline = Pipeline.load(artifact_factory(ratio=0.11, stages=1), backend="onnxruntime")
+    backend, calls = pipeline.backend, []
+    backend._encode = lambda arrays: calls.append("vision")  # must never run
+    limits = EngineLimits(max_batch=4, max_context=1024, max_prompt=40)  # engines built with a short prefill
+    backend.check_request = lambda batch, prompt, new: limits.check(batch, prompt, new)
+    with pytest.raises(InputError, match="prefill profile maximum 40"):
+        pipeline.generate("@demo", "Describe the image in detail, please.", max_new_tokens=4)
+    assert calls == []

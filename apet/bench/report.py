@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from apet.atomic import write_atomic
+
 STAGE_ORDER = ("vision_tower", "apet_stage1", "projector", "prefill")
 
 
@@ -134,5 +136,5 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:
-    (out / "results.md").write_text(markdown(results))
+    write_atomic(out / "results.md", markdown(results))
     plot(results, out)

@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from apet.atomic import write_atomic
 from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
+from apet.devices import check_device
 from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
@@ -63,9 +65,10 @@ class BenchConfig:
                 raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
-        if any(b < 1 for b in self.batches):
-            raise UsageError(f"--batch {','.join(map(str, self.batches))}: batch sizes must be >= 1",
-                             "e.g. --batch 1,4,8")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise UsageError(f"--batch {','.join(map(str, self.batches))} must list batch sizes >= 1",
+                             "e.g. --batch 1 or --batch 1,4,8")
+        check_device(self.device, allow_auto=True)
         for name, chosen, allowed in (("--baselines", self.baselines, BASELINES),
                                       ("--backends", self.backends, ("torch", "onnxruntime"))):
             unknown = [c for c in chosen if c not in allowed]
@@ -244,6 +247,6 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
         "runs": runs, "baselines": baselines,
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_atomic(cfg.out / "results.json", json.dumps(results, indent=1))
     write_report(results, cfg.out)
     return results

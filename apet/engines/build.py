@@ -11,12 +11,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from apet.atomic import write_atomic
+from apet.atomic import atomic_update, write_atomic
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_bytes
 from apet.engines.api import TrtApi, load_api
-from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
+from apet.engines.profiles import ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
 from apet.errors import ArtifactError, UsageError
+from apet.interrupts import deferred_interrupts
 from apet.manifest import Manifest, read_manifest, verify_files
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class BuildConfig:
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise UsageError(f"--builder-optimization-level {self.optimization_level} is outside [0, 5]",
                              "use 0 (fastest build) .. 5 (most tuning); 3 is TensorRT's default")
+        check_workspace(self.workspace_mb)
 
 
 @dataclass
@@ -62,9 +64,19 @@ class BuildReport:
         return self.__dict__.copy()
 
 
+def _previous_report(cfg: BuildConfig) -> dict[str, Any] | None:
+    """The existing build report; with --overwrite an unreadable one is simply replaced."""
+    try:
+        return read_report(cfg.artifact)
+    except ArtifactError:
+        if cfg.overwrite:
+            return None
+        raise
+
+
 def _guard_existing(cfg: BuildConfig, digest: str) -> None:
     """Never silently replace engines that belong to a different export."""
-    report = read_report(cfg.artifact)
+    report = _previous_report(cfg)
     existing = [name for name in ENGINE_FILES.values() if (cfg.artifact / name).exists()]
     if not existing or cfg.overwrite:
         return
@@ -115,24 +127,33 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
                  "compute_capabilities": list(cfg.compute_capabilities),
                  "timing_cache": str(cfg.timing_cache) if cfg.timing_cache else None},
     )
-    previous = read_report(cfg.artifact)
+    previous = _previous_report(cfg)
     if previous and previous.get("manifest_sha256") == digest:
         report.engines.update({k: v for k, v in previous.get("engines", {}).items() if k not in cfg.graphs})
 
-    bar = tqdm(cfg.graphs, desc="apet-build", unit="engine", disable=None)
-    for name in bar:
-        bar.set_postfix_str(f"{name}: building")
+    # every plan, layer file and the report go into a hard-linked scratch copy of the artifact that replaces
+    # it in one exchange: an interrupted or failed build leaves the previous engines and report untouched
+    with atomic_update(cfg.artifact) as stage, deferred_interrupts() as stop:
+        bar = tqdm(cfg.graphs, desc="apet-build", unit="engine", disable=None)
+        for name in bar:
+            bar.set_postfix_str(f"{name}: building")
 
-        def progress(phase: str, step: int, steps: int, _name: str = name) -> None:
-            bar.set_postfix_str(f"{_name}: {phase} {step}/{steps}" if steps else f"{_name}: {phase}")
+            def progress(phase: str, step: int, steps: int, _name: str = name) -> None:
+                bar.set_postfix_str(f"{_name}: {phase} {step}/{steps}" if steps else f"{_name}: {phase}")
 
-        built = build_engine(api, cfg.artifact / manifest.graphs[name].file, _profiles(name, manifest, limits),
-                             options, progress=progress)
-        plan_path = cfg.artifact / ENGINE_FILES[name]
-        write_atomic(plan_path, built.plan)
-        report.engines[name] = _engine_entry(api, name, built, manifest, cfg.artifact)
-        log.info("built %s in %.1f s (%.1f MB)", plan_path.name, built.seconds, len(built.plan) / 1e6)
-    write_atomic(cfg.artifact / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+            built = build_engine(api, cfg.artifact / manifest.graphs[name].file, _profiles(name, manifest, limits),
+                                 options, progress=progress, cancelled=stop.is_set)
+            stop.check()
+            write_atomic(stage / ENGINE_FILES[name], built.plan)
+            report.engines[name] = _engine_entry(api, name, built, manifest, stage)
+            log.info("built %s in %.1f s (%.1f MB)", ENGINE_FILES[name], built.seconds, len(built.plan) / 1e6)
+        bar.close()
+        for name, file in ENGINE_FILES.items():  # plans of another export that this report does not cover
+            if name not in report.engines:
+                for stale in (stage / file, stage / f"{name}.layers.json"):
+                    stale.unlink(missing_ok=True)
+        write_atomic(stage / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+        stop.check()
     return report
 
 

@@ -31,16 +31,23 @@ class ShapeLimits:
     def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, max_context: int | None = None,
                       max_prompt: int | None = None) -> "ShapeLimits":
         visual = manifest.family.max_visual_tokens(manifest)
-        batch = max_batch or manifest.max_batch
-        context = max_context or manifest.max_context
-        prompt = max_prompt or min(context, visual + DEFAULT_TEXT_TOKENS)
+        batch = manifest.max_batch if max_batch is None else max_batch
+        context = manifest.max_context if max_context is None else max_context
+        prompt = min(context, visual + DEFAULT_TEXT_TOKENS) if max_prompt is None else max_prompt
+        if not 1 <= batch <= manifest.max_batch:
+            raise UsageError(f"--max-batch {batch} is outside [1, {manifest.max_batch}] (the export's max batch)",
+                             f"pass --max-batch between 1 and {manifest.max_batch}, or re-export with a larger "
+                             "--max-batch")
+        if not manifest.visual_tokens + 2 <= context <= manifest.max_context:
+            raise UsageError(f"--max-context {context} is outside [{manifest.visual_tokens + 2}, "
+                             f"{manifest.max_context}] (the export's KV-cache capacity)",
+                             f"pass --max-context up to {manifest.max_context}, or re-export with a larger "
+                             "--max-context")
         if prompt > context:
             raise UsageError(f"--max-prompt {prompt} exceeds --max-context {context}", "lower --max-prompt")
         if prompt <= visual:
             raise UsageError(f"--max-prompt {prompt} leaves no room for text after {visual} visual tokens",
                              f"use at least {visual + 16}")
-        if batch < 1:
-            raise UsageError(f"--max-batch {batch} must be at least 1", "pass --max-batch 1 or more")
         return cls(batch, context, prompt)
 
 
@@ -67,3 +74,10 @@ def llm_profiles(manifest: Manifest, max_batch: int | None = None, max_context: 
     past = (shortest, min(typical + 64, limits.max_context - 1), limits.max_context - 1)
     decode = tuple(layout.dims(b, 1, p) for b, p in zip(batch, past))
     return [Profile("prefill", _shapes(manifest, "llm", prefill)), Profile("decode", _shapes(manifest, "llm", decode))]
+
+
+def check_workspace(workspace_mb: int | None) -> None:
+    """The builder workspace limit must be a positive number of MiB (or absent: TensorRT's default)."""
+    if workspace_mb is not None and workspace_mb < 1:
+        raise UsageError(f"--workspace {workspace_mb} MiB is not a positive size",
+                         "pass a builder workspace limit in MiB (e.g. --workspace 4096), or leave it out")

@@ -80,11 +80,17 @@ class _Logger:
         return Logger()
 
 
-def _progress_monitor(api: TrtApi, callback: Callable[[str, int, int], None]) -> Any:
-    """An IProgressMonitor forwarding (phase, step, steps) to ``callback``; None if unsupported."""
+def _progress_monitor(api: TrtApi, callback: Callable[[str, int, int], None] | None,
+                      cancelled: Callable[[], bool] | None = None) -> Any:
+    """An IProgressMonitor forwarding (phase, step, steps) to ``callback``; returning False from
+    ``step_complete`` is TensorRT's way to cancel a build, done when ``cancelled()``. None if unsupported."""
     base = getattr(api.module, "IProgressMonitor", None)
     if base is None:
         return None
+
+    def report(phase: str, step: int, steps: int) -> None:
+        if callback is not None:
+            callback(phase, step, steps)
 
     class Monitor(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -93,15 +99,15 @@ def _progress_monitor(api: TrtApi, callback: Callable[[str, int, int], None]) ->
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             self.phases[phase_name] = num_steps
-            callback(phase_name, 0, num_steps)
+            report(phase_name, 0, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
-            callback(phase_name, step + 1, self.phases.get(phase_name, 0))
-            return True
+            report(phase_name, step + 1, self.phases.get(phase_name, 0))
+            return not (cancelled is not None and cancelled())
 
         def phase_finish(self, phase_name: str) -> None:
             steps = self.phases.get(phase_name, 0)
-            callback(phase_name, steps, steps)
+            report(phase_name, steps, steps)
 
     return Monitor()
 
@@ -146,8 +152,13 @@ def build_engine(
     profiles: Sequence[Profile],
     options: BuildOptions = BuildOptions(),
     progress: Callable[[str, int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> BuiltEngine:
-    """Parse ``onnx_path`` and build a serialized engine with ``profiles``."""
+    """Parse ``onnx_path`` and build a serialized engine with ``profiles``.
+
+    ``cancelled`` is polled at every builder step; when it turns true the build stops and
+    KeyboardInterrupt is raised (see :mod:`apet.interrupts` for why it is polled, not raised).
+    """
     trt = api.module
     builder, network, _parser, logger = parse_onnx(api, onnx_path)
     config = builder.create_builder_config()
@@ -165,10 +176,9 @@ def build_engine(
     if options.timing_cache is not None:
         blob = options.timing_cache.read_bytes() if options.timing_cache.is_file() else b""
         cache = api.attach_timing_cache(config, blob)
-    if progress is not None:
-        monitor = _progress_monitor(api, progress)
-        if monitor is not None:
-            config.progress_monitor = monitor
+    monitor = _progress_monitor(api, progress, cancelled) if progress or cancelled else None
+    if monitor is not None:
+        config.progress_monitor = monitor
 
     input_names = {network.get_input(i).name for i in range(network.num_inputs)}
     for profile in profiles:
@@ -184,6 +194,8 @@ def build_engine(
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    if cancelled is not None and cancelled():
+        raise KeyboardInterrupt(f"build of {Path(onnx_path).name} cancelled")
     if plan is None:
         detail = "; ".join(logger.errors[-3:]) or "no message"
         raise BackendError(f"{api.kind} failed to build {Path(onnx_path).name}: {detail}",

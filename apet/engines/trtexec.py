@@ -7,7 +7,8 @@ several past lengths), with the integer inputs (positions, mask, image start)
 written as binary files so they are meaningful rather than random.
 
 ``python -m apet.engines.trtexec report DIR`` turns ``--exportTimes`` /
-``--exportProfile`` JSON into a latency table (median, p90, top-10 layers).
+``--exportProfile`` JSON into a latency table and the time per stage
+(:mod:`apet.engines.profile_report`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from apet.atomic import atomic_directory, write_atomic
 from apet.contracts.files import ENGINE_FILES
 from apet.contracts.specs import resolve_shape
-from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, llm_profiles, vision_profiles
+from apet.engines.profile_report import OUT_DIR, RUNS_FILE, report, summarize_times, top_layers
+from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import Profile
-from apet.errors import ArtifactError
+from apet.errors import guarded
 from apet.manifest import Manifest, read_manifest
 
-OUT_DIR = "trtexec"
+__all__ = ["build_command", "profile_command", "profiling_runs", "write_trtexec_script", "report",
+           "summarize_times", "top_layers", "main"]
+
 DECODE_PAST = (128, 512, 1024, 2048, 4096)
 
 
@@ -54,9 +58,12 @@ def _shape_flag(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def build_command(onnx_file: str, engine_file: str, profiles: list[Profile], *, workspace_mb: int | None = None,
                   layer_info: str | None = None) -> list[str]:
-    """A trtexec build line; several profiles are given by repeating the min/opt/max flags."""
+    """A trtexec build line. Since TensorRT 10.0 ``--profile=N`` opens profile N and must come right before
+    its ``--minShapes``/``--optShapes``/``--maxShapes`` group (trtexec reads the three flags that follow it);
+    the same grammar holds in 10.3 (JetPack 6), 10.16+ (JetPack 7) and 11."""
     cmd = ["--onnx=" + onnx_file, "--saveEngine=" + engine_file, "--stronglyTyped", "--profilingVerbosity=detailed"]
-    for profile in profiles:
+    for index, profile in enumerate(profiles):
+        cmd.append(f"--profile={index}")
         for i, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
             cmd.append(f"{flag}=" + _shape_flag({n: s[i] for n, s in profile.shapes.items()}))
     if workspace_mb:
@@ -67,7 +74,9 @@ def build_command(onnx_file: str, engine_file: str, profiles: list[Profile], *, 
 
 
 def profile_command(run: Run, out_dir: str = OUT_DIR, iterations: int = 200) -> list[str]:
-    cmd = ["--loadEngine=" + run.engine, f"--profile={run.profile}", "--shapes=" + _shape_flag(run.shapes),
+    """A trtexec profiling line; ``--useProfile=N`` selects the engine's profile N at run time
+    (``--profile`` is a build flag since TensorRT 10)."""
+    cmd = ["--loadEngine=" + run.engine, f"--useProfile={run.profile}", "--shapes=" + _shape_flag(run.shapes),
            "--useCudaGraph", "--noDataTransfers", "--separateProfileRun", "--dumpProfile",
            f"--iterations={iterations}", "--warmUp=500", "--avgRuns=10",
            f"--exportTimes={out_dir}/{run.name}.times.json", f"--exportProfile={out_dir}/{run.name}.profile.json"]
@@ -77,7 +86,8 @@ def profile_command(run: Run, out_dir: str = OUT_DIR, iterations: int = 200) -> 
 
 
 def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, seq: int, past: int) -> Run:
-    """Batch 1, ``seq`` new tokens after ``past``: shapes from the cache layout, meaningful integer inputs."""
+    """Batch 1, ``seq`` new tokens after ``past``: shapes from the cache layout, meaningful integer inputs (the
+    image span starts where the artifact's own template puts it, counted with its tokenizer)."""
     dims = manifest.cache_layout.dims(1, seq, past)
     shapes = {spec["name"]: resolve_shape(spec, dims) for spec in manifest.graphs["llm"].inputs}
     positions = np.arange(past, past + seq, dtype=np.int64)
@@ -101,93 +111,63 @@ def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> l
     return runs
 
 
+def _line(cmd: list[str], log: str, indent: str = "") -> str:
+    """One script line; ``--loadEngine`` keeps ``$ENGINES`` expandable, everything else is quoted."""
+    words = [f'"{c}"' if c.startswith("--loadEngine=$ENGINES/") else shlex.quote(c) for c in cmd]
+    return f'{indent}"$TRTEXEC" ' + " ".join(words) + f" | tee {OUT_DIR}/{log}"
+
+
 def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int | None = None) -> Path:
-    """Write ``trtexec.sh`` and its integer input files into the artifact directory."""
+    """Write ``trtexec.sh``, its integer input files and ``trtexec/runs.json`` into the artifact directory.
+
+    The script is replaced in one rename and the input folder in one swap, so
+    no file of an earlier emission survives beside the new lines. ``BUILD=1``
+    builds into ``trtexec/`` and profiles those engines; the engines
+    ``apet-build`` recorded in ``build_report.json`` are never overwritten.
+    """
+    artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    inputs_dir = artifact / OUT_DIR / "inputs"
-    inputs_dir.mkdir(parents=True, exist_ok=True)
+    check_workspace(workspace_mb)
+    (artifact / OUT_DIR).mkdir(exist_ok=True)
+    runs = profiling_runs(manifest, limits, artifact)
+    with atomic_directory(artifact / OUT_DIR / "inputs", overwrite=True) as inputs_dir:
+        for run in runs:
+            for tensor, values in run.int_inputs.items():
+                write_atomic(inputs_dir / f"{run.name}.{tensor}.bin", values.tobytes())
     lines = ["#!/usr/bin/env bash",
-             "# Generated by apet-build --emit-trtexec. Builds and profiles this artifact's engines with trtexec.",
-             "# BUILD=0 skips the builds (reuse vision.plan/llm.plan from apet-build); TRTEXEC=path overrides.",
+             "# Generated by apet-build --emit-trtexec: builds and profiles this artifact's engines with trtexec.",
+             f"# BUILD=1 (default) builds with trtexec into {OUT_DIR}/ and profiles those engines; BUILD=0 profiles",
+             "# the engines apet-build wrote (vision.plan, llm.plan), which this script never overwrites.",
+             "# TRTEXEC=path overrides the trtexec binary. Then: python -m apet.engines.trtexec report .",
              "set -euo pipefail", 'cd "$(dirname "$0")"', 'TRTEXEC="${TRTEXEC:-trtexec}"', f"mkdir -p {OUT_DIR}",
-             'if [ "${BUILD:-1}" = "1" ]; then']
+             'if [ "${BUILD:-1}" = "1" ]; then', f"  ENGINES={OUT_DIR}"]
     for name, file in ENGINE_FILES.items():
         profiles = vision_profiles(manifest, limits) if name == "vision" else \
             llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
-        cmd = build_command(manifest.graphs[name].file, file, profiles, workspace_mb=workspace_mb,
+        cmd = build_command(manifest.graphs[name].file, f"{OUT_DIR}/{file}", profiles, workspace_mb=workspace_mb,
                             layer_info=f"{OUT_DIR}/{name}.layers.json")
-        lines.append('  "$TRTEXEC" ' + " ".join(shlex.quote(c) for c in cmd) + f" | tee {OUT_DIR}/build_{name}.log")
-    lines.append("fi")
-    for run in profiling_runs(manifest, limits, artifact):
-        for tensor, values in run.int_inputs.items():
-            values.tofile(inputs_dir / f"{run.name}.{tensor}.bin")
-        cmd = profile_command(run)
-        lines.append('"$TRTEXEC" ' + " ".join(shlex.quote(c) for c in cmd) + f" | tee {OUT_DIR}/{run.name}.log")
-    script = artifact / "trtexec.sh"
-    script.write_text("\n".join(lines) + "\n")
-    script.chmod(0o755)
-    return script
-
-
-# -- parsing ---------------------------------------------------------------------------------------
-def _load(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read trtexec output {path}: {exc}", "re-run trtexec.sh") from exc
-
-
-def summarize_times(path: Path) -> dict[str, float]:
-    """``--exportTimes`` JSON (a list of per-inference records) -> median/p90 latency and GPU compute (ms)."""
-    records = _load(path)
-    if not isinstance(records, list) or not records:
-        raise ArtifactError(f"{path} holds no timing records", "re-run trtexec with --exportTimes")
-    out: dict[str, float] = {"inferences": float(len(records))}
-    for key in ("latencyMs", "computeMs"):
-        values = sorted(float(r[key]) for r in records if isinstance(r, dict) and key in r)
-        if values:
-            out[f"{key[:-2]}_median_ms"] = statistics.median(values)
-            out[f"{key[:-2]}_p90_ms"] = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
-    return out
-
-
-def top_layers(path: Path, count: int = 10) -> list[dict[str, Any]]:
-    """``--exportProfile`` JSON -> the ``count`` most expensive layers by average time."""
-    records = _load(path)
-    layers = [r for r in records if isinstance(r, dict) and "name" in r and "averageMs" in r]
-    layers.sort(key=lambda r: float(r["averageMs"]), reverse=True)
-    return [{"name": r["name"], "average_ms": float(r["averageMs"]), "median_ms": float(r.get("medianMs", 0.0)),
-             "percentage": float(r.get("percentage", 0.0))} for r in layers[:count]]
-
-
-def report(directory: Path) -> str:
-    """A Markdown latency table for every ``*.times.json`` under ``directory/trtexec``."""
-    root = Path(directory) / OUT_DIR if (Path(directory) / OUT_DIR).is_dir() else Path(directory)
-    lines = ["| run | median ms | p90 ms | GPU compute median ms |", "|---|---:|---:|---:|"]
-    details = []
-    for times in sorted(root.glob("*.times.json")):
-        name = times.name[: -len(".times.json")]
-        s = summarize_times(times)
-        lines.append(f"| {name} | {s.get('latency_median_ms', float('nan')):.3f} | "
-                     f"{s.get('latency_p90_ms', float('nan')):.3f} | {s.get('compute_median_ms', float('nan')):.3f} |")
-        profile = root / f"{name}.profile.json"
-        if profile.is_file():
-            details.append(f"\n**{name}: top layers**\n\n| layer | avg ms | % |\n|---|---:|---:|")
-            details += [f"| `{r['name'][:80]}` | {r['average_ms']:.4f} | {r['percentage']:.1f} |"
-                        for r in top_layers(profile)]
-    if len(lines) == 2:
-        raise ArtifactError(f"no *.times.json under {root}", "run trtexec.sh first (it needs trtexec on PATH)")
-    return "\n".join(lines + details)
+        lines.append(_line(cmd, f"build_{name}.log", "  "))
+    lines += ["else", "  ENGINES=.", "fi"]
+    for run in runs:
+        cmd = profile_command(Run(run.name, f"$ENGINES/{run.engine}", run.profile, run.shapes, run.int_inputs))
+        lines.append(_line(cmd, f"{run.name}.log"))
+    graph_of = {file: name for name, file in ENGINE_FILES.items()}
+    write_atomic(artifact / OUT_DIR / RUNS_FILE, json.dumps(
+        [{"name": r.name, "graph": graph_of[r.engine], "profile": r.profile,
+          "shapes": {k: list(v) for k, v in r.shapes.items()}} for r in runs], indent=1))
+    return write_atomic(artifact / "trtexec.sh", "\n".join(lines) + "\n", mode=0o755)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m apet.engines.trtexec")
+    parser = argparse.ArgumentParser(prog="python -m apet.engines.trtexec",
+                                     description="Latency tables from the JSON that trtexec.sh writes.")
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="latency table from trtexec --exportTimes/--exportProfile JSON")
-    rep.add_argument("directory", type=Path)
+    rep = sub.add_parser("report", help="latency table and time per stage (vision, ApET, layers) from trtexec "
+                         "--exportTimes/--exportProfile JSON")
+    rep.add_argument("directory", type=Path, help="the artifact directory (or its trtexec/ folder)")
+    rep.add_argument("--verbose", "-v", action="store_true", help="full tracebacks")
     args = parser.parse_args(argv)
-    print(report(args.directory))
-    return 0
+    return guarded(lambda: print(report(args.directory)) or 0, args.verbose)
 
 
 if __name__ == "__main__":

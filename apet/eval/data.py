@@ -155,6 +155,8 @@ def load(path: Path, fmt: str = "apet", annotations: Path | None = None, image_p
             items = from_vqa(path, annotations, image_pattern)
     except KeyError as exc:
         raise InputError(f"{path} lacks the field {exc} that --format {fmt} needs", "check --format") from exc
+    if not items:
+        raise InputError(f"{path} holds no questions", "pass a data file with at least one question (check --format)")
     if len({i.id for i in items}) != len(items):
         raise InputError(f"{path} has duplicate ids", "ids must be unique (resume relies on them)")
     return items

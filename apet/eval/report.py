@@ -16,7 +16,8 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any) -> dict[str, Any]:
+def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any, stages: int | None = None
+                 ) -> dict[str, Any]:
     """Scores per (method, ratio, benchmark), per question type, POPE metrics, and retention vs ratio 1.0."""
     gold = {(i.benchmark, i.id): i for i in items}
     groups: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
@@ -46,14 +47,15 @@ def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any)
         values = [r["retention"] for r in rows if (r["method"], r["ratio"]) == key and r["retention"] is not None]
         if values:
             mean_retention[f"{key[0]}@{key[1]:g}"] = _mean(values)
-    return {"source": str(cfg.source), "stages": cfg.stages, "items": len(items),
+    return {"source": str(cfg.source), "stages": cfg.stages if stages is None else stages, "items": len(items),
             "benchmarks": sorted({i.benchmark for i in items}), "rows": rows, "mean_retention": mean_retention}
 
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# apet-eval: {report['source']}", "",
              f"{report['items']} questions in {', '.join(report['benchmarks'])}; {report['stages']} compression "
-             "stage(s). Retention = score / score at ratio 1.0 on the same questions.", "",
+             f"stage{'s' if report['stages'] != 1 else ''}. Retention = score / score at ratio 1.0 on the same "
+             "questions.", "",
              "| benchmark | method | ratio | n | score | retention | by type | errors |",
              "|---|---|---:|---:|---:|---:|---|---:|"]
     for row in report["rows"]:

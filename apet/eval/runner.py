@@ -15,7 +15,9 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from apet.errors import ApetError, UsageError
+from apet.atomic import write_atomic
+from apet.devices import check_device
+from apet.errors import ApetError, InputError, UsageError
 from apet.eval.data import EvalItem, load
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
@@ -55,6 +57,10 @@ class EvalConfig:
             raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
         if not self.images.is_dir():
             raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
+        check_device(self.device)
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit {self.limit} must be at least 1", "pass --limit N to run the first N "
+                             "questions of each file, or leave it out to run all")
 
 
 @dataclass(frozen=True)
@@ -133,15 +139,34 @@ def _append(handle, record: dict[str, Any]) -> None:
     os.fsync(handle.fileno())
 
 
+def check_images(items: list[EvalItem], images: Path) -> None:
+    """Every question's image must exist before the run starts: a missing one is a data error, not a 0 score."""
+    missing = sorted({i.image for i in items if not (images / i.image).is_file()})
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"{len(missing)} image(s) the data refers to are not under --images {images}: {shown}",
+                         "pass the folder the data's image paths are relative to as --images, or fix the data file")
+
+
+def stages_of(cfg: EvalConfig) -> int:
+    """An artifact has its own stage count; --stages applies to a model source only."""
+    artifact = Path(cfg.source)
+    if (artifact / "manifest.json").is_file():
+        return 2 if read_manifest(artifact).compression.stage2 is not None else 1
+    return cfg.stages
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     items: list[EvalItem] = []
     for path in cfg.data:
         loaded = load(path, cfg.fmt, cfg.annotations)
-        items += loaded[: cfg.limit] if cfg.limit else loaded
+        items += loaded[: cfg.limit] if cfg.limit is not None else loaded
+    check_images(items, cfg.images)
     cfg.out.mkdir(parents=True, exist_ok=True)
     path = cfg.out / PREDICTIONS
     records = read_predictions(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drops a truncated tail
+    # drop a truncated tail; atomically, so a full disk or a kill here cannot lose the answers already on disk
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     done = {(r["method"], r["ratio"], r["benchmark"], r["id"]) for r in records}
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
     conditions: dict[str, dict[str, Any]] = {}
@@ -160,7 +185,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                     record.update(prediction="", score=0.0, error=str(exc))
                 _append(handle, record)
                 records.append(record)
-    report = build_report(records, items, cfg)
+    report = build_report(records, items, cfg, stages_of(cfg))
     report["conditions"] = conditions
     write_report(report, cfg.out)
     return report

@@ -77,20 +77,23 @@ class BinaryScores:
     recall: float
     f1: float
     yes_ratio: float
+    unreadable: int = 0  # answers with neither yes nor no
 
 
 def yes_no_scores(gold: Sequence[str], predicted: Sequence[str | None]) -> BinaryScores:
-    """POPE's metrics with 'yes' as the positive class; an unreadable answer counts as 'no'."""
-    pairs = [(g.lower(), p or "no") for g, p in zip(gold, predicted)]
+    """POPE's metrics with 'yes' as the positive class. An unreadable answer (no yes/no word) is wrong, as in
+    :func:`score_item`: it never counts as correct and a 'yes' question it answers is a false negative."""
+    pairs = [(g.lower(), p) for g, p in zip(gold, predicted)]
     tp = sum(g == "yes" and p == "yes" for g, p in pairs)
     fp = sum(g == "no" and p == "yes" for g, p in pairs)
-    fn = sum(g == "yes" and p == "no" for g, p in pairs)
+    fn = sum(g == "yes" and p != "yes" for g, p in pairs)
     correct = sum(g == p for g, p in pairs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     n = max(1, len(pairs))
-    return BinaryScores(correct / n, precision, recall, f1, sum(p == "yes" for _, p in pairs) / n)
+    return BinaryScores(correct / n, precision, recall, f1, sum(p == "yes" for _, p in pairs) / n,
+                        sum(p is None for _, p in pairs))
 
 
 def prompt_for(item: EvalItem) -> str:

@@ -14,15 +14,16 @@ from tqdm.auto import tqdm
 from apet import __version__
 from apet.atomic import atomic_directory
 from apet.compression import BASIS_PLACEMENTS, METHODS
-from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, sha256_file
-from apet.errors import UsageError, check_range
+from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
+from apet.devices import check_device
+from apet.errors import StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
 from apet.export.onnx_utils import MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, spec_dict
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, write_manifest
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
-from apet.plan import CompressionPlan, plan_compression
+from apet.plan import CompressionPlan, check_budget_options, plan_compression
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,28 @@ class ExportConfig:
         if self.basis_placement not in BASIS_PLACEMENTS:
             raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
                              "use paper (the authors' algorithm, default) or own (ablation)")
+        check_budget_options(self.ratio, self.tokens)
+        check_device(self.device)
         check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--overwrite`` replaces an earlier apet artifact, never a user's other files."""
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise StorageError(f"--out {out} goes through {existing}, a regular file, not a directory",
+                           "choose an --out whose parent folders are directories")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
+    if out.is_symlink() or not out.is_dir() or not (out / MANIFEST_NAME).is_file():
+        raise UsageError(f"{out} is not an apet artifact (no {MANIFEST_NAME}); --overwrite only replaces artifacts "
+                         "that apet-export wrote", "choose another --out (apet never deletes other files)")
 
 
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
@@ -96,6 +114,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         if on_step:
             on_step(steps[i])
 
+    _check_out(cfg.out, cfg.overwrite)
     try:
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)

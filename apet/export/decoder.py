@@ -6,12 +6,15 @@ decoder works.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apet.compression import Stage2Config
 from apet.modeling.blocks import HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv, stage2_rebuild
+from apet.modeling.scope import Scope
 from apet.models.adapter import VisionLanguageAdapter
 
 
@@ -23,8 +26,12 @@ class DecoderGraph(nn.Module):
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None = None,
                  all_logits: bool = False) -> None:
         super().__init__()
+        self.hf_layers = list(adapter.decoder_layers())  # a plain list: their scope is the Scope below
+        # attribute names are the node-name scopes of apet.scopes: layers.i/..., apet_stage2/..., mask/...
+        self.layers = nn.ModuleList(Scope(partial(self._layer, layer)) for layer in self.hf_layers)
+        self.apet_stage2 = Scope(partial(stage2_rebuild, stage2)) if stage2 is not None else None
+        self.mask = Scope(additive_mask)
         self.model = adapter.model  # registered so tracing sees the weights
-        self.layers = list(adapter.decoder_layers())
         self.norm = adapter.final_norm()
         self.head = adapter.lm_head()
         self.rotary = adapter.rotary
@@ -55,16 +62,16 @@ class DecoderGraph(nn.Module):
         image_start, past = (rest[0], rest[1:]) if self.stage2 is not None else (None, rest)
         h = inputs_embeds
         cos, sin = self.rotary(h, position_ids)
-        bias = additive_mask(attention_mask, h.shape[1], h.dtype)
+        bias = self.mask(attention_mask, h.shape[1], h.dtype)
         presents: list[torch.Tensor] = []
         stage2_index = None
         for i, layer in enumerate(self.layers):
-            if self.stage2 is not None and i == self.stage2.layer:
-                h, position_ids, attention_mask, stage2_index = stage2_rebuild(self.stage2, h, position_ids,
-                                                                               attention_mask, image_start)
+            if self.apet_stage2 is not None and self.stage2 is not None and i == self.stage2.layer:
+                h, position_ids, attention_mask, stage2_index = self.apet_stage2(h, position_ids, attention_mask,
+                                                                                 image_start)
                 cos, sin = self.rotary(h, position_ids)
-                bias = additive_mask(attention_mask, h.shape[1], h.dtype)
-            h, keys, values = self._layer(layer, h, cos, sin, bias, past[2 * i], past[2 * i + 1])
+                bias = self.mask(attention_mask, h.shape[1], h.dtype)
+            h, keys, values = layer(h, cos, sin, bias, past[2 * i], past[2 * i + 1])
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]

@@ -158,6 +158,19 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return inputs, [spec(v) for v in graph.output]
 
 
+def nodes_by_stage(path: Path) -> dict[str, int]:
+    """Node count per stage of the exported graph (``vision``, ``apet_stage1``, ``llm layers``, ...), from the
+    name scopes of :mod:`apet.scopes` (a node outside every scope counts as ``other``)."""
+    from apet import scopes
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        found = scopes.scopes_in(node.name)
+        stage = scopes.stage_of(found[0]) if found else "other"
+        counts[stage] = counts.get(stage, 0) + 1
+    return counts
+
+
 def op_histogram(path: Path) -> dict[str, int]:
     """How many nodes of each op type the graph holds (for tests and reports)."""
     counts: dict[str, int] = {}

@@ -31,9 +31,17 @@ def demo_image_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "demo.png"
 
 
+def resolve_image(image: ImageInput) -> ImageInput:
+    """``@demo`` -> the bundled image; a directory is refused by name (not reported as missing)."""
+    if isinstance(image, str) and image == DEMO:
+        return demo_image_path()
+    if isinstance(image, (str, os.PathLike)) and Path(image).is_dir():
+        raise InputError(f"image {image} is a directory, not an image file", "pass one image file (JPEG/PNG/...)")
+    return image
+
+
 def _open(source: ImageInput) -> Image.Image:
-    if isinstance(source, str) and source == DEMO:
-        source = demo_image_path()
+    source = resolve_image(source)
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):

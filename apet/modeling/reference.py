@@ -18,6 +18,7 @@ import torch
 
 from apet.compression import CompressionConfig, Stage2Config
 from apet.models.adapter import VisionLanguageAdapter
+from apet.models.compat import cache_kwargs
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,8 @@ class Reference:
         cos_sin = self.adapter.hf_position_embeddings(hidden, positions)
         bias = causal_bias(mask, hidden.shape[1], hidden.dtype)
         for i in layers:
-            out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
-                                 use_cache=True, position_embeddings=cos_sin)
+            out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, use_cache=True,
+                                 position_embeddings=cos_sin, **cache_kwargs(self.layers[i], cache))
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 

@@ -85,8 +85,11 @@ class Processor(ABC):
         """The prefill for ``prompts`` once the vision graph returned ``keep_index``; InputError when a
         prompt plus ``max_new_tokens`` does not fit the artifact's context."""
 
-    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
-        """Cheap checks before any compute (empty prompt, context overflow at the largest visual count)."""
+    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> int:
+        """Cheap checks before any compute (empty prompt, context overflow at the largest visual count);
+        returns the longest prefill the prompts can need (exact, or an upper bound where the visual count
+        depends on the media), which the backend checks against its engines' limits before any work."""
+        return 0
 
     def decode_positions(self, layout: Layout, attention_mask: np.ndarray) -> np.ndarray:
         """Positions of the next token, [B, 1] (or [3, B, 1]); ``attention_mask`` already includes it."""

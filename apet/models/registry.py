@@ -66,7 +66,7 @@ def family_of_checkpoint(path: Path) -> Family:
                      f"supported model types: {', '.join(supported)}")
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str, option: str = "--model") -> Path:
     """A hub id resolves only from the local HF cache: the tool never downloads at run time."""
     try:
         from huggingface_hub import snapshot_download
@@ -77,12 +77,13 @@ def _from_hub_cache(repo_id: str) -> Path:
             f"cannot load {repo_id!r}: it is not a local directory and not in the Hugging Face cache "
             f"({type(exc).__name__})",
             f"download it where you have network (huggingface-cli download {repo_id} --local-dir DIR) "
-            "and pass --model DIR",
+            f"and pass {'--model' if option == '--model' else '--checkpoint'} DIR",
         ) from exc
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """The local checkpoint directory ``model`` names (creating a tiny one on demand)."""
+def resolve_checkpoint(model: str, option: str = "--model") -> Path:
+    """The local checkpoint directory ``model`` names (creating a tiny one on demand); errors name ``option``,
+    the command-line option the value came from."""
     for family in _families().values():
         if model == family.tiny:
             return family.tiny_checkpoint()
@@ -92,15 +93,16 @@ def resolve_checkpoint(model: str) -> Path:
     aliases = {k: v for f in _families().values() for k, v in f.aliases.items()}
     repo_id = aliases.get(model, model)
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
-        return _from_hub_cache(repo_id)
+        return _from_hub_cache(repo_id, option)
     if path.exists():
-        raise UsageError(f"--model {model!r} is a file, not a checkpoint directory",
+        raise UsageError(f"{option} {model!r} is a file, not a checkpoint directory",
                          "pass the directory that holds config.json and the .safetensors weights")
-    raise UsageError(f"--model {model!r} is neither a known alias nor an existing directory",
+    raise UsageError(f"{option} {model!r} is neither a known alias nor an existing directory",
                      f"use one of {', '.join(known_models())}, a local checkpoint directory or an org/name hub id")
 
 
-def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu") -> "VisionLanguageAdapter":
+def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu",
+                 option: str = "--model") -> "VisionLanguageAdapter":
     """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights)."""
     import torch
 
@@ -108,7 +110,7 @@ def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu") -> "Visi
     for family in _families().values():
         if model in family.shapes:
             return family.random_init(model, dtype=dtype, device=device)
-    path = resolve_checkpoint(model)
+    path = resolve_checkpoint(model, option)
     family = family_of_checkpoint(path)
     adapter = family.load(path, dtype=dtype, device=device)
     aliases = {k: v for f in _families().values() for k, v in f.aliases.items()}

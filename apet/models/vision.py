@@ -9,25 +9,15 @@ inside a named submodule so exported node names carry a scope (``vision/…``, `
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from apet.compression import Compressed
 from apet.contracts.io import VISION_OUTPUTS
+from apet.modeling.scope import Scope
 from apet.models.adapter import VisionLanguageAdapter
-
-
-class Scope(nn.Module):
-    """Runs ``fn`` inside a named module: the ONNX exporter prefixes its nodes with the attribute name."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
 
 
 class VisionStages(nn.Module):
@@ -40,6 +30,7 @@ class VisionStages(nn.Module):
         super().__init__()
         self.model = adapter.model  # registered so tracing sees the weights
         self.adapter = adapter
+        # attribute names are the node-name scopes of apet.scopes (VISION, APET_STAGE1, PROJECTOR)
         self.vision = Scope(self.features)
         self.apet_stage1 = Scope(lambda x: tuple(select(x)))
         self.projector = Scope(self.finish)

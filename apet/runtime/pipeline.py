@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from apet.devices import check_device
 from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest, read_manifest
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
@@ -71,6 +72,7 @@ def _peak_rss_mb() -> float:
 def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str | None, **options: Any) -> Backend:
     """Instantiate a registered backend; ``auto`` = the first one available (TensorRT engines on a GPU,
     else ONNX Runtime). ``device`` None = the backend's own default (cuda for TensorRT, cpu otherwise)."""
+    device = None if device is None else check_device(device)
     name = resolve_backend(name, artifact_dir, device)
     log.info("backend %s", name)
     if name == "tensorrt":
@@ -80,7 +82,8 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
         return backend_class(name)(artifact_dir, manifest, device=device or "cuda")
     device = device or "cpu"
     if name == "onnxruntime":
-        return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"))
+        return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"),
+                                   profile_apet=bool(options.get("profile_apet")))
     if name == "torch":
         from apet.runtime.backends.torch import StaticTorchBackend, TorchBackend
 
@@ -134,7 +137,8 @@ class Pipeline:
         backend, processor, batch = self.backend, self.processor, len(prompts)
         backend.check_batch(batch)
         start = time.perf_counter()
-        processor.check_prompts(prompts, config.max_new_tokens)
+        longest = processor.check_prompts(prompts, config.max_new_tokens)
+        backend.check_request(batch, longest, config.max_new_tokens)  # engines may be smaller than the export
         inputs = processor.vision_inputs(media)
         preprocess_ms = (time.perf_counter() - start) * 1e3
 
@@ -143,8 +147,9 @@ class Pipeline:
         backend.synchronize()
         vision_ms = (time.perf_counter() - t0) * 1e3
         layout = processor.layout(prompts, inputs, visual.keep_index, config.max_new_tokens)
+        backend.check_request(batch, layout.token_ids.shape[1], config.max_new_tokens)
         stats = Stats(backend.name, batch, layout.prompt_lengths, layout.visual_tokens, preprocess_ms=preprocess_ms,
-                      vision_ms=vision_ms, apet_ms=visual.apet_ms)
+                      vision_ms=vision_ms, apet_ms=backend.apet_ms(visual))
 
         t0 = time.perf_counter()
         logits = backend.prefill(layout, visual)

@@ -23,11 +23,13 @@ class LlavaProcessor(Processor):
         pixels = np.stack([preprocess(load_image(image), self.recipe) for image in media])
         return VisionInputs({"pixel_values": pixels}, items=len(media))
 
-    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
-        k1 = self.manifest.visual_tokens
+    def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> int:
+        k1, longest = self.manifest.visual_tokens, 0
         for prompt in prompts:
             before, after = self.encoder.split(prompt)
-            check_context(len(before) + k1 + len(after), k1, max_new_tokens, self.manifest.max_context)
+            longest = max(longest, len(before) + k1 + len(after))
+            check_context(longest, k1, max_new_tokens, self.manifest.max_context)
+        return longest
 
     def layout(self, prompts: Sequence[str], inputs: VisionInputs, keep_index: np.ndarray,
                max_new_tokens: int) -> Layout:

@@ -50,7 +50,7 @@ class Backend(ABC):
 
     def prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         """Whole prompts (visual rows spliced in) -> float32 logits [B, V]; starts a new cache."""
-        self.check_batch(layout.batch)
+        self.check_request(layout.batch, layout.token_ids.shape[1], 1)
         if layout.token_ids.shape[1] > self.manifest.max_context:
             raise InputError(f"a prompt of {layout.token_ids.shape[1]} tokens exceeds the artifact's max_context "
                              f"{self.manifest.max_context}", "shorten the prompt or re-export with --max-context")
@@ -59,6 +59,11 @@ class Backend(ABC):
     def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One new token per row [B] with the full mask [B, P+1] and its positions -> float32 logits [B, V]."""
         return self._decode(token_ids, attention_mask, positions)
+
+    def check_request(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        """Refuse a request this backend cannot serve before its prefill runs (engines may be built smaller
+        than the export's limits)."""
+        self.check_batch(batch)
 
     def check_batch(self, batch: int) -> None:
         if batch > self.manifest.max_batch:
@@ -82,8 +87,14 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         return None
 
+    def apet_ms(self, visual: VisionOutput) -> float | None:
+        """Milliseconds of ApET (stage 1) in the last vision run, where the backend can tell; called after the
+        vision timing so that reading a profile does not count as vision time."""
+        return visual.apet_ms
+
     def synchronize(self) -> None:
         """Wait for queued device work (for honest timings)."""
+
 
 
 # -- registry --------------------------------------------------------------------------------------

@@ -1,11 +1,20 @@
-"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put."""
+"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put.
+
+With ``profile_apet`` the first vision run is profiled by ONNX Runtime and ApET's time is the sum of
+the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`), so ``apet-run --stats`` reports it.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 
+from apet import scopes
 from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
 from apet.errors import BackendError
 from apet.manifest import Manifest
@@ -16,11 +25,17 @@ from apet.runtime.backends.base import Backend, VisionOutput, import_optional, l
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 profile_apet: bool = False) -> None:
         super().__init__(artifact_dir, manifest)
         ort = import_optional("onnxruntime", "dev", "the onnxruntime backend")
         self._ort = ort
         wanted = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
+        if wanted == "CUDAExecutionProvider" and hasattr(ort, "preload_dylibs"):
+            try:  # CUDA/cuDNN from the nvidia-* wheels torch installed, when the system has none
+                ort.preload_dylibs()
+            except Exception:  # noqa: BLE001 - the session creation below reports what is really missing
+                pass
         if wanted not in ort.get_available_providers():
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
                                "pip install onnxruntime-gpu for CUDA, or use --device cpu")
@@ -31,7 +46,16 @@ class OnnxRuntimeBackend(Backend):
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
             if wanted == "CUDAExecutionProvider" else [wanted]
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
-        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), options,
+        self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
+        if self._profile_dir is not None:  # removed after the first vision run, or when the backend goes away
+            weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
+        vision_options = options
+        if self._profile_dir is not None:
+            vision_options = ort.SessionOptions()
+            vision_options.intra_op_num_threads = options.intra_op_num_threads
+            vision_options.enable_profiling = True
+            vision_options.profile_file_prefix = str(Path(self._profile_dir) / "vision")
+        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), vision_options,
                                            providers=providers)
         self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), options,
                                         providers=providers)
@@ -49,6 +73,17 @@ class OnnxRuntimeBackend(Backend):
         feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
         embeds, keep_index = self.vision.run(None, feed)
         return VisionOutput(embeds, keep_index)
+
+    def apet_ms(self, visual: VisionOutput) -> float | None:
+        """ApET's share of the profiled run (once: ONNX Runtime profiles a session until end_profiling)."""
+        if self._profile_dir is None:
+            return visual.apet_ms
+        try:
+            events = json.loads(Path(self.vision.end_profiling()).read_text())
+        finally:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
+            self._profile_dir = None
+        return scope_ms(events, scopes.APET_STAGE1)
 
     def _empty_past(self, batch: int) -> list:
         spec = self.manifest.model.decoder
@@ -86,3 +121,11 @@ class OnnxRuntimeBackend(Backend):
 
     def cache_lengths(self) -> list[int]:
         return [int(value.shape()[2]) for value in self.past[::2]]
+
+
+def scope_ms(events: list, scope: str) -> float:
+    """Milliseconds of kernel time of the nodes in ``scope`` in an ONNX Runtime profile (chrome trace JSON)."""
+    prefix = f"/{scope}/"
+    micros = sum(float(e.get("dur", 0)) for e in events if isinstance(e, dict) and e.get("cat") == "Node"
+                 and str(e.get("name", "")).endswith("_kernel_time") and prefix in str(e.get("name", "")))
+    return micros / 1e3

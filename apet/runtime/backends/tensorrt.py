@@ -64,6 +64,48 @@ class StepShapes:
         return self._resolve(self.manifest.graphs["llm"].outputs)
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """The largest request llm.plan's profiles accept (``build_report.json`` limits), checked before any work:
+    the engines may be built smaller than the export (``apet-build --max-context/--max-prompt/--max-batch``)."""
+
+    max_batch: int
+    max_context: int
+    max_prompt: int
+
+    @classmethod
+    def from_report(cls, report: dict) -> "EngineLimits":
+        limits = report.get("limits") or {}
+        try:
+            return cls(int(limits["max_batch"]), int(limits["max_context"]), int(limits["max_prompt"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{REPORT_NAME} has no valid limits ({exc})",
+                                "rebuild the engines: apet-build DIR --overwrite") from exc
+
+    def check(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        if batch > self.max_batch:
+            raise InputError(f"batch of {batch} exceeds the engines' max batch {self.max_batch}",
+                             f"split the request, or rebuild: apet-build DIR --max-batch {batch} --overwrite")
+        if prompt_tokens > self.max_prompt:
+            raise InputError(f"the prompt needs {prompt_tokens} tokens, over the engines' prefill profile maximum "
+                             f"{self.max_prompt} (apet-build --max-prompt)",
+                             f"shorten the prompt, or rebuild: apet-build DIR --max-prompt {prompt_tokens} "
+                             "--overwrite")
+        if prompt_tokens + new_tokens > self.max_context:
+            raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the engines' decode profile "
+                             f"maximum {self.max_context} (apet-build --max-context)",
+                             f"lower --max-new-tokens, or rebuild: apet-build DIR --max-context "
+                             f"{prompt_tokens + new_tokens} --overwrite (up to the export's max_context)")
+
+
+def set_shape(context, name: str, shape: tuple[int, ...], engine: str) -> None:
+    """``set_input_shape`` returns False (it does not raise) for a shape outside the active profile."""
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+        raise InputError(f"{name} shape {tuple(shape)} is outside {engine}'s optimization profile",
+                         "rebuild the engines for this request size (apet-build --max-batch/--max-prompt/"
+                         "--max-context ... --overwrite)")
+
+
 def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, runtime_version: str) -> dict:
     """Refuse engines of another export, another TensorRT version, or that changed on disk."""
     report = read_report(artifact_dir)
@@ -93,7 +135,7 @@ class TensorRTBackend(Backend):
         from apet.engines.api import load_api
 
         api = load_api("auto")
-        check_engines(artifact_dir, manifest, api.kind, api.version)
+        self.limits = EngineLimits.from_report(check_engines(artifact_dir, manifest, api.kind, api.version))
         self.torch, self.trt = torch, api.module
         if not torch.cuda.is_available():
             raise BackendError("the tensorrt backend needs a CUDA device", "use --backend onnxruntime on this machine")
@@ -147,7 +189,7 @@ class TensorRTBackend(Backend):
                    for name, value in arrays.items()}
         dims: dict[str, int] = {}
         for name, tensor in tensors.items():
-            self.vision_context.set_input_shape(name, tuple(tensor.shape))
+            set_shape(self.vision_context, name, tuple(tensor.shape), ENGINE_FILES["vision"])
             dims.update({d: int(n) for d, n in zip(specs[name]["shape"], tensor.shape) if isinstance(d, str)})
         for spec in self.manifest.graphs["vision"].outputs:
             tensors[spec["name"]] = torch.empty(resolve_shape(spec, dims), dtype=dtypes[spec["dtype"]],
@@ -157,20 +199,9 @@ class TensorRTBackend(Backend):
         self.stream.synchronize()
         return VisionOutput(tensors["visual_embeds"], tensors["keep_index"].cpu().numpy())
 
-    def _check_profile(self, shapes: StepShapes) -> None:
-        """A prompt inside max_context can still be outside the engine's prefill profile: say which limit."""
-        profiles = (read_report(self.artifact_dir) or {}).get("limits", {})
-        prompt_limit = profiles.get("max_prompt")
-        if shapes.profile == PREFILL_PROFILE and prompt_limit and shapes.seq > prompt_limit:
-            raise InputError(f"a prompt of {shapes.seq} tokens exceeds the engines' prefill profile "
-                             f"(max {prompt_limit} tokens)",
-                             "shorten the prompt, or rebuild with a larger limit: apet-build DIR --max-prompt N "
-                             "--overwrite")
-
     def _step(self, embeds, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         torch = self.torch
         shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past)
-        self._check_profile(shapes)
         context = self.llm_contexts[shapes.profile]
         tensors = {"inputs_embeds": embeds.contiguous(),
                    "position_ids": torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device),
@@ -180,9 +211,7 @@ class TensorRTBackend(Backend):
         for name, shape in shapes.inputs().items():
             if name.startswith("past_"):
                 tensors[name] = self.cache[name][self.current][: int(np.prod(shape))].view(shape)
-            if not context.set_input_shape(name, shape):
-                raise InputError(f"input {name} of shape {shape} is outside the engine's optimization profile",
-                                 "rebuild the engines with larger limits (apet-build --max-prompt/--max-context)")
+            set_shape(context, name, shape, ENGINE_FILES["llm"])
         for name, shape in shapes.outputs().items():
             if name.startswith("present_"):
                 buffer = self.cache[present_to_past(name)][1 - self.current]
@@ -209,6 +238,10 @@ class TensorRTBackend(Backend):
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         embeds = self.table[self.torch.from_numpy(token_ids).to(self.device)][:, None]
         return self._step(embeds, attention_mask, positions)
+
+    def check_request(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
+        super().check_request(batch, prompt_tokens, new_tokens)
+        self.limits.check(batch, prompt_tokens, new_tokens)
 
     def cache_lengths(self) -> list[int]:
         return self.manifest.cache_layout.lengths(self.past)

@@ -25,7 +25,8 @@ def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str)
         raise BackendError("the artifact was exported from a random-init model; the torch backend needs weights",
                            "pass checkpoint=PATH (apet-run --checkpoint PATH)")
     dtype = torch.float16 if device.startswith("cuda") and manifest.dtype == "fp16" else torch.float32
-    return load_adapter(source, dtype=dtype, device=device)
+    option = "--checkpoint" if checkpoint else "the manifest's model.source (override with --checkpoint)"
+    return load_adapter(source, dtype=dtype, device=device, option=option)
 
 
 def embedding_table(adapter: VisionLanguageAdapter) -> torch.Tensor:
