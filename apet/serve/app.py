@@ -52,17 +52,11 @@ class ServerState:
 
 
 def model_facts(pipeline: Pipeline, model_name: str | None) -> ModelFacts:
+    """The model id is the artifact directory's name unless ``--served-model-name`` says otherwise: two
+    artifacts of one checkpoint (different budgets) are different models to a client."""
     manifest, family = pipeline.manifest, pipeline.manifest.family
-    return ModelFacts(model_name or default_model_id(manifest.model.source, pipeline.artifact_dir.name),
-                      manifest.model.family, family.media, manifest.max_context, family.max_visual_tokens(manifest))
-
-
-def default_model_id(source: str, artifact_name: str) -> str:
-    """A hub id as is (``llava-hf/llava-1.5-7b-hf``); a local checkpoint by its directory's name."""
-    parts = source.replace("\\", "/").strip("/").split("/")
-    if source and not source.startswith(("/", ".", "~")) and len(parts) == 2 and ":" not in source:
-        return source
-    return parts[-1] if source else artifact_name
+    return ModelFacts(model_name or pipeline.artifact_dir.resolve().name, manifest.model.family, family.media,
+                      manifest.max_context, family.max_visual_tokens(manifest))
 
 
 def create_app(pipeline: Pipeline, config: ServeConfig) -> Starlette:
