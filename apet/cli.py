@@ -266,6 +266,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from apet.serve.cli import add_arguments
+
+    add_arguments(p)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from apet.serve.cli import run
+
+    return run(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "export": ("export a checkpoint to ONNX + manifest", _export_args, cmd_export),
     "build": ("build TensorRT / TensorRT-RTX engines (or trtexec lines) for an artifact", _build_args, cmd_build),
@@ -273,6 +285,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "run": ("answer a prompt about an image with an exported artifact", _run_args, cmd_run),
     "bench": ("latency/memory of ApET-compressed inference vs ratio, against HF baselines", _bench_args, cmd_bench),
     "eval": ("accuracy retention of ApET and other rules vs ratio on your data", _eval_args, cmd_eval),
+    "serve": ("OpenAI-compatible HTTP server (chat completions with images) over an artifact", _serve_args, cmd_serve),
 }
 
 
@@ -344,6 +357,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     return _run(argv, "eval")
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    return _run(argv, "serve")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,6 @@ torch_spec="${APET_TORCH:-torch==2.13.0+cpu}"
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__ == '${torch_spec#*==}' else 1)" 2>/dev/null; then
   python -m pip install --quiet --retries 1 "$torch_spec" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-python -m pip install --quiet -e ".[dev,rtx]"
+python -m pip install --quiet -e ".[dev,rtx,serve]"
 python -c "import torch, tensorrt_rtx_bindings as t; print('apet set up in $venv: torch', torch.__version__, \
 '| TensorRT-RTX', t.__version__)"

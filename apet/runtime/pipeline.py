@@ -2,7 +2,11 @@
 
 Concurrency model: a Pipeline serves one request at a time (a lock around
 ``generate``; the backends keep one KV cache). Threads may share a Pipeline
-and are served in turn; for parallel requests, load one Pipeline per worker.
+and are served in turn; for parallel requests, load one Pipeline per worker,
+or batch them: ``generate_batch`` takes one :class:`GenerationConfig` per row
+(each row samples with its own seeded RNG and stops on its own limits, so a
+request's answer does not depend on its batch-mates) and a ``cancelled`` hook
+that ends a row early (a server's client that went away).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MediaInput = Any  # an image (path, bytes, PIL image, array) or, for video families, a video
 StreamCallback = Callable[[int, str], None]  # (batch row, text delta)
+CancelCheck = Callable[[int], bool]  # (batch row) -> stop generating for it now
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Stats:
 class Result:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "cancelled"
     stats: Stats
     keep_index: list[int]
 
@@ -124,21 +129,27 @@ class Pipeline:
         return self.generate_batch([image], [prompt], config, stream)[0]
 
     def generate_batch(self, media: Sequence[MediaInput], prompts: Sequence[str],
-                       config: GenerationConfig = GenerationConfig(),
-                       stream: StreamCallback | None = None) -> list[Result]:
+                       config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
+                       stream: StreamCallback | None = None, cancelled: CancelCheck | None = None) -> list[Result]:
+        """One prefill and decode loop for all rows; ``config`` is shared or given per row."""
         if len(media) != len(prompts) or not prompts:
             raise UsageError(f"{len(media)} images for {len(prompts)} prompts", "pass one image per prompt")
+        configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
+        if len(configs) != len(prompts):
+            raise UsageError(f"{len(configs)} generation configs for {len(prompts)} prompts",
+                             "pass one GenerationConfig, or one per prompt")
         with self._lock:
-            return self._generate(list(media), list(prompts), config, stream)
+            return self._generate(list(media), list(prompts), configs, stream, cancelled)
 
     # -- the request ---------------------------------------------------------------------------------
-    def _generate(self, media: list[MediaInput], prompts: list[str], config: GenerationConfig,
-                  stream: StreamCallback | None) -> list[Result]:
+    def _generate(self, media: list[MediaInput], prompts: list[str], configs: list[GenerationConfig],
+                  stream: StreamCallback | None, cancelled: CancelCheck | None) -> list[Result]:
         backend, processor, batch = self.backend, self.processor, len(prompts)
         backend.check_batch(batch)
+        steps = max(c.max_new_tokens for c in configs)  # the cache must hold the longest row's answer
         start = time.perf_counter()
-        longest = processor.check_prompts(prompts, config.max_new_tokens)
-        backend.check_request(batch, longest, config.max_new_tokens)  # engines may be smaller than the export
+        longest = processor.check_prompts(prompts, steps)
+        backend.check_request(batch, longest, steps)  # engines may be smaller than the export
         inputs = processor.vision_inputs(media)
         preprocess_ms = (time.perf_counter() - start) * 1e3
 
@@ -146,8 +157,8 @@ class Pipeline:
         visual = backend.encode(inputs)
         backend.synchronize()
         vision_ms = (time.perf_counter() - t0) * 1e3
-        layout = processor.layout(prompts, inputs, visual.keep_index, config.max_new_tokens)
-        backend.check_request(batch, layout.token_ids.shape[1], config.max_new_tokens)
+        layout = processor.layout(prompts, inputs, visual.keep_index, steps)
+        backend.check_request(batch, layout.token_ids.shape[1], steps)
         stats = Stats(backend.name, batch, layout.prompt_lengths, layout.visual_tokens, preprocess_ms=preprocess_ms,
                       vision_ms=vision_ms, apet_ms=backend.apet_ms(visual))
 
@@ -156,20 +167,23 @@ class Pipeline:
         stats.prefill_ms = (time.perf_counter() - t0) * 1e3
         stats.ttft_ms = (time.perf_counter() - start) * 1e3
 
-        sampler, mask = Sampler(config), layout.attention_mask
+        samplers, mask = [Sampler(c) for c in configs], layout.attention_mask
         decoders = [StreamDecoder(self.encoder) for _ in range(batch)]
         finish: list[str | None] = [None] * batch
         eos, pad = self.eos_ids, self.encoder.pad_id
         t0 = time.perf_counter()
-        for step in range(config.max_new_tokens):
-            tokens = sampler(logits)
-            for row in range(batch):
+        for step in range(steps):
+            tokens = np.full(batch, pad, dtype=np.int64)
+            for row, config in enumerate(configs):
+                if finish[row] is None and cancelled is not None and cancelled(row):
+                    finish[row] = "cancelled"
                 if finish[row] is None:
+                    tokens[row] = samplers[row](logits[row:row + 1])[0]
                     finish[row] = self._accept(row, int(tokens[row]), decoders[row], eos, config, stream)
-                else:
-                    tokens[row] = pad
+                    if finish[row] is None and step + 1 == config.max_new_tokens:
+                        finish[row] = "length"
             stats.new_tokens = step + 1
-            if all(f is not None for f in finish) or step + 1 == config.max_new_tokens:
+            if all(f is not None for f in finish):
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
             logits = backend.decode(tokens.astype(np.int64), mask, processor.decode_positions(layout, mask))
@@ -177,14 +191,14 @@ class Pipeline:
         stats.decode_ms = (time.perf_counter() - t0) * 1e3
         for row, decoder in enumerate(decoders):
             rest = decoder.flush()
-            if rest and stream is not None and finish[row] != "stop":
+            if rest and stream is not None and finish[row] not in ("stop", "cancelled"):
                 stream(row, rest)
         stats.decode_tokens_per_s = stats.new_tokens / (stats.decode_ms / 1e3) if stats.decode_ms > 0 else 0.0
         stats.peak_rss_mb = _peak_rss_mb()
         device_peak = backend.peak_memory_bytes()
         stats.peak_device_mb = None if device_peak is None else device_peak / (1 << 20)
         stats.cache_lengths = backend.cache_lengths()
-        return [Result(self._final_text(d, config), d.ids, finish[row] or "length", stats,
+        return [Result(self._final_text(d, configs[row]), d.ids, finish[row] or "length", stats,
                        visual.keep_index[row].tolist() if row < len(visual.keep_index) else [])
                 for row, d in enumerate(decoders)]
 

@@ -1,0 +1,46 @@
+"""``apet-serve DIR`` / ``apet serve DIR``: arguments only (import-light: the HTTP stack loads on run)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from apet.serve.config import ServeConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig(Path("."))
+    p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--backend", default=d.backend, choices=("auto", "onnxruntime", "tensorrt", "torch"),
+                   help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help="decode up to N queued requests together (<= the artifact's max_batch; greedy answers "
+                        "are the same as with 1)")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                   help="with --max-batch > 1: how long the first request of a batch waits for company")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="waiting requests before new ones are answered 503 with Retry-After")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest request body")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="largest image (width x height)")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="answer length when a request gives no max_tokens (clipped to the context left)")
+    p.add_argument("--allow-fetch", action="store_true",
+                   help="fetch http(s) image URLs (off: only inline data URLs are read)")
+    p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds, with --allow-fetch")
+    p.add_argument("--served-model-name", help="the model id clients send (default: from the artifact)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from apet.serve.server import serve
+
+    serve(ServeConfig(artifact=args.artifact, host=args.host, port=args.port, backend=args.backend,
+                      device=args.device, threads=args.threads, max_batch=args.max_batch,
+                      batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
+                      max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens,
+                      allow_fetch=args.allow_fetch, fetch_timeout_s=args.fetch_timeout,
+                      model_name=args.served_model_name))
+    return 0

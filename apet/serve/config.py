@@ -1,0 +1,46 @@
+"""The server's knobs and limits, validated once at start-up (every limit is a flag whose name the
+4xx messages quote, so a refused client learns what to change)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from apet.errors import UsageError, check_range
+from apet.media.images import MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    artifact: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "auto"
+    device: str | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads
+    max_batch: int = 1  # requests decoded together (<= the artifact's max_batch)
+    batch_wait_ms: float = 5.0  # how long a batch waits for company once its first request is taken
+    max_queue: int = 64  # requests waiting (not running) before new ones get 503
+    max_body_mb: float = 20.0
+    max_image_pixels: int = 16_000_000
+    default_max_tokens: int = 256  # when a request gives no max_tokens (clipped to the context left)
+    allow_fetch: bool = False  # http(s) image URLs: off, the device may be offline or must not call out
+    fetch_timeout_s: float = 10.0
+    model_name: str | None = None  # the id clients send as "model" (default: from the artifact)
+
+    def __post_init__(self) -> None:
+        check_range("--port", self.port, 0, 65535)
+        check_range("--max-batch", self.max_batch, 1, 1024)
+        check_range("--batch-wait-ms", self.batch_wait_ms, 0.0, 10_000.0)
+        check_range("--max-queue", self.max_queue, 1, 1_000_000)
+        check_range("--max-body-mb", self.max_body_mb, 0.001, 4096.0)
+        check_range("--max-image-pixels", self.max_image_pixels, 1, MAX_PIXELS,
+                    fix=f"pass at most {MAX_PIXELS:,} (the decoder's own decompression-bomb limit)")
+        check_range("--default-max-tokens", self.default_max_tokens, 1, 1_000_000)
+        check_range("--fetch-timeout", self.fetch_timeout_s, 0.1, 600.0)
+        if self.model_name is not None and not self.model_name.strip():
+            raise UsageError("--served-model-name is empty", "pass a name, or leave it out to use the artifact's")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
