@@ -79,7 +79,7 @@ def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int
     plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
                             stage1_placement=get_family(spec.family).stage1_placement, rule=setting.method)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
-                              max_context=min(spec.decoder.max_positions, 4096))
+                              max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 
 
 def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
@@ -108,7 +108,8 @@ def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
 
 def _conditions(manifest: Manifest) -> dict[str, Any]:
     """What the scores depend on besides the rule and ratio: recorded in the report."""
-    return {"prompt_template": manifest.model.prompt_template_name, "image_fit": manifest.model.processor.get("image_fit"),
+    return {"prompt_template": manifest.model.prompt_template_name,
+            "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
             "stages": 1 if manifest.compression.stage2 is None else 2}
 
