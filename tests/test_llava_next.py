@@ -352,6 +352,24 @@ def test_manifest_records_views_and_budgets(two_stage, full) -> None:
     assert "image_newline" in family.visual_summary(manifest)
 
 
+def test_llava_next_shapes_has_the_v16_vicuna_7b_sizes() -> None:
+    """The benchmark model without allocating it (meta device): paper budgets, 2,928 tokens at ratio 1, 5 views."""
+    from apet.manifest import in_memory_manifest
+    from apet.models.registry import load_adapter
+    from apet.plan import plan_compression
+
+    adapter = load_adapter("llava-next-shapes", dtype=torch.float16, device="meta")
+    assert adapter.spec.n_tokens == 576 and adapter.spec.decoder.num_layers == 32 and adapter.extra_row_ids() == {
+        "image_newline": 32064}
+    for ratio, budgets, most in ((1.0, (576, None), 2928), (0.22, (192, 64), 192 * 5 + 48)):
+        plan = plan_compression(576, 32, ratio=ratio, stages=2)
+        assert (plan.stage1_keep, plan.stage2 and plan.stage2.keep) == budgets
+        manifest = in_memory_manifest(adapter.spec, plan, dtype="fp16", max_batch=2, max_context=4096,
+                                      extra_rows=adapter.extra_row_ids())
+        assert manifest.family.max_visual_tokens(manifest) == most
+        assert manifest.family.vision_dims(manifest, 2) == {"views": (3, 5, 10)}
+
+
 def test_options_fail_clearly(export) -> None:
     with pytest.raises(UsageError, match="--max-views 2 is outside \\[3, 5\\]"):
         export(tokens="32", stages=1, max_views=2)
