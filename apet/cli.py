@@ -18,7 +18,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="tiny | llava | llava-13b | a local checkpoint directory | an org/name hub id (cached)")
+                   help="tiny | llava | llava-13b | tiny-llava-next | llava-next (-vicuna-7b, -mistral-7b, -34b, "
+                        "...) | a local checkpoint directory | an org/name hub id (cached)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default): 1.5r at the vision output, "
@@ -40,7 +41,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "crop: resize the shortest edge and centre-crop (Hugging Face's processor)")
     p.add_argument("--prompt-template",
                    help="named prompt template (LLaVA-1.5: vicuna_v1 = the authors' evaluation prompt, default; "
-                        "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
+                        "hf = 'USER: <image>\\n{prompt} ASSISTANT:'; LLaVA-NeXT: vicuna_v1 (default for Vicuna), "
+                        "hf, mistral_instruct, chatml_direct (defaults for Mistral / 34B))")
+    p.add_argument("--max-views", type=int,
+                   help="multi-view families (llava-next): most views (base + AnyRes tiles) per image; sizes the "
+                        "vision profiles and visual tokens (default: the checkpoint's largest grid pinpoint)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17..20; TensorRT 10.3 parses 17)")
@@ -62,11 +67,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                        prompt_template=args.prompt_template,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
-                       device=args.device)
+                       device=args.device, max_views=args.max_views)
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2} "
+          f"({manifest.family.visual_summary(manifest)})")
     return 0
 
 
@@ -176,7 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
+    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-llava-next | "
+                   "llava-next-shapes | checkpoint directory")
     p.add_argument("--ratios", default="1.0,0.33,0.22,0.11", help="comma-separated retained fractions")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages (see apet-export --stages)")
     p.add_argument("--backends", default="torch",

@@ -34,6 +34,7 @@ def describe(artifact: Path) -> str:
              f"  ApET       {m.n_tokens} -> {c.stage1_keep} visual tokens (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
+             f"  visual     {manifest.family.visual_summary(manifest)} at the LLM input",
              f"  schema     v{manifest.schema_version}, written by apet {manifest.apet_version} at {manifest.created}"]
     for name, graph in manifest.graphs.items():
         data = f" + {', '.join(graph.external_data)}" if graph.external_data else ""

@@ -88,15 +88,16 @@ class Manifest:
 
 
 def in_memory_manifest(model: ModelSpec, plan: CompressionPlan, *, dtype: str, max_batch: int,
-                       max_context: int) -> Manifest:
+                       max_context: int, extra_rows: dict[str, int] | None = None) -> Manifest:
     """A manifest for running a checkpoint directly (evaluation over many budgets, benchmarks): no
-    graphs, no files, the model's own spec and one compression plan."""
+    graphs, no files, the model's own spec and one compression plan; ``extra_rows`` are the ids of the
+    family's learned rows in the torch backend's table (``adapter.extra_row_ids()``)."""
     import datetime as dt
 
     from apet import __version__
 
     return Manifest(SCHEMA_VERSION, __version__, dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    model, dtype, 0, plan, max_batch, max_context, {}, {}, [], {})
+                    model, dtype, 0, plan, max_batch, max_context, {}, {"extra_rows": dict(extra_rows or {})}, [], {})
 
 
 def _safe_relative(name: Any, what: str) -> str:

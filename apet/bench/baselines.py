@@ -46,9 +46,8 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, 
     with torch.no_grad():
         _, index = stages(*_tensors(inputs.arrays, adapter).values())
     layout = make_layout(index.cpu().numpy())
-    kwargs = {**_tensors(family.hf_generate_inputs(inputs, layout), adapter),
-              "input_ids": torch.from_numpy(layout.token_ids).to(adapter.device),
-              "attention_mask": torch.from_numpy(layout.attention_mask).to(adapter.device)}
+    kwargs = _tensors({"input_ids": layout.token_ids, "attention_mask": layout.attention_mask,
+                       **family.hf_generate_inputs(inputs, layout)}, adapter)  # the family may rewrite the ids
     if static:
         kwargs["cache_implementation"] = "static"
     device, model = adapter.device, adapter.model

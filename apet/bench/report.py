@@ -23,16 +23,19 @@ def markdown(results: dict[str, Any]) -> str:
              f"Prompt {cfg['prompt_tokens']} text tokens + visual tokens, {cfg['new_tokens']} new tokens, "
              f"{cfg['repeats']} repeats (medians; device-event timings on CUDA).",
              "",
-             "| batch | ratio | K1 | K2 (from layer) | vision ms | ApET-1 ms | proj ms | prefill ms | ApET-2 ms "
-             "| TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | ratio | K1 | K2 (from layer) | visual | vision ms | ApET-1 ms | proj ms | prefill ms "
+             "| ApET-2 ms | TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
         s, g, b = run["stages"], run["generation"], run["budgets"]
         decode = g["decode_per_token"]
         tps = f"{1000 / decode['median_ms'] * run['batch']:.1f}" if decode else "–"
         k2 = f"{b['k2']} (L{b['stage2_layer']})" if b["k2"] else "–"
-        lines.append(f"| {run['batch']} | {run['ratio']} | {b['k1']} | {k2} | {_ms(s.get('vision_tower'))} | "
-                     f"{_ms(s.get('apet_stage1'))} | {_ms(s.get('projector'))} | {_ms(s.get('prefill'))} | "
+        visual = b.get("visual_tokens", "–")
+        visual = f"{visual} ({b['views']} views)" if b.get("views", 1) > 1 else visual
+        lines.append(f"| {run['batch']} | {run['ratio']} | {b['k1']} | {k2} | {visual} | "
+                     f"{_ms(s.get('vision_tower'))} | {_ms(s.get('apet_stage1'))} | {_ms(s.get('projector'))} | "
+                     f"{_ms(s.get('prefill'))} | "
                      f"{_ms(s.get('apet_stage2'))} | {_ms(g['ttft'])} | {_ms(decode)} | {tps} | "
                      f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} |")
     lines += ["", "## Against the baselines (same run)", "",

@@ -28,7 +28,7 @@ from apet.atomic import write_atomic
 from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
-from apet.bench.stages import ApetPath, Request, summarize_generation
+from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
 from apet.devices import check_device
 from apet.errors import UsageError
@@ -57,7 +57,7 @@ class BenchConfig:
     compile: bool = False
     baselines: tuple[str, ...] = BASELINES
     backends: tuple[str, ...] = ("torch",)
-    image_size: tuple[int, int] = (640, 480)
+    image_size: tuple[int, int] = (640, 480)  # (width, height) of the synthetic image (AnyRes: sets the views)
 
     def __post_init__(self) -> None:
         for r in self.ratios:
@@ -74,6 +74,8 @@ class BenchConfig:
             unknown = [c for c in chosen if c not in allowed]
             if unknown:
                 raise UsageError(f"{name} {','.join(unknown)} is unknown", f"choose from {', '.join(allowed)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise UsageError(f"--image-size {self.image_size} is not WIDTHxHEIGHT", "e.g. --image-size 672x672")
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -102,15 +104,18 @@ def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.
 
 
 def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, basis: int) -> tuple[dict[str, flops.Cost], list[int]]:
+                request: Request, basis: int, visual_tokens: int, views: int = 1) -> tuple[dict[str, flops.Cost],
+                                                                                     list[int]]:
+    """Costs of one request batch; ``visual_tokens`` per request at the LLM input, ``views`` vision-graph rows
+    per request (LLaVA-NeXT: base + tiles, each compressed to K1)."""
     vision, llm = shapes_of(adapter)
     spec, b = adapter.spec, request.batch
-    prompt = request.prompt_tokens + stage1.keep
+    prompt = request.prompt_tokens + visual_tokens
     per_layer = [prompt - (stage2.removed if stage2 and i >= stage2.layer else 0) for i in range(llm.layers)]
-    costs = {"vision_tower": flops.vision_cost(vision, b),
-             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b)
+    costs = {"vision_tower": flops.vision_cost(vision, b * views),
+             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b * views)
              if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
-             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b),
+             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b * views),
              "prefill": flops.prefill_cost(llm, per_layer, b),
              "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b)}
     if stage2 is not None:
@@ -126,7 +131,9 @@ def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
     """One cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios."""
-    return cfg.prompt_tokens + 4 * adapter.spec.n_tokens + cfg.new_tokens + 64
+    probe = bench_manifest(adapter, _plan(adapter, 1.0, 1), Request(1, cfg.prompt_tokens, cfg.new_tokens), 0)
+    visual = max(4 * adapter.spec.n_tokens, get_family(adapter.family).max_visual_tokens(probe))
+    return cfg.prompt_tokens + visual + cfg.new_tokens + 64
 
 
 def _release_memory(device: torch.device, weights: int) -> int:
@@ -155,7 +162,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
-    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis)
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, path.visual_tokens, path.views)
     floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
     measured = {**{k: v["median_ms"] for k, v in stages.items()},
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
@@ -163,7 +170,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "ratio": ratio, "batch": batch,
         "budgets": {"k1": plan.stage1_keep, "stage2_layer": stage2.layer if stage2 else None,
                     "k2": stage2.keep if stage2 else None,
-                    "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers)},
+                    "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers),
+                    "visual_tokens": path.visual_tokens, "views": path.views},
         "stages": stages, "generation": generation,
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None, "leftover_before_mb": round(leftover / 2**20, 1),

@@ -33,7 +33,8 @@ class Request:
 
 def bench_manifest(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int):
     dtype = "fp16" if adapter.dtype == torch.float16 else "fp32"
-    return in_memory_manifest(adapter.spec, plan, dtype=dtype, max_batch=request.batch, max_context=max_context)
+    return in_memory_manifest(adapter.spec, plan, dtype=dtype, max_batch=request.batch, max_context=max_context,
+                              extra_rows=adapter.extra_row_ids())
 
 
 def synthetic_request(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
@@ -93,6 +94,7 @@ class ApetPath:
                                          {"t": tokens, "i": index}, **g)
             visual = self.projector(t=tokens, i=index).clone()
             layout = make_layout(index.cpu().numpy())
+            self.visual_tokens, self.views = int(layout.visual_tokens[0]), features.shape[0] // request.batch
             arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
                       "positions": layout.positions, "start": layout.image_start}
             self.prefill_inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_TEXT_TOKENS = 512  # prompt text budget on top of the visual tokens (default contexts and prefill profiles)
+
 
 @dataclass(frozen=True)
 class CacheLayout:

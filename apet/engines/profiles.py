@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apet.contracts.cache import DEFAULT_TEXT_TOKENS
 from apet.contracts.specs import resolve_shape
 from apet.engines.trt import Profile
 from apet.errors import UsageError
 from apet.manifest import Manifest
 
-DEFAULT_TEXT_TOKENS = 512  # prompt text budget on top of the visual tokens
 OPT_TEXT_TOKENS = 40  # a typical VQA prompt
 
 

@@ -100,7 +100,8 @@ def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, 
 
 def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> list[Run]:
     vision = vision_profiles(manifest, limits)[0]
-    runs = [Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[0] for n, s in vision.shapes.items()}, {})]
+    # the opt shapes: one image (LLaVA-NeXT: all views of one image at the largest grid)
+    runs = [Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[1] for n, s in vision.shapes.items()}, {})]
     _, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
     prompt = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
     runs.append(_llm_run(f"prefill_{prompt}", manifest, artifact, 0, prompt, 0))

@@ -85,7 +85,7 @@ def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int
     plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
                             stage1_placement=get_family(spec.family).stage1_placement, rule=setting.method)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
-                              max_context=min(spec.decoder.max_positions, 4096))
+                              max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 
 
 def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:

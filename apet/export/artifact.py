@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 from apet import __version__
 from apet.atomic import atomic_directory
 from apet.compression import BASIS_PLACEMENTS, METHODS
+from apet.contracts.cache import DEFAULT_TEXT_TOKENS
 from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
 from apet.devices import check_device
 from apet.errors import StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
 from apet.export.onnx_utils import MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, spec_dict
 from apet.export.vision import export_vision
-from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, write_manifest
+from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
 from apet.plan import CompressionPlan, check_budget_options, plan_compression
@@ -54,6 +55,7 @@ class ExportConfig:
     all_logits: bool = False
     overwrite: bool = False
     device: str = "cpu"
+    max_views: int | None = None  # multi-view families: None = the checkpoint's largest grid
 
     def __post_init__(self) -> None:
         if self.ratio is None and self.tokens is None:
@@ -93,6 +95,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          "that apet-export wrote", "choose another --out (apet never deletes other files)")
 
 
+def _default_context(adapter: VisionLanguageAdapter, plan: CompressionPlan, cfg: ExportConfig) -> int:
+    """2048, or the family's largest visual count plus 512 text tokens when that is more, within the model's
+    positions (LLaVA-NeXT at ratio 1.0 needs ~2.9k visual tokens)."""
+    probe = in_memory_manifest(adapter.spec, plan, dtype=cfg.dtype, max_batch=cfg.max_batch, max_context=0)
+    visual = get_family(adapter.family).max_visual_tokens(probe)
+    return min(adapter.spec.decoder.max_positions, max(2048, visual + DEFAULT_TEXT_TOKENS))
+
+
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
     inputs, outputs = graph_io(directory / name)
     return GraphEntry(file=name, inputs=spec_dict(inputs), outputs=spec_dict(outputs),
@@ -119,7 +129,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template)
+            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
@@ -130,7 +140,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
                                     stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)
-            max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
+            max_context = cfg.max_context or _default_context(adapter, plan, cfg)
             bar.update()
             step(2)
             export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)

@@ -63,7 +63,7 @@ def save_embeddings(adapter: VisionLanguageAdapter, path: Path) -> dict[str, int
     the family's extra learned rows appended after the vocabulary; returns {name: row id} of those rows."""
     table = adapter.embed_tokens().weight.detach().to("cpu")
     extra = adapter.extra_embeddings()
-    ids = {name: table.shape[0] + i for i, name in enumerate(extra)}
+    ids = adapter.extra_row_ids()
     if extra:
         rows = [row.detach().to("cpu", table.dtype).reshape(1, -1) for row in extra.values()]
         table = torch.cat([table, *rows])

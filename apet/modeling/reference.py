@@ -27,14 +27,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def causal_bias(mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, S] key mask -> [B, 1, T, S] additive bias; query t sits at key position S - T + t."""
-    batch, total = mask.shape
-    bias = torch.full((batch, 1, query_len, total), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
-    for t in range(query_len):
-        visible = mask.bool().clone()
-        visible[:, total - query_len + t + 1:] = False
-        bias[:, 0, t][visible] = 0
-    return bias
+    """[B, S] key mask -> [B, 1, T, S] additive bias; query t sits at key position S - T + t and sees the real
+    keys up to it. (Built in one broadcast: a per-query loop cost ~3 kernel launches per prompt token, which at
+    LLaVA-NeXT's ~3k-token prompts would inflate the paper-style baseline's TTFT.)"""
+    total = mask.shape[1]
+    keys = torch.arange(total, device=mask.device)
+    visible = mask.bool()[:, None, None, :] & (keys <= keys[total - query_len:, None])[None, None]
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
 @dataclass

@@ -60,13 +60,22 @@ class VisionLanguageAdapter(ABC):
         ``image_newline``), by name; they are appended to the embedding table at export."""
         return {}
 
+    def extra_row_ids(self) -> dict[str, int]:
+        """Ids of :meth:`extra_embeddings` in the extended embedding table: appended after the vocabulary, in
+        order (the exported table, the torch backend's table and in-memory manifests all use these)."""
+        rows = int(self.embed_tokens().weight.shape[0])
+        return {name: rows + i for i, name in enumerate(self.extra_embeddings())}
+
     # -- text side ---------------------------------------------------------------------------------
     @abstractmethod
     def save_text_assets(self, out_dir: Path) -> list[str]:
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
 
-    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None) -> None:
-        """Apply the user's ``--image-fit`` / ``--prompt-template`` (None keeps the family default)."""
+    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
+                  max_views: int | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--max-views`` (None keeps the default)."""
+        if max_views is not None:
+            self.set_max_views(max_views)
         if image_fit is not None:
             if image_fit not in self.image_fits:
                 raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",
@@ -78,6 +87,11 @@ class VisionLanguageAdapter(ABC):
                                  f"use one of {', '.join(self.prompt_templates)}")
             self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
                                 prompt_template_name=prompt_template)
+
+    def set_max_views(self, max_views: int) -> None:
+        """Bound the views (tiles, crops) one image may become; only multi-view families have them."""
+        raise UsageError(f"--max-views does not apply to {self.family} (one view per image)",
+                         "drop the option; it is for multi-view families such as llava-next")
 
     def format_prompt(self, user_text: str) -> str:
         return self.spec.prompt_template.format(prompt=user_text)

@@ -91,6 +91,11 @@ class Processor(ABC):
         depends on the media), which the backend checks against its engines' limits before any work."""
         return 0
 
+    def item_keep_index(self, inputs: VisionInputs, keep_index: np.ndarray) -> list[np.ndarray]:
+        """The vision graph's kept indices split per request (one row per image by default; a multi-view
+        family returns [views, K1] per image)."""
+        return list(keep_index[:inputs.items])
+
     def decode_positions(self, layout: Layout, attention_mask: np.ndarray) -> np.ndarray:
         """Positions of the next token, [B, 1] (or [3, B, 1]); ``attention_mask`` already includes it."""
         return positions_from_mask(attention_mask)[:, -1:]
@@ -148,6 +153,10 @@ class Family(ABC):
 
     def typical_visual_tokens(self, manifest: "Manifest") -> int:
         return self.max_visual_tokens(manifest)
+
+    def visual_summary(self, manifest: "Manifest") -> str:
+        """One line for ``apet inspect``: the visual tokens a request puts in front of the LLM."""
+        return f"{self.max_visual_tokens(manifest)} per image"
 
     @abstractmethod
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:

@@ -93,7 +93,8 @@ def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, m
 
 def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Sequence[tuple[np.ndarray, np.ndarray]],
                        max_context: int, max_new_tokens: int) -> Layout:
-    """Left-padded prompts, each with one visual span in place of the placeholder; 1-D positions.
+    """Left-padded prompts, each with one visual span in place of the placeholder; 1-D positions. A span's
+    length (learned rows such as ``image_newline`` included) is its request's visual-token count.
 
     ``spans[b]`` = (rows, ids): ``rows[j]`` is the visual-embedding row of slot j (-1 where the slot is
     a token, e.g. an ``image_newline``), ``ids[j]`` the token id stored there (the placeholder id for
@@ -102,7 +103,7 @@ def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Se
     rows_per_prompt, starts = [], []
     for prompt, (rows, ids) in zip(prompts, spans):
         before, after = encoder.split(prompt)
-        check_context(len(before) + len(rows) + len(after), int((rows >= 0).sum()), max_new_tokens, max_context)
+        check_context(len(before) + len(rows) + len(after), len(rows), max_new_tokens, max_context)
         rows_per_prompt.append((before + [int(i) for i in ids] + after,
                                 [-1] * len(before) + [int(r) for r in rows] + [-1] * len(after)))
         starts.append(len(before))
@@ -117,5 +118,5 @@ def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Se
         token_ids[b, pad:], mask[b, pad:], visual_rows[b, pad:] = ids, 1, rows
         image_start[b] = pad + starts[b]
     return Layout(token_ids, mask, visual_rows, positions_from_mask(mask), image_start,
-                  visual_tokens=[int((r >= 0).sum()) for r, _ in spans],
+                  visual_tokens=[len(rows) for rows, _ in spans],
                   prompt_lengths=[len(ids) for ids, _ in rows_per_prompt])

@@ -66,7 +66,7 @@ class Result:
     token_ids: list[int]
     finish_reason: str  # "eos" | "stop" | "length" | "cancelled"
     stats: Stats
-    keep_index: list[int]
+    keep_index: list  # kept positions of this request's image: [K1], or [views][K1] for multi-view families
 
 
 def _peak_rss_mb() -> float:
@@ -198,8 +198,9 @@ class Pipeline:
         device_peak = backend.peak_memory_bytes()
         stats.peak_device_mb = None if device_peak is None else device_peak / (1 << 20)
         stats.cache_lengths = backend.cache_lengths()
+        kept = processor.item_keep_index(inputs, visual.keep_index)
         return [Result(self._final_text(d, configs[row]), d.ids, finish[row] or "length", stats,
-                       visual.keep_index[row].tolist() if row < len(visual.keep_index) else [])
+                       kept[row].tolist() if row < len(kept) else [])
                 for row, d in enumerate(decoders)]
 
     @staticmethod

@@ -53,10 +53,6 @@ class LlavaFamily(Family):
         return {"batch": (1, 1, max_batch)}
 
     def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
-        from apet.bench.flops import VisionShape
+        from apet.models.shared.llava_base import clip_flops_shape
 
-        tower = adapter.model.config.vision_config
-        select = adapter.spec.extra.get("vision_feature_layer", -1)
-        depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
-        return VisionShape(tokens=adapter.spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
-                           layers=depth, patch=tower.patch_size)
+        return clip_flops_shape(adapter)

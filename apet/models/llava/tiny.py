@@ -3,72 +3,23 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
-from apet.models.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
+from apet.models.shared.tiny import TinyClipLlama, clip_llama_configs, ensure_cached, llama_tokenizer, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-
-@dataclass(frozen=True)
-class TinyLlavaConfig:
-    """Shapes of the tiny model: 256 patch tokens (224/14), a 4-layer GQA Llama."""
-
-    image_size: int = 224
-    patch_size: int = 14
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 160
-    vocab_target: int = 512
-    max_positions: int = 1024
-    init_std: float = 0.25  # large enough that generations depend on image and prompt
-
-
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE trained offline, with Llama-style BOS handling and the ``<image>`` token."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus())
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="left", model_max_length=1024)
+TinyLlavaConfig = TinyClipLlama  # 256 patch tokens (224/14), a 4-layer GQA Llama
 
 
 def _build(path: Path, seed: int, cfg: TinyLlavaConfig) -> None:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    tokenizer = build_tokenizer(cfg.vocab_target)
-    vocab = len(tokenizer)
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                       num_key_value_heads=cfg.text_kv_heads, vocab_size=vocab,
-                       max_position_embeddings=cfg.max_positions, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       initializer_range=cfg.init_std, tie_word_embeddings=False)
+    tokenizer = llama_tokenizer(cfg.vocab_target)
+    vision, text = clip_llama_configs(cfg, tokenizer)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          projector_hidden_act="gelu", vision_feature_select_strategy="default",

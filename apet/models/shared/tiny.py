@@ -10,8 +10,9 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ _WORDS = (
     "answer question please briefly detail details detailed scene object objects animal animals vehicle "
     "USER ASSISTANT : . , ? ! ' \" ( ) - 0 1 2 3 4 5 6 7 8 9"
 ).split()
-
-
 
 
 def corpus(template_lines: Sequence[str] = ("USER: <image>\n{q}? ASSISTANT: {a}.",)) -> list[str]:
@@ -54,6 +53,61 @@ def train_bpe(vocab_size: int, special_tokens: Sequence[str], lines: Sequence[st
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(lines), trainer=trainer)
     return tok
+
+
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+
+def llama_tokenizer(vocab_size: int, special_tokens: Sequence[str] = LLAMA_SPECIAL_TOKENS,
+                    template_lines: Sequence[str] | None = None):
+    """A byte-level BPE trained offline, wrapped as a fast tokenizer with Llama-style BOS handling and the
+    ``<image>`` token (the tiny LLaVA-family checkpoints)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab_size, special_tokens, corpus() if template_lines is None else corpus(template_lines))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   padding_side="left", model_max_length=1024)
+
+
+@dataclass(frozen=True)
+class TinyClipLlama:
+    """Shapes of a tiny CLIP + Llama model (the LLaVA family's tiny checkpoints): a 3-layer ViT and a 4-layer
+    GQA Llama; weights drawn with a large std so generations depend on image and prompt."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 160
+    vocab_target: int = 512
+    max_positions: int = 1024
+    init_std: float = 0.25
+
+
+def clip_llama_configs(cfg: TinyClipLlama, tokenizer: Any) -> tuple[Any, Any]:
+    """(CLIPVisionConfig, LlamaConfig) of ``cfg`` for a tokenizer from :func:`llama_tokenizer`."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
+    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                       num_key_value_heads=cfg.text_kv_heads, vocab_size=len(tokenizer),
+                       max_position_embeddings=cfg.max_positions, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       initializer_range=cfg.init_std, tie_word_embeddings=False)
+    return vision, text
 
 
 def cache_dir() -> Path:

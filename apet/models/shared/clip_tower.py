@@ -1,0 +1,58 @@
+"""The CLIP tower of the LLaVA family (1.5, NeXT, Video-LLaVA) and its vision graph (torch).
+
+``clip_features`` runs only the encoder layers the select layer needs; :class:`ClipProjectorStages`
+is the vision graph ``CLIP -> ApET stage 1 -> projector`` over a stack of square images. LLaVA-1.5
+stacks one image per request (axis ``batch``), LLaVA-NeXT every view of every request (axis
+``views``). The projector runs on the kept tokens only: it is per-token, so this equals the
+reference's project-then-select at K1/N of the cost.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from apet.models.vision import VisionStages
+
+
+def _takes_causal_mask(layer: nn.Module) -> bool:
+    """Older transformers' CLIP encoder layers require a positional causal_attention_mask."""
+    return "causal_attention_mask" in inspect.signature(layer.forward).parameters
+
+
+def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: int, strategy: str) -> torch.Tensor:
+    """Run only the CLIP encoder layers the select layer needs (LLaVA skips the last one); drop CLS
+    for the ``default`` strategy."""
+    tower = getattr(tower, "vision_model", tower)  # older transformers wrap CLIPVisionTransformer
+    layers = tower.encoder.layers
+    depth = select_layer if select_layer >= 0 else len(layers) + 1 + select_layer
+    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    extra = {"causal_attention_mask": None} if _takes_causal_mask(layers[0]) else {}
+    for layer in layers[:depth]:
+        out = layer(hidden, None, **extra)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden[:, 1:] if strategy == "default" else hidden
+
+
+class ClipProjectorStages(VisionStages):
+    """pixel_values [axis, 3, H, W] -> visual_embeds [axis, K1, H_llm], keep_index [axis, K1]."""
+
+    input_names = ["pixel_values"]
+    axis: ClassVar[str] = "batch"  # the symbolic name of the leading dim (what the family's vision_dims sizes)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.adapter.vision_features(pixel_values)
+
+    def finish(self, tokens: torch.Tensor, index: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.adapter.project(tokens), index
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        recipe = self.adapter.spec.processor
+        return (torch.randn(batch, 3, recipe["crop_height"], recipe["crop_width"], dtype=self.adapter.dtype,
+                            device=self.adapter.device),)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: self.axis} for name in ("pixel_values", "visual_embeds", "keep_index")}

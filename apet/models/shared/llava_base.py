@@ -1,0 +1,129 @@
+"""What LLaVA-1.5 and LLaVA-NeXT adapters share: loading, the CLIP select layer, the projector and
+the Llama-style language model of Hugging Face's ``Llava*ForConditionalGeneration`` classes (torch).
+
+A subclass names its transformers class and builds its :class:`ModelSpec` in ``wrap``;
+:func:`llava_spec` fills in everything the two families record the same way.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from apet.contracts.specs import ModelSpec
+from apet.errors import UsageError
+from apet.models.adapter import VisionLanguageAdapter, describe_decoder
+from apet.models.shared.clip_tower import clip_features
+from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
+
+
+def feature_settings(config: Any) -> tuple[int, str]:
+    """(vision_feature_layer, vision_feature_select_strategy), validated."""
+    strategy, layer = config.vision_feature_select_strategy, config.vision_feature_layer
+    if strategy not in ("default", "full") or not isinstance(layer, int):
+        raise UsageError(f"vision_feature_select_strategy={strategy!r} / layer={layer!r} is unsupported",
+                         "LLaVA checkpoints use a single feature layer with 'default' or 'full'")
+    return layer, strategy
+
+
+def llava_spec(family: str, config: Any, source: str, *, processor: dict[str, Any], template: tuple[str, str],
+               extra: dict[str, Any]) -> ModelSpec:
+    """The spec of a CLIP + projector + Llama-style checkpoint; ``template`` is (name, text)."""
+    layer, strategy = feature_settings(config)
+    vision, text = config.vision_config, config.text_config
+    grid = vision.image_size // vision.patch_size
+    eos = text.eos_token_id if text.eos_token_id is not None else 2
+    return ModelSpec(
+        family=family, source=source, n_tokens=grid * grid + (1 if strategy == "full" else 0),
+        patch_grid=(grid, grid), vision_dim=vision.hidden_size, image_token_id=int(config.image_token_index),
+        bos_token_id=text.bos_token_id, eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+        pad_token_id=text.pad_token_id, prompt_template=template[1], prompt_template_name=template[0],
+        image_placeholder="<image>", decoder=describe_decoder(text), processor=processor,
+        extra={"vision_feature_layer": layer, "vision_feature_select_strategy": strategy, **extra},
+    )
+
+
+class LlavaStyleAdapter(VisionLanguageAdapter):
+    """A loaded ``Llava*ForConditionalGeneration``: CLIP tower, MLP projector, Llama-style decoder."""
+
+    model_class: ClassVar[str]  # the transformers class name
+
+    @classmethod
+    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LlavaStyleAdapter":
+        import transformers
+
+        path = Path(path)
+        model_type = read_json(path / "config.json").get("model_type")
+        if model_type != cls.family.replace("-", "_"):
+            raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {cls.family}",
+                             f"pass a {cls.family} checkpoint directory")
+        require_safetensors(path)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
+
+    @classmethod
+    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "LlavaStyleAdapter":
+        import transformers
+
+        with torch.device(device):
+            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
+        return cls.wrap(model.eval(), source="random-init", source_dir=None)
+
+    @classmethod
+    @abstractmethod
+    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "LlavaStyleAdapter": ...
+
+    # -- vision ------------------------------------------------------------------------------------
+    def _inner(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    def vision_tower(self) -> nn.Module:
+        return self._inner().vision_tower
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, N, D_vision]: the select layer's patch tokens (CLS removed for 'default')."""
+        extra = self.spec.extra
+        return clip_features(self.vision_tower(), pixel_values.to(self.dtype), extra["vision_feature_layer"],
+                             extra["vision_feature_select_strategy"])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, K, D_vision] -> [B, K, H_llm]; per token, so it may run after compression."""
+        return self._inner().multi_modal_projector(features)
+
+    # -- language ----------------------------------------------------------------------------------
+    def _language_model(self) -> nn.Module:
+        return self.model.model.language_model if hasattr(self.model, "model") else self.model.language_model.model
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return list(self._language_model().layers)
+
+    def final_norm(self) -> nn.Module:
+        return self._language_model().norm
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head if hasattr(self.model, "lm_head") else self.model.language_model.lm_head
+
+    def embed_tokens(self) -> nn.Embedding:
+        return self._language_model().embed_tokens
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._language_model().rotary_emb(hidden, position_ids)
+
+    # -- text assets -------------------------------------------------------------------------------
+    def save_text_assets(self, out_dir: Path) -> list[str]:
+        return copy_text_assets(self.source_dir, out_dir)
+
+
+def clip_flops_shape(adapter: VisionLanguageAdapter) -> Any:
+    """The CLIP tower's shape up to the select layer, for the benchmarks' FLOP and byte counts (per view)."""
+    from apet.bench.flops import VisionShape
+
+    tower = adapter.model.config.vision_config
+    select = adapter.spec.extra.get("vision_feature_layer", -1)
+    depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
+    return VisionShape(tokens=adapter.spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
+                       layers=depth, patch=tower.patch_size)
