@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,28 +14,10 @@ from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter, describe_decoder
 from apet.models.llava.templates import DEFAULT_IMAGE_FIT, DEFAULT_TEMPLATE, PROMPT_TEMPLATES
 from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings
+from apet.models.shared.clip_tower import clip_features
 from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
 
 log = logging.getLogger(__name__)
-
-
-def _takes_causal_mask(layer: nn.Module) -> bool:
-    """Older transformers' CLIP encoder layers require a positional causal_attention_mask."""
-    return "causal_attention_mask" in inspect.signature(layer.forward).parameters
-
-
-def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: int, strategy: str) -> torch.Tensor:
-    """Run only the CLIP encoder layers the select layer needs (LLaVA skips the last one); drop CLS
-    for the ``default`` strategy. Shared by the LLaVA family and its relatives (NeXT, Video-LLaVA)."""
-    tower = getattr(tower, "vision_model", tower)  # older transformers wrap CLIPVisionTransformer
-    layers = tower.encoder.layers
-    depth = select_layer if select_layer >= 0 else len(layers) + 1 + select_layer
-    hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    extra = {"causal_attention_mask": None} if _takes_causal_mask(layers[0]) else {}
-    for layer in layers[:depth]:
-        out = layer(hidden, None, **extra)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden[:, 1:] if strategy == "default" else hidden
 
 
 class LlavaAdapter(VisionLanguageAdapter):

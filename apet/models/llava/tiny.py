@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
-from apet.models.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
+from apet.models.shared.tiny import ensure_cached, llama_tokenizer, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -36,16 +36,7 @@ class TinyLlavaConfig:
 
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE trained offline, with Llama-style BOS handling and the ``<image>`` token."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus())
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="left", model_max_length=1024)
+    return llama_tokenizer(vocab_size, SPECIAL_TOKENS, {"image_token": "<image>"})
 
 
 def _build(path: Path, seed: int, cfg: TinyLlavaConfig) -> None:

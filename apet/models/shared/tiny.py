@@ -56,6 +56,22 @@ def train_bpe(vocab_size: int, special_tokens: Sequence[str], lines: Sequence[st
     return tok
 
 
+def llama_tokenizer(vocab_size: int, special_tokens: Sequence[str], media_tokens: dict[str, str],
+                    lines: Sequence[str] | None = None):
+    """A fast tokenizer over :func:`train_bpe` with Llama-style BOS handling, left padding and the
+    family's media placeholders (``media_tokens``: e.g. ``{"image_token": "<image>"}``)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab_size, special_tokens, corpus() if lines is None else lines)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens=dict(media_tokens),
+                                   padding_side="left", model_max_length=1024)
+
+
 def cache_dir() -> Path:
     """The user cache for generated checkpoints (``$APET_CACHE`` or ``$XDG_CACHE_HOME/apet``)."""
     root = os.environ.get("APET_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apet"
