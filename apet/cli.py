@@ -18,27 +18,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="tiny | llava | llava-13b | a local checkpoint directory | an org/name hub id (cached)")
+                   help="tiny | llava | llava-13b | tiny-video-llava | video-llava | *-shapes | a local checkpoint "
+                        "directory | an org/name hub id (cached)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2),
-                   help="1: whole budget at the vision output; 2 (paper default): 1.5r at the vision output, "
-                        "0.5r after the middle LLM layer")
+    p.add_argument("--stages", type=int, choices=(1, 2),
+                   help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
+                        "output, 0.5r after the middle LLM layer (default: the family's most; Video-LLaVA has 1, "
+                        "where --ratio is the per-frame budget: 0.125 -> 32 of 256 = 22 error-selected + 10 basis)")
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
     p.add_argument("--basis-method", default="fps", choices=("fps", "dpc", "random"))
     p.add_argument("--seed", type=int, help="seed for the FPS start token / random basis (default: token 0)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens without merging them into kept ones")
-    p.add_argument("--basis-placement", default="paper", choices=("paper", "own"),
+    p.add_argument("--basis-placement", default="paper", choices=("paper", "own", "spatial"),
                    help="paper (default): the authors' algorithm (basis vectors written into the slots of error "
-                        "ranks K-k+1..K, basis originals merged); own: ablation keeping basis tokens at their "
-                        "own positions")
+                        "ranks K-k+1..K, basis originals merged; Video-LLaVA: appended after the error-selected "
+                        "tokens); own: ablation keeping basis tokens at their own positions; spatial: ablation "
+                        "putting Video-LLaVA's kept tokens in spatial order (the same as paper elsewhere)")
     p.add_argument("--image-fit", choices=("pad", "crop"),
                    help="pad: pad to a square with the mean colour, then resize (original LLaVA-1.5, default); "
                         "crop: resize the shortest edge and centre-crop (Hugging Face's processor)")
     p.add_argument("--prompt-template",
                    help="named prompt template (LLaVA-1.5: vicuna_v1 = the authors' evaluation prompt, default; "
                         "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
+    p.add_argument("--frames", type=int,
+                   help="video families: frames sampled per video, static per artifact (default: the "
+                        "checkpoint's, 8 for Video-LLaVA)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--opset", type=int, default=17)
@@ -56,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
-                       prompt_template=args.prompt_template,
+                       prompt_template=args.prompt_template, frames=args.frames,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device)
@@ -121,7 +127,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
-    p.add_argument("--image", required=True, help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
+    media.add_argument("--video", help="video file (MP4/WebM/MKV/AVI/..., needs apet[video]), a directory of "
+                       "frame images, or a .npy [T, H, W, 3] array; the artifact's frame count is sampled uniformly")
     p.add_argument("--prompt", required=True)
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
@@ -143,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
-    result = pipeline.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+    result = pipeline.generate(args.image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                stream=stream)
     if args.json:
@@ -163,9 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
-    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2))
+    p.add_argument("--model", required=True,
+                   help="tiny | llava-shapes | llava-13b-shapes | tiny-video-llava | video-llava-shapes | checkpoint "
+                        "directory")
+    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11", help="video-llava: per-frame budgets, e.g. 1.0,0.125")
+    p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="capped at the family's most")
     p.add_argument("--backend", default="torch", choices=("torch",),
                    help="torch: static KV cache + CUDA graphs on GPU (engines: use trtexec.sh, see README)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
@@ -207,7 +218,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "(tiny | alias | checkpoint directory: every --methods x --ratios through the torch reference)")
     p.add_argument("--data", required=True, action="append", type=Path, help="data file (repeatable: one benchmark "
                    "per file)")
-    p.add_argument("--images", required=True, type=Path, help="directory the data's image paths are relative to")
+    p.add_argument("--images", required=True, type=Path,
+                   help="directory the data's image (or video) paths are relative to")
     p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"))
     p.add_argument("--annotations", type=Path, help="answers/annotations file for --format llava or vqa")
     p.add_argument("--ratios", default="1.0,0.22,0.11")

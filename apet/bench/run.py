@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
-from apet.bench.stages import ApetPath, Request, summarize_generation
+from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
 from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter
@@ -87,15 +87,18 @@ def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.
 
 
 def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, basis: int) -> tuple[dict[str, flops.Cost], list[int]]:
+                request: Request, basis: int, visual_tokens: int | None = None,
+                passes: int = 1) -> tuple[dict[str, flops.Cost], list[int]]:
+    """``visual_tokens``: per request at the LLM input (default K1); ``passes``: vision-tower passes per
+    request (video frames), which scale the tower, ApET and projector counts."""
     vision, llm = shapes_of(adapter)
     spec, b = adapter.spec, request.batch
-    prompt = request.prompt_tokens + stage1.keep
+    prompt = request.prompt_tokens + (stage1.keep if visual_tokens is None else visual_tokens)
     per_layer = [prompt - (stage2.removed if stage2 and i >= stage2.layer else 0) for i in range(llm.layers)]
-    costs = {"vision_tower": flops.vision_cost(vision, b),
-             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b)
+    costs = {"vision_tower": flops.vision_cost(vision, b * passes),
+             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b * passes)
              if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
-             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b),
+             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b * passes),
              "prefill": flops.prefill_cost(llm, per_layer, b),
              "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b)}
     if stage2 is not None:
@@ -105,13 +108,16 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages,
-                            stage1_placement=get_family(spec.family).stage1_placement)
+    family = get_family(spec.family)
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio,
+                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement)
 
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
     """One cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios."""
-    return cfg.prompt_tokens + 4 * adapter.spec.n_tokens + cfg.new_tokens + 64
+    manifest = bench_manifest(adapter, _plan(adapter, 1.0, 1), Request(1, cfg.prompt_tokens, cfg.new_tokens), 0)
+    visual = get_family(adapter.spec.family).max_visual_tokens(manifest)
+    return cfg.prompt_tokens + max(4 * adapter.spec.n_tokens, visual) + cfg.new_tokens + 64
 
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
@@ -133,7 +139,10 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
-    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis)
+    manifest = bench_manifest(adapter, plan, request, _max_context(adapter, cfg))
+    family = get_family(adapter.spec.family)
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis,
+                                   family.max_visual_tokens(manifest), family.vision_passes(manifest))
     floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
     measured = {**{k: v["median_ms"] for k, v in stages.items()},
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}

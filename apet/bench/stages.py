@@ -40,15 +40,12 @@ def synthetic_request(adapter: VisionLanguageAdapter, plan: CompressionPlan, req
                       seed: int = 0):
     """(processor, vision inputs as torch tensors, a function keep_index -> Layout) through the family's own
     processor, so the benchmark runs the layout users get (the tokenizer is used when the checkpoint has one)."""
-    from PIL import Image
-
     manifest = bench_manifest(adapter, plan, request, max_context)
     tokenizer = adapter.source_dir if adapter.source_dir and (adapter.source_dir / "tokenizer.json").is_file() else None
-    processor = get_family(adapter.family).processor(tokenizer, manifest)
-    rng = np.random.default_rng(seed)
-    width, height = request.image_size
-    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    inputs = processor.vision_inputs([image] * request.batch)
+    family = get_family(adapter.family)
+    processor = family.processor(tokenizer, manifest)
+    medium = family.synthetic_media(manifest, np.random.default_rng(seed), request.image_size)
+    inputs = processor.vision_inputs([medium] * request.batch)
     before = processor.encoder.text_before_media()
     prompt = " ".join(["word"] * max(1, request.prompt_tokens - before))
 

@@ -36,7 +36,7 @@ class ExportConfig:
     model: str
     out: Path
     ratio: float | None = None
-    stages: int = 2
+    stages: int | None = None  # None: the family's most (LLaVA: 2, Video-LLaVA: 1)
     tokens: str | None = None
     basis: int = 10
     basis_method: str = "fps"
@@ -45,6 +45,7 @@ class ExportConfig:
     basis_placement: str = "paper"
     image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
     prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
+    frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
     dtype: str = "fp16"
     opset: int = 17
     max_batch: int = 4
@@ -75,6 +76,16 @@ class ExportConfig:
             check_range("--max-context", self.max_context, 16, 1 << 20)
 
 
+def _default_context(adapter: VisionLanguageAdapter, plan: CompressionPlan, max_batch: int) -> int:
+    """2048 tokens, or enough for the family's visual tokens plus 512 of text (an uncompressed video needs
+    more), within the model's positions."""
+    from apet.manifest import in_memory_manifest
+
+    probe = in_memory_manifest(adapter.spec, plan, dtype="fp32", max_batch=max_batch, max_context=0)
+    visual = get_family(adapter.family).max_visual_tokens(probe)
+    return min(adapter.spec.decoder.max_positions, max(2048, visual + 512))
+
+
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
     inputs, outputs = graph_io(directory / name)
     return GraphEntry(file=name, inputs=spec_dict(inputs), outputs=spec_dict(outputs),
@@ -100,18 +111,19 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template)
+            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, frames=cfg.frames)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
-            if cfg.stages > family.max_stages:
-                raise UsageError(f"--stages {cfg.stages}: the {family.name} family has {family.max_stages} stage(s)",
+            stages = cfg.stages or family.max_stages
+            if stages > family.max_stages:
+                raise UsageError(f"--stages {stages}: the {family.name} family has {family.max_stages} stage(s)",
                                  f"pass --stages {family.max_stages}")
-            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
+            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=stages,
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
                                     stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)
-            max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
+            max_context = cfg.max_context or _default_context(adapter, plan, cfg.max_batch)
             bar.update()
             step(2)
             export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)

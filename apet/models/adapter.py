@@ -65,8 +65,13 @@ class VisionLanguageAdapter(ABC):
     def save_text_assets(self, out_dir: Path) -> list[str]:
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
 
-    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None) -> None:
-        """Apply the user's ``--image-fit`` / ``--prompt-template`` (None keeps the family default)."""
+    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
+                  frames: int | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--frames`` (None keeps the family
+        default); video families override this to take ``frames``."""
+        if frames is not None:
+            raise UsageError(f"--frames is not available for {self.family} (it takes images)",
+                             "drop the option")
         if image_fit is not None:
             if image_fit not in self.image_fits:
                 raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",

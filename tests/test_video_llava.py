@@ -1,0 +1,221 @@
+"""Video-LLaVA end to end on the tiny checkpoint: HF generate parity at ratio 1.0, the authors' per-frame ApET
+(kept indices, token order, values) when compressed, spatial-order ablation, Video-LLaVA's own preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import authors_reference as authors
+import numpy as np
+import numpy_reference as ref
+import onnxruntime as ort
+import pytest
+import torch
+from videos import decode_all, make_frames, uniform, write_video
+
+from apet.compression import CompressionConfig
+from apet.export.artifact import ExportConfig, export_artifact
+from apet.manifest import read_manifest
+from apet.runtime.pipeline import Pipeline
+from apet.runtime.sampling import GenerationConfig
+
+PROMPTS = ["What happens in the video?", "Describe the clip in detail please."]
+NEW_TOKENS = 10
+FRAMES = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.models.video_llava.tiny import create_tiny_video_llava
+
+    return create_tiny_video_llava(tmp_path_factory.mktemp("ckpt") / "tiny-video-llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint: Path):
+    from apet.models.video_llava.adapter import VideoLlavaAdapter
+
+    return VideoLlavaAdapter.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("clips")
+    return [write_video(root / "a.mp4", make_frames(3, 21, (160, 120))),
+            write_video(root / "b.mp4", make_frames(4, 13, (100, 140)))]
+
+
+@pytest.fixture(scope="module")
+def artifacts(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
+    root = tmp_path_factory.mktemp("video-artifacts")
+    out = {}
+    for ratio in (1.0, 0.125):
+        out[ratio] = root / f"r{ratio}"
+        export_artifact(ExportConfig(model=str(checkpoint), out=out[ratio], ratio=ratio, dtype="fp32", max_batch=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipelines(artifacts, adapter) -> dict:
+    return {(ratio, backend): Pipeline.load(path, backend=backend, adapter=adapter) if backend == "torch" else
+            Pipeline.load(path, backend=backend) for ratio, path in artifacts.items()
+            for backend in ("onnxruntime", "torch")}
+
+
+# -- independent references ------------------------------------------------------------------------
+def hf_pixels(checkpoint: Path, clip: Path) -> torch.Tensor:
+    """[T, 3, H, W]: the test's own decode + the authors' sampling + HF's VideoLlavaImageProcessor per frame."""
+    from transformers import VideoLlavaImageProcessor
+
+    from apet.models.shared.clip import video_processor_settings
+
+    settings = {k: v for k, v in video_processor_settings(checkpoint).items() if not k.endswith("_type")}
+    settings.pop("do_sample_frames", None)
+    processor = VideoLlavaImageProcessor(**settings)
+    frames = decode_all(clip)
+    picked = list(frames[uniform(len(frames), FRAMES)])
+    return processor(images=picked, return_tensors="pt", return_legacy_image_output=False)["pixel_values"]
+
+
+def hf_greedy(adapter, checkpoint: Path, clips: list[Path], prompts: list[str], per_frame: int,
+              compress_frames=None) -> list[list[int]]:
+    """HF ``generate`` on the same frames. ``compress_frames`` ([T, 257, H] projected -> [T, per_frame, H]) replaces
+    the model's video features: the HF-modules reference of the compressed model."""
+    from tokenizers import Tokenizer
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    model, video_id = adapter.model, model_video_id(adapter)
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer.encode(adapter.format_prompt(prompt)).ids
+        at = ids.index(video_id)
+        rows.append(ids[:at] + [video_id] * (FRAMES * per_frame) + ids[at + 1:])
+    pad = adapter.spec.pad_token_id
+    longest = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    pixels = torch.stack([hf_pixels(checkpoint, clip) for clip in clips])
+    original = model.model.get_video_features
+    if compress_frames is not None:
+        def features(pixel_values_videos, **kwargs):
+            full = original(pixel_values_videos=pixel_values_videos, **kwargs).pooler_output
+            return BaseModelOutputWithPooling(pooler_output=torch.cat(
+                [compress_frames(f) for f in full.unflatten(0, (len(clips), FRAMES))]))
+        model.model.get_video_features = features
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, pixel_values_videos=pixels,
+                                 do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=pad)
+    finally:
+        if compress_frames is not None:
+            del model.model.get_video_features
+    eos = adapter.spec.eos_token_ids[0]
+    return [row[: row.index(eos)] if eos in row else row for row in out[:, longest:].tolist()]
+
+
+def model_video_id(adapter) -> int:
+    return int(adapter.model.config.video_token_index)
+
+
+def authors_frames(frames: torch.Tensor) -> torch.Tensor:
+    """[T, 257, H] -> [T, 33, H]: CLS kept aside, the authors' encode_videos on the patches (float64)."""
+    tokens, _ = authors.video_frame(frames[:, 1:], selected=22, k=10)
+    return torch.cat([frames[:, :1].double(), tokens], 1).to(frames.dtype)
+
+
+def _generate(pipeline: Pipeline, clips, prompts) -> list[list[int]]:
+    results = pipeline.generate_batch([str(c) for c in clips], prompts, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    return [r.token_ids for r in results]
+
+
+# -- tests -----------------------------------------------------------------------------------------
+def test_manifest_and_graph_shapes(artifacts) -> None:
+    manifest = read_manifest(artifacts[0.125])
+    assert manifest.model.family == "video-llava" and manifest.model.image_placeholder == "<video>"
+    assert manifest.compression.stage1.keep == 32 and manifest.compression.stage1.placement == "append"
+    assert manifest.compression.stage2 is None and manifest.model.extra["frames"] == FRAMES
+    assert manifest.family.max_visual_tokens(manifest) == 264
+    vision = manifest.graphs["vision"]
+    assert [i["shape"] for i in vision.inputs] == [["batch", 8, 3, 224, 224]]
+    assert [o["shape"] for o in vision.outputs] == [["batch", 264, 64], ["batch", 264]]
+    full = read_manifest(artifacts[1.0])
+    assert full.family.max_visual_tokens(full) == 8 * 257 and full.max_context >= 8 * 257 + 512
+
+
+def test_frame_preprocessing_equals_hf_image_processor(checkpoint, clips, pipelines) -> None:
+    processor = pipelines[(0.125, "onnxruntime")].processor
+    got = processor.vision_inputs([str(clips[0])]).arrays["pixel_values_videos"][0]
+    np.testing.assert_allclose(got, hf_pixels(checkpoint, clips[0]).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ratio_one_equals_hf_generate(pipelines, adapter, checkpoint, clips, backend: str, batch: int) -> None:
+    """Every frame token (CLS + 256 patches, 8 frames = 2056) through apet == HF generate, token for token."""
+    want = hf_greedy(adapter, checkpoint, clips[:batch], PROMPTS[:batch], per_frame=257)
+    got = _generate(pipelines[(1.0, backend)], clips[:batch], PROMPTS[:batch])
+    assert got == want and all(len(t) > 0 for t in got)
+
+
+def test_kept_indices_order_and_values_equal_the_oracles(artifacts, adapter, checkpoint, clips) -> None:
+    """vision.onnx per frame: [CLS, 22 error-selected in descending error, 10 basis in FPS order] == the float64
+    oracle (placement append) and the authors' encode_videos, on HF's own projected frame features."""
+    pixels = hf_pixels(checkpoint, clips[1])
+    with torch.no_grad():
+        frames = adapter.model.model.get_video_features(pixel_values_videos=pixels[None]).pooler_output
+    session = ort.InferenceSession(str(artifacts[0.125] / "vision.onnx"), providers=["CPUExecutionProvider"])
+    embeds, index = session.run(None, {"pixel_values_videos": pixels[None].numpy()})
+    embeds, index = embeds.reshape(FRAMES, 33, -1), index.reshape(FRAMES, 33)
+    oracle_tokens, oracle_index = ref.compress(frames[:, 1:].double().numpy(), 32, 10, placement="append")
+    _, authors_index = authors.video_frame(frames[:, 1:], selected=22, k=10)
+    assert (index[:, 0] == 0).all()
+    assert (index[:, 1:] - 1).tolist() == oracle_index.tolist() == authors_index.tolist()
+    np.testing.assert_allclose(embeds[:, 0], frames[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embeds[:, 1:], oracle_tokens, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embeds, authors_frames(frames).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compressed_equals_hf_modules_reference(pipelines, adapter, checkpoint, clips, backend: str,
+                                                batch: int) -> None:
+    """8 x 33 = 264 visual tokens: apet's tokens == HF generate with the authors' encode_videos in its place."""
+    want = hf_greedy(adapter, checkpoint, clips[:batch], PROMPTS[:batch], per_frame=33, compress_frames=authors_frames)
+    results = pipelines[(0.125, backend)].generate_batch([str(c) for c in clips[:batch]], PROMPTS[:batch],
+                                                          GenerationConfig(max_new_tokens=NEW_TOKENS))
+    assert [r.token_ids for r in results] == want
+    assert results[0].stats.visual_tokens == [264] * batch and len(results[0].keep_index) == 264
+
+
+def test_compression_changes_the_answer_and_keeps_fewer_tokens(pipelines, clips) -> None:
+    full = pipelines[(1.0, "onnxruntime")].generate(video=str(clips[0]), prompt=PROMPTS[0], max_new_tokens=NEW_TOKENS)
+    low = pipelines[(0.125, "onnxruntime")].generate(video=str(clips[0]), prompt=PROMPTS[0],
+                                                     max_new_tokens=NEW_TOKENS)
+    assert full.stats.prompt_tokens[0] - low.stats.prompt_tokens[0] == 8 * (257 - 33)
+    assert full.stats.ttft_ms > 0 and low.stats.visual_tokens == [264]
+
+
+def test_spatial_order_ablation_sorts_each_frame(adapter) -> None:
+    from apet.models.video_llava.vision import VideoLlavaVisionStages
+
+    pixels = torch.randn(1, FRAMES, 3, 224, 224)
+    paper = VideoLlavaVisionStages(adapter, CompressionConfig(keep=32, placement="append").apply)
+    spatial = VideoLlavaVisionStages(adapter, CompressionConfig(keep=32, placement="append_spatial").apply)
+    with torch.no_grad():
+        (paper_embeds, paper_index), (spatial_embeds, spatial_index) = paper(pixels), spatial(pixels)
+    paper_index, spatial_index = paper_index.view(FRAMES, 33), spatial_index.view(FRAMES, 33)
+    for f in range(FRAMES):
+        order = torch.argsort(paper_index[f])
+        assert spatial_index[f].tolist() == paper_index[f, order].tolist() == sorted(paper_index[f].tolist())
+        torch.testing.assert_close(spatial_embeds.view(FRAMES, 33, -1)[f], paper_embeds.view(FRAMES, 33, -1)[f, order])
+
+
+def test_video_and_image_arguments_are_checked(pipelines, clips) -> None:
+    from apet.errors import UsageError
+
+    pipeline = pipelines[(0.125, "onnxruntime")]
+    with pytest.raises(UsageError, match="takes a video, not an image"):
+        pipeline.generate(str(clips[0]), PROMPTS[0])
+    with pytest.raises(UsageError, match="exactly one"):
+        pipeline.generate(prompt=PROMPTS[0])
