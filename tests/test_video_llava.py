@@ -77,8 +77,20 @@ def hf_pixels(checkpoint: Path, clip: Path) -> torch.Tensor:
     return processor(images=picked, return_tensors="pt", return_legacy_image_output=False)["pixel_values"]
 
 
+_HF_RUNS: dict[tuple, list[list[int]]] = {}
+
+
 def hf_greedy(adapter, checkpoint: Path, clips: list[Path], prompts: list[str], per_frame: int,
               compress_frames=None) -> list[list[int]]:
+    """Cached per arguments: the ONNX Runtime and torch tests compare with one HF run."""
+    key = (str(checkpoint), tuple(map(str, clips)), tuple(prompts), per_frame, compress_frames)
+    if key not in _HF_RUNS:
+        _HF_RUNS[key] = _hf_greedy(adapter, checkpoint, clips, prompts, per_frame, compress_frames)
+    return _HF_RUNS[key]
+
+
+def _hf_greedy(adapter, checkpoint: Path, clips: list[Path], prompts: list[str], per_frame: int,
+               compress_frames=None) -> list[list[int]]:
     """HF ``generate`` on the same frames. ``compress_frames`` ([T, 257, H] projected -> [T, per_frame, H]) replaces
     the model's video features: the HF-modules reference of the compressed model."""
     from tokenizers import Tokenizer
@@ -219,3 +231,90 @@ def test_video_and_image_arguments_are_checked(pipelines, clips) -> None:
         pipeline.generate(str(clips[0]), PROMPTS[0])
     with pytest.raises(UsageError, match="exactly one"):
         pipeline.generate(prompt=PROMPTS[0])
+
+
+# -- the tools around the pipeline -------------------------------------------------------------------
+@pytest.mark.trt
+def test_tensorrt_rtx_builds_the_video_graph_ahead_of_time(checkpoint, artifacts, rtx_api, tmp_path: Path) -> None:
+    """The fp16 vision graph (8 frames per video, per-frame ApET) builds with the family's profile; the LLM's
+    profiles and the trtexec lines follow the 8 x 33 visual tokens."""
+    from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
+    from apet.engines.trt import BuildOptions, build_engine
+    from apet.engines.trtexec import write_trtexec_script
+    from apet.export.vision import export_vision
+    from apet.models.video_llava.adapter import VideoLlavaAdapter
+
+    manifest = read_manifest(artifacts[0.125])
+    half = VideoLlavaAdapter.load(checkpoint, dtype=torch.float16)
+    export_vision(half, manifest.compression.stage1, tmp_path / "vision.onnx", opset=manifest.opset)
+    profiles = vision_profiles(manifest, ShapeLimits.from_manifest(manifest))
+    assert profiles[0].shapes == {"pixel_values_videos": ((1, 8, 3, 224, 224), (1, 8, 3, 224, 224),
+                                                          (2, 8, 3, 224, 224))}
+    built = build_engine(rtx_api, tmp_path / "vision.onnx", profiles, BuildOptions(compute_capabilities=("sm86",)))
+    assert len(built.plan) > 10_000 and built.num_layers > 100
+    assert built.inputs == [{"name": "pixel_values_videos", "shape": [-1, 8, 3, 224, 224], "dtype": "half"}]
+    assert [(o["name"], o["shape"]) for o in built.outputs] == [("visual_embeds", [-1, 264, 64]),
+                                                                ("keep_index", [-1, 264])]
+    prefill, decode = llm_profiles(manifest, max_context=512)
+    assert prefill.shapes["inputs_embeds"] == ((1, 2, 64), (1, 264 + 40, 64), (2, 512, 64))
+    script = write_trtexec_script(artifacts[0.125], ShapeLimits.from_manifest(manifest)).read_text()
+    assert "--shapes=pixel_values_videos:1x8x3x224x224" in script and "inputs_embeds:1x304x64" in script
+
+
+def test_bench_ratio_one_against_the_paper_budget(checkpoint, tmp_path: Path) -> None:
+    """apet-bench's runs and baselines on video (2 frames here to keep CI short): 2 x 257 tokens at ratio 1.0
+    vs 2 x 33 at 0.125, with HF generate and the paper-style path in the same run."""
+    from apet.bench.run import BenchConfig, run_bench
+    from apet.models.video_llava.adapter import VideoLlavaAdapter
+
+    adapter = VideoLlavaAdapter.load(checkpoint)
+    adapter.customize(frames=2)
+    results = run_bench(BenchConfig(model="tiny-video-llava", out=tmp_path / "bench", ratios=(1.0, 0.125),
+                                    repeats=1, new_tokens=2, prompt_tokens=20), adapter=adapter)
+    full, low = results["runs"]
+    assert low["budgets"]["k1"] == 32 and low["budgets"]["k2"] is None and full["budgets"]["k1"] == 256
+    assert results["baselines"]["hf_generate"]["1"]["visual_tokens"] == 2 * 257
+    per_token = 4 * 2 * 2 * 16 * 4  # layers x (K, V) x KV heads x head dim x fp32
+    assert (full["kv_cache_bytes"], low["kv_cache_bytes"]) == (per_token * (20 + 2 * 257 + 2),
+                                                               per_token * (20 + 2 * 33 + 2))
+    assert low["stages"]["apet_stage1"]["median_ms"] > 0 and "vs_hf_generate_ttft" in low["speedup"]
+    assert "| 1 | 0.125 |" in (tmp_path / "bench" / "results.md").read_text()
+
+
+def test_eval_rows_with_video(artifacts, clips, tmp_path: Path) -> None:
+    """apet-eval reads "video" rows; a corrupt clip is recorded as an error and the run goes on."""
+    import json
+
+    from apet.eval.runner import EvalConfig, run_eval
+
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 300)
+    data = tmp_path / "clips.jsonl"
+    rows = [{"id": "a", "video": str(clips[0]), "question": "What moves?", "answer": "square"},
+            {"id": "b", "video": "broken.mp4", "question": "What moves?", "answer": "square"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_eval(EvalConfig(source=str(artifacts[0.125]), data=(data,), images=tmp_path, out=tmp_path / "eval",
+                        ratios=(0.125,), backend="onnxruntime", max_new_tokens=4))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b"]
+    assert "error" not in records[0] and "cannot be decoded" in records[1]["error"]
+
+
+def test_cli_run_with_video_and_bad_inputs(artifacts, pipelines, clips, tmp_path: Path, capsys) -> None:
+    import json
+
+    from apet.cli import main
+
+    code = main(["run", str(artifacts[0.125]), "--video", str(clips[0]), "--prompt", PROMPTS[0], "--json",
+                 "--max-new-tokens", str(NEW_TOKENS)])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["stats"]["visual_tokens"] == [264]
+    assert record["token_ids"] == _generate(pipelines[(0.125, "onnxruntime")], clips[:1], PROMPTS[:1])[0]
+    short = write_video(tmp_path / "short.mp4", make_frames(5, 6))
+    (tmp_path / "corrupt.mp4").write_bytes(b"RIFF0000AVI " + b"\x00" * 64)
+    for path, words in ((short, "6 frame(s), fewer than the 8"), (tmp_path / "corrupt.mp4", "cannot be decoded")):
+        assert main(["run", str(artifacts[0.125]), "--video", str(path), "--prompt", "Hi"]) == 3
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.mp4", "short.mp4"]  # nothing written
+    assert main(["run", str(artifacts[0.125]), "--image", "@demo", "--prompt", "Hi"]) == 2
+    assert "takes a video" in capsys.readouterr().err
+    assert main(["run", str(artifacts[0.125]), "--video", "@demo", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0

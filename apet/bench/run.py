@@ -117,7 +117,7 @@ def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
     """One cache size for every ratio: decode graphs (and compiled kernels) are shared across ratios."""
     manifest = bench_manifest(adapter, _plan(adapter, 1.0, 1), Request(1, cfg.prompt_tokens, cfg.new_tokens), 0)
     visual = get_family(adapter.spec.family).max_visual_tokens(manifest)
-    return cfg.prompt_tokens + max(4 * adapter.spec.n_tokens, visual) + cfg.new_tokens + 64
+    return cfg.prompt_tokens + max(4 * adapter.spec.n_tokens, visual + 512) + cfg.new_tokens + 64
 
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,

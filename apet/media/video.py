@@ -2,8 +2,8 @@
 
 A video is one of: a video file (MP4/MKV/WebM/AVI/MOV/..., decoded with PyAV), a directory of frame
 images (sorted by name), a ``.npy`` file or a numpy array ``[T, H, W, 3]`` (uint8, or floats in
-[0, 1]), or a sequence of images (anything :func:`apet.media.images.load_image` takes). The result is
-always ``uint8 [frames, H, W, 3]``.
+[0, 1]), a sequence of images (anything :func:`apet.media.images.load_image` takes), or ``@demo``
+(a pan across the bundled demo image). The result is always ``uint8 [frames, H, W, 3]``.
 
 Why PyAV: it is the maintained Python binding of FFmpeg, its wheels bundle FFmpeg (no system
 package), it decodes every container and codec FFmpeg does and reads stream metadata before
@@ -34,6 +34,20 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".gif", ".ogv")
 
 VideoInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
+
+
+DEMO = "@demo"  # a short clip made from the package's demo image, usable wherever a video is
+DEMO_FRAMES = 16
+
+
+def demo_frames() -> np.ndarray:
+    """uint8 [16, 240, 240, 3]: a slow pan across the bundled demo image (no video file ships with apet)."""
+    from apet.media.images import demo_image_path
+
+    image = np.asarray(load_image(demo_image_path()))
+    side = min(image.shape[:2])
+    steps = np.linspace(0, image.shape[1] - side, DEMO_FRAMES).astype(int)
+    return np.stack([image[:side, x:x + side] for x in steps])
 
 
 def sample_indices(total: int, frames: int, name: str = "the video") -> np.ndarray:
@@ -163,6 +177,8 @@ def read_video(source: VideoInput, frames: int) -> np.ndarray:
     """Any supported video input -> uint8 ``[frames, H, W, 3]`` sampled uniformly, or InputError."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise InputError(f"frames={frames!r} is invalid", "sample at least one frame")
+    if isinstance(source, str) and source == DEMO:
+        return _from_array(demo_frames(), frames, "the demo clip")
     if isinstance(source, np.ndarray):
         return _from_array(source, frames, "video array")
     if isinstance(source, (list, tuple)):
