@@ -45,6 +45,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int,
                    help="video families: frames sampled per video, static per artifact (default: the "
                         "checkpoint's, 8 for Video-LLaVA)")
+    p.add_argument("--media", choices=("video", "image"),
+                   help="families that read several media: the one this artifact serves (Video-LLaVA: video, "
+                        "default; image = its image tower)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--opset", type=int, default=17)
@@ -62,14 +65,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
-                       prompt_template=args.prompt_template, frames=args.frames,
+                       prompt_template=args.prompt_template, frames=args.frames, media=args.media,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device)
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    visual = manifest.family.max_visual_tokens(manifest)
+    total = f" ({visual} per request at the LLM input)" if visual != c.stage1_keep else ""
+    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}{total}")
     return 0
 
 

@@ -25,10 +25,11 @@ FRAMES = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.models.video_llava.tiny import create_tiny_video_llava
+def checkpoint() -> Path:
+    """``--model tiny-video-llava``: created once in the session's isolated APET_CACHE."""
+    from apet.models.registry import resolve_checkpoint
 
-    return create_tiny_video_llava(tmp_path_factory.mktemp("ckpt") / "tiny-video-llava", seed=0)
+    return resolve_checkpoint("tiny-video-llava")
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +319,74 @@ def test_cli_run_with_video_and_bad_inputs(artifacts, pipelines, clips, tmp_path
     assert main(["run", str(artifacts[0.125]), "--image", "@demo", "--prompt", "Hi"]) == 2
     assert "takes a video" in capsys.readouterr().err
     assert main(["run", str(artifacts[0.125]), "--video", "@demo", "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+
+
+# -- images through the image tower (apet-export --media image) ----------------------------------------
+@pytest.fixture(scope="module")
+def image_artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("video-llava-image") / "image"
+    export_artifact(ExportConfig(model=str(checkpoint), out=out, ratio=1.0, dtype="fp32", max_batch=2, media="image"))
+    return out
+
+
+def hf_image_greedy(adapter, checkpoint: Path, images: list, prompts: list[str]) -> list[list[int]]:
+    """HF generate on images: the authors' padding to a square, HF's image processor (``pixel_values``, not the
+    legacy ``pixel_values_images``), 256 ``<image>`` tokens, the image tower without CLS."""
+    from test_runtime import expand2square
+    from tokenizers import Tokenizer
+    from transformers import VideoLlavaImageProcessor
+
+    from apet.models.shared.clip import processor_settings
+
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    image_id = int(adapter.model.config.image_token_index)
+    settings = {k: v for k, v in processor_settings(checkpoint, "image_processor").items() if not k.endswith("_type")}
+    processor = VideoLlavaImageProcessor(**settings)
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer.encode(adapter.format_prompt(prompt).replace("<video>", "<image>")).ids
+        at = ids.index(image_id)
+        rows.append(ids[:at] + [image_id] * 256 + ids[at + 1:])
+    pad, longest = adapter.spec.pad_token_id, max(map(len, rows))
+    pixels = processor(images=[expand2square(i, processor.image_mean) for i in images], return_tensors="pt",
+                       return_legacy_image_output=False)["pixel_values"]
+    input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        out = adapter.model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, do_sample=False,
+                                     max_new_tokens=NEW_TOKENS, pad_token_id=pad)
+    eos = adapter.spec.eos_token_ids[0]
+    return [row[: row.index(eos)] if eos in row else row for row in out[:, longest:].tolist()]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_images_through_the_image_tower_equal_hf_generate(image_artifact, adapter, checkpoint, backend: str) -> None:
+    from conftest import make_image
+
+    from apet.errors import UsageError
+
+    images = [make_image(11, (300, 200)), make_image(12, (150, 240))]
+    manifest = read_manifest(image_artifact)
+    assert manifest.model.image_placeholder == "<image>" and manifest.graphs["vision"].inputs[0]["name"] == \
+        "pixel_values" and manifest.family.max_visual_tokens(manifest) == 256
+    pipeline = Pipeline.load(image_artifact, backend=backend, **({"adapter": adapter} if backend == "torch" else {}))
+    results = pipeline.generate_batch(images, PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    want = hf_image_greedy(adapter, checkpoint, images, PROMPTS)
+    assert [r.token_ids for r in results] == want and all(want)
+    with pytest.raises(UsageError, match="takes an image, not a video"):
+        pipeline.generate(video="@demo", prompt=PROMPTS[0])
+
+
+def test_media_and_frames_options_are_checked(checkpoint, tiny_adapter) -> None:
+    from apet.errors import UsageError
+    from apet.models.video_llava.adapter import VideoLlavaAdapter
+
+    video = VideoLlavaAdapter.load(checkpoint)
+    with pytest.raises(UsageError, match="--frames applies to video"):
+        video.customize(media="image", frames=4)
+    with pytest.raises(UsageError, match="outside the allowed range"):
+        VideoLlavaAdapter.load(checkpoint).customize(frames=0)
+    with pytest.raises(UsageError, match="--media is not available for llava"):
+        tiny_adapter.customize(media="video")
+    with pytest.raises(UsageError, match="--frames is not available for llava"):
+        tiny_adapter.customize(frames=8)

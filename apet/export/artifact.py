@@ -46,6 +46,7 @@ class ExportConfig:
     image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
     prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
     frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
+    media: str | None = None  # families reading several media: the one this artifact serves (None: the family's)
     dtype: str = "fp16"
     opset: int = 17
     max_batch: int = 4
@@ -111,7 +112,8 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, frames=cfg.frames)
+            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, frames=cfg.frames,
+                              media=cfg.media)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)

@@ -31,7 +31,6 @@ from apet.media.images import MAX_PIXELS, load_image
 MAX_FRAME_PIXELS = MAX_PIXELS  # per frame, the same decompression-bomb limit as a still image
 MAX_FRAMES = 1 << 20  # a stream claiming more frames than this is treated as corrupt
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".gif", ".ogv")
 
 VideoInput = Union[str, os.PathLike, np.ndarray, Sequence[Any]]
 

@@ -66,12 +66,13 @@ class VisionLanguageAdapter(ABC):
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
 
     def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
-                  frames: int | None = None) -> None:
-        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--frames`` (None keeps the family
-        default); video families override this to take ``frames``."""
-        if frames is not None:
-            raise UsageError(f"--frames is not available for {self.family} (it takes images)",
-                             "drop the option")
+                  frames: int | None = None, media: str | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--frames`` / ``--media`` (None keeps the
+        family default); families that read video, or more than one medium, override this to take the last two."""
+        for name, value in (("--frames", frames), ("--media", media)):
+            if value is not None:
+                raise UsageError(f"{name} is not available for {self.family} (it reads images only)",
+                                 "drop the option")
         if image_fit is not None:
             if image_fit not in self.image_fits:
                 raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",

@@ -150,6 +150,11 @@ class Family(ABC):
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of every symbolic dim of the vision graph's inputs, for engine profiles."""
 
+    def media_of(self, manifest: "Manifest") -> str:
+        """What ``manifest``'s artifact reads ("image" or "video"): :attr:`media` unless the family exports
+        artifacts for several media."""
+        return self.media
+
     def vision_passes(self, manifest: "Manifest") -> int:
         """Vision-tower passes per request (frames of a video; 1 for one image): the benchmarks' FLOP model."""
         return 1

@@ -124,7 +124,7 @@ class Pipeline:
 
     def _medium(self, image: MediaInput, video: MediaInput) -> MediaInput:
         """The one medium given, checked against what the family reads."""
-        media, family = self.manifest.family.media, self.manifest.model.family
+        media, family = self.manifest.family.media_of(self.manifest), self.manifest.model.family
         article = {"image": "an", "video": "a"}
         if (image is None) == (video is None):
             raise UsageError("pass exactly one of image= and video=",
@@ -139,7 +139,7 @@ class Pipeline:
                        config: GenerationConfig = GenerationConfig(),
                        stream: StreamCallback | None = None) -> list[Result]:
         if len(media) != len(prompts) or not prompts:
-            kind = self.manifest.family.media
+            kind = self.manifest.family.media_of(self.manifest)
             raise UsageError(f"{len(media)} {kind}s for {len(prompts)} prompts", f"pass one {kind} per prompt")
         with self._lock:
             return self._generate(list(media), list(prompts), config, stream)

@@ -19,14 +19,17 @@ from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
 from apet.models.adapter import describe_decoder
 from apet.models.llava.adapter import LlavaAdapter
-from apet.models.shared.clip import recipe_from_settings, video_processor_settings
+from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings, video_processor_settings
 from apet.models.shared.clip_tower import clip_features
 from apet.models.video_llava.templates import (
     DEFAULT_FRAMES,
     DEFAULT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
     MAX_FRAMES,
+    MEDIA,
     PROMPT_TEMPLATES,
     VIDEO_PLACEHOLDER,
+    templates_for,
 )
 
 
@@ -62,20 +65,44 @@ class VideoLlavaAdapter(LlavaAdapter):
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]), pad_token_id=text.pad_token_id,
             prompt_template=PROMPT_TEMPLATES[DEFAULT_TEMPLATE], prompt_template_name=DEFAULT_TEMPLATE,
             image_placeholder=VIDEO_PLACEHOLDER, decoder=describe_decoder(text), processor=recipe.to_json(),
-            extra={"vision_feature_layer": layer, "frames": checkpoint_frames(config, grid * grid + 1),
-                   "image_token_id": int(config.image_token_index)},
+            extra={"vision_feature_layer": layer, "media": "video",
+                   "frames": checkpoint_frames(config, grid * grid + 1),
+                   "image_token_id": int(config.image_token_index), "video_token_id": int(config.video_token_index)},
         )
         return cls(model, spec, source_dir)
 
     def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
-                  frames: int | None = None) -> None:
-        """``frames``: T, static per artifact (the vision graph takes [B, T, 3, H, W])."""
+                  frames: int | None = None, media: str | None = None) -> None:
+        """``frames``: T, static per artifact (the vision graph takes [B, T, 3, H, W]); ``media="image"``: an
+        artifact for images through the image tower instead (one artifact serves one medium)."""
+        if media is not None:
+            self._set_media(media)
         if frames is not None:
+            if self.media != "video":
+                raise UsageError("--frames applies to video artifacts", "drop --frames, or drop --media image")
             if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
                 raise UsageError(f"--frames {frames!r} is outside the allowed range [1, {MAX_FRAMES}]",
                                  f"pass --frames {DEFAULT_FRAMES} (the checkpoint's setting) or another count")
             self.spec = replace(self.spec, extra={**self.spec.extra, "frames": frames})
         super().customize(image_fit=image_fit, prompt_template=prompt_template)
+
+    def _set_media(self, media: str) -> None:
+        if media not in MEDIA:
+            raise UsageError(f"--media {media!r} is not available for {self.family}", f"use one of {', '.join(MEDIA)}")
+        self.prompt_templates = templates_for(media)
+        self.image_fits = () if media == "video" else IMAGE_FITS  # the authors pad images (image_aspect_ratio)
+        token = int(self.spec.extra[f"{media}_token_id"])
+        settings = video_processor_settings if media == "video" else processor_settings
+        recipe = recipe_from_settings(settings(self.source_dir), self.model.config.vision_config.image_size,
+                                      "crop" if media == "video" else "pad")
+        self.spec = replace(self.spec, image_token_id=token, processor=recipe.to_json(),
+                            image_placeholder=VIDEO_PLACEHOLDER if media == "video" else IMAGE_PLACEHOLDER,
+                            prompt_template=self.prompt_templates[self.spec.prompt_template_name],
+                            extra={**self.spec.extra, "media": media})
+
+    @property
+    def media(self) -> str:
+        return str(self.spec.extra.get("media", "video"))
 
     @property
     def frames(self) -> int:
@@ -100,3 +127,11 @@ class VideoLlavaAdapter(LlavaAdapter):
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, H, W] -> [B·T, 1 + N, H_llm]."""
         return self.frame_features(pixel_values.flatten(0, 1))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> projected [B, N, H_llm] from the image tower, CLS dropped (HF ``get_image_features``
+        with the checkpoint's ``default`` strategy)."""
+        strategy = self.model.config.vision_feature_select_strategy
+        hidden = clip_features(self.image_tower(), pixel_values.to(self.dtype),
+                               self.spec.extra["vision_feature_layer"], strategy)
+        return self.project(hidden)

@@ -41,26 +41,34 @@ class VideoLlavaFamily(Family):
         return ensure_tiny_video_llava()
 
     def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
-        from apet.models.video_llava.vision import VideoLlavaVisionStages
+        from apet.models.video_llava.vision import VideoLlavaImageStages, VideoLlavaVisionStages
 
-        return VideoLlavaVisionStages(adapter, select)
+        stages = VideoLlavaImageStages if adapter.spec.extra.get("media") == "image" else VideoLlavaVisionStages
+        return stages(adapter, select)
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.video_llava.processor import VideoLlavaProcessor
 
         return VideoLlavaProcessor(artifact_dir, manifest)
 
+    def media_of(self, manifest: "Manifest") -> str:
+        return str(manifest.model.extra.get("media", "video"))
+
     def max_visual_tokens(self, manifest: "Manifest") -> int:
-        """T frames x (CLS + K1 kept patch tokens): 8 x 33 = 264 at the paper's budget."""
+        """Video: T frames x (CLS + K1 kept patch tokens), 8 x 33 = 264 at the paper's budget; image: K1."""
+        if self.media_of(manifest) == "image":
+            return manifest.visual_tokens
         return int(manifest.model.extra["frames"]) * (manifest.visual_tokens + 1)
 
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
         return {"batch": (1, 1, max_batch)}
 
     def vision_passes(self, manifest: "Manifest") -> int:
-        return int(manifest.model.extra["frames"])
+        return 1 if self.media_of(manifest) == "image" else int(manifest.model.extra["frames"])
 
     def synthetic_media(self, manifest: "Manifest", rng: np.random.Generator, size: tuple[int, int]) -> Any:
+        if self.media_of(manifest) == "image":
+            return super().synthetic_media(manifest, rng, size)
         width, height = size
         return rng.integers(0, 255, (int(manifest.model.extra["frames"]), height, width, 3), dtype=np.uint8)
 

@@ -1,6 +1,7 @@
 """Video-LLaVA at run time (torch-free): a video -> T uniformly sampled frames -> CLIP pixels
 [T, 3, H, W]; the T·(1 + K) kept rows of a request -> one visual span at the ``<video>`` placeholder
-(the prompt layout is LLaVA-1.5's)."""
+(the prompt layout is LLaVA-1.5's). An artifact exported with ``--media image`` reads images exactly as
+LLaVA-1.5 does (its processor, unchanged)."""
 
 from __future__ import annotations
 
@@ -25,5 +26,7 @@ class VideoLlavaProcessor(LlavaProcessor):
         return np.stack([preprocess(Image.fromarray(frame), self.recipe) for frame in read_video(video, self.frames)])
 
     def vision_inputs(self, media: Sequence[Any]) -> VisionInputs:
+        if self.manifest.model.extra.get("media", "video") == "image":
+            return super().vision_inputs(media)
         return VisionInputs({"pixel_values_videos": np.stack([self.frame_pixels(video) for video in media])},
                             items=len(media))

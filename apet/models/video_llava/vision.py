@@ -1,5 +1,6 @@
-"""Video-LLaVA's vision graph: [B, T, 3, H, W] -> video tower + projector per frame -> ApET per frame with CLS
-kept aside -> [B, T·(1 + K), H_llm] and the kept positions.
+"""Video-LLaVA's vision graphs. Video: [B, T, 3, H, W] -> video tower + projector per frame -> ApET per frame with
+CLS kept aside -> [B, T·(1 + K), H_llm] and the kept positions. Image (``--media image``): [B, 3, H, W] -> image
+tower (CLS dropped, as HF's ``get_image_features``) + projector -> ApET as for one frame -> [B, K, H_llm].
 
 The authors compress after the projector (``encode_videos``), so the projector runs on all 257 tokens
 of each frame (unlike LLaVA-1.5, where it may run after selection). Each frame's output is
@@ -50,3 +51,25 @@ class VideoLlavaVisionStages(VisionStages):
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {"pixel_values_videos": {0: "batch"}, "visual_embeds": {0: "batch"}, "keep_index": {0: "batch"}}
+
+
+class VideoLlavaImageStages(VisionStages):
+    """Images through the image tower. The authors' ``encode_images`` compresses nothing (ratio 1.0 reproduces
+    it); a lower ratio compresses an image like one frame (same placement, projected features), which is
+    apet's extension, not the paper's."""
+
+    input_names = ["pixel_values"]
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.adapter.image_features(pixel_values)
+
+    def finish(self, tokens: torch.Tensor, index: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tokens, index
+
+    def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
+        recipe = self.adapter.spec.processor
+        return (torch.randn(batch, 3, recipe["crop_height"], recipe["crop_width"], dtype=self.adapter.dtype,
+                            device=self.adapter.device),)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"pixel_values": {0: "batch"}, "visual_embeds": {0: "batch"}, "keep_index": {0: "batch"}}
