@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind the numbers in docs/benchmarks.md (run from the repository root on a CUDA machine;
-# $OUT is where results go). Stages: checks | bench | vision | llm
+# $OUT is where results go). Stages: checks | bench2 | bench1 | video | vision | llm
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -20,6 +20,10 @@ case "${1:-checks}" in
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 1 --batch 1 \
       --repeats 10 --new-tokens 64 --compile --out "$OUT/one_stage" | tail -12
     rm -f "$OUT"/one_stage/*.png
+    ;;
+  video)
+    python3 -m apet.cli bench --model video-llava-shapes --ratios 1.0,0.125 --batch 1 \
+      --repeats 10 --new-tokens 64 --compile --out "$OUT/video" | tail -12
     ;;
   vision)
     python3 scripts/full_size_proof.py vision --device cuda --out /tmp/fullsize/vision --images 16
