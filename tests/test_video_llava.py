@@ -390,3 +390,19 @@ def test_media_and_frames_options_are_checked(checkpoint, tiny_adapter) -> None:
         tiny_adapter.customize(media="video")
     with pytest.raises(UsageError, match="--frames is not available for llava"):
         tiny_adapter.customize(frames=8)
+
+
+def test_ratio_and_tokens_map_to_the_per_frame_budget() -> None:
+    """--ratio r keeps round8(r x 256) patch tokens per frame (0.125 -> 22 error-selected + 10 basis); --tokens
+    sets K exactly; video has one stage whatever --stages says."""
+    from apet.plan import plan_compression
+
+    def keep(**kwargs) -> int:
+        plan = plan_compression(256, 32, stages=1, stage1_placement="append", **kwargs)
+        assert plan.stage2 is None and plan.stage1.placement == "append"
+        return plan.stage1.keep
+
+    assert [keep(ratio=r) for r in (0.125, 0.25, 0.5, 1.0)] == [32, 64, 128, 256]
+    assert keep(tokens="27") == 27
+    assert plan_compression(256, 32, ratio=0.125, stages=1, stage1_placement="append",
+                            basis_placement="spatial").stage1.placement == "append_spatial"
