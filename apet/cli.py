@@ -19,11 +19,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="tiny | llava | llava-13b | tiny-llava-next | llava-next (-vicuna-7b, -mistral-7b, -34b, "
-                        "...) | a local checkpoint directory | an org/name hub id (cached)")
+                        "...) | tiny-video-llava | video-llava | *-shapes | a local checkpoint directory | an org/name "
+                        "hub id (cached)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2),
-                   help="1: whole budget at the vision output; 2 (paper default): 1.5r at the vision output, "
-                        "0.5r after the middle LLM layer")
+    p.add_argument("--stages", type=int, choices=(1, 2),
+                   help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
+                        "output, 0.5r after the middle LLM layer (default: the family's most; Video-LLaVA has 1, "
+                        "where --ratio is the per-frame budget: 0.125 -> 32 of 256 = 22 error-selected + 10 basis)")
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
@@ -32,10 +34,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "or random")
     p.add_argument("--seed", type=int, help="seed for the FPS start token / random basis (default: token 0)")
     p.add_argument("--no-merge", action="store_true", help="drop tokens without merging them into kept ones")
-    p.add_argument("--basis-placement", default="paper", choices=("paper", "own"),
+    p.add_argument("--basis-placement", default="paper", choices=("paper", "own", "spatial"),
                    help="paper (default): the authors' algorithm (basis vectors written into the slots of error "
-                        "ranks K-k+1..K, basis originals merged); own: ablation keeping basis tokens at their "
-                        "own positions")
+                        "ranks K-k+1..K, basis originals merged; Video-LLaVA: appended after the error-selected "
+                        "tokens); own: ablation keeping basis tokens at their own positions; spatial: ablation "
+                        "putting Video-LLaVA's kept tokens in spatial order (the same as paper elsewhere)")
     p.add_argument("--image-fit", choices=("pad", "crop"),
                    help="pad: pad to a square with the mean colour, then resize (original LLaVA-1.5, default); "
                         "crop: resize the shortest edge and centre-crop (Hugging Face's processor)")
@@ -46,6 +49,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-views", type=int,
                    help="multi-view families (llava-next): most views (base + AnyRes tiles) per image; sizes the "
                         "vision profiles and visual tokens (default: the checkpoint's largest grid pinpoint)")
+    p.add_argument("--frames", type=int,
+                   help="video families: frames sampled per video, static per artifact (default: the "
+                        "checkpoint's, 8 for Video-LLaVA)")
+    p.add_argument("--media", choices=("video", "image"),
+                   help="families that read several media: the one this artifact serves (Video-LLaVA: video, "
+                        "default; image = its image tower)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17..20; TensorRT 10.3 parses 17)")
@@ -64,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
-                       prompt_template=args.prompt_template,
+                       prompt_template=args.prompt_template, frames=args.frames, media=args.media,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device, max_views=args.max_views)
@@ -134,8 +143,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
-    p.add_argument("--image", required=True, help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
-    p.add_argument("--prompt", required=True, help="the question or instruction about the image")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file (JPEG/PNG/WebP/...), or @demo for the bundled one")
+    media.add_argument("--video", help="video file (MP4/WebM/MKV/AVI/..., needs apet[video]), a directory of "
+                       "frame images, or a .npy [T, H, W, 3] array; the artifact's frame count is sampled uniformly")
+    p.add_argument("--prompt", required=True, help="the question or instruction about the image or video")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
@@ -161,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
                              profile_apet=args.stats or args.json)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
-    result = pipeline.generate(image, args.prompt, max_new_tokens=args.max_new_tokens,
+    result = pipeline.generate(image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
                                stream=stream)
     if args.json:
@@ -183,9 +195,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-llava-next | "
-                   "llava-next-shapes | checkpoint directory")
-    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11", help="comma-separated retained fractions")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages (see apet-export --stages)")
+                   "llava-next-shapes | tiny-video-llava | video-llava-shapes | checkpoint directory")
+    p.add_argument("--ratios", default="1.0,0.33,0.22,0.11",
+                   help="comma-separated retained fractions (video-llava: per-frame budgets, e.g. 1.0,0.125)")
+    p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages, capped at the family's most")
     p.add_argument("--backends", default="torch",
                    help="torch (static KV cache + CUDA graphs on GPU) and/or onnxruntime (exports the plan's graphs "
                         "and runs them with the CUDA execution provider, with parity against the torch reference); "
@@ -239,7 +252,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "(tiny | alias | checkpoint directory: every --methods x --ratios through the torch reference)")
     p.add_argument("--data", required=True, action="append", type=Path, help="data file (repeatable: one benchmark "
                    "per file)")
-    p.add_argument("--images", required=True, type=Path, help="directory the data's image paths are relative to")
+    p.add_argument("--images", required=True, type=Path,
+                   help="directory the data's image (or video) paths are relative to")
     p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"),
                    help="layout of --data (see below)")
     p.add_argument("--annotations", type=Path, help="answers/annotations file for --format llava or vqa")

@@ -23,6 +23,8 @@ a named *placement* (:data:`PLACEMENTS`):
 * ``append`` Video-LLaVA: only the K-k error-selected tokens are ranked; the output is
              [error-selected in descending-error order, basis in FPS order] with
              their positions as the index (not ascending);
+* ``append_spatial`` an ablation of ``append``: the same K tokens in position order
+             (``--basis-placement spatial``);
 * ``own``    an ablation that is *not* the paper: basis tokens are excluded from the
              ranking, keep their own positions and are not merged.
 
@@ -54,8 +56,9 @@ from apet.errors import InputError, UsageError
 from apet.linalg import whiten
 
 METHODS = ("fps", "dpc", "random")
-PLACEMENTS = ("mask", "rank", "blend", "append", "own")
-BASIS_PLACEMENTS = ("paper", "own")  # the user's choice; the family and stage turn "paper" into a PLACEMENT
+PLACEMENTS = ("mask", "rank", "blend", "append", "append_spatial", "own")
+# the user's choice; the family and stage turn it into a PLACEMENT (resolve_placement)
+BASIS_PLACEMENTS = ("paper", "own", "spatial")
 GRAM_RIDGE = 1e-5
 DPC_NEIGHBOURS = 5
 _NEG = torch.finfo(torch.float32).min
@@ -122,10 +125,14 @@ class Stage2Config:
 
 
 def resolve_placement(basis_placement: str, paper_placement: str) -> str:
-    """The user's ``--basis-placement`` (paper | own) at a stage whose paper semantics are ``paper_placement``."""
+    """The user's ``--basis-placement`` at a stage whose paper semantics are ``paper_placement``: ``paper``;
+    ``own`` (ablation: basis kept at its own positions); ``spatial`` (ablation: the paper's tokens in position
+    order, which only changes ``append`` — every other placement already outputs position order)."""
     if basis_placement not in BASIS_PLACEMENTS:
         raise UsageError(f"--basis-placement {basis_placement!r} is unknown",
-                         "use paper (the authors' algorithm, default) or own (ablation)")
+                         "use paper (the authors' algorithm, default), own or spatial (ablations)")
+    if basis_placement == "spatial":
+        return "append_spatial" if paper_placement == "append" else paper_placement
     return paper_placement if basis_placement == "paper" else "own"
 
 
@@ -326,13 +333,15 @@ def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, kee
            placement: str, nearest: Nearest) -> Compressed:
     """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
     k = int(basis_index.shape[1])
-    chosen = keep - k if placement == "append" else keep
-    ranked = torch.topk(errors, chosen, dim=1).indices  # descending error
+    appended = placement in ("append", "append_spatial")
+    ranked = torch.topk(errors, keep - k if appended else keep, dim=1).indices  # descending error
     selected = ranked[:, : keep - k]
     selected_tokens = _selected_tokens(x, selected, ranked, merge, nearest)
     basis_tokens = gather_tokens(x, basis_index)
     if placement == "append":
         return Compressed(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
+    if placement == "append_spatial":
+        return _in_position_order(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
     slots = ranked[:, keep - k:]
     if placement in ("mask", "blend"):
         slots = _ascending(slots)

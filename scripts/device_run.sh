@@ -44,6 +44,10 @@ case "$stage" in
     python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 \
       --new-tokens 32 --backends torch,onnxruntime --baselines "" --out "$OUT/llava_ort" 2>&1 | tail -30
     ;;
+  video)
+    python3 -m apet.cli bench --model video-llava-shapes --ratios 1.0,0.125 --batch 1 \
+      --repeats 10 --new-tokens 64 --compile --out "$OUT/video" 2>&1 | tail -20
+    ;;
   family)
     python3 -m apet.cli bench "$@" 2>&1 | tail -40
     ;;

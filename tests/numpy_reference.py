@@ -74,13 +74,16 @@ def compress_one(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps",
     if placement == "own":
         return _own(x, err, basis_index, keep, merge_tokens)
 
-    ranked = by_error[: keep - basis] if placement == "append" else by_error[:keep]
+    appended = placement in ("append", "append_spatial")
+    ranked = by_error[: keep - basis] if appended else by_error[:keep]
     selected = ranked[: keep - basis]
     dropped = [j for j in range(n) if j not in ranked]
     values = merge(x, selected, dropped) if merge_tokens else {t: x[t].copy() for t in selected}
-    if placement == "append":
-        tokens = [values[t] for t in selected] + [x[b].copy() for b in basis_index]
-        return np.stack(tokens), np.array(selected + list(basis_index))
+    if appended:
+        rows = [(t, values[t]) for t in selected] + [(b, x[b].copy()) for b in basis_index]
+        if placement == "append_spatial":
+            rows = sorted(rows, key=lambda row: row[0])
+        return np.stack([v for _, v in rows]), np.array([i for i, _ in rows])
 
     slots = ranked[keep - basis:]
     if placement in ("mask", "blend"):

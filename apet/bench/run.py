@@ -125,8 +125,9 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages,
-                            stage1_placement=get_family(spec.family).stage1_placement)
+    family = get_family(spec.family)
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio,
+                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement)
 
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:

@@ -41,15 +41,12 @@ def synthetic_request(adapter: VisionLanguageAdapter, plan: CompressionPlan, req
                       seed: int = 0):
     """(processor, vision inputs as torch tensors, a function keep_index -> Layout) through the family's own
     processor, so the benchmark runs the layout users get (the tokenizer is used when the checkpoint has one)."""
-    from PIL import Image
-
     manifest = bench_manifest(adapter, plan, request, max_context)
     tokenizer = adapter.source_dir if adapter.source_dir and (adapter.source_dir / "tokenizer.json").is_file() else None
-    processor = get_family(adapter.family).processor(tokenizer, manifest)
-    rng = np.random.default_rng(seed)
-    width, height = request.image_size
-    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-    inputs = processor.vision_inputs([image] * request.batch)
+    family = get_family(adapter.family)
+    processor = family.processor(tokenizer, manifest)
+    medium = family.synthetic_media(manifest, np.random.default_rng(seed), request.image_size)
+    inputs = processor.vision_inputs([medium] * request.batch)
     before = processor.encoder.text_before_media()
     prompt = " ".join(["word"] * max(1, request.prompt_tokens - before))
 
@@ -90,10 +87,11 @@ class ApetPath:
             features = self.vision(**vision_inputs).clone()
             self.apet1 = GraphedCall(maybe(lambda x: stages.apet_stage1(x)), {"x": features}, **g)
             tokens, index = (t.clone() for t in self.apet1(x=features))
+            finished = stages.projector(tokens, index, *(vision_inputs[n] for n in names))  # the graph's outputs
             self.projector = GraphedCall(lambda t, i: stages.projector(t, i, *(vision_inputs[n] for n in names))[0],
                                          {"t": tokens, "i": index}, **g)
             visual = self.projector(t=tokens, i=index).clone()
-            layout = make_layout(index.cpu().numpy())
+            layout = make_layout(finished[1].cpu().numpy())
             self.visual_tokens, self.views = int(layout.visual_tokens[0]), features.shape[0] // request.batch
             arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
                       "positions": layout.positions, "start": layout.image_start}
@@ -111,7 +109,6 @@ class ApetPath:
             self.prefill(**self.prefill_inputs)
             saved = self.decoder.snapshot()
             self.prompt_length = layout.token_ids.shape[1]
-            self.visual_tokens = int(layout.visual_tokens[0])
             token = torch.zeros(request.batch, dtype=torch.long, device=device)
             position = torch.from_numpy(layout.positions[..., -1:] + 1).to(device)
             self.decode = GraphedCall(maybe(self._decode), {"token": token, "position": position},

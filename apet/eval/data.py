@@ -3,6 +3,7 @@
 apet format, one JSON object per line::
 
     {"id": "q1", "image": "COCO_val2014_000000000042.jpg", "question": "What color is the bus?",
+     # or "video": "clips/v1.mp4" (a video file, a frame directory or a .npy) for video models
      "answers": ["red", "red", "dark red"],          # or "answer": "red"
      "type": "open" | "yesno" | "choice",            # default "open"
      "choices": ["cat", "dog"]}                      # "choice" only; the answer is a letter or the text
@@ -35,6 +36,16 @@ class EvalItem:
     type: str = "open"
     choices: tuple[str, ...] = field(default_factory=tuple)
     benchmark: str = ""
+    video: str = ""  # set instead of ``image`` for video rows
+
+    @property
+    def media(self) -> str:
+        return "video" if self.video else "image"
+
+    @property
+    def path(self) -> str:
+        """The medium's path, relative to ``--images``."""
+        return self.video or self.image
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -61,10 +72,12 @@ def _load_json(path: Path) -> Any:
 
 
 def _item(record: dict[str, Any], where: str, benchmark: str) -> EvalItem:
-    missing = [k for k in ("id", "image", "question") if k not in record]
+    missing = [k for k in ("id", "question") if k not in record]
+    if ("image" in record) == ("video" in record):
+        missing.append("image" if "image" not in record else "image/video (only one)")
     if missing or ("answers" not in record and "answer" not in record):
         raise InputError(f"{where} lacks {', '.join(missing) or 'answers/answer'}",
-                         "each line needs id, image, question and answers (or answer)")
+                         "each line needs id, image (or video), question and answers (or answer)")
     answers = record.get("answers", record.get("answer"))
     answers = tuple(str(a) for a in (answers if isinstance(answers, list) else [answers]))
     kind = record.get("type", "open")
@@ -73,8 +86,8 @@ def _item(record: dict[str, Any], where: str, benchmark: str) -> EvalItem:
     choices = tuple(str(c) for c in record.get("choices") or ())
     if kind == "choice" and len(choices) < 2:
         raise InputError(f"{where} is a choice question with fewer than two choices", "add a choices list")
-    return EvalItem(str(record["id"]), str(record["image"]), str(record["question"]), answers, kind, choices,
-                    benchmark)
+    return EvalItem(str(record["id"]), str(record.get("image", "")), str(record["question"]), answers, kind, choices,
+                    benchmark, video=str(record.get("video", "")))
 
 
 def load_apet(path: Path, benchmark: str | None = None) -> list[EvalItem]:

@@ -37,7 +37,7 @@ PREDICTIONS = "predictions.jsonl"
 class EvalConfig:
     source: str  # artifact directory, or a model (tiny, alias, checkpoint directory)
     data: tuple[Path, ...]
-    images: Path
+    images: Path  # the directory media paths (images or videos) are relative to
     out: Path
     ratios: tuple[float, ...] = (1.0, 0.22, 0.11)
     methods: tuple[str, ...] = ("apet",)
@@ -82,8 +82,10 @@ def settings(cfg: EvalConfig) -> list[Setting]:
 def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
     """The manifest under which a checkpoint runs through the runtime's torch backend at one setting."""
     spec = adapter.spec
-    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
-                            stage1_placement=get_family(spec.family).stage1_placement, rule=setting.method)
+    family = get_family(spec.family)
+    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio,
+                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement,
+                            rule=setting.method)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
                               max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 
@@ -140,11 +142,14 @@ def _append(handle, record: dict[str, Any]) -> None:
 
 
 def check_images(items: list[EvalItem], images: Path) -> None:
-    """Every question's image must exist before the run starts: a missing one is a data error, not a 0 score."""
-    missing = sorted({i.image for i in items if not (images / i.image).is_file()})
+    """Every question's medium must exist before the run starts: a missing one is a data error, not a 0 score
+    (a video may be a file or a directory of frames)."""
+    missing = sorted({i.path for i in items if not (images / i.path).exists()
+                      or (not i.video and not (images / i.path).is_file())})
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise InputError(f"{len(missing)} image(s) the data refers to are not under --images {images}: {shown}",
+        raise InputError(f"{len(missing)} image(s)/video(s) the data refers to are not under --images {images}: "
+                         f"{shown}",
                          "pass the folder the data's image paths are relative to as --images, or fix the data file")
 
 
@@ -178,7 +183,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 record = {"method": setting.method, "ratio": setting.ratio, "benchmark": item.benchmark,
                           "id": item.id, "type": item.type}
                 try:
-                    result = pipeline.generate(cfg.images / item.image, prompt_for(item),
+                    result = pipeline.generate(prompt=prompt_for(item), **{item.media: cfg.images / item.path},
                                                max_new_tokens=generation.max_new_tokens)
                     record.update(prediction=result.text.strip(), score=score_item(item, result.text))
                 except ApetError as exc:  # a bad image must not stop the run; it scores 0 and is reported

@@ -38,7 +38,7 @@ class ExportConfig:
     model: str
     out: Path
     ratio: float | None = None
-    stages: int = 2
+    stages: int | None = None  # None: the family's most (LLaVA: 2, Video-LLaVA: 1)
     tokens: str | None = None
     basis: int = 10
     basis_method: str = "fps"
@@ -47,6 +47,8 @@ class ExportConfig:
     basis_placement: str = "paper"
     image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
     prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
+    frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
+    media: str | None = None  # families reading several media: the one this artifact serves (None: the family's)
     dtype: str = "fp16"
     opset: int = 17
     max_batch: int = 4
@@ -129,14 +131,16 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
         with atomic_directory(cfg.out, cfg.overwrite) as scratch:
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views)
+            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views,
+                              frames=cfg.frames, media=cfg.media)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
-            if cfg.stages > family.max_stages:
-                raise UsageError(f"--stages {cfg.stages}: the {family.name} family has {family.max_stages} stage(s)",
+            stages = cfg.stages or family.max_stages
+            if stages > family.max_stages:
+                raise UsageError(f"--stages {stages}: the {family.name} family has {family.max_stages} stage(s)",
                                  f"pass --stages {family.max_stages}")
-            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
+            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=stages,
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
                                     stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)

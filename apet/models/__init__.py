@@ -2,3 +2,4 @@
 
 import apet.models.llava  # noqa: F401
 import apet.models.llava_next  # noqa: F401
+import apet.models.video_llava  # noqa: F401

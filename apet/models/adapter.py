@@ -72,8 +72,14 @@ class VisionLanguageAdapter(ABC):
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
 
     def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
-                  max_views: int | None = None) -> None:
-        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--max-views`` (None keeps the default)."""
+                  max_views: int | None = None, frames: int | None = None, media: str | None = None) -> None:
+        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--max-views`` / ``--frames`` / ``--media``
+        (None keeps the family default); families that read video, or more than one medium, override this to
+        take the last two."""
+        for name, value in (("--frames", frames), ("--media", media)):
+            if value is not None:
+                raise UsageError(f"{name} is not available for {self.family} (it reads images only)",
+                                 "drop the option")
         if max_views is not None:
             self.set_max_views(max_views)
         if image_fit is not None:

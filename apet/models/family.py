@@ -162,6 +162,23 @@ class Family(ABC):
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of every symbolic dim of the vision graph's inputs, for engine profiles."""
 
+    def media_of(self, manifest: "Manifest") -> str:
+        """What ``manifest``'s artifact reads ("image" or "video"): :attr:`media` unless the family exports
+        artifacts for several media."""
+        return self.media
+
+    def vision_passes(self, manifest: "Manifest") -> int:
+        """Vision-tower passes per request (frames of a video; 1 for one image): the benchmarks' FLOP model."""
+        return 1
+
+    def synthetic_media(self, manifest: "Manifest", rng: np.random.Generator, size: tuple[int, int]) -> Any:
+        """One random medium of ``size`` (width, height) as :meth:`Processor.vision_inputs` takes it
+        (benchmarks); an RGB image unless the family reads something else."""
+        from PIL import Image
+
+        width, height = size
+        return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
     def text_before_media(self, manifest: "Manifest", tokenizer_dir: Path | None) -> int:
         """Prompt tokens before the first visual token (trtexec inputs, synthetic benchmark prompts): counted
         with the tokenizer in ``tokenizer_dir``, estimated without one."""

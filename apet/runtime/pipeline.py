@@ -122,18 +122,34 @@ class Pipeline:
         return cls(artifact_dir, manifest, make_backend(backend, artifact_dir, manifest, device, **options))
 
     # -- public API --------------------------------------------------------------------------------
-    def generate(self, image: MediaInput, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 stream: StreamCallback | None = None) -> Result:
+    def generate(self, image: MediaInput = None, prompt: str = "", *, video: MediaInput = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), stream: StreamCallback | None = None) -> Result:
+        """Answer ``prompt`` about one ``image`` or one ``video`` (a file, a directory of frames, a .npy or a
+        [T, H, W, 3] array), whichever the artifact's family takes (``manifest.family.media``)."""
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        return self.generate_batch([image], [prompt], config, stream)[0]
+        return self.generate_batch([self._medium(image, video)], [prompt], config, stream)[0]
+
+    def _medium(self, image: MediaInput, video: MediaInput) -> MediaInput:
+        """The one medium given, checked against what the family reads."""
+        media, family = self.manifest.family.media_of(self.manifest), self.manifest.model.family
+        article = {"image": "an", "video": "a"}
+        if (image is None) == (video is None):
+            raise UsageError("pass exactly one of image= and video=",
+                             f"this {family} artifact takes {article[media]} {media} (apet-run --{media})")
+        given = "image" if video is None else "video"
+        if given != media:
+            raise UsageError(f"this {family} artifact takes {article[media]} {media}, not {article[given]} {given}",
+                             f"pass {media}= (apet-run --{media})")
+        return image if video is None else video
 
     def generate_batch(self, media: Sequence[MediaInput], prompts: Sequence[str],
                        config: GenerationConfig | Sequence[GenerationConfig] = GenerationConfig(),
                        stream: StreamCallback | None = None, cancelled: CancelCheck | None = None) -> list[Result]:
         """One prefill and decode loop for all rows; ``config`` is shared or given per row."""
         if len(media) != len(prompts) or not prompts:
-            raise UsageError(f"{len(media)} images for {len(prompts)} prompts", "pass one image per prompt")
+            kind = self.manifest.family.media_of(self.manifest)
+            raise UsageError(f"{len(media)} {kind}s for {len(prompts)} prompts", f"pass one {kind} per prompt")
         configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
         if len(configs) != len(prompts):
             raise UsageError(f"{len(configs)} generation configs for {len(prompts)} prompts",

@@ -24,15 +24,15 @@ class LlavaProcessor(Processor):
         return VisionInputs({"pixel_values": pixels}, items=len(media))
 
     def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> int:
-        k1, longest = self.manifest.visual_tokens, 0
+        visual, longest = self.manifest.family.max_visual_tokens(self.manifest), 0
         for prompt in prompts:
             before, after = self.encoder.split(prompt)
-            longest = max(longest, len(before) + k1 + len(after))
-            check_context(longest, k1, max_new_tokens, self.manifest.max_context)
+            longest = max(longest, len(before) + visual + len(after))
+            check_context(longest, visual, max_new_tokens, self.manifest.max_context)
         return longest
 
     def layout(self, prompts: Sequence[str], inputs: VisionInputs, keep_index: np.ndarray,
                max_new_tokens: int) -> Layout:
-        k1, image_id = keep_index.shape[1], self.manifest.model.image_token_id
-        spans = [(np.arange(b * k1, (b + 1) * k1), np.full(k1, image_id)) for b in range(len(prompts))]
+        rows, image_id = keep_index.shape[1], self.manifest.model.image_token_id  # visual rows per request
+        spans = [(np.arange(b * rows, (b + 1) * rows), np.full(rows, image_id)) for b in range(len(prompts))]
         return single_span_layout(self.encoder, prompts, spans, self.manifest.max_context, max_new_tokens)

@@ -58,6 +58,19 @@ def processor_settings(path: Path | None, section: str = "image_processor") -> d
     return {}
 
 
+def video_processor_settings(path: Path | None) -> dict[str, Any]:
+    """A checkpoint's video-processor settings: ``video_preprocessor_config.json``, the ``video_processor``
+    section of a nested ``processor_config.json``, or else the image processor's (older hub files, whose
+    image processor also processed videos)."""
+    if path is not None and (path / "video_preprocessor_config.json").is_file():
+        return read_json(path / "video_preprocessor_config.json")
+    if path is not None and (path / "processor_config.json").is_file():
+        nested = read_json(path / "processor_config.json").get("video_processor")
+        if nested:
+            return nested
+    return processor_settings(path)
+
+
 def recipe_from_settings(settings: Mapping[str, Any], image_size: int, image_fit: str = "crop") -> ClipRecipe:
     """CLIP defaults at ``image_size`` for anything the settings do not say (random-init models)."""
     size = settings.get("size", {"shortest_edge": image_size})

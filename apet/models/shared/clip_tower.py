@@ -24,8 +24,9 @@ def _takes_causal_mask(layer: nn.Module) -> bool:
 
 
 def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: int, strategy: str) -> torch.Tensor:
-    """Run only the CLIP encoder layers the select layer needs (LLaVA skips the last one); drop CLS
-    for the ``default`` strategy."""
+    """Run only the CLIP encoder layers the select layer needs (LLaVA skips the last one): equal to
+    ``tower(..., output_hidden_states=True).hidden_states[select_layer]`` at a fraction of the cost.
+    ``default`` drops CLS (LLaVA images), ``full`` keeps it (Video-LLaVA's video features)."""
     tower = getattr(tower, "vision_model", tower)  # older transformers wrap CLIPVisionTransformer
     layers = tower.encoder.layers
     depth = select_layer if select_layer >= 0 else len(layers) + 1 + select_layer

@@ -59,9 +59,10 @@ LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 
 def llama_tokenizer(vocab_size: int, special_tokens: Sequence[str] = LLAMA_SPECIAL_TOKENS,
-                    template_lines: Sequence[str] | None = None):
-    """A byte-level BPE trained offline, wrapped as a fast tokenizer with Llama-style BOS handling and the
-    ``<image>`` token (the tiny LLaVA-family checkpoints)."""
+                    template_lines: Sequence[str] | None = None, media_tokens: dict[str, str] | None = None):
+    """A byte-level BPE trained offline, wrapped as a fast tokenizer with Llama-style BOS handling, left padding
+    and the family's media placeholders (``media_tokens``, default ``{"image_token": "<image>"}``) — the tiny
+    LLaVA-family checkpoints."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
@@ -69,9 +70,10 @@ def llama_tokenizer(vocab_size: int, special_tokens: Sequence[str] = LLAMA_SPECI
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
+    media = dict(media_tokens or {"image_token": "<image>"})
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                   padding_side="left", model_max_length=1024)
+                                   pad_token="<pad>", extra_special_tokens=media, padding_side="left",
+                                   model_max_length=1024)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ stages (the reference of DESIGN §7), and on a GPU a static-cache path captured 
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -45,11 +46,14 @@ class TorchBackend(Backend):
                  adapter: VisionLanguageAdapter | None = None) -> None:
         super().__init__(artifact_dir, manifest)
         self.device = torch.device(device)
-        self.adapter = adapter or load_source_adapter(manifest, checkpoint, device)
-        if self.adapter.spec.n_tokens != manifest.model.n_tokens or \
-                self.adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
+        adapter = adapter or load_source_adapter(manifest, checkpoint, device)
+        if adapter.spec.n_tokens != manifest.model.n_tokens or \
+                adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
+        # the same weights under the artifact's settings (e.g. --frames, --media), without touching the caller's
+        self.adapter = copy.copy(adapter)
+        self.adapter.spec = manifest.model
         plan = manifest.compression
         self.reference = Reference(self.adapter, plan.stage1, plan.stage2, rule=plan.rule)
         self.table = embedding_table(self.adapter)

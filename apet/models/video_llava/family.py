@@ -1,0 +1,82 @@
+"""Video-LLaVA (``VideoLlavaForConditionalGeneration``): facts and factories of the family (torch-free import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apet.models.family import Family, Processor, Selector
+
+if TYPE_CHECKING:
+    from apet.manifest import Manifest
+    from apet.models.adapter import VisionLanguageAdapter
+
+
+class VideoLlavaFamily(Family):
+    name = "video-llava"
+    model_types = ("video_llava",)
+    aliases = {"video-llava": "LanguageBind/Video-LLaVA-7B-hf"}
+    shapes = ("video-llava-shapes",)
+    tiny = "tiny-video-llava"
+    media = "video"
+    stage1_placement = "append"  # [error-selected, descending error] + [basis, FPS order], per frame
+    max_stages = 1  # the authors compress video once, at the projector output
+
+    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
+        from apet.models.video_llava.adapter import VideoLlavaAdapter
+
+        return VideoLlavaAdapter.load(path, dtype=dtype, device=device)
+
+    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
+        from apet.models.video_llava.adapter import VideoLlavaAdapter
+        from apet.models.video_llava.shapes import shapes_config
+
+        return VideoLlavaAdapter.random_init(shapes_config(shape_name), dtype=dtype, device=device)
+
+    def tiny_checkpoint(self) -> Path:
+        from apet.models.video_llava.tiny import ensure_tiny_video_llava
+
+        return ensure_tiny_video_llava()
+
+    def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
+        from apet.models.video_llava.vision import VideoLlavaImageStages, VideoLlavaVisionStages
+
+        stages = VideoLlavaImageStages if adapter.spec.extra.get("media") == "image" else VideoLlavaVisionStages
+        return stages(adapter, select)
+
+    def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
+        from apet.models.video_llava.processor import VideoLlavaProcessor
+
+        return VideoLlavaProcessor(artifact_dir, manifest)
+
+    def media_of(self, manifest: "Manifest") -> str:
+        return str(manifest.model.extra.get("media", "video"))
+
+    def max_visual_tokens(self, manifest: "Manifest") -> int:
+        """Video: T frames x (CLS + K1 kept patch tokens), 8 x 33 = 264 at the paper's budget; image: K1."""
+        if self.media_of(manifest) == "image":
+            return manifest.visual_tokens
+        return int(manifest.model.extra["frames"]) * (manifest.visual_tokens + 1)
+
+    def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
+        return {"batch": (1, 1, max_batch)}
+
+    def vision_passes(self, manifest: "Manifest") -> int:
+        return 1 if self.media_of(manifest) == "image" else int(manifest.model.extra["frames"])
+
+    def synthetic_media(self, manifest: "Manifest", rng: np.random.Generator, size: tuple[int, int]) -> Any:
+        if self.media_of(manifest) == "image":
+            return super().synthetic_media(manifest, rng, size)
+        width, height = size
+        return rng.integers(0, 255, (int(manifest.model.extra["frames"]), height, width, 3), dtype=np.uint8)
+
+    def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
+        from apet.bench.flops import VisionShape
+
+        tower = adapter.model.config.vision_config
+        select = adapter.spec.extra.get("vision_feature_layer", -1)
+        depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
+        return VisionShape(tokens=adapter.spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
+                           layers=depth, patch=tower.patch_size)
