@@ -41,7 +41,20 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17 = TensorRT 10.3's parser; 21 with --weights "
+                   "int8/int4: blocked DequantizeLinear)")
+    p.add_argument("--weights", default="fp16", choices=("fp16", "int8", "int4"),
+                   help="LLM weights: fp16 (as --dtype, default), int8 (per output channel) or int4 (block-wise); "
+                        "weight-only, activations stay fp16, the vision graph and ApET are untouched")
+    p.add_argument("--group-size", type=int, help="INT4 block size along the input dimension (default 128)")
+    p.add_argument("--calibration", choices=("rtn", "awq"),
+                   help="rtn: round to nearest; awq: activation-aware scales (default for int4; rtn for int8)")
+    p.add_argument("--calib-data", type=Path, help="AWQ calibration pairs: a JSONL in apet-eval's format "
+                   "(default: built-in prompts on the demo image, with a warning)")
+    p.add_argument("--calib-images", type=Path, help="folder the --calib-data image paths are relative to "
+                   "(default: the JSONL's folder)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration pairs used (default 8)")
+    p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float when quantizing")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
@@ -59,11 +72,15 @@ def cmd_export(args: argparse.Namespace) -> int:
                        prompt_template=args.prompt_template,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
-                       device=args.device)
+                       device=args.device, weights=args.weights, group_size=args.group_size,
+                       calibration=args.calibration, calib_data=args.calib_data, calib_images=args.calib_images,
+                       calib_samples=args.calib_samples, keep_lm_head=args.keep_lm_head)
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    llm = manifest.graphs["llm"]
+    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}; LLM weights "
+          f"{manifest.weights.describe()}, {llm.weight_bytes / 1e6:.1f} MB")
     return 0
 
 

@@ -49,6 +49,10 @@ class TorchBackend(Backend):
                 self.adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
+        if manifest.weights.quantized:  # the artifact's INT8/INT4 weights, rebuilt from the float checkpoint
+            from apet.quant.apply import match_artifact
+
+            match_artifact(self.adapter, manifest.weights, artifact_dir)
         plan = manifest.compression
         self.reference = Reference(self.adapter, plan.stage1, plan.stage2, rule=plan.rule)
         self.table = embedding_table(self.adapter)
