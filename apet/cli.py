@@ -194,6 +194,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--no-baselines", action="store_true", help="skip HF generate and the paper-style path")
+    p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
+                   "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
+    p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -209,7 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
                       batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
-                      compile=args.compile, baselines=not args.no_baselines)
+                      compile=args.compile, baselines=not args.no_baselines,
+                      weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size)
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0
@@ -235,6 +239,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, help="first N questions of each data file")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--weights", default="fp16", help="model sources: comma list of LLM weight formats to compare "
+                   "(fp16,int8,int4); quantized ones also report teacher-forced top-1 agreement and KL vs fp16")
+    p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
+    p.add_argument("--calibration", choices=("rtn", "awq"), help="default: awq for int4, rtn for int8")
+    p.add_argument("--calib-data", type=Path, help="AWQ calibration JSONL (default: synthetic prompts)")
+    p.add_argument("--calib-images", type=Path, help="folder of the --calib-data images")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -249,7 +259,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(source=args.source, data=tuple(args.data), images=args.images, out=args.out, ratios=ratios,
                      methods=tuple(m for m in args.methods.split(",") if m), stages=args.stages, fmt=args.format,
                      annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, weights=tuple(w for w in args.weights.split(",") if w),
+                     group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
+                     calib_images=args.calib_images)
     run_eval(cfg)
     print((args.out / "report.md").read_text())
     return 0

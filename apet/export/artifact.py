@@ -173,6 +173,10 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
             adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template)
+            if weights.quantized:  # a group size that does not fit the model fails before any export work
+                from apet.quant.apply import resolve_spec
+
+                resolve_spec(adapter, weights)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)

@@ -50,7 +50,9 @@ def _lower(graph: ir.Graph, node: ir.Node) -> None:
         attributes = [ir.AttrInt64("axis", 0), ir.AttrInt64("block_size", _attr(node, "block_size"))]
     else:
         q_value = weight  # already int8 [K, N]
-        graph.rename_initializer(weight.name, q_name) if hasattr(graph, "rename_initializer") else None
+        graph.initializers.pop(weight.name, None)
+        weight.name = q_name
+        graph.register_initializer(weight)
         attributes = [ir.AttrInt64("axis", 1)]
     scale.name = f"{module}.scale"
     dq = ir.Node("", "DequantizeLinear", [q_value, scale], attributes, name=f"{module}/DequantizeLinear")

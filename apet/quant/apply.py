@@ -91,10 +91,10 @@ class _Replacer:
 
 
 def _run_layer(adapter: VisionLanguageAdapter, layer: nn.Module, hidden: torch.Tensor, sample) -> torch.Tensor:
-    from apet.modeling.reference import causal_bias
+    from apet.modeling.blocks import additive_mask
 
     cos_sin = adapter.hf_position_embeddings(hidden, sample.positions)
-    bias = causal_bias(sample.mask, hidden.shape[1], hidden.dtype)
+    bias = additive_mask(sample.mask, hidden.shape[1], hidden.dtype)
     out = layer(hidden, attention_mask=bias, position_ids=sample.positions, past_key_values=None, use_cache=False,
                 position_embeddings=cos_sin)
     return out[0] if isinstance(out, tuple) else out
