@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind the numbers in docs/benchmarks.md (run from the repository root on a CUDA machine;
-# $OUT is where results go). Stages: checks | bench | vision | llm
+# $OUT is where results go). Stages: checks | bench | vision | llm | llm-int8 | llm-int4 | bench-weights
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -28,5 +28,14 @@ case "${1:-checks}" in
   llm)
     python3 scripts/full_size_proof.py llm --device cuda --out /tmp/fullsize/llm
     cp /tmp/fullsize/llm/proof_llm.json "$OUT/"
+    ;;
+  llm-int8|llm-int4)  # 7B-shape LLM graph with quantized weights: size, export time, peak host RAM, ORT parity
+    fmt="${1#llm-}"
+    python3 scripts/full_size_proof.py llm --device cuda --weights "$fmt" --out "/tmp/fullsize/llm-$fmt"
+    cp "/tmp/fullsize/llm-$fmt/proof_llm_$fmt.json" "$OUT/"
+    ;;
+  bench-weights)  # decode ms/token and TTFT per weight format (torch path), Jetson projections per format
+    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 1 --repeats 10 \
+      --new-tokens 64 --weights fp16,int8,int4 --no-baselines --out "$OUT/weights" | tail -30
     ;;
 esac

@@ -2,6 +2,7 @@
 
   python scripts/full_size_proof.py vision --device cuda --out OUT/vision   [--images 16]
   python scripts/full_size_proof.py llm    --device cuda --out OUT/llm      [--prompt-tokens 24]
+                                           [--weights int4|int8 [--calibration rtn|awq]]
   python scripts/full_size_proof.py build  --onnx OUT/vision/vision.onnx   (TensorRT-RTX AOT, CPU is fine)
 
 Each writes ``proof.json`` (times, file sizes, agreement) next to the ONNX it made.
@@ -58,6 +59,8 @@ def vision(args: argparse.Namespace) -> dict:
 
 
 def llm(args: argparse.Namespace) -> dict:
+    import resource
+
     import onnxruntime as ort
 
     from apet.compression import CompressionConfig, Stage2Config
@@ -68,17 +71,37 @@ def llm(args: argparse.Namespace) -> dict:
     from apet.models.registry import load_adapter
 
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     adapter = load_adapter("llava-shapes", dtype=torch.float16, device=args.device)
+    load_s = time.perf_counter() - t0
     stage2 = Stage2Config(layer=16, span=96, compression=CompressionConfig(keep=32))
     path = args.out / "llm.onnx"
+    quant: dict = {}
+    if args.weights != "fp16":  # in place, layer by layer (apet.quant.apply), as apet-export --weights does
+        from apet.plan import plan_compression
+        from apet.quant.apply import quantize_model
+        from apet.quant.calibration import CalibrationSource, build_calibration
+        from apet.quant.spec import WeightSpec, default_method
+
+        method = args.calibration or default_method(args.weights)
+        t0 = time.perf_counter()
+        calibration = None
+        if method == "awq":
+            plan = plan_compression(576, 32, ratio=0.11, stages=2, stage1_placement="mask")
+            calibration = build_calibration(adapter, plan, *CalibrationSource(limit=4).pairs())
+        result = quantize_model(adapter, WeightSpec(args.weights, None, method), calibration)
+        quant = {"weights": result.spec.describe(), "quantize_s": round(time.perf_counter() - t0, 1),
+                 **result.summary()}
     t0 = time.perf_counter()
-    export_llm(adapter, stage2, path, opset=17)
+    export_llm(adapter, stage2, path, opset=21 if args.weights != "fp16" else 17)
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     check_onnx(path)
     check_s = time.perf_counter() - t0
     sizes = _sizes(args.out)
-    result = {"export_s": round(export_s, 1), "check_s": round(check_s, 1), "files": sizes}
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = {"load_s": round(load_s, 1), "export_s": round(export_s, 1), "check_s": round(check_s, 1),
+              "files": sizes, "peak_host_rss_gb": round(peak_rss_gb, 2), **quant}
     # agreement on a short prompt: 8 text + 96 "image" + rest, image_start 4
     length = 96 + args.prompt_tokens
     generator = torch.Generator().manual_seed(1)
@@ -93,6 +116,7 @@ def llm(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     session_s = time.perf_counter() - t0
     feed = {"inputs_embeds": embeds.numpy(), "position_ids": positions.numpy(), "attention_mask": mask.numpy(),
@@ -138,11 +162,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=24)
     parser.add_argument("--targets", default="sm86,sm89")
+    parser.add_argument("--weights", default="fp16", choices=("fp16", "int8", "int4"))
+    parser.add_argument("--calibration", choices=("rtn", "awq"))
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     result = {"vision": vision, "llm": llm, "build": build}[args.part](args)
-    target = (args.out or args.onnx.parent) / f"proof_{args.part}.json"
+    suffix = f"_{args.weights}" if args.part == "llm" and args.weights != "fp16" else ""
+    target = (args.out or args.onnx.parent) / f"proof_{args.part}{suffix}.json"
     target.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
