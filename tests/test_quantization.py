@@ -197,7 +197,7 @@ def agreement_setup(tiny_adapter):
     from conftest import make_image
 
     from apet.plan import plan_compression
-    from apet.quant.agreement import reference_logits, teacher_forced_sequences
+    from apet.quant.agreement import sequence_logits, teacher_forced_sequences
     from apet.quant.calibration import CalibrationSource, build_calibration
 
     plan = plan_compression(256, 4, ratio=0.11, stages=1, stage1_placement="mask")
@@ -206,7 +206,8 @@ def agreement_setup(tiny_adapter):
                                 {}).samples
     sequences = teacher_forced_sequences(tiny_adapter, samples, 4)
     pairs, info = CalibrationSource(limit=4).pairs()
-    return plan, sequences, reference_logits(tiny_adapter, sequences), (pairs, info)
+    reference = [sequence_logits(tiny_adapter, s.embeds, s.mask, s.positions) for s in sequences]
+    return plan, sequences, reference, (pairs, info)
 
 
 def _uniform_kl(logits: list[torch.Tensor]) -> float:
@@ -231,7 +232,7 @@ def test_teacher_forced_agreement_with_float(tiny_adapter, agreement_setup) -> N
     for fmt in ("int8", "int4"):
         model = copy.deepcopy(tiny_adapter)
         quantize_model(model, WeightSpec(fmt, 32 if fmt == "int4" else None, "rtn"))
-        scores[fmt] = agreement(reference, model, sequences)
+        scores[fmt] = agreement(tiny_adapter, model, sequences)
     assert scores["int8"].positions > 500
     assert scores["int8"].top1 >= 0.85 and scores["int4"].top1 >= 0.10, scores
     assert scores["int4"].kl < _uniform_kl(reference), scores
@@ -247,7 +248,7 @@ def test_awq_recovers_salient_input_channels_that_rtn_loses(tiny_adapter, agreem
     from apet.quant.calibration import build_calibration
     from apet.quant.spec import WeightSpec
 
-    plan, sequences, reference, (pairs, info) = agreement_setup
+    plan, sequences, _, (pairs, info) = agreement_setup
     salient = copy.deepcopy(tiny_adapter)
     idx = torch.tensor([3, 17, 40])
     with torch.no_grad():
@@ -258,13 +259,13 @@ def test_awq_recovers_salient_input_channels_that_rtn_loses(tiny_adapter, agreem
                 norm.weight[idx] *= 16
                 for linear in linears:
                     linear.weight[:, idx] /= 16
-    assert agreement(reference, salient, sequences).top1 == 1.0  # still the same float function
+    assert agreement(tiny_adapter, salient, sequences).top1 == 1.0  # still the same float function
     scores, losses = {}, {}
     for method in ("rtn", "awq"):
         model = copy.deepcopy(salient)
         calibration = build_calibration(model, plan, pairs, info) if method == "awq" else None
         result = quantize_model(model, WeightSpec("int4", 32, method), calibration)
-        scores[method], losses[method] = agreement(reference, model, sequences), result.losses
+        scores[method], losses[method] = agreement(tiny_adapter, model, sequences), result.losses
     assert scores["awq"].kl < 0.6 * scores["rtn"].kl and scores["awq"].top1 > scores["rtn"].top1, scores
     qkv = losses["awq"]["layers.0.qkv"]
     assert qkv["awq_loss"] < 0.5 * qkv["rtn_loss"] and qkv["ratio"] > 0  # the search moved off plain RTN

@@ -21,19 +21,18 @@ def markdown(results: dict[str, Any]) -> str:
              f"Prompt {cfg['prompt_tokens']} text tokens + visual tokens, {cfg['new_tokens']} new tokens, "
              f"{cfg['repeats']} repeats (medians; device-event timings on CUDA).",
              "",
-             "| weights | batch | ratio | K1 | K2 (from layer) | vision ms | ApET-1 ms | proj ms | prefill ms "
-             "| ApET-2 ms | TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | ratio | K1 | K2 (from layer) | vision ms | ApET-1 ms | proj ms | prefill ms | ApET-2 ms "
+             "| TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB | weights |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in results["runs"]:
         s, g, b = run["stages"], run["generation"], run["budgets"]
         decode = g["decode_per_token"]
         tps = f"{1000 / decode['median_ms'] * run['batch']:.1f}" if decode else "–"
         k2 = f"{b['k2']} (L{b['stage2_layer']})" if b["k2"] else "–"
-        lines.append(f"| {run.get('weights', 'fp16')} | {run['batch']} | {run['ratio']} | {b['k1']} | {k2} | "
-                     f"{_ms(s.get('vision_tower'))} | "
+        lines.append(f"| {run['batch']} | {run['ratio']} | {b['k1']} | {k2} | {_ms(s.get('vision_tower'))} | "
                      f"{_ms(s.get('apet_stage1'))} | {_ms(s.get('projector'))} | {_ms(s.get('prefill'))} | "
                      f"{_ms(s.get('apet_stage2'))} | {_ms(g['ttft'])} | {_ms(decode)} | {tps} | "
-                     f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} |")
+                     f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} | {run.get('weights', 'fp16')} |")
     lines += ["", "## Against the baselines (same run)", "",
               "| batch | ratio | TTFT ms | HF generate TTFT ms | paper-style TTFT ms | speedup vs HF | "
               "speedup vs paper | TTFT / TTFT(ratio 1) | decode speedup vs HF |",
@@ -54,13 +53,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {run['batch']} | {run['ratio']} | " +
                      " | ".join(str(over.get(k, "–")) for k in STAGE_ORDER + ("apet_stage2", "decode_step")) + " |")
     lines += ["", "## Floors projected onto Jetson (same FLOP/byte counts, weights at their format's bytes; ms)", "",
-              "| weights | LLM weight MB | batch | ratio | device | vision | prefill | decode step |",
-              "|---|---:|---:|---:|---|---:|---:|---:|"]
+              "| batch | ratio | device | vision | prefill | decode step | weights | LLM weight MB |",
+              "|---:|---:|---|---:|---:|---:|---|---:|"]
     for run in results["runs"]:
         for device, floors in run["jetson_floors_ms"].items():
-            lines.append(f"| {run.get('weights', 'fp16')} | {run.get('llm_weight_bytes', 0) / 1e6:.0f} | "
-                         f"{run['batch']} | {run['ratio']} | {device} | {floors['vision_tower']} | "
-                         f"{floors['prefill']} | {floors['decode_step']} |")
+            lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {floors['vision_tower']} | "
+                         f"{floors['prefill']} | {floors['decode_step']} | {run.get('weights', 'fp16')} | "
+                         f"{run.get('llm_weight_bytes', 0) / 1e6:.0f} |")
     kernels = {run.get("weights", "fp16"): run.get("kernels") for run in results["runs"] if run.get("kernels")}
     if kernels:
         lines += ["", "Weight-only GEMMs (layers per kernel): " + "; ".join(

@@ -31,9 +31,9 @@ def _full_plan(adapter: VisionLanguageAdapter):
                             stage1_placement=get_family(spec.family).stage1_placement)
 
 
-def _reference(adapter: VisionLanguageAdapter, cfg: Any):
-    """fp16's teacher-forced sequences and logits on the eval prompts (computed once per run)."""
-    from apet.quant.agreement import reference_logits, teacher_forced_sequences
+def _sequences(adapter: VisionLanguageAdapter, cfg: Any):
+    """The eval prompts extended by fp16's greedy answers (computed once per run, embeddings only)."""
+    from apet.quant.agreement import teacher_forced_sequences
     from apet.quant.calibration import build_calibration
 
     key = id(adapter)
@@ -43,9 +43,8 @@ def _reference(adapter: VisionLanguageAdapter, cfg: Any):
             items = items[: cfg.limit]
         pairs = [(cfg.images / item.image, prompt_for(item)) for item in items]
         samples = build_calibration(adapter, _full_plan(adapter), pairs, {}).samples
-        sequences = teacher_forced_sequences(adapter, samples, cfg.max_new_tokens)
         _reference_cache.clear()
-        _reference_cache[key] = (sequences, reference_logits(adapter, sequences))
+        _reference_cache[key] = teacher_forced_sequences(adapter, samples, cfg.max_new_tokens)
     return _reference_cache[key]
 
 
@@ -57,14 +56,14 @@ def quantized_copy(adapter: VisionLanguageAdapter, fmt: str, cfg: Any) -> tuple[
     from apet.quant.calibration import CalibrationSource, build_calibration
 
     spec = WeightSpec(fmt, cfg.group_size if fmt == "int4" else None, cfg.calibration or default_method(fmt))
-    sequences, reference = _reference(adapter, cfg)
+    sequences = _sequences(adapter, cfg)
     model = copy.deepcopy(adapter)
     calibration = None
     if spec.method == "awq":
         pairs, info = CalibrationSource(cfg.calib_data, cfg.calib_images).pairs()
         calibration = build_calibration(model, _full_plan(model), pairs, info)
     result = quantize_model(model, spec, calibration)
-    score = agreement(reference, model, sequences)
+    score = agreement(adapter, model, sequences)
     log.info("%s vs fp16: top-1 agreement %.4f, mean KL %.5f over %d positions", fmt, score.top1, score.kl,
              score.positions)
     return model, result.spec, {**score.to_json(), "weights": result.spec.describe(), **result.summary()}

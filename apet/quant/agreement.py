@@ -62,16 +62,14 @@ def teacher_forced_sequences(reference: VisionLanguageAdapter, samples: list[Cal
     return out
 
 
-def reference_logits(reference: VisionLanguageAdapter, sequences: list[CalibrationSample]) -> list[torch.Tensor]:
-    return [sequence_logits(reference, s.embeds, s.mask, s.positions) for s in sequences]
-
-
 @torch.no_grad()
-def agreement(reference_logits_: list[torch.Tensor], quantized: VisionLanguageAdapter,
+def agreement(reference: VisionLanguageAdapter, quantized: VisionLanguageAdapter,
               sequences: list[CalibrationSample]) -> Agreement:
-    """Compare the quantized model on the reference's sequences with the reference's logits."""
+    """Compare the quantized model with the reference on the reference's sequences (logits are computed
+    one sequence at a time: a 7B vocabulary over many prompts would not fit memory at once)."""
     agree, kl, count = 0.0, 0.0, 0
-    for ref, s in zip(reference_logits_, sequences):
+    for s in sequences:
+        ref = sequence_logits(reference, s.embeds, s.mask, s.positions)
         got = sequence_logits(quantized, s.embeds.to(quantized.dtype), s.mask, s.positions)
         valid = s.mask[0].bool()
         ref, got = ref[valid], got[valid]
