@@ -57,7 +57,20 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "default; image = its image tower)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17..20; TensorRT 10.3 parses 17)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 17 = TensorRT 10.3's parser; 21 with --weights "
+                   "int8/int4: blocked DequantizeLinear)")
+    p.add_argument("--weights", default="fp16", choices=("fp16", "int8", "int4"),
+                   help="LLM weights: fp16 (as --dtype, default), int8 (per output channel) or int4 (block-wise); "
+                        "weight-only, activations stay fp16, the vision graph and ApET are untouched")
+    p.add_argument("--group-size", type=int, help="INT4 block size along the input dimension (default 128)")
+    p.add_argument("--calibration", choices=("rtn", "awq"),
+                   help="rtn: round to nearest; awq: activation-aware scales (default for int4; rtn for int8)")
+    p.add_argument("--calib-data", type=Path, help="AWQ calibration pairs: a JSONL in apet-eval's format "
+                   "(default: built-in prompts on the demo image, with a warning)")
+    p.add_argument("--calib-images", type=Path, help="folder the --calib-data image paths are relative to "
+                   "(default: the JSONL's folder)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration pairs used (default 8)")
+    p.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in float when quantizing")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs and engines serve")
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
@@ -76,12 +89,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                        prompt_template=args.prompt_template, frames=args.frames, media=args.media,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
-                       device=args.device, max_views=args.max_views)
+                       device=args.device, max_views=args.max_views, weights=args.weights,
+                       group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
+                       calib_images=args.calib_images, calib_samples=args.calib_samples,
+                       keep_lm_head=args.keep_lm_head)
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
+    llm = manifest.graphs["llm"]
     print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2} "
-          f"({manifest.family.visual_summary(manifest)})")
+          f"({manifest.family.visual_summary(manifest)}); LLM weights {manifest.weights.describe()}, "
+          f"{llm.weight_bytes / 1e6:.1f} MB")
     return 0
 
 
@@ -217,6 +235,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic image (families with dynamic "
                    "resolution or tiling see a different number of visual tokens)")
+    p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
+                   "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
+    p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
     p.add_argument("--out", required=True, type=Path, help="results directory (results.json, results.md, plots)")
 
 
@@ -238,7 +259,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
                       compile=args.compile, baselines=baselines,
-                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height))
+                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height),
+                      weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size)
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0
@@ -266,6 +288,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--limit", type=int, help="first N questions of each data file (N >= 1)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")
+    p.add_argument("--weights", default="fp16", help="model sources: comma list of LLM weight formats to compare "
+                   "(fp16,int8,int4); quantized ones also report teacher-forced top-1 agreement and KL vs fp16")
+    p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
+    p.add_argument("--calibration", choices=("rtn", "awq"), help="default: awq for int4, rtn for int8")
+    p.add_argument("--calib-data", type=Path, help="AWQ calibration JSONL (default: synthetic prompts)")
+    p.add_argument("--calib-images", type=Path, help="folder of the --calib-data images")
     p.add_argument("--out", required=True, type=Path,
                    help="results directory (predictions.jsonl, report.json/.md, retention.png); resumed if present")
 
@@ -281,7 +309,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(source=args.source, data=tuple(args.data), images=args.images, out=args.out, ratios=ratios,
                      methods=tuple(m for m in args.methods.split(",") if m), stages=args.stages, fmt=args.format,
                      annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,
-                     max_new_tokens=args.max_new_tokens)
+                     max_new_tokens=args.max_new_tokens, weights=tuple(w for w in args.weights.split(",") if w),
+                     group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
+                     calib_images=args.calib_images)
     run_eval(cfg)
     print((args.out / "report.md").read_text())
     return 0

@@ -31,6 +31,7 @@ def describe(artifact: Path) -> str:
              f"{m.decoder.num_heads}/{m.decoder.num_kv_heads} q/kv heads, vocab {m.decoder.vocab_size})",
              f"  dtype      {manifest.dtype}, opset {manifest.opset}, max batch {manifest.max_batch}, "
              f"max context {manifest.max_context}",
+             f"  weights    LLM {manifest.weights.describe()}",
              f"  ApET       {m.n_tokens} -> {c.stage1_keep} visual tokens (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
@@ -38,7 +39,8 @@ def describe(artifact: Path) -> str:
              f"  schema     v{manifest.schema_version}, written by apet {manifest.apet_version} at {manifest.created}"]
     for name, graph in manifest.graphs.items():
         data = f" + {', '.join(graph.external_data)}" if graph.external_data else ""
-        lines.append(f"  graph {name}: {graph.file}{data}")
+        size = f" ({graph.weight_bytes / 1e6:.1f} MB of weights)" if graph.weight_bytes else ""
+        lines.append(f"  graph {name}: {graph.file}{data}{size}")
         lines += _io_lines("in ", graph.inputs) + _io_lines("out", graph.outputs)
         stages = _node_counts(artifact / graph.file)
         if stages:

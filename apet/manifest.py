@@ -21,6 +21,7 @@ from apet.contracts.files import MANIFEST_NAME, sha256_file
 from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.errors import ArtifactError
 from apet.plan import CompressionPlan
+from apet.quant.spec import WeightSpec
 
 SCHEMA_VERSION = 2
 
@@ -31,6 +32,7 @@ class GraphEntry:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     external_data: list[str] = field(default_factory=list)
+    weight_bytes: int = 0  # the graph's initializers as stored (INT4 packed): what quantization shrinks
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Manifest:
     embeddings: dict[str, Any]
     text_assets: list[str]
     checksums: dict[str, str]
+    weights: WeightSpec = field(default_factory=WeightSpec)  # the LLM graph's weight format (fp16 = as dtype)
     digest: str = ""  # SHA-256 of this manifest's canonical JSON without the digest (see content_digest)
 
     # -- derived -----------------------------------------------------------------------------------
@@ -79,11 +82,14 @@ class Manifest:
         names = [g.file for g in self.graphs.values()] + [x for g in self.graphs.values() for x in g.external_data]
         if self.embeddings.get("file"):
             names.append(self.embeddings["file"])
+        if self.weights.scales_file:
+            names.append(self.weights.scales_file)
         return sorted(set(names + list(self.text_assets)))
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["compression"] = self.compression.to_json()
+        data["weights"] = self.weights.to_json()
         return data
 
 
@@ -163,6 +169,7 @@ def _graph_from_json(name: str, data: Mapping[str, Any]) -> GraphEntry:
         file=_safe_relative(_require(data, "file", str, where), where + "file"),
         inputs=_require(data, "inputs", list, where), outputs=_require(data, "outputs", list, where),
         external_data=[_safe_relative(x, where + "external_data") for x in data.get("external_data", [])],
+        weight_bytes=int(data.get("weight_bytes", 0) or 0),
     )
     for spec in entry.inputs + entry.outputs:
         if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or \
@@ -198,6 +205,21 @@ def _check_digest(data: Mapping[str, Any]) -> None:
                             "re-export the artifact; never edit manifest.json by hand")
 
 
+def _weights_from_json(data: Any) -> WeightSpec:
+    """The weight format; manifests written before quantization existed are fp16."""
+    from apet.errors import UsageError
+
+    if data is not None and not isinstance(data, Mapping):
+        raise ArtifactError("manifest field weights is not an object", "re-export the artifact")
+    try:
+        spec = WeightSpec.from_json(data)
+    except (UsageError, TypeError) as exc:
+        raise ArtifactError(f"manifest section weights is malformed ({exc})", "re-export the artifact") from exc
+    if spec.scales_file is not None:
+        _safe_relative(spec.scales_file, "weights.scales_file")
+    return spec
+
+
 def manifest_from_json(data: Any) -> Manifest:
     """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
     if not isinstance(data, Mapping):
@@ -228,6 +250,7 @@ def manifest_from_json(data: Any) -> Manifest:
             embeddings=dict(embeddings),
             text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
             checksums={str(k): str(v) for k, v in checksums.items()},
+            weights=_weights_from_json(data.get("weights")),
         )
         _check_digest(data)
         return replace(manifest, digest=str(data["digest"]))

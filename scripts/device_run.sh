@@ -7,6 +7,7 @@
 #   batch           apet-bench llava-shapes at batch 4 and 8, ratio 1.0 vs 0.11
 #   ortbench        the exported 7B-shape graphs in ONNX Runtime CUDA vs the torch path (parity + timing)
 #   family NAME ... apet-bench for another family (arguments passed through)
+#   llm-int8|llm-int4 the 7B-shape LLM exported at int8/int4 (size, time, peak host RAM); bench-weights per format
 set -uo pipefail
 export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -50,5 +51,14 @@ case "$stage" in
     ;;
   family)
     python3 -m apet.cli bench "$@" 2>&1 | tail -40
+    ;;
+  llm-int8|llm-int4)  # 7B-shape LLM graph with quantized weights: size, export time, peak host RAM, ORT parity
+    fmt="${1#llm-}"
+    python3 scripts/full_size_proof.py llm --device cuda --weights "$fmt" --out "/tmp/fullsize/llm-$fmt"
+    cp "/tmp/fullsize/llm-$fmt/proof_llm_$fmt.json" "$OUT/"
+    ;;
+  bench-weights)  # decode ms/token and TTFT per weight format (torch path), Jetson projections per format
+    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 1 --repeats 10 \
+      --new-tokens 64 --weights fp16,int8,int4 --no-baselines --out "$OUT/weights" | tail -30
     ;;
 esac

@@ -93,24 +93,33 @@ def kv_bytes(m: LlmShape, tokens_per_layer: list[int], batch: int = 1, dtype_byt
 
 
 def prefill_cost(m: LlmShape, tokens_per_layer: list[int], batch: int = 1, dtype_bytes: int = 2,
-                 causal: bool = True) -> Cost:
-    """One prefill where layer i sees tokens_per_layer[i] tokens (stage 2 shortens the later ones)."""
+                 causal: bool = True, weight_bytes: float | None = None) -> Cost:
+    """One prefill where layer i sees tokens_per_layer[i] tokens (stage 2 shortens the later ones).
+    ``weight_bytes``: bytes per LLM weight when quantized (INT8 1, INT4 0.5 + scales), else dtype_bytes."""
     macs = 0.0
     for t in tokens_per_layer:
         macs += _layer_macs(m, t, (t + 1) / 2 if causal else t)
     macs += m.hidden * m.vocab  # logits of the last position
     weights = m.layers * _layer_weights(m) + m.hidden * m.vocab
     activations = batch * (tokens_per_layer[0] + 1) * m.hidden
-    return Cost(2.0 * batch * macs, dtype_bytes * (weights + activations) + kv_bytes(m, tokens_per_layer, batch,
-                                                                                       dtype_bytes))
+    per_weight = dtype_bytes if weight_bytes is None else weight_bytes
+    return Cost(2.0 * batch * macs, per_weight * weights + dtype_bytes * activations
+                + kv_bytes(m, tokens_per_layer, batch, dtype_bytes))
 
 
-def decode_cost(m: LlmShape, context_per_layer: list[int], batch: int = 1, dtype_bytes: int = 2) -> Cost:
-    """One decode step attending over context_per_layer[i] cached tokens in layer i."""
+def decode_cost(m: LlmShape, context_per_layer: list[int], batch: int = 1, dtype_bytes: int = 2,
+                weight_bytes: float | None = None) -> Cost:
+    """One decode step attending over context_per_layer[i] cached tokens in layer i (weights as prefill_cost)."""
     macs = sum(_layer_macs(m, 1, c + 1) for c in context_per_layer) + m.hidden * m.vocab
     weights = m.layers * _layer_weights(m) + m.hidden * m.vocab
-    return Cost(2.0 * batch * macs, dtype_bytes * weights + kv_bytes(m, [c + 1 for c in context_per_layer], batch,
-                                                                     dtype_bytes))
+    per_weight = dtype_bytes if weight_bytes is None else weight_bytes
+    return Cost(2.0 * batch * macs, per_weight * weights + kv_bytes(m, [c + 1 for c in context_per_layer], batch,
+                                                                    dtype_bytes))
+
+
+def llm_weight_bytes(m: LlmShape, per_weight: float) -> int:
+    """The LLM graph's projection + LM-head weights at ``per_weight`` bytes each (the .data size, norms aside)."""
+    return int((m.layers * _layer_weights(m) + m.hidden * m.vocab) * per_weight)
 
 
 def project(costs: dict[str, Cost]) -> dict[str, dict[str, float]]:

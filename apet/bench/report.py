@@ -24,8 +24,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"{cfg['repeats']} repeats (medians; device-event timings on CUDA).",
              "",
              "| batch | ratio | K1 | K2 (from layer) | visual | vision ms | ApET-1 ms | proj ms | prefill ms "
-             "| ApET-2 ms | TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| ApET-2 ms | TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB | weights |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in results["runs"]:
         s, g, b = run["stages"], run["generation"], run["budgets"]
         decode = g["decode_per_token"]
@@ -37,7 +37,7 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_ms(s.get('vision_tower'))} | {_ms(s.get('apet_stage1'))} | {_ms(s.get('projector'))} | "
                      f"{_ms(s.get('prefill'))} | "
                      f"{_ms(s.get('apet_stage2'))} | {_ms(g['ttft'])} | {_ms(decode)} | {tps} | "
-                     f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} |")
+                     f"{_ms(g['end_to_end'])} | {run['peak_memory_mb'] or '–'} | {run.get('weights', 'fp16')} |")
     lines += ["", "## Against the baselines (same run)", "",
               "| batch | ratio | TTFT ms | HF generate TTFT | HF static-cache TTFT | paper-style TTFT | "
               "speedup vs HF | vs HF static | vs paper | TTFT / TTFT(ratio 1) | decode vs HF | decode vs HF static |",
@@ -80,12 +80,18 @@ def markdown(results: dict[str, Any]) -> str:
         over = run["measured_over_floor"]
         lines.append(f"| {run['batch']} | {run['ratio']} | " +
                      " | ".join(str(over.get(k, "–")) for k in STAGE_ORDER + ("apet_stage2", "decode_step")) + " |")
-    lines += ["", "## Floors projected onto Jetson (same FLOP/byte counts; ms)", "",
-              "| batch | ratio | device | vision | prefill | decode step |", "|---:|---:|---|---:|---:|---:|"]
+    lines += ["", "## Floors projected onto Jetson (same FLOP/byte counts, weights at their format's bytes; ms)", "",
+              "| batch | ratio | device | vision | prefill | decode step | weights | LLM weight MB |",
+              "|---:|---:|---|---:|---:|---:|---|---:|"]
     for run in results["runs"]:
         for device, floors in run["jetson_floors_ms"].items():
             lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {floors['vision_tower']} | "
-                         f"{floors['prefill']} | {floors['decode_step']} |")
+                         f"{floors['prefill']} | {floors['decode_step']} | {run.get('weights', 'fp16')} | "
+                         f"{run.get('llm_weight_bytes', 0) / 1e6:.0f} |")
+    kernels = {run.get("weights", "fp16"): run.get("kernels") for run in results["runs"] if run.get("kernels")}
+    if kernels:
+        lines += ["", "Weight-only GEMMs (layers per kernel): " + "; ".join(
+            f"{fmt}: " + ", ".join(f"{k} x{v}" for k, v in used.items()) for fmt, used in kernels.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +102,9 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    runs = [r for r in results["runs"] if r["batch"] == results["runs"][0]["batch"]]
+    first = results["runs"][0]
+    runs = [r for r in results["runs"] if r["batch"] == first["batch"]
+            and r.get("weights", "fp16") == first.get("weights", "fp16")]
     labels = [str(r["ratio"]) for r in runs]
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = [0.0] * len(runs)

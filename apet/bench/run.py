@@ -58,8 +58,14 @@ class BenchConfig:
     baselines: tuple[str, ...] = BASELINES
     backends: tuple[str, ...] = ("torch",)
     image_size: tuple[int, int] = (640, 480)  # (width, height) of the synthetic image (AnyRes: sets the views)
+    weights: tuple[str, ...] = ("fp16",)  # LLM weight formats, each benched in turn (RTN: same speed as AWQ)
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
+        from apet.quant.spec import WEIGHT_FORMATS
+
+        if not self.weights or any(w not in WEIGHT_FORMATS for w in self.weights):
+            raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
         for r in self.ratios:
             if not 0 < r <= 1:
                 raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
@@ -104,10 +110,10 @@ def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.
 
 
 def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, basis: int, visual_tokens: int, views: int = 1) -> tuple[dict[str, flops.Cost],
-                                                                                     list[int]]:
+                request: Request, basis: int, visual_tokens: int, views: int = 1,
+                weight_bytes: float | None = None) -> tuple[dict[str, flops.Cost], list[int]]:
     """Costs of one request batch; ``visual_tokens`` per request at the LLM input, ``views`` vision-graph rows
-    per request (LLaVA-NeXT: base + tiles, each compressed to K1)."""
+    per request (LLaVA-NeXT: base + tiles, each compressed to K1), ``weight_bytes`` per LLM weight (quantized)."""
     vision, llm = shapes_of(adapter)
     spec, b = adapter.spec, request.batch
     prompt = request.prompt_tokens + visual_tokens
@@ -116,8 +122,9 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
              "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b * views)
              if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
              "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b * views),
-             "prefill": flops.prefill_cost(llm, per_layer, b),
-             "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b)}
+             "prefill": flops.prefill_cost(llm, per_layer, b, weight_bytes=weight_bytes),
+             "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b,
+                                              weight_bytes=weight_bytes)}
     if stage2 is not None:
         costs["apet_stage2"] = flops.apet_cost(stage1.keep, llm.hidden, stage2.compression.keep, basis, b)
     return costs, per_layer
@@ -149,13 +156,25 @@ def _release_memory(device: torch.device, weights: int) -> int:
     return max(0, torch.cuda.memory_allocated(device) - weights)
 
 
+def _weight_format(adapter: VisionLanguageAdapter) -> tuple[str, float | None]:
+    """(format, bytes per LLM weight) of the adapter as quantized by :func:`run_bench`."""
+    spec = getattr(adapter, "weight_spec", None)
+    if spec is None or not spec.quantized:
+        return "fp16", None
+    from apet.quant.spec import weight_bytes_per_param
+
+    return spec.format, weight_bytes_per_param(spec.format, spec.group_size)
+
+
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
                 batch: int) -> dict[str, Any]:
     request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
     plan = _plan(adapter, ratio, cfg.stages)
     stage1, stage2 = plan.stage1, plan.stage2
     device = adapter.device
-    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in list(adapter.model.parameters())
+                  + list(adapter.model.buffers()))
+    fmt, per_weight = _weight_format(adapter)
     leftover = _release_memory(device, weights)
     path = ApetPath(adapter, plan, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
                     max_context=_max_context(adapter, cfg))
@@ -163,12 +182,14 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
-    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, path.visual_tokens, path.views)
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, path.visual_tokens, path.views,
+                                   per_weight)
     floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
     measured = {**{k: v["median_ms"] for k, v in stages.items()},
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
     result = {
-        "ratio": ratio, "batch": batch,
+        "ratio": ratio, "batch": batch, "weights": fmt, "kernels": dict(path.decoder.kernels),
+        "llm_weight_bytes": flops.llm_weight_bytes(shapes_of(adapter)[1], per_weight or adapter.dtype.itemsize),
         "budgets": {"k1": plan.stage1_keep, "stage2_layer": stage2.layer if stage2 else None,
                     "k2": stage2.keep if stage2 else None,
                     "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers),
@@ -186,7 +207,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "jetson_floors_ms": flops.project(costs),
     }
     del path
-    if "paper" in cfg.baselines:
+    if "paper" in cfg.baselines and fmt == "fp16":
         result["paper_style"] = paper_style(adapter, plan, request, max(2, cfg.repeats // 3),
                                             _max_context(adapter, cfg))
     if "onnxruntime" in cfg.backends:
@@ -195,6 +216,18 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         _release_memory(device, weights)
         result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats)
     return result
+
+
+def _quantized(cfg: BenchConfig, fmt: str, dtype: torch.dtype, device: torch.device) -> VisionLanguageAdapter:
+    """A fresh copy of the model with round-to-nearest weights (AWQ changes the values, not the speed)."""
+    from apet.models.registry import load_adapter
+    from apet.quant.apply import quantize_model
+    from apet.quant.spec import WeightSpec
+
+    model = load_adapter(cfg.model, dtype=dtype, device=str(device))
+    result = quantize_model(model, WeightSpec(fmt, cfg.group_size if fmt == "int4" else None, "rtn"))
+    model.weight_spec = result.spec  # read by bench_ratio
+    return model
 
 
 def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
@@ -213,7 +246,8 @@ def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
             speed["vs_paper_style_ttft"] = round(paper["ttft"]["median_ms"] / ttft, 2)
             if decode and paper.get("decode_per_token"):
                 speed["vs_paper_style_decode"] = round(paper["decode_per_token"]["median_ms"] / decode, 2)
-        full = next((r for r in runs if r["batch"] == run["batch"] and r["ratio"] == 1.0), None)
+        full = next((r for r in runs if r["batch"] == run["batch"] and r["ratio"] == 1.0
+                     and r.get("weights") == run.get("weights")), None)
         if full:
             speed["ttft_over_ratio_1"] = round(ttft / full["generation"]["ttft"]["median_ms"], 3)
         run["speedup"] = speed
@@ -231,8 +265,13 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
     runs: list[dict[str, Any]] = []
     baselines: dict[str, dict[str, Any]] = {"hf_generate": {}, "hf_static": {}}
     work = [(b, r) for b in cfg.batches for r in cfg.ratios]
-    for batch, ratio in tqdm(work, desc="apet-bench", unit="config", disable=None):
-        runs.append(bench_ratio(adapter, cfg, ceilings, ratio, batch))
+    for fmt in cfg.weights:
+        model = adapter if fmt == "fp16" else _quantized(cfg, fmt, dtype, device)
+        for batch, ratio in tqdm(work, desc=f"apet-bench {fmt}", unit="config", disable=None):
+            runs.append(bench_ratio(model, cfg, ceilings, ratio, batch))
+        if model is not adapter:
+            del model
+            _release_memory(device, 0)
     weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
     for batch in cfg.batches:
         request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)

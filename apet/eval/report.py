@@ -20,16 +20,17 @@ def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any,
                  ) -> dict[str, Any]:
     """Scores per (method, ratio, benchmark), per question type, POPE metrics, and retention vs ratio 1.0."""
     gold = {(i.benchmark, i.id): i for i in items}
-    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[str, float, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if (r["benchmark"], r["id"]) in gold:
-            groups[(r["method"], r["ratio"], r["benchmark"])].append(r)
+            groups[(r["method"], r["ratio"], r["benchmark"], r.get("weights", "fp16"))].append(r)
     rows = []
-    for (method, ratio, benchmark), group in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0], -kv[0][1])):
+    for (method, ratio, benchmark, weights), group in sorted(groups.items(),
+                                                             key=lambda kv: (kv[0][2], kv[0][3], kv[0][0], -kv[0][1])):
         by_type: dict[str, list[float]] = defaultdict(list)
         for r in group:
             by_type[r["type"]].append(r["score"])
-        row = {"method": method, "ratio": ratio, "benchmark": benchmark, "n": len(group),
+        row = {"method": method, "ratio": ratio, "weights": weights, "benchmark": benchmark, "n": len(group),
                "score": _mean([r["score"] for r in group]), "errors": sum("error" in r for r in group),
                "by_type": {t: {"n": len(v), "score": _mean(v)} for t, v in by_type.items()}}
         yesno = [r for r in group if r["type"] == "yesno"]
@@ -38,15 +39,18 @@ def build_report(records: list[dict[str, Any]], items: list[EvalItem], cfg: Any,
                                    [yes_no(r["prediction"]) for r in yesno])
             row["yesno"] = scores.__dict__
         rows.append(row)
-    full = {r["benchmark"]: r["score"] for r in rows if r["ratio"] == 1.0}
+    full = {r["benchmark"]: r["score"] for r in rows if r["ratio"] == 1.0 and r["weights"] == "fp16"}
+    full.update({r["benchmark"]: r["score"] for r in rows if r["ratio"] == 1.0 and r["benchmark"] not in full})
     for row in rows:
         base = full.get(row["benchmark"])
         row["retention"] = (row["score"] / base) if base else None
     mean_retention: dict[str, float] = {}
-    for key in sorted({(r["method"], r["ratio"]) for r in rows}):
-        values = [r["retention"] for r in rows if (r["method"], r["ratio"]) == key and r["retention"] is not None]
+    for key in sorted({(r["method"], r["ratio"], r["weights"]) for r in rows}):
+        values = [r["retention"] for r in rows
+                  if (r["method"], r["ratio"], r["weights"]) == key and r["retention"] is not None]
         if values:
-            mean_retention[f"{key[0]}@{key[1]:g}"] = _mean(values)
+            suffix = "" if key[2] == "fp16" else f"/{key[2]}"
+            mean_retention[f"{key[0]}@{key[1]:g}{suffix}"] = _mean(values)
     return {"source": str(cfg.source), "stages": cfg.stages if stages is None else stages, "items": len(items),
             "benchmarks": sorted({i.benchmark for i in items}), "rows": rows, "mean_retention": mean_retention}
 
@@ -61,11 +65,18 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         types = ", ".join(f"{t} {v['score']:.3f}" for t, v in sorted(row["by_type"].items()))
         retention = f"{row['retention']:.3f}" if row["retention"] is not None else "–"
-        lines.append(f"| {row['benchmark']} | {row['method']} | {row['ratio']:g} | {row['n']} | "
+        method = row["method"] if row.get("weights", "fp16") == "fp16" else f"{row['method']} ({row['weights']})"
+        lines.append(f"| {row['benchmark']} | {method} | {row['ratio']:g} | {row['n']} | "
                      f"{row['score']:.4f} | {retention} | {types} | {row['errors']} |")
     if report["mean_retention"]:
         lines += ["", "| setting | mean retention over benchmarks |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in report["mean_retention"].items()]
+    if report.get("weight_agreement"):
+        lines += ["", "Quantized LLM weights vs fp16, teacher-forced on the eval prompts (prompt + fp16's greedy "
+                  "answer, every position):", "", "| weights | top-1 agreement | mean KL (nats) | positions |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['top1_agreement']:.4f} | {v['mean_kl']:.5f} | {v['positions']} |"
+                  for k, v in report["weight_agreement"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +90,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     by_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for key, value in report["mean_retention"].items():
         method, ratio = key.split("@")
+        ratio, _, weights = ratio.partition("/")
+        method = f"{method} ({weights})" if weights else method
         by_method[method].append((float(ratio), value))
     for method, points in sorted(by_method.items()):
         points = sorted(points + ([(1.0, 1.0)] if all(r != 1.0 for r, _ in points) else []))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,6 +48,11 @@ class EvalConfig:
     device: str = "cpu"
     limit: int | None = None
     max_new_tokens: int = 16
+    weights: tuple[str, ...] = ("fp16",)  # model sources: LLM weight formats to compare (fp16 = the reference)
+    group_size: int | None = None
+    calibration: str | None = None  # rtn | awq (None: awq for int4, rtn for int8)
+    calib_data: Path | None = None
+    calib_images: Path | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in RULES]
@@ -55,6 +60,11 @@ class EvalConfig:
             raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
         if any(not 0 < r <= 1 for r in self.ratios):
             raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
+        from apet.quant.spec import WEIGHT_FORMATS
+
+        bad = [w for w in self.weights if w not in WEIGHT_FORMATS]
+        if bad or not self.weights:
+            raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
         if not self.images.is_dir():
             raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
         check_device(self.device)
@@ -67,10 +77,12 @@ class EvalConfig:
 class Setting:
     method: str
     ratio: float
+    weights: str = "fp16"
 
     @property
     def label(self) -> str:
-        return "full" if self.ratio == 1.0 else f"{self.method}@{self.ratio:g}"
+        base = "full" if self.ratio == 1.0 else f"{self.method}@{self.ratio:g}"
+        return base if self.weights == "fp16" else f"{base}/{self.weights}"
 
 
 def settings(cfg: EvalConfig) -> list[Setting]:
@@ -90,13 +102,14 @@ def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int
                               max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 
 
-def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
+def _pipelines(cfg: EvalConfig, agreement: dict[str, Any]) -> Iterator[tuple[Setting, Pipeline]]:
     artifact = Path(cfg.source)
     if (artifact / "manifest.json").is_file():
         manifest = read_manifest(artifact)
-        setting = Setting(manifest.compression.rule, manifest.compression.ratio or 1.0)
-        if cfg.ratios != (setting.ratio,) or cfg.methods != ("apet",):
-            log.warning("an artifact has one fixed budget (%s); --ratios/--methods are ignored", setting.label)
+        setting = Setting(manifest.compression.rule, manifest.compression.ratio or 1.0, manifest.weights.format)
+        if cfg.ratios != (setting.ratio,) or cfg.methods != ("apet",) or cfg.weights != ("fp16",):
+            log.warning("an artifact has one fixed budget and weight format (%s); --ratios/--methods/--weights "
+                        "are ignored", setting.label)
         yield setting, Pipeline.load(artifact, backend=cfg.backend, device=cfg.device)
         return
     import torch
@@ -108,10 +121,21 @@ def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
     adapter = load_adapter(cfg.source, dtype=dtype, device=cfg.device)
     if adapter.source_dir is None:
         raise UsageError(f"{cfg.source} has no tokenizer files", "pass a checkpoint directory or an artifact")
-    for setting in settings(cfg):
-        manifest = model_manifest(adapter, setting, cfg.stages)
-        backend = TorchBackend(adapter.source_dir, manifest, device=cfg.device, adapter=adapter)
-        yield setting, Pipeline(adapter.source_dir, manifest, backend)
+    for fmt in cfg.weights:
+        model, spec = adapter, None
+        if fmt != "fp16":
+            from apet.eval.weights import quantized_copy
+
+            model, spec, agreement[fmt] = quantized_copy(adapter, fmt, cfg)
+        for setting in settings(cfg):
+            setting = Setting(setting.method, setting.ratio, fmt)
+            manifest = model_manifest(model, setting, cfg.stages)
+            if spec is not None:
+                manifest = replace(manifest, weights=spec)
+            backend = TorchBackend(adapter.source_dir, manifest, device=cfg.device, adapter=model)
+            yield setting, Pipeline(adapter.source_dir, manifest, backend)
+        if model is not adapter:
+            del model
 
 
 def _conditions(manifest: Manifest) -> dict[str, Any]:
@@ -119,7 +143,7 @@ def _conditions(manifest: Manifest) -> dict[str, Any]:
     return {"prompt_template": manifest.model.prompt_template_name,
             "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
-            "stages": 1 if manifest.compression.stage2 is None else 2}
+            "stages": 1 if manifest.compression.stage2 is None else 2, "weights": manifest.weights.describe()}
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -172,16 +196,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     records = read_predictions(path)
     # drop a truncated tail; atomically, so a full disk or a kill here cannot lose the answers already on disk
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    done = {(r["method"], r["ratio"], r["benchmark"], r["id"]) for r in records}
+    done = {(r["method"], r["ratio"], r.get("weights", "fp16"), r["benchmark"], r["id"]) for r in records}
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
     conditions: dict[str, dict[str, Any]] = {}
+    agreement: dict[str, Any] = {}
     with open(path, "a", encoding="utf-8") as handle:
-        for setting, pipeline in _pipelines(cfg):
+        for setting, pipeline in _pipelines(cfg, agreement):
             conditions[setting.label] = _conditions(pipeline.manifest)
-            todo = [i for i in items if (setting.method, setting.ratio, i.benchmark, i.id) not in done]
+            todo = [i for i in items
+                    if (setting.method, setting.ratio, setting.weights, i.benchmark, i.id) not in done]
             for item in tqdm(todo, desc=f"apet-eval {setting.label}", unit="q", disable=None):
-                record = {"method": setting.method, "ratio": setting.ratio, "benchmark": item.benchmark,
-                          "id": item.id, "type": item.type}
+                record = {"method": setting.method, "ratio": setting.ratio, "weights": setting.weights,
+                          "benchmark": item.benchmark, "id": item.id, "type": item.type}
                 try:
                     result = pipeline.generate(prompt=prompt_for(item), **{item.media: cfg.images / item.path},
                                                max_new_tokens=generation.max_new_tokens)
@@ -192,5 +218,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 records.append(record)
     report = build_report(records, items, cfg, stages_of(cfg))
     report["conditions"] = conditions
+    if agreement:
+        report["weight_agreement"] = agreement
     write_report(report, cfg.out)
     return report

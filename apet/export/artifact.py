@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +19,22 @@ from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NA
 from apet.devices import check_device
 from apet.errors import StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
-from apet.export.onnx_utils import MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, spec_dict
+from apet.export.onnx_utils import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    check_onnx,
+    external_data_files,
+    graph_io,
+    initializer_bytes,
+    spec_dict,
+)
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
 from apet.plan import CompressionPlan, check_budget_options, plan_compression
+from apet.quant.spec import QUANT_OPSET, WeightSpec, default_method
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,14 @@ class ExportConfig:
     frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
     media: str | None = None  # families reading several media: the one this artifact serves (None: the family's)
     dtype: str = "fp16"
-    opset: int = 17
+    opset: int | None = None  # None: 17 (TensorRT 10.3's parser), 21 for quantized weights
+    weights: str = "fp16"  # LLM weights: fp16 (as --dtype) | int8 | int4
+    group_size: int | None = None  # INT4 block size (None: 128, smaller only where 128 does not divide)
+    calibration: str | None = None  # rtn | awq (None: awq for int4, rtn for int8)
+    calib_data: Path | None = None  # JSONL of image+prompt pairs (apet-eval's format); None: synthetic
+    calib_images: Path | None = None  # folder the JSONL's image paths are relative to (default: its folder)
+    calib_samples: int = 8
+    keep_lm_head: bool = False  # leave the LM head in float
     max_batch: int = 4
     max_context: int | None = None
     stage2_layer: int | None = None
@@ -75,11 +92,35 @@ class ExportConfig:
                              "use paper (the authors' algorithm, default) or own (ablation)")
         check_budget_options(self.ratio, self.tokens)
         check_device(self.device)
-        check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
+        spec = self.weight_spec.validate()
+        check_range("--opset", self.resolved_opset, MIN_OPSET, MAX_OPSET)
+        if spec.quantized and self.resolved_opset < QUANT_OPSET:
+            raise UsageError(f"--weights {self.weights} needs opset >= {QUANT_OPSET} (blocked DequantizeLinear, "
+                             f"INT4), not --opset {self.opset}", f"drop --opset, or pass --opset {QUANT_OPSET}")
+        if (self.calib_data or self.calib_images) and spec.method != "awq":
+            raise UsageError("--calib-data/--calib-images are used by AWQ only",
+                             "drop them, or pass --weights int4 (AWQ default) or --calibration awq")
+        check_range("--calib-samples", self.calib_samples, 1, 4096)
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
+
+
+    @property
+    def weight_spec(self) -> WeightSpec:
+        method = self.calibration or default_method(self.weights)
+        return WeightSpec(format=self.weights, group_size=self.group_size, method=method,
+                          quantize_lm_head=not self.keep_lm_head)
+
+    @property
+    def resolved_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        return QUANT_OPSET if self.weights != "fp16" else DEFAULT_OPSET
+
+
+SCALES_FILE = "llm_awq_scales.safetensors"
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -108,7 +149,32 @@ def _default_context(adapter: VisionLanguageAdapter, plan: CompressionPlan, cfg:
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
     inputs, outputs = graph_io(directory / name)
     return GraphEntry(file=name, inputs=spec_dict(inputs), outputs=spec_dict(outputs),
-                      external_data=external_data_files(directory / name))
+                      external_data=external_data_files(directory / name),
+                      weight_bytes=initializer_bytes(directory / name))
+
+
+def _quantize(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: CompressionPlan, pairs, info,
+              scratch: Path) -> WeightSpec:
+    """Quantize the LLM in place (AWQ calibrated on ``pairs``); writes the AWQ scales the torch backend
+    needs to rebuild the same weights from the checkpoint."""
+    from safetensors.torch import save_file
+
+    from apet.quant.apply import quantize_model
+    from apet.quant.calibration import build_calibration
+
+    spec = cfg.weight_spec
+    calibration = build_calibration(adapter, plan, pairs, info) if spec.method == "awq" else None
+    result = quantize_model(adapter, spec, calibration)
+    spec = result.spec
+    if result.scales:
+        save_file({k: v.float().contiguous() for k, v in result.scales.items()}, str(scratch / SCALES_FILE))
+        (scratch / SCALES_FILE).chmod(0o644)
+        spec = replace(spec, scales_file=SCALES_FILE)
+    gain = {k: round(1 - v["awq_loss"] / v["rtn_loss"], 4) for k, v in result.losses.items() if v["rtn_loss"] > 0}
+    if gain:
+        log.info("AWQ: calibration error below RTN by %.1f%% on average over %d groups",
+                 100 * sum(gain.values()) / len(gain), len(gain))
+    return spec
 
 
 def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = None,
@@ -116,8 +182,14 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
     """Run the whole export into ``cfg.out``; returns the manifest written."""
     from apet.models.registry import load_adapter
 
-    steps = ["load model", "plan budgets", "export vision.onnx", "export llm.onnx", "write embeddings",
-             "copy tokenizer/processor", "check graphs", "checksums + manifest"]
+    steps = ["load model", "plan budgets", "export vision.onnx", "quantize LLM weights", "export llm.onnx",
+             "write embeddings", "copy tokenizer/processor", "check graphs", "checksums + manifest"]
+    weights = cfg.weight_spec
+    pairs, info = [], {}
+    if weights.method == "awq":  # a missing or corrupt calibration file fails before any model loads
+        from apet.quant.calibration import CalibrationSource
+
+        pairs, info = CalibrationSource(cfg.calib_data, cfg.calib_images, cfg.calib_samples).pairs()
     bar = tqdm(total=len(steps), desc="apet-export", unit="step", disable=None)
 
     def step(i: int) -> None:
@@ -133,6 +205,10 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
             adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views,
                               frames=cfg.frames, media=cfg.media)
+            if weights.quantized:  # a group size that does not fit the model fails before any export work
+                from apet.quant.apply import resolve_spec
+
+                resolve_spec(adapter, weights)
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
@@ -147,24 +223,29 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             max_context = cfg.max_context or _default_context(adapter, plan, cfg)
             bar.update()
             step(2)
-            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)
+            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.resolved_opset)
             bar.update()
             step(3)
-            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
+            if weights.quantized:
+                weights = _quantize(cfg, adapter, plan, pairs, info, scratch)
             bar.update()
             step(4)
-            extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
+            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.resolved_opset,
+                       all_logits=cfg.all_logits)
             bar.update()
             step(5)
-            assets = adapter.save_text_assets(scratch)
+            extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
             bar.update()
             step(6)
+            assets = adapter.save_text_assets(scratch)
+            bar.update()
+            step(7)
             for name in ("vision.onnx", "llm.onnx"):
                 check_onnx(scratch / name)
             graphs = {"vision": _graph_entry(scratch, "vision.onnx"), "llm": _graph_entry(scratch, "llm.onnx")}
             bar.update()
-            step(7)
-            manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch, extra_rows)
+            step(8)
+            manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch, extra_rows, weights)
             write_manifest(scratch, manifest)
             bar.update()
     finally:
@@ -174,16 +255,17 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
 
 def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: CompressionPlan,
               graphs: dict[str, GraphEntry], assets: list[str], max_context: int, directory: Path,
-              extra_rows: dict[str, int]) -> Manifest:
+              extra_rows: dict[str, int], weights: WeightSpec) -> Manifest:
     rows, hidden = adapter.embed_tokens().weight.shape
     embeddings = {"kind": "safetensors", "file": EMBEDDINGS_FILE, "tensor": EMBEDDINGS_TENSOR,
                   "shape": [rows + len(extra_rows), hidden], "dtype": cfg.dtype, "extra_rows": extra_rows}
     names = [g.file for g in graphs.values()] + [x for g in graphs.values() for x in g.external_data]
-    names += [EMBEDDINGS_FILE] + assets
+    names += [EMBEDDINGS_FILE] + assets + ([weights.scales_file] if weights.scales_file else [])
     checksums = {name: sha256_file(directory / name) for name in sorted(set(names))}
     return Manifest(
         schema_version=SCHEMA_VERSION, apet_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
-        dtype=cfg.dtype, opset=cfg.opset, compression=plan, max_batch=cfg.max_batch,
+        dtype=cfg.dtype, opset=cfg.resolved_opset, compression=plan, max_batch=cfg.max_batch,
         max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
+        weights=weights,
     )

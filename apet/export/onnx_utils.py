@@ -11,6 +11,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import onnx
 import torch
+from onnx import numpy_helper
 
 from apet.contracts.specs import TensorSpec
 from apet.errors import ArtifactError
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
-MAX_OPSET = 20
+MAX_OPSET = 21  # 21: blocked DequantizeLinear and INT4 (quantized LLM weights, apet.export.qdq)
+TRACE_MAX_OPSET = 20  # the TorchScript exporter's limit; opset 21 graphs are traced at 20, then raised
 PROTOBUF_LIMIT = 2**31 - 1024 * 1024  # stay clear of protobuf's 2 GiB hard limit
 
 _ONNX_DTYPES = {
@@ -30,6 +32,8 @@ _ONNX_DTYPES = {
     onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.BOOL: "bool",
     onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.INT4: "int4",
 }
 
 
@@ -59,7 +63,8 @@ def export_onnx(
 
     The TorchScript exporter is used because it keeps static Python ints static
     (k, K, head counts), produces plain ops TensorRT 10.3 parses, and needs no
-    ``torch.export``-compatible model code.
+    ``torch.export``-compatible model code. Opset 21 (quantized weights) is traced at 20 and raised
+    on the IR: 20 -> 21 only widens types (INT4/UINT4, blocked Q/DQ), so no op changes meaning.
     """
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
@@ -68,11 +73,11 @@ def export_onnx(
             example_outputs = module(*args)
             torch.onnx.export(
                 module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, opset_version=opset,
-                do_constant_folding=True, dynamo=False,
+                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                opset_version=min(opset, TRACE_MAX_OPSET), do_constant_folding=True, dynamo=False,
             )
         _declare_output_shapes(raw, output_names, example_outputs, dynamic_axes)
-        _optimize_and_save(raw, path)
+        _optimize_and_save(raw, path, opset)
     return path
 
 
@@ -100,7 +105,7 @@ def _declare_output_shapes(path: Path, names: Sequence[str], examples: Any,
     Path(path).write_bytes(model.SerializeToString())
 
 
-def _optimize_and_save(raw: Path, final: Path) -> None:
+def _optimize_and_save(raw: Path, final: Path, opset: int = DEFAULT_OPSET) -> None:
     """Fold constants and drop dead or no-op nodes with the onnxscript optimizer, then write ``final``.
 
     The TorchScript exporter leaves every shape computation and literal as its own node (about half
@@ -109,12 +114,20 @@ def _optimize_and_save(raw: Path, final: Path) -> None:
     tensors and streams them out, so a 7B graph is rewritten without holding its weights in one
     protobuf: a model that does not fit one protobuf goes to ``<name>.data`` (one file); a small one
     stays a single file. ``raw``'s directory holds nothing but the model and its external data.
+    Quantized weights are lowered to ``DequantizeLinear`` after optimizing, so folding never sees them.
     """
     import onnx_ir as ir
     from onnxscript import optimizer
 
+    from apet.export.qdq import lower_weight_dq
+
     model = ir.load(str(raw))
     optimizer.optimize(model, num_iterations=2)
+    lowered = lower_weight_dq(model, opset)
+    if model.opset_imports.get("", opset) < opset:
+        model.opset_imports[""] = opset
+    if lowered:
+        log.info("%s: %d weight-only quantized projections", final.name, lowered)
     weights = sum(p.stat().st_size for p in raw.parent.iterdir())
     if weights < PROTOBUF_LIMIT:
         ir.save(model, str(final))
@@ -133,6 +146,18 @@ def external_data_files(path: Path) -> list[str]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             names.update(e.value for e in tensor.external_data if e.key == "location")
     return sorted(names)
+
+
+def initializer_bytes(path: Path) -> int:
+    """Bytes of the graph's weights as stored (INT4 packed), read from the protobuf without loading them."""
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in tensor.external_data if e.key == "length"), 0))
+        else:
+            total += len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
+    return total
 
 
 def check_onnx(path: Path) -> None:

@@ -35,6 +35,11 @@ class StaticDecoder:
         self.layers = list(adapter.decoder_layers())
         self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
         self.norm, self.head, self.rotary = adapter.final_norm(), adapter.lm_head(), adapter.rotary
+        self.kernels: dict[str, int] = {}  # weight-only GEMM kernels in use (quantized LLMs, apet.quant)
+        if fuse:
+            from apet.quant.kernels import attach_static
+
+            self.kernels = attach_static(self.layers, self.fused, self.head, adapter.dtype)
         self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
         self.cache_layout = CacheLayout(len(self.layers), stage2.layer if stage2 else None,

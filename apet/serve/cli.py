@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeConfig(Path("."))
     p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--port", type=int, default=d.port, help="TCP port to listen on")
     p.add_argument("--backend", default=d.backend, choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")

@@ -40,6 +40,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
                                "pip install onnxruntime-gpu for CUDA, or use --device cpu")
         options = ort.SessionOptions()
+        # Weight-only quantized graphs (DequantizeLinear -> MatMul) are fused into ORT's MatMulNBits; its CPU
+        # default (level 4) also quantizes the *activations* to int8. Level 1 computes in float32, so the ORT
+        # backend computes what the graph says (the weight-only model TensorRT builds).
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         if threads:
             options.intra_op_num_threads = threads
         # ApET's float32 math must not run in TF32 (as coarse as fp16); the CUDA EP enables it by default

@@ -54,6 +54,10 @@ class TorchBackend(Backend):
         # the same weights under the artifact's settings (e.g. --frames, --media), without touching the caller's
         self.adapter = copy.copy(adapter)
         self.adapter.spec = manifest.model
+        if manifest.weights.quantized:  # the artifact's INT8/INT4 weights, rebuilt from the float checkpoint
+            from apet.quant.apply import match_artifact
+
+            match_artifact(self.adapter, manifest.weights, artifact_dir)
         plan = manifest.compression
         self.reference = Reference(self.adapter, plan.stage1, plan.stage2, rule=plan.rule)
         self.table = embedding_table(self.adapter)
