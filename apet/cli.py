@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import ApetError, UsageError
 
 
@@ -41,7 +42,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "hf = 'USER: <image>\\n{prompt} ASSISTANT:')")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--target", choices=tuple(TARGETS),
+                   help="the TensorRT the graphs are for; picks --attention and --opset: "
+                        + "; ".join(f"{t.name}: {t.attention} ({t.builders})" for t in TARGETS.values())
+                        + f" (default {DEFAULT_TARGET}, or {OP_DEFAULT_TARGET} with --attention op)")
+    p.add_argument("--attention", choices=ATTENTION_FORMS,
+                   help="op: ONNX Attention + RotaryEmbedding (opset 23, TensorRT >= 10.15, TensorRT-RTX); "
+                        "pattern: MatMul-Softmax-MatMul (every TensorRT); default: the target's")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17 pattern, 23 op)")
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
@@ -57,13 +65,15 @@ def cmd_export(args: argparse.Namespace) -> int:
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
                        prompt_template=args.prompt_template,
-                       dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
+                       dtype=args.dtype, target=args.target, attention=args.attention, opset=args.opset,
+                       max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device)
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2} "
+          f"(--target {manifest.target}: {manifest.attention} attention, opset {manifest.opset})")
     return 0
 
 
@@ -184,6 +194,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic image (families with dynamic "
                    "resolution or tiling see a different number of visual tokens)")
+    p.add_argument("--attention", default="pattern", choices=ATTENTION_FORMS,
+                   help="form of the graphs --backends onnxruntime exports (see apet-export --attention)")
     p.add_argument("--out", required=True, type=Path)
 
 
@@ -205,7 +217,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
                       compile=args.compile, baselines=baselines,
-                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height))
+                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height),
+                      attention=args.attention)
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from apet.contracts.cache import CacheLayout
 from apet.contracts.files import MANIFEST_NAME, sha256_file
 from apet.contracts.specs import DecoderSpec, ModelSpec
+from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, ExportForm
 from apet.errors import ArtifactError
 from apet.plan import CompressionPlan
 
@@ -45,6 +46,8 @@ class Manifest:
     embeddings: dict[str, Any]
     text_assets: list[str]
     checksums: dict[str, str]
+    target: str = DEFAULT_TARGET  # absent from manifests written before --target: those are pattern / opset 17
+    attention: str = "pattern"
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -54,6 +57,11 @@ class Manifest:
 
     def removed_at_stage2(self) -> int:
         return self.compression.removed_at_stage2
+
+    @property
+    def export_form(self) -> ExportForm:
+        """Target, attention form and opset the graphs were written for (what a builder must parse)."""
+        return ExportForm(self.target, self.attention, self.opset)
 
     @property
     def cache_layout(self) -> CacheLayout:
@@ -166,6 +174,14 @@ def _graph_from_json(name: str, data: Mapping[str, Any]) -> GraphEntry:
     return entry
 
 
+def _attention_form(data: Mapping[str, Any]) -> str:
+    form = data.get("attention", "pattern")
+    if form not in ATTENTION_FORMS:
+        raise ArtifactError(f"manifest field attention is {form!r}, not one of {', '.join(ATTENTION_FORMS)}",
+                            "re-export the artifact")
+    return form
+
+
 def manifest_from_json(data: Any) -> Manifest:
     """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
     if not isinstance(data, Mapping):
@@ -196,6 +212,7 @@ def manifest_from_json(data: Any) -> Manifest:
             embeddings=dict(embeddings),
             text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
             checksums={str(k): str(v) for k, v in checksums.items()},
+            target=str(data.get("target", DEFAULT_TARGET)), attention=_attention_form(data),
         )
     except ArtifactError:
         raise

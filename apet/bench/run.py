@@ -29,6 +29,7 @@ from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
+from apet.contracts.targets import resolve_form
 from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
@@ -56,6 +57,7 @@ class BenchConfig:
     baselines: tuple[str, ...] = BASELINES
     backends: tuple[str, ...] = ("torch",)
     image_size: tuple[int, int] = (640, 480)
+    attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
 
     def __post_init__(self) -> None:
         for r in self.ratios:
@@ -71,6 +73,7 @@ class BenchConfig:
             unknown = [c for c in chosen if c not in allowed]
             if unknown:
                 raise UsageError(f"{name} {','.join(unknown)} is unknown", f"choose from {', '.join(allowed)}")
+        resolve_form(attention=self.attention)
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -181,7 +184,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         from apet.bench.ort_path import ort_run
 
         _release_memory(device, weights)
-        result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats)
+        result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats,
+                                        attention=cfg.attention)
     return result
 
 

@@ -15,9 +15,10 @@ from apet import __version__
 from apet.atomic import atomic_directory
 from apet.compression import BASIS_PLACEMENTS, METHODS
 from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, sha256_file
+from apet.contracts.targets import ExportForm, resolve_form
 from apet.errors import UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
-from apet.export.onnx_utils import MAX_OPSET, MIN_OPSET, check_onnx, external_data_files, graph_io, spec_dict
+from apet.export.onnx_utils import check_onnx, external_data_files, graph_io, spec_dict
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, write_manifest
 from apet.models.adapter import VisionLanguageAdapter
@@ -46,7 +47,9 @@ class ExportConfig:
     image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
     prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
     dtype: str = "fp16"
-    opset: int = 17
+    target: str | None = None  # None: jetpack6, or trt10.15+ with attention="op" (apet.contracts.targets)
+    attention: str | None = None  # None: the target's form (pattern | op)
+    opset: int | None = None  # None: the form's default (17 pattern, 23 op)
     max_batch: int = 4
     max_context: int | None = None
     stage2_layer: int | None = None
@@ -68,11 +71,16 @@ class ExportConfig:
         if self.basis_placement not in BASIS_PLACEMENTS:
             raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
                              "use paper (the authors' algorithm, default) or own (ablation)")
-        check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
+        resolve_form(self.target, self.attention, self.opset)  # --target / --attention / --opset together
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
+
+
+    @property
+    def form(self) -> ExportForm:
+        return resolve_form(self.target, self.attention, self.opset)
 
 
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
@@ -114,10 +122,12 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
             bar.update()
             step(2)
-            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)
+            form = cfg.form
+            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=form.opset, attention=form.attention)
             bar.update()
             step(3)
-            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
+            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=form.opset, all_logits=cfg.all_logits,
+                       attention=form.attention)
             bar.update()
             step(4)
             extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
@@ -151,6 +161,7 @@ def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: Compressi
     return Manifest(
         schema_version=SCHEMA_VERSION, apet_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
-        dtype=cfg.dtype, opset=cfg.opset, compression=plan, max_batch=cfg.max_batch,
+        dtype=cfg.dtype, opset=cfg.form.opset, compression=plan, max_batch=cfg.max_batch,
         max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
+        target=cfg.form.target, attention=cfg.form.attention,
     )
