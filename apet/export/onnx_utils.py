@@ -104,13 +104,17 @@ def _declare_output_shapes(path: Path, names: Sequence[str], examples: Any,
 
 def _raise_opset(model: Any, opset: int) -> None:
     """Convert an IR model to ``opset`` with onnxscript's version converter (per-op adapters where an op's
-    semantics changed, e.g. GroupNormalization at 21; every other op between 20 and 23 only gained types),
-    then move the ops traced into :data:`PENDING_DOMAIN` to the standard domain, where they now exist."""
+    semantics changed, e.g. GroupNormalization at 21; the ops apet's graphs use only gained types between 20
+    and 23), then move the ops traced into :data:`PENDING_DOMAIN` to the standard domain, where they now exist."""
     from onnxscript import version_converter
 
     current = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if current is not None and current < opset:
         version_converter.convert_version(model, opset, fallback=False)
+        reached = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if reached != opset:
+            raise ArtifactError(f"onnxscript's version converter left the graph at opset {reached}, not {opset}",
+                                "export with the target's default opset (drop --opset) and report the model")
     pending = [n for n in model.graph.all_nodes() if n.domain == PENDING_DOMAIN]
     for node in pending:
         node.domain = ""
