@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import UsageError, guarded
 from apet.quiet import quiet_third_party
 
@@ -57,8 +58,15 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "default; image = its image tower)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
-    p.add_argument("--opset", type=int, help="ONNX opset (default 17 = TensorRT 10.3's parser; 21 with --weights "
-                   "int8/int4: blocked DequantizeLinear)")
+    p.add_argument("--target", choices=tuple(TARGETS),
+                   help="the TensorRT the graphs are for; picks --attention and --opset: "
+                        + "; ".join(f"{t.name}: {t.attention} ({t.builders})" for t in TARGETS.values())
+                        + f" (default {DEFAULT_TARGET}, or {OP_DEFAULT_TARGET} with --attention op)")
+    p.add_argument("--attention", choices=ATTENTION_FORMS,
+                   help="op: ONNX Attention + RotaryEmbedding (opset 23, TensorRT >= 10.15, TensorRT-RTX); "
+                        "pattern: MatMul-Softmax-MatMul (every TensorRT); default: the target's")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17 pattern, 23 op; 21 with --weights int8/int4: "
+                   "blocked DequantizeLinear)")
     p.add_argument("--weights", default="fp16", choices=("fp16", "int8", "int4"),
                    help="LLM weights: fp16 (as --dtype, default), int8 (per output channel) or int4 (block-wise); "
                         "weight-only, activations stay fp16, the vision graph and ApET are untouched")
@@ -87,7 +95,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
                        prompt_template=args.prompt_template, frames=args.frames, media=args.media,
-                       dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
+                       dtype=args.dtype, target=args.target, attention=args.attention, opset=args.opset,
+                       max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
                        device=args.device, max_views=args.max_views, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
@@ -98,7 +107,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
     llm = manifest.graphs["llm"]
     print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2} "
-          f"({manifest.family.visual_summary(manifest)}); LLM weights {manifest.weights.describe()}, "
+          f"({manifest.family.visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
+          f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe()}, "
           f"{llm.weight_bytes / 1e6:.1f} MB")
     return 0
 
@@ -235,6 +245,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baselines", action="store_true", help="same as --baselines ''")
     p.add_argument("--image-size", default="640x480", help="WxH of the synthetic image (families with dynamic "
                    "resolution or tiling see a different number of visual tokens)")
+    p.add_argument("--attention", default="pattern", choices=ATTENTION_FORMS,
+                   help="form of the graphs --backends onnxruntime exports (see apet-export --attention)")
     p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
                    "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
     p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
@@ -260,7 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
                       compile=args.compile, baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height),
-                      weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size)
+                      weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
+                      attention=args.attention)
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

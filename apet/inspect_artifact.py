@@ -23,6 +23,18 @@ def _node_counts(path: Path) -> dict[str, int]:
         return {}
 
 
+def _fusion_line(engine: dict) -> str:
+    """What TensorRT's parser made of the attention (from the build report)."""
+    fused = engine.get("fused_layers")
+    if fused is None:
+        return "attention  not recorded (built by an older apet; rebuild to see it)"
+    line = (f"attention  {fused.get('attention', 0)} TensorRT attention layers, "
+            f"{fused.get('rotary_embedding', 0)} rotary-embedding layers in the parsed network")
+    if engine.get("attention_form") == "pattern":
+        line += " (pattern form: fusion is the builder's choice, see the engine's layer information)"
+    return line
+
+
 def describe(artifact: Path) -> str:
     manifest = read_manifest(artifact)
     m, c = manifest.model, manifest.compression
@@ -32,6 +44,8 @@ def describe(artifact: Path) -> str:
              f"  dtype      {manifest.dtype}, opset {manifest.opset}, max batch {manifest.max_batch}, "
              f"max context {manifest.max_context}",
              f"  weights    LLM {manifest.weights.describe()}",
+             f"  target     {manifest.target}: {manifest.attention} attention"
+             + (" (ONNX Attention + RotaryEmbedding)" if manifest.attention == "op" else " (MatMul-Softmax-MatMul)"),
              f"  ApET       {m.n_tokens} -> {c.stage1_keep} visual tokens (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
@@ -54,6 +68,7 @@ def describe(artifact: Path) -> str:
         lines.append(f"  engine {name}: {engine.get('file')} ({engine.get('bytes', 0) / 1e6:.1f} MB, "
                      f"{engine.get('num_layers')} layers, built in {engine.get('seconds')} s, "
                      f"targets {', '.join(engine.get('compute_capabilities', []))})")
+        lines.append(f"    {_fusion_line(engine)}")
         for profile in engine.get("profiles", []):
             lines.append(f"    profile {profile['name']}:")
             for tensor, (low, opt, high) in profile["shapes"].items():

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from apet.contracts.cache import CacheLayout
 from apet.contracts.files import MANIFEST_NAME, sha256_file
 from apet.contracts.specs import DecoderSpec, ModelSpec
+from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, ExportForm
 from apet.errors import ArtifactError
 from apet.plan import CompressionPlan
 from apet.quant.spec import WeightSpec
@@ -52,6 +53,8 @@ class Manifest:
     checksums: dict[str, str]
     weights: WeightSpec = field(default_factory=WeightSpec)  # the LLM graph's weight format (fp16 = as dtype)
     digest: str = ""  # SHA-256 of this manifest's canonical JSON without the digest (see content_digest)
+    target: str = DEFAULT_TARGET  # absent from manifests written before --target: those are pattern / opset 17
+    attention: str = "pattern"
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -61,6 +64,11 @@ class Manifest:
 
     def removed_at_stage2(self) -> int:
         return self.compression.removed_at_stage2
+
+    @property
+    def export_form(self) -> ExportForm:
+        """Target, attention form and opset the graphs were written for (what a builder must parse)."""
+        return ExportForm(self.target, self.attention, self.opset)
 
     @property
     def cache_layout(self) -> CacheLayout:
@@ -220,6 +228,14 @@ def _weights_from_json(data: Any) -> WeightSpec:
     return spec
 
 
+def _attention_form(data: Mapping[str, Any]) -> str:
+    form = data.get("attention", "pattern")
+    if form not in ATTENTION_FORMS:
+        raise ArtifactError(f"manifest field attention is {form!r}, not one of {', '.join(ATTENTION_FORMS)}",
+                            "re-export the artifact")
+    return form
+
+
 def manifest_from_json(data: Any) -> Manifest:
     """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
     if not isinstance(data, Mapping):
@@ -251,6 +267,7 @@ def manifest_from_json(data: Any) -> Manifest:
             text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
             checksums={str(k): str(v) for k, v in checksums.items()},
             weights=_weights_from_json(data.get("weights")),
+            target=str(data.get("target", DEFAULT_TARGET)), attention=_attention_form(data),
         )
         _check_digest(data)
         return replace(manifest, digest=str(data["digest"]))

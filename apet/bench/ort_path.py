@@ -28,13 +28,13 @@ def _tokens_arg(plan: CompressionPlan) -> str:
 
 
 def export_for_bench(adapter: VisionLanguageAdapter, plan: CompressionPlan, out: Path, max_batch: int,
-                     max_context: int) -> tuple[Path, float]:
+                     max_context: int, attention: str = "pattern") -> tuple[Path, float]:
     from apet.export.artifact import ExportConfig, export_artifact
 
     dtype = "fp16" if adapter.dtype == torch.float16 else "fp32"
     start = time.perf_counter()
     export_artifact(ExportConfig(model="loaded", out=out, tokens=_tokens_arg(plan), stages=2 if plan.stage2 else 1,
-                                 dtype=dtype, max_batch=max_batch, max_context=max_context,
+                                 dtype=dtype, max_batch=max_batch, max_context=max_context, attention=attention,
                                  device=str(adapter.device), stage2_layer=plan.stage2.layer if plan.stage2 else None),
                     adapter=adapter)
     return out, time.perf_counter() - start
@@ -46,14 +46,17 @@ def _sync() -> None:
 
 
 def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
-            repeats: int, parity_steps: int = 32, workdir: Path | None = None) -> dict[str, Any]:
-    """Export, then TTFT / decode timings of ONNX Runtime and its parity with the torch reference."""
+            repeats: int, parity_steps: int = 32, workdir: Path | None = None,
+            attention: str = "pattern") -> dict[str, Any]:
+    """Export (``attention``: pattern | op graphs), then TTFT / decode timings of ONNX Runtime and its parity
+    with the torch reference; the greedy tokens are kept so two runs of different forms can be compared."""
     from apet.manifest import read_manifest
     from apet.runtime.pipeline import make_backend
 
     device = "cuda" if adapter.device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(dir=workdir, prefix="apet-bench-ort-") as scratch:
-        artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "artifact", request.batch, max_context)
+        artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "artifact", request.batch, max_context,
+                                              attention)
         # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
         backend = make_backend("onnxruntime", artifact, read_manifest(artifact), device)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
@@ -81,7 +84,7 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         parity = _parity(adapter, plan, inputs, layout, visual.keep_index, backend.stage2_index, tokens, ort_logits,
                          processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
-    return {"export_s": round(export_s, 1), "files_bytes": files,
+    return {"attention": attention, "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
 
 

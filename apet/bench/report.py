@@ -62,7 +62,9 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{b.get('warmup_s', '–')} |" for key, batch, b in baselines]
     ort = [run for run in results["runs"] if run.get("onnxruntime")]
     if ort:
-        lines += ["", "## The exported graphs in ONNX Runtime (CUDA EP) vs the torch path (same weights)", "",
+        form = ort[0]["onnxruntime"].get("attention", "pattern")
+        lines += ["", f"## The exported graphs ({form} attention) in ONNX Runtime (CUDA EP) vs the torch path "
+                  "(same weights)", "",
                   "| batch | ratio | ORT TTFT ms | torch TTFT ms | ORT decode ms/tok | torch decode ms/tok | "
                   "stage-1 index equal | stage-2 index equal | greedy steps equal | max abs Δlogit (scale) |",
                   "|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]

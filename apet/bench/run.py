@@ -30,6 +30,7 @@ from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
 from apet.compression import CompressionConfig, Stage2Config
+from apet.contracts.targets import resolve_form
 from apet.devices import check_device
 from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter
@@ -60,6 +61,8 @@ class BenchConfig:
     image_size: tuple[int, int] = (640, 480)  # (width, height) of the synthetic image (AnyRes: sets the views)
     weights: tuple[str, ...] = ("fp16",)  # LLM weight formats, each benched in turn (RTN: same speed as AWQ)
     group_size: int | None = None
+    image_size: tuple[int, int] = (640, 480)
+    attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
 
     def __post_init__(self) -> None:
         from apet.quant.spec import WEIGHT_FORMATS
@@ -82,6 +85,7 @@ class BenchConfig:
                 raise UsageError(f"{name} {','.join(unknown)} is unknown", f"choose from {', '.join(allowed)}")
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise UsageError(f"--image-size {self.image_size} is not WIDTHxHEIGHT", "e.g. --image-size 672x672")
+        resolve_form(attention=self.attention)
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -214,7 +218,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         from apet.bench.ort_path import ort_run
 
         _release_memory(device, weights)
-        result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats)
+        result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats,
+                                        attention=cfg.attention)
     return result
 
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from apet.atomic import atomic_update, write_atomic
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_bytes
+from apet.contracts.targets import builder_problem
 from apet.engines.api import TrtApi, load_api
 from apet.engines.profiles import ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
@@ -100,6 +101,17 @@ def _layer_information(api: TrtApi, plan: bytes) -> str | None:
         return None
 
 
+def _check_builder(manifest: Manifest, api: TrtApi, artifact: Path) -> None:
+    """Refuse, before any work, a builder known not to parse the artifact's form (--target)."""
+    form = manifest.export_form
+    problem = builder_problem(form, api.kind, api.version)
+    if problem:
+        raise UsageError(f"{problem}: {artifact} was exported with --target {form.target} (--attention "
+                         f"{form.attention}, opset {form.opset})",
+                         "re-export with apet-export --target jetpack6 (pattern attention, opset 17) for this "
+                         "TensorRT, or build with TensorRT >= 10.15 / TensorRT-RTX")
+
+
 def _profiles(name: str, manifest: Manifest, limits: ShapeLimits) -> list[Profile]:
     if name == "vision":
         return vision_profiles(manifest, limits)
@@ -117,6 +129,7 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
     digest = manifest_digest(cfg.artifact)
     _guard_existing(cfg, digest)
     api = api or load_api(cfg.backend)
+    _check_builder(manifest, api, cfg.artifact)
     limits = ShapeLimits.from_manifest(manifest, cfg.max_batch, cfg.max_context, cfg.max_prompt)
     options = BuildOptions(workspace_mb=cfg.workspace_mb, optimization_level=cfg.optimization_level,
                            compute_capabilities=cfg.compute_capabilities, timing_cache=cfg.timing_cache)
@@ -163,6 +176,7 @@ def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest
         "bytes": len(built.plan), "sha256": sha256_bytes(built.plan), "num_layers": built.num_layers,
         "inputs": built.inputs, "outputs": built.outputs, "profiles": built.profiles,
         "compute_capabilities": built.compute_capabilities or ["builder default"], "layer_information": None,
+        "attention_form": manifest.attention, "fused_layers": built.fused_layers,
     }
     info = _layer_information(api, built.plan)
     if info is not None:

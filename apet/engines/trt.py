@@ -54,6 +54,7 @@ class BuiltEngine:
     outputs: list[dict[str, Any]]
     profiles: list[dict[str, Any]]
     compute_capabilities: list[str] = field(default_factory=list)
+    fused_layers: dict[str, int] = field(default_factory=dict)  # see fused_layer_counts
 
 
 class _Logger:
@@ -130,10 +131,31 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> tuple[Any, Any, Any, Any]:
         raise ArtifactError(
             f"{api.kind} {api.version} cannot parse {Path(onnx_path).name}: " + "; ".join(problems)
             + (f" [{detail}]" if detail else ""),
-            "the graph uses an op or pattern this TensorRT does not support; re-export with a supported "
-            "--opset/--attention setting or report the node named above",
+            "the graph uses an op or pattern this TensorRT does not support; re-export for it with "
+            "apet-export --target (jetpack6: pattern attention, opset 17, parses on every TensorRT) or "
+            "--attention pattern, or report the node named above",
         )
     return builder, network, parser, logger
+
+
+# layer types TensorRT creates for the ONNX ops of --attention op (absent from TensorRT 10.3's LayerType)
+_FUSED_TYPES = {"ATTENTION_INPUT": "attention_input", "ATTENTION_OUTPUT": "attention_output",
+                "ROTARY_EMBEDDING": "rotary_embedding", "KV_CACHE_UPDATE": "kv_cache_update"}
+
+
+def fused_layer_counts(api: TrtApi, network: Any) -> dict[str, int]:
+    """How many attention (input/output pairs), rotary-embedding and KV-cache-update layers the parsed
+    network holds: what a user checks to see that the importer kept attention fused. A pattern-form graph
+    shows none here; whether the builder fuses its MatMul-Softmax-MatMul shows only in the engine's layers."""
+    members = api.module.LayerType.__members__
+    wanted = {members[name]: key for name, key in _FUSED_TYPES.items() if name in members}
+    counts = {key: 0 for key in _FUSED_TYPES.values()}
+    for i in range(network.num_layers):
+        key = wanted.get(network.get_layer(i).type)
+        if key is not None:
+            counts[key] += 1
+    counts["attention"] = min(counts["attention_input"], counts["attention_output"])
+    return counts
 
 
 def _io_specs(network: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -206,4 +228,5 @@ def build_engine(
     return BuiltEngine(
         plan=bytes(plan), seconds=seconds, num_layers=int(network.num_layers), inputs=inputs, outputs=outputs,
         profiles=[p.to_json() for p in profiles], compute_capabilities=targets,
+        fused_layers=fused_layer_counts(api, network),
     )

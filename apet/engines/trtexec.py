@@ -25,6 +25,7 @@ import numpy as np
 from apet.atomic import atomic_directory, write_atomic
 from apet.contracts.files import ENGINE_FILES
 from apet.contracts.specs import resolve_shape
+from apet.contracts.targets import TARGETS
 from apet.engines.profile_report import OUT_DIR, RUNS_FILE, report, summarize_times, top_layers
 from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import Profile
@@ -140,6 +141,8 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
              f"# BUILD=1 (default) builds with trtexec into {OUT_DIR}/ and profiles those engines; BUILD=0 profiles",
              "# the engines apet-build wrote (vision.plan, llm.plan), which this script never overwrites.",
              "# TRTEXEC=path overrides the trtexec binary. Then: python -m apet.engines.trtexec report .",
+             f"# Exported with --target {manifest.target} ({manifest.attention} attention, opset {manifest.opset}): "
+             f"for {TARGETS[manifest.target].builders}." if manifest.target in TARGETS else "#",
              "set -euo pipefail", 'cd "$(dirname "$0")"', 'TRTEXEC="${TRTEXEC:-trtexec}"', f"mkdir -p {OUT_DIR}",
              'if [ "${BUILD:-1}" = "1" ]; then', f"  ENGINES={OUT_DIR}"]
     for name, file in ENGINE_FILES.items():

@@ -16,19 +16,11 @@ from apet.atomic import atomic_directory
 from apet.compression import BASIS_PLACEMENTS, METHODS
 from apet.contracts.cache import DEFAULT_TEXT_TOKENS
 from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
+from apet.contracts.targets import ExportForm, resolve_form
 from apet.devices import check_device
 from apet.errors import StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
-from apet.export.onnx_utils import (
-    DEFAULT_OPSET,
-    MAX_OPSET,
-    MIN_OPSET,
-    check_onnx,
-    external_data_files,
-    graph_io,
-    initializer_bytes,
-    spec_dict,
-)
+from apet.export.onnx_utils import check_onnx, external_data_files, graph_io, initializer_bytes, spec_dict
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
 from apet.models.adapter import VisionLanguageAdapter
@@ -60,7 +52,9 @@ class ExportConfig:
     frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
     media: str | None = None  # families reading several media: the one this artifact serves (None: the family's)
     dtype: str = "fp16"
-    opset: int | None = None  # None: 17 (TensorRT 10.3's parser), 21 for quantized weights
+    target: str | None = None  # None: jetpack6, or trt10.15+ with attention="op" (apet.contracts.targets)
+    attention: str | None = None  # None: the target's form (pattern | op)
+    opset: int | None = None  # None: the form's default (17 pattern, 23 op)
     weights: str = "fp16"  # LLM weights: fp16 (as --dtype) | int8 | int4
     group_size: int | None = None  # INT4 block size (None: 128, smaller only where 128 does not divide)
     calibration: str | None = None  # rtn | awq (None: awq for int4, rtn for int8)
@@ -93,8 +87,8 @@ class ExportConfig:
         check_budget_options(self.ratio, self.tokens)
         check_device(self.device)
         spec = self.weight_spec.validate()
-        check_range("--opset", self.resolved_opset, MIN_OPSET, MAX_OPSET)
-        if spec.quantized and self.resolved_opset < QUANT_OPSET:
+        form = self.form  # --target / --attention / --opset together
+        if spec.quantized and form.opset < QUANT_OPSET:
             raise UsageError(f"--weights {self.weights} needs opset >= {QUANT_OPSET} (blocked DequantizeLinear, "
                              f"INT4), not --opset {self.opset}", f"drop --opset, or pass --opset {QUANT_OPSET}")
         if (self.calib_data or self.calib_images) and spec.method != "awq":
@@ -114,10 +108,12 @@ class ExportConfig:
                           quantize_lm_head=not self.keep_lm_head)
 
     @property
-    def resolved_opset(self) -> int:
-        if self.opset is not None:
-            return self.opset
-        return QUANT_OPSET if self.weights != "fp16" else DEFAULT_OPSET
+    def form(self) -> ExportForm:
+        """The target's attention form and opset; quantized weights raise the default opset to theirs."""
+        form = resolve_form(self.target, self.attention, self.opset)
+        if self.opset is None and self.weights != "fp16" and form.opset < QUANT_OPSET:
+            form = resolve_form(self.target, self.attention, QUANT_OPSET)
+        return form
 
 
 SCALES_FILE = "llm_awq_scales.safetensors"
@@ -223,15 +219,16 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             max_context = cfg.max_context or _default_context(adapter, plan, cfg)
             bar.update()
             step(2)
-            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.resolved_opset)
+            form = cfg.form
+            export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=form.opset, attention=form.attention)
             bar.update()
             step(3)
             if weights.quantized:
                 weights = _quantize(cfg, adapter, plan, pairs, info, scratch)
             bar.update()
             step(4)
-            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.resolved_opset,
-                       all_logits=cfg.all_logits)
+            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=form.opset, all_logits=cfg.all_logits,
+                       attention=form.attention)
             bar.update()
             step(5)
             extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
@@ -265,7 +262,7 @@ def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: Compressi
     return Manifest(
         schema_version=SCHEMA_VERSION, apet_version=__version__,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
-        dtype=cfg.dtype, opset=cfg.resolved_opset, compression=plan, max_batch=cfg.max_batch,
+        dtype=cfg.dtype, opset=cfg.form.opset, compression=plan, max_batch=cfg.max_batch,
         max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
-        weights=weights,
+        weights=weights, target=cfg.form.target, attention=cfg.form.attention,
     )

@@ -9,11 +9,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from apet.compression import Stage2Config
-from apet.modeling.blocks import HeadLayout, additive_mask, merge_heads, project_qkv, repeat_kv, stage2_rebuild
+from apet.export.attention import attention_kernel
+from apet.modeling.blocks import HeadLayout, merge_heads, project_qkv, stage2_rebuild
 from apet.modeling.scope import Scope
 from apet.models.adapter import VisionLanguageAdapter
 
@@ -21,16 +21,17 @@ from apet.models.adapter import VisionLanguageAdapter
 class DecoderGraph(nn.Module):
     """What ``llm.onnx`` computes. Inputs: inputs_embeds [B,T,H], position_ids [B,T], attention_mask
     [B,P+T] (left-padded), image_start [B] (stage 2 only), then past_key.i / past_value.i per layer.
-    Outputs: logits, stage2_index (stage 2 only), present_key.i / present_value.i."""
+    Outputs: logits, stage2_index (stage 2 only), present_key.i / present_value.i. ``attention`` is the
+    exported form (pattern | op, :mod:`apet.export.attention`); the KV cache is concatenated outside the
+    attention in both."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None = None,
-                 all_logits: bool = False) -> None:
+                 all_logits: bool = False, attention: str = "pattern") -> None:
         super().__init__()
         self.hf_layers = list(adapter.decoder_layers())  # a plain list: their scope is the Scope below
         # attribute names are the node-name scopes of apet.scopes: layers.i/..., apet_stage2/..., mask/...
         self.layers = nn.ModuleList(Scope(partial(self._layer, layer)) for layer in self.hf_layers)
         self.apet_stage2 = Scope(partial(stage2_rebuild, stage2)) if stage2 is not None else None
-        self.mask = Scope(additive_mask)
         self.model = adapter.model  # registered so tracing sees the weights
         self.norm = adapter.final_norm()
         self.head = adapter.lm_head()
@@ -38,20 +39,19 @@ class DecoderGraph(nn.Module):
         self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
         self.all_logits = all_logits
+        self.kernel = attention_kernel(attention, self.layout)
+        self.mask = Scope(self.kernel.mask)
 
     # -- blocks ------------------------------------------------------------------------------------
     def _attention(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   bias: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
-        q, k, v = project_qkv(layer.self_attn, h, cos, sin, self.layout)
+                   mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+        q, k, v = project_qkv(layer.self_attn, h, cos, sin, self.layout, self.kernel.rotate)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        groups = self.layout.groups
-        scores = (q * self.layout.head_dim**-0.5) @ repeat_kv(keys, groups).transpose(2, 3) + bias
-        out = F.softmax(scores, dim=-1) @ repeat_kv(values, groups)
-        return merge_heads(layer.self_attn, out), keys, values
+        return merge_heads(layer.self_attn, self.kernel.attend(q, keys, values, mask)), keys, values
 
-    def _layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
+    def _layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                past_k: torch.Tensor, past_v: torch.Tensor):
-        attn_out, keys, values = self._attention(layer, layer.input_layernorm(h), cos, sin, bias, past_k, past_v)
+        attn_out, keys, values = self._attention(layer, layer.input_layernorm(h), cos, sin, mask, past_k, past_v)
         h = h + attn_out
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, keys, values
@@ -61,17 +61,17 @@ class DecoderGraph(nn.Module):
                 *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image_start, past = (rest[0], rest[1:]) if self.stage2 is not None else (None, rest)
         h = inputs_embeds
-        cos, sin = self.rotary(h, position_ids)
-        bias = self.mask(attention_mask, h.shape[1], h.dtype)
+        cos, sin = self.kernel.tables(*self.rotary(h, position_ids))
+        mask = self.mask(attention_mask, h.shape[1], h.dtype)
         presents: list[torch.Tensor] = []
         stage2_index = None
         for i, layer in enumerate(self.layers):
             if self.apet_stage2 is not None and self.stage2 is not None and i == self.stage2.layer:
                 h, position_ids, attention_mask, stage2_index = self.apet_stage2(h, position_ids, attention_mask,
                                                                                  image_start)
-                cos, sin = self.rotary(h, position_ids)
-                bias = self.mask(attention_mask, h.shape[1], h.dtype)
-            h, keys, values = layer(h, cos, sin, bias, past[2 * i], past[2 * i + 1])
+                cos, sin = self.kernel.tables(*self.rotary(h, position_ids))
+                mask = self.mask(attention_mask, h.shape[1], h.dtype)
+            h, keys, values = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1])
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]

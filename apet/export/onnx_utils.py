@@ -19,9 +19,8 @@ from apet.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-MIN_OPSET = 17
-MAX_OPSET = 21  # 21: blocked DequantizeLinear and INT4 (quantized LLM weights, apet.export.qdq)
-TRACE_MAX_OPSET = 20  # the TorchScript exporter's limit; opset 21 graphs are traced at 20, then raised
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's ceiling; higher opsets go through the version converter
+PENDING_DOMAIN = "apet.pending"  # ops of a newer opset, written by the tracer, moved to ai.onnx after conversion
 PROTOBUF_LIMIT = 2**31 - 1024 * 1024  # stay clear of protobuf's 2 GiB hard limit
 
 _ONNX_DTYPES = {
@@ -58,23 +57,24 @@ def export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]],
     opset: int = DEFAULT_OPSET,
 ) -> Path:
-    """Trace ``module`` with the TorchScript exporter, optimise the graph and save ``path``; weights
-    go to ``path.data`` (one file) when the model does not fit one protobuf.
+    """Trace ``module`` with the TorchScript exporter, optimise the graph and save ``path`` at ``opset``;
+    weights go to ``path.data`` (one file) when the model does not fit one protobuf.
 
     The TorchScript exporter is used because it keeps static Python ints static
     (k, K, head counts), produces plain ops TensorRT 10.3 parses, and needs no
-    ``torch.export``-compatible model code. Opset 21 (quantized weights) is traced at 20 and raised
-    on the IR: 20 -> 21 only widens types (INT4/UINT4, blocked Q/DQ), so no op changes meaning.
+    ``torch.export``-compatible model code. It writes at most opset 20: above that the
+    graph is traced at 20 and raised by onnxscript's version converter.
     """
     path = Path(path)
+    traced_opset = min(opset, TORCHSCRIPT_MAX_OPSET)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
         raw = Path(scratch) / path.name
         with quiet_tracing(), torch.no_grad():
             example_outputs = module(*args)
             torch.onnx.export(
                 module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
-                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
-                opset_version=min(opset, TRACE_MAX_OPSET), do_constant_folding=True, dynamo=False,
+                dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()}, opset_version=traced_opset,
+                do_constant_folding=True, dynamo=False,
             )
         _declare_output_shapes(raw, output_names, example_outputs, dynamic_axes)
         _optimize_and_save(raw, path, opset)
@@ -105,6 +105,27 @@ def _declare_output_shapes(path: Path, names: Sequence[str], examples: Any,
     Path(path).write_bytes(model.SerializeToString())
 
 
+def _raise_opset(model: Any, opset: int) -> None:
+    """Convert an IR model to ``opset`` with onnxscript's version converter (per-op adapters where an op's
+    semantics changed, e.g. GroupNormalization at 21; the ops apet's graphs use only gained types between 20
+    and 23), then move the ops traced into :data:`PENDING_DOMAIN` to the standard domain, where they now exist."""
+    from onnxscript import version_converter
+
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if current is not None and current < opset:
+        version_converter.convert_version(model, opset, fallback=False)
+        reached = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        if reached != opset:
+            raise ArtifactError(f"onnxscript's version converter left the graph at opset {reached}, not {opset}",
+                                "export with the target's default opset (drop --opset) and report the model")
+    pending = [n for n in model.graph.all_nodes() if n.domain == PENDING_DOMAIN]
+    for node in pending:
+        node.domain = ""
+    model.opset_imports.pop(PENDING_DOMAIN, None)
+    if pending:
+        log.info("moved %d %s nodes to ai.onnx opset %d", len(pending), PENDING_DOMAIN, opset)
+
+
 def _optimize_and_save(raw: Path, final: Path, opset: int = DEFAULT_OPSET) -> None:
     """Fold constants and drop dead or no-op nodes with the onnxscript optimizer, then write ``final``.
 
@@ -123,9 +144,8 @@ def _optimize_and_save(raw: Path, final: Path, opset: int = DEFAULT_OPSET) -> No
 
     model = ir.load(str(raw))
     optimizer.optimize(model, num_iterations=2)
+    _raise_opset(model, opset)  # before lowering: the converter must not meet INT4 tensors
     lowered = lower_weight_dq(model, opset)
-    if model.opset_imports.get("", opset) < opset:
-        model.opset_imports[""] = opset
     if lowered:
         log.info("%s: %d weight-only quantized projections", final.name, lowered)
     weights = sum(p.stat().st_size for p in raw.parent.iterdir())

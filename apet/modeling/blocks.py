@@ -2,8 +2,9 @@
 the exported graph (:mod:`apet.export.decoder`) and the static-cache GPU path
 (:mod:`apet.runtime.static_decoder`), so both compute the same thing.
 
-Attention is written out (MatMul - additive mask - Softmax - MatMul in the graph dtype) so TensorRT
-fuses it and no attention weights ever leave the graph. Prefill vs decode is decided from the
+Attention is written out here (MatMul - additive mask - Softmax - MatMul in the graph dtype) so TensorRT
+fuses it and no attention weights ever leave the graph; the exported graph can use the ONNX ``Attention`` op
+instead (:mod:`apet.export.attention`). Prefill vs decode is decided from the
 *shape* of the hidden states (T > 1 is a prefill that contains the image span), never from data:
 TensorRT sees only shape arithmetic, and output lengths stay computable before execution. With
 stage 2, a prefill must contain the whole image span (no chunked prefill), and the attention mask
@@ -13,7 +14,7 @@ must be left-padded (zeros only before the first real token); the runtime guaran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.onnx.operators
@@ -30,14 +31,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def allowed_keys(attention_mask: torch.Tensor, query_len: int | torch.Tensor,
+                 include_self: bool = False) -> torch.Tensor:
+    """[B, S] 1/0 key mask -> [B, 1, T, S] boolean (True = attend), causal over the last T keys;
+    ``include_self`` also lets every query see its own key (no row is all False, see apet.export.attention)."""
+    total = attention_mask.shape[1]
+    keys = torch.arange(total, device=attention_mask.device).unsqueeze(0)
+    queries = (torch.arange(query_len, device=attention_mask.device) + (total - query_len)).unsqueeze(1)
+    allowed = (keys <= queries).unsqueeze(0) & (attention_mask.unsqueeze(1) > 0)
+    if include_self:
+        allowed = allowed | (keys == queries).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
 def additive_mask(attention_mask: torch.Tensor, query_len: int | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, S] 1/0 key mask -> [B, 1, T, S] additive bias (0 or dtype.min), causal over the last T keys."""
-    total = attention_mask.shape[1]
-    keys = torch.arange(total, device=attention_mask.device)
-    queries = torch.arange(query_len, device=attention_mask.device) + (total - query_len)
-    allowed = (keys.unsqueeze(0) <= queries.unsqueeze(1)).unsqueeze(0) & (attention_mask.unsqueeze(1) > 0)
     zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
+    return torch.where(allowed_keys(attention_mask, query_len), zero, torch.finfo(dtype).min)
 
 
 def _sequence_length(h: torch.Tensor) -> torch.Tensor | int:
@@ -94,21 +104,29 @@ class HeadLayout:
         return cls(spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, d] rotated by cos/sin [B, T, d] (Hugging Face's rotate-half form)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def project_qkv(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                layout: HeadLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                layout: HeadLayout, rotate: Rotate | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, heads, T, d], k and v [B, kv_heads, T, d], rotary embedding applied to q and k."""
-    return split_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin, layout)
+    return split_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin, layout, rotate or apply_rotary)
 
 
 def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                layout: HeadLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected [B, T, heads*d] tensors -> per-head layout with the rotary embedding applied."""
+                layout: HeadLayout, rotate: Rotate = apply_rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected [B, T, heads*d] tensors -> per-head layout with the rotary embedding applied by ``rotate``."""
     batch, length = q.shape[0], q.shape[1]
     q = q.view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
     k = k.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     v = v.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
