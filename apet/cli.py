@@ -20,9 +20,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="tiny | llava | llava-13b | a local checkpoint directory | an org/name hub id (cached)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
-    p.add_argument("--stages", type=int, default=2, choices=(1, 2),
-                   help="1: whole budget at the vision output; 2 (paper default): 1.5r at the vision output, "
-                        "0.5r after the middle LLM layer")
+    p.add_argument("--stages", type=int, choices=(1, 2),
+                   help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
+                        "output, 0.5r after the middle LLM layer (default: 2 where the family has a second stage)")
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
@@ -45,6 +45,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
+    p.add_argument("--split-lm-head", type=int, default=1, metavar="N",
+                   help="export the LM head as N vocabulary slices concatenated in the graph (TensorRT on 8 GB "
+                        "Jetsons cannot build a ~1 GiB single head, e.g. Qwen's 151,936-token one; try 4)")
     p.add_argument("--device", default="cpu", help="where to trace the model (cpu, cuda)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--overwrite", action="store_true")
@@ -58,7 +61,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                        basis_placement=args.basis_placement, image_fit=args.image_fit,
                        prompt_template=args.prompt_template,
                        dtype=args.dtype, opset=args.opset, max_batch=args.max_batch, max_context=args.max_context,
-                       stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
+                       stage2_layer=args.stage2_layer, all_logits=args.all_logits, split_lm_head=args.split_lm_head,
+                       overwrite=args.overwrite,
                        device=args.device)
     manifest = export_artifact(cfg)
     c = manifest.compression
@@ -163,12 +167,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | checkpoint directory")
+    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-qwen2.5-vl | "
+                   "qwen2.5-vl-3b-shapes | qwen2.5-vl-7b-shapes | checkpoint directory")
     p.add_argument("--ratios", default="1.0,0.33,0.22,0.11")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2))
     p.add_argument("--backend", default="torch", choices=("torch",),
                    help="torch: static KV cache + CUDA graphs on GPU (engines: use trtexec.sh, see README)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--image-size", default="640x480", metavar="WxH",
+                   help="synthetic image size (dynamic-resolution models: sets the visual-token count)")
     p.add_argument("--prompt-tokens", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
@@ -189,8 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"cannot parse {text!r} as a comma-separated list", "e.g. --ratios 1.0,0.11") from exc
 
+    size = numbers(args.image_size.lower().replace("x", ","), int)
     cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
-                      batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                      batches=numbers(args.batch, int), image_size=size, prompt_tokens=args.prompt_tokens,
+                      new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
                       compile=args.compile, baselines=not args.no_baselines)
     run_bench(cfg)

@@ -45,6 +45,7 @@ class BenchConfig:
     ratios: tuple[float, ...] = (1.0, 0.33, 0.22, 0.11)
     stages: int = 2
     batches: tuple[int, ...] = (1,)
+    image_size: tuple[int, int] = (640, 480)  # (width, height) of the synthetic image (dynamic-resolution models)
     prompt_tokens: int = 40
     new_tokens: int = 64
     repeats: int = 10
@@ -59,6 +60,8 @@ class BenchConfig:
                 raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise UsageError(f"--image-size {self.image_size} is invalid", "pass WIDTHxHEIGHT, e.g. 448x448")
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -77,9 +80,13 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
             "bandwidth_gbs": round(2 * src.numel() * 2 / (copy.median_ms * 1e-3) / 1e9, 1)}
 
 
-def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.LlmShape]:
+def shapes_of(adapter: VisionLanguageAdapter,
+              image_size: tuple[int, int] | None = None) -> tuple[flops.VisionShape, flops.LlmShape]:
     spec = adapter.spec
-    vision = get_family(spec.family).vision_flops_shape(adapter)
+    family = get_family(spec.family)
+    # dynamic-resolution ViTs cost what the request's image needs
+    vision = family.vision_flops_shape(adapter, image_size) if family.dynamic_tokens and image_size else \
+        family.vision_flops_shape(adapter)
     d = spec.decoder
     llm = flops.LlmShape(hidden=d.hidden_size, intermediate=d.intermediate_size, layers=d.num_layers,
                          heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim, vocab=d.vocab_size)
@@ -87,15 +94,17 @@ def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.
 
 
 def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, basis: int) -> tuple[dict[str, flops.Cost], list[int]]:
-    vision, llm = shapes_of(adapter)
+                request: Request, basis: int, tokens: int, keep: int) -> tuple[dict[str, flops.Cost], list[int]]:
+    """Costs at this request's ``tokens`` per image before ApET and ``keep`` after it."""
+    vision, llm = shapes_of(adapter, request.image_size)
     spec, b = adapter.spec, request.batch
-    prompt = request.prompt_tokens + stage1.keep
+    prompt = request.prompt_tokens + keep
     per_layer = [prompt - (stage2.removed if stage2 and i >= stage2.layer else 0) for i in range(llm.layers)]
     costs = {"vision_tower": flops.vision_cost(vision, b),
-             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b)
-             if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
-             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b),
+             "apet_stage1": flops.apet_cost(tokens, spec.vision_dim, keep, basis, b)
+             if keep < tokens else flops.Cost(0, 0),
+             "projector": flops.projector_cost(keep, spec.vision_dim, llm.hidden, b) if vision.projector
+             else flops.Cost(0, 0),
              "prefill": flops.prefill_cost(llm, per_layer, b),
              "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b)}
     if stage2 is not None:
@@ -105,8 +114,9 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=stages,
-                            stage1_placement=get_family(spec.family).stage1_placement)
+    family = get_family(spec.family)
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=min(stages, family.max_stages),
+                            stage1_placement=family.stage1_placement, per_image=family.dynamic_tokens)
 
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
@@ -116,7 +126,7 @@ def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
 
 def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict[str, float], ratio: float,
                 batch: int) -> dict[str, Any]:
-    request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
+    request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
     plan = _plan(adapter, ratio, cfg.stages)
     stage1, stage2 = plan.stage1, plan.stage2
     device = adapter.device
@@ -133,15 +143,18 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
-    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis)
+    tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])  # this image's N and K
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, tokens, keep)
     floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
     measured = {**{k: v["median_ms"] for k, v in stages.items()},
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
     result = {
         "ratio": ratio, "batch": batch,
-        "budgets": {"k1": plan.stage1_keep, "stage2_layer": stage2.layer if stage2 else None,
+        "visual_tokens": tokens,
+        "budgets": {"k1": keep, "stage2_layer": stage2.layer if stage2 else None,
                     "k2": stage2.keep if stage2 else None,
-                    "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers)},
+                    "mean_tokens": float(keep) if stage2 is None else
+                    plan.mean_tokens(adapter.spec.decoder.num_layers)},
         "stages": stages, "generation": generation,
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None,
@@ -196,7 +209,7 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
         runs.append(bench_ratio(adapter, cfg, ceilings, ratio, batch))
     if cfg.baselines:
         for batch in cfg.batches:
-            request = Request(batch, cfg.prompt_tokens, cfg.new_tokens)
+            request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
             baselines["hf_generate"][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
                                                                _max_context(adapter, cfg))
     _speedups(runs, baselines)

@@ -36,7 +36,7 @@ class ExportConfig:
     model: str
     out: Path
     ratio: float | None = None
-    stages: int = 2
+    stages: int | None = None  # None: the family's default (2 where a second stage exists)
     tokens: str | None = None
     basis: int = 10
     basis_method: str = "fps"
@@ -51,6 +51,7 @@ class ExportConfig:
     max_context: int | None = None
     stage2_layer: int | None = None
     all_logits: bool = False
+    split_lm_head: int = 1  # the LM head as N vocabulary slices (8 GB devices)
     overwrite: bool = False
     device: str = "cpu"
 
@@ -71,8 +72,15 @@ class ExportConfig:
         check_range("--opset", self.opset, MIN_OPSET, MAX_OPSET)
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
+        check_range("--split-lm-head", self.split_lm_head, 1, 64)
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
+
+
+def default_max_context(max_positions: int, visual_tokens: int) -> int:
+    """KV-cache capacity when not given: 2048, or room for the largest visual span plus 1024 text tokens
+    (dynamic-resolution images can keep thousands), within the model's positions."""
+    return min(max_positions, max(2048, -(-(visual_tokens + 1024) // 256) * 256))
 
 
 def _graph_entry(directory: Path, name: str) -> GraphEntry:
@@ -104,20 +112,24 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
-            if cfg.stages > family.max_stages:
+            if cfg.stages is not None and cfg.stages > family.max_stages:
                 raise UsageError(f"--stages {cfg.stages}: the {family.name} family has {family.max_stages} stage(s)",
                                  f"pass --stages {family.max_stages}")
-            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=cfg.stages,
+            stages = min(2, family.max_stages) if cfg.stages is None else cfg.stages
+            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=stages,
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
-                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)
-            max_context = cfg.max_context or min(spec.decoder.max_positions, 2048)
+                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer,
+                                    per_image=family.dynamic_tokens)
+            adapter.fit_budget(plan)
+            max_context = cfg.max_context or default_max_context(spec.decoder.max_positions, plan.stage1_keep)
             bar.update()
             step(2)
             export_vision(adapter, plan.stage1, scratch / "vision.onnx", opset=cfg.opset)
             bar.update()
             step(3)
-            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits)
+            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=cfg.opset, all_logits=cfg.all_logits,
+                       lm_head_slices=cfg.split_lm_head)
             bar.update()
             step(4)
             extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)

@@ -1,3 +1,4 @@
 """Model families. Importing this package registers the built-in ones (each import is torch-free)."""
 
 import apet.models.llava  # noqa: F401
+import apet.models.qwen2_5_vl  # noqa: F401

@@ -79,6 +79,10 @@ class VisionLanguageAdapter(ABC):
             self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
                                 prompt_template_name=prompt_template)
 
+    def fit_budget(self, plan: Any) -> None:
+        """Adapt preprocessing to the compression plan before export (a dynamic-resolution family raises its
+        minimum image size so every image has at least a fixed budget's K tokens); most families need nothing."""
+
     def format_prompt(self, user_text: str) -> str:
         return self.spec.prompt_template.format(prompt=user_text)
 
