@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2}")
+    print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2}")
     return 0
 
 

@@ -20,7 +20,7 @@ def describe(artifact: Path) -> str:
              f"{m.decoder.num_heads}/{m.decoder.num_kv_heads} q/kv heads, vocab {m.decoder.vocab_size})",
              f"  dtype      {manifest.dtype}, opset {manifest.opset}, max batch {manifest.max_batch}, "
              f"max context {manifest.max_context}",
-             f"  ApET       {m.n_tokens} -> {c.stage1_keep} visual tokens (basis {c.stage1.basis} by "
+             f"  ApET       {c.budget_summary(m.n_tokens)} (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
              f"  schema     v{manifest.schema_version}, written by apet {manifest.apet_version} at {manifest.created}"]

@@ -49,6 +49,17 @@ class CompressionPlan:
         after = num_layers - self.stage2.layer
         return (self.stage1_keep * self.stage2.layer + self.stage2.compression.keep * after) / num_layers
 
+    def budget_summary(self, n_tokens: int) -> str:
+        """Stage 1 in words for the CLI and ``apet inspect`` (``n_tokens``: per image, or the most per image)."""
+        s1 = self.stage1
+        if not s1.per_image:
+            return f"{n_tokens} -> {s1.keep} visual tokens"
+        if s1.keep_ratio is None:
+            return f"N <= {n_tokens} per image (resized to N >= {s1.keep}) -> {s1.keep} visual tokens"
+        if s1.keep_ratio >= 1.0:
+            return f"all N <= {n_tokens} visual tokens per image"
+        return f"N <= {n_tokens} per image -> int({s1.keep_ratio:g}*N) visual tokens (<= {s1.keep})"
+
     def with_rule(self, rule: str) -> "CompressionPlan":
         return replace(self, rule=rule)
 

@@ -31,11 +31,11 @@ class HfBatch:
         return (self.input_ids == self.image_token_id).to(torch.int64)
 
 
-def hf_batch(adapter, images: list, prompts: list[str]) -> HfBatch:
+def hf_batch(adapter, images: list, prompts: list[str], min_pixels: int = MIN_PIXELS) -> HfBatch:
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(adapter.source_dir)
-    processed = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(images=images,
+    processed = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=MAX_PIXELS)(images=images,
                                                                                       return_tensors="pt")
     grids = processed["image_grid_thw"]
     rows = []

@@ -113,6 +113,36 @@ def test_compressed_equals_authors_pipeline_on_hf_modules(compressed, tiny_qwen_
                                           reference.position_ids[:, b][:, mask].numpy())
 
 
+def test_fixed_budget_vision_graph_keeps_k_of_every_image(tiny_qwen_adapter, images, tmp_path: Path) -> None:
+    """--tokens K: a static K (engines get static shapes), every image resized to at least K tokens (min_pixels
+    raised), kept indices == the float64 oracle on Hugging Face's merger output at those sizes."""
+    from apet.export.vision import export_vision
+    from apet.manifest import in_memory_manifest
+    from apet.models.qwen2_5_vl.processor import QwenProcessor
+    from apet.plan import plan_compression
+
+    adapter, keep = tiny_qwen_adapter, 300
+    plan = plan_compression(adapter.spec.n_tokens, 4, tokens=str(keep), stages=1, stage1_placement="blend",
+                            per_image=True)
+    spec = adapter.spec
+    try:
+        adapter.fit_budget(plan)
+        export_vision(adapter, plan.stage1, tmp_path / "vision.onnx", opset=17)
+        processor = QwenProcessor(None, in_memory_manifest(adapter.spec, plan, dtype="fp32", max_batch=4,
+                                                           max_context=4096))
+    finally:
+        adapter.spec = spec
+    session = ort.InferenceSession(str(tmp_path / "vision.onnx"))
+    assert [o.shape for o in session.get_outputs()] == [["batch", keep, 64], ["batch", keep]]  # static K
+    for image in images:
+        embeds, index = session.run(None, processor.vision_inputs([image]).arrays)
+        merged = merged_tokens(adapter, hf_batch(adapter, [image], ["x"], min_pixels=keep * 28 * 28))[0]
+        assert merged.shape[0] >= keep and index.shape == (1, keep)
+        want_tokens, want_index = compress_one(merged.double().numpy(), keep, placement="blend")
+        np.testing.assert_array_equal(index[0], want_index)
+        np.testing.assert_allclose(embeds[0], want_tokens, rtol=0, atol=1e-4 * np.abs(want_tokens).max())
+
+
 def test_manifest_and_stats_of_a_compressed_run(compressed, images) -> None:
     pipeline = compressed["onnxruntime"]
     manifest = read_manifest(pipeline.artifact_dir)

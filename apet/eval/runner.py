@@ -75,9 +75,10 @@ def settings(cfg: EvalConfig) -> list[Setting]:
 
 def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
     """The manifest under which a checkpoint runs through the runtime's torch backend at one setting."""
-    spec = adapter.spec
-    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio, stages=stages,
-                            stage1_placement=get_family(spec.family).stage1_placement, rule=setting.method)
+    spec, family = adapter.spec, get_family(adapter.spec.family)
+    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio,
+                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement,
+                            rule=setting.method, per_image=family.dynamic_tokens)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
                               max_context=min(spec.decoder.max_positions, 4096))
 

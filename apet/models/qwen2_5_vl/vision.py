@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apet.compression import CompressionConfig
 from apet.models.qwen2_5_vl.geometry import window_layout
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
 from apet.models.vision import VisionStages
@@ -30,6 +31,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class QwenVisionStages(VisionStages):
     input_names = ["pixel_values", "patch_positions", "window_index", "window_slot"]
+
+    def __init__(self, adapter, select) -> None:
+        super().__init__(adapter, select)
+        # export passes CompressionConfig.apply: a fixed budget (--tokens K) gives static output shapes
+        config = getattr(select, "__self__", None)
+        fixed = isinstance(config, CompressionConfig) and config.keep_ratio is None
+        self.fixed_keep = config.keep if fixed else None
 
     def _vit(self) -> nn.Module:
         return self.adapter.visual()
@@ -99,6 +107,7 @@ class QwenVisionStages(VisionStages):
         return (pixels,) + tuple(torch.from_numpy(a).to(device) for a in layout.arrays().values())
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        kept = {0: "batch"} if self.fixed_keep is not None else {0: "batch", 1: "kept"}  # K per image or fixed
         return {"pixel_values": {0: "batch", 1: "patches"}, "patch_positions": {0: "patches"},
-                "window_index": {0: "windows"}, "window_slot": {0: "patches"},
-                "visual_embeds": {0: "batch", 1: "kept"}, "keep_index": {0: "batch", 1: "kept"}}
+                "window_index": {0: "windows"}, "window_slot": {0: "patches"}, "visual_embeds": kept,
+                "keep_index": kept}
