@@ -29,6 +29,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention. Exported as MatMul - (Add mask) - Softmax - MatMul in the graph dtype, the pattern
+    TensorRT fuses; eagerly through SDPA, so the torch backend's full-attention blocks never hold the
+    [heads, P, P] scores of a large image (4 x 16 x 8192² fp16 would be 8 GiB)."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        scores = (q * scale) @ k.transpose(-1, -2)
+        return F.softmax(scores if bias is None else scores + bias, dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
 class QwenVisionStages(VisionStages):
     input_names = ["pixel_values", "patch_positions", "window_index", "window_slot"]
 
@@ -54,22 +64,21 @@ class QwenVisionStages(VisionStages):
     def _attention(self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         attn = block.attn
-        batch, patches, dim = h.shape
-        heads = attn.num_heads
+        batch, patches = h.shape[0], h.shape[1]
+        dim, heads = int(attn.qkv.in_features), int(attn.num_heads)  # static
         head_dim = dim // heads
         q, k, v = attn.qkv(h).reshape(batch, patches, 3, heads, head_dim).unbind(2)  # [B, P, heads, d]
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q = (q.float() * cos + _rotate_half(q.float()) * sin).to(h.dtype)
         k = (k.float() * cos + _rotate_half(k.float()) * sin).to(h.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P, d]
-        q = q * head_dim**-0.5
         if window is None:
-            out = F.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+            out = _attend(q, k, v, None, head_dim**-0.5)
         else:
             gather, bias, slot = window
             slots = bias.shape[-1]
             q, k, v = (t.index_select(2, gather).reshape(batch, heads, -1, slots, head_dim) for t in (q, k, v))
-            out = F.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v  # [B, heads, W, S, d]
+            out = _attend(q, k, v, bias, head_dim**-0.5)  # [B, heads, W, S, d]
             out = out.reshape(batch, heads, -1, head_dim).index_select(2, slot)
         return attn.proj(out.transpose(1, 2).reshape(batch, patches, dim))
 
