@@ -153,6 +153,11 @@ def test_manifest_and_stats_of_a_compressed_run(compressed, images) -> None:
     assert {s["name"]: s["shape"] for s in manifest.graphs["llm"].inputs}["position_ids"] == [3, "batch", "seq"]
     result = _generate(pipeline, images[:1], PROMPTS[:1], new_tokens=4)[0]
     assert result.stats.visual_tokens == [int(0.3 * 280)] and result.stats.cache_lengths
+    from apet.inspect_artifact import describe
+
+    text = describe(pipeline.artifact_dir)
+    assert "N <= 2048 per image -> int(0.3*N) visual tokens (<= 614)" in text
+    assert "position_ids: int64[3, batch, seq]" in text
 
 
 def test_apet_run_cli_json_on_tiny(compressed, capsys) -> None:
