@@ -12,6 +12,7 @@ the selection rule plugged in.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,9 @@ class Reference:
         self.select = get_rule(rule)
         self.vision = get_family(adapter.family).vision_stages(adapter, lambda x: self.select(x, stage1))
         self.layers = list(adapter.decoder_layers())
+        # transformers >= 5.2x renames the layers' past_key_values to cache (deprecated name warns)
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.layers[0].forward).parameters else \
+            "past_key_values"
 
     @torch.no_grad()
     def visual_embeds(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +77,8 @@ class Reference:
         cos_sin = self.adapter.hf_position_embeddings(hidden, positions)
         bias = causal_bias(mask, hidden.shape[1], hidden.dtype)
         for i in layers:
-            out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
-                                 use_cache=True, position_embeddings=cos_sin)
+            out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, use_cache=True,
+                                 position_embeddings=cos_sin, **{self.cache_arg: cache})
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
