@@ -75,10 +75,11 @@ class QwenVisionStages(VisionStages):
         if window is None:
             out = _attend(q, k, v, None, head_dim**-0.5)
         else:
-            gather, bias, slot = window
+            gather, bias, slot = window  # bias [heads·W, 1, S]
             slots = bias.shape[-1]
-            q, k, v = (t.index_select(2, gather).reshape(batch, heads, -1, slots, head_dim) for t in (q, k, v))
-            out = _attend(q, k, v, bias, head_dim**-0.5)  # [B, heads, W, S, d]
+            # [B, heads, W·S, d] -> [B, heads·W, S, d]: windows become attention heads (the 4-D pattern TensorRT fuses)
+            q, k, v = (t.index_select(2, gather).reshape(batch, -1, slots, head_dim) for t in (q, k, v))
+            out = _attend(q, k, v, bias, head_dim**-0.5)
             out = out.reshape(batch, heads, -1, head_dim).index_select(2, slot)
         return attn.proj(out.transpose(1, 2).reshape(batch, patches, dim))
 
@@ -92,7 +93,9 @@ class QwenVisionStages(VisionStages):
         cos, sin = self._rotary(patch_positions)
         empty = window_index < 0
         bias = torch.where(empty, torch.finfo(dtype).min, torch.zeros((), dtype=dtype, device=h.device))
-        window = (window_index.clamp(min=0).reshape(-1), bias[:, None, :], window_slot)  # bias [W, 1, S]
+        heads = int(vit.blocks[0].attn.num_heads)
+        bias = bias.unsqueeze(0).expand(heads, -1, -1).reshape(-1, 1, bias.shape[-1])  # [heads·W, 1, S]
+        window = (window_index.clamp(min=0).reshape(-1), bias, window_slot)
         full = set(self.adapter.spec.extra["fullatt_block_indexes"])
         for i, block in enumerate(vit.blocks):
             h = h + self._attention(block, block.norm1(h), cos, sin, None if i in full else window)
