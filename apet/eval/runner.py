@@ -109,7 +109,8 @@ def _pipelines(cfg: EvalConfig) -> Iterator[tuple[Setting, Pipeline]]:
 
 def _conditions(manifest: Manifest) -> dict[str, Any]:
     """What the scores depend on besides the rule and ratio: recorded in the report."""
-    return {"prompt_template": manifest.model.prompt_template_name, "image_fit": manifest.model.processor.get("image_fit"),
+    return {"prompt_template": manifest.model.prompt_template_name,
+            "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
             "stages": 1 if manifest.compression.stage2 is None else 2}
 
