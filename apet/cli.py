@@ -25,8 +25,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
-                        "output, 0.5r after the middle LLM layer (default: the family's most; Video-LLaVA has 1, "
-                        "where --ratio is the per-frame budget: 0.125 -> 32 of 256 = 22 error-selected + 10 basis)")
+                        "output, 0.5r after the middle LLM layer (default: the family's most; Video-LLaVA and "
+                        "Qwen2.5-VL have 1; Video-LLaVA's --ratio is the per-frame budget: 0.125 -> 32 of 256 = "
+                        "22 error-selected + 10 basis)")
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
@@ -82,6 +83,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs and engines serve")
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
+    p.add_argument("--split-lm-head", type=int, default=1, metavar="N",
+                   help="export the LM head as N vocabulary slices concatenated in the graph (TensorRT on 8 GB "
+                        "Jetsons cannot build a ~1 GiB single head, e.g. Qwen's 151,936-token one; try 4)")
     p.add_argument("--device", default="cpu", help="where to trace the model: cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write (written atomically)")
     p.add_argument("--overwrite", action="store_true",
@@ -97,7 +101,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                        prompt_template=args.prompt_template, frames=args.frames, media=args.media,
                        dtype=args.dtype, target=args.target, attention=args.attention, opset=args.opset,
                        max_batch=args.max_batch, max_context=args.max_context,
-                       stage2_layer=args.stage2_layer, all_logits=args.all_logits, overwrite=args.overwrite,
+                       stage2_layer=args.stage2_layer, all_logits=args.all_logits, split_lm_head=args.split_lm_head,
+                       overwrite=args.overwrite,
                        device=args.device, max_views=args.max_views, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
                        calib_images=args.calib_images, calib_samples=args.calib_samples,
@@ -106,7 +111,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
     llm = manifest.graphs["llm"]
-    print(f"wrote {args.out}: {manifest.model.n_tokens} -> {c.stage1_keep} visual tokens{stage2} "
+    print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
           f"({manifest.family.visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
           f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe()}, "
           f"{llm.weight_bytes / 1e6:.1f} MB")
@@ -223,7 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-llava-next | "
-                   "llava-next-shapes | tiny-video-llava | video-llava-shapes | checkpoint directory")
+                   "llava-next-shapes | tiny-video-llava | video-llava-shapes | tiny-qwen2.5-vl | "
+                   "qwen2.5-vl-3b-shapes | qwen2.5-vl-7b-shapes | checkpoint directory")
     p.add_argument("--ratios", default="1.0,0.33,0.22,0.11",
                    help="comma-separated retained fractions (video-llava: per-frame budgets, e.g. 1.0,0.125)")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages, capped at the family's most")
@@ -268,10 +274,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--image-size {args.image_size!r} is not WxH", "e.g. --image-size 672x672") from exc
     baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b)
     cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
-                      batches=numbers(args.batch, int), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                      batches=numbers(args.batch, int), image_size=(width, height), prompt_tokens=args.prompt_tokens,
+                      new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
                       compile=args.compile, baselines=baselines,
-                      backends=tuple(b for b in args.backends.split(",") if b), image_size=(width, height),
+                      backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention)
     run_bench(cfg)

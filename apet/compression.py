@@ -42,6 +42,14 @@ and inside ``torch.onnx.export``: k and K are Python ints (static in the
 graph), there is no data-dependent Python control flow, no host sync and no
 ``torch.linalg`` in traced code. All math is float32 whatever the input dtype,
 because the Gram system is ill-conditioned in fp16.
+
+Families whose token count N varies per image (Qwen2.5-VL's dynamic resolution)
+set ``max_tokens``: the graph is then traced with a symbolic N, and the budget
+is either fixed (``keep``) or the authors' per-image ``int(keep_ratio·N)``
+(:meth:`CompressionConfig.keep_for`, the one home of that rule). In a graph the
+per-image K is looked up in a constant table indexed by N — a shape computation
+TensorRT accepts as TopK's K — so the engine reproduces the float64 ``int(r·N)``
+of the reference exactly for every N the processor can produce.
 """
 
 from __future__ import annotations
@@ -82,12 +90,33 @@ class CompressionConfig:
     merge: bool = True
     seed: int | None = None
     placement: str = "mask"
+    keep_ratio: float | None = None  # per-image budget int(keep_ratio·N) (Qwen2.5-VL); needs max_tokens
+    max_tokens: int | None = None  # N varies per image, up to this (graphs see a symbolic N)
+
+    @property
+    def per_image(self) -> bool:
+        """Whether N varies per image (dynamic resolution): budgets and graphs are per-image."""
+        return self.max_tokens is not None
+
+    def keep_for(self, n_tokens: int) -> int:
+        """K for an image of N tokens: ``keep``, or the authors' ``int(keep_ratio·N)`` clamped to
+        [basis+1, N] (their code has no clamp; it only matters below basis+1 kept tokens)."""
+        if self.keep_ratio is None:
+            return min(self.keep, n_tokens)
+        if self.keep_ratio >= 1.0:
+            return n_tokens
+        return min(n_tokens, max(self.basis + 1, int(self.keep_ratio * n_tokens)))
 
     def validate(self, n_tokens: int) -> None:
         if not isinstance(self.basis, int) or self.basis < 1:
             raise UsageError(f"basis={self.basis!r} is invalid; allowed range is [1, {max(n_tokens - 1, 1)}]",
                              "pass --basis 10 (the paper's default) or another positive integer")
-        if not isinstance(self.keep, int) or not (self.basis + 1 <= self.keep <= n_tokens):
+        if self.per_image:
+            self._validate_per_image(n_tokens)
+        elif self.keep_ratio is not None:
+            raise UsageError("keep_ratio needs max_tokens (the largest per-image token count)",
+                             "set max_tokens, or use a fixed keep")
+        elif not isinstance(self.keep, int) or not (self.basis + 1 <= self.keep <= n_tokens):
             raise UsageError(
                 f"keep={self.keep!r} is outside the allowed range [{self.basis + 1}, {n_tokens}] "
                 f"(basis={self.basis}, {n_tokens} tokens)",
@@ -98,10 +127,29 @@ class CompressionConfig:
         if self.placement not in PLACEMENTS:
             raise UsageError(f"placement={self.placement!r} is unknown", f"use one of {', '.join(PLACEMENTS)}")
 
+    def _validate_per_image(self, n_tokens: int) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UsageError(f"max_tokens={self.max_tokens!r} is invalid", "pass a positive token count")
+        if not 0 < n_tokens <= self.max_tokens:
+            raise InputError(f"an image with {n_tokens} tokens is outside this budget's range [1, {self.max_tokens}]",
+                             "preprocess images with the artifact's processor (its max_pixels bounds N)")
+        if self.keep_ratio is not None:
+            if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
+                raise UsageError(f"keep_ratio={self.keep_ratio!r} is outside (0, 1]", "pass e.g. --ratio 0.3")
+        elif not isinstance(self.keep, int) or not self.basis + 1 <= self.keep <= self.max_tokens:
+            raise UsageError(f"keep={self.keep!r} is outside the allowed range [{self.basis + 1}, {self.max_tokens}]",
+                             "keep at least basis+1 tokens and at most the largest image's")
+        elif n_tokens < self.keep:
+            raise InputError(f"an image with {n_tokens} tokens is below the fixed budget of {self.keep}",
+                             "preprocess images with the artifact's processor (it resizes them to at least K tokens)")
+        if self.seed is not None or self.method == "random":
+            raise UsageError("a seeded FPS start or a random basis needs a fixed token count",
+                             "drop --seed / use --basis-method fps or dpc for dynamic-resolution models")
+
     def apply(self, x: torch.Tensor) -> Compressed:
         """``compress(x)`` with these settings."""
         return compress(x, keep=self.keep, basis=self.basis, method=self.method, merge=self.merge, seed=self.seed,
-                        placement=self.placement)
+                        placement=self.placement, keep_ratio=self.keep_ratio, max_tokens=self.max_tokens)
 
     def with_keep(self, keep: int) -> "CompressionConfig":
         return replace(self, keep=keep)
@@ -138,17 +186,19 @@ def resolve_placement(basis_placement: str, paper_placement: str) -> str:
 
 def stage_configs(stage1_keep: int, stage2: tuple[int, int] | None, basis: int = 10, method: str = "fps",
                   merge: bool = True, seed: int | None = None, basis_placement: str = "paper",
-                  stage1_placement: str = "mask") -> tuple[CompressionConfig, Stage2Config | None]:
+                  stage1_placement: str = "mask", keep_ratio: float | None = None,
+                  max_tokens: int | None = None) -> tuple[CompressionConfig, Stage2Config | None]:
     """The two stages' configs from budgets: K1, and (layer L, K2) or None; both stages share basis settings.
 
     ``stage1_placement`` is the family's paper placement at the vision output (LLaVA: mask); the
     second stage always uses the LLM-side ``rank`` placement of the reference's ``layer_prune``.
+    ``keep_ratio`` / ``max_tokens`` make stage 1 per-image (see :class:`CompressionConfig`).
     """
     def config(keep: int, paper: str) -> CompressionConfig:
         return CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed,
                                  placement=resolve_placement(basis_placement, paper))
 
-    first = config(stage1_keep, stage1_placement)
+    first = replace(config(stage1_keep, stage1_placement), keep_ratio=keep_ratio, max_tokens=max_tokens)
     if stage2 is None:
         return first, None
     layer, keep = stage2
@@ -180,13 +230,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _one_hot(index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+def _one_hot(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
     """index [..., M] -> [..., M, N] float one-hot rows; a matmul-friendly scatter."""
-    positions = torch.arange(n_tokens, device=index.device)
+    positions = torch.arange(n_tokens, device=index.device)  # n_tokens may be a traced length
     return (index.unsqueeze(-1) == positions).to(torch.float32)
 
 
-def _members(index: torch.Tensor, n_tokens: int) -> torch.Tensor:
+def _members(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
     """index [B, M] -> [B, N] float: 1 where a position is in ``index``."""
     return _one_hot(index, n_tokens).amax(1)
 
@@ -285,7 +335,7 @@ def basis_errors(x: torch.Tensor, basis_index: torch.Tensor) -> torch.Tensor:
 def _ascending_order(index: torch.Tensor) -> torch.Tensor:
     """The permutation that sorts int64 positions ascending (TopK on float32: exact below 2^24, and
     a TopK every TensorRT parses, unlike int64 Sort)."""
-    return torch.topk(index.to(torch.float32), int(index.shape[1]), dim=1, largest=False, sorted=True).indices
+    return torch.topk(index.to(torch.float32), index.shape[1], dim=1, largest=False, sorted=True).indices
 
 
 def _ascending(index: torch.Tensor) -> torch.Tensor:
@@ -306,9 +356,9 @@ def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor,
     is 1 for tokens to merge, ``nearest`` the assignment if already known (the fused GPU path).
     Each target becomes (itself + Σ assigned) / (1 + count).
     """
-    n_tokens = int(x.shape[1])
+    n_tokens = x.shape[1]  # a traced length when N is symbolic
     nearest = cosine_nearest(x, targets) if nearest is None else nearest
-    assigned = _one_hot(nearest, int(targets.shape[1])) * dropped.unsqueeze(-1)  # [B, N, T]
+    assigned = _one_hot(nearest, targets.shape[1]) * dropped.unsqueeze(-1)  # [B, N, T]
     members = assigned + _one_hot(targets, n_tokens).transpose(1, 2)  # each target counts itself
     total = members.transpose(1, 2) @ x  # [B, T, D]
     return total / members.sum(1).unsqueeze(-1)
@@ -319,8 +369,9 @@ def _selected_tokens(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tens
     """The error-selected tokens, merged with every token outside ``ranked`` (and ``exclude``)."""
     if not merge:
         return gather_tokens(x, selected)
-    outside = _members(ranked, int(x.shape[1])) if exclude is None else \
-        torch.maximum(_members(ranked, int(x.shape[1])), _members(exclude, int(x.shape[1])))
+    n_tokens = x.shape[1]
+    outside = _members(ranked, n_tokens) if exclude is None else \
+        torch.maximum(_members(ranked, n_tokens), _members(exclude, n_tokens))
     return merge_into(x, selected, 1.0 - outside, nearest(selected))
 
 
@@ -353,7 +404,7 @@ def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep:
          nearest: Nearest) -> Compressed:
     """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
     k = int(basis_index.shape[1])
-    is_basis = _members(basis_index, int(x.shape[1])) > 0
+    is_basis = _members(basis_index, x.shape[1]) > 0
     selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
     selected_tokens = _selected_tokens(x, selected, selected, merge, nearest, exclude=basis_index)
     tokens = torch.cat([selected_tokens, gather_tokens(x, basis_index)], 1)
@@ -368,31 +419,44 @@ def compress(
     merge: bool = True,
     seed: int | None = None,
     placement: str = "mask",
+    keep_ratio: float | None = None,
+    max_tokens: int | None = None,
 ) -> Compressed:
     """Keep ``keep`` of the N tokens of each image by ApET; see the module docstring."""
     _check_input(x)
+    config = CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed, placement=placement,
+                               keep_ratio=keep_ratio, max_tokens=max_tokens)
+    if config.per_image:
+        return _compress_per_image(x, config)
     n_tokens = int(x.shape[1])
-    CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed,
-                      placement=placement).validate(n_tokens)
+    config.validate(n_tokens)
     if keep == n_tokens:
-        index = torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(n_tokens, device=x.device)
-        return Compressed(x, index)
+        return _keep_all(x)
+    return _compress(x, config, keep)
 
+
+def _keep_all(x: torch.Tensor) -> Compressed:
+    return Compressed(x, torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(x.shape[1], device=x.device))
+
+
+def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor) -> Compressed:
+    """The algorithm for K = ``keep`` (a Python int, or a traced 0-d tensor when N is symbolic)."""
     x32 = x.to(torch.float32)
-    if method == "fps" and _fused_available(x32):
+    if config.method == "fps" and _fused_available(x32):
         from apet.kernels import apet_fused
 
         gram = apet_fused.token_gram(x32)
-        basis_index, errors = apet_fused.fps_errors(gram, basis, fps_start(n_tokens, seed), GRAM_RIDGE)
+        basis_index, errors = apet_fused.fps_errors(gram, config.basis, fps_start(int(x.shape[1]), config.seed),
+                                                       GRAM_RIDGE)
         nearest: Nearest = lambda targets: apet_fused.cosine_nearest(gram, targets)  # noqa: E731
     else:
-        basis_index = select_basis(x32, basis, method, seed)
+        basis_index = select_basis(x32, config.basis, config.method, config.seed)
         errors = basis_errors(x32, basis_index)
         nearest = lambda targets: cosine_nearest(x32, targets)  # noqa: E731
-    if placement == "own":
-        kept = _own(x32, errors, basis_index, keep, merge, nearest)
+    if config.placement == "own":
+        kept = _own(x32, errors, basis_index, keep, config.merge, nearest)
     else:
-        kept = _paper(x32, errors, basis_index, keep, merge, placement, nearest)
+        kept = _paper(x32, errors, basis_index, keep, config.merge, config.placement, nearest)
     return Compressed(kept.tokens.to(x.dtype), kept.index)
 
 
@@ -406,6 +470,25 @@ def _fused_available(x: torch.Tensor) -> bool:
     from apet.kernels import apet_fused
 
     return apet_fused.available(x)
+
+
+def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> Compressed:
+    """N varies per image: eagerly K = ``keep_for(N)``; traced, K is a shape computation of the symbolic N
+    (a constant table lookup) and K = N keeps everything through a Where, so both agree for every N."""
+    n_tokens = x.shape[1]
+    if config.keep_ratio is not None and config.keep_ratio >= 1.0:
+        return _keep_all(x)
+    if not isinstance(n_tokens, torch.Tensor):  # eager
+        config.validate(n_tokens)
+        keep = config.keep_for(n_tokens)
+        return _keep_all(x) if keep == n_tokens else _compress(x, config, keep)
+    config.validate(config.max_tokens)
+    table = torch.tensor([config.keep_for(n) for n in range(config.max_tokens + 1)], device=x.device)
+    keep = table[n_tokens.clamp(max=config.max_tokens)] if config.keep_ratio is not None else config.keep
+    kept = _compress(x, config, keep)
+    everything = n_tokens == keep
+    positions = torch.zeros_like(kept.index) + torch.arange(keep, device=x.device)
+    return Compressed(torch.where(everything, x[:, :keep], kept.tokens), torch.where(everything, positions, kept.index))
 
 
 class CompressionModule(torch.nn.Module):

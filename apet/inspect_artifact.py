@@ -46,7 +46,7 @@ def describe(artifact: Path) -> str:
              f"  weights    LLM {manifest.weights.describe()}",
              f"  target     {manifest.target}: {manifest.attention} attention"
              + (" (ONNX Attention + RotaryEmbedding)" if manifest.attention == "op" else " (MatMul-Softmax-MatMul)"),
-             f"  ApET       {m.n_tokens} -> {c.stage1_keep} visual tokens (basis {c.stage1.basis} by "
+             f"  ApET       {c.budget_summary(m.n_tokens)} (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
              f"  visual     {manifest.family.visual_summary(manifest)} at the LLM input",

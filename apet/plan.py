@@ -6,6 +6,11 @@ paper reports it: two stages keep K1 = 1.5·r·N up to layer L = layers/2 and
 K2 = 0.5·r·N after it (for r > 2/3, K1 = N and K2 = (2r-1)·N); one stage keeps
 r·N at the vision output. Budgets round to the nearest multiple of 8
 (tensor-core friendly) and never exceed N; ``--tokens K[,K2]`` sets them exactly.
+
+Dynamic-resolution families (``per_image``: N varies per image, up to ``n_tokens``) follow their
+authors instead: ``--ratio r`` keeps ``int(r·N)`` of each image (no rounding, one stage), and
+``--tokens K`` a fixed K per image (static shapes for engines; the processor then resizes images
+to at least K tokens).
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ class CompressionPlan:
         after = num_layers - self.stage2.layer
         return (self.stage1_keep * self.stage2.layer + self.stage2.compression.keep * after) / num_layers
 
+    def budget_summary(self, n_tokens: int) -> str:
+        """Stage 1 in words for the CLI and ``apet inspect`` (``n_tokens``: per image, or the most per image)."""
+        s1 = self.stage1
+        if not s1.per_image:
+            return f"{n_tokens} -> {s1.keep} visual tokens"
+        if s1.keep_ratio is None:
+            return f"N <= {n_tokens} per image (resized to N >= {s1.keep}) -> {s1.keep} visual tokens"
+        if s1.keep_ratio >= 1.0:
+            return f"all N <= {n_tokens} visual tokens per image"
+        return f"N <= {n_tokens} per image -> int({s1.keep_ratio:g}*N) visual tokens (<= {s1.keep})"
+
     def with_rule(self, rule: str) -> "CompressionPlan":
         return replace(self, rule=rule)
 
@@ -73,7 +89,8 @@ class CompressionPlan:
 
 def _config_json(config: CompressionConfig) -> dict[str, Any]:
     return {"keep": config.keep, "basis": config.basis, "method": config.method, "merge": config.merge,
-            "seed": config.seed, "placement": config.placement}
+            "seed": config.seed, "placement": config.placement, "keep_ratio": config.keep_ratio,
+            "max_tokens": config.max_tokens}
 
 
 def _int(value: Any) -> int:
@@ -83,10 +100,13 @@ def _int(value: Any) -> int:
 
 
 def _config_from_json(data: Mapping[str, Any]) -> CompressionConfig:
-    seed = data.get("seed")
+    seed, ratio, max_tokens = data.get("seed"), data.get("keep_ratio"), data.get("max_tokens")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        raise TypeError("keep_ratio is not a number")
     return CompressionConfig(keep=_int(data["keep"]), basis=_int(data["basis"]), method=str(data["method"]),
                              merge=bool(data["merge"]), seed=None if seed is None else _int(seed),
-                             placement=str(data["placement"]))
+                             placement=str(data["placement"]), keep_ratio=None if ratio is None else float(ratio),
+                             max_tokens=None if max_tokens is None else _int(max_tokens))
 
 
 def round_to_8(value: float, limit: int) -> int:
@@ -133,13 +153,18 @@ def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None
 def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = None, stages: int = 2,
                      tokens: str | None = None, basis: int = 10, method: str = "fps", merge: bool = True,
                      seed: int | None = None, basis_placement: str = "paper", stage1_placement: str = "mask",
-                     stage2_layer: int | None = None, rule: str = "apet") -> CompressionPlan:
-    """Turn the user's budget options into a validated plan with static keeps."""
+                     stage2_layer: int | None = None, rule: str = "apet", per_image: bool = False) -> CompressionPlan:
+    """Turn the user's budget options into a validated plan with static keeps (``per_image``: see the module
+    docstring; ``n_tokens`` is then the most tokens one image can have)."""
     if stages not in (1, 2):
         raise UsageError(f"--stages {stages} is invalid", "use --stages 1 or --stages 2")
     if basis_placement not in BASIS_PLACEMENTS:
         raise UsageError(f"--basis-placement {basis_placement!r} is unknown",
                          "use paper (the authors' algorithm, default) or own (ablation)")
+    if per_image:
+        return _per_image_plan(n_tokens, ratio=ratio, stages=stages, tokens=tokens, basis=basis, method=method,
+                               merge=merge, seed=seed, basis_placement=basis_placement,
+                               stage1_placement=stage1_placement, rule=rule)
     layer = num_layers // 2 if stage2_layer is None else stage2_layer
     k1, k2 = _budgets(n_tokens, ratio, stages, tokens)
     for name, keep in (("K1", k1), ("K2", k2)):
@@ -157,3 +182,30 @@ def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = No
                                    basis_placement, stage1_placement)
     return CompressionPlan(stage1=stage1, stage2=stage2, ratio=ratio if tokens is None else None,
                            basis_placement=basis_placement, rule=rule)
+
+
+def _per_image_plan(n_tokens: int, *, ratio: float | None, stages: int, tokens: str | None, basis: int, method: str,
+                    merge: bool, seed: int | None, basis_placement: str, stage1_placement: str,
+                    rule: str) -> CompressionPlan:
+    """One stage; K = int(r·N) of each image (``--ratio``) or a fixed K (``--tokens``)."""
+    if stages != 1:
+        raise UsageError("this model family has no second ApET stage", "pass --stages 1 (the default for it)")
+    keep_ratio = None
+    if tokens is not None:
+        values = _parse_tokens(tokens)
+        if len(values) != 1:
+            raise UsageError(f"--tokens {tokens!r} has two budgets but this family has one stage", "pass --tokens K")
+        keep = values[0]
+        if not basis + 1 <= keep <= n_tokens:
+            raise UsageError(f"--tokens {keep} is outside [{basis + 1}, {n_tokens}] (basis={basis}, at most "
+                             f"{n_tokens} tokens per image)", "pick a budget in that range, or lower --basis")
+    else:
+        if ratio is None or not (0.0 < ratio <= 1.0):
+            raise UsageError(f"--ratio {ratio!r} is outside the allowed range (0, 1]",
+                             "pass the retained fraction of each image's tokens, e.g. --ratio 0.3")
+        keep_ratio = ratio
+        keep = CompressionConfig(keep=n_tokens, basis=basis, keep_ratio=ratio, max_tokens=n_tokens).keep_for(n_tokens)
+    stage1, _ = stage_configs(keep, None, basis, method, merge, seed, basis_placement, stage1_placement,
+                              keep_ratio=keep_ratio, max_tokens=n_tokens)
+    stage1.validate(keep if keep_ratio is None else n_tokens)
+    return CompressionPlan(stage1=stage1, ratio=keep_ratio, basis_placement=basis_placement, rule=rule)

@@ -5,7 +5,8 @@ engine. A new rule is one function::
     @register("my-rule")
     def my_rule(x: torch.Tensor, config: CompressionConfig) -> Compressed: ...
 
-``x`` is [B, N, D]; the result keeps ``config.keep`` tokens in ascending original position.
+``x`` is [B, N, D]; the result keeps ``config.keep_for(N)`` tokens in ascending original position (``keep``,
+or a per-image budget for dynamic-resolution models).
 """
 
 from __future__ import annotations
@@ -62,17 +63,18 @@ def apet_own(x: torch.Tensor, config: CompressionConfig) -> Compressed:
 @register("random")
 def random_rule(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """Seeded uniform-random subset (the same positions for every image)."""
-    if config.keep >= x.shape[1]:
+    keep = config.keep_for(x.shape[1])
+    if keep >= x.shape[1]:
         return _keep_all(x)
     rng = np.random.default_rng(0 if config.seed is None else config.seed)
-    picked = torch.from_numpy(np.sort(rng.permutation(x.shape[1])[: config.keep])).to(x.device)
+    picked = torch.from_numpy(np.sort(rng.permutation(x.shape[1])[:keep])).to(x.device)
     return _ascending(x, picked.expand(x.shape[0], -1))
 
 
 @register("pool")
 def uniform_pool(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """Uniform spatial pooling: K contiguous raster-order segments, each averaged (index = its middle)."""
-    n, keep = x.shape[1], config.keep
+    n, keep = x.shape[1], config.keep_for(x.shape[1])
     if keep >= n:
         return _keep_all(x)
     edges = np.linspace(0, n, keep + 1).round().astype(int)
@@ -86,14 +88,15 @@ def uniform_pool(x: torch.Tensor, config: CompressionConfig) -> Compressed:
 @register("divprune")
 def divprune(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """DivPrune-style max-min diversity: greedy farthest-point selection of K tokens by cosine distance."""
-    if config.keep >= x.shape[1]:
+    keep = config.keep_for(x.shape[1])
+    if keep >= x.shape[1]:
         return _keep_all(x)
     unit = torch.nn.functional.normalize(x.to(torch.float32), dim=-1)
     similarity = unit @ unit.transpose(1, 2)  # [B, N, N]
     index = similarity.sum(-1).argmin(dim=1)  # start from the least typical token
     chosen = [index]
     closest = similarity.gather(1, index[:, None, None].expand(-1, 1, x.shape[1]))[:, 0]
-    for _ in range(config.keep - 1):
+    for _ in range(keep - 1):
         index = closest.argmin(dim=1)  # farthest (least similar) from everything chosen
         chosen.append(index)
         row = similarity.gather(1, index[:, None, None].expand(-1, 1, x.shape[1]))[:, 0]

@@ -8,6 +8,9 @@
 #   ortbench        the exported 7B-shape graphs in ONNX Runtime CUDA vs the torch path (parity + timing)
 #   family NAME ... apet-bench for another family (arguments passed through)
 #   llm-int8|llm-int4 the 7B-shape LLM exported at int8/int4 (size, time, peak host RAM); bench-weights per format
+#   video           apet-bench video-llava-shapes (per-frame budgets 1.0 and 0.125)
+#   qwen-checks     Qwen2.5-VL torch GPU vs CPU parity (scripts/qwen_gpu_checks.py)
+#   qwen-bench      apet-bench qwen2.5-vl-7b/3b-shapes at two image sizes, batch 1 and 4
 set -uo pipefail
 export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -60,5 +63,16 @@ case "$stage" in
   bench-weights)  # decode ms/token and TTFT per weight format (torch path), Jetson projections per format
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 1 --repeats 10 \
       --new-tokens 64 --weights fp16,int8,int4 --no-baselines --out "$OUT/weights" | tail -30
+    ;;
+  qwen-checks)  # [tensorrt|tensorrt-rtx]: also build and run engines (needs a GPU that TensorRT runs on)
+    python3 scripts/qwen_gpu_checks.py --builder "${1:-none}" --out "$OUT/qwen_gpu_checks.json" 2>&1 | tail -60
+    ;;
+  qwen-bench)
+    for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do
+      for size in 448x448 1344x1344; do
+        python3 -m apet.cli bench --model "$model" --ratios 1.0,0.5,0.3,0.11 --batch 1,4 --image-size "$size" \
+          --repeats 10 --new-tokens 64 --out "$OUT/$model-$size" | tail -12
+      done
+    done
     ;;
 esac

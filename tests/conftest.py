@@ -77,3 +77,38 @@ def make_image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
         x0, y0 = rng.integers(0, max(1, w - 40)), rng.integers(0, max(1, h - 40))
         base[y0:y0 + rng.integers(20, 60), x0:x0 + rng.integers(20, 60)] = rng.integers(0, 255, 3)
     return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.models.qwen2_5_vl.tiny import create_tiny_qwen
+
+    return create_tiny_qwen(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_adapter(tiny_qwen_checkpoint: Path):
+    """The tiny Qwen2.5-VL loaded through the real loading code (float32)."""
+    from apet.models.qwen2_5_vl.adapter import QwenAdapter
+
+    return QwenAdapter.load(tiny_qwen_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def qwen_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_checkpoint: Path):
+    """export_qwen(ratio=..., dtype=..., tokens=...) -> tiny Qwen2.5-VL artifact dir, cached per argument set."""
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("qwen_artifacts")
+
+    def export_qwen(ratio: float | None = 0.3, dtype: str = "fp32", tokens: str | None = None, **extra) -> Path:
+        key = (ratio, dtype, tokens, tuple(sorted(extra.items())))
+        if key not in cache:
+            out = root / f"q{len(cache)}"
+            export_artifact(ExportConfig(model=str(tiny_qwen_checkpoint), out=out, ratio=ratio, dtype=dtype,
+                                         tokens=tokens, **extra))
+            cache[key] = out
+        return cache[key]
+
+    return export_qwen

@@ -69,7 +69,7 @@ def test_targets_choose_form_and_refuse_conflicts() -> None:
     assert resolve_form(attention="op").target == "trt10.15+"
     assert resolve_form("rtx", attention="pattern").opset == 17  # pattern parses on every target
     for kwargs, words in [(dict(target="jetpack6", attention="op"), "--target jetpack6"),
-                          (dict(target="rtx", opset=20), "--opset"), (dict(target="jetpack6", opset=21), "--opset"),
+                          (dict(target="rtx", opset=20), "--opset"), (dict(target="jetpack6", opset=22), "--opset"),
                           (dict(target="jetson"), "--target 'jetson'"), (dict(attention="flash"), "--attention")]:
         with pytest.raises(UsageError, match=words.replace("+", r"\+")):
             resolve_form(**kwargs)
@@ -215,3 +215,37 @@ def test_build_refuses_tensorrt_that_cannot_parse_op_form(artifact_factory, tmp_
     with pytest.raises(UsageError, match=r"tensorrt 10.3.0 cannot parse .* --target rtx .*--target jetpack6"):
         build_artifact(BuildConfig(artifact=target), api=old_trt)
     assert not (target / "llm.plan").exists()
+
+
+# -- op form for every family ----------------------------------------------------------------------------------
+def _family_media(model: str) -> list:
+    if model == "tiny-video-llava":
+        from videos import make_frames
+
+        return [make_frames(1, 12), make_frames(2, 9)]
+    return [make_image(1, (300, 200)), make_image(2, (180, 260))]
+
+
+@pytest.mark.parametrize(("model", "options"), [
+    ("tiny-llava-next", {"ratio": 0.3, "stages": 1}),
+    ("tiny-video-llava", {"ratio": 0.5}),
+    ("tiny-qwen2.5-vl", {"ratio": 0.3}),  # window attention: windows as heads, padding slots masked
+])
+def test_op_form_of_every_family_equals_torch(model: str, options: dict, tmp_path: Path) -> None:
+    """Each family's op-form graphs: one Attention and two RotaryEmbedding nodes per decoder layer, every vision
+    attention an Attention node, and ONNX Runtime gives the torch backend's tokens and kept indices."""
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    out = tmp_path / "op"
+    manifest = export_artifact(ExportConfig(model=model, out=out, dtype="fp32", attention="op", **options))
+    assert (manifest.attention, manifest.opset) == ("op", 23)
+    llm = op_histogram(out / "llm.onnx")
+    layers = manifest.model.decoder.num_layers
+    assert llm.get("Attention") == layers and llm.get("RotaryEmbedding") == 2 * layers and "Softmax" not in llm
+    vision = op_histogram(out / "vision.onnx")
+    assert vision.get("Attention", 0) > 0 and "Softmax" not in vision
+    media, prompts = _family_media(model), [PROMPTS[2], PROMPTS[0]]
+    ort = _generate(Pipeline.load(out, backend="onnxruntime"), media, prompts, max_new_tokens=10)
+    ref = _generate(Pipeline.load(out, backend="torch"), media, prompts, max_new_tokens=10)
+    assert [r.token_ids for r in ort] == [r.token_ids for r in ref]
+    assert [np.asarray(r.keep_index).tolist() for r in ort] == [np.asarray(r.keep_index).tolist() for r in ref]

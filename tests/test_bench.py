@@ -52,8 +52,8 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert results["schema"] == "apet-bench/2" and results["environment"]["ceilings"]["matmul_tflops"] > 0
     assert [r["ratio"] for r in results["runs"]] == [1.0, 0.11]
     low = results["runs"][1]
-    assert low["budgets"] == {"k1": 40, "stage2_layer": 2, "k2": 16, "mean_tokens": 28.0, "visual_tokens": 40,
-                              "views": 1}
+    assert low["budgets"] == {"k1": 40, "stage2_layer": 2, "k2": 16, "mean_tokens": 28.0, "tokens_per_view": 256,
+                              "visual_tokens": 40, "views": 1}
     for key in ("vision_tower", "apet_stage1", "projector", "prefill", "apet_stage2"):
         assert low["stages"][key]["median_ms"] > 0 and low["stages"][key]["repeats"] == 6
     assert low["generation"]["decode_per_token"]["repeats"] == 2 * 3

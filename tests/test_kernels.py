@@ -59,6 +59,7 @@ def test_fused_path_under_cuda_graph_capture() -> None:
 
 
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernel (the tests above) instead")
 def test_fused_path_in_the_triton_interpreter(tmp_path: Path) -> None:
     """The same kernel run by Triton's CPU interpreter on small cases (a subprocess: the interpreter is chosen
     when the kernel is defined)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ def _invocations(script: Path, engines: str) -> list[list[str]]:
         line = line.strip()
         if line.startswith('"$TRTEXEC"'):
             command = line.split(" | tee ")[0].replace("$ENGINES", engines)
+            command = re.sub(r"\$\{SMALL_DEVICE:\+([^}]*)\}", r"\1", command)  # as bash with SMALL_DEVICE=1
             calls.append(shlex.split(command)[1:])
     return calls
 

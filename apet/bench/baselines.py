@@ -40,7 +40,8 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, 
     compiles the decode step (the strongest plain-HF setup; its warm-up is the compilation)."""
     spec = adapter.spec
     family = get_family(spec.family)
-    full = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=1.0, stages=1)
+    full = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=1.0, stages=1,
+                            per_image=family.dynamic_tokens)
     _, inputs, make_layout = synthetic_request(adapter, full, request, max_context)
     stages = family.vision_stages(adapter, full.stage1.apply)
     with torch.no_grad():

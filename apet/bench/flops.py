@@ -28,6 +28,10 @@ class VisionShape:
     layers: int  # layers actually run (up to the select layer)
     patch: int
     channels: int = 3
+    window: int | None = None  # window-attention ViTs (Qwen2.5-VL): tokens per attention window
+    full_layers: int = 0  # ... and how many of the layers attend over all tokens
+    projector: bool = True  # a per-token projector runs after ApET (False: ApET sees the LLM space already)
+    temporal: int = 1  # frames per patch (Qwen2.5-VL's patch embedding sees 2)
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,14 @@ class Cost:
 def vision_cost(v: VisionShape, batch: int = 1, dtype_bytes: int = 2) -> Cost:
     n, d = v.tokens, v.dim
     per_layer_macs = 4 * n * d * d + 2 * n * n * d + 2 * n * d * v.mlp_dim
-    embed_macs = (n - 1) * v.channels * v.patch * v.patch * d
-    weights = v.layers * (4 * d * d + 2 * d * v.mlp_dim) + v.channels * v.patch * v.patch * d
-    activations = batch * (n * v.patch * v.patch * v.channels + 2 * n * d)  # pixels in, features out
-    return Cost(2.0 * batch * (v.layers * per_layer_macs + embed_macs), dtype_bytes * (weights + activations))
+    layer_macs = v.layers * per_layer_macs
+    if v.window is not None:  # windowed layers attend over one window, not all n tokens
+        layer_macs -= (v.layers - v.full_layers) * 2 * n * (n - v.window) * d
+    pixels = v.channels * v.temporal * v.patch * v.patch
+    embed_macs = (n - 1) * pixels * d
+    weights = v.layers * (4 * d * d + 2 * d * v.mlp_dim) + pixels * d
+    activations = batch * (n * pixels + 2 * n * d)  # pixels in, features out
+    return Cost(2.0 * batch * (layer_macs + embed_macs), dtype_bytes * (weights + activations))
 
 
 def apet_cost(tokens: int, dim: int, keep: int, basis: int = 10, batch: int = 1, dtype_bytes: int = 2) -> Cost:

@@ -58,10 +58,10 @@ class BenchConfig:
     compile: bool = False
     baselines: tuple[str, ...] = BASELINES
     backends: tuple[str, ...] = ("torch",)
-    image_size: tuple[int, int] = (640, 480)  # (width, height) of the synthetic image (AnyRes: sets the views)
+    # (width, height) of the synthetic image: sets LLaVA-NeXT's views and Qwen2.5-VL's token count
+    image_size: tuple[int, int] = (640, 480)
     weights: tuple[str, ...] = ("fp16",)  # LLM weight formats, each benched in turn (RTN: same speed as AWQ)
     group_size: int | None = None
-    image_size: tuple[int, int] = (640, 480)
     attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
 
     def __post_init__(self) -> None:
@@ -104,9 +104,13 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, floa
             "bandwidth_gbs": round(2 * src.numel() * 2 / (copy.median_ms * 1e-3) / 1e9, 1)}
 
 
-def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.LlmShape]:
+def shapes_of(adapter: VisionLanguageAdapter,
+              image_size: tuple[int, int] | None = None) -> tuple[flops.VisionShape, flops.LlmShape]:
     spec = adapter.spec
-    vision = get_family(spec.family).vision_flops_shape(adapter)
+    family = get_family(spec.family)
+    # dynamic-resolution ViTs cost what the request's image needs
+    vision = family.vision_flops_shape(adapter, image_size) if family.dynamic_tokens and image_size else \
+        family.vision_flops_shape(adapter)
     d = spec.decoder
     llm = flops.LlmShape(hidden=d.hidden_size, intermediate=d.intermediate_size, layers=d.num_layers,
                          heads=d.num_heads, kv_heads=d.num_kv_heads, head_dim=d.head_dim, vocab=d.vocab_size)
@@ -114,18 +118,20 @@ def shapes_of(adapter: VisionLanguageAdapter) -> tuple[flops.VisionShape, flops.
 
 
 def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage2: Stage2Config | None,
-                request: Request, basis: int, visual_tokens: int, views: int = 1,
+                request: Request, basis: int, tokens: int, keep: int, visual_tokens: int, views: int = 1,
                 weight_bytes: float | None = None) -> tuple[dict[str, flops.Cost], list[int]]:
-    """Costs of one request batch; ``visual_tokens`` per request at the LLM input, ``views`` vision-graph rows
-    per request (LLaVA-NeXT: base + tiles, each compressed to K1), ``weight_bytes`` per LLM weight (quantized)."""
-    vision, llm = shapes_of(adapter)
+    """Costs of one request batch: ``tokens`` per view before ApET and ``keep`` after it, ``visual_tokens`` per
+    request at the LLM input, ``views`` vision-graph rows per request (LLaVA-NeXT: base + tiles, each compressed
+    to K1), ``weight_bytes`` per LLM weight (quantized)."""
+    vision, llm = shapes_of(adapter, request.image_size)
     spec, b = adapter.spec, request.batch
     prompt = request.prompt_tokens + visual_tokens
     per_layer = [prompt - (stage2.removed if stage2 and i >= stage2.layer else 0) for i in range(llm.layers)]
     costs = {"vision_tower": flops.vision_cost(vision, b * views),
-             "apet_stage1": flops.apet_cost(spec.n_tokens, spec.vision_dim, stage1.keep, basis, b * views)
-             if stage1.keep < spec.n_tokens else flops.Cost(0, 0),
-             "projector": flops.projector_cost(stage1.keep, spec.vision_dim, llm.hidden, b * views),
+             "apet_stage1": flops.apet_cost(tokens, spec.vision_dim, keep, basis, b * views)
+             if keep < tokens else flops.Cost(0, 0),
+             "projector": flops.projector_cost(keep, spec.vision_dim, llm.hidden, b * views) if vision.projector
+             else flops.Cost(0, 0),
              "prefill": flops.prefill_cost(llm, per_layer, b, weight_bytes=weight_bytes),
              "decode_step": flops.decode_cost(llm, [n + request.new_tokens // 2 for n in per_layer], b,
                                               weight_bytes=weight_bytes)}
@@ -137,8 +143,8 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
     family = get_family(spec.family)
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio,
-                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement)
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=min(stages, family.max_stages),
+                            stage1_placement=family.stage1_placement, per_image=family.dynamic_tokens)
 
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
@@ -186,18 +192,21 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
-    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, path.visual_tokens, path.views,
-                                   per_weight)
+    tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])  # this view's N and K
+    costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, tokens, keep, path.visual_tokens,
+                                   path.views, per_weight)
     floors = {k: round(c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]), 4) for k, c in costs.items()}
     measured = {**{k: v["median_ms"] for k, v in stages.items()},
                 "decode_step": (generation["decode_per_token"] or {}).get("median_ms")}
     result = {
         "ratio": ratio, "batch": batch, "weights": fmt, "kernels": dict(path.decoder.kernels),
         "llm_weight_bytes": flops.llm_weight_bytes(shapes_of(adapter)[1], per_weight or adapter.dtype.itemsize),
-        "budgets": {"k1": plan.stage1_keep, "stage2_layer": stage2.layer if stage2 else None,
-                    "k2": stage2.keep if stage2 else None,
-                    "mean_tokens": plan.mean_tokens(adapter.spec.decoder.num_layers),
-                    "visual_tokens": path.visual_tokens, "views": path.views},
+        # per-image budgets (Qwen2.5-VL) are this image's K; fixed budgets are the plan's
+        "budgets": {"k1": keep if stage1.per_image else plan.stage1_keep,
+                    "stage2_layer": stage2.layer if stage2 else None, "k2": stage2.keep if stage2 else None,
+                    "mean_tokens": float(keep) if stage1.per_image else
+                    plan.mean_tokens(adapter.spec.decoder.num_layers),
+                    "tokens_per_view": tokens, "visual_tokens": path.visual_tokens, "views": path.views},
         "stages": stages, "generation": generation,
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None, "leftover_before_mb": round(leftover / 2**20, 1),

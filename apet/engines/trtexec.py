@@ -99,10 +99,26 @@ def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, 
     return Run(name, ENGINE_FILES["llm"], profile_index, shapes, ints)
 
 
-def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> list[Run]:
+def _vision_run(manifest: Manifest, limits: ShapeLimits) -> Run:
+    """Batch 1 at the profile's smallest shapes, or at the family's typical request where the vision graph takes
+    integer inputs (index bookkeeping must be real, not trtexec's random fill): symbolic dims from those."""
     vision = vision_profiles(manifest, limits)[0]
-    # the opt shapes: one image (LLaVA-NeXT: all views of one image at the largest grid)
-    runs = [Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[1] for n, s in vision.shapes.items()}, {})]
+    ints = manifest.family.profiling_vision_inputs(manifest)
+    if not ints:
+        # the opt shapes: one image (LLaVA-NeXT: all views of one image at the largest grid)
+        return Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[1] for n, s in vision.shapes.items()}, {})
+    specs = manifest.graphs["vision"].inputs
+    dims = {"batch": 1}
+    for spec in specs:
+        if spec["name"] in ints:
+            dims.update({d: int(n) for d, n in zip(spec["shape"], ints[spec["name"]].shape) if isinstance(d, str)})
+    shapes = {spec["name"]: resolve_shape(spec, dims) for spec in specs}
+    return Run("vision_b1", ENGINE_FILES["vision"], 0, shapes, {n: np.ascontiguousarray(a, dtype=np.int64)
+                                                               for n, a in ints.items()})
+
+
+def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> list[Run]:
+    runs = [_vision_run(manifest, limits)]
     _, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
     prompt = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
     runs.append(_llm_run(f"prefill_{prompt}", manifest, artifact, 0, prompt, 0))
@@ -143,6 +159,7 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
              "# TRTEXEC=path overrides the trtexec binary. Then: python -m apet.engines.trtexec report .",
              f"# Exported with --target {manifest.target} ({manifest.attention} attention, opset {manifest.opset}): "
              f"for {TARGETS[manifest.target].builders}." if manifest.target in TARGETS else "#",
+             "# SMALL_DEVICE=1 caps the LLM builder workspace for 8 GB devices (notes below the builds).",
              "set -euo pipefail", 'cd "$(dirname "$0")"', 'TRTEXEC="${TRTEXEC:-trtexec}"', f"mkdir -p {OUT_DIR}",
              'if [ "${BUILD:-1}" = "1" ]; then', f"  ENGINES={OUT_DIR}"]
     for name, file in ENGINE_FILES.items():
@@ -150,8 +167,10 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
             llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
         cmd = build_command(manifest.graphs[name].file, f"{OUT_DIR}/{file}", profiles, workspace_mb=workspace_mb,
                             layer_info=f"{OUT_DIR}/{name}.layers.json")
-        lines.append(_line(cmd, f"build_{name}.log", "  "))
+        small = " ${SMALL_DEVICE:+--memPoolSize=workspace:1024M}" if name == "llm" and not workspace_mb else ""
+        lines.append(_line(cmd, f"build_{name}.log", "  ").replace(" | tee ", small + " | tee ", 1))
     lines += ["else", "  ENGINES=.", "fi"]
+    lines += small_device_notes(artifact, manifest, workspace_mb)
     for run in runs:
         cmd = profile_command(Run(run.name, f"$ENGINES/{run.engine}", run.profile, run.shapes, run.int_inputs))
         lines.append(_line(cmd, f"{run.name}.log"))
@@ -160,6 +179,37 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
         [{"name": r.name, "graph": graph_of[r.engine], "profile": r.profile,
           "shapes": {k: list(v) for k, v in r.shapes.items()}} for r in runs], indent=1))
     return write_atomic(artifact / "trtexec.sh", "\n".join(lines) + "\n", mode=0o755)
+
+
+SMALL_DEVICE_HEAD_MB = 256  # a single LM-head weight above this fails TensorRT's tactics on 8 GB Jetsons
+
+
+def lm_head_slices(onnx_path: Path) -> int:
+    """How many vocabulary slices ``llm.onnx``'s LM head has (``apet-export --split-lm-head``): the inputs of the
+    Concat that produces the logits, 1 for a single MatMul."""
+    import onnx
+
+    from apet.contracts.io import LOGITS
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = next((n for n in graph.node if LOGITS in n.output), None)
+    return len(producer.input) if producer is not None and producer.op_type == "Concat" else 1
+
+
+def small_device_notes(artifact: Path, manifest: Manifest, workspace_mb: int | None) -> list[str]:
+    """Comment lines for 8 GB devices (Orin Nano): how to cap the LLM build's workspace, and whether the LM head
+    is split into slices TensorRT can place there (apet-export --split-lm-head)."""
+    spec = manifest.model.decoder
+    head_mb = spec.vocab_size * spec.hidden_size * (2 if manifest.dtype == "fp16" else 4) / 2**20
+    slices = lm_head_slices(artifact / manifest.graphs["llm"].file)
+    lines = ["# 8 GB devices (Jetson Orin Nano): SMALL_DEVICE=1 ./trtexec.sh caps the LLM builder workspace at 1 GiB"]
+    if slices > 1:
+        lines.append(f"# the LM head is {slices} vocabulary slices of {head_mb / slices:.0f} MiB (apet-export "
+                     f"--split-lm-head {slices}), which TensorRT places on 8 GB devices")
+    elif head_mb > SMALL_DEVICE_HEAD_MB:
+        lines.append(f"# the LM head is one {head_mb:.0f} MiB weight, which TensorRT's tactics cannot place on 8 GB "
+                     f"devices: re-export with apet-export --split-lm-head {max(2, round(head_mb / 256))}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

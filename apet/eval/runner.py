@@ -97,7 +97,7 @@ def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int
     family = get_family(spec.family)
     plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio,
                             stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement,
-                            rule=setting.method)
+                            rule=setting.method, per_image=family.dynamic_tokens)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
                               max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 

@@ -40,7 +40,7 @@ class ExportConfig:
     model: str
     out: Path
     ratio: float | None = None
-    stages: int | None = None  # None: the family's most (LLaVA: 2, Video-LLaVA: 1)
+    stages: int | None = None  # None: the family's most (LLaVA: 2, Video-LLaVA and Qwen2.5-VL: 1)
     tokens: str | None = None
     basis: int = 10
     basis_method: str = "fps"
@@ -66,6 +66,7 @@ class ExportConfig:
     max_context: int | None = None
     stage2_layer: int | None = None
     all_logits: bool = False
+    split_lm_head: int = 1  # the LM head as N vocabulary slices (8 GB devices)
     overwrite: bool = False
     device: str = "cpu"
     max_views: int | None = None  # multi-view families: None = the checkpoint's largest grid
@@ -97,9 +98,13 @@ class ExportConfig:
         check_range("--calib-samples", self.calib_samples, 1, 4096)
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
+        check_range("--split-lm-head", self.split_lm_head, 1, 64)
+        if self.split_lm_head > 1 and spec.quantized and spec.quantize_lm_head:
+            raise UsageError(f"--split-lm-head {self.split_lm_head} slices a float LM head, but --weights "
+                             f"{self.weights} quantizes it", "add --keep-lm-head, or drop --split-lm-head "
+                             "(a quantized head is already 2-4x smaller)")
         if self.max_context is not None:
             check_range("--max-context", self.max_context, 16, 1 << 20)
-
 
     @property
     def weight_spec(self) -> WeightSpec:
@@ -215,7 +220,9 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=stages,
                                     tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
                                     seed=cfg.seed, basis_placement=cfg.basis_placement,
-                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer)
+                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer,
+                                    per_image=family.dynamic_tokens)
+            adapter.fit_budget(plan)
             max_context = cfg.max_context or _default_context(adapter, plan, cfg)
             bar.update()
             step(2)
@@ -228,7 +235,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             bar.update()
             step(4)
             export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=form.opset, all_logits=cfg.all_logits,
-                       attention=form.attention)
+                       attention=form.attention, lm_head_slices=cfg.split_lm_head)
             bar.update()
             step(5)
             extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)

@@ -26,7 +26,7 @@ class DecoderGraph(nn.Module):
     attention in both."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None = None,
-                 all_logits: bool = False, attention: str = "pattern") -> None:
+                 all_logits: bool = False, attention: str = "pattern", lm_head_slices: int = 1) -> None:
         super().__init__()
         self.hf_layers = list(adapter.decoder_layers())  # a plain list: their scope is the Scope below
         # attribute names are the node-name scopes of apet.scopes: layers.i/..., apet_stage2/..., mask/...
@@ -34,7 +34,7 @@ class DecoderGraph(nn.Module):
         self.apet_stage2 = Scope(partial(stage2_rebuild, stage2)) if stage2 is not None else None
         self.model = adapter.model  # registered so tracing sees the weights
         self.norm = adapter.final_norm()
-        self.head = adapter.lm_head()
+        self.head = adapter.lm_head() if lm_head_slices == 1 else SlicedHead(adapter.lm_head(), lm_head_slices)
         self.rotary = adapter.rotary
         self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
@@ -80,3 +80,26 @@ class DecoderGraph(nn.Module):
         return head + tuple(presents)
 
 
+
+class SlicedHead(nn.Module):
+    """The LM head as N vocabulary slices concatenated in the graph (``--split-lm-head N``).
+
+    A 151,936 x 3,584 fp16 head is one ~1 GiB weight; TensorRT's GEMM tactics want it contiguous, which an
+    8 GB Jetson often cannot provide. N separate initializers of 1/N the size build there; the logits are
+    the same (a concatenation of the slices' products).
+    """
+
+    def __init__(self, head: nn.Linear, slices: int) -> None:
+        super().__init__()
+        bounds = [round(i * head.out_features / slices) for i in range(slices + 1)]
+        self.lm_head_slices = nn.ModuleList()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            part = nn.Linear(head.in_features, end - start, bias=head.bias is not None, dtype=head.weight.dtype,
+                             device=head.weight.device)
+            part.weight.data.copy_(head.weight.data[start:end])
+            if head.bias is not None:
+                part.bias.data.copy_(head.bias.data[start:end])
+            self.lm_head_slices.append(part)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(h) for part in self.lm_head_slices], dim=-1)

@@ -37,7 +37,7 @@ def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool
 
 
 def export_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | None, path: Path, *, opset: int,
-               all_logits: bool = False, attention: str = "pattern") -> Path:
+               all_logits: bool = False, attention: str = "pattern", lm_head_slices: int = 1) -> Path:
     """Trace the decoder at a prefill shape (P = 0) with every length axis dynamic."""
     spec = adapter.spec.decoder
     batch = 2
@@ -52,8 +52,8 @@ def export_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | None, path
         args += (torch.full((batch,), 3, dtype=torch.long, device=adapter.device),)
     args += tuple(empty_past(adapter, batch))
     inputs, outputs = llm_io_names(spec.num_layers, stage2 is not None)
-    return export_onnx(DecoderGraph(adapter, stage2, all_logits, attention).eval(), args, path, input_names=inputs,
-                       output_names=outputs,
+    graph = DecoderGraph(adapter, stage2, all_logits, attention, lm_head_slices).eval()
+    return export_onnx(graph, args, path, input_names=inputs, output_names=outputs,
                        dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits, spec.position_rank),
                        opset=opset)
 

@@ -99,6 +99,10 @@ class VisionLanguageAdapter(ABC):
         raise UsageError(f"--max-views does not apply to {self.family} (one view per image)",
                          "drop the option; it is for multi-view families such as llava-next")
 
+    def fit_budget(self, plan: Any) -> None:
+        """Adapt preprocessing to the compression plan before export (a dynamic-resolution family raises its
+        minimum image size so every image has at least a fixed budget's K tokens); most families need nothing."""
+
     def format_prompt(self, user_text: str) -> str:
         return self.spec.prompt_template.format(prompt=user_text)
 

@@ -32,11 +32,21 @@ if TYPE_CHECKING:  # torch-free at run time
 
 @dataclass
 class VisionInputs:
-    """What the vision graph takes for one batch of requests, plus the family's bookkeeping."""
+    """What the vision graph takes for one batch of requests, plus the family's bookkeeping.
+
+    ``arrays`` is one run of the vision graph. A family whose media cannot share one run (images of
+    different sizes in a dynamic-resolution model) lists every run in ``runs`` (``arrays`` is then
+    the first); backends run them in order and concatenate the outputs: rows of the visual
+    embeddings follow the runs, and ``keep_index`` becomes one array per medium.
+    """
 
     arrays: dict[str, np.ndarray]
     items: int  # requests (images / videos) in the batch
     meta: Any = None
+    runs: list[dict[str, np.ndarray]] | None = None
+
+    def all_runs(self) -> list[dict[str, np.ndarray]]:
+        return self.runs if self.runs else [self.arrays]
 
 
 @dataclass
@@ -116,6 +126,9 @@ class Family(ABC):
     media: ClassVar[str] = "image"  # "image" or "video"
     stage1_placement: ClassVar[str] = "mask"  # the paper's basis placement at the vision output
     max_stages: ClassVar[int] = 2
+    # N varies per image (dynamic resolution): --ratio keeps int(r·N) of each image, --tokens a fixed K
+    # (apet.plan); spec.n_tokens is then the most tokens one image can have
+    dynamic_tokens: ClassVar[bool] = False
 
     # -- torch half (lazy imports in the implementations) ------------------------------------------
     @abstractmethod
@@ -157,6 +170,11 @@ class Family(ABC):
     def visual_summary(self, manifest: "Manifest") -> str:
         """One line for ``apet inspect``: the visual tokens a request puts in front of the LLM."""
         return f"{self.max_visual_tokens(manifest)} per image"
+
+    def profiling_vision_inputs(self, manifest: "Manifest") -> dict[str, np.ndarray]:
+        """Integer vision inputs of a typical request for trtexec's profiling run (their shapes fix the run's
+        dims; trtexec would fill indices with random values otherwise); empty when every input is pixels."""
+        return {}
 
     @abstractmethod
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:

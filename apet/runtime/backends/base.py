@@ -24,7 +24,7 @@ from apet.models.family import Layout, VisionInputs
 @dataclass
 class VisionOutput:
     embeds: Any  # backend-native visual embeddings, flattened by rows for splicing
-    keep_index: np.ndarray  # the vision graph's kept indices (int64)
+    keep_index: np.ndarray | list[np.ndarray]  # kept indices (int64) [B, K], or one array per medium
     apet_ms: float | None = None  # time of ApET alone, where the backend can separate it
 
 
@@ -44,9 +44,12 @@ class Backend(ABC):
 
     # -- public: validate, then run --------------------------------------------------------------
     def encode(self, inputs: VisionInputs) -> VisionOutput:
-        """The vision graph on one batch of requests."""
+        """The vision graph on one batch of requests (one run, or several concatenated: see VisionInputs)."""
         self.check_batch(inputs.items)
-        return self._encode(inputs.arrays)
+        runs = inputs.all_runs()
+        if len(runs) == 1:
+            return self._encode(runs[0])
+        return concatenate_outputs([self._encode(arrays) for arrays in runs])
 
     def prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         """Whole prompts (visual rows spliced in) -> float32 logits [B, V]; starts a new cache."""
@@ -143,6 +146,21 @@ def load_embedding_table(artifact_dir: Path, manifest: Manifest) -> np.ndarray:
     if not path.is_file():
         raise BackendError(f"{path} is missing", "re-export the artifact")
     return load_file(str(path))[entry.get("tensor", "weight")]
+
+
+def concatenate_outputs(outputs: list[VisionOutput]) -> VisionOutput:
+    """Several vision runs as one output: embedding rows concatenated in run order (numpy or torch, as the
+    backend made them), one kept-index array per medium."""
+    flat = [o.embeds.reshape(-1, o.embeds.shape[-1]) for o in outputs]
+    if isinstance(flat[0], np.ndarray):
+        embeds = np.concatenate(flat)
+    else:
+        import torch
+
+        embeds = torch.cat(flat)
+    index = [np.asarray(row) for o in outputs for row in o.keep_index]
+    times = [o.apet_ms for o in outputs]
+    return VisionOutput(embeds, index, None if any(t is None for t in times) else float(sum(times)))
 
 
 def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -187,13 +187,13 @@ class TensorRTBackend(Backend):
         specs = {spec["name"]: spec for spec in self.manifest.graphs["vision"].inputs}
         tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device, dtypes[specs[name]["dtype"]])
                    for name, value in arrays.items()}
-        dims: dict[str, int] = {}
         for name, tensor in tensors.items():
             set_shape(self.vision_context, name, tuple(tensor.shape), ENGINE_FILES["vision"])
-            dims.update({d: int(n) for d, n in zip(specs[name]["shape"], tensor.shape) if isinstance(d, str)})
         for spec in self.manifest.graphs["vision"].outputs:
-            tensors[spec["name"]] = torch.empty(resolve_shape(spec, dims), dtype=dtypes[spec["dtype"]],
-                                                device=self.device)
+            # the engine computes output shapes from the input shapes (a per-image budget K is a shape
+            # computation of the image's token count, not an input dim)
+            shape = tuple(int(d) for d in self.vision_context.get_tensor_shape(spec["name"]))
+            tensors[spec["name"]] = torch.empty(shape, dtype=dtypes[spec["dtype"]], device=self.device)
         with torch.cuda.stream(self.stream):
             self._run(self.vision_context, tensors)
         self.stream.synchronize()

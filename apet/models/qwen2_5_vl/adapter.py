@@ -1,0 +1,160 @@
+"""Adapter for Hugging Face ``Qwen2_5_VLForConditionalGeneration`` (window-attention ViT + 2x2 merger + Qwen2
+with M-RoPE)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from apet.contracts.specs import ModelSpec
+from apet.errors import UsageError
+from apet.models.adapter import VisionLanguageAdapter, describe_decoder
+from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
+from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
+from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
+
+log = logging.getLogger(__name__)
+
+FAMILY = "qwen2_5_vl"
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _token_ids(source_dir: Path | None, names: Sequence[str]) -> dict[str, int]:
+    """Ids of special tokens by name from the checkpoint's tokenizer.json (empty without one)."""
+    if source_dir is None or not (Path(source_dir) / "tokenizer.json").is_file():
+        return {}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(source_dir) / "tokenizer.json"))
+    ids = {name: tokenizer.token_to_id(name) for name in names}
+    return {name: int(i) for name, i in ids.items() if i is not None}
+
+
+def _eos_ids(config: Any, source_dir: Path | None) -> tuple[int, ...]:
+    """<|im_end|> and <|endoftext|> (the checkpoint's generation config lists both), whatever is declared."""
+    ids: list[int] = []
+    generation = Path(source_dir) / "generation_config.json" if source_dir else None
+    declared = read_json(generation).get("eos_token_id") if generation and generation.is_file() else None
+    if declared is None:
+        declared = config.text_config.eos_token_id
+    for value in declared if isinstance(declared, list) else [declared]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    for value in _token_ids(source_dir, EOS_TOKENS).values():
+        if value not in ids:
+            ids.append(value)
+    return tuple(ids) or (151645, 151643)
+
+
+class QwenAdapter(VisionLanguageAdapter):
+    family = FAMILY
+    prompt_templates = PROMPT_TEMPLATES
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+    @classmethod
+    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "QwenAdapter":
+        import transformers
+
+        path = Path(path)
+        model_type = read_json(path / "config.json").get("model_type")
+        if model_type != FAMILY:
+            raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {FAMILY}",
+                             "pass a Qwen2.5-VL checkpoint directory")
+        require_safetensors(path)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
+
+    @classmethod
+    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "QwenAdapter":
+        import transformers
+
+        with torch.device(device):
+            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
+        return cls.wrap(model.eval(), source="random-init", source_dir=None)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "QwenAdapter":
+        config = model.config
+        vision, text = config.vision_config, config.text_config
+        recipe = recipe_from_settings(processor_settings(source_dir), vision.window_size)
+        if recipe.patch_size != vision.patch_size or recipe.merge_size != vision.spatial_merge_size or \
+                recipe.temporal_patch_size != vision.temporal_patch_size:
+            raise UsageError(f"{source}: the image processor's patch geometry does not match the vision config",
+                             "use the processor files saved with the checkpoint")
+        template, name = prompt_template(source_dir)
+        pad = _token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
+        spec = ModelSpec(
+            family=FAMILY, source=source, n_tokens=recipe.max_tokens, patch_grid=(0, 0),  # dynamic resolution
+            vision_dim=vision.out_hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
+            eos_token_ids=_eos_ids(config, source_dir), pad_token_id=pad, prompt_template=template,
+            prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
+            decoder=describe_decoder(text, position_rank=3), processor=recipe.to_json(),
+            extra={"vision_start_token_id": int(config.vision_start_token_id),
+                   "fullatt_block_indexes": [int(i) for i in vision.fullatt_block_indexes],
+                   "mrope_section": [int(s) for s in cls._mrope_section(text)]},
+        )
+        return cls(model, spec, source_dir)
+
+    @staticmethod
+    def _mrope_section(text: Any) -> list[int]:
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        return list(rope.get("mrope_section", [16, 24, 24]))
+
+    def fit_budget(self, plan: Any) -> None:
+        """A fixed budget (--tokens K) needs every image to have at least K merged tokens: raise min_pixels."""
+        stage1 = plan.stage1
+        if stage1.per_image and stage1.keep_ratio is None:
+            recipe = QwenImageRecipe.from_json(self.spec.processor).with_min_tokens(stage1.keep)
+            self.spec = replace(self.spec, processor=recipe.to_json())
+
+    # -- vision ------------------------------------------------------------------------------------
+    def _inner(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    def visual(self) -> nn.Module:
+        """The ViT (patch embed, rotary, blocks, merger)."""
+        inner = self._inner()
+        return inner.visual if hasattr(inner, "visual") else self.model.visual
+
+    # -- language ----------------------------------------------------------------------------------
+    def _language_model(self) -> nn.Module:
+        inner = self._inner()
+        return inner.language_model if hasattr(inner, "language_model") else inner
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return list(self._language_model().layers)
+
+    def final_norm(self) -> nn.Module:
+        return self._language_model().norm
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def embed_tokens(self) -> nn.Embedding:
+        return self._language_model().embed_tokens
+
+    def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        return self._language_model().rotary_emb(hidden, position_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE: cos/sin of the temporal, height and width positions [3, B, T], each owning its
+        ``mrope_section`` of the frequencies, merged to [B, T, head_dim]. Transformers 5 merges inside the
+        rotary module; older versions return [3, B, T, head_dim] and merge in the attention."""
+        cos, sin = self.hf_position_embeddings(hidden, position_ids)
+        if cos.dim() == 4:
+            cos, sin = self._merge_sections(cos), self._merge_sections(sin)
+        return cos, sin
+
+    def _merge_sections(self, table: torch.Tensor) -> torch.Tensor:
+        sections = list(self.spec.extra["mrope_section"]) * 2
+        parts = table.split(sections, dim=-1)
+        return torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)
+
+    # -- text assets -------------------------------------------------------------------------------
+    def save_text_assets(self, out_dir: Path) -> list[str]:
+        return copy_text_assets(self.source_dir, out_dir)
