@@ -311,6 +311,8 @@ def _export(tiny_checkpoint: Path, out: Path, **kw) -> None:
     ({"weights": "int4", "opset": 17}, UsageError, ["opset >= 21"]),
     ({"weights": "int8", "group_size": 64}, UsageError, ["int4 only"]),
     ({"weights": "int8", "calib_data": Path("x.jsonl")}, UsageError, ["AWQ only"]),
+    ({"weights": "int4", "split_lm_head": 4}, UsageError, ["--split-lm-head 4", "--keep-lm-head"]),
+    ({"weights": "int4", "target": "jetpack6", "opset": 22}, UsageError, ["--opset"]),
     ({"weights": "int4", "calib_data": Path("/nonexistent/calib.jsonl")}, InputError, ["does not exist"]),
 ])
 def test_bad_quantization_input_is_refused_and_writes_nothing(tiny_checkpoint, tmp_path: Path, kw, error,

@@ -154,9 +154,12 @@ def test_streaming_stop_strings_and_limits(single_stage, images) -> None:
     full = pipeline.generate(images[1], PROMPTS[1], max_new_tokens=20, stream=lambda row, d: pieces.append(d))
     assert "".join(pieces) == full.text and full.finish_reason == "length" and len(full.token_ids) == 20
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
-    stopped = pipeline.generate(images[1], PROMPTS[1], max_new_tokens=20, stop=[stop])
+    streamed: list[str] = []
+    stopped = pipeline.generate(images[1], PROMPTS[1], max_new_tokens=20, stop=[stop],
+                                stream=lambda row, d: streamed.append(d))
     assert stopped.finish_reason == "stop" and stop not in stopped.text and full.text.startswith(stopped.text)
     assert len(stopped.token_ids) < 20
+    assert "".join(streamed) == stopped.text  # the stream never shows the stop string, not even in part
 
 
 def test_eos_ends_generation(single_stage, images, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,10 +23,10 @@ pytest.importorskip("starlette", reason='apet-serve needs pip install "apet[serv
 pytest.importorskip("uvicorn", reason='apet-serve needs pip install "apet[serve]"')
 pytest.importorskip("prometheus_client", reason='apet-serve needs pip install "apet[serve]"')
 
+from apet.runtime.stopping import StopHoldback  # noqa: E402
 from apet.serve.app import create_app  # noqa: E402
 from apet.serve.config import ServeConfig  # noqa: E402
 from apet.serve.server import BackgroundServer  # noqa: E402
-from apet.serve.stream import StopHoldback  # noqa: E402
 
 PROMPT = "Describe the image."
 LIMITS = dict(max_image_pixels=200_000, max_body_mb=2.0)  # test images are 300x200 = 60,000 pixels

@@ -27,6 +27,7 @@ from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest, read_manifest
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
 from apet.runtime.sampling import GenerationConfig, Sampler
+from apet.runtime.stopping import StopHoldback
 from apet.runtime.text import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class Pipeline:
 
         samplers, mask = [Sampler(c) for c in configs], layout.attention_mask
         decoders = [StreamDecoder(self.encoder) for _ in range(batch)]
+        holds = [StopHoldback(c.stop) for c in configs]  # streamed text never shows a stop string
         finish: list[str | None] = [None] * batch
         eos, pad = self.eos_ids, self.encoder.pad_id
         t0 = time.perf_counter()
@@ -195,7 +197,8 @@ class Pipeline:
                     finish[row] = "cancelled"
                 if finish[row] is None:
                     tokens[row] = samplers[row](logits[row:row + 1])[0]
-                    finish[row] = self._accept(row, int(tokens[row]), decoders[row], eos, config, stream)
+                    finish[row] = self._accept(row, int(tokens[row]), decoders[row], holds[row], eos, config,
+                                               stream)
                     if finish[row] is None and step + 1 == config.max_new_tokens:
                         finish[row] = "length"
             stats.new_tokens = step + 1
@@ -206,8 +209,9 @@ class Pipeline:
         backend.synchronize()
         stats.decode_ms = (time.perf_counter() - t0) * 1e3
         for row, decoder in enumerate(decoders):
-            rest = decoder.flush()
-            if rest and stream is not None and finish[row] not in ("stop", "cancelled"):
+            decoder.flush()
+            rest = holds[row].finish(self._final_text(decoder, configs[row]))
+            if rest and stream is not None and finish[row] != "cancelled":
                 stream(row, rest)
         stats.decode_tokens_per_s = stats.new_tokens / (stats.decode_ms / 1e3) if stats.decode_ms > 0 else 0.0
         stats.peak_rss_mb = _peak_rss_mb()
@@ -220,12 +224,12 @@ class Pipeline:
                 for row, d in enumerate(decoders)]
 
     @staticmethod
-    def _accept(row: int, token: int, decoder: StreamDecoder, eos: set[int], config: GenerationConfig,
-                stream: StreamCallback | None) -> str | None:
+    def _accept(row: int, token: int, decoder: StreamDecoder, hold: StopHoldback, eos: set[int],
+                config: GenerationConfig, stream: StreamCallback | None) -> str | None:
         """Record one token of one row; returns why the row finished, or None."""
         if token in eos:
             return "eos"
-        delta = decoder.push(token)
+        delta = hold.push(decoder.push(token))
         if delta and stream is not None:
             stream(row, delta)
         if config.stop and any(s in decoder.text for s in config.stop):

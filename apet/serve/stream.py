@@ -2,9 +2,8 @@
 
 Each text delta the pipeline produces becomes one ``chat.completion.chunk`` event; the last chunk has the
 ``finish_reason`` and the ``apet`` extension, an optional usage chunk follows (``stream_options:
-{"include_usage": true}``), then ``data: [DONE]``. Text that could still turn out to start a stop string is
-held back, so the streamed text always equals the non-streamed answer (which ends before the stop string,
-as OpenAI's does).
+{"include_usage": true}``), then ``data: [DONE]``. The pipeline already holds back text that could start a
+stop string (:mod:`apet.runtime.stopping`), so the streamed text equals the non-streamed answer.
 
 uvicorn drops writes to a closed connection silently, so a generator would never learn that its reader
 left; :class:`DisconnectWatcher` listens for the ASGI ``http.disconnect`` message instead, and the caller
@@ -50,42 +49,6 @@ class DisconnectWatcher:
         self._task.cancel()
 
 
-class StopHoldback:
-    """Passes streamed text through, except a tail that may be the start of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, delta: str) -> str:
-        if self.stopped:
-            return ""
-        self.text += delta
-        hits = [self.text.find(s) for s in self.stops if s in self.text]
-        if hits:
-            safe, self.stopped = min(hits), True
-        else:
-            safe = len(self.text) - max((_overlap(self.text, s) for s in self.stops), default=0)
-        out = self.text[self.emitted:safe] if safe > self.emitted else ""
-        self.emitted = max(self.emitted, safe)
-        return out
-
-    def finish(self, final_text: str) -> str:
-        """What remains of the final answer once the stream ended (held-back text, the decoder's flush)."""
-        sent = self.text[: self.emitted]
-        return final_text[len(sent):] if final_text.startswith(sent) else ""
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest proper prefix of ``stop`` that ``text`` ends with."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
-
-
 def event(data: dict[str, Any] | str) -> bytes:
     body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {body}\n\n".encode()
@@ -97,19 +60,14 @@ async def sse_events(job: Job, first: tuple[str, Any], watcher: DisconnectWatche
     """The event stream of one request; ``on_done`` records metrics and returns the ``apet`` extension,
     ``on_close`` runs however the stream ends (finished, failed, or the client gone)."""
     created = int(time.time())
-    holdback = StopHoldback(job.request.config.stop)
     try:
         yield event(responses.chunk(request_id, created, facts, {"role": "assistant", "content": ""}))
         kind, payload = first
         while True:
             if kind == "delta":
-                text = holdback.push(payload)
-                if text:
-                    yield event(responses.chunk(request_id, created, facts, {"content": text}))
+                if payload:
+                    yield event(responses.chunk(request_id, created, facts, {"content": payload}))
             elif kind == "done":
-                rest = holdback.finish(payload.result.text)
-                if rest:
-                    yield event(responses.chunk(request_id, created, facts, {"content": rest}))
                 apet = on_done(payload)
                 finish = responses.FINISH[payload.result.finish_reason]
                 yield event(responses.chunk(request_id, created, facts, {}, finish, apet=apet))
