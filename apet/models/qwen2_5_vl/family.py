@@ -70,6 +70,13 @@ class QwenFamily(Family):
     def max_visual_tokens(self, manifest: "Manifest") -> int:
         return manifest.compression.stage1.keep  # K of the largest image (or the fixed K)
 
+    def visual_summary(self, manifest: "Manifest") -> str:
+        stage1 = manifest.compression.stage1
+        if stage1.keep_ratio is None:
+            return f"{stage1.keep} per image"
+        return f"up to {self.max_visual_tokens(manifest)} per image, {self.typical_visual_tokens(manifest)} for a " \
+               f"typical {TYPICAL_IMAGE[0]}x{TYPICAL_IMAGE[1]} photo"
+
     def typical_visual_tokens(self, manifest: "Manifest") -> int:
         from apet.models.qwen2_5_vl.preprocess import patch_grid
 
