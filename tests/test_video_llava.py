@@ -406,3 +406,35 @@ def test_ratio_and_tokens_map_to_the_per_frame_budget() -> None:
     assert keep(tokens="27") == 27
     assert plan_compression(256, 32, ratio=0.125, stages=1, stage1_placement="append",
                             basis_placement="spatial").stage1.placement == "append_spatial"
+
+
+def test_apet_serve_answers_a_video_part_like_apet_run(artifacts, pipelines, clips) -> None:
+    """apet-serve over real HTTP with a video_url data URL (an MP4): the same tokens and kept indices as the
+    pipeline on the file, streamed and not."""
+    pytest.importorskip("starlette", reason='apet-serve needs pip install "apet[serve]"')
+    import base64
+
+    import httpx
+
+    from apet.serve.app import create_app
+    from apet.serve.config import ServeConfig
+    from apet.serve.server import BackgroundServer
+
+    artifact = artifacts[0.125]
+    expected = pipelines[(0.125, "onnxruntime")].generate_batch([str(clips[0])], PROMPTS[:1],
+                                                                 GenerationConfig(max_new_tokens=6))[0]
+    url = "data:video/mp4;base64," + base64.b64encode(clips[0].read_bytes()).decode()
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": PROMPTS[0]}, {"type": "video_url", "video_url": {"url": url}}]}]}
+    config = ServeConfig(artifact=artifact, backend="onnxruntime", threads=1, model_name="tiny")
+    with BackgroundServer(create_app(Pipeline.load(artifact, backend="onnxruntime", threads=1), config)) as server:
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        data = answer.json()
+        assert data["apet"]["token_ids"] == expected.token_ids and data["apet"]["keep_index"] == expected.keep_index
+        assert data["choices"][0]["message"]["content"] == expected.text
+        assert data["usage"]["visual_tokens"] == FRAMES * 33
+        image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        wrong = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, image_part]}]}
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json=wrong, timeout=60)
+        assert refused.status_code == 400 and "video" in refused.text
