@@ -129,10 +129,11 @@ def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> l
     return runs
 
 
-def _line(cmd: list[str], log: str, indent: str = "") -> str:
-    """One script line; ``--loadEngine`` keeps ``$ENGINES`` expandable, everything else is quoted."""
+def _line(cmd: list[str], log: str, indent: str = "", shell_words: str = "") -> str:
+    """One script line; ``--loadEngine`` keeps ``$ENGINES`` expandable, everything else is quoted;
+    ``shell_words`` go in unquoted, for bash to expand."""
     words = [f'"{c}"' if c.startswith("--loadEngine=$ENGINES/") else shlex.quote(c) for c in cmd]
-    return f'{indent}"$TRTEXEC" ' + " ".join(words) + f" | tee {OUT_DIR}/{log}"
+    return f'{indent}"$TRTEXEC" ' + " ".join(words) + shell_words + f" | tee {OUT_DIR}/{log}"
 
 
 def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int | None = None) -> Path:
@@ -168,7 +169,7 @@ def write_trtexec_script(artifact: Path, limits: ShapeLimits, workspace_mb: int 
         cmd = build_command(manifest.graphs[name].file, f"{OUT_DIR}/{file}", profiles, workspace_mb=workspace_mb,
                             layer_info=f"{OUT_DIR}/{name}.layers.json")
         small = " ${SMALL_DEVICE:+--memPoolSize=workspace:1024M}" if name == "llm" and not workspace_mb else ""
-        lines.append(_line(cmd, f"build_{name}.log", "  ").replace(" | tee ", small + " | tee ", 1))
+        lines.append(_line(cmd, f"build_{name}.log", "  ", small))
     lines += ["else", "  ENGINES=.", "fi"]
     lines += small_device_notes(artifact, manifest, workspace_mb)
     for run in runs:

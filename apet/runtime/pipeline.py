@@ -209,8 +209,7 @@ class Pipeline:
         backend.synchronize()
         stats.decode_ms = (time.perf_counter() - t0) * 1e3
         for row, decoder in enumerate(decoders):
-            decoder.flush()
-            rest = holds[row].finish(self._final_text(decoder, configs[row]))
+            rest = holds[row].finish(self._final_text(decoder, configs[row]))  # held back text, partial characters
             if rest and stream is not None and finish[row] != "cancelled":
                 stream(row, rest)
         stats.decode_tokens_per_s = stats.new_tokens / (stats.decode_ms / 1e3) if stats.decode_ms > 0 else 0.0

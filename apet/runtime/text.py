@@ -21,12 +21,6 @@ class StreamDecoder:
         delta, self.emitted = text[len(self.emitted):], text
         return delta
 
-    def flush(self) -> str:
-        """Whatever is still held back (e.g. a dangling partial character at the end)."""
-        text = self.encoder.decode(self.ids)
-        delta, self.emitted = (text[len(self.emitted):], text) if text.startswith(self.emitted) else ("", text)
-        return delta
-
     @property
     def text(self) -> str:
         return self.encoder.decode(self.ids)

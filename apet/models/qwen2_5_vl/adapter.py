@@ -13,10 +13,11 @@ from torch import nn
 
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
-from apet.models.adapter import VisionLanguageAdapter, describe_decoder
+from apet.models.adapter import describe_decoder
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
 from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
-from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
+from apet.models.shared.hf_files import copy_text_assets, read_json
+from apet.models.shared.hf_model import HfCheckpointAdapter
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,11 @@ def _eos_ids(config: Any, source_dir: Path | None) -> tuple[int, ...]:
     return tuple(ids) or (151645, 151643)
 
 
-class QwenAdapter(VisionLanguageAdapter):
+class QwenAdapter(HfCheckpointAdapter):
     family = FAMILY
     prompt_templates = PROMPT_TEMPLATES
     model_class = "Qwen2_5_VLForConditionalGeneration"
-
-    @classmethod
-    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "QwenAdapter":
-        import transformers
-
-        path = Path(path)
-        model_type = read_json(path / "config.json").get("model_type")
-        if model_type != FAMILY:
-            raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {FAMILY}",
-                             "pass a Qwen2.5-VL checkpoint directory")
-        require_safetensors(path)
-        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
-        return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
-
-    @classmethod
-    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "QwenAdapter":
-        import transformers
-
-        with torch.device(device):
-            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
-        return cls.wrap(model.eval(), source="random-init", source_dir=None)
+    checkpoint_name = "Qwen2.5-VL"
 
     @classmethod
     def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "QwenAdapter":

@@ -1,15 +1,15 @@
-"""What LLaVA-1.5 and LLaVA-NeXT adapters share: loading, the CLIP select layer, the projector and
+"""What LLaVA-1.5 and LLaVA-NeXT adapters share: the CLIP select layer, the projector and
 the Llama-style language model of Hugging Face's ``Llava*ForConditionalGeneration`` classes (torch).
 
-A subclass names its transformers class and builds its :class:`ModelSpec` in ``wrap``;
+A subclass names its transformers class and builds its :class:`ModelSpec` in ``wrap`` (loading:
+:class:`~apet.models.shared.hf_model.HfCheckpointAdapter`);
 :func:`llava_spec` fills in everything the two families record the same way.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter, describe_decoder
 from apet.models.shared.clip_tower import clip_features
-from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
+from apet.models.shared.hf_files import copy_text_assets
+from apet.models.shared.hf_model import HfCheckpointAdapter
 
 
 def feature_settings(config: Any) -> tuple[int, str]:
@@ -47,35 +48,8 @@ def llava_spec(family: str, config: Any, source: str, *, processor: dict[str, An
     )
 
 
-class LlavaStyleAdapter(VisionLanguageAdapter):
+class LlavaStyleAdapter(HfCheckpointAdapter):
     """A loaded ``Llava*ForConditionalGeneration``: CLIP tower, MLP projector, Llama-style decoder."""
-
-    model_class: ClassVar[str]  # the transformers class name
-
-    @classmethod
-    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "LlavaStyleAdapter":
-        import transformers
-
-        path = Path(path)
-        model_type = read_json(path / "config.json").get("model_type")
-        if model_type != cls.family.replace("-", "_"):
-            raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {cls.family}",
-                             f"pass a {cls.family} checkpoint directory")
-        require_safetensors(path)
-        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
-        return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
-
-    @classmethod
-    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "LlavaStyleAdapter":
-        import transformers
-
-        with torch.device(device):
-            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
-        return cls.wrap(model.eval(), source="random-init", source_dir=None)
-
-    @classmethod
-    @abstractmethod
-    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "LlavaStyleAdapter": ...
 
     # -- vision ------------------------------------------------------------------------------------
     def _inner(self) -> nn.Module:

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
-from apet.models.shared.tiny import ensure_cached, llama_tokenizer, write_checkpoint
+from apet.models.shared.tiny import (
+    TinyClipLlama,
+    clip_llama_configs,
+    ensure_cached,
+    llama_tokenizer,
+    write_checkpoint,
+)
 
 TINY_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
@@ -23,23 +29,11 @@ TEMPLATES = ("USER: <video>\n{q}? ASSISTANT: {a}.", "USER: <image>\n{q}? ASSISTA
 
 
 @dataclass(frozen=True)
-class TinyVideoLlavaConfig:
-    """Shapes of the tiny model: 8 frames of 256 patch tokens + CLS (224/14), a 4-layer GQA Llama."""
+class TinyVideoLlavaConfig(TinyClipLlama):
+    """The tiny CLIP + Llama shapes with 8 frames of 256 patch tokens + CLS (224/14)."""
 
     frames: int = 8
-    image_size: int = 224
-    patch_size: int = 14
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 4
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    text_intermediate: int = 160
-    vocab_target: int = 512
     max_positions: int = 4096  # 8 x 257 uncompressed frame tokens + a prompt
-    init_std: float = 0.25  # large enough that generations depend on the video and the prompt
 
 
 def _processor_files(path: Path, cfg: TinyVideoLlavaConfig) -> None:
@@ -56,20 +50,11 @@ def _processor_files(path: Path, cfg: TinyVideoLlavaConfig) -> None:
 
 
 def _build(path: Path, seed: int, cfg: TinyVideoLlavaConfig) -> None:
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
     tokenizer = llama_tokenizer(cfg.vocab_target, SPECIAL_TOKENS, template_lines=TEMPLATES,
                                 media_tokens={"image_token": "<image>", "video_token": "<video>"})
-    vocab = len(tokenizer)
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_hidden, intermediate_size=4 * cfg.vision_hidden,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden)
-    text = LlamaConfig(hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-                       num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                       num_key_value_heads=cfg.text_kv_heads, vocab_size=vocab,
-                       max_position_embeddings=cfg.max_positions, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       initializer_range=cfg.init_std, tie_word_embeddings=False)
+    vision, text = clip_llama_configs(cfg, tokenizer)
     patches = (cfg.image_size // cfg.patch_size) ** 2
     config = VideoLlavaConfig(vision_config=vision, text_config=text,
                               image_token_index=tokenizer.convert_tokens_to_ids("<image>"),

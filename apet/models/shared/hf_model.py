@@ -1,0 +1,45 @@
+"""Adapters over one transformers model class: load a checkpoint directory (safetensors only, checked model type)
+or random-initialise a config (the ``*-shapes`` models), then ``wrap`` the model — the only family-specific part."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from apet.errors import UsageError
+from apet.models.adapter import VisionLanguageAdapter
+from apet.models.shared.hf_files import read_json, require_safetensors
+
+
+class HfCheckpointAdapter(VisionLanguageAdapter):
+    model_class: ClassVar[str]  # the transformers class name
+    checkpoint_name: ClassVar[str | None] = None  # how messages name the checkpoint kind (default: the family)
+
+    @classmethod
+    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "HfCheckpointAdapter":
+        import transformers
+
+        path = Path(path)
+        model_type = read_json(path / "config.json").get("model_type")
+        if model_type != cls.family.replace("-", "_"):
+            raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {cls.family}",
+                             f"pass a {cls.checkpoint_name or cls.family} checkpoint directory")
+        require_safetensors(path)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
+        return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
+
+    @classmethod
+    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "HfCheckpointAdapter":
+        import transformers
+
+        with torch.device(device):
+            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
+        return cls.wrap(model.eval(), source="random-init", source_dir=None)
+
+    @classmethod
+    @abstractmethod
+    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "HfCheckpointAdapter": ...
