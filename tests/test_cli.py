@@ -62,13 +62,14 @@ def test_contradictory_or_unsupported_options_are_refused(args: list[str], code:
     assert not (tmp_path / "x").exists()
 
 
-def test_cuda_on_a_cpu_only_torch_is_a_clean_error(tmp_path: Path) -> None:
+def test_cuda_without_a_visible_gpu_is_a_clean_error(tmp_path: Path) -> None:
+    """--device cuda where torch sees no GPU: a CPU-only build here, a hidden GPU on CUDA machines."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
+    why = "CPU-only" if torch.version.cuda is None else "sees no CUDA device"
     _clean_error(_cli("export", "--model", "tiny", "--ratio", "0.11", "--device", "cuda", "--out",
-                      str(tmp_path / "x")), 5, "--device cuda", "CPU-only")
+                      str(tmp_path / "x"), env={"CUDA_VISIBLE_DEVICES": ""}), 5, "--device cuda", why)
+    assert not (tmp_path / "x").exists()
 
 
 def test_run_messages_name_the_option(artifact_factory, tmp_path: Path) -> None:

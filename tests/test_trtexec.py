@@ -30,13 +30,16 @@ from apet.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 # the parse-only build of trtexec 10.3's sampleOptions.cpp, in the shared folder next to the repository
-PARSER = REPO.parent / "shared" / "tools" / "trtexec-10.3-parse" / "parse_main"
+# (APET_TRTEXEC_PARSE points at it from a checkout elsewhere)
+PARSER = Path(os.environ.get("APET_TRTEXEC_PARSE")
+              or REPO.parent / "shared" / "tools" / "trtexec-10.3-parse" / "parse_main")
 
 
 @pytest.fixture(scope="session")
 def trtexec_parser() -> Path:
     if not (PARSER.is_file() and os.access(PARSER, os.X_OK)):
-        pytest.skip(f"the trtexec 10.3 parser is not at {PARSER} (../shared/tools is absent in this checkout)")
+        pytest.skip(f"the trtexec 10.3 parser is not at {PARSER} (../shared/tools is absent next to this checkout; "
+                    "set APET_TRTEXEC_PARSE to its parse_main)")
     return PARSER
 
 
