@@ -4,8 +4,9 @@
 #   ort NN [last]   append one carried piece of the onnxruntime-gpu wheel (.whl/ort.part.NN); install after the last
 #   checks          tiny-model token parity of every GPU path, the fused ApET kernel test, variants + profiler
 #   llava           apet-bench llava-shapes (two stages, batch 1, compile, all baselines)
-#   batch           apet-bench llava-shapes at batch 4 and 8, ratio 1.0 vs 0.11
-#   ortbench        the exported 7B-shape graphs in ONNX Runtime CUDA vs the torch path (parity + timing)
+#   batch           apet-bench llava-shapes at batch 1, 4 and 8, ratio 1.0 vs 0.11 (one run: the batch table)
+#   ortbench [FORM] the exported 7B-shape graphs (attention FORM: pattern | op) in ONNX Runtime CUDA vs the torch
+#                   path (parity, greedy tokens, timing); run both forms and compare their greedy tokens
 #   family NAME ... apet-bench for another family (arguments passed through)
 #   llm-int8|llm-int4 the 7B-shape LLM exported at int8/int4 (size, time, peak host RAM); bench-weights per format
 #   video           apet-bench video-llava-shapes (per-frame budgets 1.0 and 0.125)
@@ -41,12 +42,14 @@ case "$stage" in
       --repeats 10 --new-tokens 64 --compile --out "$OUT/llava" 2>&1 | tail -40
     ;;
   batch)
-    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 4,8 \
-      --repeats 6 --new-tokens 32 --compile --baselines hf,hf-static --out "$OUT/llava_batch" 2>&1 | tail -30
+    python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 1,4,8 \
+      --repeats 5 --new-tokens 32 --baselines hf --out "$OUT/llava_batch" 2>&1 | tail -30
     ;;
   ortbench)
+    form="${1:-pattern}"
     python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 \
-      --new-tokens 32 --backends torch,onnxruntime --baselines "" --out "$OUT/llava_ort" 2>&1 | tail -30
+      --new-tokens 32 --backends torch,onnxruntime --attention "$form" --baselines "" \
+      --out "$OUT/llava_ort_$form" 2>&1 | tail -30
     ;;
   video)
     python3 -m apet.cli bench --model video-llava-shapes --ratios 1.0,0.125 --batch 1 \

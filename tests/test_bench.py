@@ -6,8 +6,28 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from apet.bench import flops
+
+
+def test_random_init_is_seeded_and_leaves_the_callers_rng_alone() -> None:
+    """``*-shapes`` weights are the same in every process, so two bench runs (e.g. the two attention forms in ONNX
+    Runtime) can be compared token for token."""
+    from transformers import AutoConfig
+
+    from apet.models.llava.adapter import LlavaAdapter
+    from apet.models.llava.tiny import ensure_tiny_llava
+
+    config = AutoConfig.from_pretrained(ensure_tiny_llava())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first, second = (LlavaAdapter.random_init(config, dtype=torch.float32, device="cpu").model.state_dict()
+                     for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = LlavaAdapter.random_init(config, dtype=torch.float32, device="cpu", seed=1).model.state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_vision_cost_by_hand() -> None:

@@ -14,6 +14,8 @@ from apet.errors import UsageError
 from apet.models.adapter import VisionLanguageAdapter
 from apet.models.shared.hf_files import read_json, require_safetensors
 
+RANDOM_INIT_SEED = 0
+
 
 class HfCheckpointAdapter(VisionLanguageAdapter):
     model_class: ClassVar[str]  # the transformers class name
@@ -33,10 +35,15 @@ class HfCheckpointAdapter(VisionLanguageAdapter):
         return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
 
     @classmethod
-    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str) -> "HfCheckpointAdapter":
+    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str,
+                    seed: int = RANDOM_INIT_SEED) -> "HfCheckpointAdapter":
+        """Seeded, so two processes get the same weights (runs on one ``*-shapes`` model are comparable token for
+        token) without touching the caller's random state."""
         import transformers
 
-        with torch.device(device):
+        devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.device(device):
+            torch.manual_seed(seed)
             model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
         return cls.wrap(model.eval(), source="random-init", source_dir=None)
 
