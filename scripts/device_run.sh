@@ -5,8 +5,10 @@
 #   checks          tiny-model token parity of every GPU path, the fused ApET kernel test, variants + profiler
 #   llava           apet-bench llava-shapes (two stages, batch 1, compile, all baselines)
 #   batch           apet-bench llava-shapes at batch 1, 4 and 8, ratio 1.0 vs 0.11 (one run: the batch table)
-#   ortbench [FORM] the exported 7B-shape graphs (attention FORM: pattern | op) in ONNX Runtime CUDA vs the torch
+#   ortbench [FORM] [STAGES] the exported 7B-shape graphs (attention FORM: pattern | op) in ONNX Runtime CUDA vs the torch
 #                   path (parity, greedy tokens, timing); run both forms and compare their greedy tokens
+#   forms [ARGS]    both attention forms in ONNX Runtime on one set of weights (7B widths, few layers; see
+#                   scripts/attention_forms_gpu.py): kernel numerics of op vs pattern without selection near-ties
 #   family NAME ... apet-bench for another family (arguments passed through)
 #   llm-int8|llm-int4 the 7B-shape LLM exported at int8/int4 (size, time, peak host RAM); bench-weights per format
 #   video           apet-bench video-llava-shapes (per-frame budgets 1.0 and 0.125)
@@ -35,6 +37,7 @@ case "$stage" in
 'transformers', transformers.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers())"
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -5
     python3 scripts/gpu_checks.py --out "$OUT/gpu_checks.json" 2>&1 | tail -30
+    python3 scripts/gpu_checks.py --attention op --out "$OUT/gpu_checks_op.json" 2>&1 | tail -30
     python3 scripts/gpu_variants.py --out "$OUT/variants.json" 2>&1 | tail -40
     ;;
   llava)
@@ -45,11 +48,14 @@ case "$stage" in
     python3 -m apet.cli bench --model llava-shapes --ratios 1.0,0.11 --stages 2 --batch 1,4,8 \
       --repeats 5 --new-tokens 32 --baselines hf --out "$OUT/llava_batch" 2>&1 | tail -30
     ;;
-  ortbench)
-    form="${1:-pattern}"
-    python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 \
+  ortbench)  # ortbench FORM [STAGES]
+    form="${1:-pattern}" stages="${2:-2}"
+    python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages "$stages" --batch 1 --repeats 10 \
       --new-tokens 32 --backends torch,onnxruntime --attention "$form" --baselines "" \
-      --out "$OUT/llava_ort_$form" 2>&1 | tail -30
+      --out "$OUT/llava_ort_${form}_s$stages" 2>&1 | tail -30
+    ;;
+  forms)
+    python3 scripts/attention_forms_gpu.py --out "$OUT/attention_forms.json" "$@" 2>&1 | tail -20
     ;;
   video)
     python3 -m apet.cli bench --model video-llava-shapes --ratios 1.0,0.125 --batch 1 \

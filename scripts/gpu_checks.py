@@ -2,7 +2,7 @@
 onnxruntime-gpu is installed) give the same tokens as the HF-module reference on the tiny model, in fp32 and
 fp16; writes a JSON summary.
 
-  python scripts/gpu_checks.py --out gpu_checks.json
+  python scripts/gpu_checks.py --out gpu_checks.json [--attention op] [--dtypes fp32,fp16]
 """
 
 from __future__ import annotations
@@ -31,15 +31,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--attention", choices=("pattern", "op"), default="pattern",
+                        help="form of the exported graphs that ONNX Runtime runs")
+    parser.add_argument("--dtypes", default="fp32,fp16")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     checkpoint = create_tiny_llava(root / "tiny")
     images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
     prompts = ["What is in the picture?", "How many objects are there and what color are they?"]
-    report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
-    for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+    report: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "attention": args.attention}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16}
+    for dtype_name in args.dtypes.split(","):
+        dtype = dtypes[dtype_name]
         artifact = root / f"artifact_{dtype_name}"
-        export_artifact(ExportConfig(model=str(checkpoint), out=artifact, ratio=0.11, dtype=dtype_name))
+        export_artifact(ExportConfig(model=str(checkpoint), out=artifact, ratio=0.11, dtype=dtype_name,
+                                     attention=args.attention))
         adapter = LlavaAdapter.load(checkpoint, dtype=dtype, device="cuda")
         pipelines = {
             "reference_cuda": Pipeline.load(artifact, backend="torch", device="cuda", adapter=adapter,

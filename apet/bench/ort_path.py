@@ -84,7 +84,8 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         parity = _parity(adapter, plan, inputs, layout, visual.keep_index, backend.stage2_index, tokens, ort_logits,
                          processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
-    return {"attention": attention, "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
+    return {"attention": attention, "execution_provider": "CUDA" if device == "cuda" else "CPU",
+            "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
 
 
@@ -121,6 +122,14 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
     return {"stage1_index_equal": bool(np.array_equal(keep_index, index.cpu().numpy())),
             "stage2_index_equal": None if stage2_index is None else
             bool(np.array_equal(stage2_index, state.stage2_index.cpu().numpy())),
+            "stage2_index_overlap": None if stage2_index is None else
+            _overlap(stage2_index, state.stage2_index.cpu().numpy()),
             "greedy_steps": len(ort_tokens), "greedy_equal_steps": sum(agree), "first_different_step": first_diff,
-            "max_abs_logit_diff": round(max(deltas), 4),
+            "max_abs_logit_diff": round(max(deltas), 4), "abs_logit_diff_by_step": [round(d, 4) for d in deltas],
             "logit_scale": round(float(np.abs(torch_logits[0]).max()), 4)}
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean fraction of kept positions two selections share, per row (near-ties swap a few, bugs most)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return round(float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a, b)])), 4)

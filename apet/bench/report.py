@@ -14,6 +14,12 @@ def _ms(timing: dict[str, Any] | None) -> str:
     return "–" if not timing else f"{timing['median_ms']:.3f}"
 
 
+def _stage2(parity: dict[str, Any]) -> str:
+    overlap = parity.get("stage2_index_overlap")
+    equal = parity["stage2_index_equal"]
+    return f"{equal} ({overlap:.0%} shared)" if overlap is not None and not equal else str(equal)
+
+
 def markdown(results: dict[str, Any]) -> str:
     env, cfg = results["environment"], results["config"]
     lines = [f"# apet-bench: {cfg['model']} on {env['device']}",
@@ -63,7 +69,8 @@ def markdown(results: dict[str, Any]) -> str:
     ort = [run for run in results["runs"] if run.get("onnxruntime")]
     if ort:
         form = ort[0]["onnxruntime"].get("attention", "pattern")
-        lines += ["", f"## The exported graphs ({form} attention) in ONNX Runtime (CUDA EP) vs the torch path "
+        provider = ort[0]["onnxruntime"].get("execution_provider", "CUDA")
+        lines += ["", f"## The exported graphs ({form} attention) in ONNX Runtime ({provider} EP) vs the torch path "
                   "(same weights)", "",
                   "| batch | ratio | ORT TTFT ms | torch TTFT ms | ORT decode ms/tok | torch decode ms/tok | "
                   "stage-1 index equal | stage-2 index equal | greedy steps equal | max abs Δlogit (scale) |",
@@ -72,7 +79,7 @@ def markdown(results: dict[str, Any]) -> str:
             o, p = run["onnxruntime"], run["onnxruntime"]["parity"]
             lines.append(f"| {run['batch']} | {run['ratio']} | {_ms(o['ttft'])} | {_ms(run['generation']['ttft'])} | "
                          f"{_ms(o['decode_per_token'])} | {_ms(run['generation']['decode_per_token'])} | "
-                         f"{p['stage1_index_equal']} | {p['stage2_index_equal']} | "
+                         f"{p['stage1_index_equal']} | {_stage2(p)} | "
                          f"{p['greedy_equal_steps']}/{p['greedy_steps']} | "
                          f"{p['max_abs_logit_diff']} ({p['logit_scale']}) |")
     lines += ["", "## Measured over floor (floor = max(FLOPs / matmul rate, bytes / bandwidth))", "",
@@ -126,21 +133,23 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     variant = ", compiled" if results["config"].get("compile") else ""
     variant += ", CUDA graphs" if results["config"]["cuda_graphs"] else ""
+    hf_runs = results["baselines"].get("hf_generate", {})
     for batch in sorted({r["batch"] for r in results["runs"]}):
         rows = [r for r in results["runs"] if r["batch"] == batch]
-        ax.plot([r["ratio"] for r in rows], [r["generation"]["ttft"]["median_ms"] for r in rows], "o-",
-                label=f"apet batch {batch} (torch, static cache{variant})")
+        line, = ax.plot([r["ratio"] for r in rows], [r["generation"]["ttft"]["median_ms"] for r in rows], "o-",
+                        label=f"apet batch {batch} (torch, static cache{variant})")
+        hf = hf_runs.get(str(batch))
+        if hf:  # each batch size against its own baseline, in its colour
+            ax.axhline(hf["ttft"]["median_ms"], color=line.get_color(), linestyle=":",
+                       label=f"HF generate batch {batch}, all tokens (SDPA)")
     paper = [(r["ratio"], r["paper_style"]["ttft"]["median_ms"]) for r in runs if r.get("paper_style")]
     if paper:
         ax.plot(*zip(*paper), "s--", label="paper-style (HF SDPA + ApET eager)")
-    hf = results["baselines"].get("hf_generate", {}).get(str(runs[0]["batch"]))
-    if hf:
-        ax.axhline(hf["ttft"]["median_ms"], color="gray", linestyle=":", label="HF generate, all tokens (SDPA)")
     ax.set_xlabel("ratio")
     ax.set_ylabel("TTFT ms")
     ax.set_ylim(bottom=0)
-    ax.set_title("Time to first token vs ratio, per batch size")
-    ax.legend()
+    ax.set_title(f"Time to first token vs ratio, per batch size — {results['config']['model']}")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out / "ttft.png")
     fig.savefig(written[-1], dpi=120)
