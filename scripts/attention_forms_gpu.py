@@ -1,12 +1,14 @@
 """The two attention forms side by side in ONNX Runtime, on one set of weights and inputs (run by hand; a CUDA
 machine with onnxruntime-gpu for the CUDA execution provider).
 
-LLaVA-1.5-7B widths (CLIP ViT-L/14-336, Vicuna-7B layers) with fewer layers, so both forms export in seconds and
-the comparison isolates the kernels: each form's kept indices, greedy tokens and per-step |Δlogit| against the torch
-path, and the two forms' greedy tokens against each other. Full depth works too (``--layers 32 --vision-layers 24``)
-but takes ~5 minutes of export per form.
+LLaVA-1.5-7B widths (CLIP ViT-L/14-336, Vicuna-7B layers) with fewer layers, so both forms export in seconds:
+each form's kept indices, greedy tokens and per-step |Δlogit| against the torch path, and the two forms' greedy
+tokens against each other. ``--ratio 1.0 --stages 1`` keeps every token, so no selection or merge near-tie can
+flip between runtimes and what is left is the kernels' rounding. Full depth works too (``--layers 32
+--vision-layers 24``) but takes ~5 minutes of export per form.
 
   python scripts/attention_forms_gpu.py --out forms.json [--layers 4] [--vision-layers 4] [--dtype fp16]
+                                        [--ratio 1.0 --stages 1]
 """
 
 from __future__ import annotations

@@ -54,8 +54,12 @@ case "$stage" in
       --new-tokens 32 --backends torch,onnxruntime --attention "$form" --baselines "" \
       --out "$OUT/llava_ort_${form}_s$stages" 2>&1 | tail -30
     ;;
-  forms)
-    python3 scripts/attention_forms_gpu.py --out "$OUT/attention_forms.json" "$@" 2>&1 | tail -20
+  forms)  # without near-ties (every token kept), then the two-stage 0.11 schedule; fp16, then fp32
+    for dtype in fp16 fp32; do
+      python3 scripts/attention_forms_gpu.py --dtype "$dtype" --ratio 1.0 --stages 1 \
+        --out "$OUT/forms_${dtype}_all_tokens.json" "$@" 2>&1 | tail -4
+      python3 scripts/attention_forms_gpu.py --dtype "$dtype" --out "$OUT/forms_${dtype}_0.11.json" "$@" 2>&1 | tail -4
+    done
     ;;
   video)
     python3 -m apet.cli bench --model video-llava-shapes --ratios 1.0,0.125 --batch 1 \
