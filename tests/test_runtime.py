@@ -240,3 +240,25 @@ def test_static_cache_path_equals_reference(two_stage, tiny_adapter, images, bat
     got = _generate(static, images[:batch], prompts, max_new_tokens=16)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert got[0].stats.cache_lengths == want[0].stats.cache_lengths
+
+
+def test_grouped_decode_attention_equals_repeated_kv() -> None:
+    """The static decoder's decode step folds each kv head's query group instead of copying the cache per head."""
+    import torch.nn.functional as F
+
+    from apet.modeling.blocks import repeat_kv
+    from apet.runtime.static_decoder import grouped_decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, kv, groups, length, dim = 2, 3, 4, 11, 8
+    q = torch.randn(batch, kv * groups, 1, dim, generator=generator, dtype=torch.float64)
+    keys, values = (torch.randn(batch, kv, length, dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    valid = torch.rand(batch, length, generator=generator) > 0.4
+    valid[:, -1] = True
+    bias = torch.zeros(batch, length, dtype=torch.float64).masked_fill(~valid, -1e30)[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=bias)
+    got = grouped_decode_attention(q, keys, values, bias, groups)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a wrong head-to-group assignment would not pass: swap two kv heads
+    swapped = grouped_decode_attention(q, keys[:, [1, 0, 2]], values[:, [1, 0, 2]], bias, groups)
+    assert not torch.allclose(swapped, want)

@@ -25,6 +25,18 @@ from apet.modeling.blocks import (
 from apet.models.adapter import VisionLanguageAdapter
 
 
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                             groups: int) -> torch.Tensor:
+    """Grouped-query attention for one new token per row: q [B, Hq, 1, d] over a cache [B, Hkv, T, d].
+
+    Each kv head's ``groups`` query heads become rows of one query block, so the cache is read once. ``repeat_kv``
+    would first copy the whole static buffer ``groups`` times (7x for Qwen2.5-VL-7B), every layer, every step.
+    Same dot products and softmax: the mask [B, 1, 1, T] is per row and key, identical for every head."""
+    batch, heads, _, dim = q.shape
+    folded = q.reshape(batch, heads // groups, groups, dim)
+    return F.scaled_dot_product_attention(folded, keys, values, attn_mask=bias).reshape(batch, heads, 1, dim)
+
+
 class StaticDecoder:
     """Prefill (whole prompt, empty cache) and single-token decode over static caches."""
 
@@ -77,8 +89,11 @@ class StaticDecoder:
             values.index_copy_(2, write, v)
             context_k, context_v = keys, values
         groups = self.layout.groups
-        out = F.scaled_dot_product_attention(q, repeat_kv(context_k, groups), repeat_kv(context_v, groups),
-                                             attn_mask=bias)
+        if isinstance(write, slice) or groups == 1:
+            out = F.scaled_dot_product_attention(q, repeat_kv(context_k, groups), repeat_kv(context_v, groups),
+                                                 attn_mask=bias)
+        else:
+            out = grouped_decode_attention(q, context_k, context_v, bias, groups)
         h = h + merge_heads(layer.self_attn, out)
         mlp = self.fused[i].mlp if self.fused is not None else layer.mlp
         return h + mlp(layer.post_attention_layernorm(h))
