@@ -132,12 +132,12 @@ def test_eval_onto_full_file_system_keeps_earlier_answers(tiny_checkpoint: Path,
     assert json.dumps(answered) in result.stdout  # the answer already on disk survived
 
 
-@pytest.mark.skipif(NO_REAL_FS is None, reason="real file systems are tested above")
 def test_file_system_refusals_by_fault_injection(artifact_factory, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """Fallback where no private tmpfs can be mounted (no CAP_SYS_ADMIN, no user namespaces): the OS error is
-    injected where apet first writes (the scratch directory / the atomic file write), which exercises the
-    same CLI boundary and the same leave-everything-as-it-was guarantees, not the kernel's behaviour."""
+    """Runs everywhere, and is the only file-system test where no private tmpfs can be mounted (no
+    CAP_SYS_ADMIN, no user namespaces): the OS error is injected where apet first writes (the scratch directory /
+    the atomic file write), which exercises the same CLI boundary and the same leave-everything-as-it-was
+    guarantees, not the kernel's behaviour."""
     import errno
 
     from apet import atomic, cli
