@@ -46,25 +46,29 @@ def tiny_adapter(tiny_checkpoint: Path):
     return LlavaAdapter.load(tiny_checkpoint)
 
 
-@pytest.fixture(scope="session")
-def artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Callable[..., Path]:
-    """export_tiny(ratio=..., stages=..., dtype=..., tokens=...) -> artifact dir, cached per argument set."""
+def _cached_exports(root: Path, checkpoint: Path, **defaults) -> Callable[..., Path]:
+    """export(**ExportConfig options) -> artifact dir of ``checkpoint``, one export per distinct option set."""
     from apet.export.artifact import ExportConfig, export_artifact
 
     cache: dict[tuple, Path] = {}
-    root = tmp_path_factory.mktemp("artifacts")
 
-    def export_tiny(ratio: float | None = 0.11, stages: int = 2, dtype: str = "fp32", tokens: str | None = None,
-                    **extra) -> Path:
-        key = (ratio, stages, dtype, tokens, tuple(sorted(extra.items())))
+    def export(**options) -> Path:
+        options = {**defaults, **options}
+        key = tuple(sorted(options.items()))
         if key not in cache:
             out = root / f"a{len(cache)}"
-            export_artifact(ExportConfig(model=str(tiny_checkpoint), out=out, ratio=ratio, stages=stages,
-                                         dtype=dtype, tokens=tokens, **extra))
+            export_artifact(ExportConfig(model=str(checkpoint), out=out, **options))
             cache[key] = out
         return cache[key]
 
-    return export_tiny
+    return export
+
+
+@pytest.fixture(scope="session")
+def artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Callable[..., Path]:
+    """export_tiny(ratio=..., stages=..., dtype=..., tokens=...) -> artifact dir, cached per argument set."""
+    return _cached_exports(tmp_path_factory.mktemp("artifacts"), tiny_checkpoint, ratio=0.11, stages=2,
+                           dtype="fp32", tokens=None)
 
 
 def make_image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
@@ -97,18 +101,5 @@ def tiny_qwen_adapter(tiny_qwen_checkpoint: Path):
 @pytest.fixture(scope="session")
 def qwen_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_checkpoint: Path):
     """export_qwen(ratio=..., dtype=..., tokens=...) -> tiny Qwen2.5-VL artifact dir, cached per argument set."""
-    from apet.export.artifact import ExportConfig, export_artifact
-
-    cache: dict[tuple, Path] = {}
-    root = tmp_path_factory.mktemp("qwen_artifacts")
-
-    def export_qwen(ratio: float | None = 0.3, dtype: str = "fp32", tokens: str | None = None, **extra) -> Path:
-        key = (ratio, dtype, tokens, tuple(sorted(extra.items())))
-        if key not in cache:
-            out = root / f"q{len(cache)}"
-            export_artifact(ExportConfig(model=str(tiny_qwen_checkpoint), out=out, ratio=ratio, dtype=dtype,
-                                         tokens=tokens, **extra))
-            cache[key] = out
-        return cache[key]
-
-    return export_qwen
+    return _cached_exports(tmp_path_factory.mktemp("qwen_artifacts"), tiny_qwen_checkpoint, ratio=0.3, dtype="fp32",
+                           tokens=None)
