@@ -80,20 +80,15 @@ class StaticDecoder:
         else:
             q, k, v = project_qkv(layer.self_attn, normed, cos, sin, self.layout)
         keys, values = self.keys[i][:batch], self.values[i][:batch]
+        groups = self.layout.groups
         if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
             keys[:, :, write] = k
             values[:, :, write] = v
-            context_k, context_v = k, v
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=bias)
         else:  # decode: write at the cache position, attend over the whole buffer
             keys.index_copy_(2, write, k)
             values.index_copy_(2, write, v)
-            context_k, context_v = keys, values
-        groups = self.layout.groups
-        if isinstance(write, slice) or groups == 1:
-            out = F.scaled_dot_product_attention(q, repeat_kv(context_k, groups), repeat_kv(context_v, groups),
-                                                 attn_mask=bias)
-        else:
-            out = grouped_decode_attention(q, context_k, context_v, bias, groups)
+            out = grouped_decode_attention(q, keys, values, bias, groups)
         h = h + merge_heads(layer.self_attn, out)
         mlp = self.fused[i].mlp if self.fused is not None else layer.mlp
         return h + mlp(layer.post_attention_layernorm(h))
