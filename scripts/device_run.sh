@@ -7,7 +7,8 @@
 #   batch           apet-bench llava-shapes at batch 1, 4 and 8, ratio 1.0 vs 0.11 (one run: the batch table)
 #   ortbench [FORM] [STAGES] the exported 7B-shape graphs (attention FORM: pattern | op) in ONNX Runtime CUDA vs the torch
 #                   path (parity, greedy tokens, timing); run both forms and compare their greedy tokens
-#   forms [ARGS]    both attention forms in ONNX Runtime on one set of weights (7B widths, few layers; see
+#   forms [ARGS]    each form's one-node kernel error against float64 (scripts/attention_kernel_error.py), then both
+#                   attention forms in ONNX Runtime on one set of weights (7B widths, few layers; see
 #                   scripts/attention_forms_gpu.py): kernel numerics of op vs pattern without selection near-ties
 #   family NAME ... apet-bench for another family (arguments passed through)
 #   llm-int8|llm-int4 the 7B-shape LLM exported at int8/int4 (size, time, peak host RAM); bench-weights per format
@@ -54,7 +55,11 @@ case "$stage" in
       --new-tokens 32 --backends torch,onnxruntime --attention "$form" --baselines "" \
       --out "$OUT/llava_ort_${form}_s$stages" 2>&1 | tail -30
     ;;
-  forms)  # without near-ties (every token kept), then the two-stage 0.11 schedule; fp16, then fp32
+  forms)  # one-node kernel error vs float64; then without near-ties (every token kept), then the two-stage 0.11
+    # schedule; fp16, then fp32
+    for dtype in fp16 fp32; do
+      python3 scripts/attention_kernel_error.py --dtype "$dtype" --out "$OUT/kernel_error_${dtype}.json" 2>&1 | tail -6
+    done
     for dtype in fp16 fp32; do
       python3 scripts/attention_forms_gpu.py --dtype "$dtype" --ratio 1.0 --stages 1 \
         --out "$OUT/forms_${dtype}_all_tokens.json" "$@" 2>&1 | tail -4
