@@ -106,7 +106,7 @@ def main() -> None:
     report["prefill_top_kernels"] = profile_top(lambda: path.prefill(**path.prefill_inputs))
     token = torch.zeros(1, dtype=torch.long, device="cuda")
     position = torch.from_numpy(path.last_position + 1).cuda()
-    report["decode_top_kernels"] = profile_top(lambda: path.decode(token=token, position=position))
+    report["decode_top_kernels"] = profile_top(lambda: path.decode(0, token=token, position=position))
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if "kernels" not in k}, indent=1))
 

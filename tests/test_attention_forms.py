@@ -167,6 +167,8 @@ def test_op_single_stage_bench_path_matches_reference(tiny_adapter, tmp_path: Pa
     assert result["attention"] == "op" and parity["stage1_index_equal"] and parity["stage2_index_equal"] is None
     assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 12
     assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
+    visual = parity["visual_token_diff"]
+    assert visual["tokens"] == 2 * plan.stage1_keep and visual["max"] < 1e-3 * max(1.0, visual["scale"])
     assert len(result["greedy_tokens"]) == 12
 
 

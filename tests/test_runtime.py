@@ -262,3 +262,45 @@ def test_grouped_decode_attention_equals_repeated_kv() -> None:
     # a wrong head-to-group assignment would not pass: swap two kv heads
     swapped = grouped_decode_attention(q, keys[:, [1, 0, 2]], values[:, [1, 0, 2]], bias, groups)
     assert not torch.allclose(swapped, want)
+
+
+def test_decode_span_doubles_from_the_quantum_up_to_the_capacity() -> None:
+    from apet.runtime.static_decoder import decode_span
+
+    assert [decode_span(n, 2472) for n in (1, 256, 257, 600, 1025, 2048, 2049, 2472)] == \
+        [256, 256, 512, 1024, 2048, 2048, 2472, 2472]
+    assert decode_span(60, 64) == 64  # a buffer smaller than the quantum
+    with pytest.raises(ValueError, match="holds 2472"):
+        decode_span(2473, 2472)
+
+
+def test_decode_over_a_span_equals_decode_over_the_whole_buffer(tiny_adapter) -> None:
+    """Attending over the span (the buffer's used prefix, rounded up) is the same step as over the whole static
+    buffer, in both cache groups of a two-stage schedule; a span that misses the new token's position is not."""
+    from apet.plan import plan_compression
+    from apet.runtime.static_decoder import StaticDecoder
+
+    spec = tiny_adapter.spec
+    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=0.11, stages=2)
+    start, length, hidden = 5, 5 + plan.stage1_keep + 10, spec.decoder.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.randn(2, length, hidden, generator=generator)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    steps = [torch.randn(2, 1, hidden, generator=generator) for _ in range(4)]
+
+    def run(span_of) -> list[torch.Tensor]:
+        decoder = StaticDecoder(tiny_adapter, plan.stage2, max_batch=2, max_context=1200)
+        out = [decoder.prefill(embeds, mask, positions, torch.tensor([start, start]))]
+        for i, step in enumerate(steps):
+            out.append(decoder.decode(step, positions[:, -1:] + 1 + i, span_of(decoder, length + i)))
+        return out
+
+    whole = run(lambda decoder, context: None)
+    spanned = run(lambda decoder, context: decoder.span(context))
+    assert StaticDecoder(tiny_adapter, plan.stage2, 2, 1200).span(length) == 256 < 1200
+    for got, want in zip(spanned, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    short = run(lambda decoder, context: context)  # leaves out the position written this step
+    assert not torch.allclose(short[1], whole[1], atol=1e-3)

@@ -81,18 +81,18 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             logits = backend.decode(token.astype(np.int64), mask, processor.decode_positions(layout, mask))
             steps.append((time.perf_counter() - t0) * 1e3)
             ort_logits.append(logits)
-        parity = _parity(adapter, plan, inputs, layout, visual.keep_index, backend.stage2_index, tokens, ort_logits,
-                         processor)
+        parity = _parity(adapter, plan, inputs, layout, visual, backend.stage2_index, tokens, ort_logits, processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
     return {"attention": attention, "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
 
 
-def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layout, keep_index: np.ndarray,
+def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layout, ort_visual,
             stage2_index: np.ndarray | None, ort_tokens: list[list[int]], ort_logits: list[np.ndarray],
             processor) -> dict[str, Any]:
     """Teacher-forced on ONNX Runtime's tokens: the reference's kept indices and logits at every step."""
+    keep_index = ort_visual.keep_index
     from apet.runtime.backends.base import splice
     from apet.runtime.backends.torch import embedding_table
 
@@ -120,6 +120,7 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
     first_diff = next((i for i, same in enumerate(agree) if not same), None)
     deltas = [float(np.abs(a - b).max()) for a, b in zip(ort_logits, torch_logits)]
     return {"stage1_index_equal": bool(np.array_equal(keep_index, index.cpu().numpy())),
+            "visual_token_diff": _token_diff(np.asarray(ort_visual.embeds), visual.float().cpu().numpy()),
             "stage2_index_equal": None if stage2_index is None else
             bool(np.array_equal(stage2_index, state.stage2_index.cpu().numpy())),
             "stage2_index_overlap": None if stage2_index is None else
@@ -127,6 +128,17 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
             "greedy_steps": len(ort_tokens), "greedy_equal_steps": sum(agree), "first_different_step": first_diff,
             "max_abs_logit_diff": round(max(deltas), 4), "abs_logit_diff_by_step": [round(d, 4) for d in deltas],
             "logit_scale": round(float(np.abs(torch_logits[0]).max()), 4)}
+
+
+def _token_diff(ort: np.ndarray, torch_: np.ndarray) -> dict[str, float | int]:
+    """Per visual token, the largest |Δ| over its features. Rounding moves every token a little; a merge that picks
+    another kept token (a near-tie) moves a few tokens a lot: ``outliers`` counts tokens over 10x the median."""
+    per_token = np.abs(ort.reshape(-1, ort.shape[-1]).astype(np.float64)
+                       - torch_.reshape(-1, torch_.shape[-1])).max(-1)
+    median = float(np.median(per_token))
+    return {"median": round(median, 5), "max": round(float(per_token.max()), 5),
+            "outliers": int((per_token > 10 * median).sum()), "tokens": int(per_token.size),
+            "scale": round(float(np.abs(torch_).max()), 4)}
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:

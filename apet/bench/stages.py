@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,16 +112,24 @@ class ApetPath:
             self.prompt_length = layout.token_ids.shape[1]
             token = torch.zeros(request.batch, dtype=torch.long, device=device)
             position = torch.from_numpy(layout.positions[..., -1:] + 1).to(device)
-            self.decode = GraphedCall(maybe(self._decode), {"token": token, "position": position},
-                                      before_capture=lambda: self.decoder.restore(saved), **g)
+            spans = sorted({self.decoder.span(self.prompt_length + i) for i in range(request.new_tokens)})
+            # one decode graph per span, all captured here so that no capture lands inside a timed step
+            self.decodes = {span: GraphedCall(maybe(functools.partial(self._decode, span=span)),
+                                              {"token": token, "position": position},
+                                              before_capture=lambda: self.decoder.restore(saved), **g)
+                            for span in spans}
             self.last_position = layout.positions[..., -1:]
+
+    def decode(self, step: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """Decode step ``step`` (0 = the first token after the prompt) through its span's graph."""
+        return self.decodes[self.decoder.span(self.prompt_length + step)](**inputs)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                  start: torch.Tensor, visual: torch.Tensor):
         return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start)
 
-    def _decode(self, token: torch.Tensor, position: torch.Tensor):
-        return self.decoder.decode(self.table[token][:, None], position)
+    def _decode(self, token: torch.Tensor, position: torch.Tensor, span: int):
+        return self.decoder.decode(self.table[token][:, None], position, span)
 
     @torch.no_grad()
     def first_token(self) -> torch.Tensor:
@@ -143,7 +152,7 @@ class ApetPath:
         for i in range(self.request.new_tokens - 1):
             position = torch.from_numpy(self.last_position + 1 + i).to(device)
             timer.start()
-            token = self.decode(token=token, position=position).argmax(-1)
+            token = self.decode(i, token=token, position=position).argmax(-1)
             steps.append(timer.stop())
             tokens.append(token)
         return torch.stack(tokens, 1), steps

@@ -4,6 +4,7 @@ stages (the reference of DESIGN §7), and on a GPU a static-cache path captured 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from pathlib import Path
 
@@ -134,6 +135,7 @@ class StaticTorchBackend(TorchBackend):
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.bucket = bucket
         self.padding = 0
+        self.context = 0
         self.calls: dict[tuple, object] = {}
 
     def _call(self, key: tuple, fn, example: dict[str, torch.Tensor], before_capture=None):
@@ -176,20 +178,24 @@ class StaticTorchBackend(TorchBackend):
         call = self._call(("prefill",) + tuple(arrays["token_ids"].shape) + tuple(visual.embeds.shape),
                           self._graph_prefill, tensors)
         self.padding = extra
+        self.context = length + extra  # cache positions in use (host-side: graphs replay without Python)
         return call(**tensors).float().cpu().numpy()
 
     @torch.no_grad()
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         tensors = {"token_ids": torch.from_numpy(token_ids).to(self.device),
                    "positions": torch.from_numpy(np.ascontiguousarray(positions)).to(self.device)}
-        key = ("decode", token_ids.shape[0])
+        span = self.decoder.span(self.context)  # one graph per (batch, span): attention reads only the span
+        key = ("decode", token_ids.shape[0], span)
         if key not in self.calls:
             saved = self.decoder.snapshot()
-            self._call(key, self._graph_decode, tensors, before_capture=lambda: self.decoder.restore(saved))
+            self._call(key, functools.partial(self._graph_decode, span=span), tensors,
+                       before_capture=lambda: self.decoder.restore(saved))
+        self.context += 1
         return self.calls[key](**tensors).float().cpu().numpy()
 
-    def _graph_decode(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.decoder.decode(self.table[token_ids][:, None], positions)
+    def _graph_decode(self, token_ids: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        return self.decoder.decode(self.table[token_ids][:, None], positions, span)
 
     def cache_lengths(self) -> list[int]:
         return [n - self.padding for n in self.decoder.cache_lengths()]
