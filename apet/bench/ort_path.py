@@ -92,7 +92,6 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
             stage2_index: np.ndarray | None, ort_tokens: list[list[int]], ort_logits: list[np.ndarray],
             processor) -> dict[str, Any]:
     """Teacher-forced on ONNX Runtime's tokens: the reference's kept indices and logits at every step."""
-    keep_index = ort_visual.keep_index
     from apet.runtime.backends.base import splice
     from apet.runtime.backends.torch import embedding_table
 
@@ -119,7 +118,7 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
     agree = [a == b for a, b in zip(ort_tokens, torch_tokens)]
     first_diff = next((i for i, same in enumerate(agree) if not same), None)
     deltas = [float(np.abs(a - b).max()) for a, b in zip(ort_logits, torch_logits)]
-    return {"stage1_index_equal": bool(np.array_equal(keep_index, index.cpu().numpy())),
+    return {"stage1_index_equal": bool(np.array_equal(ort_visual.keep_index, index.cpu().numpy())),
             "visual_token_diff": _token_diff(np.asarray(ort_visual.embeds), visual.float().cpu().numpy()),
             "stage2_index_equal": None if stage2_index is None else
             bool(np.array_equal(stage2_index, state.stage2_index.cpu().numpy())),

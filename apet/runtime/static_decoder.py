@@ -148,20 +148,18 @@ class StaticDecoder:
         ``span`` (from :meth:`span`, a Python int so each value is its own captured graph) limits attention to the
         buffer's first positions; it must cover the position written now. None attends over the whole buffer."""
         batch = embeds.shape[0]
-        groups = 2 if self.stage2 else 1
-        index = [self.length, self.length - self.removed][:groups]
-        spans = [None if span is None else min(span - shift, valid.shape[1])
-                 for shift, valid in zip((0, self.removed), self.valid[:groups])]
-        cos_sin = [self.rotary(embeds, positions - shift) for shift in (0, self.removed)[:groups]]
-        biases = []
-        for group, valid in enumerate(self.valid[:groups]):
-            valid[:batch].index_fill_(1, index[group], True)
-            zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
-            biases.append(torch.where(valid[:batch, : spans[group]], zero, self.min_value)[:, None, None, :])
+        zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
+        groups = []  # per cache group: (cos, sin), attention bias, write index, span
+        for shift, valid in zip((0, self.removed), self.valid[: 2 if self.stage2 else 1]):
+            index = self.length - shift
+            group_span = None if span is None else min(span - shift, valid.shape[1])
+            valid[:batch].index_fill_(1, index, True)
+            bias = torch.where(valid[:batch, :group_span], zero, self.min_value)[:, None, None, :]
+            groups.append((self.rotary(embeds, positions - shift), bias, index, group_span))
         h = embeds
         for i in range(len(self.layers)):
-            group = self._group(i)
-            h = self._block(i, h, *cos_sin[group], biases[group], index[group], spans[group])
+            cos_sin, bias, index, group_span = groups[self._group(i)]
+            h = self._block(i, h, *cos_sin, bias, index, group_span)
         self.length.add_(1)
         return self._logits(h)
 
