@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import UsageError, guarded
+from apet.extras import extra_error
+from apet.models.registry import family_of
 from apet.quiet import quiet_third_party
 
 
@@ -112,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
     llm = manifest.graphs["llm"]
     print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
-          f"({manifest.family.visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
+          f"({family_of(manifest).visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
           f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe()}, "
           f"{llm.weight_bytes / 1e6:.1f} MB")
     return 0
@@ -287,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from apet.eval import data
+    from apet.media import dataset as data
 
     p.epilog = _plain(data.__doc__ or "")
     p.add_argument("source", help="an artifact directory (its fixed budget, any backend) or a model "
@@ -403,7 +405,18 @@ def _run(argv: Sequence[str] | None, only: str | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_third_party()
-    return guarded(lambda: COMMANDS[command][2](args), args.verbose)
+    return guarded(lambda: _call(command, args), args.verbose)
+
+
+def _call(command: str, args: argparse.Namespace) -> int:
+    """The command, with a missing optional package named by the extra that brings it (one line, exit 7)."""
+    try:
+        return COMMANDS[command][2](args)
+    except ModuleNotFoundError as exc:
+        error = extra_error(exc, f"apet {command}")
+        if error is None:
+            raise
+        raise error from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,12 @@ class BackendError(ApetError):
     exit_code = 5
 
 
+class MissingExtraError(ApetError):
+    """A command or backend needs an optional part of apet that is not installed (``pip install 'apet[...]'``)."""
+
+    exit_code = 7
+
+
 def check_range(name: str, value: float, low: float, high: float, *, fix: str | None = None) -> None:
     """Raise :class:`UsageError` naming the argument, its value and the allowed closed range."""
     if not (low <= value <= high):

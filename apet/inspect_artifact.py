@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
+from apet.contracts.onnx_graph import graph_io, nodes_by_stage, spec_dict
 from apet.errors import ArtifactError
-from apet.export.onnx_utils import graph_io, nodes_by_stage, spec_dict
 from apet.manifest import Manifest, read_manifest
+from apet.models.registry import family_of
 
 
 def _io_lines(title: str, specs: list[dict]) -> list[str]:
@@ -49,7 +50,7 @@ def describe(artifact: Path) -> str:
              f"  ApET       {c.budget_summary(m.n_tokens)} (basis {c.stage1.basis} by "
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
-             f"  visual     {manifest.family.visual_summary(manifest)} at the LLM input",
+             f"  visual     {family_of(manifest).visual_summary(manifest)} at the LLM input",
              f"  schema     v{manifest.schema_version}, written by apet {manifest.apet_version} at {manifest.created}"]
     for name, graph in manifest.graphs.items():
         data = f" + {', '.join(graph.external_data)}" if graph.external_data else ""

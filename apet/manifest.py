@@ -18,11 +18,11 @@ from typing import Any, Mapping
 
 from apet.contracts.cache import CacheLayout
 from apet.contracts.files import MANIFEST_NAME, sha256_file
+from apet.contracts.plan import CompressionPlan
 from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, ExportForm
+from apet.contracts.weights import WeightSpec
 from apet.errors import ArtifactError
-from apet.plan import CompressionPlan
-from apet.quant.spec import WeightSpec
 
 SCHEMA_VERSION = 2
 
@@ -73,13 +73,6 @@ class Manifest:
     @property
     def cache_layout(self) -> CacheLayout:
         return CacheLayout.of(self.model.decoder.num_layers, self.compression)
-
-    @property
-    def family(self):
-        """The :class:`apet.models.family.Family` that exported this artifact."""
-        from apet.models.registry import get_family
-
-        return get_family(self.model.family)
 
     def extra_token_ids(self) -> dict[str, int]:
         """Ids of the learned rows appended to the embedding table (e.g. ``image_newline``)."""

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from apet.compression import Compressed, CompressionConfig, gather_tokens
+from apet.compression import Compressed, compress_with, gather_tokens
+from apet.contracts.compression import CompressionConfig
 from apet.errors import UsageError
 
 Rule = Callable[[torch.Tensor, CompressionConfig], Compressed]
@@ -51,13 +52,13 @@ def _ascending(x: torch.Tensor, index: torch.Tensor) -> Compressed:
 @register("apet")
 def apet(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """ApET (DESIGN §4): reconstruction error from an FPS basis, merged."""
-    return config.apply(x)
+    return compress_with(config, x)
 
 
 @register("apet-own")
 def apet_own(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     """ApET with the ``own`` basis placement (ablation: basis tokens at their own positions, not merged)."""
-    return replace(config, placement="own").apply(x)
+    return compress_with(replace(config, placement="own"), x)
 
 
 @register("random")

@@ -21,11 +21,11 @@ import torch
 
 
 def main() -> None:
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.shapes import shapes_config
     from apet.bench.ort_path import ort_run
     from apet.bench.run import _plan
     from apet.bench.stages import Request
-    from apet.models.llava.adapter import LlavaAdapter
-    from apet.models.llava.shapes import shapes_config
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apet.compression import selector
+
 
 def _sizes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
@@ -27,8 +29,8 @@ def _sizes(directory: Path) -> dict[str, int]:
 def vision(args: argparse.Namespace) -> dict:
     import onnxruntime as ort
 
-    from apet.compression import CompressionConfig
-    from apet.export.onnx_utils import check_onnx
+    from apet.contracts.compression import CompressionConfig
+    from apet.contracts.onnx_graph import check_onnx
     from apet.export.vision import export_vision
     from apet.models.registry import get_family, load_adapter
 
@@ -43,7 +45,7 @@ def vision(args: argparse.Namespace) -> dict:
     export_s = time.perf_counter() - t0
     check_onnx(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    graph = get_family(adapter.family).vision_stages(adapter, config.apply).eval()
+    graph = get_family(adapter.family).vision_stages(adapter, selector(config)).eval()
     same, overlap = 0, []
     for i in range(args.images):
         pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(i)).half()
@@ -63,10 +65,10 @@ def llm(args: argparse.Namespace) -> dict:
 
     import onnxruntime as ort
 
-    from apet.compression import CompressionConfig, Stage2Config
+    from apet.contracts.compression import CompressionConfig, Stage2Config
+    from apet.contracts.onnx_graph import check_onnx
     from apet.export.decoder import DecoderGraph
     from apet.export.llm import export_llm
-    from apet.export.onnx_utils import check_onnx
     from apet.modeling.blocks import empty_past
     from apet.models.registry import load_adapter
 
@@ -78,10 +80,10 @@ def llm(args: argparse.Namespace) -> dict:
     path = args.out / "llm.onnx"
     quant: dict = {}
     if args.weights != "fp16":  # in place, layer by layer (apet.quant.apply), as apet-export --weights does
-        from apet.plan import plan_compression
+        from apet.contracts.plan import plan_compression
+        from apet.contracts.weights import WeightSpec, default_method
+        from apet.export.calibration import CalibrationSource, build_calibration
         from apet.quant.apply import quantize_model
-        from apet.quant.calibration import CalibrationSource, build_calibration
-        from apet.quant.spec import WeightSpec, default_method
 
         method = args.calibration or default_method(args.weights)
         t0 = time.perf_counter()

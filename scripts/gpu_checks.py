@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def main() -> None:
     from conftest import make_image
 
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.tiny import create_tiny_llava
     from apet.export.artifact import ExportConfig, export_artifact
-    from apet.models.llava.adapter import LlavaAdapter
-    from apet.models.llava.tiny import create_tiny_llava
     from apet.runtime.pipeline import Pipeline
     from apet.runtime.sampling import GenerationConfig
 

@@ -20,8 +20,8 @@ import torch
 from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.bench.timing import time_call
 from apet.compression import FUSED, compress
+from apet.contracts.plan import plan_compression
 from apet.models.registry import get_family, load_adapter
-from apet.plan import plan_compression
 from apet.runtime.cuda_graphs import GraphedCall
 
 

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def main() -> None:
     from conftest import make_image
 
+    from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
+    from apet.adapters.qwen2_5_vl.tiny import create_tiny_qwen
     from apet.engines.build import BuildConfig, build_artifact
     from apet.export.artifact import ExportConfig, export_artifact
-    from apet.models.qwen2_5_vl.adapter import QwenAdapter
-    from apet.models.qwen2_5_vl.tiny import create_tiny_qwen
     from apet.runtime.pipeline import Pipeline
     from apet.runtime.sampling import GenerationConfig
 

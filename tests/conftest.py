@@ -33,7 +33,7 @@ def rtx_api():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.models.llava.tiny import create_tiny_llava
+    from apet.adapters.llava.tiny import create_tiny_llava
 
     return create_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava", seed=0)
 
@@ -41,7 +41,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_checkpoint: Path):
     """The tiny model loaded through the real loading code (float32)."""
-    from apet.models.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.adapter import LlavaAdapter
 
     return LlavaAdapter.load(tiny_checkpoint)
 
@@ -85,7 +85,7 @@ def make_image(seed: int, size: tuple[int, int] = (300, 200)) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_qwen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.models.qwen2_5_vl.tiny import create_tiny_qwen
+    from apet.adapters.qwen2_5_vl.tiny import create_tiny_qwen
 
     return create_tiny_qwen(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl", seed=0)
 
@@ -93,7 +93,7 @@ def tiny_qwen_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_adapter(tiny_qwen_checkpoint: Path):
     """The tiny Qwen2.5-VL loaded through the real loading code (float32)."""
-    from apet.models.qwen2_5_vl.adapter import QwenAdapter
+    from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
 
     return QwenAdapter.load(tiny_qwen_checkpoint)
 
@@ -103,3 +103,31 @@ def qwen_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_ch
     """export_qwen(ratio=..., dtype=..., tokens=...) -> tiny Qwen2.5-VL artifact dir, cached per argument set."""
     return _cached_exports(tmp_path_factory.mktemp("qwen_artifacts"), tiny_qwen_checkpoint, ratio=0.3, dtype="fp32",
                            tokens=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.adapters.llava_next.tiny import create_tiny_llava_next
+
+    return create_tiny_llava_next(tmp_path_factory.mktemp("next") / "tiny-llava-next", seed=0)
+
+
+@pytest.fixture(scope="session")
+def next_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_next_checkpoint: Path):
+    """export_next(**ExportConfig options) -> tiny LLaVA-NeXT artifact dir (fp32 unless told), cached per option set."""
+    return _cached_exports(tmp_path_factory.mktemp("next_artifacts"), tiny_next_checkpoint, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_video_checkpoint() -> Path:
+    """``--model tiny-video-llava``: created once in the session's isolated APET_CACHE."""
+    from apet.models.registry import resolve_checkpoint
+
+    return resolve_checkpoint("tiny-video-llava")
+
+
+@pytest.fixture(scope="session")
+def video_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_video_checkpoint: Path):
+    """export_video(ratio=..., **options) -> tiny Video-LLaVA artifact dir (fp32, batch 2), cached per option set."""
+    return _cached_exports(tmp_path_factory.mktemp("video_artifacts"), tiny_video_checkpoint, dtype="fp32",
+                           max_batch=2)

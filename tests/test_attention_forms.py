@@ -22,11 +22,12 @@ from test_llm_export import LAYERS, _ort_greedy, _prompt
 from test_runtime import PROMPTS, _generate
 
 from apet.contracts.files import REPORT_NAME
+from apet.contracts.onnx_graph import op_histogram
 from apet.contracts.targets import builder_problem, resolve_form
 from apet.engines.api import TrtApi
 from apet.engines.build import BuildConfig, build_artifact
 from apet.errors import UsageError
-from apet.export.onnx_utils import PENDING_DOMAIN, op_histogram
+from apet.export.onnx_utils import PENDING_DOMAIN
 from apet.manifest import read_manifest
 from apet.modeling.reference import Reference
 from apet.runtime.pipeline import Pipeline
@@ -158,7 +159,7 @@ def test_op_single_stage_bench_path_matches_reference(tiny_adapter, tmp_path: Pa
     kept indices, logits and greedy tokens against the torch reference."""
     from apet.bench.ort_path import ort_run
     from apet.bench.stages import Request
-    from apet.plan import plan_compression
+    from apet.contracts.plan import plan_compression
 
     plan = plan_compression(tiny_adapter.spec.n_tokens, LAYERS, ratio=0.11, stages=1)
     result = ort_run(tiny_adapter, plan, Request(2, 12, 8, (320, 240)), max_context=400, repeats=1,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from apet.compression import compress, farthest_point_basis, stage_configs
+from apet.compression import compress, compress_with, farthest_point_basis
+from apet.contracts.compression import stage_configs
 
 
 def _features(seed: int, batch: int = 2, n: int = 576, d: int = 256) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_stage1_default_is_the_authors_encode_images(seed: int) -> None:
     x = _features(seed)
     stage1, _ = stage_configs(64, None)
-    got = stage1.apply(x)
+    got = compress_with(stage1, x)
     want_tokens, want_index = authors.llava_stage1(x, keep=64, k=10)
     assert got.index.tolist() == want_index.tolist()
     _close(got.tokens, want_tokens)
@@ -38,7 +39,7 @@ def test_stage1_default_is_the_authors_encode_images(seed: int) -> None:
 def test_stage2_default_is_the_authors_layer_prune(seed: int) -> None:
     x = _features(seed, n=96, d=128)
     _, stage2 = stage_configs(96, (16, 32))
-    got = stage2.compression.apply(x)
+    got = compress_with(stage2.compression, x)
     for b in range(x.shape[0]):
         want_tokens, want_index = authors.llava_stage2(x[b], keep=32, k=10)
         assert got.index[b].tolist() == want_index.tolist()

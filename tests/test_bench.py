@@ -16,8 +16,8 @@ def test_random_init_is_seeded_and_leaves_the_callers_rng_alone() -> None:
     Runtime) can be compared token for token."""
     from transformers import AutoConfig
 
-    from apet.models.llava.adapter import LlavaAdapter
-    from apet.models.llava.tiny import ensure_tiny_llava
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.tiny import ensure_tiny_llava
 
     config = AutoConfig.from_pretrained(ensure_tiny_llava())
     torch.manual_seed(123)

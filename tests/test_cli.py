@@ -93,7 +93,7 @@ def test_first_run_is_quiet(tmp_path: Path) -> None:
 def test_reference_uses_the_installed_transformers_cache_argument(tiny_adapter) -> None:
     import torch
 
-    from apet.compression import CompressionConfig
+    from apet.contracts.compression import CompressionConfig
     from apet.modeling.reference import Reference
 
     reference = Reference(tiny_adapter, CompressionConfig(keep=32))

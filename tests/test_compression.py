@@ -7,15 +7,8 @@ import numpy_reference as ref
 import pytest
 import torch
 
-from apet.compression import (
-    PLACEMENTS,
-    Compressed,
-    basis_errors,
-    compress,
-    density_peak_basis,
-    farthest_point_basis,
-    random_basis,
-)
+from apet.compression import Compressed, basis_errors, compress, density_peak_basis, farthest_point_basis, random_basis
+from apet.contracts.compression import PLACEMENTS
 from apet.errors import ApetError, InputError, UsageError
 from apet.linalg import cholesky_lower, whiten
 

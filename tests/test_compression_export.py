@@ -10,8 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from apet.compression import CompressionConfig, CompressionModule
-from apet.export.onnx_utils import check_onnx, export_onnx, op_histogram
+from apet.compression import CompressionModule
+from apet.contracts.compression import CompressionConfig
+from apet.contracts.onnx_graph import check_onnx, op_histogram
+from apet.export.onnx_utils import export_onnx
 
 N, D, KEEP, BASIS = 144, 64, 32, 10
 FORBIDDEN_OPS = {"Loop", "If", "Scan", "SequenceConstruct"}

@@ -11,9 +11,8 @@ import pytest
 import torch
 from conftest import make_image
 
-from apet.compression import CompressionConfig
+from apet.contracts.compression import CompressionConfig
 from apet.errors import InputError, UsageError
-from apet.eval.data import EvalItem, load
 from apet.eval.runner import PREDICTIONS, EvalConfig, read_predictions, run_eval
 from apet.eval.scoring import (
     choice_letter,
@@ -24,6 +23,7 @@ from apet.eval.scoring import (
     yes_no,
     yes_no_scores,
 )
+from apet.media.dataset import EvalItem, load
 from apet.selection import RULES, get_rule
 
 

@@ -15,7 +15,8 @@ import numpy_reference as ref
 import pytest
 import torch
 
-from apet.compression import FUSED, PLACEMENTS, compress
+from apet.compression import FUSED, compress
+from apet.contracts.compression import PLACEMENTS
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused ApET kernel runs on a CUDA GPU")
 triton_missing = importlib.util.find_spec("triton") is None

@@ -21,6 +21,7 @@ from apet.compression import compress
 from apet.errors import UsageError
 from apet.manifest import read_manifest
 from apet.models.llava_next import anyres
+from apet.models.registry import family_of
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 
@@ -31,15 +32,13 @@ TILE, PATCHES, N = 112, 8, 64  # the tiny checkpoint: 112-px views of 8x8 tokens
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.models.llava_next.tiny import create_tiny_llava_next
-
-    return create_tiny_llava_next(tmp_path_factory.mktemp("next") / "tiny-llava-next", seed=0)
+def checkpoint(tiny_next_checkpoint: Path) -> Path:
+    return tiny_next_checkpoint
 
 
 @pytest.fixture(scope="module")
 def adapter(checkpoint: Path):
-    from apet.models.llava_next.adapter import LlavaNextAdapter
+    from apet.adapters.llava_next.adapter import LlavaNextAdapter
 
     return LlavaNextAdapter.load(checkpoint)
 
@@ -52,23 +51,11 @@ def hf_processor(checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path):
-    """export(**ExportConfig options) -> artifact dir (fp32 unless told), cached per option set; each export loads
-    its own adapter (options such as --max-views change the adapter's spec)."""
-    from apet.export.artifact import ExportConfig, export_artifact
-
-    cache: dict[tuple, Path] = {}
-    root = tmp_path_factory.mktemp("next-artifacts")
-
-    def make(**options) -> Path:
-        key = tuple(sorted(options.items()))
-        if key not in cache:
-            out = root / f"a{len(cache)}"
-            export_artifact(ExportConfig(model=str(checkpoint), out=out, **{"dtype": "fp32", **options}))
-            cache[key] = out
-        return cache[key]
-
-    return make
+def export(next_artifact_factory):
+    """export(**ExportConfig options) -> artifact dir (fp32 unless told), cached per option set for the session
+    (the torch-free runtime's tests share them); each export loads its own adapter (options such as --max-views
+    change the adapter's spec)."""
+    return next_artifact_factory
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +128,9 @@ def test_anyres_geometry_equals_hugging_face() -> None:
 
 
 def test_views_equal_hugging_face_image_processor(adapter, hf_processor) -> None:
+    from apet.contracts.plan import plan_compression
     from apet.manifest import in_memory_manifest
     from apet.models.llava_next.processor import LlavaNextProcessor
-    from apet.plan import plan_compression
 
     manifest = in_memory_manifest(adapter.spec, plan_compression(N, 4, ratio=1.0, stages=1), dtype="fp32",
                                   max_batch=4, max_context=1024, extra_rows=adapter.extra_row_ids())
@@ -342,7 +329,7 @@ def test_stage_two_changes_the_answer(stage1, two_stage, images) -> None:
 # -- manifest, options, engines, CLI, bench, eval -----------------------------------------------------------------
 def test_manifest_records_views_and_budgets(two_stage, full) -> None:
     manifest = read_manifest(two_stage["artifact"], verify_checksums=True)
-    family = manifest.family
+    family = family_of(manifest)
     assert manifest.model.family == "llava-next" and manifest.model.extra["max_views"] == 5
     assert manifest.model.prompt_template_name == "vicuna_v1" and manifest.model.processor["image_fit"] == "anyres"
     assert manifest.visual_tokens == 32 and manifest.compression.stage2.keep == 16
@@ -354,9 +341,9 @@ def test_manifest_records_views_and_budgets(two_stage, full) -> None:
 
 def test_llava_next_shapes_has_the_v16_vicuna_7b_sizes() -> None:
     """The benchmark model without allocating it (meta device): paper budgets, 2,928 tokens at ratio 1, 5 views."""
+    from apet.contracts.plan import plan_compression
     from apet.manifest import in_memory_manifest
     from apet.models.registry import load_adapter
-    from apet.plan import plan_compression
 
     adapter = load_adapter("llava-next-shapes", dtype=torch.float16, device="meta")
     assert adapter.spec.n_tokens == 576 and adapter.spec.decoder.num_layers == 32 and adapter.extra_row_ids() == {
@@ -366,8 +353,8 @@ def test_llava_next_shapes_has_the_v16_vicuna_7b_sizes() -> None:
         assert (plan.stage1_keep, plan.stage2 and plan.stage2.keep) == budgets
         manifest = in_memory_manifest(adapter.spec, plan, dtype="fp16", max_batch=2, max_context=4096,
                                       extra_rows=adapter.extra_row_ids())
-        assert manifest.family.max_visual_tokens(manifest) == most
-        assert manifest.family.vision_dims(manifest, 2) == {"views": (3, 5, 10)}
+        assert family_of(manifest).max_visual_tokens(manifest) == most
+        assert family_of(manifest).vision_dims(manifest, 2) == {"views": (3, 5, 10)}
 
 
 def test_options_fail_clearly(export) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from apet.manifest import read_manifest
+from apet.modeling.compat import cache_kwargs
 from apet.modeling.reference import Reference, positions_from_mask
-from apet.models.compat import cache_kwargs
 
 HIDDEN, LAYERS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
 

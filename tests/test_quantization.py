@@ -136,7 +136,7 @@ def test_int4_weights_take_at_most_032_of_fp16(int4_rtn_fp16, artifact_factory) 
 def test_onnxruntime_matches_torch_with_the_artifacts_weights(request, fixture: str, tiny_checkpoint) -> None:
     """Prefill (INT4: with stage 2) and 6 greedy decode steps: llm.onnx in ORT vs the HF modules of the checkpoint
     quantized the way the manifest says (AWQ scales read back from the artifact): the torch backend's path."""
-    from apet.models.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.adapter import LlavaAdapter
     from apet.quant.apply import match_artifact
 
     artifact = request.getfixturevalue(fixture)
@@ -196,9 +196,9 @@ def agreement_setup(tiny_adapter):
     """Four prompts about four images, each extended by 4 greedy tokens of the float model."""
     from conftest import make_image
 
-    from apet.plan import plan_compression
+    from apet.contracts.plan import plan_compression
+    from apet.export.calibration import CalibrationSource, build_calibration
     from apet.quant.agreement import sequence_logits, teacher_forced_sequences
-    from apet.quant.calibration import CalibrationSource, build_calibration
 
     plan = plan_compression(256, 4, ratio=0.11, stages=1, stage1_placement="mask")
     prompts = ["What is this?", "Describe the colours.", "Is there a square?", "Caption it."]
@@ -223,9 +223,9 @@ def test_teacher_forced_agreement_with_float(tiny_adapter, agreement_setup) -> N
     while INT8 keeps ~93%. A broken quantizer (wrong axis, nibble order, scale) makes the model unrelated: an
     independently seeded tiny model agrees on 0% of positions (KL 3.8). So: INT8 >= 0.85, INT4 >= 0.10 and INT4's
     KL below a know-nothing (uniform) model's; INT8 strictly closer than INT4 on both metrics."""
+    from apet.contracts.weights import WeightSpec
     from apet.quant.agreement import agreement
     from apet.quant.apply import quantize_model
-    from apet.quant.spec import WeightSpec
 
     _, sequences, reference, _ = agreement_setup
     scores = {}
@@ -243,10 +243,10 @@ def test_awq_recovers_salient_input_channels_that_rtn_loses(tiny_adapter, agreem
     """A function-preserving rescale (norm weight x16 on 3 channels, the reading projections' columns / 16) gives
     the float model the activation outliers AWQ exists for: RTN rounds those small columns away, AWQ's searched
     scales restore them. Same float model, same data: AWQ must cut the KL by 40% (measured ~47%) and agree more."""
+    from apet.contracts.weights import WeightSpec
+    from apet.export.calibration import build_calibration
     from apet.quant.agreement import agreement
     from apet.quant.apply import quantize_model
-    from apet.quant.calibration import build_calibration
-    from apet.quant.spec import WeightSpec
 
     plan, sequences, _, (pairs, info) = agreement_setup
     salient = copy.deepcopy(tiny_adapter)
@@ -391,7 +391,7 @@ def test_bench_weights_on_cpu(tmp_path: Path) -> None:
 def test_jetson_decode_projection_per_format_7b() -> None:
     """Decode reads every weight once: on LLaVA-1.5-7B's LLM the floors scale with the bytes per weight."""
     from apet.bench import flops
-    from apet.quant.spec import weight_bytes_per_param
+    from apet.contracts.weights import weight_bytes_per_param
 
     m = flops.LlmShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32064)
     assert flops.llm_weight_bytes(m, 2) == pytest.approx(13.21e9, rel=1e-3)

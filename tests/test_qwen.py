@@ -116,10 +116,10 @@ def test_compressed_equals_authors_pipeline_on_hf_modules(compressed, tiny_qwen_
 def test_fixed_budget_vision_graph_keeps_k_of_every_image(tiny_qwen_adapter, images, tmp_path: Path) -> None:
     """--tokens K: a static K (engines get static shapes), every image resized to at least K tokens (min_pixels
     raised), kept indices == the float64 oracle on Hugging Face's merger output at those sizes."""
+    from apet.contracts.plan import plan_compression
     from apet.export.vision import export_vision
     from apet.manifest import in_memory_manifest
     from apet.models.qwen2_5_vl.processor import QwenProcessor
-    from apet.plan import plan_compression
 
     adapter, keep = tiny_qwen_adapter, 300
     plan = plan_compression(adapter.spec.n_tokens, 4, tokens=str(keep), stages=1, stage1_placement="blend",

@@ -13,7 +13,9 @@ import torch
 from conftest import make_image
 from qwen_reference import MAX_PIXELS, MIN_PIXELS, hf_batch
 
-from apet.compression import CompressionConfig, compress
+from apet.compression import compress
+from apet.contracts.compression import CompressionConfig
+from apet.contracts.plan import CompressionPlan, plan_compression
 from apet.errors import InputError, UsageError
 from apet.manifest import in_memory_manifest
 from apet.models.qwen2_5_vl.geometry import grid_bounds, window_layout
@@ -26,7 +28,6 @@ from apet.models.qwen2_5_vl.preprocess import (
 )
 from apet.models.qwen2_5_vl.processor import QwenProcessor
 from apet.models.qwen2_5_vl.templates import prompt_template
-from apet.plan import CompressionPlan, plan_compression
 
 SIZES = [(300, 200), (180, 260), (420, 140)]  # landscape, portrait, wide: all upscaled to >= 256 tokens
 

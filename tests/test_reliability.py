@@ -220,7 +220,7 @@ def test_no_code_executing_deserialisation_in_the_package() -> None:
 
 
 def test_pickled_checkpoints_are_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from apet.models.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.adapter import LlavaAdapter
 
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_checkpoint, pickled)

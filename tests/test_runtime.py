@@ -174,7 +174,7 @@ def test_preprocessing_equals_hf_image_processor(tiny_checkpoint: Path) -> None:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_checkpoint).image_processor
-    from apet.models.llava.adapter import LlavaAdapter
+    from apet.adapters.llava.adapter import LlavaAdapter
 
     default = ClipRecipe.from_json(LlavaAdapter.load(tiny_checkpoint).spec.processor)
     assert default.image_fit == "pad"  # the original LLaVA-1.5 recipe is the default
@@ -277,7 +277,7 @@ def test_decode_span_doubles_from_the_quantum_up_to_the_capacity() -> None:
 def test_decode_over_a_span_equals_decode_over_the_whole_buffer(tiny_adapter) -> None:
     """Attending over the span (the buffer's used prefix, rounded up) is the same step as over the whole static
     buffer, in both cache groups of a two-stage schedule; a span that misses the new token's position is not."""
-    from apet.plan import plan_compression
+    from apet.contracts.plan import plan_compression
     from apet.runtime.static_decoder import StaticDecoder
 
     spec = tiny_adapter.spec

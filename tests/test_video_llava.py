@@ -13,9 +13,11 @@ import pytest
 import torch
 from videos import decode_all, make_frames, uniform, write_video
 
-from apet.compression import CompressionConfig
+from apet.compression import selector
+from apet.contracts.compression import CompressionConfig
 from apet.export.artifact import ExportConfig, export_artifact
 from apet.manifest import read_manifest
+from apet.models.registry import family_of
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 
@@ -25,16 +27,13 @@ FRAMES = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint() -> Path:
-    """``--model tiny-video-llava``: created once in the session's isolated APET_CACHE."""
-    from apet.models.registry import resolve_checkpoint
-
-    return resolve_checkpoint("tiny-video-llava")
+def checkpoint(tiny_video_checkpoint: Path) -> Path:
+    return tiny_video_checkpoint
 
 
 @pytest.fixture(scope="module")
 def adapter(checkpoint: Path):
-    from apet.models.video_llava.adapter import VideoLlavaAdapter
+    from apet.adapters.video_llava.adapter import VideoLlavaAdapter
 
     return VideoLlavaAdapter.load(checkpoint)
 
@@ -47,13 +46,8 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def artifacts(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
-    root = tmp_path_factory.mktemp("video-artifacts")
-    out = {}
-    for ratio in (1.0, 0.125):
-        out[ratio] = root / f"r{ratio}"
-        export_artifact(ExportConfig(model=str(checkpoint), out=out[ratio], ratio=ratio, dtype="fp32", max_batch=2))
-    return out
+def artifacts(video_artifact_factory) -> dict[float, Path]:
+    return {ratio: video_artifact_factory(ratio=ratio) for ratio in (1.0, 0.125)}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +142,7 @@ def test_manifest_and_graph_shapes(artifacts) -> None:
     assert manifest.model.family == "video-llava" and manifest.model.image_placeholder == "<video>"
     assert manifest.compression.stage1.keep == 32 and manifest.compression.stage1.placement == "append"
     assert manifest.compression.stage2 is None and manifest.model.extra["frames"] == FRAMES
-    assert manifest.family.max_visual_tokens(manifest) == 264
+    assert family_of(manifest).max_visual_tokens(manifest) == 264
     vision = manifest.graphs["vision"]
     assert [i["shape"] for i in vision.inputs] == [["batch", 8, 3, 224, 224]]
     assert [o["shape"] for o in vision.outputs] == [["batch", 264, 64], ["batch", 264]]
@@ -210,11 +204,11 @@ def test_compression_changes_the_answer_and_keeps_fewer_tokens(pipelines, clips)
 
 
 def test_spatial_order_ablation_sorts_each_frame(adapter) -> None:
-    from apet.models.video_llava.vision import VideoLlavaVisionStages
+    from apet.adapters.video_llava.vision import VideoLlavaVisionStages
 
     pixels = torch.randn(1, FRAMES, 3, 224, 224)
-    paper = VideoLlavaVisionStages(adapter, CompressionConfig(keep=32, placement="append").apply)
-    spatial = VideoLlavaVisionStages(adapter, CompressionConfig(keep=32, placement="append_spatial").apply)
+    paper = VideoLlavaVisionStages(adapter, selector(CompressionConfig(keep=32, placement="append")))
+    spatial = VideoLlavaVisionStages(adapter, selector(CompressionConfig(keep=32, placement="append_spatial")))
     with torch.no_grad():
         (paper_embeds, paper_index), (spatial_embeds, spatial_index) = paper(pixels), spatial(pixels)
     paper_index, spatial_index = paper_index.view(FRAMES, 33), spatial_index.view(FRAMES, 33)
@@ -239,11 +233,11 @@ def test_video_and_image_arguments_are_checked(pipelines, clips) -> None:
 def test_tensorrt_rtx_builds_the_video_graph_ahead_of_time(checkpoint, artifacts, rtx_api, tmp_path: Path) -> None:
     """The fp16 vision graph (8 frames per video, per-frame ApET) builds with the family's profile; the LLM's
     profiles and the trtexec lines follow the 8 x 33 visual tokens."""
+    from apet.adapters.video_llava.adapter import VideoLlavaAdapter
     from apet.engines.profiles import ShapeLimits, llm_profiles, vision_profiles
     from apet.engines.trt import BuildOptions, build_engine
     from apet.engines.trtexec import write_trtexec_script
     from apet.export.vision import export_vision
-    from apet.models.video_llava.adapter import VideoLlavaAdapter
 
     manifest = read_manifest(artifacts[0.125])
     half = VideoLlavaAdapter.load(checkpoint, dtype=torch.float16)
@@ -265,8 +259,8 @@ def test_tensorrt_rtx_builds_the_video_graph_ahead_of_time(checkpoint, artifacts
 def test_bench_ratio_one_against_the_paper_budget(checkpoint, tmp_path: Path) -> None:
     """apet-bench's runs and baselines on video (2 frames here to keep CI short): 2 x 257 tokens at ratio 1.0
     vs 2 x 33 at 0.125, with HF generate and the paper-style path in the same run."""
+    from apet.adapters.video_llava.adapter import VideoLlavaAdapter
     from apet.bench.run import BenchConfig, run_bench
-    from apet.models.video_llava.adapter import VideoLlavaAdapter
 
     adapter = VideoLlavaAdapter.load(checkpoint)
     adapter.customize(frames=2)
@@ -368,7 +362,7 @@ def test_images_through_the_image_tower_equal_hf_generate(image_artifact, adapte
     images = [make_image(11, (300, 200)), make_image(12, (150, 240))]
     manifest = read_manifest(image_artifact)
     assert manifest.model.image_placeholder == "<image>" and manifest.graphs["vision"].inputs[0]["name"] == \
-        "pixel_values" and manifest.family.max_visual_tokens(manifest) == 256
+        "pixel_values" and family_of(manifest).max_visual_tokens(manifest) == 256
     pipeline = Pipeline.load(image_artifact, backend=backend, **({"adapter": adapter} if backend == "torch" else {}))
     results = pipeline.generate_batch(images, PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS))
     want = hf_image_greedy(adapter, checkpoint, images, PROMPTS)
@@ -378,8 +372,8 @@ def test_images_through_the_image_tower_equal_hf_generate(image_artifact, adapte
 
 
 def test_media_and_frames_options_are_checked(checkpoint, tiny_adapter) -> None:
+    from apet.adapters.video_llava.adapter import VideoLlavaAdapter
     from apet.errors import UsageError
-    from apet.models.video_llava.adapter import VideoLlavaAdapter
 
     video = VideoLlavaAdapter.load(checkpoint)
     with pytest.raises(UsageError, match="--frames applies to video"):
@@ -395,7 +389,7 @@ def test_media_and_frames_options_are_checked(checkpoint, tiny_adapter) -> None:
 def test_ratio_and_tokens_map_to_the_per_frame_budget() -> None:
     """--ratio r keeps round8(r x 256) patch tokens per frame (0.125 -> 22 error-selected + 10 basis); --tokens
     sets K exactly; video has one stage whatever --stages says."""
-    from apet.plan import plan_compression
+    from apet.contracts.plan import plan_compression
 
     def keep(**kwargs) -> int:
         plan = plan_compression(256, 32, stages=1, stage1_placement="append", **kwargs)

@@ -177,7 +177,7 @@ def test_export_config_validation(kwargs, words, tmp_path: Path) -> None:
 
 
 def test_budget_planning_matches_the_paper() -> None:
-    from apet.plan import CompressionPlan, plan_compression
+    from apet.contracts.plan import CompressionPlan, plan_compression
 
     assert plan_compression(576, 32, ratio=0.11, stages=1).stage1_keep == 64
     two = plan_compression(576, 32, ratio=0.11)

@@ -12,12 +12,12 @@ import torch
 
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
+from apet.compression import selector
+from apet.contracts.plan import Budget, CompressionPlan, plan_for
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
-from apet.models.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
-from apet.plan import CompressionPlan, plan_compression
-from apet.runtime.backends.base import splice
-from apet.runtime.backends.torch import embedding_table
+from apet.runtime.backends.torch import embedding_table, splice
 
 
 def _sync(device: torch.device) -> None:
@@ -40,10 +40,9 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, 
     compiles the decode step (the strongest plain-HF setup; its warm-up is the compilation)."""
     spec = adapter.spec
     family = get_family(spec.family)
-    full = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=1.0, stages=1,
-                            per_image=family.dynamic_tokens)
+    full = plan_for(spec, family, Budget(ratio=1.0, stages=1))
     _, inputs, make_layout = synthetic_request(adapter, full, request, max_context)
-    stages = family.vision_stages(adapter, full.stage1.apply)
+    stages = family.vision_stages(adapter, selector(full.stage1))
     with torch.no_grad():
         _, index = stages(*_tensors(inputs.arrays, adapter).values())
     layout = make_layout(index.cpu().numpy())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from apet.contracts.specs import VisionShape
+
 # Published peaks (dense fp16 tensor-core rate, memory bandwidth). Jetson rates are derived from the
 # tensor-core count and GPU clock in NVIDIA's Jetson Orin technical brief / data sheets:
 #   AGX Orin 64GB: 64 tensor cores x 256 fp16 FMA/clk x 2 FLOP x 1.3 GHz = 42.6 TFLOP/s; LPDDR5 204.8 GB/s.
@@ -18,20 +20,6 @@ DEVICES = {
     "jetson-agx-orin-64gb": {"tflops_fp16": 42.6, "bandwidth_gbs": 204.8, "memory_gb": 64},
     "jetson-orin-nano-8gb": {"tflops_fp16": 16.7, "bandwidth_gbs": 102.0, "memory_gb": 8},
 }
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    tokens: int  # incl. CLS
-    dim: int
-    mlp_dim: int
-    layers: int  # layers actually run (up to the select layer)
-    patch: int
-    channels: int = 3
-    window: int | None = None  # window-attention ViTs (Qwen2.5-VL): tokens per attention window
-    full_layers: int = 0  # ... and how many of the layers attend over all tokens
-    projector: bool = True  # a per-token projector runs after ApET (False: ApET sees the LLM space already)
-    temporal: int = 1  # frames per patch (Qwen2.5-VL's patch embedding sees 2)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import torch
 
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
+from apet.contracts.plan import CompressionPlan
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
-from apet.models.adapter import VisionLanguageAdapter
-from apet.plan import CompressionPlan
 
 
 def _tokens_arg(plan: CompressionPlan) -> str:
@@ -92,8 +92,7 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
             stage2_index: np.ndarray | None, ort_tokens: list[list[int]], ort_logits: list[np.ndarray],
             processor) -> dict[str, Any]:
     """Teacher-forced on ONNX Runtime's tokens: the reference's kept indices and logits at every step."""
-    from apet.runtime.backends.base import splice
-    from apet.runtime.backends.torch import embedding_table
+    from apet.runtime.backends.torch import embedding_table, splice
 
     reference = Reference(adapter, plan.stage1, plan.stage2)
     device = adapter.device

@@ -29,13 +29,13 @@ from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
-from apet.compression import CompressionConfig, Stage2Config
+from apet.contracts.compression import CompressionConfig, Stage2Config
+from apet.contracts.plan import Budget, plan_for
 from apet.contracts.targets import resolve_form
-from apet.devices import check_device
 from apet.errors import UsageError
-from apet.models.adapter import VisionLanguageAdapter
+from apet.modeling.adapter import VisionLanguageAdapter
+from apet.modeling.devices import check_torch_device
 from apet.models.registry import get_family
-from apet.plan import plan_compression
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BenchConfig:
     attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
 
     def __post_init__(self) -> None:
-        from apet.quant.spec import WEIGHT_FORMATS
+        from apet.contracts.weights import WEIGHT_FORMATS
 
         if not self.weights or any(w not in WEIGHT_FORMATS for w in self.weights):
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
@@ -77,7 +77,7 @@ class BenchConfig:
         if not self.batches or any(b < 1 for b in self.batches):
             raise UsageError(f"--batch {','.join(map(str, self.batches))} must list batch sizes >= 1",
                              "e.g. --batch 1 or --batch 1,4,8")
-        check_device(self.device, allow_auto=True)
+        check_torch_device(self.device, allow_auto=True)
         for name, chosen, allowed in (("--baselines", self.baselines, BASELINES),
                                       ("--backends", self.backends, ("torch", "onnxruntime"))):
             unknown = [c for c in chosen if c not in allowed]
@@ -109,7 +109,7 @@ def shapes_of(adapter: VisionLanguageAdapter,
     spec = adapter.spec
     family = get_family(spec.family)
     # dynamic-resolution ViTs cost what the request's image needs
-    vision = family.vision_flops_shape(adapter, image_size) if family.dynamic_tokens and image_size else \
+    vision = family.vision_flops_shape(adapter, image_size=image_size) if family.dynamic_tokens and image_size else \
         family.vision_flops_shape(adapter)
     d = spec.decoder
     llm = flops.LlmShape(hidden=d.hidden_size, intermediate=d.intermediate_size, layers=d.num_layers,
@@ -143,8 +143,7 @@ def stage_costs(adapter: VisionLanguageAdapter, stage1: CompressionConfig, stage
 def _plan(adapter: VisionLanguageAdapter, ratio: float, stages: int):
     spec = adapter.spec
     family = get_family(spec.family)
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=ratio, stages=min(stages, family.max_stages),
-                            stage1_placement=family.stage1_placement, per_image=family.dynamic_tokens)
+    return plan_for(spec, family, Budget(ratio=ratio, stages=stages), clamp_stages=True)
 
 
 def _max_context(adapter: VisionLanguageAdapter, cfg: "BenchConfig") -> int:
@@ -171,7 +170,7 @@ def _weight_format(adapter: VisionLanguageAdapter) -> tuple[str, float | None]:
     spec = getattr(adapter, "weight_spec", None)
     if spec is None or not spec.quantized:
         return "fp16", None
-    from apet.quant.spec import weight_bytes_per_param
+    from apet.contracts.weights import weight_bytes_per_param
 
     return spec.format, weight_bytes_per_param(spec.format, spec.group_size)
 
@@ -234,9 +233,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
 
 def _quantized(cfg: BenchConfig, fmt: str, dtype: torch.dtype, device: torch.device) -> VisionLanguageAdapter:
     """A fresh copy of the model with round-to-nearest weights (AWQ changes the values, not the speed)."""
+    from apet.contracts.weights import WeightSpec
     from apet.models.registry import load_adapter
     from apet.quant.apply import quantize_model
-    from apet.quant.spec import WeightSpec
 
     model = load_adapter(cfg.model, dtype=dtype, device=str(device))
     result = quantize_model(model, WeightSpec(fmt, cfg.group_size if fmt == "int4" else None, "rtn"))

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from apet.bench.timing import Timing, summarize, time_call
+from apet.compression import compress_with, selector
+from apet.contracts.plan import CompressionPlan
 from apet.manifest import in_memory_manifest
-from apet.models.adapter import VisionLanguageAdapter
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
-from apet.plan import CompressionPlan
-from apet.runtime.backends.base import splice
-from apet.runtime.backends.torch import embedding_table
+from apet.runtime.backends.torch import embedding_table, splice
 from apet.runtime.cuda_graphs import GraphedCall
 from apet.runtime.static_decoder import StaticDecoder
 
@@ -73,7 +73,7 @@ class ApetPath:
         self.adapter, self.plan, self.request = adapter, plan, request
         stage1, stage2 = plan.stage1, plan.stage2
         _, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
-        stages = get_family(adapter.family).vision_stages(adapter, stage1.apply)
+        stages = get_family(adapter.family).vision_stages(adapter, selector(stage1))
         names = stages.input_names
         vision_inputs = _device(inputs.arrays, names, adapter)
         self.max_context = max_context
@@ -104,7 +104,7 @@ class ApetPath:
                 hidden = torch.randn(request.batch, stage1.keep, adapter.spec.decoder.hidden_size,
                                      device=device, dtype=adapter.dtype)
                 c2 = stage2.compression
-                self.apet2 = GraphedCall(maybe(lambda x: c2.apply(x).tokens), {"x": hidden}, **g)
+                self.apet2 = GraphedCall(maybe(lambda x: compress_with(c2, x).tokens), {"x": hidden}, **g)
                 self.apet2_input = hidden
             self.vision_inputs, self.features, self.kept = vision_inputs, features, (tokens, index)
             self.prefill(**self.prefill_inputs)

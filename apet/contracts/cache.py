@@ -20,7 +20,7 @@ class CacheLayout:
 
     @classmethod
     def of(cls, num_layers: int, plan) -> "CacheLayout":
-        """From a :class:`apet.plan.CompressionPlan` (or anything with ``stage2`` and ``removed_at_stage2``)."""
+        """From a :class:`apet.contracts.plan.CompressionPlan` (or anything with ``stage2``, ``removed_at_stage2``)."""
         stage2 = plan.stage2
         return cls(num_layers, None if stage2 is None else stage2.layer, plan.removed_at_stage2)
 

@@ -71,3 +71,19 @@ class ModelSpec:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT's size as the benchmarks' FLOP and byte counts see it (a family's torch half declares it)."""
+
+    tokens: int  # incl. CLS
+    dim: int
+    mlp_dim: int
+    layers: int  # layers actually run (up to the select layer)
+    patch: int
+    channels: int = 3
+    window: int | None = None  # window-attention ViTs (Qwen2.5-VL): tokens per attention window
+    full_layers: int = 0  # ... and how many of the layers attend over all tokens
+    projector: bool = True  # a per-token projector runs after ApET (False: ApET sees the LLM space already)
+    temporal: int = 1  # frames per patch (Qwen2.5-VL's patch embedding sees 2)

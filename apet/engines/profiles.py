@@ -15,6 +15,7 @@ from apet.contracts.specs import resolve_shape
 from apet.engines.trt import Profile
 from apet.errors import UsageError
 from apet.manifest import Manifest
+from apet.models.registry import family_of
 
 OPT_TEXT_TOKENS = 40  # a typical VQA prompt
 
@@ -30,7 +31,7 @@ class ShapeLimits:
     @classmethod
     def from_manifest(cls, manifest: Manifest, max_batch: int | None = None, max_context: int | None = None,
                       max_prompt: int | None = None) -> "ShapeLimits":
-        visual = manifest.family.max_visual_tokens(manifest)
+        visual = family_of(manifest).max_visual_tokens(manifest)
         batch = manifest.max_batch if max_batch is None else max_batch
         context = manifest.max_context if max_context is None else max_context
         prompt = min(context, visual + DEFAULT_TEXT_TOKENS) if max_prompt is None else max_prompt
@@ -56,7 +57,7 @@ def _shapes(manifest: Manifest, graph: str, dims: tuple[dict[str, int], dict[str
 
 
 def vision_profiles(manifest: Manifest, limits: ShapeLimits) -> list[Profile]:
-    ranges = manifest.family.vision_dims(manifest, limits.max_batch)
+    ranges = family_of(manifest).vision_dims(manifest, limits.max_batch)
     dims = tuple({name: r[i] for name, r in ranges.items()} for i in range(3))
     return [Profile("vision", _shapes(manifest, "vision", dims))]
 
@@ -66,7 +67,7 @@ def llm_profiles(manifest: Manifest, max_batch: int | None = None, max_context: 
     """Profile 0 = prefill (whole prompt incl. the visual span, empty cache); profile 1 = decode (T = 1)."""
     limits = ShapeLimits.from_manifest(manifest, max_batch, max_context, max_prompt)
     layout = manifest.cache_layout
-    typical = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
+    typical = min(limits.max_prompt, family_of(manifest).typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
     # with stage 2 a prefill holds the whole K1 span; the removed tokens must leave at least one
     shortest = manifest.visual_tokens + 1 if manifest.compression.stage2 is not None else 2
     batch = (1, 1, limits.max_batch)

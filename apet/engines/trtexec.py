@@ -31,6 +31,7 @@ from apet.engines.profiles import OPT_TEXT_TOKENS, ShapeLimits, check_workspace,
 from apet.engines.trt import Profile
 from apet.errors import guarded
 from apet.manifest import Manifest, read_manifest
+from apet.models.registry import family_of
 
 __all__ = ["build_command", "profile_command", "profiling_runs", "write_trtexec_script", "report",
            "summarize_times", "top_layers", "main"]
@@ -95,7 +96,7 @@ def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, 
     ints = {"position_ids": np.broadcast_to(positions, shapes["position_ids"]).copy(),
             "attention_mask": np.ones((1, past + seq), dtype=np.int64)}
     if "image_start" in shapes:
-        ints["image_start"] = np.array([manifest.family.text_before_media(manifest, artifact)], dtype=np.int64)
+        ints["image_start"] = np.array([family_of(manifest).text_before_media(manifest, artifact)], dtype=np.int64)
     return Run(name, ENGINE_FILES["llm"], profile_index, shapes, ints)
 
 
@@ -103,7 +104,7 @@ def _vision_run(manifest: Manifest, limits: ShapeLimits) -> Run:
     """Batch 1 at the profile's smallest shapes, or at the family's typical request where the vision graph takes
     integer inputs (index bookkeeping must be real, not trtexec's random fill): symbolic dims from those."""
     vision = vision_profiles(manifest, limits)[0]
-    ints = manifest.family.profiling_vision_inputs(manifest)
+    ints = family_of(manifest).profiling_vision_inputs(manifest)
     if not ints:
         # the opt shapes: one image (LLaVA-NeXT: all views of one image at the largest grid)
         return Run("vision_b1", ENGINE_FILES["vision"], 0, {n: s[1] for n, s in vision.shapes.items()}, {})
@@ -120,7 +121,7 @@ def _vision_run(manifest: Manifest, limits: ShapeLimits) -> Run:
 def profiling_runs(manifest: Manifest, limits: ShapeLimits, artifact: Path) -> list[Run]:
     runs = [_vision_run(manifest, limits)]
     _, decode = llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
-    prompt = min(limits.max_prompt, manifest.family.typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
+    prompt = min(limits.max_prompt, family_of(manifest).typical_visual_tokens(manifest) + OPT_TEXT_TOKENS)
     runs.append(_llm_run(f"prefill_{prompt}", manifest, artifact, 0, prompt, 0))
     shortest = decode.shapes["attention_mask"][0][1] - 1
     for past in sorted({p for p in DECODE_PAST if p < limits.max_context} | {prompt}):

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from apet.atomic import write_atomic
-from apet.eval.data import EvalItem
 from apet.eval.scoring import normalize_answer, yes_no, yes_no_scores
+from apet.media.dataset import EvalItem
 
 
 def _mean(values: list[float]) -> float:

@@ -11,23 +11,24 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from tqdm.auto import tqdm
 
 from apet.atomic import write_atomic
+from apet.contracts.plan import Budget, plan_for
 from apet.devices import check_device
 from apet.errors import ApetError, InputError, UsageError
-from apet.eval.data import EvalItem, load
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
 from apet.manifest import Manifest, in_memory_manifest, read_manifest
-from apet.models.adapter import VisionLanguageAdapter
+from apet.media.dataset import EvalItem, load
 from apet.models.registry import get_family
-from apet.plan import plan_compression
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
-from apet.selection import RULES
+
+if TYPE_CHECKING:
+    from apet.modeling.adapter import VisionLanguageAdapter
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
@@ -55,19 +56,27 @@ class EvalConfig:
     calib_images: Path | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in RULES]
-        if unknown:
-            raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
+        if self.methods != ("apet",):  # other rules are torch code (apet.selection): only a model source runs them
+            from apet.selection import RULES
+
+            unknown = [m for m in self.methods if m not in RULES]
+            if unknown:
+                raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
         if any(not 0 < r <= 1 for r in self.ratios):
             raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
-        from apet.quant.spec import WEIGHT_FORMATS
+        from apet.contracts.weights import WEIGHT_FORMATS
 
         bad = [w for w in self.weights if w not in WEIGHT_FORMATS]
         if bad or not self.weights:
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
         if not self.images.is_dir():
             raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
-        check_device(self.device)
+        if (Path(self.source) / "manifest.json").is_file():
+            check_device(self.device)  # an artifact runs on its backend, which checks the device itself
+        else:
+            from apet.modeling.devices import check_torch_device
+
+            check_torch_device(self.device)
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit {self.limit} must be at least 1", "pass --limit N to run the first N "
                              "questions of each file, or leave it out to run all")
@@ -91,13 +100,11 @@ def settings(cfg: EvalConfig) -> list[Setting]:
     return out + [Setting(m, r) for m in cfg.methods for r in cfg.ratios if r < 1.0]
 
 
-def model_manifest(adapter: VisionLanguageAdapter, setting: Setting, stages: int) -> Manifest:
+def model_manifest(adapter: "VisionLanguageAdapter", setting: Setting, stages: int) -> Manifest:
     """The manifest under which a checkpoint runs through the runtime's torch backend at one setting."""
     spec = adapter.spec
     family = get_family(spec.family)
-    plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=setting.ratio,
-                            stages=min(stages, family.max_stages), stage1_placement=family.stage1_placement,
-                            rule=setting.method, per_image=family.dynamic_tokens)
+    plan = plan_for(spec, family, Budget(ratio=setting.ratio, stages=stages, rule=setting.method), clamp_stages=True)
     return in_memory_manifest(spec, plan, dtype="fp32" if adapter.dtype.itemsize == 4 else "fp16", max_batch=1,
                               max_context=min(spec.decoder.max_positions, 4096), extra_rows=adapter.extra_row_ids())
 

@@ -12,12 +12,12 @@ import copy
 import logging
 from typing import Any
 
-from apet.eval.data import load
+from apet.contracts.plan import Budget, plan_for
+from apet.contracts.weights import WeightSpec, default_method
 from apet.eval.scoring import prompt_for
-from apet.models.adapter import VisionLanguageAdapter
+from apet.media.dataset import load
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.models.registry import get_family
-from apet.plan import plan_compression
-from apet.quant.spec import WeightSpec, default_method
 
 log = logging.getLogger(__name__)
 AGREEMENT_PROMPTS = 32  # eval questions used for agreement (teacher forcing costs new_tokens full forwards each)
@@ -27,14 +27,13 @@ _reference_cache: dict[int, Any] = {}
 
 def _full_plan(adapter: VisionLanguageAdapter):
     spec = adapter.spec
-    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=1.0, stages=1,
-                            stage1_placement=get_family(spec.family).stage1_placement)
+    return plan_for(spec, get_family(spec.family), Budget(ratio=1.0, stages=1))
 
 
 def _sequences(adapter: VisionLanguageAdapter, cfg: Any):
     """The eval prompts extended by fp16's greedy answers (computed once per run, embeddings only)."""
+    from apet.export.calibration import build_calibration
     from apet.quant.agreement import teacher_forced_sequences
-    from apet.quant.calibration import build_calibration
 
     key = id(adapter)
     if key not in _reference_cache:
@@ -51,9 +50,9 @@ def _sequences(adapter: VisionLanguageAdapter, cfg: Any):
 def quantized_copy(adapter: VisionLanguageAdapter, fmt: str, cfg: Any) -> tuple[VisionLanguageAdapter, WeightSpec,
                                                                                    dict[str, Any]]:
     """(quantized deep copy, its resolved spec, its agreement with ``adapter`` as JSON)."""
+    from apet.export.calibration import CalibrationSource, build_calibration
     from apet.quant.agreement import agreement
     from apet.quant.apply import quantize_model
-    from apet.quant.calibration import CalibrationSource, build_calibration
 
     spec = WeightSpec(fmt, cfg.group_size if fmt == "int4" else None, cfg.calibration or default_method(fmt))
     sequences = _sequences(adapter, cfg)

@@ -13,20 +13,20 @@ from tqdm.auto import tqdm
 
 from apet import __version__
 from apet.atomic import atomic_directory
-from apet.compression import BASIS_PLACEMENTS, METHODS
 from apet.contracts.cache import DEFAULT_TEXT_TOKENS
+from apet.contracts.compression import BASIS_PLACEMENTS, METHODS
 from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
+from apet.contracts.onnx_graph import check_onnx, external_data_files, graph_io, initializer_bytes, spec_dict
+from apet.contracts.plan import Budget, CompressionPlan, check_budget_options, plan_for
 from apet.contracts.targets import ExportForm, resolve_form
-from apet.devices import check_device
+from apet.contracts.weights import QUANT_OPSET, WeightSpec, default_method
 from apet.errors import StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
-from apet.export.onnx_utils import check_onnx, external_data_files, graph_io, initializer_bytes, spec_dict
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
-from apet.models.adapter import VisionLanguageAdapter
+from apet.modeling.adapter import VisionLanguageAdapter
+from apet.modeling.devices import check_torch_device
 from apet.models.registry import get_family
-from apet.plan import CompressionPlan, check_budget_options, plan_compression
-from apet.quant.spec import QUANT_OPSET, WeightSpec, default_method
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class ExportConfig:
     device: str = "cpu"
     max_views: int | None = None  # multi-view families: None = the checkpoint's largest grid
 
+    @property
+    def budget(self) -> Budget:
+        return Budget(ratio=self.ratio, tokens=self.tokens, stages=self.stages, basis=self.basis,
+                      method=self.basis_method, merge=self.merge, seed=self.seed,
+                      basis_placement=self.basis_placement, stage2_layer=self.stage2_layer)
+
     def __post_init__(self) -> None:
         if self.ratio is None and self.tokens is None:
             raise UsageError("no budget given", "pass --ratio R (e.g. 0.11) or --tokens K[,K2]")
@@ -86,7 +92,7 @@ class ExportConfig:
             raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
                              "use paper (the authors' algorithm, default) or own (ablation)")
         check_budget_options(self.ratio, self.tokens)
-        check_device(self.device)
+        check_torch_device(self.device)
         spec = self.weight_spec.validate()
         form = self.form  # --target / --attention / --opset together
         if spec.quantized and form.opset < QUANT_OPSET:
@@ -160,8 +166,8 @@ def _quantize(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: Compressi
     needs to rebuild the same weights from the checkpoint."""
     from safetensors.torch import save_file
 
+    from apet.export.calibration import build_calibration
     from apet.quant.apply import quantize_model
-    from apet.quant.calibration import build_calibration
 
     spec = cfg.weight_spec
     calibration = build_calibration(adapter, plan, pairs, info) if spec.method == "awq" else None
@@ -188,7 +194,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
     weights = cfg.weight_spec
     pairs, info = [], {}
     if weights.method == "awq":  # a missing or corrupt calibration file fails before any model loads
-        from apet.quant.calibration import CalibrationSource
+        from apet.export.calibration import CalibrationSource
 
         pairs, info = CalibrationSource(cfg.calib_data, cfg.calib_images, cfg.calib_samples).pairs()
     bar = tqdm(total=len(steps), desc="apet-export", unit="step", disable=None)
@@ -213,15 +219,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             bar.update()
             step(1)
             spec, family = adapter.spec, get_family(adapter.family)
-            stages = cfg.stages or family.max_stages
-            if stages > family.max_stages:
-                raise UsageError(f"--stages {stages}: the {family.name} family has {family.max_stages} stage(s)",
-                                 f"pass --stages {family.max_stages}")
-            plan = plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=cfg.ratio, stages=stages,
-                                    tokens=cfg.tokens, basis=cfg.basis, method=cfg.basis_method, merge=cfg.merge,
-                                    seed=cfg.seed, basis_placement=cfg.basis_placement,
-                                    stage1_placement=family.stage1_placement, stage2_layer=cfg.stage2_layer,
-                                    per_image=family.dynamic_tokens)
+            plan = plan_for(spec, family, cfg.budget)
             adapter.fit_budget(plan)
             max_context = cfg.max_context or _default_context(adapter, plan, cfg)
             bar.update()

@@ -11,11 +11,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from apet.compression import Stage2Config
+from apet.contracts.compression import Stage2Config
 from apet.export.attention import attention_kernel
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import HeadLayout, merge_heads, project_qkv, stage2_rebuild
 from apet.modeling.scope import Scope
-from apet.models.adapter import VisionLanguageAdapter
 
 
 class DecoderGraph(nn.Module):

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from apet.compression import Stage2Config
+from apet.contracts.compression import Stage2Config
 from apet.contracts.files import EMBEDDINGS_TENSOR
 from apet.contracts.io import llm_io_names
 from apet.export.decoder import DecoderGraph
 from apet.export.onnx_utils import export_onnx
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import empty_past
-from apet.models.adapter import VisionLanguageAdapter
 
 
 def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool,

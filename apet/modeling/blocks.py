@@ -20,8 +20,9 @@ import torch
 import torch.onnx.operators
 from torch import nn
 
-from apet.compression import Stage2Config, gather_tokens
-from apet.models.adapter import VisionLanguageAdapter
+from apet.compression import compress_with, gather_tokens
+from apet.contracts.compression import Stage2Config
+from apet.modeling.adapter import VisionLanguageAdapter
 
 _BIG = 1 << 20  # larger than any sequence: (T + BIG - 2) // BIG is 1 for 2 <= T < BIG and 0 for T == 1
 
@@ -74,7 +75,7 @@ def stage2_rebuild(s2: Stage2Config, h: torch.Tensor, position_ids: torch.Tensor
     start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
     offsets = torch.arange(span, device=h.device)
     span_index = _at_most(start + offsets, length - 1)
-    kept = s2.compression.apply(gather_tokens(h, span_index))
+    kept = compress_with(s2.compression, gather_tokens(h, span_index))
 
     positions = torch.arange(new_length, device=h.device).unsqueeze(0)
     before = positions < start

@@ -6,7 +6,7 @@ It is written independently of :mod:`apet.export.decoder` (per-row Python
 rebuild of the sequence, HF attention and cache, masks and positions derived
 from the compressed mask), so that tests comparing the exported graphs with it
 can catch mistakes in either. The runtime's ``torch`` backend uses it too. The
-vision side is the family's own :class:`~apet.models.vision.VisionStages` with
+vision side is the family's own :class:`~apet.modeling.vision.VisionStages` with
 the selection rule plugged in.
 """
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apet.compression import CompressionConfig, Stage2Config
-from apet.models.adapter import VisionLanguageAdapter
-from apet.models.compat import cache_kwargs
+from apet.contracts.compression import CompressionConfig, Stage2Config
+from apet.modeling.adapter import VisionLanguageAdapter
+from apet.modeling.compat import cache_kwargs
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

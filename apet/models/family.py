@@ -21,13 +21,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from apet.extras import import_extra
+
 if TYPE_CHECKING:  # torch-free at run time
     from apet.manifest import Manifest
-    from apet.models.adapter import VisionLanguageAdapter
+    from apet.modeling.adapter import VisionLanguageAdapter
 
 
 @dataclass
@@ -111,7 +114,7 @@ class Processor(ABC):
         return positions_from_mask(attention_mask)[:, -1:]
 
 
-# (features [B', N, D]) -> kept tokens and their positions; ApET's CompressionConfig.apply or an eval rule
+# (features [B', N, D]) -> kept tokens and their positions; ApET's apet.compression.selector(config) or an eval rule
 Selector = Callable[[Any], Any]
 
 
@@ -127,29 +130,39 @@ class Family(ABC):
     stage1_placement: ClassVar[str] = "mask"  # the paper's basis placement at the vision output
     max_stages: ClassVar[int] = 2
     # N varies per image (dynamic resolution): --ratio keeps int(r·N) of each image, --tokens a fixed K
-    # (apet.plan); spec.n_tokens is then the most tokens one image can have
+    # (apet.contracts.plan); spec.n_tokens is then the most tokens one image can have
     dynamic_tokens: ClassVar[bool] = False
 
-    # -- torch half (lazy imports in the implementations) ------------------------------------------
-    @abstractmethod
-    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        """Load a local checkpoint directory (safetensors only)."""
+    # -- torch half: apet.adapters.<package>, imported on demand (the device never needs it) ----------
+    def torch_half(self) -> ModuleType:
+        """The family's torch half (adapter, vision stages, tiny checkpoint): the package of the same name under
+        :mod:`apet.adapters`. Imported by name so that nothing on the runtime side depends on torch; without the
+        export extra this is a :class:`MissingExtraError` naming it."""
+        package = type(self).__module__.rsplit(".", 1)[0].replace("apet.models.", "apet.adapters.", 1)
+        return import_extra(package, extra="export", purpose=f"the {self.name} family's torch half")
 
-    @abstractmethod
-    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
+    def load(self, path: Path, *, dtype: Any = None, device: str = "cpu") -> "VisionLanguageAdapter":
+        """Load a local checkpoint directory (safetensors only; ``dtype`` None is float32)."""
+        return self.torch_half().load(path, dtype=dtype, device=device)
+
+    def random_init(self, shape_name: str, *, dtype: Any = None, device: str = "cpu") -> "VisionLanguageAdapter":
         """Random weights at the real sizes of ``shape_name`` (one of :attr:`shapes`)."""
+        return self.torch_half().random_init(shape_name, dtype=dtype, device=device)
 
-    @abstractmethod
     def tiny_checkpoint(self) -> Path:
         """The cached seeded tiny checkpoint, created on first use."""
+        return self.torch_half().tiny_checkpoint()
 
-    @abstractmethod
     def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
-        """The vision graph as a :class:`apet.models.vision.VisionStages` module."""
+        """The vision graph as a :class:`apet.modeling.vision.VisionStages` module."""
+        return self.torch_half().vision_stages(adapter, select)
 
-    def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
-        """The ViT's shape for the benchmarks' FLOP and byte counts (:class:`apet.bench.flops.VisionShape`)."""
-        raise NotImplementedError(f"{self.name} declares no vision FLOP model")
+    def vision_flops_shape(self, adapter: "VisionLanguageAdapter", **options: Any) -> Any:
+        """The ViT's shape for the benchmarks' FLOP and byte counts (:class:`apet.contracts.specs.VisionShape`)."""
+        half = self.torch_half()
+        if not hasattr(half, "vision_flops_shape"):
+            raise NotImplementedError(f"{self.name} declares no vision FLOP model")
+        return half.vision_flops_shape(adapter, **options)
 
     def hf_generate_inputs(self, inputs: VisionInputs, layout: Layout) -> dict[str, np.ndarray]:
         """Keyword arguments besides ids and mask that the Hugging Face model's ``generate`` takes for these

@@ -7,6 +7,8 @@ manifest with :func:`get_family`.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -16,11 +18,13 @@ from apet.errors import ArtifactError, UsageError
 from apet.models.family import Family
 
 if TYPE_CHECKING:
-    from apet.models.adapter import VisionLanguageAdapter
+    from apet.manifest import Manifest
+    from apet.modeling.adapter import VisionLanguageAdapter
 
 log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, Family] = {}
+_loaded: list[bool] = []
 
 
 def register_family(family: Family) -> Family:
@@ -28,9 +32,20 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def _families() -> dict[str, Family]:
-    import apet.models  # noqa: F401  (registers the built-in families)
+# the built-in families' packages; each registers its Family on import. Other packages add theirs through the
+# ``apet.families`` entry point group (``name = "package.module"``), so adding a family edits no generic file.
+BUILT_IN = ("apet.models.llava", "apet.models.llava_next", "apet.models.qwen2_5_vl", "apet.models.video_llava")
+ENTRY_POINT_GROUP = "apet.families"
 
+
+def _families() -> dict[str, Family]:
+    if not _loaded:
+        _loaded.append(True)
+        for module in BUILT_IN:
+            importlib.import_module(module)
+        for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry.value not in BUILT_IN:
+                entry.load()
     return FAMILIES
 
 
@@ -40,6 +55,11 @@ def get_family(name: str) -> Family:
         raise ArtifactError(f"model family {name!r} is not supported by this apet",
                             f"supported families: {', '.join(families)}; upgrade apet or re-export")
     return families[name]
+
+
+def family_of(manifest: "Manifest") -> Family:
+    """The family that exported ``manifest``'s artifact."""
+    return get_family(manifest.model.family)
 
 
 def known_models() -> list[str]:
@@ -103,10 +123,8 @@ def resolve_checkpoint(model: str, option: str = "--model") -> Path:
 
 def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu",
                  option: str = "--model") -> "VisionLanguageAdapter":
-    """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights)."""
-    import torch
-
-    dtype = dtype or torch.float32
+    """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights;
+    ``dtype`` None is float32). Needs the export extra: the family's torch half does the loading."""
     for family in _families().values():
         if model in family.shapes:
             return family.random_init(model, dtype=dtype, device=device)

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from apet.contracts.weights import WeightSpec
 from apet.errors import UsageError
-from apet.models.adapter import VisionLanguageAdapter
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.quant.awq import Group, apply_scale, capture_inputs, foldable, layer_groups, search_scale
 from apet.quant.calibration import CalibrationSet
 from apet.quant.qlinear import QuantLinear
-from apet.quant.spec import WeightSpec
 
 log = logging.getLogger(__name__)
 

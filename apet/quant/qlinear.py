@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from apet.quant.spec import QMAX
+from apet.contracts.weights import QMAX
 
 PLACEHOLDER_DOMAIN = "apet"
 PLACEHOLDER_OP = "WeightDQ"

@@ -25,6 +25,7 @@ import numpy as np
 from apet.devices import check_device
 from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest, read_manifest
+from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
 from apet.runtime.sampling import GenerationConfig, Sampler
 from apet.runtime.stopping import StopHoldback
@@ -90,18 +91,8 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
     if name == "onnxruntime":
         return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"),
                                    profile_apet=bool(options.get("profile_apet")))
-    if name == "torch":
-        from apet.runtime.backends.torch import StaticTorchBackend, TorchBackend
-
-        mode = options.get("torch_mode") or ("static" if device.startswith("cuda") else "reference")
-        if mode not in ("reference", "static"):
-            raise UsageError(f"torch mode {mode!r} is unknown", "use reference (HF modules) or static (CUDA graphs)")
-        if mode == "static":
-            return StaticTorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
-                                      adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True),
-                                      compile=options.get("compile", False))
-        return TorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
-                            adapter=options.get("adapter"))
+    if name == "torch":  # the host's reference and GPU fast path (apet[export]); imported by name
+        return backend_class(name).create(artifact_dir, manifest, device=device, **options)
     return backend_class(name)(artifact_dir, manifest, device=device, **options)
 
 
@@ -110,7 +101,7 @@ class Pipeline:
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
         self.backend = backend
-        self.processor = manifest.family.processor(self.artifact_dir, manifest)
+        self.processor = family_of(manifest).processor(self.artifact_dir, manifest)
         self.encoder = self.processor.encoder
         self.eos_ids = set(manifest.model.eos_token_ids)
         self._lock = threading.Lock()
@@ -127,13 +118,13 @@ class Pipeline:
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] = (), stream: StreamCallback | None = None) -> Result:
         """Answer ``prompt`` about one ``image`` or one ``video`` (a file, a directory of frames, a .npy or a
-        [T, H, W, 3] array), whichever the artifact's family takes (``manifest.family.media``)."""
+        [T, H, W, 3] array), whichever the artifact's family takes (``family_of(manifest).media``)."""
         config = GenerationConfig(max_new_tokens, temperature, top_p, seed, tuple(stop))
         return self.generate_batch([self._medium(image, video)], [prompt], config, stream)[0]
 
     def _medium(self, image: MediaInput, video: MediaInput) -> MediaInput:
         """The one medium given, checked against what the family reads."""
-        media, family = self.manifest.family.media_of(self.manifest), self.manifest.model.family
+        media, family = family_of(self.manifest).media_of(self.manifest), self.manifest.model.family
         article = {"image": "an", "video": "a"}
         if (image is None) == (video is None):
             raise UsageError("pass exactly one of image= and video=",
@@ -149,7 +140,7 @@ class Pipeline:
                        stream: StreamCallback | None = None, cancelled: CancelCheck | None = None) -> list[Result]:
         """One prefill and decode loop for all rows; ``config`` is shared or given per row."""
         if len(media) != len(prompts) or not prompts:
-            kind = self.manifest.family.media_of(self.manifest)
+            kind = family_of(self.manifest).media_of(self.manifest)
             raise UsageError(f"{len(media)} {kind}s for {len(prompts)} prompts", f"pass one {kind} per prompt")
         configs = [config] * len(prompts) if isinstance(config, GenerationConfig) else list(config)
         if len(configs) != len(prompts):

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from apet.compression import Stage2Config
 from apet.contracts.cache import CacheLayout
+from apet.contracts.compression import Stage2Config
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import (
     HeadLayout,
     additive_mask,
@@ -23,7 +24,6 @@ from apet.modeling.blocks import (
     split_heads,
     stage2_rebuild,
 )
-from apet.models.adapter import VisionLanguageAdapter
 
 
 def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,

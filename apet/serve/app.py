@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from apet import __version__
 from apet.errors import ApetError, UsageError
+from apet.models.registry import family_of
 from apet.runtime.pipeline import Pipeline
 from apet.serve import responses
 from apet.serve.config import ServeConfig
@@ -54,7 +55,7 @@ class ServerState:
 def model_facts(pipeline: Pipeline, model_name: str | None) -> ModelFacts:
     """The model id is the artifact directory's name unless ``--served-model-name`` says otherwise: two
     artifacts of one checkpoint (different budgets) are different models to a client."""
-    manifest, family = pipeline.manifest, pipeline.manifest.family
+    manifest, family = pipeline.manifest, family_of(pipeline.manifest)
     return ModelFacts(model_name or pipeline.artifact_dir.resolve().name, manifest.model.family, family.media,
                       manifest.max_context, family.max_visual_tokens(manifest))
 

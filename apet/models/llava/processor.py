@@ -10,6 +10,7 @@ import numpy as np
 from apet.media.images import load_image
 from apet.models.family import Layout, Processor, VisionInputs
 from apet.models.prompt import check_context, prompt_encoder, single_span_layout
+from apet.models.registry import family_of
 from apet.models.shared.clip import ClipRecipe, preprocess
 
 
@@ -24,7 +25,7 @@ class LlavaProcessor(Processor):
         return VisionInputs({"pixel_values": pixels}, items=len(media))
 
     def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> int:
-        visual, longest = self.manifest.family.max_visual_tokens(self.manifest), 0
+        visual, longest = family_of(self.manifest).max_visual_tokens(self.manifest), 0
         for prompt in prompts:
             before, after = self.encoder.split(prompt)
             longest = max(longest, len(before) + visual + len(after))

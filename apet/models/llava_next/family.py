@@ -15,16 +15,15 @@ the extent is within 1e-7 of an integer from below).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from apet.models.family import Family, Layout, Processor, Selector, VisionInputs
+from apet.models.family import Family, Layout, Processor, VisionInputs
 from apet.models.llava_next import anyres
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.models.adapter import VisionLanguageAdapter
 
 
 def _grid(manifest: "Manifest") -> tuple[list, int, int]:
@@ -44,27 +43,6 @@ class LlavaNextFamily(Family):
     shapes = ("llava-next-shapes",)
     tiny = "tiny-llava-next"
     stage1_placement = "mask"
-
-    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.llava_next.adapter import LlavaNextAdapter
-
-        return LlavaNextAdapter.load(path, dtype=dtype, device=device)
-
-    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.llava_next.adapter import LlavaNextAdapter
-        from apet.models.llava_next.shapes import shapes_config
-
-        return LlavaNextAdapter.random_init(shapes_config(shape_name), dtype=dtype, device=device)
-
-    def tiny_checkpoint(self) -> Path:
-        from apet.models.llava_next.tiny import ensure_tiny_llava_next
-
-        return ensure_tiny_llava_next()
-
-    def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
-        from apet.models.llava_next.vision import LlavaNextVisionStages
-
-        return LlavaNextVisionStages(adapter, select)
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.llava_next.processor import LlavaNextProcessor
@@ -102,8 +80,3 @@ class LlavaNextFamily(Family):
             ids[b, first:first + layout.visual_tokens[b]] = image_id
         return {"pixel_values": padded, "image_sizes": np.array([g.size for g in geometries], dtype=np.int64),
                 "input_ids": ids}
-
-    def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
-        from apet.models.shared.llava_base import clip_flops_shape
-
-        return clip_flops_shape(adapter)

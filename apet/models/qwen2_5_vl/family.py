@@ -10,15 +10,14 @@ commented out and the paper's Qwen numbers come from stage 1 only).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from apet.models.family import Family, Layout, Processor, Selector, VisionInputs
+from apet.models.family import Family, Layout, Processor, VisionInputs
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.models.adapter import VisionLanguageAdapter
 
 TYPICAL_IMAGE = (640, 480)  # profiles' opt shapes and typical budgets
 
@@ -33,27 +32,6 @@ class QwenFamily(Family):
     stage1_placement = "blend"
     max_stages = 1
     dynamic_tokens = True
-
-    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.qwen2_5_vl.adapter import QwenAdapter
-
-        return QwenAdapter.load(path, dtype=dtype, device=device)
-
-    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.qwen2_5_vl.adapter import QwenAdapter
-        from apet.models.qwen2_5_vl.shapes import shapes_config
-
-        return QwenAdapter.random_init(shapes_config(shape_name), dtype=dtype, device=device)
-
-    def tiny_checkpoint(self) -> Path:
-        from apet.models.qwen2_5_vl.tiny import ensure_tiny_qwen
-
-        return ensure_tiny_qwen()
-
-    def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
-        from apet.models.qwen2_5_vl.vision import QwenVisionStages
-
-        return QwenVisionStages(adapter, select)
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.qwen2_5_vl.processor import QwenProcessor
@@ -108,19 +86,3 @@ class QwenFamily(Family):
         return {"pixel_values": np.concatenate([i.patches for i in infos]),
                 "image_grid_thw": np.asarray([[1, *i.grid] for i in infos], dtype=np.int64),
                 "mm_token_type_ids": (layout.visual_rows >= 0).astype(np.int64)}
-
-    def vision_flops_shape(self, adapter: "VisionLanguageAdapter",
-                           image_size: tuple[int, int] = TYPICAL_IMAGE) -> Any:
-        """The ViT at an image of ``image_size`` (width, height): its patches, 112-px windows (64 patches) in all
-        but the full-attention blocks, a temporal patch of 2; the merger (~2 % of the FLOPs) is not counted and no
-        projector runs after ApET."""
-        from apet.bench.flops import VisionShape
-        from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, patch_grid
-
-        vit = adapter.model.config.vision_config
-        recipe = QwenImageRecipe.from_json(adapter.spec.processor)
-        rows, cols = patch_grid(*image_size, recipe)
-        return VisionShape(tokens=rows * cols, dim=vit.hidden_size, mlp_dim=vit.intermediate_size, layers=vit.depth,
-                           patch=vit.patch_size, window=(recipe.window_size // recipe.patch_size) ** 2,
-                           full_layers=len(vit.fullatt_block_indexes), projector=False,
-                           temporal=recipe.temporal_patch_size)

@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apet.models.family import Family, Processor, Selector
+from apet.models.family import Family, Processor
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.models.adapter import VisionLanguageAdapter
 
 
 class VideoLlavaFamily(Family):
@@ -23,28 +22,6 @@ class VideoLlavaFamily(Family):
     media = "video"
     stage1_placement = "append"  # [error-selected, descending error] + [basis, FPS order], per frame
     max_stages = 1  # the authors compress video once, at the projector output
-
-    def load(self, path: Path, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.video_llava.adapter import VideoLlavaAdapter
-
-        return VideoLlavaAdapter.load(path, dtype=dtype, device=device)
-
-    def random_init(self, shape_name: str, *, dtype: Any, device: str) -> "VisionLanguageAdapter":
-        from apet.models.video_llava.adapter import VideoLlavaAdapter
-        from apet.models.video_llava.shapes import shapes_config
-
-        return VideoLlavaAdapter.random_init(shapes_config(shape_name), dtype=dtype, device=device)
-
-    def tiny_checkpoint(self) -> Path:
-        from apet.models.video_llava.tiny import ensure_tiny_video_llava
-
-        return ensure_tiny_video_llava()
-
-    def vision_stages(self, adapter: "VisionLanguageAdapter", select: Selector) -> Any:
-        from apet.models.video_llava.vision import VideoLlavaImageStages, VideoLlavaVisionStages
-
-        stages = VideoLlavaImageStages if adapter.spec.extra.get("media") == "image" else VideoLlavaVisionStages
-        return stages(adapter, select)
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.video_llava.processor import VideoLlavaProcessor
@@ -71,12 +48,3 @@ class VideoLlavaFamily(Family):
             return super().synthetic_media(manifest, rng, size)
         width, height = size
         return rng.integers(0, 255, (int(manifest.model.extra["frames"]), height, width, 3), dtype=np.uint8)
-
-    def vision_flops_shape(self, adapter: "VisionLanguageAdapter") -> Any:
-        from apet.bench.flops import VisionShape
-
-        tower = adapter.model.config.vision_config
-        select = adapter.spec.extra.get("vision_feature_layer", -1)
-        depth = select if select >= 0 else tower.num_hidden_layers + 1 + select
-        return VisionShape(tokens=adapter.spec.n_tokens + 1, dim=tower.hidden_size, mlp_dim=tower.intermediate_size,
-                           layers=depth, patch=tower.patch_size)

@@ -8,7 +8,7 @@ run, so a backend never re-checks what the base class checked.
 
 from __future__ import annotations
 
-import importlib
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from apet.errors import BackendError, InputError
+from apet.extras import import_extra
 from apet.manifest import Manifest
 from apet.models.family import Layout, VisionInputs
 
@@ -107,6 +108,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "apet.runtime.backends.onnxruntime:OnnxRuntimeBackend",
     "torch": "apet.runtime.backends.torch:TorchBackend",
 }
+BACKEND_EXTRAS = {"torch": "export"}  # the extra a backend's module needs to import at all
 AUTO_ORDER = ("tensorrt", "onnxruntime")  # ``auto`` takes the first one available
 
 
@@ -122,7 +124,7 @@ def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise BackendError(f"backend {name!r} is unknown", f"use one of auto, {', '.join(BACKENDS)}")
     module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return getattr(import_extra(module, extra=BACKEND_EXTRAS.get(name, "export"), purpose=f"the {name} backend"), cls)
 
 
 def resolve_backend(name: str, artifact_dir: Path, device: str | None) -> str:
@@ -154,10 +156,8 @@ def concatenate_outputs(outputs: list[VisionOutput]) -> VisionOutput:
     flat = [o.embeds.reshape(-1, o.embeds.shape[-1]) for o in outputs]
     if isinstance(flat[0], np.ndarray):
         embeds = np.concatenate(flat)
-    else:
-        import torch
-
-        embeds = torch.cat(flat)
+    else:  # device tensors of the torch backend, which has imported torch
+        embeds = sys.modules["torch"].cat(flat)
     index = [np.asarray(row) for o in outputs for row in o.keep_index]
     times = [o.apet_ms for o in outputs]
     return VisionOutput(embeds, index, None if any(t is None for t in times) else float(sum(times)))
@@ -172,19 +172,14 @@ def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, r
     return embeds
 
 
-def splice(table: Any, token_ids: Any, visual: Any, rows: Any) -> Any:
-    """The torch version of :func:`splice_numpy` (no Python loop, so it can sit inside a CUDA graph)."""
-    import torch
-
-    flat = visual.reshape(-1, visual.shape[-1])
-    picked = flat[rows.clamp(min=0)]
-    return torch.where((rows >= 0).unsqueeze(-1), picked, table[token_ids])
-
 
 def import_optional(module: str, extra: str, purpose: str) -> Any:
-    """Import a backend package or raise BackendError naming the pip extra that provides it."""
+    """Import a backend package: missing, the :class:`MissingExtraError` naming the pip extra that provides it;
+    present but unusable (a shared library that fails to load), a BackendError saying why."""
     try:
-        return importlib.import_module(module)
-    except Exception as exc:
+        return import_extra(module, extra=extra, purpose=purpose)
+    except (ImportError, OSError) as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name and not module.startswith(exc.name.split(".")[0]):
+            raise
         raise BackendError(f"{purpose} needs the Python package {module!r}, which cannot be imported ({exc})",
                            f'pip install "apet[{extra}]"') from exc

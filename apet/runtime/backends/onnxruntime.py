@@ -19,7 +19,7 @@ from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, pre
 from apet.errors import BackendError
 from apet.manifest import Manifest
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, import_optional, load_embedding_table, splice_numpy
+from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
 
 
 class OnnxRuntimeBackend(Backend):
@@ -28,7 +28,8 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  profile_apet: bool = False) -> None:
         super().__init__(artifact_dir, manifest)
-        ort = import_optional("onnxruntime", "dev", "the onnxruntime backend")
+        import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
+
         self._ort = ort
         wanted = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
         if wanted == "CUDAExecutionProvider" and hasattr(ort, "preload_dylibs"):

@@ -22,7 +22,7 @@ from apet.contracts.specs import resolve_shape
 from apet.errors import ArtifactError, BackendError, InputError
 from apet.manifest import Manifest
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, import_optional, splice
+from apet.runtime.backends.base import Backend, VisionOutput, import_optional
 
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -229,6 +229,8 @@ class TensorRTBackend(Backend):
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         torch = self.torch
         rows = torch.from_numpy(layout.visual_rows).to(self.device)
+        from apet.runtime.backends.torch import splice
+
         embeds = splice(self.table, torch.from_numpy(layout.token_ids).to(self.device), visual.embeds, rows)
         self.past = 0
         has_stage2 = self.manifest.compression.stage2 is not None

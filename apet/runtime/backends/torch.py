@@ -7,16 +7,18 @@ import copy
 import functools
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from apet.errors import BackendError
+from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest
+from apet.modeling.adapter import VisionLanguageAdapter
+from apet.modeling.devices import check_torch_device
 from apet.modeling.reference import Reference, ReferenceState
-from apet.models.adapter import VisionLanguageAdapter
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, splice
+from apet.runtime.backends.base import Backend, VisionOutput
 
 
 def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
@@ -40,8 +42,31 @@ def embedding_table(adapter: VisionLanguageAdapter) -> torch.Tensor:
     return torch.cat([table, *[row.reshape(1, -1).to(table.dtype) for row in extra.values()]])
 
 
+def splice(table: torch.Tensor, token_ids: torch.Tensor, visual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The torch version of :func:`apet.runtime.backends.base.splice_numpy` (no Python loop, so it can sit
+    inside a CUDA graph)."""
+    flat = visual.reshape(-1, visual.shape[-1])
+    picked = flat[rows.clamp(min=0)]
+    return torch.where((rows >= 0).unsqueeze(-1), picked, table[token_ids])
+
+
 class TorchBackend(Backend):
     name = "torch"
+
+    @classmethod
+    def create(cls, artifact_dir: Path, manifest: Manifest, *, device: str, **options: Any) -> "TorchBackend":
+        """The torch backend in ``torch_mode`` (``reference``: HF modules; ``static``: static cache and CUDA
+        graphs, the default on a GPU)."""
+        check_torch_device(device)
+        mode = options.get("torch_mode") or ("static" if device.startswith("cuda") else "reference")
+        if mode not in ("reference", "static"):
+            raise UsageError(f"torch mode {mode!r} is unknown", "use reference (HF modules) or static (CUDA graphs)")
+        if mode == "static":
+            return StaticTorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
+                                      adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True),
+                                      compile=options.get("compile", False))
+        return cls(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
+                   adapter=options.get("adapter"))
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", checkpoint: str | None = None,
                  adapter: VisionLanguageAdapter | None = None) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from apet.errors import UsageError
-from apet.models.adapter import VisionLanguageAdapter
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.models.shared.hf_files import read_json, require_safetensors
 
 RANDOM_INIT_SEED = 0
@@ -22,7 +22,7 @@ class HfCheckpointAdapter(VisionLanguageAdapter):
     checkpoint_name: ClassVar[str | None] = None  # how messages name the checkpoint kind (default: the family)
 
     @classmethod
-    def load(cls, path: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "HfCheckpointAdapter":
+    def load(cls, path: Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> "HfCheckpointAdapter":
         import transformers
 
         path = Path(path)
@@ -31,11 +31,12 @@ class HfCheckpointAdapter(VisionLanguageAdapter):
             raise UsageError(f"{path} holds a {model_type!r} checkpoint, not {cls.family}",
                              f"pass a {cls.checkpoint_name or cls.family} checkpoint directory")
         require_safetensors(path)
-        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype or torch.float32,
+                                                                           use_safetensors=True)
         return cls.wrap(model.to(device).eval(), source=str(path), source_dir=path)
 
     @classmethod
-    def random_init(cls, config: Any, *, dtype: torch.dtype, device: str,
+    def random_init(cls, config: Any, *, dtype: torch.dtype | None, device: str,
                     seed: int = RANDOM_INIT_SEED) -> "HfCheckpointAdapter":
         """Seeded, so two processes get the same weights (runs on one ``*-shapes`` model are comparable token for
         token) without touching the caller's random state."""
@@ -44,7 +45,7 @@ class HfCheckpointAdapter(VisionLanguageAdapter):
         devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.device(device):
             torch.manual_seed(seed)
-            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype)
+            model = getattr(transformers, cls.model_class)._from_config(config, dtype=dtype or torch.float32)
         return cls.wrap(model.eval(), source="random-init", source_dir=None)
 
     @classmethod

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from apet.models.vision import VisionStages
+from apet.modeling.vision import VisionStages
 
 
 def _takes_causal_mask(layer: nn.Module) -> bool:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from apet.adapters.shared.llava_base import LlavaStyleAdapter, llava_spec
 from apet.models.llava.templates import DEFAULT_IMAGE_FIT, DEFAULT_TEMPLATE, PROMPT_TEMPLATES
 from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings
-from apet.models.shared.llava_base import LlavaStyleAdapter, llava_spec
 
 
 class LlavaAdapter(LlavaStyleAdapter):

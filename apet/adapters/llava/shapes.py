@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apet.models.shared.shapes import clip_vit_l14, vicuna
+from apet.adapters.shared.shapes import clip_vit_l14, vicuna
 
 
 def shapes_config(name: str) -> Any:

@@ -16,8 +16,8 @@ from torch import nn
 
 from apet.compression import Compressed
 from apet.contracts.io import VISION_OUTPUTS
+from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.scope import Scope
-from apet.models.adapter import VisionLanguageAdapter
 
 
 class VisionStages(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apet.models.shared.shapes import clip_vit_l14, vicuna
+from apet.adapters.shared.shapes import clip_vit_l14, vicuna
 
 VICUNA_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 

@@ -2,7 +2,7 @@
 the Llama-style language model of Hugging Face's ``Llava*ForConditionalGeneration`` classes (torch).
 
 A subclass names its transformers class and builds its :class:`ModelSpec` in ``wrap`` (loading:
-:class:`~apet.models.shared.hf_model.HfCheckpointAdapter`);
+:class:`~apet.adapters.shared.hf_model.HfCheckpointAdapter`);
 :func:`llava_spec` fills in everything the two families record the same way.
 """
 
@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from apet.adapters.shared.clip_tower import clip_features
+from apet.adapters.shared.hf_model import HfCheckpointAdapter
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
-from apet.models.adapter import VisionLanguageAdapter, describe_decoder
-from apet.models.shared.clip_tower import clip_features
+from apet.modeling.adapter import VisionLanguageAdapter, describe_decoder
 from apet.models.shared.hf_files import copy_text_assets
-from apet.models.shared.hf_model import HfCheckpointAdapter
 
 
 def feature_settings(config: Any) -> tuple[int, str]:
@@ -94,7 +94,7 @@ class LlavaStyleAdapter(HfCheckpointAdapter):
 
 def clip_flops_shape(adapter: VisionLanguageAdapter) -> Any:
     """The CLIP tower's shape up to the select layer, for the benchmarks' FLOP and byte counts (per view)."""
-    from apet.bench.flops import VisionShape
+    from apet.contracts.specs import VisionShape
 
     tower = adapter.model.config.vision_config
     select = adapter.spec.extra.get("vision_feature_layer", -1)

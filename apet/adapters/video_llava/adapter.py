@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from apet.adapters.llava.adapter import LlavaAdapter
+from apet.adapters.shared.clip_tower import clip_features
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
-from apet.models.adapter import describe_decoder
-from apet.models.llava.adapter import LlavaAdapter
+from apet.modeling.adapter import describe_decoder
 from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings, video_processor_settings
-from apet.models.shared.clip_tower import clip_features
 from apet.models.video_llava.templates import (
     DEFAULT_FRAMES,
     DEFAULT_TEMPLATE,

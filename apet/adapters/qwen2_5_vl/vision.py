@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apet.compression import CompressionConfig
+from apet.contracts.compression import CompressionConfig
+from apet.modeling.vision import VisionStages
 from apet.models.qwen2_5_vl.geometry import window_layout
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
-from apet.models.vision import VisionStages
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class QwenVisionStages(VisionStages):
 
     def __init__(self, adapter, select) -> None:
         super().__init__(adapter, select)
-        # export passes CompressionConfig.apply: a fixed budget (--tokens K) gives static output shapes
+        # export passes apet.compression.selector: a fixed budget (--tokens K) gives static output shapes
         config = getattr(select, "__self__", None)
         fixed = isinstance(config, CompressionConfig) and config.keep_ratio is None
         self.fixed_keep = config.keep if fixed else None

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from apet.compression import Compressed
-from apet.models.vision import Scope, VisionStages
+from apet.modeling.vision import Scope, VisionStages
 
 
 class VideoLlavaVisionStages(VisionStages):

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import torch
 
+from apet.adapters.shared.tiny import (
+    TinyClipLlama,
+    clip_llama_configs,
+    ensure_cached,
+    llama_tokenizer,
+    write_checkpoint,
+)
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
-from apet.models.shared.tiny import TinyClipLlama, clip_llama_configs, ensure_cached, llama_tokenizer, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
 

@@ -3,7 +3,7 @@ independently, as the authors' ``encode_images`` does on the concatenated views)
 
 from __future__ import annotations
 
-from apet.models.shared.clip_tower import ClipProjectorStages
+from apet.adapters.shared.clip_tower import ClipProjectorStages
 
 
 class LlavaNextVisionStages(ClipProjectorStages):

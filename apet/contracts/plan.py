@@ -11,14 +11,18 @@ Dynamic-resolution families (``per_image``: N varies per image, up to ``n_tokens
 authors instead: ``--ratio r`` keeps ``int(r·N)`` of each image (no rounding, one stage), and
 ``--tokens K`` a fixed K per image (static shapes for engines; the processor then resizes images
 to at least K tokens).
+
+One place where family facts meet budgets: a validated :class:`Budget` (what the user asked for) and
+:func:`plan_for` (that budget for one model spec and family). ``plan_compression`` is the arithmetic
+underneath, kept for tests and scripts that pin every fact by hand.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
-from apet.compression import BASIS_PLACEMENTS, CompressionConfig, Stage2Config, stage_configs
+from apet.contracts.compression import BASIS_PLACEMENTS, CompressionConfig, Stage2Config, stage_configs
 from apet.errors import UsageError
 
 
@@ -209,3 +213,66 @@ def _per_image_plan(n_tokens: int, *, ratio: float | None, stages: int, tokens: 
                               keep_ratio=keep_ratio, max_tokens=n_tokens)
     stage1.validate(keep if keep_ratio is None else n_tokens)
     return CompressionPlan(stage1=stage1, ratio=keep_ratio, basis_placement=basis_placement, rule=rule)
+
+
+class FamilyFacts(Protocol):
+    """What the planner needs of a family (``apet.models.family.Family`` has these as class attributes)."""
+
+    name: str
+    max_stages: int
+    stage1_placement: str
+    dynamic_tokens: bool
+
+
+class SpecFacts(Protocol):
+    """What the planner needs of a model spec (``apet.contracts.specs.ModelSpec``)."""
+
+    n_tokens: int
+
+    @property
+    def decoder(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The user's budget options, validated at construction (contradictions refused, never dropped).
+
+    ``stages`` None means the family's most; ``rule`` names the token-selection rule (exported artifacts
+    are always ApET, ``apet-eval`` compares others).
+    """
+
+    ratio: float | None = None
+    tokens: str | None = None
+    stages: int | None = None
+    basis: int = 10
+    method: str = "fps"
+    merge: bool = True
+    seed: int | None = None
+    basis_placement: str = "paper"
+    stage2_layer: int | None = None
+    rule: str = "apet"
+
+    def __post_init__(self) -> None:
+        check_budget_options(self.ratio, self.tokens)
+        if self.stages is not None and self.stages not in (1, 2):
+            raise UsageError(f"--stages {self.stages} is invalid", "use --stages 1 or --stages 2")
+        if self.basis_placement not in BASIS_PLACEMENTS:
+            raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
+                             "use paper (the authors' algorithm, default), own or spatial (ablations)")
+
+
+def plan_for(spec: SpecFacts, family: FamilyFacts, budget: Budget, *, clamp_stages: bool = False) -> CompressionPlan:
+    """``budget`` for one model: the family supplies its stage-1 placement, its number of stages and
+    whether N varies per image. ``clamp_stages`` lowers a two-stage budget to the family's one stage
+    (benchmarks and eval sweep one setting over every family) instead of refusing it (export)."""
+    stages = budget.stages or family.max_stages
+    if stages > family.max_stages:
+        if not clamp_stages:
+            raise UsageError(f"--stages {stages}: the {family.name} family has {family.max_stages} stage(s)",
+                             f"pass --stages {family.max_stages}")
+        stages = family.max_stages
+    return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=budget.ratio, stages=stages,
+                            tokens=budget.tokens, basis=budget.basis, method=budget.method, merge=budget.merge,
+                            seed=budget.seed, basis_placement=budget.basis_placement,
+                            stage1_placement=family.stage1_placement, stage2_layer=budget.stage2_layer,
+                            rule=budget.rule, per_image=family.dynamic_tokens)

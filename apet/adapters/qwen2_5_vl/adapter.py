@@ -11,13 +11,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from apet.adapters.shared.hf_model import HfCheckpointAdapter
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
-from apet.models.adapter import describe_decoder
+from apet.modeling.adapter import describe_decoder
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
 from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
 from apet.models.shared.hf_files import copy_text_assets, read_json
-from apet.models.shared.hf_model import HfCheckpointAdapter
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from apet.adapters.shared.llava_base import LlavaStyleAdapter, llava_spec
 from apet.errors import UsageError
 from apet.models.llava_next.anyres import allowed_pinpoints, fewest_views, most_views
 from apet.models.llava_next.processor import NEWLINE
 from apet.models.llava_next.templates import PROMPT_TEMPLATES, default_template
 from apet.models.shared.clip import processor_settings, recipe_from_settings
-from apet.models.shared.llava_base import LlavaStyleAdapter, llava_spec
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apet.models.shared.clip_tower import ClipProjectorStages
+from apet.adapters.shared.clip_tower import ClipProjectorStages
 
 
 class LlavaVisionStages(ClipProjectorStages):

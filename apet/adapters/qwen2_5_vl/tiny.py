@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from apet.adapters.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
-from apet.models.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
