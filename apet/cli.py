@@ -59,6 +59,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media", choices=("video", "image"),
                    help="families that read several media: the one this artifact serves (Video-LLaVA: video, "
                         "default; image = its image tower)")
+    _family_export_args(p)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
     p.add_argument("--target", choices=tuple(TARGETS),
@@ -94,6 +95,35 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="replace --out if it is an earlier apet artifact (never any other directory)")
 
 
+def _family_export_options() -> dict[str, list]:
+    """Every family's declared export options by flag: [(family name, option), ...] (DESIGN §2)."""
+    import apet.models  # noqa: F401  (registers the built-in families; torch-free)
+    from apet.models.registry import FAMILIES
+
+    options: dict[str, list] = {}
+    for family in FAMILIES.values():
+        for option in family.export_options:
+            options.setdefault(option.flag, []).append((family.name, option))
+    return options
+
+
+def _family_export_args(p: argparse.ArgumentParser) -> None:
+    """One argument per flag some family declares; its value, when passed, reaches the family through
+    ``ExportConfig.family_options`` and each family applies its own default otherwise."""
+    for flag, declared in _family_export_options().items():
+        first = declared[0][1]
+        defaults = "; ".join(f"{name}: default {option.default}" for name, option in declared)
+        choices = sorted({c for _, option in declared for c in option.choices}) or None
+        p.add_argument(flag, dest=first.dest, default=argparse.SUPPRESS, choices=choices, metavar=first.metavar,
+                       help=f"{first.help} ({defaults})".replace("%", "%%"))
+
+
+def _family_options(args: argparse.Namespace) -> dict[str, str]:
+    """The family options the user passed, by name (absent ones are left to the family's default)."""
+    return {declared[0][1].name: getattr(args, declared[0][1].dest)
+            for declared in _family_export_options().values() if hasattr(args, declared[0][1].dest)}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from apet.export.artifact import ExportConfig, export_artifact
 
@@ -108,7 +138,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        device=args.device, max_views=args.max_views, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
                        calib_images=args.calib_images, calib_samples=args.calib_samples,
-                       keep_lm_head=args.keep_lm_head)
+                       keep_lm_head=args.keep_lm_head, family_options=_family_options(args))
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""

@@ -51,6 +51,7 @@ def describe(artifact: Path) -> str:
              f"{c.stage1.method}, {c.basis_placement} placement{', merged' if c.stage1.merge else ''})"
              + (f"; {c.stage2.keep} from LLM layer {c.stage2.layer}" if c.stage2 else "; single stage"),
              f"  visual     {family_of(manifest).visual_summary(manifest)} at the LLM input",
+             *[f"  images     {line}" for line in [family_of(manifest).preprocessing_summary(manifest)] if line],
              f"  schema     v{manifest.schema_version}, written by apet {manifest.apet_version} at {manifest.created}"]
     for name, graph in manifest.graphs.items():
         data = f" + {', '.join(graph.external_data)}" if graph.external_data else ""

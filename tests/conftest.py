@@ -54,7 +54,7 @@ def _cached_exports(root: Path, checkpoint: Path, **defaults) -> Callable[..., P
 
     def export(**options) -> Path:
         options = {**defaults, **options}
-        key = tuple(sorted(options.items()))
+        key = tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in options.items()))
         if key not in cache:
             out = root / f"a{len(cache)}"
             export_artifact(ExportConfig(model=str(checkpoint), out=out, **options))

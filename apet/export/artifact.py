@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +26,7 @@ from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
-from apet.models.registry import get_family
+from apet.models.registry import family_of_model, get_family
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class ExportConfig:
     overwrite: bool = False
     device: str = "cpu"
     max_views: int | None = None  # multi-view families: None = the checkpoint's largest grid
+    # options the model's family declares ({"pixel-range": "checkpoint"}; apet.models.family.FamilyOption): what
+    # the user passed, checked by the family before the model loads; absent ones take the family's default
+    family_options: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def budget(self) -> Budget:
@@ -192,6 +195,8 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
     steps = ["load model", "plan budgets", "export vision.onnx", "quantize LLM weights", "export llm.onnx",
              "write embeddings", "copy tokenizer/processor", "check graphs", "checksums + manifest"]
     weights = cfg.weight_spec
+    family = get_family(adapter.family) if adapter is not None else family_of_model(cfg.model)
+    family_options = family.resolve_export_options(cfg.family_options)  # bad values fail before the model loads
     pairs, info = [], {}
     if weights.method == "awq":  # a missing or corrupt calibration file fails before any model loads
         from apet.export.calibration import CalibrationSource
@@ -212,6 +217,7 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
             adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views,
                               frames=cfg.frames, media=cfg.media)
+            family.apply_export_options(adapter, family_options)
             if weights.quantized:  # a group size that does not fit the model fails before any export work
                 from apet.quant.apply import resolve_spec
 

@@ -10,7 +10,8 @@ between vision-language models:
 * **graph half** (:class:`VisionStages`, torch): the vision graph ``features -> ApET -> finish``
   with its input names, dynamic axes and example inputs, and where compression sits;
 * **facts** (:class:`Family`): names and aliases, the paper's placement at stage 1, whether a
-  second stage exists, how many visual tokens a request can need, the vision profile dims.
+  second stage exists, how many visual tokens a request can need, the vision profile dims, and the
+  ``apet-export`` options only this family takes (:class:`FamilyOption`, each with the family's own default).
 
 Export, engines, runtime, bench and eval ask the family named in the manifest and never assume
 CLIP pixels, one image span or 1-D positions. Adding a family = one package + its tests.
@@ -22,10 +23,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from apet.errors import UsageError
 from apet.extras import import_extra
 
 if TYPE_CHECKING:  # torch-free at run time
@@ -114,6 +116,43 @@ class Processor(ABC):
         return positions_from_mask(attention_mask)[:, -1:]
 
 
+@dataclass(frozen=True)
+class FamilyOption:
+    """One ``apet-export`` option a family declares (DESIGN §2: options that belong to a family come from it).
+
+    ``apet-export`` adds every declared flag once (families may declare the same flag with different defaults:
+    the default is the family's, applied when the user did not pass the flag) and hands what the user passed to
+    the export as ``ExportConfig.family_options`` {name: value}; the family checks the values before any model
+    loads (:meth:`Family.resolve_export_options`) and applies them to the loaded model
+    (:meth:`Family.apply_export_options`). Generic code never learns what an option means.
+    """
+
+    flag: str  # "--pixel-range"
+    help: str  # what the flag does for this family (the CLI adds the families declaring it and their defaults)
+    default: str | None = None  # the family's value when the flag is absent; None: the option is off
+    choices: tuple[str, ...] = ()  # a closed set of values (argparse checks them); empty: ``parse`` decides
+    parse: Callable[[str], str] | None = None  # value -> normalised value; UsageError naming the flag and the fix
+    metavar: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The key in ``ExportConfig.family_options`` (the flag without its dashes)."""
+        return self.flag.lstrip("-")
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of the flag."""
+        return self.name.replace("-", "_")
+
+    def check(self, value: str, family: str) -> str:
+        """The normalised value, or UsageError naming the flag, the value and what would work."""
+        if self.choices and value not in self.choices:
+            raise UsageError(f"{self.flag} {value!r} is not available for {family}",
+                             f"use one of {', '.join(self.choices)}, or drop {self.flag} ({family} default: "
+                             f"{self.default})")
+        return self.parse(value) if self.parse is not None else value
+
+
 # (features [B', N, D]) -> kept tokens and their positions; ApET's apet.compression.selector(config) or an eval rule
 Selector = Callable[[Any], Any]
 
@@ -132,6 +171,31 @@ class Family(ABC):
     # N varies per image (dynamic resolution): --ratio keeps int(r·N) of each image, --tokens a fixed K
     # (apet.contracts.plan); spec.n_tokens is then the most tokens one image can have
     dynamic_tokens: ClassVar[bool] = False
+    export_options: ClassVar[tuple[FamilyOption, ...]] = ()  # apet-export flags only this family takes
+
+    # -- export options (checked before the model loads, applied after) ------------------------------
+    def resolve_export_options(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Every declared option's value: the user's (checked by the option) or the family's default (options
+        whose default is None are left out). A flag this family does not declare is a UsageError naming it."""
+        declared = {option.name: option for option in self.export_options}
+        for name in given:
+            if name not in declared:
+                own = ", ".join(option.flag for option in self.export_options)
+                raise UsageError(f"--{name} is not available for the {self.name} family",
+                                 f"drop --{name} ({self.name} takes " + (f"{own} of the family options)" if own
+                                                                          else "no family options)"))
+        resolved = {}
+        for name, option in declared.items():
+            value = given.get(name, option.default)
+            if value is not None:
+                resolved[name] = option.check(str(value), self.name)
+        return resolved
+
+    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
+        """Apply :meth:`resolve_export_options`' values to a loaded adapter, before the compression plan is made
+        (an option may change the visual token count); a family that declares options overrides this."""
+        if options:
+            raise NotImplementedError(f"{self.name} declares export options {sorted(options)} but does not apply them")
 
     # -- torch half: apet.adapters.<package>, imported on demand (the device never needs it) ----------
     def torch_half(self) -> ModuleType:
@@ -183,6 +247,11 @@ class Family(ABC):
     def visual_summary(self, manifest: "Manifest") -> str:
         """One line for ``apet inspect``: the visual tokens a request puts in front of the LLM."""
         return f"{self.max_visual_tokens(manifest)} per image"
+
+    def preprocessing_summary(self, manifest: "Manifest") -> str | None:
+        """One line for ``apet inspect`` on a preprocessing choice the artifact fixed (an export option's
+        resolved value, e.g. a pixel range), or None when there is nothing to say."""
+        return None
 
     def profiling_vision_inputs(self, manifest: "Manifest") -> dict[str, np.ndarray]:
         """Integer vision inputs of a typical request for trtexec's profiling run (their shapes fix the run's

@@ -121,6 +121,15 @@ def resolve_checkpoint(model: str, option: str = "--model") -> Path:
                      f"use one of {', '.join(known_models())}, a local checkpoint directory or an org/name hub id")
 
 
+def family_of_model(model: str, option: str = "--model") -> Family:
+    """The family ``model`` belongs to, without loading weights (a tiny or ``*-shapes`` name, or the checkpoint's
+    config.json): lets a command check family options before the model loads."""
+    for family in _families().values():
+        if model == family.tiny or model in family.shapes:
+            return family
+    return family_of_checkpoint(resolve_checkpoint(model, option))
+
+
 def load_adapter(model: str, *, dtype: Any = None, device: str = "cpu",
                  option: str = "--model") -> "VisionLanguageAdapter":
     """Load the adapter for ``model`` (see :func:`resolve_checkpoint`; ``*-shapes`` builds random weights;

@@ -15,6 +15,7 @@ from apet.adapters.shared.hf_model import HfCheckpointAdapter
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
 from apet.modeling.adapter import describe_decoder
+from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
 from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
 from apet.models.shared.hf_files import copy_text_assets, read_json
@@ -85,6 +86,18 @@ class QwenAdapter(HfCheckpointAdapter):
     def _mrope_section(text: Any) -> list[int]:
         rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
         return list(rope.get("mrope_section", [16, 24, 24]))
+
+    def set_pixel_range(self, pixel_range: str) -> None:
+        """Image sizes from ``--pixel-range`` (parsed): the recipe's pixel bounds and the most merged tokens one
+        image can have (``n_tokens``, which the compression plan and the profiles are sized from)."""
+        window = self.model.config.vision_config.window_size
+        recipe = recipe_from_settings(processor_settings(self.source_dir), window, pixel_range,
+                                      source=self.spec.source)
+        if pixel_range == CHECKPOINT and self.source_dir is None:
+            log.info("%s has no processor files: --pixel-range checkpoint uses Hugging Face's defaults",
+                     self.spec.source)
+        self.spec = replace(self.spec, processor=recipe.to_json(), n_tokens=recipe.max_tokens)
+        log.info("Qwen2.5-VL images: %s", recipe.range_summary())
 
     def fit_budget(self, plan: Any) -> None:
         """A fixed budget (--tokens K) needs every image to have at least K merged tokens: raise min_pixels."""

@@ -19,7 +19,7 @@ import torch
 from apet.adapters.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
 
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2  # 2: the processor's own pixel range (--pixel-range checkpoint)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 # Qwen2.5-VL-*-Instruct's chat template (chat_template.json of the hub checkpoints)
@@ -69,12 +69,17 @@ def build_tokenizer(vocab_size: int):
                                    chat_template=CHAT_TEMPLATE)
 
 
+# the tiny processor's own range, unlike both the authors' (256..2048 merged tokens) and the hub checkpoints'
+# (4..16384), and not whole tokens (127.55..1020.4 of 28x28 px), so --pixel-range checkpoint is observable
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 100_000, 800_000
+
+
 def _image_processor_settings() -> dict:
     return {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
             "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "image_processor_type": "Qwen2VLImageProcessor",
             "merge_size": 2, "patch_size": 14, "resample": 3, "rescale_factor": 1 / 255, "temporal_patch_size": 2,
-            "min_pixels": 3136, "max_pixels": 12845056,
-            "size": {"longest_edge": 12845056, "shortest_edge": 3136}}
+            "min_pixels": TINY_MIN_PIXELS, "max_pixels": TINY_MAX_PIXELS,
+            "size": {"longest_edge": TINY_MAX_PIXELS, "shortest_edge": TINY_MIN_PIXELS}}
 
 
 def _build(path: Path, seed: int, cfg: TinyQwenConfig) -> None:

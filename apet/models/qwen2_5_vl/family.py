@@ -4,20 +4,23 @@ Dynamic resolution: an image has N = H·W/28² merged tokens (N varies per image
 processor's pixel range), so budgets are per image (``dynamic_tokens``): ``--ratio r`` keeps the
 authors' ``int(r·N)``, ``--tokens K`` a fixed K (images resized to at least K tokens). Stage 1 runs on
 the merger's output with the ``blend`` placement; there is no second stage (the authors' is
-commented out and the paper's Qwen numbers come from stage 1 only).
+commented out and the paper's Qwen numbers come from stage 1 only). The pixel range is an export option
+of the family (``--pixel-range``, default the authors' 256..2048 tokens: :mod:`~apet.models.qwen2_5_vl.pixel_range`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from apet.models.family import Family, Layout, Processor, VisionInputs
+from apet.models.qwen2_5_vl.pixel_range import AUTHORS, FLAG, pixel_range_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
+    from apet.modeling.adapter import VisionLanguageAdapter
 
 TYPICAL_IMAGE = (640, 480)  # profiles' opt shapes and typical budgets
 
@@ -32,6 +35,10 @@ class QwenFamily(Family):
     stage1_placement = "blend"
     max_stages = 1
     dynamic_tokens = True
+    export_options = (pixel_range_option(AUTHORS),)  # fidelity: the range of the authors' evaluation
+
+    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
+        adapter.set_pixel_range(options[FLAG.lstrip("-")])
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.qwen2_5_vl.processor import QwenProcessor
@@ -54,6 +61,9 @@ class QwenFamily(Family):
             return f"{stage1.keep} per image"
         return f"up to {self.max_visual_tokens(manifest)} per image, {self.typical_visual_tokens(manifest)} for a " \
                f"typical {TYPICAL_IMAGE[0]}x{TYPICAL_IMAGE[1]} photo"
+
+    def preprocessing_summary(self, manifest: "Manifest") -> str:
+        return self._recipe(manifest).range_summary()
 
     def typical_visual_tokens(self, manifest: "Manifest") -> int:
         from apet.models.qwen2_5_vl.preprocess import patch_grid

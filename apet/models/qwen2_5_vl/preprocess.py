@@ -9,7 +9,8 @@ the patchify that yields ``pixel_values`` [N, 3·2·14·14 = 1176] in 2x2-merge-
 with ``image_grid_thw`` = (1, H/14, W/14).
 
 The pixel bounds default to what the authors evaluate with (256·28² … 2048·28², their
-``model_vqa_loader.py``), not to the checkpoint's (3136 … 12845056).
+``model_vqa_loader.py``), not to the checkpoint's (3136 … 12845056); ``apet-export --pixel-range``
+picks the checkpoint's or other bounds (:mod:`~apet.models.qwen2_5_vl.pixel_range`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from apet.errors import InputError
+from apet.errors import InputError, UsageError
+from apet.models.qwen2_5_vl.pixel_range import AUTHORS, pixel_bounds
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
 from apet.models.shared.hf_files import read_json
 
@@ -45,6 +47,7 @@ class QwenImageRecipe:
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    pixel_range: str = AUTHORS  # the --pixel-range the bounds came from (manifests before it: the authors')
 
     @property
     def factor(self) -> int:
@@ -59,6 +62,16 @@ class QwenImageRecipe:
     def max_tokens(self) -> int:
         """The most merged tokens (LLM visual tokens) one image can have."""
         return self.max_pixels // (self.factor * self.factor)
+
+    @property
+    def min_tokens(self) -> int:
+        """The fewest merged tokens one image can have."""
+        return -(-self.min_pixels // (self.factor * self.factor))
+
+    def range_summary(self) -> str:
+        """The pixel range for ``apet inspect``: its name and the merged-token bounds the processor keeps to."""
+        return (f"pixel range {self.pixel_range}: {self.min_tokens}..{self.max_tokens} merged tokens per image "
+                f"({self.min_pixels}..{self.max_pixels} px)")
 
     def with_min_tokens(self, tokens: int) -> "QwenImageRecipe":
         """Raise min_pixels so every image has at least ``tokens`` merged tokens (a fixed budget K)."""
@@ -86,15 +99,23 @@ def processor_settings(path: Path | None) -> dict[str, Any]:
     return read_json(older) if older.is_file() else {}
 
 
-def recipe_from_settings(settings: Mapping[str, Any], window_size: int) -> QwenImageRecipe:
-    """The checkpoint's patch geometry and normalisation, with the authors' pixel bounds."""
-    return QwenImageRecipe(
+def recipe_from_settings(settings: Mapping[str, Any], window_size: int, pixel_range: str = AUTHORS,
+                         source: str = "the checkpoint") -> QwenImageRecipe:
+    """The checkpoint's patch geometry and normalisation, with the pixel bounds of ``pixel_range`` (a parsed
+    ``--pixel-range`` value; default the authors')."""
+    recipe = QwenImageRecipe(
         patch_size=int(settings.get("patch_size", 14)),
         temporal_patch_size=int(settings.get("temporal_patch_size", 2)),
         merge_size=int(settings.get("merge_size", 2)), window_size=int(window_size),
         resample=int(settings.get("resample", 3)), rescale_factor=float(settings.get("rescale_factor", 1 / 255)),
         image_mean=tuple(settings.get("image_mean", CLIP_MEAN)), image_std=tuple(settings.get("image_std", CLIP_STD)),
+        pixel_range=pixel_range,
     )
+    low, high = pixel_bounds(pixel_range, settings, recipe.factor, source)
+    if high < recipe.factor * recipe.factor:
+        raise UsageError(f"{source}'s preprocessor config has max_pixels {high}, less than one merged token "
+                         f"({recipe.factor}x{recipe.factor} px)", "fix the file, or pass --pixel-range authors")
+    return replace(recipe, min_pixels=low, max_pixels=high)
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

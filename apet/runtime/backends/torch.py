@@ -73,8 +73,9 @@ class TorchBackend(Backend):
         super().__init__(artifact_dir, manifest)
         self.device = torch.device(device)
         adapter = adapter or load_source_adapter(manifest, checkpoint, device)
-        if adapter.spec.n_tokens != manifest.model.n_tokens or \
-                adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
+        # a dynamic-resolution family's n_tokens is the export's pixel range (--pixel-range), not the checkpoint's
+        tokens_differ = adapter.spec.n_tokens != manifest.model.n_tokens and not manifest.family.dynamic_tokens
+        if tokens_differ or adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
         # the same weights under the artifact's settings (e.g. --frames, --media), without touching the caller's
