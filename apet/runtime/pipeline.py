@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from apet.devices import check_device
+from apet.devices import check_device, parse_device
 from apet.errors import BackendError, UsageError
 from apet.manifest import Manifest, read_manifest
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
@@ -78,14 +78,15 @@ def _peak_rss_mb() -> float:
 def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str | None, **options: Any) -> Backend:
     """Instantiate a registered backend; ``auto`` = the first one available (TensorRT engines on a GPU,
     else ONNX Runtime). ``device`` None = the backend's own default (cuda for TensorRT, cpu otherwise)."""
-    device = None if device is None else check_device(device)
+    device = None if device is None else parse_device(device)
     name = resolve_backend(name, artifact_dir, device)
     log.info("backend %s", name)
-    if name == "tensorrt":
+    if name == "tensorrt":  # it asks the CUDA driver itself (cuda-python), without torch
         if device is not None and not device.startswith("cuda"):
             raise BackendError("the tensorrt backend runs on a CUDA device",
                                "pass --device cuda, or --backend onnxruntime")
         return backend_class(name)(artifact_dir, manifest, device=device or "cuda")
+    device = None if device is None else check_device(device)
     device = device or "cpu"
     if name == "onnxruntime":
         return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"),
