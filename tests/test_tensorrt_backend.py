@@ -137,7 +137,7 @@ def test_pipeline_asks_the_backend_before_running_vision(artifact_factory) -> No
     assert calls == []
 
 
-def _fake_engines(source: Path, tmp_path: Path) -> tuple[Path, FakeTensorRT, FakeDriver]:
+def _fake_engines(source: Path, tmp_path: Path, limits: dict | None = None) -> tuple[Path, FakeTensorRT, FakeDriver]:
     """A copy of ``source`` with plan files naming their graph and a build report that check_engines accepts."""
     artifact = tmp_path / "artifact"
     shutil.copytree(source, artifact)
@@ -147,8 +147,9 @@ def _fake_engines(source: Path, tmp_path: Path) -> tuple[Path, FakeTensorRT, Fak
         (artifact / file).write_bytes(name.encode())
         engines[name] = {"file": file, "sha256": sha256_file(artifact / file)}
     report = {"manifest_sha256": manifest_digest(artifact), "builder": "tensorrt", "version": "10.3.0-fake",
-              "engines": engines, "limits": {"max_batch": manifest.max_batch, "max_context": manifest.max_context,
-                                             "max_prompt": manifest.max_context}}
+              "engines": engines, "limits": limits or {"max_batch": manifest.max_batch,
+                                                       "max_context": manifest.max_context,
+                                                       "max_prompt": manifest.max_context}}
     (artifact / REPORT_NAME).write_text(json.dumps(report))
     driver = FakeDriver()
     graphs = {name: artifact / manifest.graphs[name].file for name in ENGINE_FILES}
@@ -228,3 +229,19 @@ def test_tensorrt_available_asks_the_driver_not_torch(artifact_factory, tmp_path
     (artifact / REPORT_NAME).unlink()
     monkeypatch.setattr(api, "find_tensorrt", lambda: "tensorrt")
     assert not tensorrt_available(artifact, driver=FakeDriver(devices=1))
+
+
+def test_the_cache_is_sized_by_the_engines_limits(artifact_factory, tmp_path: Path) -> None:
+    """apet-build --max-batch 1 --max-context 300 shrinks the runtime's KV cache too (what makes it fit)."""
+    limits = {"max_batch": 1, "max_context": 300, "max_prompt": 280}
+    artifact, trt, driver = _fake_engines(artifact_factory(ratio=0.11, stages=1), tmp_path, limits)
+    manifest = read_manifest(artifact)
+    backend = TensorRTBackend(artifact, manifest, api=TrtApi("tensorrt", trt), cuda=CudaDevice(0, driver))
+    decoder = manifest.model.decoder
+    assert manifest.max_batch > 1 and manifest.max_context > 300
+    for buffers in backend.cache.values():
+        assert [b.shape for b in buffers] == [(1 * decoder.num_kv_heads * 300 * decoder.head_dim,)] * 2
+    result = Pipeline(artifact, manifest, backend).generate("@demo", "What is in the picture?", max_new_tokens=3)
+    want = Pipeline.load(artifact, backend="onnxruntime").generate("@demo", "What is in the picture?",
+                                                                   max_new_tokens=3)
+    assert result.token_ids == want.token_ids

@@ -197,8 +197,10 @@ class TensorRTBackend(Backend):
         self.image_start: DeviceBuffer | None = None
 
     def _allocate_cache(self) -> None:
+        """Sized by the engines' limits, which ``apet-build --max-batch/--max-context`` may set below the
+        export's: on a Jetson that is how the cache is made to fit (docs/jetson.md)."""
         spec = self.manifest.model.decoder
-        elements = self.manifest.max_batch * spec.num_kv_heads * self.manifest.max_context * spec.head_dim
+        elements = self.limits.max_batch * spec.num_kv_heads * self.limits.max_context * spec.head_dim
         names = past_names(spec.num_layers)
         self.cache = {name: [self.cuda.allocate(elements, self.dtype) for _ in range(2)]
                       for name in names}  # layers after stage 2 use a prefix (the cache layout's capacity)
