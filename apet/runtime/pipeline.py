@@ -79,10 +79,10 @@ def _peak_rss_mb() -> float:
 def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str | None, **options: Any) -> Backend:
     """Instantiate a registered backend; ``auto`` = the first one available (TensorRT engines on a GPU,
     else ONNX Runtime). ``device`` None = the backend's own default (cuda for TensorRT, cpu otherwise)."""
-    device = None if device is None else check_device(device)
+    device = None if device is None else check_device(device)  # spelling; each backend asks its own driver
     name = resolve_backend(name, artifact_dir, device)
     log.info("backend %s", name)
-    if name == "tensorrt":
+    if name == "tensorrt":  # it asks the CUDA driver itself (cuda-python), without torch
         if device is not None and not device.startswith("cuda"):
             raise BackendError("the tensorrt backend runs on a CUDA device",
                                "pass --device cuda, or --backend onnxruntime")

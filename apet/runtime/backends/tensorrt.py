@@ -1,42 +1,74 @@
-"""TensorRT / TensorRT-RTX backend: engines from ``apet-build``, device buffers through torch.
+"""TensorRT / TensorRT-RTX backend: engines from ``apet-build``; device memory, streams and copies through
+NVIDIA's CUDA Python bindings (:mod:`apet.cuda_memory`), never torch, so it runs on a Jetson with
+only JetPack's TensorRT and ``apet[cuda12]`` / ``apet[cuda13]`` installed (docs/jetson.md).
 
 The KV cache is preallocated to ``max_context``: each layer has two flat
 device buffers used ping-pong, the engine reading the past from one (viewed
-as a contiguous [B, kv, P, d] tensor) and writing the present to the other.
+as a contiguous [B, kv, P, d] prefix) and writing the present to the other.
 Profile 0 of ``llm.plan`` serves prefill, profile 1 decode; each has its own
 execution context. :class:`StepShapes` computes every binding's shape for a
-step from the manifest's graph I/O and the cache layout, and is what the CPU tests exercise.
+step from the manifest's graph I/O and the cache layout.
+
+The embedding table stays on the host (NumPy): prompts are spliced there and uploaded, one
+[B, S, H] copy per step, as the ONNX Runtime backend does; the visual embeddings come back to the host
+once per vision run for it. On a Jetson host and device memory are the same DRAM, so this costs no
+second copy of the table (docs/jetson.md).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
 from apet.contracts.io import IMAGE_START, STAGE2_INDEX, past_names, present_to_past
 from apet.contracts.specs import resolve_shape
+from apet.cuda_memory import (
+    INSTALL_HINT,
+    CudaDevice,
+    DeviceBuffer,
+    Scratch,
+    cuda_device_count,
+    device_index,
+    load_driver,
+)
 from apet.errors import ArtifactError, BackendError, InputError
 from apet.manifest import Manifest
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, import_optional
+from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
 
+log = logging.getLogger(__name__)
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 
-def tensorrt_available(artifact_dir: Path) -> bool:
-    """Engines and their report are present, a TensorRT module imports and a CUDA device exists."""
+def tensorrt_available(artifact_dir: Path, driver: Any = None) -> bool:
+    """Engines and their report are present, a TensorRT module imports and the CUDA driver shows a device
+    (through cuda-python, not torch). Engines that cannot be used here say why in the log, since ``auto``
+    then falls back to ONNX Runtime on the CPU."""
     if not all((Path(artifact_dir) / f).is_file() for f in (*ENGINE_FILES.values(), REPORT_NAME)):
         return False
-    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx_bindings")):
-        return False
-    import torch
+    from apet.engines.api import find_tensorrt
 
-    return bool(torch.cuda.is_available())
+    if find_tensorrt() is None:
+        log.warning("engines are present but no TensorRT Python module imports (on a Jetson: JetPack's "
+                    "python3-libnvinfer, see docs/jetson.md): using another backend")
+        return False
+    try:
+        driver = driver or load_driver()
+    except BackendError:
+        log.warning("engines are present but NVIDIA's CUDA Python bindings are not installed (%s): using "
+                    "another backend", INSTALL_HINT)
+        return False
+    if cuda_device_count(driver) == 0:
+        log.warning("engines are present but the CUDA driver shows no device: using another backend")
+        return False
+    return True
+
 
 
 @dataclass(frozen=True)
@@ -128,53 +160,70 @@ def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, run
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda") -> None:
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda", *, api: Any = None,
+                 cuda: CudaDevice | None = None) -> None:
+        """``api`` (a :class:`apet.engines.api.TrtApi`) and ``cuda`` default to the installed TensorRT and
+        the CUDA driver; tests pass stand-ins."""
         super().__init__(artifact_dir, manifest)
-        import torch
-
         from apet.engines.api import load_api
 
-        api = load_api("auto")
+        api = api or load_api("auto")
         self.limits = EngineLimits.from_report(check_engines(artifact_dir, manifest, api.kind, api.version))
-        self.torch, self.trt = torch, api.module
-        if not torch.cuda.is_available():
-            raise BackendError("the tensorrt backend needs a CUDA device", "use --backend onnxruntime on this machine")
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
+        self.trt = api.module
+        self.cuda = cuda or CudaDevice(device_index(device))
+        self.stream = self.cuda.stream()
+        self.scratch = Scratch(self.cuda)  # step inputs and outputs, reused across steps
         runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.engines = {}
         for name, file in ENGINE_FILES.items():
             engine = runtime.deserialize_cuda_engine((self.artifact_dir / file).read_bytes())
             if engine is None:
-                raise BackendError(f"{file} cannot be deserialized on {torch.cuda.get_device_name(self.device)}",
+                raise BackendError(f"{file} cannot be deserialized on {self.cuda.name}",
                                    "rebuild for this GPU (TensorRT-RTX: --compute-capability matching it)")
             self.engines[name] = engine
         self.vision_context = self.engines["vision"].create_execution_context()
         self.llm_contexts = []
         for profile in (PREFILL_PROFILE, DECODE_PROFILE):
             context = self.engines["llm"].create_execution_context()
-            context.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            context.set_optimization_profile_async(profile, self.stream.handle)
             self.llm_contexts.append(context)
-        self.dtype = getattr(torch, _DTYPES[manifest.dtype])
-        table = import_optional("safetensors.torch", "dev", "loading the embedding table")
-        self.table = table.load_file(str(self.artifact_dir / manifest.embeddings["file"]),
-                                     device=str(self.device))[manifest.embeddings.get("tensor", "weight")]
+        self.dtype = np.dtype(_DTYPES[manifest.dtype])
+        self.specs = {graph: {spec["name"]: spec for spec in (*manifest.graphs[graph].inputs,
+                                                                 *manifest.graphs[graph].outputs)}
+                      for graph in ENGINE_FILES}
+        self.table = load_embedding_table(artifact_dir, manifest)  # host: prompts are spliced there
         self._allocate_cache()
         self.batch = self.past = 0
-        self.image_start = None
+        self.image_start: DeviceBuffer | None = None
 
     def _allocate_cache(self) -> None:
+        """Sized by the engines' limits, which ``apet-build --max-batch/--max-context`` may set below the
+        export's: on a Jetson that is how the cache is made to fit (docs/jetson.md)."""
         spec = self.manifest.model.decoder
-        elements = self.manifest.max_batch * spec.num_kv_heads * self.manifest.max_context * spec.head_dim
+        elements = self.limits.max_batch * spec.num_kv_heads * self.limits.max_context * spec.head_dim
         names = past_names(spec.num_layers)
-        self.cache = {name: [self.torch.empty(elements, dtype=self.dtype, device=self.device) for _ in range(2)]
+        self.cache = {name: [self.cuda.allocate(elements, self.dtype) for _ in range(2)]
                       for name in names}  # layers after stage 2 use a prefix (the cache layout's capacity)
         self.current = 0  # which of the two buffers holds the past
 
-    def _run(self, context, tensors: dict[str, object]) -> None:
+    def _dtype(self, graph: str, name: str) -> np.dtype:
+        spec = self.specs[graph].get(name)
+        if spec is None:
+            return self.dtype
+        try:
+            return np.dtype(spec["dtype"])
+        except TypeError as exc:
+            raise BackendError(f"{name} of {ENGINE_FILES[graph]} is {spec['dtype']}, which NumPy cannot hold",
+                               "re-export with --dtype fp16 or fp32") from exc
+
+    def _upload(self, graph: str, name: str, value: np.ndarray) -> DeviceBuffer:
+        value = np.ascontiguousarray(value, dtype=self._dtype(graph, name))
+        return self.scratch.get(f"{graph}:{name}", value.shape, value.dtype).upload(value, self.stream)
+
+    def _run(self, context, tensors: dict[str, DeviceBuffer]) -> None:
         for name, tensor in tensors.items():
-            context.set_tensor_address(name, tensor.data_ptr())
-        if not context.execute_async_v3(self.stream.cuda_stream):
+            context.set_tensor_address(name, tensor.address)
+        if not context.execute_async_v3(self.stream.handle):
             raise BackendError("TensorRT execution failed", "run with --verbose for the TensorRT log")
 
     @classmethod
@@ -182,64 +231,58 @@ class TensorRTBackend(Backend):
         return tensorrt_available(artifact_dir) and (device is None or device.startswith("cuda"))
 
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
-        torch = self.torch
-        dtypes = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
-        specs = {spec["name"]: spec for spec in self.manifest.graphs["vision"].inputs}
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)).to(self.device, dtypes[specs[name]["dtype"]])
-                   for name, value in arrays.items()}
+        context, engine = self.vision_context, ENGINE_FILES["vision"]
+        tensors = {name: self._upload("vision", name, value) for name, value in arrays.items()}
         for name, tensor in tensors.items():
-            set_shape(self.vision_context, name, tuple(tensor.shape), ENGINE_FILES["vision"])
+            set_shape(context, name, tensor.shape, engine)
+            context.set_tensor_address(name, tensor.address)
         for spec in self.manifest.graphs["vision"].outputs:
             # the engine computes output shapes from the input shapes (a per-image budget K is a shape
             # computation of the image's token count, not an input dim)
-            shape = tuple(int(d) for d in self.vision_context.get_tensor_shape(spec["name"]))
-            tensors[spec["name"]] = torch.empty(shape, dtype=dtypes[spec["dtype"]], device=self.device)
-        with torch.cuda.stream(self.stream):
-            self._run(self.vision_context, tensors)
-        self.stream.synchronize()
-        return VisionOutput(tensors["visual_embeds"], tensors["keep_index"].cpu().numpy())
+            shape = tuple(int(d) for d in context.get_tensor_shape(spec["name"]))
+            tensors[spec["name"]] = self.scratch.get(f"vision:{spec['name']}", shape,
+                                                     self._dtype("vision", spec["name"]))
+        self._run(context, tensors)
+        embeds = tensors["visual_embeds"].download(self.stream)
+        return VisionOutput(embeds, tensors["keep_index"].download(self.stream).astype(np.int64))
 
-    def _step(self, embeds, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        torch = self.torch
+    def _step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past)
-        context = self.llm_contexts[shapes.profile]
-        tensors = {"inputs_embeds": embeds.contiguous(),
-                   "position_ids": torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device),
-                   "attention_mask": torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)}
-        if self.image_start is not None:
-            tensors[IMAGE_START] = self.image_start
+        context, engine = self.llm_contexts[shapes.profile], ENGINE_FILES["llm"]
+        host = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": attention_mask}
+        tensors: dict[str, DeviceBuffer] = {}
         for name, shape in shapes.inputs().items():
             if name.startswith("past_"):
-                tensors[name] = self.cache[name][self.current][: int(np.prod(shape))].view(shape)
-            set_shape(context, name, shape, ENGINE_FILES["llm"])
+                tensors[name] = self.cache[name][self.current].view(shape)
+            elif name == IMAGE_START:
+                if self.image_start is None:
+                    raise BackendError("llm.plan takes image_start but no prefill set it",
+                                       "this is a bug in apet: please report it")
+                tensors[name] = self.image_start
+            else:
+                tensors[name] = self._upload("llm", name, host[name])
+            set_shape(context, name, shape, engine)
         for name, shape in shapes.outputs().items():
             if name.startswith("present_"):
-                buffer = self.cache[present_to_past(name)][1 - self.current]
-                tensors[name] = buffer[: int(np.prod(shape))].view(shape)
+                tensors[name] = self.cache[present_to_past(name)][1 - self.current].view(shape)
             else:
-                dtype = torch.int64 if name == STAGE2_INDEX else self.dtype
-                tensors[name] = torch.empty(shape, dtype=dtype, device=self.device)
-        with torch.cuda.stream(self.stream):
-            self._run(context, tensors)
-        self.stream.synchronize()
-        self.current = 1 - self.current
+                dtype = np.int64 if name == STAGE2_INDEX else self._dtype("llm", name)
+                tensors[name] = self.scratch.get(f"llm:{name}", shape, dtype)
+        self._run(context, tensors)
+        logits = tensors["logits"].download(self.stream)  # waits for the step
+        self.current = 1 - self.current  # the present just written is the next step's past
         self.past = shapes.past + shapes.seq
-        return tensors["logits"][:, -1].float().cpu().numpy()
+        return logits[:, -1].astype(np.float32)
 
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
-        torch = self.torch
-        rows = torch.from_numpy(layout.visual_rows).to(self.device)
-        from apet.runtime.backends.torch import splice
-
-        embeds = splice(self.table, torch.from_numpy(layout.token_ids).to(self.device), visual.embeds, rows)
+        embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
         self.past = 0
         has_stage2 = self.manifest.compression.stage2 is not None
-        self.image_start = torch.from_numpy(layout.image_start).to(self.device) if has_stage2 else None
+        self.image_start = self._upload("llm", IMAGE_START, layout.image_start) if has_stage2 else None
         return self._step(embeds, layout.attention_mask, layout.positions)
 
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        embeds = self.table[self.torch.from_numpy(token_ids).to(self.device)][:, None]
-        return self._step(embeds, attention_mask, positions)
+        return self._step(self.table[token_ids][:, None], attention_mask, positions)
 
     def check_request(self, batch: int, prompt_tokens: int, new_tokens: int) -> None:
         super().check_request(batch, prompt_tokens, new_tokens)
@@ -252,4 +295,20 @@ class TensorRTBackend(Backend):
         self.stream.synchronize()
 
     def peak_memory_bytes(self) -> int | None:
-        return int(self.torch.cuda.max_memory_allocated(self.device))
+        """What apet allocated (KV cache, step buffers; high-water mark) plus the activation memory TensorRT
+        reserves for each execution context; not the engines' weights."""
+        contexts = [("vision", 1), ("llm", len(self.llm_contexts))]
+        activations = sum(count * int(getattr(self.engines[name], "device_memory_size_v2",
+                                              getattr(self.engines[name], "device_memory_size", 0)) or 0)
+                          for name, count in contexts)
+        return self.cuda.peak_bytes + activations
+
+    def close(self) -> None:
+        """Free the device buffers (the engines go with the object)."""
+        self.synchronize()
+        for buffers in self.cache.values():
+            for buffer in buffers:
+                buffer.free()
+        for buffer in self.scratch.buffers.values():
+            buffer.free()
+        self.cache, self.scratch.buffers = {}, {}
