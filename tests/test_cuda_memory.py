@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from fake_cuda import CUresult, FakeDriver
 
+from apet import cuda_memory
 from apet.cuda_memory import CudaDevice, CudaError, DeviceBuffer, Scratch, call, cuda_device_count
 from apet.errors import BackendError
-from apet.runtime import cuda_memory
 
 DTYPES = [np.float16, np.float32, np.int64, np.int32, np.uint8, np.bool_]
 

@@ -23,7 +23,7 @@ from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
 from apet.manifest import Manifest, in_memory_manifest, read_manifest
 from apet.media.dataset import EvalItem, load
-from apet.models.registry import get_family
+from apet.models.registry import family_of, get_family
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 
@@ -151,7 +151,7 @@ def _conditions(manifest: Manifest) -> dict[str, Any]:
             "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
             "stages": 1 if manifest.compression.stage2 is None else 2, "weights": manifest.weights.describe(),
-            "preprocessing": manifest.family.preprocessing_summary(manifest)}  # e.g. Qwen2.5-VL's --pixel-range
+            "preprocessing": family_of(manifest).preprocessing_summary(manifest)}  # e.g. Qwen2.5-VL's --pixel-range
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

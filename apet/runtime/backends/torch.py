@@ -18,6 +18,7 @@ from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
 from apet.modeling.reference import Reference, ReferenceState
 from apet.models.family import Layout
+from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, VisionOutput
 
 
@@ -74,7 +75,7 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         adapter = adapter or load_source_adapter(manifest, checkpoint, device)
         # a dynamic-resolution family's n_tokens is the export's pixel range (--pixel-range), not the checkpoint's
-        tokens_differ = adapter.spec.n_tokens != manifest.model.n_tokens and not manifest.family.dynamic_tokens
+        tokens_differ = adapter.spec.n_tokens != manifest.model.n_tokens and not family_of(manifest).dynamic_tokens
         if tokens_differ or adapter.spec.decoder.vocab_size != manifest.model.decoder.vocab_size:
             raise BackendError("the checkpoint does not match the artifact (token count or vocabulary differs)",
                                "pass the checkpoint the artifact was exported from")
