@@ -96,7 +96,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _family_export_options() -> dict[str, list]:
-    """Every family's declared export options by flag: [(family name, option), ...] (DESIGN §2)."""
+    """Every family's declared export options by flag: [(family name, option), ...] (docs/architecture.md)."""
     import apet.models  # noqa: F401  (registers the built-in families; torch-free)
     from apet.models.registry import FAMILIES
 

@@ -1,4 +1,4 @@
-"""ApET visual-token compression as pure, export-friendly PyTorch (DESIGN §4).
+"""ApET visual-token compression as pure, export-friendly PyTorch (docs/algorithm.md).
 
 Per image, tokens X [N, D] and a budget of K tokens with a basis of k:
 

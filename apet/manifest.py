@@ -1,4 +1,4 @@
-"""The artifact directory's schema: versioned ``manifest.json`` (DESIGN §3).
+"""The artifact directory's schema: versioned ``manifest.json`` (docs/architecture.md).
 
 Every later command reads only the artifact directory, through
 :func:`read_manifest`, which validates the schema version, the types, that

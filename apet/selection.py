@@ -51,7 +51,7 @@ def _ascending(x: torch.Tensor, index: torch.Tensor) -> Compressed:
 
 @register("apet")
 def apet(x: torch.Tensor, config: CompressionConfig) -> Compressed:
-    """ApET (DESIGN §4): reconstruction error from an FPS basis, merged."""
+    """ApET (docs/algorithm.md): reconstruction error from an FPS basis, merged."""
     return compress_with(config, x)
 
 

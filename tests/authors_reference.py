@@ -3,7 +3,7 @@
 Each function mirrors the *structure* of one reference routine — in-place writes
 through a boolean mask or an index list, ``scatter_add_`` merging, a per-sample
 loop — so a test can run "what their code does" next to ``apet.compression``.
-Only the FPS start is a parameter (they draw it at random), as DESIGN §4 allows.
+Only the FPS start is a parameter (they draw it at random), as docs/algorithm.md allows.
 
 * :func:`llava_stage1`  ``LlavaMetaForCausalLM.encode_images`` + ``token_merging`` (llava_arch.py)
 * :func:`llava_stage2`  ``layer_prune`` + module-level ``token_merging`` (modeling_llama_x.py)

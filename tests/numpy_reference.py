@@ -1,6 +1,6 @@
-"""Independent NumPy float64 implementation of DESIGN §4, written plainly (loops, no tricks).
+"""Independent NumPy float64 implementation of docs/algorithm.md, written plainly (loops, no tricks).
 
-It follows the steps of the authors' code as DESIGN §4 and issue 12 spell them out and
+It follows the steps of the authors' code as docs/algorithm.md and issue 12 spell them out and
 shares no code with ``apet.compression``; the tests compare the two. Placements:
 
 * ``mask``   (LLaVA stage 1)  the j-th smallest slot position receives basis vector j;
@@ -62,7 +62,7 @@ def merge(x: np.ndarray, targets: list[int], dropped: list[int]) -> dict[int, np
 def compress_one(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", merge_tokens: bool = True,
                  basis_index: list[int] | None = None, placement: str = "mask",
                  start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One image [N, D] -> (tokens [K, D], index [K]) following DESIGN §4 step by step."""
+    """One image [N, D] -> (tokens [K, D], index [K]) following docs/algorithm.md step by step."""
     x = x.astype(np.float64)
     n = x.shape[0]
     if keep == n:

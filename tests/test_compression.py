@@ -1,4 +1,4 @@
-"""apet.compression against the independent NumPy float64 reference (DESIGN §7, rung 1)."""
+"""apet.compression against the independent NumPy float64 reference (docs/algorithm.md, "How we check it", rung 1)."""
 
 from __future__ import annotations
 

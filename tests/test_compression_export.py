@@ -1,4 +1,4 @@
-"""compress() as an ONNX graph: plain ops, ORT parity, TensorRT-RTX ahead-of-time build (DESIGN §5)."""
+"""compress() as an ONNX graph: plain ops, ORT parity, TensorRT-RTX ahead-of-time build (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ApET's static settings, torch-free (DESIGN §4): what one stage keeps and how it places the basis.
+"""ApET's static settings, torch-free (docs/algorithm.md): what one stage keeps and how it places the basis.
 
 The manifest, the planner, engines and the deployed runtime read these without importing torch; the
 torch implementation that applies them is :mod:`apet.compression` (``compress_with(config, x)``).

@@ -1,4 +1,4 @@
-"""``apet-export``: a checkpoint becomes one artifact directory, written atomically (DESIGN §3)."""
+"""``apet-export``: a checkpoint becomes one artifact directory, written atomically (docs/architecture.md)."""
 
 from __future__ import annotations
 

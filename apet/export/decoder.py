@@ -1,5 +1,5 @@
 """The language model as one exportable graph (``llm.onnx``): prefill and decode with explicit KV cache,
-plus ApET's second stage after layer L-1 (DESIGN §4-§5). The blocks live in :mod:`apet.modeling.blocks`;
+plus ApET's second stage after layer L-1 (docs/algorithm.md). The blocks live in :mod:`apet.modeling.blocks`;
 norms, MLPs and the rotary tables come from the adapter's Hugging Face modules, so any Llama-style
 decoder works.
 """

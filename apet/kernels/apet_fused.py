@@ -10,7 +10,7 @@ where the export path needs ~130 small ops. The cosine similarities of the merge
 Gram matrix. Ranking and merging (top-K, a gather, one one-hot GEMM) stay in torch, so every
 placement of :mod:`apet.compression` shares its code with the reference path.
 
-Exact in the sense of DESIGN §7: same kept indices as the float64 oracle, values within fp32
+Exact in the sense of docs/algorithm.md, "How we check it": same kept indices as the float64 oracle, values within fp32
 tolerance (``tests/test_kernels.py``, run on the GPU device). The expanded error loses absolute
 precision only where the error itself is ~0 (the basis tokens reconstruct themselves: ~1e-2 instead of
 ~1e-6 after the square root); those tokens sit at the bottom of the ranking, far from any budget K <= N-k.

@@ -1,5 +1,5 @@
 """The PyTorch reference of the compressed model: the source model's own Hugging Face modules
-with ApET applied exactly as DESIGN §4 says (the paper's ``token_merging`` + PyramidDrop-style
+with ApET applied exactly as docs/algorithm.md says (the paper's ``token_merging`` + PyramidDrop-style
 ``layer_prune``).
 
 It is written independently of :mod:`apet.export.decoder` (per-row Python

@@ -1,4 +1,4 @@
-"""The seam between generic machinery and model families (DESIGN §2).
+"""The seam between generic machinery and model families (docs/architecture.md).
 
 A family is one registered package under :mod:`apet.models` that owns everything that differs
 between vision-language models:
@@ -118,7 +118,7 @@ class Processor(ABC):
 
 @dataclass(frozen=True)
 class FamilyOption:
-    """One ``apet-export`` option a family declares (DESIGN §2: options that belong to a family come from it).
+    """One ``apet-export`` option a family declares (options that belong to a family come from it).
 
     ``apet-export`` adds every declared flag once (families may declare the same flag with different defaults:
     the default is the family's, applied when the user did not pass the flag) and hands what the user passed to

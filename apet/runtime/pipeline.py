@@ -1,4 +1,4 @@
-"""``Pipeline``: image -> preprocess -> vision graph -> splice -> prefill -> decode -> text (DESIGN §6).
+"""``Pipeline``: image -> preprocess -> vision graph -> splice -> prefill -> decode -> text (docs/architecture.md).
 
 Concurrency model: a Pipeline serves one request at a time (a lock around
 ``generate``; the backends keep one KV cache). Threads may share a Pipeline

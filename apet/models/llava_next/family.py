@@ -1,6 +1,6 @@
 """LLaVA-NeXT / v1.6 (``LlavaNextForConditionalGeneration``, AnyRes): facts and factories (torch-free import).
 
-How the authors apply ApET (``llava_arch.py`` ``prepare_inputs_labels_for_multimodal_x``, ``scripts/llava1_6``):
+How the authors apply ApET to LLaVA-NeXT (docs/algorithm.md, "Per family"):
 stage 1 compresses each view (base and every tile) independently to K1 (paper: 192 of 576, k = 10); the
 kept tile tokens are laid out on the high-resolution grid, unpadded, with ``image_newline`` ending every
 row (:mod:`apet.models.llava_next.processor`); stage 2 after layer 15 compresses only the base view's K1

@@ -1,5 +1,6 @@
 """PyTorch backends: the source checkpoint run through its own Hugging Face modules with the same ApET
-stages (the reference of DESIGN §7), and on a GPU a static-cache path captured as CUDA graphs."""
+stages (the reference of docs/algorithm.md, "How we check it"), and on a GPU a static-cache path captured as CUDA
+graphs."""
 
 from __future__ import annotations
 
