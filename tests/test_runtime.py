@@ -1,4 +1,4 @@
-"""Runtime parity: apet-run (ONNX Runtime, torch) against Hugging Face generate (docs/algorithm.md, "How we check it" rung 4)."""
+"""Runtime parity: apet-run (ONNX Runtime, torch) against Hugging Face generate (docs/algorithm.md, check 4)."""
 
 from __future__ import annotations
 

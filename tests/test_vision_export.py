@@ -1,4 +1,4 @@
-"""Vision graph export: tiny LLaVA checkpoint -> vision.onnx, against PyTorch and NumPy (docs/algorithm.md, "How we check it" rung 2)."""
+"""Vision graph export: tiny LLaVA checkpoint -> vision.onnx, against PyTorch and NumPy (docs/algorithm.md, check 2)."""
 
 from __future__ import annotations
 
