@@ -2,8 +2,9 @@
 
 Images arrive as ``data:`` URLs with base64 PNG/JPEG/WebP (what OpenAI clients send for local files).
 ``http(s)`` URLs are refused unless the server runs with ``--allow-fetch``: an edge device may be offline,
-and a server that fetches arbitrary URLs on a client's behalf is a request-forgery risk. Nothing else
-(``file:``, paths) is ever read. Limits are checked on the header, before pixels are decoded.
+and a server that fetches arbitrary URLs on a client's behalf is a request-forgery risk; with it, only
+public addresses are fetched (apet/serve/fetch.py). Nothing else (``file:``, paths) is ever read.
+Limits are checked on the header, before pixels are decoded.
 
 Videos (families whose ``media`` is ``video``) arrive as ``video_url`` parts with a data URL of a video
 file; the family's processor reads files, so the bytes go to a temporary file that lives as long as the
@@ -18,8 +19,6 @@ import io
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from apet.errors import InputError
 from apet.media.images import load_image
 from apet.serve.errors import ApiError, bad_request
+from apet.serve.fetch import FetchPolicy, fetch
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 VIDEO_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
@@ -42,6 +42,13 @@ class MediaLimits:
     max_image_pixels: int
     allow_fetch: bool = False
     fetch_timeout_s: float = 10.0
+    allow_fetch_private: bool = False  # loopback, private, link-local... destinations (trusted clients only)
+    allowed_media_domains: tuple[str, ...] = ()  # empty: any public host
+
+    @property
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(self.max_bytes, self.fetch_timeout_s, self.allow_fetch_private,
+                           self.allowed_media_domains)
 
 
 @dataclass
@@ -73,7 +80,7 @@ def _read_url(url: str, limits: MediaLimits, param: str, kind: str) -> tuple[str
             raise bad_request(f"{kind} URLs over http(s) are not fetched by this server",
                               f"send the {kind} inline as a data URL (data:{kind}/...;base64,...), or start "
                               "apet-serve with --allow-fetch", param=param, code="fetch_disabled")
-        return _fetch(url, limits, param)
+        return fetch(url, limits.fetch_policy, param)
     raise bad_request(f"{param} is not a data: or http(s) URL", f"send data:{kind}/...;base64,<bytes>",
                       param=param, code="invalid_url")
 
@@ -95,21 +102,6 @@ def _decode_data_url(url: str, param: str, kind: str) -> tuple[str, bytes]:
     if not data:
         raise bad_request(f"{param} holds no bytes", f"send the {kind} file's bytes", param=param,
                           code="invalid_base64")
-    return mime, data
-
-
-def _fetch(url: str, limits: MediaLimits, param: str) -> tuple[str, bytes]:
-    request = urllib.request.Request(url, headers={"User-Agent": "apet-serve"})
-    try:
-        with urllib.request.urlopen(request, timeout=limits.fetch_timeout_s) as response:  # noqa: S310 (http(s) only)
-            data = response.read(limits.max_bytes + 1)
-            mime = (response.headers.get_content_type() or "").lower()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise bad_request(f"cannot fetch {url} ({exc})", "check the URL, or send the file inline as a data URL",
-                          param=param, code="fetch_failed") from exc
-    if len(data) > limits.max_bytes:
-        raise ApiError(413, f"{url} is larger than the server's --max-body-mb {limits.max_bytes / (1 << 20):g} MiB "
-                       "— downscale it, or restart apet-serve with a larger --max-body-mb", "media_too_large", param)
     return mime, data
 
 
