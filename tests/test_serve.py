@@ -383,6 +383,29 @@ def test_cli_serve_refuses_a_batch_larger_than_the_artifact(artifact, capsys) ->
     assert "max_batch" in capsys.readouterr().err
 
 
+def test_cli_serve_on_a_busy_port_says_so_before_loading(artifact, capsys, monkeypatch) -> None:
+    """One line naming --port, exit 2, and neither the banner nor a model load before it."""
+    import socket
+
+    from apet.cli import main
+
+    def load(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("apet-serve loaded the model before checking its port")
+
+    monkeypatch.setattr(Pipeline, "load", load)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert main(["serve", str(artifact), "--backend", "onnxruntime", "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --port {port} is already in use on 127.0.0.1 — pick another --port, or "
+                                "stop the program listening there (ss -ltnp shows it)"]
+
+
 def test_stop_holdback_streams_what_the_answer_keeps() -> None:
     text, stops = "hello wor|ld STOP here", ("STOP", "ld X")
     holdback = StopHoldback(stops)

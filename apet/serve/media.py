@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from apet.errors import InputError
-from apet.media.images import load_image
+from apet.media.images import TooManyPixels, load_image, open_lazily
 from apet.serve.errors import ApiError, bad_request
 from apet.serve.fetch import FetchPolicy, fetch
 
@@ -111,16 +110,21 @@ def _image(mime: str, data: bytes, limits: MediaLimits, param: str) -> Image.Ima
         raise bad_request(f"{param} has media type {mime!r}, which this server does not read", f"send {supported}",
                           param=param, code="unsupported_media_type")
     try:
-        header = Image.open(io.BytesIO(data), formats=sorted(set(IMAGE_TYPES.values())))
+        header = open_lazily(data, param, formats=sorted(set(IMAGE_TYPES.values())))
+        width, height = header.size
+        pixels = width * height
+    except TooManyPixels as exc:  # over PIL's own limit, which is above every --max-image-pixels
+        width = height = None
+        pixels = exc.pixels if exc.pixels is not None else limits.max_image_pixels + 1
     except UnidentifiedImageError as exc:
         raise bad_request(f"{param} is not a PNG, JPEG or WebP image", f"send {supported}", param=param,
                           code="unsupported_media_type") from exc
     except Exception as exc:  # PIL raises many types on garbage headers
         raise bad_request(f"{param} cannot be read as an image ({type(exc).__name__})", f"send {supported}",
                           param=param, code="invalid_image") from exc
-    width, height = header.size
-    if width * height > limits.max_image_pixels:
-        raise ApiError(413, f"{param} is {width}x{height} = {width * height:,} pixels, over the server's "
+    if pixels > limits.max_image_pixels:
+        shape = f"{width}x{height} = " if width is not None else ""
+        raise ApiError(413, f"{param} is {shape}{pixels:,} pixels, over the server's "
                        f"--max-image-pixels {limits.max_image_pixels:,} — downscale it (the model sees a few "
                        "hundred pixels per side), or restart apet-serve with a larger --max-image-pixels",
                        "image_too_large", param)
