@@ -124,7 +124,8 @@ def guarded(call: Callable[[], int], verbose: bool) -> int:
     standard output (``| head``) ends quietly with 141, as a tool ended by SIGPIPE (docs/errors.md)."""
     try:
         code = call()
-        sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return code
     except KeyboardInterrupt:
         print("interrupted: outputs were left as they were before the command", file=sys.stderr)

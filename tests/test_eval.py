@@ -292,3 +292,18 @@ def test_artifact_source_warns_only_about_options_typed(artifact_factory, tmp_pa
                               "--stages", "2", "--group-size", "64"]) == 0
     warning = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
     assert "--ratios/--group-size only apply" in warning and "--weights" not in warning
+
+
+def test_answers_without_keys_are_not_reused(eval_data: dict, tmp_path: Path) -> None:
+    """A predictions.jsonl from before row keys: its answer (deliberately wrong, scored 1) is not trusted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    legacy = {"method": "apet", "ratio": 1.0, "benchmark": "mini", "id": "o0", "type": "open", "prediction": "zebra",
+              "score": 1.0}
+    (out / PREDICTIONS).write_text(json.dumps(legacy) + "\n")
+    cfg = EvalConfig(source=str(eval_data["checkpoint"]), data=(eval_data["data"],), images=eval_data["images"],
+                     out=out, ratios=(1.0,), max_new_tokens=4, limit=1)
+    report = run_eval(cfg)
+    assert report["predictions"] == {"reused": 0, "run": 1, "changed_rows": 0}
+    records = read_predictions(out / PREDICTIONS)
+    assert records[0] == legacy and records[1]["prediction"] != "zebra" and len(records) == 2

@@ -216,14 +216,15 @@ def stages_of(cfg: EvalConfig) -> int:
 def _current(stored: list[dict[str, Any]], rows: dict[tuple[str, str], str]
              ) -> tuple[list[dict[str, Any]], set[tuple[str, str]], int]:
     """Stored answers minus those made for an earlier version of a row still in the data (its question,
-    media or answers changed) and those without keys (written by an apet before row keys: what they
-    were made from is unknown). Answers for rows not in this run's data stay in the file (another
-    --limit, another shard) but are not reported."""
+    media or answers changed). Answers without keys (written by an apet before row keys: what they were
+    made from is unknown) are counted, kept in the file and never reused; answers for rows not in this
+    run's data stay in the file too (another --limit, another shard). Neither is reported."""
     kept, changed, unkeyed = [], set(), 0
     for record in stored:
         where = (record.get("benchmark"), record.get("id"))
         if "row" not in record or "setting" not in record:
             unkeyed += 1
+            kept.append(record)
         elif where in rows and record["row"] != rows[where]:
             changed.add(where)
         else:
@@ -255,7 +256,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         log.warning("%d question(s) changed since their answers in %s (question, media or answers differ): "
                     "asking them again", len(changed), path)
     if unkeyed:
-        log.warning("%d answer(s) in %s carry no row keys (an earlier apet wrote them): dropped and asked again",
+        log.warning("%d answer(s) in %s carry no row keys (an earlier apet wrote them): not reused, asked again",
                     unkeyed, path)
     # drop a truncated tail and stale answers; atomically, so a full disk or a kill here cannot lose the
     # answers already on disk
