@@ -219,3 +219,11 @@ def test_config_validates_the_fetch_options(tmp_path) -> None:
     for bad in ("http://a.com", "a.com:80", "*.a.com", "a..com"):
         with pytest.raises(UsageError, match="not a host name"):
             ServeConfig(tmp_path, allow_fetch=True, allowed_media_domains=(bad,))
+
+
+def test_https_goes_through_tls_to_the_checked_address(network, counter) -> None:
+    """The hit counter speaks plain HTTP, so the TLS handshake to it fails: a clean fetch_failed, after
+    dialling only the checked loopback address (with --allow-fetch-private)."""
+    error = _refused(f"https://localhost:{counter.port}/cat.png", _limits(allow_fetch_private=True))
+    assert error.status == 400 and error.code == "fetch_failed", error.message
+    assert network == [("127.0.0.1", counter.port)] and counter.hits == []

@@ -126,9 +126,9 @@ def _host(url: str, policy: FetchPolicy, param: str) -> tuple[str, str, int, str
     return parts.scheme, host, port, target
 
 
-def _address(url: str, host: str, port: int, policy: FetchPolicy, param: str) -> tuple[int, tuple]:
-    """The (family, socket address) to connect to: every address the host resolves to is checked, so a name
-    with one public and one private address is refused rather than half-trusted."""
+def _addresses(url: str, host: str, port: int, policy: FetchPolicy, param: str) -> list[tuple[int, tuple]]:
+    """The (family, socket address) pairs to try, in the resolver's order: every address the host resolves
+    to is checked, so a name with one public and one private address is refused rather than half-trusted."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError) as exc:
@@ -144,27 +144,32 @@ def _address(url: str, host: str, port: int, policy: FetchPolicy, param: str) ->
                                "this server fetches only public addresses; send the image inline as a data URL, "
                                "or start apet-serve with --allow-fetch-private (only where every client is "
                                "trusted)", param)
-    family, _, _, _, sockaddr = found[0]
-    return family, sockaddr
+    return [(family, sockaddr) for family, _, _, _, sockaddr in found]
 
 
 class _Pinned(http.client.HTTPConnection):
     """An HTTP connection to an address checked beforehand; the Host header still names the host."""
 
-    def __init__(self, host: str, port: int, address: tuple[int, tuple], timeout: float) -> None:
+    def __init__(self, host: str, port: int, addresses: list[tuple[int, tuple]], timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
-        self._address = address
+        self._addresses = addresses
 
     def _dial(self) -> socket.socket:
-        family, sockaddr = self._address
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        """The first checked address that answers (as socket.create_connection, without resolving again)."""
+        error: OSError | None = None
+        for family, sockaddr in self._addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error or OSError("no address to connect to")
 
     def connect(self) -> None:
         self.sock = self._dial()
@@ -181,9 +186,9 @@ class _PinnedTLS(_Pinned):
 
 def _get(url: str, policy: FetchPolicy, param: str) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
     scheme, host, port, target = _host(url, policy, param)
-    address = _address(url, host, port, policy, param)
+    addresses = _addresses(url, host, port, policy, param)
     kind = _PinnedTLS if scheme == "https" else _Pinned
-    connection = kind(host, port, address, policy.timeout_s)
+    connection = kind(host, port, addresses, policy.timeout_s)
     try:
         connection.request("GET", target, headers={"User-Agent": "apet-serve", "Accept": "image/*, video/*"})
         return connection.getresponse(), connection
