@@ -318,10 +318,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Typed(argparse.Action):
+    """Stores the value and records that the option was typed, so a command can tell a value the user
+    chose from a default (apet-eval warns only about model-source options an artifact ignores)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.typed = frozenset(getattr(namespace, "typed", frozenset())) | {self.option_strings[0]}
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     from apet.media import dataset as data
 
     p.epilog = _plain(data.__doc__ or "")
+    p.set_defaults(typed=frozenset())
     p.add_argument("source", help="an artifact directory (its fixed budget, any backend) or a model "
                    "(tiny | alias | checkpoint directory: every --methods x --ratios through the torch reference)")
     p.add_argument("--data", required=True, action="append", type=Path, help="data file (repeatable: one benchmark "
@@ -331,21 +342,26 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="apet", choices=("apet", "llava", "pope", "scienceqa", "vqa"),
                    help="layout of --data (see below)")
     p.add_argument("--annotations", type=Path, help="answers/annotations file for --format llava or vqa")
-    p.add_argument("--ratios", default="1.0,0.22,0.11", help="comma-separated retained fractions (model source)")
-    p.add_argument("--methods", default="apet", help="comma list of rules: apet, random, pool, divprune")
-    p.add_argument("--stages", type=int, default=1, choices=(1, 2),
+    p.add_argument("--ratios", default="1.0,0.22,0.11", action=_Typed,
+                   help="comma-separated retained fractions (model source)")
+    p.add_argument("--methods", default="apet", action=_Typed, help="comma list of rules: apet, random, pool, "
+                   "divprune")
+    p.add_argument("--stages", type=int, default=1, choices=(1, 2), action=_Typed,
                    help="ApET stages for a model source (an artifact has its own)")
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"),
                    help="for an artifact source")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--limit", type=int, help="first N questions of each data file (N >= 1)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")
-    p.add_argument("--weights", default="fp16", help="model sources: comma list of LLM weight formats to compare "
-                   "(fp16,int8,int4); quantized ones also report teacher-forced top-1 agreement and KL vs fp16")
-    p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
-    p.add_argument("--calibration", choices=("rtn", "awq"), help="default: awq for int4, rtn for int8")
-    p.add_argument("--calib-data", type=Path, help="AWQ calibration JSONL (default: synthetic prompts)")
-    p.add_argument("--calib-images", type=Path, help="folder of the --calib-data images")
+    p.add_argument("--weights", default="fp16", action=_Typed, help="model sources: comma list of LLM weight "
+                   "formats to compare (fp16,int8,int4); quantized ones also report teacher-forced top-1 "
+                   "agreement and KL vs fp16")
+    p.add_argument("--group-size", type=int, action=_Typed, help="INT4 block size (default 128)")
+    p.add_argument("--calibration", choices=("rtn", "awq"), action=_Typed,
+                   help="default: awq for int4, rtn for int8")
+    p.add_argument("--calib-data", type=Path, action=_Typed,
+                   help="AWQ calibration JSONL (default: synthetic prompts)")
+    p.add_argument("--calib-images", type=Path, action=_Typed, help="folder of the --calib-data images")
     p.add_argument("--out", required=True, type=Path,
                    help="results directory (predictions.jsonl, report.json/.md, retention.png); resumed if present")
 
@@ -363,7 +379,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,
                      max_new_tokens=args.max_new_tokens, weights=tuple(w for w in args.weights.split(",") if w),
                      group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
-                     calib_images=args.calib_images)
+                     calib_images=args.calib_images, passed=args.typed)
     run_eval(cfg)
     print((args.out / "report.md").read_text())
     return 0

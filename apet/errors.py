@@ -9,6 +9,8 @@ device can tell a bad argument from a broken artifact from a missing backend.
 from __future__ import annotations
 
 import errno
+import os
+import select
 import sys
 import traceback
 from typing import Callable
@@ -94,17 +96,56 @@ def storage_error(exc: OSError) -> StorageError:
     return error
 
 
+EXIT_CLOSED_PIPE = 128 + 13  # 141: what a shell reports for a Unix tool ended by SIGPIPE (`yes | head -1`)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``| head``): Linux and macOS report
+    POLLERR on the write end of a pipe without readers. Where that cannot be asked, assume yes."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _quiet_closed_stdout() -> int:
+    """The reader of our output went away (``apet inspect DIR | head -2``): not an error of apet's, so,
+    as Unix tools do, stop without a message. Standard output is pointed at /dev/null so that the
+    interpreter's flush at exit does not fail a second time ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return EXIT_CLOSED_PIPE
+
+
 def guarded(call: Callable[[], int], verbose: bool) -> int:
     """Run a command the way every entry point does: an :class:`ApetError` or a refused file-system
-    operation becomes one line on stderr and its exit code; Ctrl-C / SIGTERM exit 130."""
+    operation becomes one line on stderr and its exit code; Ctrl-C / SIGTERM exit 130; a closed
+    standard output (``| head``) ends quietly with 141, as a tool ended by SIGPIPE (docs/errors.md)."""
     try:
-        return call()
+        code = call()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
+        return code
     except KeyboardInterrupt:
         print("interrupted: outputs were left as they were before the command", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if exc.filename is None and _stdout_closed():
+            return _quiet_closed_stdout()
+        return _report(storage_error(exc), verbose)
     except (ApetError, OSError) as exc:
-        error = storage_error(exc) if isinstance(exc, OSError) else exc
-        if verbose:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _report(storage_error(exc) if isinstance(exc, OSError) else exc, verbose)
+
+
+def _report(error: ApetError, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"error: {error}", file=sys.stderr)
+    return error.exit_code

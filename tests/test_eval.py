@@ -220,3 +220,90 @@ def test_end_to_end_two_ratios_two_methods_and_resume(eval_data: dict, tmp_path:
 def test_cli_help_documents_the_format() -> None:
     out = subprocess.run([sys.executable, "-m", "apet.cli", "eval", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and '"answers"' in out.stdout and "pope" in out.stdout
+
+
+def test_resume_asks_edited_rows_again_and_drops_removed_ones(eval_data: dict, tmp_path: Path) -> None:
+    """A real JSONL edited between two runs into the same --out: one answer and one question changed, one
+    image replaced under its old name, one row removed. The changed rows are asked again, the rest reused,
+    and the report equals a fresh run's (reusing by id, o0 kept its stale score 1 where fresh gives 0)."""
+    import shutil
+    from dataclasses import replace
+
+    images = tmp_path / "images"
+    shutil.copytree(eval_data["images"], images)
+    data = tmp_path / "mini.jsonl"
+    shutil.copy(eval_data["data"], data)
+    cfg = EvalConfig(source=str(eval_data["checkpoint"]), data=(data,), images=images, out=tmp_path / "out",
+                     ratios=(1.0,), max_new_tokens=4)
+    first = run_eval(cfg)
+    assert first["predictions"] == {"reused": 0, "run": 5, "changed_rows": 0}
+    assert first["rows"][0]["by_type"]["open"]["score"] == 1.0  # the answers are the model's own
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["o0", "o1", "o2", "y0", "y1"]
+    rows[0]["answer"] = "a giraffe riding a bicycle"  # o0: an answer corrected
+    rows[1]["question"] = "What colour is the background?"  # o1: a question edited
+    make_image(7).save(images / rows[2]["image"])  # o2: its image replaced under the same name
+    del rows[4]  # y1: removed
+    _write(data, rows)
+
+    again = run_eval(cfg)
+    assert again["predictions"] == {"reused": 1, "run": 3, "changed_rows": 3}
+    assert again["items"] == 4 and again["rows"][0]["n"] == 4
+    assert "1 reused from an earlier run" in (cfg.out / "report.md").read_text()
+    fresh = run_eval(replace(cfg, out=tmp_path / "fresh"))
+    assert fresh["predictions"] == {"reused": 0, "run": 4, "changed_rows": 0}
+    assert again["rows"] == fresh["rows"] and again["mean_retention"] == fresh["mean_retention"]
+    assert again["rows"][0]["by_type"]["open"]["score"] < 1.0  # o0 now scores 0
+    stored = {r["id"]: r for r in read_predictions(cfg.out / PREDICTIONS) if r["id"] != "y1"}
+    made = {r["id"]: r for r in read_predictions(tmp_path / "fresh" / PREDICTIONS)}
+    assert {k: (r["prediction"], r["score"], r["row"], r["setting"]) for k, r in stored.items()} == \
+        {k: (r["prediction"], r["score"], r["row"], r["setting"]) for k, r in made.items()}
+    # a third run with nothing changed computes nothing
+    assert run_eval(cfg)["predictions"] == {"reused": 4, "run": 0, "changed_rows": 0}
+
+
+def test_predictions_of_another_setting_are_not_reused(eval_data: dict, tmp_path: Path) -> None:
+    """Same rows, a longer answer limit: another setting, so nothing is reused."""
+    from dataclasses import replace
+
+    cfg = EvalConfig(source=str(eval_data["checkpoint"]), data=(eval_data["data"],), images=eval_data["images"],
+                     out=tmp_path / "out", ratios=(1.0,), max_new_tokens=2, limit=2)
+    assert run_eval(cfg)["predictions"]["run"] == 2
+    assert run_eval(replace(cfg, max_new_tokens=3))["predictions"] == {"reused": 0, "run": 2, "changed_rows": 0}
+    assert run_eval(cfg)["predictions"] == {"reused": 2, "run": 0, "changed_rows": 0}
+
+
+def test_artifact_source_warns_only_about_options_typed(artifact_factory, tmp_path: Path, caplog) -> None:
+    from apet.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image(0).save(images / "0.png")
+    data = _write(tmp_path / "data.jsonl", [{"id": "q0", "image": "0.png", "question": "What?", "answer": "x"}])
+    artifact = artifact_factory(ratio=0.11, stages=2)
+    common = ["eval", str(artifact), "--data", str(data), "--images", str(images), "--backend", "onnxruntime",
+              "--max-new-tokens", "1"]
+    with caplog.at_level("WARNING", logger="apet.eval.runner"):
+        assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert "ignored" not in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="apet.eval.runner"):  # --weights/--stages agree with the artifact
+        assert main(common + ["--out", str(tmp_path / "b"), "--ratios", "0.5", "--weights", "fp16",
+                              "--stages", "2", "--group-size", "64"]) == 0
+    warning = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
+    assert "--ratios/--group-size only apply" in warning and "--weights" not in warning
+
+
+def test_answers_without_keys_are_not_reused(eval_data: dict, tmp_path: Path) -> None:
+    """A predictions.jsonl from before row keys: its answer (deliberately wrong, scored 1) is not trusted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    legacy = {"method": "apet", "ratio": 1.0, "benchmark": "mini", "id": "o0", "type": "open", "prediction": "zebra",
+              "score": 1.0}
+    (out / PREDICTIONS).write_text(json.dumps(legacy) + "\n")
+    cfg = EvalConfig(source=str(eval_data["checkpoint"]), data=(eval_data["data"],), images=eval_data["images"],
+                     out=out, ratios=(1.0,), max_new_tokens=4, limit=1)
+    report = run_eval(cfg)
+    assert report["predictions"] == {"reused": 0, "run": 1, "changed_rows": 0}
+    records = read_predictions(out / PREDICTIONS)
+    assert records[0] == legacy and records[1]["prediction"] != "zebra" and len(records) == 2

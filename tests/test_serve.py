@@ -269,10 +269,16 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server, referenc
 
 
 def test_allow_fetch_reads_http_images(artifact, reference, png) -> None:
+    """--allow-fetch alone refuses loopback (the image server here, the server's own /metrics) without
+    connecting; with --allow-fetch-private the loopback image is read (tests/test_serve_fetch.py covers the
+    other destinations)."""
     import http.server
+
+    hits: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            hits.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
@@ -283,11 +289,20 @@ def test_allow_fetch_reads_http_images(artifact, reference, png) -> None:
 
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{images.server_address[1]}/cat.png"
     try:
         for fetching in _server(artifact, allow_fetch=True):
-            url = f"http://127.0.0.1:{images.server_address[1]}/cat.png"
+            for target in (url, f"http://localhost:{fetching.port}/metrics"):
+                refused = post(fetching, chat_body(target))
+                assert refused.status_code == 403, refused.text
+                error = refused.json()["error"]
+                assert error["code"] == "fetch_refused" and "a loopback address" in error["message"]
+                assert "--allow-fetch-private" in error["message"]
+            assert hits == []
+        for fetching in _server(artifact, allow_fetch=True, allow_fetch_private=True):
             answer = post(fetching, chat_body(url)).json()
             assert answer["apet"]["token_ids"] == reference.generate(png, PROMPT, max_new_tokens=8).token_ids
+            assert hits == ["/cat.png"]
     finally:
         images.shutdown()
 
@@ -366,6 +381,29 @@ def test_cli_serve_refuses_a_batch_larger_than_the_artifact(artifact, capsys) ->
 
     assert main(["serve", str(artifact), "--backend", "onnxruntime", "--max-batch", "64"]) == 2
     assert "max_batch" in capsys.readouterr().err
+
+
+def test_cli_serve_on_a_busy_port_says_so_before_loading(artifact, capsys, monkeypatch) -> None:
+    """One line naming --port, exit 2, and neither the banner nor a model load before it."""
+    import socket
+
+    from apet.cli import main
+
+    def load(*args: Any, **kwargs: Any) -> None:
+        pytest.fail("apet-serve loaded the model before checking its port")
+
+    monkeypatch.setattr(Pipeline, "load", load)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        assert main(["serve", str(artifact), "--backend", "onnxruntime", "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --port {port} is already in use on 127.0.0.1 — pick another --port, or "
+                                "stop the program listening there (ss -ltnp shows it)"]
 
 
 def test_stop_holdback_streams_what_the_answer_keeps() -> None:

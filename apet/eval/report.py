@@ -68,6 +68,12 @@ def markdown(report: dict[str, Any]) -> str:
         method = row["method"] if row.get("weights", "fp16") == "fp16" else f"{row['method']} ({row['weights']})"
         lines.append(f"| {row['benchmark']} | {method} | {row['ratio']:g} | {row['n']} | "
                      f"{row['score']:.4f} | {retention} | {types} | {row['errors']} |")
+    counts = report.get("predictions")
+    if counts:
+        changed = f" ({counts['changed_rows']} question(s) changed since an earlier run: asked again)" \
+            if counts["changed_rows"] else ""
+        lines += ["", f"Answers: {counts['reused']} reused from an earlier run (same row and setting), "
+                  f"{counts['run']} computed now{changed}."]
     if report["mean_retention"]:
         lines += ["", "| setting | mean retention over benchmarks |", "|---|---:|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in report["mean_retention"].items()]

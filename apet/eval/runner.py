@@ -1,7 +1,9 @@
 """``apet-eval``: accuracy retention of token-selection rules and budgets on the user's data.
 
 Predictions are appended to ``predictions.jsonl`` one line per answer (flushed and fsynced), so an
-interrupted run resumes where it stopped: answered (method, ratio, id) triples are skipped.
+interrupted run resumes where it stopped. Each answer is keyed by a hash of its row (question, media
+bytes, answers) and of its setting (artifact or model, rule, ratio, weights): a run reuses only answers
+whose keys match, so an edited question, answer or image is asked again (apet/eval/keys.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from apet.atomic import write_atomic
 from apet.contracts.plan import Budget, plan_for
 from apet.devices import check_device
 from apet.errors import ApetError, InputError, UsageError
+from apet.eval.keys import RowKeys, media_digest, setting_key
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
 from apet.manifest import Manifest, in_memory_manifest, read_manifest
@@ -54,6 +57,9 @@ class EvalConfig:
     calibration: str | None = None  # rtn | awq (None: awq for int4, rtn for int8)
     calib_data: Path | None = None
     calib_images: Path | None = None
+    # the model-source options the user typed (CLI flags): an artifact source warns about those it ignores;
+    # None (the Python API): about fields that differ from their defaults
+    passed: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if self.methods != ("apet",):  # other rules are torch code (apet.selection): only a model source runs them
@@ -114,9 +120,10 @@ def _pipelines(cfg: EvalConfig, agreement: dict[str, Any]) -> Iterator[tuple[Set
     if (artifact / "manifest.json").is_file():
         manifest = read_manifest(artifact)
         setting = Setting(manifest.compression.rule, manifest.compression.ratio or 1.0, manifest.weights.format)
-        if cfg.ratios != (setting.ratio,) or cfg.methods != ("apet",) or cfg.weights != ("fp16",):
-            log.warning("an artifact has one fixed budget and weight format (%s); --ratios/--methods/--weights "
-                        "are ignored", setting.label)
+        ignored = ignored_options(cfg, setting, 2 if manifest.compression.stage2 is not None else 1)
+        if ignored:
+            log.warning("an artifact has one fixed budget, stage count and weight format (%s); %s only apply to "
+                        "a model source and are ignored", setting.label, "/".join(ignored))
         yield setting, Pipeline.load(artifact, backend=cfg.backend, device=cfg.device)
         return
     import torch
@@ -143,6 +150,27 @@ def _pipelines(cfg: EvalConfig, agreement: dict[str, Any]) -> Iterator[tuple[Set
             yield setting, Pipeline(adapter.source_dir, manifest, backend)
         if model is not adapter:
             del model
+
+
+_MODEL_OPTIONS = {"--ratios": "ratios", "--methods": "methods", "--weights": "weights", "--stages": "stages",
+                  "--group-size": "group_size", "--calibration": "calibration", "--calib-data": "calib_data",
+                  "--calib-images": "calib_images"}
+
+
+def ignored_options(cfg: EvalConfig, setting: Setting, stages: int) -> list[str]:
+    """The model-source options that were set (typed on the command line, or, through the API, changed from
+    their defaults) and disagree with what the artifact has: only those deserve a warning."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(EvalConfig)}
+    agrees = {"ratios": cfg.ratios == (setting.ratio,), "methods": cfg.methods == (setting.method,),
+              "weights": cfg.weights == (setting.weights,), "stages": cfg.stages == stages}
+    out = []
+    for flag, name in _MODEL_OPTIONS.items():
+        given = flag in cfg.passed if cfg.passed is not None else getattr(cfg, name) != defaults[name]
+        if given and not agrees.get(name, False):
+            out.append(flag)
+    return out
 
 
 def _conditions(manifest: Manifest) -> dict[str, Any]:
@@ -193,29 +221,77 @@ def stages_of(cfg: EvalConfig) -> int:
     return cfg.stages
 
 
+def _current(stored: list[dict[str, Any]], rows: dict[tuple[str, str], str]
+             ) -> tuple[list[dict[str, Any]], set[tuple[str, str]], int]:
+    """Stored answers minus those made for an earlier version of a row still in the data (its question,
+    media or answers changed). Answers without keys (written by an apet before row keys: what they were
+    made from is unknown) are counted, kept in the file and never reused; answers for rows not in this
+    run's data stay in the file too (another --limit, another shard). Neither is reported."""
+    kept, changed, unkeyed = [], set(), 0
+    for record in stored:
+        where = (record.get("benchmark"), record.get("id"))
+        if "row" not in record or "setting" not in record:
+            unkeyed += 1
+            kept.append(record)
+        elif where in rows and record["row"] != rows[where]:
+            changed.add(where)
+        else:
+            kept.append(record)
+    return kept, changed, unkeyed
+
+
+def _generation_key(cfg: EvalConfig, weights: str) -> dict[str, Any]:
+    """Options besides the manifest that change answers: the answer length, and how weights were quantized."""
+    key: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens}
+    if weights != "fp16" and not (Path(cfg.source) / "manifest.json").is_file():
+        key.update(group_size=cfg.group_size, calibration=cfg.calibration,
+                   calib_data=media_digest(cfg.calib_data) if cfg.calib_data else None)
+    return key
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     items: list[EvalItem] = []
     for path in cfg.data:
         loaded = load(path, cfg.fmt, cfg.annotations)
         items += loaded[: cfg.limit] if cfg.limit is not None else loaded
     check_images(items, cfg.images)
+    row_key = RowKeys(cfg.images)
+    rows = {(i.benchmark, i.id): row_key(i) for i in items}
     cfg.out.mkdir(parents=True, exist_ok=True)
     path = cfg.out / PREDICTIONS
-    records = read_predictions(path)
-    # drop a truncated tail; atomically, so a full disk or a kill here cannot lose the answers already on disk
+    records, changed, unkeyed = _current(read_predictions(path), rows)
+    if changed:
+        log.warning("%d question(s) changed since their answers in %s (question, media or answers differ): "
+                    "asking them again", len(changed), path)
+    if unkeyed:
+        log.warning("%d answer(s) in %s carry no row keys (an earlier apet wrote them): not reused, asked again",
+                    unkeyed, path)
+    # drop a truncated tail and stale answers; atomically, so a full disk or a kill here cannot lose the
+    # answers already on disk
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    done = {(r["method"], r["ratio"], r.get("weights", "fp16"), r["benchmark"], r["id"]) for r in records}
+    done = {(r["setting"], r["row"]): r for r in records if "setting" in r and "row" in r}
     generation = GenerationConfig(max_new_tokens=cfg.max_new_tokens)
     conditions: dict[str, dict[str, Any]] = {}
     agreement: dict[str, Any] = {}
+    used: list[dict[str, Any]] = []
+    reused = 0
     with open(path, "a", encoding="utf-8") as handle:
         for setting, pipeline in _pipelines(cfg, agreement):
             conditions[setting.label] = _conditions(pipeline.manifest)
-            todo = [i for i in items
-                    if (setting.method, setting.ratio, setting.weights, i.benchmark, i.id) not in done]
+            key = setting_key(pipeline.manifest, setting.method, setting.ratio, setting.weights,
+                              _generation_key(cfg, setting.weights))
+            todo = []
+            for item in items:
+                earlier = done.get((key, rows[(item.benchmark, item.id)]))
+                if earlier is not None:
+                    used.append(earlier)
+                    reused += 1
+                else:
+                    todo.append(item)
             for item in tqdm(todo, desc=f"apet-eval {setting.label}", unit="q", disable=None):
                 record = {"method": setting.method, "ratio": setting.ratio, "weights": setting.weights,
-                          "benchmark": item.benchmark, "id": item.id, "type": item.type}
+                          "benchmark": item.benchmark, "id": item.id, "type": item.type,
+                          "row": rows[(item.benchmark, item.id)], "setting": key}
                 try:
                     result = pipeline.generate(prompt=prompt_for(item), **{item.media: cfg.images / item.path},
                                                max_new_tokens=generation.max_new_tokens)
@@ -223,8 +299,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                 except ApetError as exc:  # a bad image must not stop the run; it scores 0 and is reported
                     record.update(prediction="", score=0.0, error=str(exc))
                 _append(handle, record)
-                records.append(record)
-    report = build_report(records, items, cfg, stages_of(cfg))
+                used.append(record)
+    report = build_report(used, items, cfg, stages_of(cfg))
+    report["predictions"] = {"reused": reused, "run": len(used) - reused, "changed_rows": len(changed)}
     report["conditions"] = conditions
     if agreement:
         report["weight_agreement"] = agreement

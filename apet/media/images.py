@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from apet.errors import InputError
 
@@ -22,6 +23,36 @@ MAX_PIXELS = 64_000_000  # decompression-bomb limit (8000 x 8000); PIL's own def
 MAX_FILE_BYTES = 256 << 20
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+UPLOADED = "the uploaded bytes"  # how bytes are named in messages (a repr of the buffer helps nobody)
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+class TooManyPixels(InputError):
+    """An image over a pixel limit: apet's decompression-bomb guard, raised from the header alone, before
+    the pixels are decoded (``pixels`` is None where only a lower bound is known)."""
+
+    def __init__(self, what: str, pixels: int | None, limit: int, size: tuple[int, int] | None = None) -> None:
+        self.pixels, self.limit = pixels, limit
+        shape = f"{size[0]}x{size[1]} = " if size else ""
+        count = f"{shape}{pixels:,} pixels" if pixels is not None else "more pixels than PIL opens"
+        super().__init__(f"{what} has {count}, over the {limit:,}-pixel limit",
+                         "downscale it first (the model sees at most a few hundred pixels per side)")
+
+
+def open_lazily(data: bytes, what: str, formats: list[str] | None = None) -> Image.Image:
+    """``Image.open`` (reads the header only), with PIL's decompression-bomb refusal turned into
+    :class:`TooManyPixels` and PIL's warning below it left to the caller's own, lower limit; every other
+    PIL error propagates for the caller to word."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data), formats=formats)
+        except Image.DecompressionBombError as exc:
+            found = _BOMB_PIXELS.search(str(exc))
+            raise TooManyPixels(what, int(found.group(1)) if found else None, MAX_PIXELS) from exc
 
 
 DEMO = "@demo"  # the image shipped with the package, usable wherever an image is
@@ -40,46 +71,45 @@ def resolve_image(image: ImageInput) -> ImageInput:
     return image
 
 
-def _open(source: ImageInput) -> Image.Image:
+def _open(source: ImageInput, name: str | None = None) -> Image.Image:
     source = resolve_image(source)
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
         return _from_array(source)
     if isinstance(source, (bytes, bytearray)):
-        data, name = bytes(source), "<bytes>"
+        data, what = bytes(source), name or UPLOADED
     else:
         path = Path(source)
         if not path.is_file():
             raise InputError(f"image {path} does not exist", "check the path passed to --image")
         if path.stat().st_size > MAX_FILE_BYTES:
             raise InputError(f"image {path} is larger than {MAX_FILE_BYTES >> 20} MiB", "downscale it first")
-        data, name = path.read_bytes(), str(path)
+        data, what = path.read_bytes(), name or f"image {path}"
     if not data:
-        raise InputError(f"image {name} is empty (0 bytes)", "pass a JPEG/PNG/WebP file")
+        raise InputError(f"{what} is empty (0 bytes)", "pass a JPEG/PNG/WebP file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            _check_size(image.size, name)
-            image.load()  # decode now: truncated files fail here, not later
+        image = open_lazily(data, what)
+        _check_size(image.size, what)
+        image.load()  # decode now: truncated files fail here, not later
         return image
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"image {name} is too large to decode safely ({exc})", "downscale it first") from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{what} cannot be decoded: it is not an image (no image format recognised in its "
+                         f"{len(data):,} bytes)", "pass a JPEG, PNG, WebP or BMP file") from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
-        raise InputError(f"image {name} cannot be decoded ({type(exc).__name__}: {exc})",
+        detail = _BUFFER_REPR.sub("the data", str(exc))
+        raise InputError(f"{what} cannot be decoded ({type(exc).__name__}: {detail})",
                          "pass a valid JPEG/PNG/WebP/BMP file (it may be truncated or not an image)") from exc
 
 
-def _check_size(size: tuple[int, int], name: str) -> None:
+def _check_size(size: tuple[int, int], what: str) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise InputError(f"image {name} has zero size ({width}x{height})", "pass an image with pixels")
+        raise InputError(f"{what} has zero size ({width}x{height})", "pass an image with pixels")
     if width * height > MAX_PIXELS:
-        raise InputError(f"image {name} has {width}x{height} pixels, over the {MAX_PIXELS:,} limit",
-                         "downscale it first (the model sees at most a few hundred pixels per side)")
+        raise TooManyPixels(what, width * height, MAX_PIXELS, (width, height))
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
@@ -87,7 +117,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
         raise InputError(f"image array has shape {array.shape}", "pass HxW, HxWx1, HxWx3 or HxWx4 pixels")
-    _check_size((array.shape[1], array.shape[0]), "<array>")
+    _check_size((array.shape[1], array.shape[0]), "the image array")
     if array.dtype != np.uint8:
         if np.issubdtype(array.dtype, np.floating):
             if not np.isfinite(array).all():
@@ -122,10 +152,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Any supported input -> an RGB PIL image, or InputError."""
-    image = _open(source)
-    _check_size(image.size, "<image>")
+def load_image(source: ImageInput, name: str | None = None) -> Image.Image:
+    """Any supported input -> an RGB PIL image, or InputError. ``name`` is how messages call the input
+    (default: ``image PATH``, or "the uploaded bytes")."""
+    image = _open(source, name)
+    _check_size(image.size, name or "the image")
     try:
         return to_rgb(image)
     except InputError:

@@ -74,7 +74,8 @@ def create_app(pipeline: Pipeline, config: ServeConfig) -> Starlette:
     scheduler.on_batch = metrics.batch.observe
     state = ServerState(pipeline, config, model_facts(pipeline, config.model_name),
                         MediaLimits(config.max_body_bytes, config.max_image_pixels, config.allow_fetch,
-                                    config.fetch_timeout_s),
+                                    config.fetch_timeout_s, config.allow_fetch_private,
+                                    config.allowed_media_domains),
                         scheduler, metrics, int(time.time()))
 
     @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from apet.serve.config import ServeConfig
+from apet.serve.config import ServeConfig, media_domains
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer length when a request gives no max_tokens (clipped to the context left)")
     p.add_argument("--allow-fetch", action="store_true",
                    help="fetch http(s) image URLs (off: only inline data URLs are read)")
+    p.add_argument("--allow-fetch-private", action="store_true",
+                   help="with --allow-fetch: also fetch from loopback, private, link-local and other non-public "
+                        "addresses (off: refused, so clients cannot reach the server's own network; trusted "
+                        "clients only)")
+    p.add_argument("--allowed-media-domains", default="", metavar="DOMAINS",
+                   help="with --allow-fetch: fetch only from these comma-separated hosts and their subdomains "
+                        "(e.g. images.example.com,cdn.example.org)")
     p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds, with --allow-fetch")
     p.add_argument("--served-model-name", help="the model id clients send (default: from the artifact)")
 
@@ -42,5 +49,7 @@ def run(args: argparse.Namespace) -> int:
                       batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
                       max_image_pixels=args.max_image_pixels, default_max_tokens=args.default_max_tokens,
                       allow_fetch=args.allow_fetch, fetch_timeout_s=args.fetch_timeout,
+                      allow_fetch_private=args.allow_fetch_private,
+                      allowed_media_domains=media_domains(args.allowed_media_domains),
                       model_name=args.served_model_name))
     return 0

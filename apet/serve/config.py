@@ -26,6 +26,8 @@ class ServeConfig:
     default_max_tokens: int = 256  # when a request gives no max_tokens (clipped to the context left)
     allow_fetch: bool = False  # http(s) image URLs: off, the device may be offline or must not call out
     fetch_timeout_s: float = 10.0
+    allow_fetch_private: bool = False  # with allow_fetch: loopback/private/link-local hosts too (trusted clients)
+    allowed_media_domains: tuple[str, ...] = ()  # with allow_fetch: only these hosts and their subdomains
     model_name: str | None = None  # the id clients send as "model" (default: from the artifact)
 
     def __post_init__(self) -> None:
@@ -38,9 +40,32 @@ class ServeConfig:
                     fix=f"pass at most {MAX_PIXELS:,} (the decoder's own decompression-bomb limit)")
         check_range("--default-max-tokens", self.default_max_tokens, 1, 1_000_000)
         check_range("--fetch-timeout", self.fetch_timeout_s, 0.1, 600.0)
+        if (self.allow_fetch_private or self.allowed_media_domains) and not self.allow_fetch:
+            flag = "--allow-fetch-private" if self.allow_fetch_private else "--allowed-media-domains"
+            raise UsageError(f"{flag} applies to fetched URLs, which are off", "add --allow-fetch, or leave "
+                             f"{flag} out")
+        object.__setattr__(self, "allowed_media_domains", media_domains(self.allowed_media_domains))
         if self.model_name is not None and not self.model_name.strip():
             raise UsageError("--served-model-name is empty", "pass a name, or leave it out to use the artifact's")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+
+def media_domains(domains: "tuple[str, ...] | str") -> tuple[str, ...]:
+    """``--allowed-media-domains a.com,B.org.`` -> ("a.com", "b.org"): host names only (no scheme, port, path
+    or wildcard: a domain admits its subdomains already)."""
+    items = domains.split(",") if isinstance(domains, str) else domains
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name = item.strip(".").lower()
+        if not name.isascii():
+            name = name.encode("idna").decode("ascii")
+        if not name or any(c in name for c in "/:*@ ") or ".." in name:
+            raise UsageError(f"--allowed-media-domains entry {item!r} is not a host name",
+                             "list domains like images.example.com,cdn.example.org (subdomains are included)")
+        out.append(name)
+    return tuple(out)

@@ -2,8 +2,9 @@
 
 Images arrive as ``data:`` URLs with base64 PNG/JPEG/WebP (what OpenAI clients send for local files).
 ``http(s)`` URLs are refused unless the server runs with ``--allow-fetch``: an edge device may be offline,
-and a server that fetches arbitrary URLs on a client's behalf is a request-forgery risk. Nothing else
-(``file:``, paths) is ever read. Limits are checked on the header, before pixels are decoded.
+and a server that fetches arbitrary URLs on a client's behalf is a request-forgery risk; with it, only
+public addresses are fetched (apet/serve/fetch.py). Nothing else (``file:``, paths) is ever read.
+Limits are checked on the header, before pixels are decoded.
 
 Videos (families whose ``media`` is ``video``) arrive as ``video_url`` parts with a data URL of a video
 file; the family's processor reads files, so the bytes go to a temporary file that lives as long as the
@@ -14,12 +15,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,9 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from apet.errors import InputError
-from apet.media.images import load_image
+from apet.media.images import TooManyPixels, load_image, open_lazily
 from apet.serve.errors import ApiError, bad_request
+from apet.serve.fetch import FetchPolicy, fetch
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 VIDEO_TYPES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "video/x-matroska": ".mkv",
@@ -42,6 +41,13 @@ class MediaLimits:
     max_image_pixels: int
     allow_fetch: bool = False
     fetch_timeout_s: float = 10.0
+    allow_fetch_private: bool = False  # loopback, private, link-local... destinations (trusted clients only)
+    allowed_media_domains: tuple[str, ...] = ()  # empty: any public host
+
+    @property
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(self.max_bytes, self.fetch_timeout_s, self.allow_fetch_private,
+                           self.allowed_media_domains)
 
 
 @dataclass
@@ -73,7 +79,7 @@ def _read_url(url: str, limits: MediaLimits, param: str, kind: str) -> tuple[str
             raise bad_request(f"{kind} URLs over http(s) are not fetched by this server",
                               f"send the {kind} inline as a data URL (data:{kind}/...;base64,...), or start "
                               "apet-serve with --allow-fetch", param=param, code="fetch_disabled")
-        return _fetch(url, limits, param)
+        return fetch(url, limits.fetch_policy, param)
     raise bad_request(f"{param} is not a data: or http(s) URL", f"send data:{kind}/...;base64,<bytes>",
                       param=param, code="invalid_url")
 
@@ -98,37 +104,27 @@ def _decode_data_url(url: str, param: str, kind: str) -> tuple[str, bytes]:
     return mime, data
 
 
-def _fetch(url: str, limits: MediaLimits, param: str) -> tuple[str, bytes]:
-    request = urllib.request.Request(url, headers={"User-Agent": "apet-serve"})
-    try:
-        with urllib.request.urlopen(request, timeout=limits.fetch_timeout_s) as response:  # noqa: S310 (http(s) only)
-            data = response.read(limits.max_bytes + 1)
-            mime = (response.headers.get_content_type() or "").lower()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise bad_request(f"cannot fetch {url} ({exc})", "check the URL, or send the file inline as a data URL",
-                          param=param, code="fetch_failed") from exc
-    if len(data) > limits.max_bytes:
-        raise ApiError(413, f"{url} is larger than the server's --max-body-mb {limits.max_bytes / (1 << 20):g} MiB "
-                       "— downscale it, or restart apet-serve with a larger --max-body-mb", "media_too_large", param)
-    return mime, data
-
-
 def _image(mime: str, data: bytes, limits: MediaLimits, param: str) -> Image.Image:
     supported = "PNG, JPEG or WebP (data:image/png|jpeg|webp;base64,...)"
     if mime and mime not in IMAGE_TYPES and mime != "application/octet-stream":
         raise bad_request(f"{param} has media type {mime!r}, which this server does not read", f"send {supported}",
                           param=param, code="unsupported_media_type")
     try:
-        header = Image.open(io.BytesIO(data), formats=sorted(set(IMAGE_TYPES.values())))
+        header = open_lazily(data, param, formats=sorted(set(IMAGE_TYPES.values())))
+        width, height = header.size
+        pixels = width * height
+    except TooManyPixels as exc:  # over PIL's own limit, which is above every --max-image-pixels
+        width = height = None
+        pixels = exc.pixels if exc.pixels is not None else limits.max_image_pixels + 1
     except UnidentifiedImageError as exc:
         raise bad_request(f"{param} is not a PNG, JPEG or WebP image", f"send {supported}", param=param,
                           code="unsupported_media_type") from exc
     except Exception as exc:  # PIL raises many types on garbage headers
         raise bad_request(f"{param} cannot be read as an image ({type(exc).__name__})", f"send {supported}",
                           param=param, code="invalid_image") from exc
-    width, height = header.size
-    if width * height > limits.max_image_pixels:
-        raise ApiError(413, f"{param} is {width}x{height} = {width * height:,} pixels, over the server's "
+    if pixels > limits.max_image_pixels:
+        shape = f"{width}x{height} = " if width is not None else ""
+        raise ApiError(413, f"{param} is {shape}{pixels:,} pixels, over the server's "
                        f"--max-image-pixels {limits.max_image_pixels:,} — downscale it (the model sees a few "
                        "hundred pixels per side), or restart apet-serve with a larger --max-image-pixels",
                        "image_too_large", param)

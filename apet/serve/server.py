@@ -3,6 +3,7 @@ ephemeral loopback port (tests, and programs that embed a server next to their o
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 import threading
@@ -25,18 +26,56 @@ def load_app(config: ServeConfig) -> Any:
     return create_app(pipeline, config)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening; uvicorn listens on it). Bound first, before the
+    model loads, so a busy port is one line in a second instead of a banner, a load and uvicorn's Errno 98 —
+    and then kept, so no other program can take the port in between."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(f"--host {host} is not an address of this machine ({exc})",
+                         "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its addresses"
+                         ) from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(host, port, exc) from exc
+    return sock
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> UsageError:
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(f"--port {port} is already in use on {host}",
+                          "pick another --port, or stop the program listening there (ss -ltnp shows it)")
+    if exc.errno == errno.EACCES:
+        return UsageError(f"--port {port} on {host} needs privileges (ports below 1024)", "pick a --port of 1024 "
+                          "or above, or put a reverse proxy in front")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return UsageError(f"--host {host} is not an address of this machine",
+                          "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its addresses")
+    return UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc})", "pick another --port or --host")
+
+
 def serve(config: ServeConfig, app: Any | None = None) -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    import uvicorn
-
-    app = app or load_app(config)
-    state = app.state.serve
-    print(f"apet-serve: {state.facts.model_id} ({state.facts.family}, {state.pipeline.backend.name} backend, "
-          f"max batch {config.max_batch}) on http://{config.host}:{config.port}/v1", file=sys.stderr, flush=True)
+    sock = listen_socket(config.host, config.port)
     try:
-        uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=30)
-    except OSError as exc:  # address in use, permission denied
-        raise UsageError(f"cannot listen on {config.host}:{config.port} ({exc})", "pick another --port") from exc
+        app = app or load_app(config)  # says how to install the HTTP stack if it is missing
+        import uvicorn
+
+        state = app.state.serve
+        print(f"apet-serve: {state.facts.model_id} ({state.facts.family}, {state.pipeline.backend.name} backend, "
+              f"max batch {config.max_batch}) on http://{config.host}:{config.port}/v1", file=sys.stderr,
+              flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                               timeout_graceful_shutdown=30))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
@@ -46,9 +85,7 @@ class BackgroundServer:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 30.0) -> None:
         import uvicorn
 
-        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+        self.socket = listen_socket(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
         self.server = uvicorn.Server(config)
