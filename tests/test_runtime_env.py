@@ -206,11 +206,15 @@ def test_commands_that_need_export_say_which_extra(command, artifact_factory, tm
 _NO_TORCH_PROBE = r"""
 import contextlib, io, json, sys
 from apet.cli import main
-artifact, image = sys.argv[1], sys.argv[2]
+artifact, image, work = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(work + "/data.jsonl", "w") as rows:
+    rows.write(json.dumps({"id": "1", "image": image, "question": "What is it?", "answer": "a"}) + "\n")
 with contextlib.redirect_stdout(io.StringIO()):
     assert main(["inspect", artifact]) == 0
     assert main(["run", artifact, "--image", image, "--prompt", "hi", "--max-new-tokens", "3",
                  "--backend", "onnxruntime"]) == 0
+    assert main(["eval", artifact, "--data", work + "/data.jsonl", "--images", work, "--out", work + "/eval",
+                 "--backend", "onnxruntime", "--max-new-tokens", "3"]) == 0
 from starlette.testclient import TestClient
 from apet.runtime.pipeline import Pipeline
 from apet.serve.app import create_app
@@ -230,10 +234,11 @@ print(json.dumps(sorted(m for m in ("torch", "transformers", "onnxscript") if m 
 
 
 def test_runtime_commands_never_import_torch_here(artifact_factory, tmp_path) -> None:
-    """In this environment torch is installed, so an accidental import would show in sys.modules."""
+    """apet inspect, apet-run, apet-eval of an artifact and an apet-serve request, in one process of this
+    environment: torch is installed here, so an accidental import would show in sys.modules."""
     image = tmp_path / "image.png"
     make_image(2).save(image)
     done = subprocess.run([sys.executable, "-c", _NO_TORCH_PROBE, str(artifact_factory(ratio=0.11, stages=2)),
-                           str(image)], capture_output=True, text=True, timeout=300)
+                           str(image), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
