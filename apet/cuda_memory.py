@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from apet.errors import BackendError
+from apet.errors import BackendError, MissingExtraError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def load_driver() -> ModuleType:
 
         return driver
     except ImportError as exc:
-        raise BackendError(f"the tensorrt backend needs NVIDIA's CUDA Python bindings, which are not installed "
+        raise MissingExtraError(f"the tensorrt backend needs NVIDIA's CUDA Python bindings, which are not installed "
                            f"({exc})", INSTALL_HINT) from exc
 
 
@@ -111,7 +111,7 @@ def cuda_device_count(driver: ModuleType | None = None) -> int:
         driver = driver or load_driver()
         guarded("cuInit", driver.cuInit, 0)
         return int(call("cuDeviceGetCount", driver.cuDeviceGetCount()))
-    except BackendError as exc:
+    except (BackendError, MissingExtraError) as exc:
         log.debug("no CUDA device: %s", exc)
         return 0
 

@@ -13,7 +13,7 @@ from fake_cuda import CUresult, FakeDriver
 
 from apet import cuda_memory
 from apet.cuda_memory import CudaDevice, CudaError, DeviceBuffer, Scratch, call, cuda_device_count
-from apet.errors import BackendError
+from apet.errors import BackendError, MissingExtraError
 
 DTYPES = [np.float16, np.float32, np.int64, np.int32, np.uint8, np.bool_]
 
@@ -157,11 +157,11 @@ def test_no_device_no_driver_or_a_bad_index_is_one_line(monkeypatch) -> None:
 def test_missing_cuda_python_names_the_extras(monkeypatch) -> None:
     for name in ("cuda", "cuda.bindings", "cuda.bindings.driver"):
         monkeypatch.setitem(sys.modules, name, None)  # import of any of them raises ImportError
-    with pytest.raises(BackendError) as info:
+    with pytest.raises(MissingExtraError) as info:
         cuda_memory.load_driver()
     message = str(info.value)
     assert "pip install 'apet[cuda12]' (JetPack 6, CUDA 12.x) or 'apet[cuda13]' (JetPack 7 / CUDA 13)" in message
-    assert info.value.exit_code == 5 and "\n" not in message
+    assert info.value.exit_code == 7 and "\n" not in message
     assert cuda_device_count() == 0
 
 

@@ -18,7 +18,7 @@ import pytest
 from apet.contracts.files import REPORT_NAME
 from apet.engines.api import TrtApi, load_api
 from apet.engines.build import BuildConfig, build_artifact
-from apet.errors import ArtifactError, BackendError, UsageError
+from apet.errors import ArtifactError, BackendError, MissingExtraError, UsageError
 from apet.manifest import read_manifest, sign
 
 
@@ -153,13 +153,13 @@ def test_missing_builder_names_the_pip_extra(monkeypatch: pytest.MonkeyPatch) ->
 
     def no_tensorrt(name: str, *args, **kwargs):
         if name in ("tensorrt", "tensorrt_rtx_bindings"):
-            raise ImportError(f"No module named {name!r}")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", no_tensorrt)
-    with pytest.raises(BackendError) as info:
+    with pytest.raises(MissingExtraError) as info:  # not installed: exit 7 (installed but broken: BackendError, 5)
         load_api("auto")
-    assert 'apet[trt]' in str(info.value) and 'apet[rtx]' in str(info.value) and info.value.exit_code == 5
+    assert 'apet[trt]' in str(info.value) and 'apet[rtx]' in str(info.value) and info.value.exit_code == 7
     with pytest.raises(UsageError):
         load_api("onnxruntime")
 

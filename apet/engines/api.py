@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from apet.errors import BackendError, UsageError
+from apet.errors import BackendError, MissingExtraError, UsageError
 
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 _MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
@@ -160,13 +160,15 @@ def load_api(backend: str = "auto") -> TrtApi:
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r} is unknown", f"use one of {', '.join(BACKENDS)}")
     order = ["tensorrt", "tensorrt-rtx"] if backend == "auto" else [backend]
-    failures = []
+    failures, missing = [], True
     for kind in order:
         try:
             return TrtApi(kind, import_tensorrt_module(kind))
         except Exception as exc:  # ImportError, or a broken CUDA library load
             failures.append(f"{_MODULES[kind]}: {exc}")
+            missing = missing and isinstance(exc, ModuleNotFoundError)
     wanted = " or ".join(f'pip install "apet[{_EXTRAS[k]}]"' for k in order)
     jetpack = f"; {JETPACK_HINT}" if "tensorrt" in order else ""
-    raise BackendError(f"no TensorRT module could be imported ({'; '.join(failures)})",
-                       f"install one: {wanted}{jetpack}")
+    # not installed at all: the missing extra (exit 7); installed but failing to load: a backend error (exit 5)
+    error = MissingExtraError if missing else BackendError
+    raise error(f"no TensorRT module could be imported ({'; '.join(failures)})", f"install one: {wanted}{jetpack}")
