@@ -198,11 +198,9 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from apet.inspect_artifact import describe, verify
+    from apet.inspect_artifact import inspect
 
-    print(describe(args.artifact))
-    if not args.no_verify:
-        print(verify(args.artifact))
+    print(inspect(args.artifact, verify_files=not args.no_verify))
     return 0
 
 
