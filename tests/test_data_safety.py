@@ -89,7 +89,8 @@ def test_build_onto_full_file_system_keeps_previous_engines(artifact_factory, rt
         (source / name).write_text(f"previous {name}")
     (source / "build_report.json").write_text('{"engines": {}, "manifest_sha256": "previous"}')
     script = (f'cp -r {q(source)} "$FS/a" && "$PY" -m apet.cli build "$FS/a" --backend tensorrt-rtx --overwrite; '
-              'echo "rc=$?"; cat "$FS/a/vision.plan" "$FS/a/llm.plan" "$FS/a/build_report.json"; echo; ls -A "$FS"')
+              'echo "rc=$?"; cat "$FS/a/vision.plan" "$FS/a/llm.plan" "$FS/a/build_report.json"; echo; ls -A "$FS"; '
+              'ls -A "$FS/a" | grep -c apet-')
     result = small_fs.run(tmp_path / "mnt", "20m", script)
     assert "rc=6" in result.stdout and "ran out of space" in result.stderr, result.stdout + result.stderr
     assert 'previous vision.planprevious llm.plan{"engines": {}, "manifest_sha256": "previous"}' in result.stdout
