@@ -1,9 +1,14 @@
 """Write results so that an interruption at any point leaves the previous complete version or none.
 
-Files: temp file in the same directory, fsync, ``os.replace``. Directories: a scratch directory
-next to the target, swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux (two renames
-elsewhere). SIGTERM is turned into KeyboardInterrupt while a directory is being written so the
-scratch directory is cleaned up; scratch left by SIGKILL is removed by the next run.
+Files: temp file in the same directory, fsync, ``os.replace``. A new directory: a scratch directory next to
+the target, renamed into place (:func:`atomic_directory`). An existing artifact is never renamed itself (it may
+be a mount point or a symlink's target, DESIGN §3): :func:`replace_files` stages the new files in a scratch
+directory *inside* it, then moves them in one rename each, the commit file (``manifest.json``,
+``build_report.json``) last, and deletes the files the new version no longer has only after that. While the
+files move, the staging directory is named ``.apet-commit-*``: readers that see one wait and retry
+(:func:`apet.manifest.consistent_read`). SIGTERM is turned into KeyboardInterrupt while a directory is being
+written so the scratch directory is cleaned up; the moves themselves are not interrupted. Scratch left by
+SIGKILL is removed by the next run.
 """
 
 from __future__ import annotations
@@ -11,17 +16,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import shutil
 import signal
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from apet.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 _TMP_MARK = ".apet-tmp-"
+COMMIT_MARK = ".apet-commit-"  # inside an artifact: a staging directory whose files are being moved in
+SCRATCH_PREFIXES = (_TMP_MARK, COMMIT_MARK)  # entries of an artifact directory that are apet's scratch
 _RENAME_EXCHANGE = 2
 
 
@@ -75,11 +86,11 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale_scratch(out: Path) -> None:
+def _remove_stale(candidates: Iterator[Path], mark: str) -> None:
     """Scratch dirs of killed runs (their pid is gone) are deleted; live ones are left alone."""
-    for stale in out.parent.glob(f".{out.name}{_TMP_MARK}*"):
+    for stale in candidates:
         try:
-            pid = int(stale.name.split(_TMP_MARK, 1)[1].split("-")[0])
+            pid = int(stale.name.split(mark, 1)[1].split("-")[0])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(stale, ignore_errors=True)
@@ -87,11 +98,21 @@ def _remove_stale_scratch(out: Path) -> None:
             continue
 
 
-def _scratch(out: Path) -> Path:
-    """A scratch directory next to ``out`` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_scratch(out)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
+def _remove_stale_scratch(out: Path) -> None:
+    _remove_stale(out.parent.glob(f".{out.name}{_TMP_MARK}*"), _TMP_MARK)
+
+
+def _scratch(out: Path, inside: bool = False) -> Path:
+    """A scratch directory on ``out``'s file system, so that the final renames are atomic: next to ``out`` for a
+    new directory, inside it (``inside``) for an existing one, which may be a mount point or a link's target."""
+    if inside:
+        for mark in (_TMP_MARK, COMMIT_MARK):
+            _remove_stale(out.glob(f"{mark}*"), mark)
+        scratch = Path(tempfile.mkdtemp(dir=out, prefix=f"{_TMP_MARK}{os.getpid()}-"))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_scratch(out)
+        scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}{_TMP_MARK}{os.getpid()}-"))
     os.chmod(scratch, 0o777 & ~_umask())  # mkdtemp makes 0700; an artifact is a normal directory
     return scratch
 
@@ -136,27 +157,106 @@ def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the moves are done: an interrupted commit would leave a mix of old and new
+    files. The command then ends normally (its results are complete), saying that the signal came too late."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
-        os.link(src, dst)
-    except OSError:  # a file system without hard links: copy instead
-        shutil.copy2(src, dst)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.warning("signal %d arrived while the new files were being moved in; they are complete", received[0])
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _staged_files(scratch: Path) -> list[str]:
+    return sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@dataclass
+class Staging:
+    """Where new files go (``path``), and what the caller decides before the block ends: ``files``, the staged
+    files to move in (None: all of them), ``remove``, names apet owns that the new version no longer has."""
+
+    path: Path
+    target: Path
+    last: list[str]
+    files: list[str] | None = None
+    remove: set[str] = field(default_factory=set)
+    moved: list[str] = field(default_factory=list)
+
+
+def _commit_in_place(stage: Staging) -> None:
+    """Move the staged files into ``stage.target`` (each already on disk), the commit files last, then delete
+    what the new version no longer has. Only names are renamed, never the target itself."""
+    names = stage.files if stage.files is not None else _staged_files(stage.path)
+    for name in names:
+        _fsync(stage.path / name)
+    committing = stage.target / (COMMIT_MARK + stage.path.name[len(_TMP_MARK):])
+    stage.path.rename(committing)  # from here until it is gone, readers wait: files are changing
+    stage.path = committing
+    _fsync(stage.target, directory=True)
+    order = [n for n in names if n not in stage.last] + [n for n in stage.last if n in names]
+    for name in order:
+        if name in stage.last:  # everything the commit file refers to is durable before it is
+            _fsync(stage.target, directory=True)
+        destination = stage.target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(committing / name, destination)
+        stage.moved.append(name)
+    for name in sorted(stage.remove - set(names)):  # only once the new version is committed
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            (stage.target / name).unlink()
+    shutil.rmtree(committing, ignore_errors=True)
+    _fsync(stage.target, directory=True)
+
+
+def _commit_new(stage: Staging) -> None:
+    """A directory that did not exist: drop what is not to be moved, and rename the whole scratch into place."""
+    keep = set(stage.files) if stage.files is not None else None
+    for name in _staged_files(stage.path):
+        if keep is not None and name not in keep:
+            (stage.path / name).unlink()
+        else:
+            _fsync(stage.path / name)
+    stage.path.rename(stage.target)
+    stage.moved = _staged_files(stage.target)
+    _fsync(stage.target.parent, directory=True)
 
 
 @contextlib.contextmanager
-def atomic_update(directory: Path) -> Iterator[Path]:
-    """Yield a scratch copy of ``directory`` whose files are hard links (no data copied); on success the
-    scratch replaces ``directory`` in one exchange, so readers see every new file or none.
+def replace_files(directory: Path, *, last: Sequence[str] = ()) -> Iterator[Staging]:
+    """Stage new files for ``directory`` in ``Staging.path``; on success they replace their namesakes.
 
-    Write new files into the scratch with :func:`write_atomic` (a new inode replaces the link; the
-    original stays untouched). On any exception, Ctrl-C or SIGTERM nothing in ``directory`` changes.
+    ``directory`` may be a symlink (its target is updated, the link stays) or a mount point (it is never
+    renamed). A directory that does not exist yet is created in one rename. Files of ``directory`` that are
+    neither staged nor in ``Staging.remove`` are left alone (a user's notes, profiling results). On any
+    exception, Ctrl-C or SIGTERM before the commit, nothing in ``directory`` changes.
     """
-    directory = Path(directory)
-    scratch = _scratch(directory)
+    target = Path(os.path.realpath(directory))
+    fresh = not target.exists()
+    stage = Staging(_scratch(target, inside=not fresh), target, list(last))
     try:
         with _sigterm_as_interrupt():
-            shutil.copytree(directory, scratch, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True)
-            yield scratch
-            _replace_directory(scratch, directory)
+            yield stage
+        with _signals_held():
+            (_commit_new if fresh else _commit_in_place)(stage)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if stage.path != target:
+            shutil.rmtree(stage.path, ignore_errors=True)

@@ -92,7 +92,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where to trace the model: cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write (written atomically)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is an earlier apet artifact (never any other directory)")
+                   help="replace the files apet owns in an earlier artifact at --out (what its manifest lists, "
+                        "engines, build report, trtexec.sh); your other files there are kept")
 
 
 def _family_export_options() -> dict[str, list]:
@@ -198,11 +199,9 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from apet.inspect_artifact import describe, verify
+    from apet.inspect_artifact import inspect
 
-    print(describe(args.artifact))
-    if not args.no_verify:
-        print(verify(args.artifact))
+    print(inspect(args.artifact, verify_files=not args.no_verify))
     return 0
 
 

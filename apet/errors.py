@@ -45,6 +45,16 @@ class ArtifactError(ApetError):
     exit_code = 4
 
 
+class ArtifactChangedError(ArtifactError):
+    """An export or build replaced the artifact's files while they were read; reading again will succeed.
+
+    Readers never combine files of two versions (DESIGN §3): when the files change under them they retry a few
+    times, then raise this, so a deploy script can tell "try again" (exit 8) from a broken artifact (exit 4).
+    """
+
+    exit_code = 8
+
+
 class BackendError(ApetError):
     """An optional package or device needed for the requested backend is unavailable or failed."""
 

@@ -1,5 +1,7 @@
 """``apet inspect DIR``: what an artifact holds — manifest, graph I/O, engines and their profiles — and
-whether it is intact: every checksum, the manifest's own digest, graph I/O and engines (:func:`verify`)."""
+whether it is intact: every checksum, the manifest's own digest, graph I/O and engines (:func:`verify`).
+Both read the artifact as one :func:`apet.manifest.consistent_read`: an export or build replacing it meanwhile
+makes them read again, or raise the retryable ArtifactChangedError, never report a mix as corruption."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
 from apet.contracts.onnx_graph import graph_io, nodes_by_stage, spec_dict
 from apet.errors import ArtifactError
-from apet.manifest import Manifest, read_manifest
+from apet.manifest import Manifest, consistent_read, read_manifest
 from apet.models.registry import family_of
 
 
@@ -36,7 +38,19 @@ def _fusion_line(engine: dict) -> str:
     return line
 
 
+def inspect(artifact: Path, verify_files: bool = True) -> str:
+    """What ``apet inspect`` prints: the description and, with ``verify_files``, the verification line."""
+    def read() -> str:
+        return describe(artifact) + ("\n" + verify(artifact) if verify_files else "")
+
+    return consistent_read(artifact, read)
+
+
 def describe(artifact: Path) -> str:
+    return consistent_read(artifact, lambda: _describe(Path(artifact)))
+
+
+def _describe(artifact: Path) -> str:
     manifest = read_manifest(artifact)
     m, c = manifest.model, manifest.compression
     lines = [f"artifact {artifact}",
@@ -131,7 +145,10 @@ def _engine_problems(artifact: Path) -> list[str]:
 def verify(artifact: Path) -> str:
     """Check every checksum, the manifest's own digest, graph I/O against the manifest and the engines
     against the build report; raise :class:`ArtifactError` naming every problem found."""
-    artifact = Path(artifact)
+    return consistent_read(artifact, lambda: _verify(Path(artifact)))
+
+
+def _verify(artifact: Path) -> str:
     manifest = read_manifest(artifact)  # validates the manifest's digest
     problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest) + _engine_problems(artifact)
     if problems:

@@ -6,25 +6,36 @@ every path stays inside the directory, the manifest's own digest (so an
 edited manifest is refused, not run) and, on request, the checksums of every
 file. Any malformed manifest raises :class:`ArtifactError`, never another
 exception.
+
+An export or build replaces the files of an existing artifact one rename at a time, the manifest (or the
+build report) last (:func:`apet.atomic.replace_files`). Readers that take more than the manifest go through
+:func:`consistent_read`: the read is accepted only if no file it depends on changed while it ran and no
+commit was under way; otherwise it is repeated, and after a few attempts it raises
+:class:`ArtifactChangedError` (retryable). So a reader gets the old set, the new set, or that error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import threading
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from apet.contracts.cache import CacheLayout
-from apet.contracts.files import MANIFEST_NAME, sha256_file
+from apet.contracts.files import BUILD_OUTPUTS, MANIFEST_NAME, REPORT_NAME, sha256_file
 from apet.contracts.plan import CompressionPlan
 from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, ExportForm
 from apet.contracts.weights import WeightSpec
-from apet.errors import ArtifactError
+from apet.errors import ArtifactChangedError, ArtifactError
 
 SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -271,7 +282,14 @@ def manifest_from_json(data: Any) -> Manifest:
 
 
 def read_manifest(artifact_dir: Path, *, verify_checksums: bool = False) -> Manifest:
-    """Load ``artifact_dir/manifest.json``; optionally check every file's SHA-256 against it."""
+    """Load ``artifact_dir/manifest.json``; optionally check every file's SHA-256 against it (then as one
+    :func:`consistent_read`: a check that overlaps a replacement is repeated, never reported as corruption)."""
+    if verify_checksums:
+        return consistent_read(artifact_dir, lambda: _read_manifest(artifact_dir, verify_checksums=True))
+    return _read_manifest(artifact_dir)
+
+
+def _read_manifest(artifact_dir: Path, *, verify_checksums: bool = False) -> Manifest:
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST_NAME
     if not path.is_file():
@@ -297,6 +315,94 @@ def verify_files(artifact_dir: Path, manifest: Manifest, names: list[str] | None
         if expected is not None and sha256_file(path) != expected:
             raise ArtifactError(f"{name} changed after export (checksum mismatch)",
                                 "re-export the artifact; do not edit exported files in place")
+
+
+# -- reading while a writer replaces files ------------------------------------------------------------------
+READ_ATTEMPTS = 8  # with the back-off below, ~5 s: a commit only renames files, it takes milliseconds
+T = TypeVar("T")
+_inside = threading.local()
+
+
+def _listed(artifact: Path, raw: bytes | None) -> list[str]:
+    """The files a manifest's bytes name (best effort: a broken manifest is the reader's error to report)."""
+    try:
+        names = list(json.loads(raw or b"{}").get("checksums") or {})
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return []
+    safe = []
+    for name in names:
+        try:
+            safe.append(_safe_relative(name, "checksums"))
+        except ArtifactError:
+            continue
+    return safe
+
+
+def _stat(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def content_state(artifact: Path) -> tuple:
+    """The manifest's bytes and the identity of every file it lists: apet replaces files by rename, never in
+    place, so a replaced file has another inode (and ctime). Equal states before and after a read mean the read
+    saw one version."""
+    artifact = Path(artifact)
+    raw = _read_bytes(artifact / MANIFEST_NAME)
+    return raw, tuple((name, _stat(artifact / name)) for name in _listed(artifact, raw))
+
+
+def artifact_state(artifact: Path) -> tuple:
+    """:func:`content_state` plus the engines and build report, and whether a commit is under way."""
+    from apet.atomic import COMMIT_MARK
+
+    artifact = Path(artifact)
+    committing = sorted(p.name for p in artifact.glob(f"{COMMIT_MARK}*")) if artifact.is_dir() else []
+    return (content_state(artifact), _read_bytes(artifact / REPORT_NAME),
+            tuple((name, _stat(artifact / name)) for name in BUILD_OUTPUTS if name != REPORT_NAME), tuple(committing))
+
+
+def consistent_read(artifact: Path, read: Callable[[], T], *, attempts: int = READ_ATTEMPTS) -> T:
+    """``read()`` the artifact so that it sees one version of its files, or raise :class:`ArtifactChangedError`.
+
+    The read is repeated while an export or build commits or when any file it depends on changed during it
+    (whatever it raised then: half-replaced files fail in many ways). A read that fails on a stable artifact
+    raises its own error (a corrupt or stale artifact). Nested calls run ``read`` once; the outermost retries.
+    """
+    if getattr(_inside, "active", False):
+        return read()
+    artifact = Path(artifact)
+    _inside.active = True
+    try:
+        for attempt in range(attempts):
+            before = artifact_state(artifact)
+            try:
+                result = read()
+                failure: BaseException | None = None
+            except Exception as exc:  # judged below: retried if the files changed
+                failure = exc
+            after = artifact_state(artifact)
+            if before == after and not after[-1]:
+                if failure is not None:
+                    raise failure
+                return result
+            log.debug("%s changed while it was read (attempt %d): reading again", artifact, attempt + 1)
+            time.sleep(min(0.05 * 2 ** attempt, 1.0))
+    finally:
+        _inside.active = False
+    raise ArtifactChangedError(f"{artifact} changed while it was read: an apet-export or apet-build was replacing "
+                               "its files", "retry in a moment; if this persists, an export or build was killed while "
+                               "committing: run it again")
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:

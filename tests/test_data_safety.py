@@ -42,7 +42,7 @@ def test_overwrite_never_replaces_a_folder_that_is_not_an_artifact(tiny_checkpoi
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     _clean_error(_cli("export", "--model", str(tiny_checkpoint), "--ratio", "0.11", "--out", str(notes),
-                      "--overwrite"), 2, "not an apet artifact")
+                      "--overwrite"), 2, "is a regular file", "remove the file")
     assert notes.read_text() == "mine"
 
 
@@ -89,11 +89,12 @@ def test_build_onto_full_file_system_keeps_previous_engines(artifact_factory, rt
         (source / name).write_text(f"previous {name}")
     (source / "build_report.json").write_text('{"engines": {}, "manifest_sha256": "previous"}')
     script = (f'cp -r {q(source)} "$FS/a" && "$PY" -m apet.cli build "$FS/a" --backend tensorrt-rtx --overwrite; '
-              'echo "rc=$?"; cat "$FS/a/vision.plan" "$FS/a/llm.plan" "$FS/a/build_report.json"; echo; ls -A "$FS"')
+              'echo "rc=$?"; cat "$FS/a/vision.plan" "$FS/a/llm.plan" "$FS/a/build_report.json"; echo; ls -A "$FS"; '
+              'ls -A "$FS/a" | grep -c apet-')
     result = small_fs.run(tmp_path / "mnt", "20m", script)
     assert "rc=6" in result.stdout and "ran out of space" in result.stderr, result.stdout + result.stderr
     assert 'previous vision.planprevious llm.plan{"engines": {}, "manifest_sha256": "previous"}' in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "a"  # no scratch copy left beside the artifact
+    assert result.stdout.strip().splitlines()[-2:] == ["a", "0"]  # no scratch left beside or inside the artifact
 
 
 @needs_fs

@@ -200,8 +200,8 @@ def test_signals_during_apet_build_leave_previous_engines(built_artifact: Path, 
                                     "tensorrt-rtx", "--overwrite", "--max-context", "512"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while not list(tmp_path.glob(".artifact.apet-tmp-*")) and time.time() < deadline:
-            time.sleep(0.05)  # the scratch copy exists: the build is starting
+        while not list(artifact.glob(".apet-tmp-*")) and time.time() < deadline:
+            time.sleep(0.05)  # the staging directory inside the artifact exists: the build is starting
         time.sleep(1.0)
         assert process.poll() is None, "the build finished before the signal"
         process.send_signal(sig)
@@ -210,7 +210,7 @@ def test_signals_during_apet_build_leave_previous_engines(built_artifact: Path, 
         assert process.returncode == 130, err
         assert time.time() - sent < 15 and "interrupted" in err and "Traceback" not in err
         assert _snapshot(artifact) == before
-        assert not list(tmp_path.glob(".artifact.apet-tmp-*"))
+        assert not list(artifact.glob(".apet-*")) and not list(tmp_path.glob(".artifact.apet-tmp-*"))
 
 
 @pytest.mark.trt
@@ -232,7 +232,7 @@ def test_failed_build_changes_nothing(built_artifact: Path, rtx_api, tmp_path: P
     monkeypatch.setattr(build_module, "build_engine", failing_llm)
     with pytest.raises(BackendError):
         build_artifact(BuildConfig(artifact=artifact, overwrite=True, max_context=256), api=rtx_api)
-    assert _snapshot(artifact) == before and not list(tmp_path.glob(".artifact.apet-tmp-*"))
+    assert _snapshot(artifact) == before and not list(artifact.glob(".apet-*"))
 
 
 # -- apet inspect verifies -----------------------------------------------------------------------------

@@ -13,6 +13,17 @@ from apet.errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "build_report.json"
 ENGINE_FILES = {"vision": "vision.plan", "llm": "llm.plan"}
+TRTEXEC_SCRIPT = "trtexec.sh"
+
+
+def layers_file(graph: str) -> str:
+    """The engine inspector's JSON that apet-build writes beside ``graph``'s plan."""
+    return f"{graph}.layers.json"
+
+
+# what apet-build and --emit-trtexec write beside the manifest's files: apet owns these too (--overwrite replaces
+# them); everything else in an artifact directory belongs to the user (DESIGN §3)
+BUILD_OUTPUTS = (REPORT_NAME, *ENGINE_FILES.values(), *(layers_file(g) for g in ENGINE_FILES), TRTEXEC_SCRIPT)
 EMBEDDINGS_FILE = "embed_tokens.safetensors"
 EMBEDDINGS_TENSOR = "weight"
 

@@ -11,18 +11,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from apet.atomic import atomic_update, write_atomic
-from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_bytes
+from apet.atomic import replace_files, write_atomic
+from apet.contracts.files import ENGINE_FILES, REPORT_NAME, layers_file, manifest_digest, read_report, sha256_bytes
 from apet.contracts.targets import builder_problem
 from apet.engines.api import TrtApi, load_api
 from apet.engines.profiles import ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
-from apet.errors import ArtifactError, UsageError
+from apet.errors import ArtifactChangedError, ArtifactError, UsageError
 from apet.interrupts import deferred_interrupts
-from apet.manifest import Manifest, read_manifest, verify_files
+from apet.manifest import Manifest, consistent_read, content_state, read_manifest, verify_files
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -118,15 +117,35 @@ def _profiles(name: str, manifest: Manifest, limits: ShapeLimits) -> list[Profil
     return llm_profiles(manifest, limits.max_batch, limits.max_context, limits.max_prompt)
 
 
+def _read_inputs(cfg: BuildConfig) -> tuple[Manifest, str, tuple]:
+    """The manifest, its digest and the state of the files the build reads, all of one export."""
+    def read() -> tuple[Manifest, str, tuple]:
+        state = content_state(cfg.artifact)
+        manifest = read_manifest(cfg.artifact)
+        for missing in [g for g in cfg.graphs if g not in manifest.graphs]:
+            raise ArtifactError(f"the manifest has no {missing} graph", "re-export the artifact")
+        onnx_files = [manifest.graphs[g].file for g in cfg.graphs]
+        data_files = [x for g in cfg.graphs for x in manifest.graphs[g].external_data]
+        verify_files(cfg.artifact, manifest, onnx_files + data_files)
+        return manifest, manifest_digest(cfg.artifact), state
+
+    return consistent_read(cfg.artifact, read)
+
+
+def _stale_files(report: BuildReport, built: tuple[str, ...]) -> set[str]:
+    """Plans and layer files that this report does not cover (another export's, or a rebuild without them)."""
+    stale = set()
+    for name, file in ENGINE_FILES.items():
+        if name not in report.engines:
+            stale |= {file, layers_file(name)}
+        elif name in built and report.engines[name].get("layer_information") is None:
+            stale.add(layers_file(name))
+    return stale
+
+
 def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
     """Build every requested engine into ``cfg.artifact``; returns the report written."""
-    manifest = read_manifest(cfg.artifact)
-    onnx_files = [manifest.graphs[g].file for g in cfg.graphs if g in manifest.graphs]
-    data_files = [x for g in cfg.graphs if g in manifest.graphs for x in manifest.graphs[g].external_data]
-    for missing in [g for g in cfg.graphs if g not in manifest.graphs]:
-        raise ArtifactError(f"the manifest has no {missing} graph", "re-export the artifact")
-    verify_files(cfg.artifact, manifest, onnx_files + data_files)
-    digest = manifest_digest(cfg.artifact)
+    manifest, digest, state = _read_inputs(cfg)
     _guard_existing(cfg, digest)
     api = api or load_api(cfg.backend)
     _check_builder(manifest, api, cfg.artifact)
@@ -144,9 +163,10 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
     if previous and previous.get("manifest_sha256") == digest:
         report.engines.update({k: v for k, v in previous.get("engines", {}).items() if k not in cfg.graphs})
 
-    # every plan, layer file and the report go into a hard-linked scratch copy of the artifact that replaces
-    # it in one exchange: an interrupted or failed build leaves the previous engines and report untouched
-    with atomic_update(cfg.artifact) as stage, deferred_interrupts() as stop:
+    # plans and layer files are staged inside the artifact and moved in one rename each, build_report.json last
+    # (it carries the manifest's and the plans' SHA-256, so readers never accept a mix); an interrupted or
+    # failed build leaves the previous engines and report untouched (DESIGN §3)
+    with replace_files(cfg.artifact, last=[REPORT_NAME]) as stage, deferred_interrupts() as stop:
         bar = tqdm(cfg.graphs, desc="apet-build", unit="engine", disable=None)
         for name in bar:
             bar.set_postfix_str(f"{name}: building")
@@ -157,15 +177,15 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
             built = build_engine(api, cfg.artifact / manifest.graphs[name].file, _profiles(name, manifest, limits),
                                  options, progress=progress, cancelled=stop.is_set)
             stop.check()
-            write_atomic(stage / ENGINE_FILES[name], built.plan)
-            report.engines[name] = _engine_entry(api, name, built, manifest, stage)
+            write_atomic(stage.path / ENGINE_FILES[name], built.plan)
+            report.engines[name] = _engine_entry(api, name, built, manifest, stage.path)
             log.info("built %s in %.1f s (%.1f MB)", ENGINE_FILES[name], built.seconds, len(built.plan) / 1e6)
         bar.close()
-        for name, file in ENGINE_FILES.items():  # plans of another export that this report does not cover
-            if name not in report.engines:
-                for stale in (stage / file, stage / f"{name}.layers.json"):
-                    stale.unlink(missing_ok=True)
-        write_atomic(stage / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+        stage.remove = _stale_files(report, cfg.graphs)
+        write_atomic(stage.path / REPORT_NAME, json.dumps(report.to_json(), indent=1).encode())
+        if content_state(cfg.artifact) != state:
+            raise ArtifactChangedError(f"{cfg.artifact} was re-exported while its engines were built; they belong "
+                                       "to neither export and were discarded", "run apet-build again")
         stop.check()
     return report
 
@@ -180,7 +200,7 @@ def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest
     }
     info = _layer_information(api, built.plan)
     if info is not None:
-        layer_file = f"{name}.layers.json"
+        layer_file = layers_file(name)
         write_atomic(artifact / layer_file, info.encode())
         entry["layer_information"] = layer_file
     return entry

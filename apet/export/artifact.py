@@ -12,18 +12,18 @@ import torch
 from tqdm.auto import tqdm
 
 from apet import __version__
-from apet.atomic import atomic_directory
+from apet.atomic import SCRATCH_PREFIXES, replace_files
 from apet.contracts.cache import DEFAULT_TEXT_TOKENS
 from apet.contracts.compression import BASIS_PLACEMENTS, METHODS
-from apet.contracts.files import EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
+from apet.contracts.files import BUILD_OUTPUTS, EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
 from apet.contracts.onnx_graph import check_onnx, external_data_files, graph_io, initializer_bytes, spec_dict
 from apet.contracts.plan import Budget, CompressionPlan, check_budget_options, plan_for
 from apet.contracts.targets import ExportForm, resolve_form
 from apet.contracts.weights import QUANT_OPSET, WeightSpec, default_method
-from apet.errors import StorageError, UsageError, check_range
+from apet.errors import ArtifactError, StorageError, UsageError, check_range
 from apet.export.llm import export_llm, save_embeddings
 from apet.export.vision import export_vision
-from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, write_manifest
+from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, read_manifest, write_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
 from apet.models.registry import family_of_model, get_family
@@ -134,18 +134,46 @@ SCALES_FILE = "llm_awq_scales.safetensors"
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """``--overwrite`` replaces an earlier apet artifact, never a user's other files."""
+    """``--overwrite`` replaces an earlier apet artifact, never a user's other files. A symlink is judged by
+    its target (the link stays); an empty directory, e.g. a freshly mounted volume, needs no --overwrite."""
     existing = next((p for p in out.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise StorageError(f"--out {out} goes through {existing}, a regular file, not a directory",
                            "choose an --out whose parent folders are directories")
-    if not out.exists() and not out.is_symlink():
+    target = out.resolve()
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UsageError(f"--out {out} is a regular file, not a directory (apet-export writes a directory and "
+                         "never replaces other files, even with --overwrite)",
+                         "choose another --out, or remove the file first")
+    if not any(not p.name.startswith(SCRATCH_PREFIXES) for p in target.iterdir()):
         return
     if not overwrite:
         raise UsageError(f"{out} already exists", "pass --overwrite to replace it, or choose another --out")
-    if out.is_symlink() or not out.is_dir() or not (out / MANIFEST_NAME).is_file():
+    if not (target / MANIFEST_NAME).is_file():
         raise UsageError(f"{out} is not an apet artifact (no {MANIFEST_NAME}); --overwrite only replaces artifacts "
                          "that apet-export wrote", "choose another --out (apet never deletes other files)")
+
+
+def _owned(target: Path) -> set[str]:
+    """The files apet may replace or delete in an existing artifact: what its manifest lists, the manifest, and
+    the build outputs. A manifest that cannot be read still leaves those names."""
+    names = {MANIFEST_NAME, *BUILD_OUTPUTS}
+    try:
+        names.update(read_manifest(target).files())
+    except ArtifactError as exc:
+        log.debug("previous manifest unreadable (%s); replacing only the standard names", exc)
+    return names
+
+
+def _report_kept(target: Path, written: set[str]) -> None:
+    """Say which entries of the artifact directory apet left alone (they are not apet's)."""
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir()
+                  if p.name not in written and not p.name.startswith(SCRATCH_PREFIXES))
+    if kept:
+        log.warning("kept %d entr%s of %s that apet does not own: %s", len(kept), "y" if len(kept) == 1 else "ies",
+                    target, ", ".join(kept))
 
 
 def _default_context(adapter: VisionLanguageAdapter, plan: CompressionPlan, cfg: ExportConfig) -> int:
@@ -211,8 +239,13 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             on_step(steps[i])
 
     _check_out(cfg.out, cfg.overwrite)
+    target = cfg.out.resolve()
+    owned = _owned(target) if target.is_dir() else set()
     try:
-        with atomic_directory(cfg.out, cfg.overwrite) as scratch:
+        # new files are staged, then each replaces its namesake, manifest.json last (the commit point); files of
+        # the previous export the new manifest does not list go after it; the user's own files stay
+        with replace_files(cfg.out, last=[MANIFEST_NAME]) as stage:
+            scratch = stage.path
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
             adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views,
@@ -255,9 +288,13 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             step(8)
             manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch, extra_rows, weights)
             write_manifest(scratch, manifest)
+            stage.files = manifest.files() + [MANIFEST_NAME]
+            stage.remove = owned - set(stage.files)
             bar.update()
     finally:
         bar.close()
+    if owned:
+        _report_kept(target, owned | set(stage.moved))
     return manifest
 
 

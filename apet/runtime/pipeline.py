@@ -24,7 +24,7 @@ import numpy as np
 
 from apet.devices import check_device
 from apet.errors import BackendError, UsageError
-from apet.manifest import Manifest, read_manifest
+from apet.manifest import Manifest, consistent_read, read_manifest
 from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
 from apet.runtime.sampling import GenerationConfig, Sampler
@@ -109,9 +109,15 @@ class Pipeline:
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str | None = None, *,
              verify_checksums: bool = True, **options: Any) -> "Pipeline":
+        """Load the artifact's files of one version: a load that overlaps an apet-export or apet-build replacing
+        them is repeated, and raises the retryable ArtifactChangedError if they keep changing (DESIGN §3)."""
         artifact_dir = Path(artifact_dir)
-        manifest = read_manifest(artifact_dir, verify_checksums=verify_checksums)
-        return cls(artifact_dir, manifest, make_backend(backend, artifact_dir, manifest, device, **options))
+
+        def load() -> "Pipeline":
+            manifest = read_manifest(artifact_dir, verify_checksums=verify_checksums)
+            return cls(artifact_dir, manifest, make_backend(backend, artifact_dir, manifest, device, **options))
+
+        return consistent_read(artifact_dir, load)
 
     # -- public API --------------------------------------------------------------------------------
     def generate(self, image: MediaInput = None, prompt: str = "", *, video: MediaInput = None,
