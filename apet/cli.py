@@ -21,7 +21,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="tiny | llava | llava-13b | tiny-llava-next | llava-next (-vicuna-7b, -mistral-7b, -34b, "
                         "...) | tiny-video-llava | video-llava | *-shapes | a local checkpoint directory | an org/name "
-                        "hub id (cached)")
+                        "hub id (downloaded on first use)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
