@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -113,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     llm = manifest.graphs["llm"]
     print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
           f"({manifest.family.visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
-          f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe()}, "
+          f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe(manifest.dtype)}, "
           f"{llm.weight_bytes / 1e6:.1f} MB")
     return 0
 
@@ -362,6 +363,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults next to each option; keep the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # a help text that names its default in words says it better than "(default: X)" would (once, not
+        # twice); "(default: None)" / "(default: False)" say nothing
+        if action.help and (re.search(r"\bdefault\b", action.help, re.IGNORECASE) or action.default in (None, False)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _plain(doc: str) -> str:

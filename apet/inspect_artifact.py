@@ -43,7 +43,7 @@ def describe(artifact: Path) -> str:
              f"{m.decoder.num_heads}/{m.decoder.num_kv_heads} q/kv heads, vocab {m.decoder.vocab_size})",
              f"  dtype      {manifest.dtype}, opset {manifest.opset}, max batch {manifest.max_batch}, "
              f"max context {manifest.max_context}",
-             f"  weights    LLM {manifest.weights.describe()}",
+             f"  weights    LLM {manifest.weights.describe(manifest.dtype)}",
              f"  target     {manifest.target}: {manifest.attention} attention"
              + (" (ONNX Attention + RotaryEmbedding)" if manifest.attention == "op" else " (MatMul-Softmax-MatMul)"),
              f"  ApET       {c.budget_summary(m.n_tokens)} (basis {c.stage1.basis} by "

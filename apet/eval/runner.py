@@ -143,7 +143,8 @@ def _conditions(manifest: Manifest) -> dict[str, Any]:
     return {"prompt_template": manifest.model.prompt_template_name,
             "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
-            "stages": 1 if manifest.compression.stage2 is None else 2, "weights": manifest.weights.describe()}
+            "stages": 1 if manifest.compression.stage2 is None else 2,
+            "weights": manifest.weights.describe(manifest.dtype)}
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,35 @@
+"""What a new user meets first (issue 26 item 7): help text, fast refusals of bad arguments, messages in the
+words of the interface used (flags on the command line, parameter names in Python), consistent reporting."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from apet.cli import COMMANDS, _parser
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_defaults_are_printed_once(command: str) -> None:
+    text = " ".join(_parser(command).format_help().split())
+    # every option's help: a default named in words is not followed by argparse's "(default: X)"
+    parser = _parser(command)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        rendered = formatter._get_help_string(action) or ""
+        if "%(default)" in rendered:
+            assert not re.search(r"\bdefault\b", rendered.replace("(default: %(default)s)", ""), re.IGNORECASE), \
+                rendered
+    if command == "export":
+        assert "basis size k (default 10)" in text and "(default 10) (default: 10)" not in text
+        assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_fp32_artifact_says_its_weights_are_fp32(artifact_factory) -> None:
+    from apet.inspect_artifact import describe
+    from apet.manifest import read_manifest
+
+    artifact = artifact_factory(ratio=0.11, stages=1)  # dtype fp32
+    assert read_manifest(artifact).dtype == "fp32"
+    assert "  weights    LLM fp32 (not quantized)" in describe(artifact).splitlines()
