@@ -131,11 +131,14 @@ def verify(artifact: Path) -> str:
     against the build report; raise :class:`ArtifactError` naming every problem found."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)  # validates the manifest's digest
-    problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest) + _engine_problems(artifact)
+    export_problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest)
+    problems = export_problems + _engine_problems(artifact)
     if problems:
-        raise ArtifactError(f"{artifact} failed verification: " + "; ".join(problems),
-                            "re-export the artifact (apet-export --overwrite) and rebuild its engines "
-                            "(apet-build --overwrite)")
+        # stale or changed engines over a sound export need a rebuild only; a damaged export needs both
+        rebuild = f"apet-build {artifact} --overwrite"
+        fix = (f"re-export the artifact (apet-export ... --out {artifact} --overwrite), then rebuild its engines "
+               f"({rebuild})" if export_problems else f"rebuild the engines: {rebuild} (the export itself is intact)")
+        raise ArtifactError(f"{artifact} failed verification: " + "; ".join(problems), fix)
     engines = [file for file in ENGINE_FILES.values() if (artifact / file).exists()]
     return (f"  verified   manifest digest, {len(manifest.checksums)} checksums, graph I/O"
             + (f", {', '.join(engines)} against {REPORT_NAME}" if engines else ""))

@@ -33,3 +33,29 @@ def test_fp32_artifact_says_its_weights_are_fp32(artifact_factory) -> None:
     artifact = artifact_factory(ratio=0.11, stages=1)  # dtype fp32
     assert read_manifest(artifact).dtype == "fp32"
     assert "  weights    LLM fp32 (not quantized)" in describe(artifact).splitlines()
+
+
+def test_stale_engines_ask_for_a_rebuild_not_a_re_export(artifact_factory, tmp_path) -> None:
+    import json
+    import shutil
+
+    from apet.contracts.files import REPORT_NAME
+    from apet.errors import ArtifactError
+    from apet.inspect_artifact import verify
+
+    artifact = tmp_path / "art"
+    shutil.copytree(artifact_factory(ratio=0.11, stages=1), artifact)
+    (artifact / "vision.plan").write_bytes(b"engine of an earlier export")
+    (artifact / REPORT_NAME).write_text(json.dumps({"manifest_sha256": "0" * 64, "engines": {
+        "vision": {"file": "vision.plan", "sha256": "0" * 64}}}))
+    with pytest.raises(ArtifactError) as stale:
+        verify(artifact)
+    assert "engines are stale" in stale.value.what and "re-export" not in str(stale.value)
+    assert stale.value.fix == f"rebuild the engines: apet-build {artifact} --overwrite (the export itself is intact)"
+
+    with (artifact / "vision.onnx").open("ab") as f:  # now the export itself is damaged too
+        f.write(b"\0")
+    with pytest.raises(ArtifactError) as damaged:
+        verify(artifact)
+    assert "vision.onnx" in damaged.value.what and damaged.value.fix.startswith("re-export the artifact")
+    assert f"apet-build {artifact} --overwrite" in damaged.value.fix
