@@ -149,6 +149,7 @@ def test_manifest_and_graph_shapes(artifacts) -> None:
     assert manifest.compression.stage1.keep == 32 and manifest.compression.stage1.placement == "append"
     assert manifest.compression.stage2 is None and manifest.model.extra["frames"] == FRAMES
     assert manifest.family.max_visual_tokens(manifest) == 264
+    assert manifest.family.visual_summary(manifest) == "264 per video: 8 frames x 33 (CLS + 32 kept)"
     vision = manifest.graphs["vision"]
     assert [i["shape"] for i in vision.inputs] == [["batch", 8, 3, 224, 224]]
     assert [o["shape"] for o in vision.outputs] == [["batch", 264, 64], ["batch", 264]]
