@@ -94,6 +94,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from apet.contracts.budget_options import check_budget_options
+
+    check_budget_options(args.ratio, args.tokens, args.basis)  # before torch and the model: typos fail at once
     from apet.export.artifact import ExportConfig, export_artifact
 
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
@@ -200,10 +203,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
-    from apet.media.images import resolve_image
+    from apet.media.images import load_image
+
+    image = None if args.image is None else load_image(args.image)  # before torch and the model: fails fast
     from apet.runtime.pipeline import Pipeline
 
-    image = resolve_image(args.image)  # before loading anything: a wrong --image fails fast
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
                              profile_apet=args.stats or args.json)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
@@ -261,7 +265,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from apet.bench.run import BenchConfig, run_bench
+    from apet.contracts.budget_options import check_ratios
 
     def numbers(text: str, kind: type) -> tuple:
         try:
@@ -274,7 +278,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--image-size {args.image_size!r} is not WxH", "e.g. --image-size 672x672") from exc
     baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b)
-    cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
+    ratios = numbers(args.ratios, float)
+    check_ratios(ratios)  # before torch and the model: typos fail at once
+    from apet.bench.run import BenchConfig, run_bench
+
+    cfg = BenchConfig(model=args.model, out=args.out, ratios=ratios, stages=args.stages,
                       batches=numbers(args.batch, int), image_size=(width, height), prompt_tokens=args.prompt_tokens,
                       new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
@@ -320,13 +328,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from apet.eval.runner import EvalConfig, run_eval
+    from apet.contracts.budget_options import check_ratios
+    from apet.eval.data import check_sources
 
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError as exc:
         raise UsageError(f"--ratios {args.ratios!r} is not a comma-separated list of numbers",
                          "e.g. --ratios 1.0,0.22,0.11") from exc
+    check_ratios(ratios)  # before torch and the model: typos and missing files fail at once
+    check_sources(tuple(args.data), args.images)
+    from apet.eval.runner import EvalConfig, run_eval
+
     cfg = EvalConfig(source=args.source, data=tuple(args.data), images=args.images, out=args.out, ratios=ratios,
                      methods=tuple(m for m in args.methods.split(",") if m), stages=args.stages, fmt=args.format,
                      annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,

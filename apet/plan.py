@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from apet.compression import BASIS_PLACEMENTS, CompressionConfig, Stage2Config, stage_configs
+from apet.contracts.budget_options import check_budget_options  # noqa: F401  (re-exported: one home)
+from apet.contracts.budget_options import parse_tokens as _parse_tokens
 from apet.errors import UsageError
 
 
@@ -111,29 +113,6 @@ def _config_from_json(data: Mapping[str, Any]) -> CompressionConfig:
 
 def round_to_8(value: float, limit: int) -> int:
     return min(limit, max(8, 8 * int(value / 8 + 0.5)))
-
-
-def _parse_tokens(tokens: str) -> list[int]:
-    try:
-        values = [int(t) for t in tokens.split(",")]
-    except ValueError as exc:
-        raise UsageError(f"--tokens {tokens!r} is not K or K1,K2", "pass e.g. --tokens 64 or --tokens 96,32") from exc
-    if not 1 <= len(values) <= 2:
-        raise UsageError(f"--tokens {tokens!r} has {len(values)} values", "pass one (K) or two (K1,K2) budgets")
-    return values
-
-
-def check_budget_options(ratio: float | None, tokens: str | None) -> None:
-    """Options that contradict each other are refused, never silently dropped."""
-    if ratio is not None and tokens is not None:
-        raise UsageError(f"--ratio {ratio} and --tokens {tokens} both set the budget",
-                         "pass one of them: --ratio for the paper's mean fraction, --tokens for exact K1[,K2]")
-    if tokens is not None:
-        values = _parse_tokens(tokens)
-        if len(values) == 2 and values[1] >= values[0]:
-            raise UsageError(f"--tokens {tokens}: K2={values[1]} is not smaller than K1={values[0]}, so stage 2 "
-                             "would remove nothing",
-                             "pass K1,K2 with K2 < K1 (e.g. --tokens 96,32), or one budget for a single stage")
 
 
 def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None) -> tuple[int, int | None]:

@@ -59,3 +59,37 @@ def test_stale_engines_ask_for_a_rebuild_not_a_re_export(artifact_factory, tmp_p
         verify(artifact)
     assert "vision.onnx" in damaged.value.what and damaged.value.fix.startswith("re-export the artifact")
     assert f"apet-build {artifact} --overwrite" in damaged.value.fix
+
+
+FAST = ("import json, sys, time; from apet.cli import main; t0 = time.perf_counter(); rc = main(sys.argv[1:]); "
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 's': time.perf_counter() - t0}))")
+
+
+@pytest.mark.parametrize(("args", "code", "words"), [
+    (["export", "--model", "tiny", "--ratio", "0", "--out", "OUT"], 2, "--ratio 0 is outside the allowed range (0, 1]"),
+    (["export", "--model", "tiny", "--tokens", "0", "--out", "OUT"], 2, "K1=0 is below 11 (the 10 basis tokens"),
+    (["export", "--model", "tiny", "--tokens", "96,0", "--out", "OUT"], 2, "K2=0 is below 11"),
+    (["run", "OUT", "--image", "MISSING.png", "--prompt", "hi"], 3, "MISSING.png does not exist"),
+    (["run", "OUT", "--image", "DATA", "--prompt", "hi"], 3, "data.jsonl"),  # not an image
+    (["bench", "--model", "tiny", "--ratios", "1.0,0", "--out", "OUT"], 2, "--ratios: 0 is outside"),
+    (["eval", "tiny", "--data", "MISSING.jsonl", "--images", "DIR", "--out", "OUT"], 3, "MISSING.jsonl does not exist"),
+    (["eval", "tiny", "--data", "DATA", "--images", "MISSING", "--out", "OUT"], 2, "--images"),
+    (["eval", "tiny", "--data", "DATA", "--images", "DIR", "--ratios", "1,0", "--out", "OUT"], 2, "--ratios: 0"),
+])
+def test_bad_arguments_fail_before_torch_and_the_model(args: list[str], code: int, words: str, tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data.jsonl").write_text('{"id": 1, "image": "a.png", "question": "q?", "answers": ["a"]}\n')
+    names = {"OUT": tmp_path / "out", "MISSING.png": tmp_path / "MISSING.png", "DATA": tmp_path / "data.jsonl",
+             "MISSING.jsonl": tmp_path / "MISSING.jsonl", "DIR": tmp_path, "MISSING": tmp_path / "nope"}
+    argv = [str(names.get(a, a)) for a in args]
+    done = subprocess.run([sys.executable, "-c", FAST, *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "APET_CACHE": str(tmp_path / "cache")})
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rc"] == code and done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+    assert not result["torch"], "torch was imported before the argument was refused"
+    assert result["s"] < 2.0, result  # no model, no torch: answered at once
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -32,6 +32,7 @@ from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
 from apet.bench.timing import NOISY_SPREAD, noisy_timings
 from apet.compression import CompressionConfig, Stage2Config
+from apet.contracts.budget_options import check_ratios
 from apet.contracts.targets import resolve_form
 from apet.devices import check_device
 from apet.errors import UsageError
@@ -71,9 +72,7 @@ class BenchConfig:
 
         if not self.weights or any(w not in WEIGHT_FORMATS for w in self.weights):
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
-        for r in self.ratios:
-            if not 0 < r <= 1:
-                raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
+        check_ratios(self.ratios)
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
         if not self.batches or any(b < 1 for b in self.batches):

@@ -16,9 +16,10 @@ from typing import Any, Iterator
 from tqdm.auto import tqdm
 
 from apet.atomic import write_atomic
+from apet.contracts.budget_options import check_ratios
 from apet.devices import check_device
 from apet.errors import ApetError, InputError, UsageError
-from apet.eval.data import EvalItem, load
+from apet.eval.data import EvalItem, check_sources, load
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
 from apet.manifest import Manifest, in_memory_manifest, read_manifest
@@ -58,15 +59,13 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in RULES]
         if unknown:
             raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
-        if any(not 0 < r <= 1 for r in self.ratios):
-            raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
+        check_ratios(self.ratios)
         from apet.quant.spec import WEIGHT_FORMATS
 
         bad = [w for w in self.weights if w not in WEIGHT_FORMATS]
         if bad or not self.weights:
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
-        if not self.images.is_dir():
-            raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
+        check_sources(self.data, self.images)
         check_device(self.device)
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit {self.limit} must be at least 1", "pass --limit N to run the first N "
