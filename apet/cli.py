@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
-from apet.errors import UsageError, guarded
+from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.quiet import quiet_third_party
 
 
@@ -424,7 +424,12 @@ def _run(argv: Sequence[str] | None, only: str | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_third_party()
-    return guarded(lambda: COMMANDS[command][2](args), args.verbose)
+    # messages name this command's flags (apet-serve's errors are HTTP answers: they keep parameter names)
+    token = COMMAND_LINE.set(command != "serve")
+    try:
+        return guarded(lambda: COMMANDS[command][2](args), args.verbose)
+    finally:
+        COMMAND_LINE.reset(token)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

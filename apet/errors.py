@@ -8,10 +8,12 @@ device can tell a bad argument from a broken artifact from a missing backend.
 
 from __future__ import annotations
 
+import contextvars
 import errno
+import shlex
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 
 class ApetError(Exception):
@@ -47,6 +49,19 @@ class BackendError(ApetError):
     """An optional package or device needed for the requested backend is unavailable or failed."""
 
     exit_code = 5
+
+
+# True while a command-line command runs (apet.cli): messages then name flags, from Python parameter names
+COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("apet_command_line", default=False)
+
+
+def option(name: str, value: Any = None) -> str:
+    """How the reader of a message passes parameter ``name``: ``--max-new-tokens 1`` on the command line,
+    ``max_new_tokens=1`` in Python (one message text for both interfaces, each in its own words)."""
+    if COMMAND_LINE.get():
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None else f"{flag} {shlex.quote(str(value))}"
+    return name if value is None else f"{name}={value!r}"
 
 
 def check_range(name: str, value: float, low: float, high: float, *, fix: str | None = None) -> None:

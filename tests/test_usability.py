@@ -93,3 +93,29 @@ def test_bad_arguments_fail_before_torch_and_the_model(args: list[str], code: in
     assert not result["torch"], "torch was imported before the argument was refused"
     assert result["s"] < 2.0, result  # no model, no torch: answered at once
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_python_errors_name_parameters_and_cli_errors_name_flags(artifact_factory, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from apet import Pipeline
+    from apet.errors import InputError, UsageError
+    from apet.runtime.sampling import GenerationConfig
+
+    artifact = artifact_factory(ratio=0.11, stages=1)
+    pipeline = Pipeline.load(artifact, backend="onnxruntime")
+    with pytest.raises(InputError) as empty:
+        pipeline.generate("@demo", "")
+    assert empty.value.fix == "pass a question or instruction, e.g. prompt='What is this?'"
+    with pytest.raises(UsageError) as zero:
+        GenerationConfig(max_new_tokens=0)
+    assert zero.value.fix == "pass max_new_tokens=1 or more" and "--" not in str(zero.value)
+
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "apet.cli", "run", str(artifact), "--image", "@demo",
+                               "--backend", "onnxruntime", *args], capture_output=True, text=True, timeout=300,
+                              env={**os.environ}).stderr
+    assert cli("--prompt", "").strip().endswith("e.g. --prompt 'What is this?'")
+    assert cli("--prompt", "hi", "--max-new-tokens", "0").strip().endswith("pass --max-new-tokens 1 or more")

@@ -19,7 +19,7 @@ import numpy as np
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
 from apet.contracts.io import IMAGE_START, STAGE2_INDEX, past_names, present_to_past
 from apet.contracts.specs import resolve_shape
-from apet.errors import ArtifactError, BackendError, InputError
+from apet.errors import ArtifactError, BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
 from apet.runtime.backends.base import Backend, VisionOutput, import_optional, splice
@@ -94,7 +94,7 @@ class EngineLimits:
         if prompt_tokens + new_tokens > self.max_context:
             raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the engines' decode profile "
                              f"maximum {self.max_context} (apet-build --max-context)",
-                             f"lower --max-new-tokens, or rebuild: apet-build DIR --max-context "
+                             f"lower {option('max_new_tokens')}, or rebuild: apet-build DIR --max-context "
                              f"{prompt_tokens + new_tokens} --overwrite (up to the export's max_context)")
 
 
@@ -140,7 +140,8 @@ class TensorRTBackend(Backend):
         self.limits = EngineLimits.from_report(check_engines(artifact_dir, manifest, api.kind, api.version))
         self.torch, self.trt = torch, api.module
         if not torch.cuda.is_available():
-            raise BackendError("the tensorrt backend needs a CUDA device", "use --backend onnxruntime on this machine")
+            raise BackendError("the tensorrt backend needs a CUDA device",
+                               f"pass {option('backend', 'onnxruntime')} on this machine")
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
