@@ -129,6 +129,15 @@ def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None
     return k1, (None if k2 >= k1 else k2)  # nothing to remove at stage 2 (e.g. ratio 1.0)
 
 
+def _least_ratio(n_tokens: int, stages: int, basis: int) -> float | None:
+    """The smallest ``--ratio`` (in steps of 0.01) whose budgets all keep more than ``basis`` tokens."""
+    for step in range(1, 101):
+        k1, k2 = _budgets(n_tokens, step / 100, stages, None)
+        if all(k is None or k == n_tokens or basis < k <= n_tokens for k in (k1, k2)):
+            return step / 100
+    return None
+
+
 def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = None, stages: int = 2,
                      tokens: str | None = None, basis: int = 10, method: str = "fps", merge: bool = True,
                      seed: int | None = None, basis_placement: str = "paper", stage1_placement: str = "mask",
@@ -148,9 +157,12 @@ def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = No
     k1, k2 = _budgets(n_tokens, ratio, stages, tokens)
     for name, keep in (("K1", k1), ("K2", k2)):
         if keep is not None and keep != n_tokens and not (basis + 1 <= keep <= n_tokens):
+            least = None if tokens is not None else _least_ratio(n_tokens, stages, basis)
             raise UsageError(
                 f"{name}={keep} tokens is outside [{basis + 1}, {n_tokens}] (basis={basis}, N={n_tokens})",
-                "raise --ratio / --tokens, or lower --basis",
+                "raise --tokens, or lower --basis" if least is None else
+                f"pass --ratio {least:g} or more (the least that keeps more than the {basis} basis tokens at "
+                f"{'each' if stages == 2 else 'the'} stage of this model), or lower --basis",
             )
     if k2 is not None and k2 >= k1:
         raise UsageError(f"--tokens {tokens}: K2={k2} is not smaller than K1={k1}, so stage 2 would remove nothing",

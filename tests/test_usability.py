@@ -119,3 +119,19 @@ def test_python_errors_name_parameters_and_cli_errors_name_flags(artifact_factor
                               env={**os.environ}).stderr
     assert cli("--prompt", "").strip().endswith("e.g. --prompt 'What is this?'")
     assert cli("--prompt", "hi", "--max-new-tokens", "0").strip().endswith("pass --max-new-tokens 1 or more")
+
+
+def test_a_budget_below_the_basis_names_the_least_ratio() -> None:
+    from apet.errors import UsageError
+    from apet.plan import plan_compression
+
+    with pytest.raises(UsageError) as low:  # 64 tokens per view (the tiny LLaVA-NeXT before issue 26)
+        plan_compression(64, 4, ratio=0.11, stages=2)
+    assert "K1=8 tokens is outside [11, 64]" in low.value.what and "--ratio 0.38 or more" in low.value.fix
+    # the named ratio is the boundary: K2 = round8(0.5 * 0.38 * 64) = 16 > 10 works, 0.37 gives K2 = 8
+    assert plan_compression(64, 4, ratio=0.38, stages=2).stage2.keep == 16
+    with pytest.raises(UsageError):
+        plan_compression(64, 4, ratio=0.37, stages=2)
+    with pytest.raises(UsageError) as one:
+        plan_compression(64, 4, ratio=0.11, stages=1)
+    assert "--ratio 0.19 or more" in one.value.fix  # round8(0.19 * 64) = 16; round8(0.18 * 64) = 8
