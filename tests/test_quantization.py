@@ -379,12 +379,12 @@ def test_bench_weights_on_cpu(tmp_path: Path) -> None:
     assert main(["bench", "--model", "tiny", "--ratios", "0.11", "--repeats", "1", "--new-tokens", "3",
                  "--weights", "fp16,int8,int4", "--no-baselines", "--out", str(out)]) == 0
     runs = {r["weights"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert set(runs) == {"fp16", "int8", "int4"}
-    assert runs["fp16"]["kernels"] == {}
+    assert set(runs) == {"fp32", "int8", "int4"}  # --weights fp16 = unquantized, in the CPU's network dtype
+    assert runs["fp32"]["kernels"] == {}
     assert runs["int8"]["kernels"] == {"torch._weight_int8pack_mm": 17}  # 4 x (qkv, gate_up, o, down) + head
     assert sum(runs["int4"]["kernels"].values()) == 17
     sizes = {k: r["llm_weight_bytes"] for k, r in runs.items()}
-    assert sizes["int4"] < sizes["int8"] < sizes["fp16"]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
     assert "| int4 |" in (out / "results.md").read_text()
 
 

@@ -271,8 +271,8 @@ def _flag_noise(results: dict[str, Any]) -> None:
     results["noisy_spread"], results["noisy_timings"] = NOISY_SPREAD, noisy
     if noisy:
         worst = max(noisy, key=noisy.get)
-        log.warning("%d of %d timings are noisy: p90 above %.1fx the median (worst %s: %.2fx); another process is "
-                    "probably using the %s. Rerun on an idle machine or with more --repeats before comparing them",
+        log.warning("%d of %d timings are noisy: p90 above %.1fx the median (worst %s: %.2fx); another process was "
+                    "probably busy on this machine (%s). Rerun it idle, or with more --repeats, before comparing them",
                     len(noisy), len(timings), NOISY_SPREAD, worst, noisy[worst], results["environment"]["device"])
 
 
