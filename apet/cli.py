@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
-from apet.errors import UsageError, guarded
+from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
 from apet.models.registry import family_of
 from apet.quiet import quiet_third_party
@@ -23,7 +24,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="tiny | llava | llava-13b | tiny-llava-next | llava-next (-vicuna-7b, -mistral-7b, -34b, "
                         "...) | tiny-video-llava | video-llava | *-shapes | a local checkpoint directory | an org/name "
-                        "hub id (cached)")
+                        "hub id (downloaded on first use)")
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
@@ -126,6 +127,9 @@ def _family_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from apet.contracts.budget_options import check_budget_options
+
+    check_budget_options(args.ratio, args.tokens, args.basis)  # before torch and the model: typos fail at once
     from apet.export.artifact import ExportConfig, export_artifact
 
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
@@ -146,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     llm = manifest.graphs["llm"]
     print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
           f"({family_of(manifest).visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
-          f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe()}, "
+          f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe(manifest.dtype)}, "
           f"{llm.weight_bytes / 1e6:.1f} MB")
     return 0
 
@@ -230,10 +234,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
-    from apet.media.images import resolve_image
+    from apet.media.images import load_image
+
+    image = None if args.image is None else load_image(args.image)  # before torch and the model: fails fast
     from apet.runtime.pipeline import Pipeline
 
-    image = resolve_image(args.image)  # before loading anything: a wrong --image fails fast
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
                              profile_apet=args.stats or args.json)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
@@ -291,7 +296,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from apet.bench.run import BenchConfig, run_bench
+    from apet.contracts.budget_options import check_ratios
 
     def numbers(text: str, kind: type) -> tuple:
         try:
@@ -304,7 +309,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--image-size {args.image_size!r} is not WxH", "e.g. --image-size 672x672") from exc
     baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b)
-    cfg = BenchConfig(model=args.model, out=args.out, ratios=numbers(args.ratios, float), stages=args.stages,
+    ratios = numbers(args.ratios, float)
+    check_ratios(ratios)  # before torch and the model: typos fail at once
+    from apet.bench.run import BenchConfig, run_bench
+
+    cfg = BenchConfig(model=args.model, out=args.out, ratios=ratios, stages=args.stages,
                       batches=numbers(args.batch, int), image_size=(width, height), prompt_tokens=args.prompt_tokens,
                       new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
@@ -366,13 +375,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from apet.eval.runner import EvalConfig, run_eval
+    from apet.contracts.budget_options import check_ratios
+    from apet.media.dataset import check_sources
 
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError as exc:
         raise UsageError(f"--ratios {args.ratios!r} is not a comma-separated list of numbers",
                          "e.g. --ratios 1.0,0.22,0.11") from exc
+    check_ratios(ratios)  # before torch and the model: typos and missing files fail at once
+    check_sources(tuple(args.data), args.images)
+    from apet.eval.runner import EvalConfig, run_eval
+
     cfg = EvalConfig(source=args.source, data=tuple(args.data), images=args.images, out=args.out, ratios=ratios,
                      methods=tuple(m for m in args.methods.split(",") if m), stages=args.stages, fmt=args.format,
                      annotations=args.annotations, backend=args.backend, device=args.device, limit=args.limit,
@@ -409,6 +423,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults next to each option; keep the epilog's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # a help text that names its default in words says it better than "(default: X)" would (once, not
+        # twice); "(default: None)" / "(default: False)" say nothing
+        if action.help and (re.search(r"\bdefault\b", action.help, re.IGNORECASE) or action.default in (None, False)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _plain(doc: str) -> str:
@@ -450,7 +471,12 @@ def _run(argv: Sequence[str] | None, only: str | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         quiet_third_party()
-    return guarded(lambda: _call(command, args), args.verbose)
+    # messages name this command's flags (apet-serve's errors are HTTP answers: they keep parameter names)
+    token = COMMAND_LINE.set(command != "serve")
+    try:
+        return guarded(lambda: _call(command, args), args.verbose)
+    finally:
+        COMMAND_LINE.reset(token)
 
 
 def _call(command: str, args: argparse.Namespace) -> int:

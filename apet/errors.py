@@ -8,12 +8,14 @@ device can tell a bad argument from a broken artifact from a missing backend.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import select
+import shlex
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 
 class ApetError(Exception):
@@ -65,6 +67,19 @@ class MissingExtraError(ApetError):
     """A command or backend needs an optional part of apet that is not installed (``pip install 'apet[...]'``)."""
 
     exit_code = 7
+
+
+# True while a command-line command runs (apet.cli): messages then name flags, from Python parameter names
+COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("apet_command_line", default=False)
+
+
+def option(name: str, value: Any = None) -> str:
+    """How the reader of a message passes parameter ``name``: ``--max-new-tokens 1`` on the command line,
+    ``max_new_tokens=1`` in Python (one message text for both interfaces, each in its own words)."""
+    if COMMAND_LINE.get():
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None else f"{flag} {shlex.quote(str(value))}"
+    return name if value is None else f"{name}={value!r}"
 
 
 def check_range(name: str, value: float, low: float, high: float, *, fix: str | None = None) -> None:

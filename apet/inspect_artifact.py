@@ -58,7 +58,7 @@ def _describe(artifact: Path) -> str:
              f"{m.decoder.num_heads}/{m.decoder.num_kv_heads} q/kv heads, vocab {m.decoder.vocab_size})",
              f"  dtype      {manifest.dtype}, opset {manifest.opset}, max batch {manifest.max_batch}, "
              f"max context {manifest.max_context}",
-             f"  weights    LLM {manifest.weights.describe()}",
+             f"  weights    LLM {manifest.weights.describe(manifest.dtype)}",
              f"  target     {manifest.target}: {manifest.attention} attention"
              + (" (ONNX Attention + RotaryEmbedding)" if manifest.attention == "op" else " (MatMul-Softmax-MatMul)"),
              f"  ApET       {c.budget_summary(m.n_tokens)} (basis {c.stage1.basis} by "
@@ -150,11 +150,14 @@ def verify(artifact: Path) -> str:
 
 def _verify(artifact: Path) -> str:
     manifest = read_manifest(artifact)  # validates the manifest's digest
-    problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest) + _engine_problems(artifact)
+    export_problems = _checksum_problems(artifact, manifest) + _io_problems(artifact, manifest)
+    problems = export_problems + _engine_problems(artifact)
     if problems:
-        raise ArtifactError(f"{artifact} failed verification: " + "; ".join(problems),
-                            "re-export the artifact (apet-export --overwrite) and rebuild its engines "
-                            "(apet-build --overwrite)")
+        # stale or changed engines over a sound export need a rebuild only; a damaged export needs both
+        rebuild = f"apet-build {artifact} --overwrite"
+        fix = (f"re-export the artifact (apet-export ... --out {artifact} --overwrite), then rebuild its engines "
+               f"({rebuild})" if export_problems else f"rebuild the engines: {rebuild} (the export itself is intact)")
+        raise ArtifactError(f"{artifact} failed verification: " + "; ".join(problems), fix)
     engines = [file for file in ENGINE_FILES.values() if (artifact / file).exists()]
     return (f"  verified   manifest digest, {len(manifest.checksums)} checksums, graph I/O"
             + (f", {', '.join(engines)} against {REPORT_NAME}" if engines else ""))

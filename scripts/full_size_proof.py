@@ -92,7 +92,7 @@ def llm(args: argparse.Namespace) -> dict:
             plan = plan_compression(576, 32, ratio=0.11, stages=2, stage1_placement="mask")
             calibration = build_calibration(adapter, plan, *CalibrationSource(limit=4).pairs())
         result = quantize_model(adapter, WeightSpec(args.weights, None, method), calibration)
-        quant = {"weights": result.spec.describe(), "quantize_s": round(time.perf_counter() - t0, 1),
+        quant = {"weights": result.spec.describe("fp16"), "quantize_s": round(time.perf_counter() - t0, 1),
                  **result.summary()}
     t0 = time.perf_counter()
     export_llm(adapter, stage2, path, opset=21 if args.weights != "fp16" else 17)

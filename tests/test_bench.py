@@ -70,6 +70,10 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
                  "--baselines", "hf,paper", "--backends", "torch,onnxruntime", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "apet-bench/2" and results["environment"]["ceilings"]["matmul_tflops"] > 0
+    # one name for the network dtype: the header and every row say fp32 on the CPU (not float32 vs fp16)
+    assert results["environment"]["dtype"] == "fp32" and {r["weights"] for r in results["runs"]} == {"fp32"}
+    assert set(results["runs"][0]["generation"]["ttft"]) == {"median_ms", "p10_ms", "p90_ms", "min_ms", "repeats"}
+    assert isinstance(results["noisy_timings"], dict) and results["noisy_spread"] == 1.5
     assert [r["ratio"] for r in results["runs"]] == [1.0, 0.11]
     low = results["runs"][1]
     assert low["budgets"] == {"k1": 40, "stage2_layer": 2, "k2": 16, "mean_tokens": 28.0, "tokens_per_view": 256,
@@ -88,6 +92,35 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
     assert low["onnxruntime"]["ttft"]["median_ms"] > 0 and low["visual_tokens"] == 40
     table = (out / "results.md").read_text()
+    assert ", fp32; measured ceilings" in table and "| fp16 |" not in table and "| fp32 |" in table
+    ttft = results["runs"][1]["generation"]["ttft"]
+    assert f"| {ttft['median_ms']:.3f} [{ttft['p10_ms']:.3f}–{ttft['p90_ms']:.3f}] |" in table
     assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table
     for png in ("breakdown.png", "ttft.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spread_of_repeats_is_kept_and_noisy_timings_are_warned(caplog) -> None:
+    import logging
+
+    from apet.bench.report import _ms, _noise
+    from apet.bench.run import _flag_noise
+    from apet.bench.timing import summarize
+
+    steady = summarize([14.0, 10.0, 11.0, 12.0, 13.0, 15.0, 16.0, 17.0, 18.0, 19.0])
+    # nearest-rank percentiles of 10 sorted samples: p10 = 2nd, p90 = 9th
+    assert (steady.median_ms, steady.p10_ms, steady.p90_ms, steady.min_ms) == (14.5, 11.0, 18.0, 10.0)
+    noisy = summarize([10.0] * 7 + [40.0] * 3)  # three repeats in ten slowed 4x by another process
+    assert (noisy.median_ms, noisy.p90_ms, noisy.spread) == (10.0, 40.0, 4.0)
+    results = {"environment": {"device": "cpu"}, "baselines": {"hf_generate": {"1": {"ttft": steady.to_json()}}},
+               "runs": [{"generation": {"ttft": steady.to_json(), "decode_per_token": noisy.to_json()}}]}
+    with caplog.at_level(logging.WARNING, logger="apet.bench.run"):
+        _flag_noise(results)
+    assert results["noisy_timings"] == {"runs[0].generation.decode_per_token": 4.0}
+    assert len(caplog.records) == 1 and "1 of 3 timings are noisy" in caplog.text
+    assert "runs[0].generation.decode_per_token: 4.00x" in caplog.text and "--repeats" in caplog.text
+    assert _ms(steady.to_json()) == "14.500 [11.000–18.000]"
+    assert "**Noisy timings**: 1 have a p90 above 1.5x" in "\n".join(_noise(results))
+    caplog.clear()
+    _flag_noise({**results, "runs": results["runs"][:0]})
+    assert caplog.records == []

@@ -36,7 +36,12 @@ def test_every_option_has_help_and_defaults_are_shown(command: str) -> None:
                     if not isinstance(a, (argparse._HelpAction, argparse._VersionAction)) and not a.help]
     assert undocumented == []
     text = parser.format_help()
-    assert "(default:" in text and "``" not in text and "::" not in text
+    assert "``" not in text and "::" not in text
+    formatter = parser._get_formatter()  # a real default is shown, in the help's words or as "(default: X)"
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            shown = formatter._get_help_string(action) or ""
+            assert "%(default)s" in shown or "default" in shown.lower(), action.option_strings
 
 
 def test_version_and_eval_help() -> None:

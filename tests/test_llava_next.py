@@ -28,7 +28,7 @@ from apet.runtime.sampling import GenerationConfig
 PROMPTS = ["What is in the picture?", "Describe the image.", "How many objects are there and what color are they?"]
 SIZES = {"square": (256, 256), "wide": (300, 200), "tall": (180, 260)}  # (width, height)
 NEW_TOKENS = 10
-TILE, PATCHES, N = 112, 8, 64  # the tiny checkpoint: 112-px views of 8x8 tokens
+TILE, PATCHES, N = 112, 16, 256  # the tiny checkpoint: 112-px views of 16x16 tokens
 
 
 @pytest.fixture(scope="module")
@@ -333,9 +333,9 @@ def test_manifest_records_views_and_budgets(two_stage, full) -> None:
     assert manifest.model.family == "llava-next" and manifest.model.extra["max_views"] == 5
     assert manifest.model.prompt_template_name == "vicuna_v1" and manifest.model.processor["image_fit"] == "anyres"
     assert manifest.visual_tokens == 32 and manifest.compression.stage2.keep == 16
-    assert family.max_visual_tokens(manifest) == 32 + 4 * 32 + 16  # 2x2 grid: 16 token rows -> 16 newlines
+    assert family.max_visual_tokens(manifest) == 32 + 4 * 32 + 32  # 2x2 grid: 32 token rows -> 32 newlines
     assert family.vision_dims(manifest, 4) == {"views": (3, 5, 20)}
-    assert family.max_visual_tokens(read_manifest(full["artifact"])) == 5 * 64 + 16
+    assert family.max_visual_tokens(read_manifest(full["artifact"])) == 5 * N + 2 * PATCHES
     assert "image_newline" in family.visual_summary(manifest)
 
 
@@ -392,7 +392,7 @@ def test_tensorrt_rtx_builds_both_graphs_with_view_profiles(stage1, rtx_api, tmp
     vision = report["engines"]["vision"]["profiles"][0]["shapes"]["pixel_values"]
     assert vision == [[3, 3, 112, 112], [5, 3, 112, 112], [10, 3, 112, 112]]
     prefill, decode = report["engines"]["llm"]["profiles"]
-    visual = 32 + 4 * 32 + 16  # a 2x2 grid: K1 per view + 16 newline rows
+    visual = 32 + 4 * 32 + 2 * PATCHES  # a 2x2 grid: K1 per view + one newline per token row
     assert prefill["shapes"]["inputs_embeds"] == [[1, 2, 64], [1, visual + 40, 64], [2, 512, 64]]
     assert decode["shapes"]["past_key.0"][2] == [2, 2, 511, 16]
     assert (target / "vision.plan").stat().st_size > 10_000 and (target / "llm.plan").stat().st_size > 10_000
@@ -404,10 +404,10 @@ def test_cli_export_inspect_run_emit_trtexec(checkpoint: Path, tmp_path: Path, c
     out = tmp_path / "cli"
     assert main(["export", "--model", str(checkpoint), "--tokens", "32", "--stages", "1", "--max-views", "3",
                  "--dtype", "fp32", "--out", str(out)]) == 0
-    assert "up to 112 per image" in capsys.readouterr().out
+    assert "up to 128 per image" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "visual     up to 112 per image: 32 per view x up to 3 views" in text  # 2x1 grid: 32 + 2*32 + 16
+    assert "visual     up to 128 per image: 32 per view x up to 3 views" in text  # 2x1 grid: 32 + 2*32 + 32
     image = tmp_path / "wide.png"
     make_image(5, (300, 120)).save(image)
     assert main(["run", str(out), "--image", str(image), "--prompt", "What is it?", "--json",
@@ -423,15 +423,23 @@ def test_cli_export_inspect_run_emit_trtexec(checkpoint: Path, tmp_path: Path, c
     assert "--shapes=pixel_values:3x3x112x112" in script  # the profiling run: one image at the largest grid
 
 
+def test_the_readme_ratio_fits_the_tiny_model(adapter) -> None:
+    """apet-export --model tiny-llava-next --ratio 0.11 (the README's headline budget) plans two stages."""
+    from apet.contracts.plan import plan_compression
+
+    plan = plan_compression(adapter.spec.n_tokens, adapter.spec.decoder.num_layers, ratio=0.11, stages=2)
+    assert adapter.spec.n_tokens == N and (plan.stage1_keep, plan.stage2.keep) == (40, 16)  # round8(42.2), (14.1)
+
+
 def test_bench_on_tiny_llava_next(checkpoint: Path, tmp_path: Path) -> None:
     from apet.bench.run import BenchConfig, run_bench
 
     results = run_bench(BenchConfig(model=str(checkpoint), out=tmp_path / "bench", ratios=(0.5,), repeats=1,
                                     new_tokens=3, image_size=(224, 224)))
     half = results["runs"][0]["budgets"]
-    assert half["views"] == 5 and half["k1"] == 48 and half["k2"] == 16
-    assert 48 + 16 <= half["visual_tokens"] <= 5 * 48 + 16
-    assert results["baselines"]["hf_generate"]["1"]["visual_tokens"] == 5 * 64 + 16  # HF generate: every token
+    assert half["views"] == 5 and half["k1"] == 192 and half["k2"] == 64  # 0.75 * 256, 0.25 * 256
+    assert 192 + 2 * PATCHES <= half["visual_tokens"] <= 5 * 192 + 2 * PATCHES
+    assert results["baselines"]["hf_generate"]["1"]["visual_tokens"] == 5 * N + 2 * PATCHES  # HF: every token
     assert "(5 views)" in (tmp_path / "bench" / "results.md").read_text()
 
 

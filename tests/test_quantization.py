@@ -379,12 +379,12 @@ def test_bench_weights_on_cpu(tmp_path: Path) -> None:
     assert main(["bench", "--model", "tiny", "--ratios", "0.11", "--repeats", "1", "--new-tokens", "3",
                  "--weights", "fp16,int8,int4", "--no-baselines", "--out", str(out)]) == 0
     runs = {r["weights"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert set(runs) == {"fp16", "int8", "int4"}
-    assert runs["fp16"]["kernels"] == {}
+    assert set(runs) == {"fp32", "int8", "int4"}  # --weights fp16 = unquantized, in the CPU's network dtype
+    assert runs["fp32"]["kernels"] == {}
     assert runs["int8"]["kernels"] == {"torch._weight_int8pack_mm": 17}  # 4 x (qkv, gate_up, o, down) + head
     assert sum(runs["int4"]["kernels"].values()) == 17
     sizes = {k: r["llm_weight_bytes"] for k, r in runs.items()}
-    assert sizes["int4"] < sizes["int8"] < sizes["fp16"]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
     assert "| int4 |" in (out / "results.md").read_text()
 
 
@@ -401,3 +401,19 @@ def test_jetson_decode_projection_per_format_7b() -> None:
     nano = {fmt: f["jetson-orin-nano-8gb"]["d"] for fmt, f in floors.items()}
     assert nano["fp16"] == pytest.approx(13.21e9 / 102e9 * 1e3 + 3.1, abs=0.5)  # weights + 600-token KV cache
     assert nano["int4"] < 0.3 * nano["fp16"] and nano["int8"] == pytest.approx(nano["fp16"] / 2, rel=0.05)
+
+
+def test_awq_layer_runs_use_the_current_transformers_api(tiny_adapter) -> None:
+    """AWQ runs decoder layers one by one; transformers >= 5.24 warns (FutureWarning) on ``past_key_values``."""
+    import warnings
+    from types import SimpleNamespace
+
+    from apet.quant.apply import _run_layer
+
+    layer = tiny_adapter.model.get_submodule(f"{PREFIX}.0")
+    hidden = torch.randn(1, 12, tiny_adapter.spec.decoder.hidden_size, generator=torch.Generator().manual_seed(0))
+    sample = SimpleNamespace(positions=torch.arange(12)[None], mask=torch.ones(1, 12, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = _run_layer(tiny_adapter, layer, hidden, sample)
+    assert out.shape == hidden.shape and torch.isfinite(out).all()

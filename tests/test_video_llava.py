@@ -143,11 +143,12 @@ def test_manifest_and_graph_shapes(artifacts) -> None:
     assert manifest.compression.stage1.keep == 32 and manifest.compression.stage1.placement == "append"
     assert manifest.compression.stage2 is None and manifest.model.extra["frames"] == FRAMES
     assert family_of(manifest).max_visual_tokens(manifest) == 264
+    assert family_of(manifest).visual_summary(manifest) == "264 per video: 8 frames x 33 (CLS + 32 kept)"
     vision = manifest.graphs["vision"]
     assert [i["shape"] for i in vision.inputs] == [["batch", 8, 3, 224, 224]]
     assert [o["shape"] for o in vision.outputs] == [["batch", 264, 64], ["batch", 264]]
     full = read_manifest(artifacts[1.0])
-    assert full.family.max_visual_tokens(full) == 8 * 257 and full.max_context >= 8 * 257 + 512
+    assert family_of(full).max_visual_tokens(full) == 8 * 257 and full.max_context >= 8 * 257 + 512
 
 
 def test_frame_preprocessing_equals_hf_image_processor(checkpoint, clips, pipelines) -> None:

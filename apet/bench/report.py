@@ -11,7 +11,22 @@ STAGE_ORDER = ("vision_tower", "apet_stage1", "projector", "prefill")
 
 
 def _ms(timing: dict[str, Any] | None) -> str:
-    return "–" if not timing else f"{timing['median_ms']:.3f}"
+    """The median with the spread of the repeats: ``median [p10–p90]``."""
+    if not timing:
+        return "–"
+    if "p10_ms" not in timing:  # results.json of apet < 0.2 (no p10)
+        return f"{timing['median_ms']:.3f}"
+    return f"{timing['median_ms']:.3f} [{timing['p10_ms']:.3f}–{timing['p90_ms']:.3f}]"
+
+
+def _noise(results: dict[str, Any]) -> list[str]:
+    noisy = results.get("noisy_timings") or {}
+    if not noisy:
+        return []
+    worst = max(noisy, key=noisy.get)
+    return ["", f"**Noisy timings**: {len(noisy)} have a p90 above {results.get('noisy_spread', 1.5)}x their median "
+            f"(worst {worst}: {noisy[worst]}x); another process was likely using the device. Rerun on an idle "
+            "machine or with more --repeats before comparing these numbers."]
 
 
 def _stage2(parity: dict[str, Any]) -> str:
@@ -27,7 +42,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}; measured ceilings: "
              f"{env['ceilings']['matmul_tflops']} TFLOP/s matmul, {env['ceilings']['bandwidth_gbs']} GB/s copy. "
              f"Prompt {cfg['prompt_tokens']} text tokens + visual tokens, {cfg['new_tokens']} new tokens, "
-             f"{cfg['repeats']} repeats (medians; device-event timings on CUDA).",
+             f"{cfg['repeats']} repeats (median [p10–p90] in ms; device-event timings on CUDA).",
+             *_noise(results),
              "",
              "| batch | ratio | K1 | K2 (from layer) | visual | vision ms | ApET-1 ms | proj ms | prefill ms "
              "| ApET-2 ms | TTFT ms | decode ms/tok | tok/s | e2e ms | peak MiB | weights |",

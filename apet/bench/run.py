@@ -4,11 +4,12 @@ results.json schema (``schema: apet-bench/1``):
   environment   device, torch, transformers, dtype, ceilings {matmul_tflops, bandwidth_gbs}
   config        model, ratios, stages, batch sizes, prompt/new tokens, repeats
   runs[]        one per (batch, ratio): budgets {k1, stage2_layer, k2}, stages {name: timing}, generation
-                {ttft, decode_per_token, end_to_end} (timings: median_ms, p90_ms, min_ms, repeats),
+                {ttft, decode_per_token, end_to_end} (timings: median_ms, p10_ms, p90_ms, min_ms, repeats),
                 peak_memory_mb, kv_cache_bytes, costs {stage: {flops, bytes}}, floors_ms {stage},
                 measured_over_floor {stage}, jetson_floors_ms {device: {stage: ms}},
                 paper_style {ttft, decode_per_token}, speedup {vs_hf_generate_ttft, vs_paper_style_ttft, ...}
   baselines     hf_generate[batch] {visual_tokens, ttft, end_to_end, decode_ms_per_token}
+  noisy_timings {path: p90/median} of every timing above noisy_spread (apet.bench.timing.NOISY_SPREAD)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from apet.bench import flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
+from apet.bench.timing import NOISY_SPREAD, noisy_timings
+from apet.contracts.budget_options import check_ratios
 from apet.contracts.compression import CompressionConfig, Stage2Config
 from apet.contracts.plan import Budget, plan_for
 from apet.contracts.targets import resolve_form
@@ -69,9 +72,7 @@ class BenchConfig:
 
         if not self.weights or any(w not in WEIGHT_FORMATS for w in self.weights):
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
-        for r in self.ratios:
-            if not 0 < r <= 1:
-                raise UsageError(f"ratio {r} is outside (0, 1]", "pass --ratios like 1.0,0.33,0.22,0.11")
+        check_ratios(self.ratios)
         if self.new_tokens < 2 or self.repeats < 1 or self.prompt_tokens < 1:
             raise UsageError("--new-tokens must be >= 2, --repeats and --prompt-tokens >= 1", "raise them")
         if not self.batches or any(b < 1 for b in self.batches):
@@ -165,11 +166,17 @@ def _release_memory(device: torch.device, weights: int) -> int:
     return max(0, torch.cuda.memory_allocated(device) - weights)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype in the manifest's words (fp16 / fp32 / bf16): the one name the header and rows use."""
+    return {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
 def _weight_format(adapter: VisionLanguageAdapter) -> tuple[str, float | None]:
-    """(format, bytes per LLM weight) of the adapter as quantized by :func:`run_bench`."""
+    """(format, bytes per LLM weight) of the adapter as quantized by :func:`run_bench`; unquantized weights
+    are named by the network dtype they are in."""
     spec = getattr(adapter, "weight_spec", None)
     if spec is None or not spec.quantized:
-        return "fp16", None
+        return dtype_name(adapter.dtype), None
     from apet.contracts.weights import weight_bytes_per_param
 
     return spec.format, weight_bytes_per_param(spec.format, spec.group_size)
@@ -219,7 +226,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "jetson_floors_ms": flops.project(costs),
     }
     del path
-    if "paper" in cfg.baselines and fmt == "fp16":
+    if "paper" in cfg.baselines and per_weight is None:  # unquantized
         result["paper_style"] = paper_style(adapter, plan, request, max(2, cfg.repeats // 3),
                                             _max_context(adapter, cfg))
     if "onnxruntime" in cfg.backends:
@@ -241,6 +248,31 @@ def _quantized(cfg: BenchConfig, fmt: str, dtype: torch.dtype, device: torch.dev
     result = quantize_model(model, WeightSpec(fmt, cfg.group_size if fmt == "int4" else None, "rtn"))
     model.weight_spec = result.spec  # read by bench_ratio
     return model
+
+
+def _timings(node: Any, path: str = "") -> dict[str, dict[str, Any]]:
+    """Every timing (a dict with median_ms and p90_ms) in the results, by its JSON path."""
+    if isinstance(node, dict):
+        if "median_ms" in node and "p90_ms" in node:
+            return {path: node}
+        return {k: v for key, child in node.items() for k, v in _timings(child, f"{path}.{key}" if path
+                                                                          else str(key)).items()}
+    if isinstance(node, list):
+        return {k: v for i, child in enumerate(node) for k, v in _timings(child, f"{path}[{i}]").items()}
+    return {}
+
+
+def _flag_noise(results: dict[str, Any]) -> None:
+    """Record and warn about timings whose repeats disagree (p90/median > NOISY_SPREAD): on a loaded
+    machine the medians cannot be compared, and nothing else would say so."""
+    timings = _timings({"runs": results["runs"], "baselines": results["baselines"]})
+    noisy = noisy_timings(timings)
+    results["noisy_spread"], results["noisy_timings"] = NOISY_SPREAD, noisy
+    if noisy:
+        worst = max(noisy, key=noisy.get)
+        log.warning("%d of %d timings are noisy: p90 above %.1fx the median (worst %s: %.2fx); another process was "
+                    "probably busy on this machine (%s). Rerun it idle, or with more --repeats, before comparing them",
+                    len(noisy), len(timings), NOISY_SPREAD, worst, noisy[worst], results["environment"]["device"])
 
 
 def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
@@ -300,13 +332,14 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
         "schema": SCHEMA,
         "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                         platform.processor() or platform.machine(), "torch": torch.__version__,
-                        "transformers": transformers.__version__, "dtype": str(dtype).split(".")[-1],
+                        "transformers": transformers.__version__, "dtype": dtype_name(dtype),
                         "ceilings": ceilings},
         "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                    "out": str(cfg.out), "n_tokens": adapter.spec.n_tokens,
                    "num_layers": adapter.spec.decoder.num_layers},
         "runs": runs, "baselines": baselines,
     }
+    _flag_noise(results)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.out / "results.json", json.dumps(results, indent=1))
     write_report(results, cfg.out)

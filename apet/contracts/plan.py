@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Protocol
 
+from apet.contracts.budget_options import check_budget_options  # noqa: F401  (re-exported: one home)
+from apet.contracts.budget_options import parse_tokens as _parse_tokens
 from apet.contracts.compression import BASIS_PLACEMENTS, CompressionConfig, Stage2Config, stage_configs
 from apet.errors import UsageError
 
@@ -117,29 +119,6 @@ def round_to_8(value: float, limit: int) -> int:
     return min(limit, max(8, 8 * int(value / 8 + 0.5)))
 
 
-def _parse_tokens(tokens: str) -> list[int]:
-    try:
-        values = [int(t) for t in tokens.split(",")]
-    except ValueError as exc:
-        raise UsageError(f"--tokens {tokens!r} is not K or K1,K2", "pass e.g. --tokens 64 or --tokens 96,32") from exc
-    if not 1 <= len(values) <= 2:
-        raise UsageError(f"--tokens {tokens!r} has {len(values)} values", "pass one (K) or two (K1,K2) budgets")
-    return values
-
-
-def check_budget_options(ratio: float | None, tokens: str | None) -> None:
-    """Options that contradict each other are refused, never silently dropped."""
-    if ratio is not None and tokens is not None:
-        raise UsageError(f"--ratio {ratio} and --tokens {tokens} both set the budget",
-                         "pass one of them: --ratio for the paper's mean fraction, --tokens for exact K1[,K2]")
-    if tokens is not None:
-        values = _parse_tokens(tokens)
-        if len(values) == 2 and values[1] >= values[0]:
-            raise UsageError(f"--tokens {tokens}: K2={values[1]} is not smaller than K1={values[0]}, so stage 2 "
-                             "would remove nothing",
-                             "pass K1,K2 with K2 < K1 (e.g. --tokens 96,32), or one budget for a single stage")
-
-
 def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None) -> tuple[int, int | None]:
     if tokens is not None:
         values = _parse_tokens(tokens)
@@ -152,6 +131,15 @@ def _budgets(n_tokens: int, ratio: float | None, stages: int, tokens: str | None
     k1 = round_to_8(min(1.5 * ratio, 1.0) * n_tokens, n_tokens)
     k2 = round_to_8((0.5 * ratio if ratio <= 2 / 3 else 2 * ratio - 1) * n_tokens, n_tokens)
     return k1, (None if k2 >= k1 else k2)  # nothing to remove at stage 2 (e.g. ratio 1.0)
+
+
+def _least_ratio(n_tokens: int, stages: int, basis: int) -> float | None:
+    """The smallest ``--ratio`` (in steps of 0.01) whose budgets all keep more than ``basis`` tokens."""
+    for step in range(1, 101):
+        k1, k2 = _budgets(n_tokens, step / 100, stages, None)
+        if all(k is None or k == n_tokens or basis < k <= n_tokens for k in (k1, k2)):
+            return step / 100
+    return None
 
 
 def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = None, stages: int = 2,
@@ -173,9 +161,12 @@ def plan_compression(n_tokens: int, num_layers: int, *, ratio: float | None = No
     k1, k2 = _budgets(n_tokens, ratio, stages, tokens)
     for name, keep in (("K1", k1), ("K2", k2)):
         if keep is not None and keep != n_tokens and not (basis + 1 <= keep <= n_tokens):
+            least = None if tokens is not None else _least_ratio(n_tokens, stages, basis)
             raise UsageError(
                 f"{name}={keep} tokens is outside [{basis + 1}, {n_tokens}] (basis={basis}, N={n_tokens})",
-                "raise --ratio / --tokens, or lower --basis",
+                "raise --tokens, or lower --basis" if least is None else
+                f"pass --ratio {least:g} or more (the least that keeps more than the {basis} basis tokens at "
+                f"{'each' if stages == 2 else 'the'} stage of this model), or lower --basis",
             )
     if k2 is not None and k2 >= k1:
         raise UsageError(f"--tokens {tokens}: K2={k2} is not smaller than K1={k1}, so stage 2 would remove nothing",

@@ -96,9 +96,10 @@ class WeightSpec:
                                       "scales_file") if k in data}
         return cls(**known).validate()
 
-    def describe(self) -> str:
+    def describe(self, dtype: str) -> str:
+        """``dtype``: the network dtype (manifest.dtype), which unquantized weights are stored in."""
         if not self.quantized:
-            return "fp16 (not quantized)"
+            return f"{dtype} (not quantized)"
         group = f", group {self.group_size}" if self.format == "int4" else ", per output channel"
         head = "" if self.quantize_lm_head else ", LM head kept"
         calib = self.calibration or {}

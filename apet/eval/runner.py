@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from tqdm.auto import tqdm
 
 from apet.atomic import write_atomic
+from apet.contracts.budget_options import check_ratios
 from apet.contracts.plan import Budget, plan_for
 from apet.devices import check_device
 from apet.errors import ApetError, InputError, UsageError
@@ -25,7 +26,7 @@ from apet.eval.keys import RowKeys, media_digest, setting_key
 from apet.eval.report import build_report, write_report
 from apet.eval.scoring import prompt_for, score_item
 from apet.manifest import Manifest, in_memory_manifest, read_manifest
-from apet.media.dataset import EvalItem, load
+from apet.media.dataset import EvalItem, check_sources, load
 from apet.models.registry import family_of, get_family
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
@@ -68,15 +69,13 @@ class EvalConfig:
             unknown = [m for m in self.methods if m not in RULES]
             if unknown:
                 raise UsageError(f"--methods {','.join(unknown)} unknown", f"use some of {', '.join(sorted(RULES))}")
-        if any(not 0 < r <= 1 for r in self.ratios):
-            raise UsageError(f"--ratios {self.ratios} must lie in (0, 1]", "e.g. --ratios 1.0,0.22,0.11")
+        check_ratios(self.ratios)
         from apet.contracts.weights import WEIGHT_FORMATS
 
         bad = [w for w in self.weights if w not in WEIGHT_FORMATS]
         if bad or not self.weights:
             raise UsageError(f"--weights {','.join(self.weights)}: unknown format", "e.g. --weights fp16,int8,int4")
-        if not self.images.is_dir():
-            raise UsageError(f"--images {self.images} is not a directory", "pass the folder the image paths are in")
+        check_sources(self.data, self.images)
         if (Path(self.source) / "manifest.json").is_file():
             check_device(self.device)  # an artifact runs on its backend, which checks the device itself
         else:
@@ -178,7 +177,8 @@ def _conditions(manifest: Manifest) -> dict[str, Any]:
     return {"prompt_template": manifest.model.prompt_template_name,
             "image_fit": manifest.model.processor.get("image_fit"),
             "basis_placement": manifest.compression.basis_placement,
-            "stages": 1 if manifest.compression.stage2 is None else 2, "weights": manifest.weights.describe(),
+            "stages": 1 if manifest.compression.stage2 is None else 2,
+            "weights": manifest.weights.describe(manifest.dtype),
             "preprocessing": family_of(manifest).preprocessing_summary(manifest)}  # e.g. Qwen2.5-VL's --pixel-range
 
 

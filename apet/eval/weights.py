@@ -65,4 +65,5 @@ def quantized_copy(adapter: VisionLanguageAdapter, fmt: str, cfg: Any) -> tuple[
     score = agreement(adapter, model, sequences)
     log.info("%s vs fp16: top-1 agreement %.4f, mean KL %.5f over %d positions", fmt, score.top1, score.kl,
              score.positions)
-    return model, result.spec, {**score.to_json(), "weights": result.spec.describe(), **result.summary()}
+    dtype = str(adapter.dtype).replace("torch.float", "fp")  # the manifest's names: fp16 / fp32
+    return model, result.spec, {**score.to_json(), "weights": result.spec.describe(dtype), **result.summary()}

@@ -83,10 +83,6 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.ratio is None and self.tokens is None:
             raise UsageError("no budget given", "pass --ratio R (e.g. 0.11) or --tokens K[,K2]")
-        if self.ratio is not None:
-            if not (0.0 < self.ratio <= 1.0):
-                raise UsageError(f"--ratio {self.ratio} is outside the allowed range (0, 1]",
-                                 "pass the mean retained fraction, e.g. --ratio 0.11")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} is unknown", "use fp16 (engines) or fp32 (CPU parity)")
         if self.basis_method not in METHODS:
@@ -94,7 +90,7 @@ class ExportConfig:
         if self.basis_placement not in BASIS_PLACEMENTS:
             raise UsageError(f"--basis-placement {self.basis_placement!r} is unknown",
                              "use paper (the authors' algorithm, default) or own (ablation)")
-        check_budget_options(self.ratio, self.tokens)
+        check_budget_options(self.ratio, self.tokens, self.basis)
         check_torch_device(self.device)
         spec = self.weight_spec.validate()
         form = self.form  # --target / --attention / --opset together

@@ -48,9 +48,21 @@ class EvalItem:
         return self.video or self.image
 
 
-def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def check_sources(data: tuple[Path, ...], images: Path) -> None:
+    """The data files exist and ``images`` is a directory (checked before any model is loaded)."""
+    for path in data:
+        _check_data_file(path)
+    if not Path(images).is_dir():
+        raise UsageError(f"--images {images} is not a directory", "pass the folder the image paths are in")
+
+
+def _check_data_file(path: Path) -> None:
     if not Path(path).is_file():
         raise InputError(f"data file {path} does not exist", "check --data")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    _check_data_file(path)
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():

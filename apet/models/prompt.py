@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from apet.contracts.specs import ModelSpec
-from apet.errors import ArtifactError, InputError
+from apet.errors import ArtifactError, InputError, option
 from apet.models.family import Layout, positions_from_mask
 
 
@@ -32,7 +32,8 @@ class PromptEncoder:
     def split(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single media placeholder of the formatted prompt."""
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty", "pass a question or instruction, e.g. --prompt 'What is this?'")
+            raise InputError("the prompt is empty",
+                             f"pass a question or instruction, e.g. {option('prompt', 'What is this?')}")
         if self.model.image_placeholder in prompt:
             raise InputError(f"the prompt contains the media placeholder {self.model.image_placeholder!r}",
                              "remove it: the image is inserted by the prompt template")
@@ -88,7 +89,8 @@ def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, m
         raise InputError(
             f"the prompt needs {prompt_tokens} tokens (incl. {visual_tokens} visual) + {max_new_tokens} new "
             f"tokens, over the artifact's max_context {max_context}",
-            "shorten the prompt, lower --max-new-tokens, or re-export with a larger --max-context")
+            f"shorten the prompt, lower {option('max_new_tokens')}, or re-export with a larger apet-export "
+            "--max-context")
 
 
 def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Sequence[tuple[np.ndarray, np.ndarray]],

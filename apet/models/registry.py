@@ -86,21 +86,6 @@ def family_of_checkpoint(path: Path) -> Family:
                      f"supported model types: {', '.join(supported)}")
 
 
-def _from_hub_cache(repo_id: str, option: str = "--model") -> Path:
-    """A hub id resolves only from the local HF cache: the tool never downloads at run time."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:
-        raise UsageError(
-            f"cannot load {repo_id!r}: it is not a local directory and not in the Hugging Face cache "
-            f"({type(exc).__name__})",
-            f"download it where you have network (huggingface-cli download {repo_id} --local-dir DIR) "
-            f"and pass {'--model' if option == '--model' else '--checkpoint'} DIR",
-        ) from exc
-
-
 def resolve_checkpoint(model: str, option: str = "--model") -> Path:
     """The local checkpoint directory ``model`` names (creating a tiny one on demand); errors name ``option``,
     the command-line option the value came from."""
@@ -113,7 +98,9 @@ def resolve_checkpoint(model: str, option: str = "--model") -> Path:
     aliases = {k: v for f in _families().values() for k, v in f.aliases.items()}
     repo_id = aliases.get(model, model)
     if repo_id.count("/") == 1 and not repo_id.startswith((".", "/", "~")):
-        return _from_hub_cache(repo_id, option)
+        from apet.models.hub import download_checkpoint
+
+        return download_checkpoint(repo_id, option)
     if path.exists():
         raise UsageError(f"{option} {model!r} is a file, not a checkpoint directory",
                          "pass the directory that holds config.json and the .safetensors weights")

@@ -95,7 +95,8 @@ def _run_layer(adapter: VisionLanguageAdapter, layer: nn.Module, hidden: torch.T
 
     cos_sin = adapter.hf_position_embeddings(hidden, sample.positions)
     bias = additive_mask(sample.mask, hidden.shape[1], hidden.dtype)
-    out = layer(hidden, attention_mask=bias, position_ids=sample.positions, past_key_values=None, use_cache=False,
+    # no KV-cache argument at all: its name changed in transformers 5.24 (apet.models.compat) and None is the default
+    out = layer(hidden, attention_mask=bias, position_ids=sample.positions, use_cache=False,
                 position_embeddings=cos_sin)
     return out[0] if isinstance(out, tuple) else out
 

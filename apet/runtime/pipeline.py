@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from apet.devices import check_device
-from apet.errors import BackendError, UsageError
+from apet.errors import BackendError, UsageError, option
 from apet.manifest import Manifest, consistent_read, read_manifest
 from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, backend_class, resolve_backend
@@ -85,7 +85,7 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
     if name == "tensorrt":  # it asks the CUDA driver itself (cuda-python), without torch
         if device is not None and not device.startswith("cuda"):
             raise BackendError("the tensorrt backend runs on a CUDA device",
-                               "pass --device cuda, or --backend onnxruntime")
+                               f"pass {option('device', 'cuda')}, or {option('backend', 'onnxruntime')}")
         return backend_class(name)(artifact_dir, manifest, device=device or "cuda")
     device = device or "cpu"
     if name == "onnxruntime":

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from apet.errors import UsageError
+from apet.errors import UsageError, option
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer",
-                             "pass --max-new-tokens 1 or more")
+                             f"pass {option('max_new_tokens', 1)} or more")
         if not (0.0 <= self.temperature <= 100.0):
             raise UsageError(f"temperature={self.temperature} is outside [0, 100]", "0 means greedy")
         if not (0.0 < self.top_p <= 1.0):

@@ -1,7 +1,9 @@
 """The seeded, randomly initialised tiny LLaVA-NeXT checkpoint (``--model tiny-llava-next``, tests).
 
-112-px views of 8x8 patch tokens and the v1.6 grid pinpoints scaled from 336-px to 112-px tiles
-(1x2, 2x1, 2x2, 3x1, 1x3 tiles), so an image becomes 3 to 5 views and CPU tests stay fast.
+112-px views of 16x16 patch tokens (7-px patches) and the v1.6 grid pinpoints scaled from 336-px to 112-px
+tiles (1x2, 2x1, 2x2, 3x1, 1x3 tiles), so an image becomes 3 to 5 views and CPU tests stay fast. 256 tokens
+per view (as the tiny LLaVA) give the README's budgets room: ``--ratio 0.11`` keeps K1 = 40 per view and
+K2 = 16, both above the 10 basis tokens (with 64 tokens per view K1 would be 8).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from apet.adapters.shared.tiny import (
 )
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
 
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2  # 2: 16x16 tokens per view (was 8x8)
 
 
 @dataclass(frozen=True)
 class TinyLlavaNextConfig(TinyClipLlama):
     image_size: int = 112
+    patch_size: int = 7
+    max_positions: int = 2048  # up to 5 views x 256 tokens + 32 newlines at ratio 1.0
     pinpoints: tuple[tuple[int, int], ...] = field(
         default=((112, 224), (224, 112), (224, 224), (336, 112), (112, 336)))
 
@@ -36,6 +40,7 @@ def _build(path: Path, seed: int, cfg: TinyLlavaNextConfig) -> None:
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tokenizer = llama_tokenizer(cfg.vocab_target)
+    tokenizer.model_max_length = cfg.max_positions  # Hugging Face's processor expands every visual token
     vision, text = clip_llama_configs(cfg, tokenizer)
     pinpoints = [list(p) for p in cfg.pinpoints]
     config = LlavaNextConfig(vision_config=vision, text_config=text,

@@ -37,6 +37,13 @@ class VideoLlavaFamily(Family):
             return manifest.visual_tokens
         return int(manifest.model.extra["frames"]) * (manifest.visual_tokens + 1)
 
+    def visual_summary(self, manifest: "Manifest") -> str:
+        """Video tokens are per video (every frame keeps its CLS beside the K1 kept patch tokens)."""
+        if self.media_of(manifest) == "image":
+            return super().visual_summary(manifest)
+        frames, kept = int(manifest.model.extra["frames"]), manifest.visual_tokens
+        return f"{self.max_visual_tokens(manifest)} per video: {frames} frames x {kept + 1} (CLS + {kept} kept)"
+
     def vision_dims(self, manifest: "Manifest", max_batch: int) -> dict[str, tuple[int, int, int]]:
         return {"batch": (1, 1, max_batch)}
 

@@ -57,7 +57,8 @@ class Backend(ABC):
         self.check_request(layout.batch, layout.token_ids.shape[1], 1)
         if layout.token_ids.shape[1] > self.manifest.max_context:
             raise InputError(f"a prompt of {layout.token_ids.shape[1]} tokens exceeds the artifact's max_context "
-                             f"{self.manifest.max_context}", "shorten the prompt or re-export with --max-context")
+                             f"{self.manifest.max_context}",
+                             "shorten the prompt or re-export with apet-export --max-context")
         return self._prefill(layout, visual)
 
     def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -72,7 +73,8 @@ class Backend(ABC):
     def check_batch(self, batch: int) -> None:
         if batch > self.manifest.max_batch:
             raise InputError(f"batch of {batch} exceeds the artifact's max batch {self.manifest.max_batch}",
-                             "split the request, or re-export/re-build with a larger --max-batch")
+                             "split the request, or re-export/re-build with a larger --max-batch (apet-export, "
+                             "apet-build)")
 
     # -- implementations ---------------------------------------------------------------------------
     @abstractmethod

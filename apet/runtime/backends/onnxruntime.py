@@ -16,7 +16,7 @@ import numpy as np
 
 from apet import scopes
 from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
-from apet.errors import BackendError
+from apet.errors import BackendError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
 from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
@@ -39,7 +39,7 @@ class OnnxRuntimeBackend(Backend):
                 pass
         if wanted not in ort.get_available_providers():
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
-                               "pip install onnxruntime-gpu for CUDA, or use --device cpu")
+                               f"pip install onnxruntime-gpu for CUDA, or pass {option('device', 'cpu')}")
         options = ort.SessionOptions()
         # Weight-only quantized graphs (DequantizeLinear -> MatMul) are fused into ORT's MatMulNBits; its CPU
         # default (level 4) also quantizes the *activations* to int8. Level 1 computes in float32, so the ORT

@@ -36,7 +36,7 @@ from apet.cuda_memory import (
     device_index,
     load_driver,
 )
-from apet.errors import ArtifactError, BackendError, InputError
+from apet.errors import ArtifactError, BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
 from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
@@ -126,7 +126,7 @@ class EngineLimits:
         if prompt_tokens + new_tokens > self.max_context:
             raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the engines' decode profile "
                              f"maximum {self.max_context} (apet-build --max-context)",
-                             f"lower --max-new-tokens, or rebuild: apet-build DIR --max-context "
+                             f"lower {option('max_new_tokens')}, or rebuild: apet-build DIR --max-context "
                              f"{prompt_tokens + new_tokens} --overwrite (up to the export's max_context)")
 
 
@@ -145,15 +145,17 @@ def check_engines(artifact_dir: Path, manifest: Manifest, runtime_kind: str, run
         raise ArtifactError(f"{Path(artifact_dir) / REPORT_NAME} is missing", "run apet-build on the artifact")
     if report.get("manifest_sha256") != manifest_digest(artifact_dir):
         raise ArtifactError("the engines were built from another export of this directory",
-                            "rebuild them: apet-build DIR --overwrite")
+                            f"rebuild them: apet-build {artifact_dir} --overwrite")
     if report.get("builder") != runtime_kind or report.get("version") != runtime_version:
         raise ArtifactError(f"the engines were built by {report.get('builder')} {report.get('version')}, "
                             f"this runtime has {runtime_kind} {runtime_version}",
-                            "rebuild the engines with the TensorRT installed here (apet-build DIR --overwrite)")
+                            f"rebuild the engines with the TensorRT installed here (apet-build {artifact_dir} "
+                            "--overwrite)")
     for name, entry in report.get("engines", {}).items():
         path = Path(artifact_dir) / entry.get("file", ENGINE_FILES.get(name, ""))
         if not path.is_file() or sha256_file(path) != entry.get("sha256"):
-            raise ArtifactError(f"{path.name} is missing or changed after apet-build", "rebuild the engines")
+            raise ArtifactError(f"{path.name} is missing or changed after apet-build",
+                                f"rebuild the engines: apet-build {artifact_dir} --overwrite")
     return report
 
 

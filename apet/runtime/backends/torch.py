@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apet.errors import BackendError, UsageError
+from apet.errors import BackendError, UsageError, option
 from apet.manifest import Manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
@@ -29,10 +29,11 @@ def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str)
     source = checkpoint or manifest.model.source
     if source == "random-init":
         raise BackendError("the artifact was exported from a random-init model; the torch backend needs weights",
-                           "pass checkpoint=PATH (apet-run --checkpoint PATH)")
+                           f"pass {option('checkpoint', 'PATH')}, the source checkpoint directory")
     dtype = torch.float16 if device.startswith("cuda") and manifest.dtype == "fp16" else torch.float32
-    option = "--checkpoint" if checkpoint else "the manifest's model.source (override with --checkpoint)"
-    return load_adapter(source, dtype=dtype, device=device, option=option)
+    named = option("checkpoint") if checkpoint else \
+        f"the manifest's model.source (override with {option('checkpoint')})"
+    return load_adapter(source, dtype=dtype, device=device, option=named)
 
 
 def embedding_table(adapter: VisionLanguageAdapter) -> torch.Tensor:
