@@ -122,8 +122,8 @@ def test_python_errors_name_parameters_and_cli_errors_name_flags(artifact_factor
 
 
 def test_a_budget_below_the_basis_names_the_least_ratio() -> None:
-    from apet.errors import UsageError
     from apet.contracts.plan import plan_compression
+    from apet.errors import UsageError
 
     with pytest.raises(UsageError) as low:  # 64 tokens per view (the tiny LLaVA-NeXT before issue 26)
         plan_compression(64, 4, ratio=0.11, stages=2)
