@@ -54,6 +54,7 @@ of the reference exactly for every N the processor can produce.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -74,9 +75,19 @@ class Compressed(NamedTuple):
     index: torch.Tensor
 
 
-def selector(config: CompressionConfig) -> Callable[[torch.Tensor], Compressed]:
-    """One stage's settings bound: the ``select`` a family's vision stages call on their features."""
-    return lambda x: compress_with(config, x)
+@dataclass(frozen=True)
+class StageSelector:
+    """One stage's settings bound: the ``select`` a family's vision stages call on their features. Stages may
+    read ``config`` (a fixed budget lets Qwen's vision graph keep static output shapes)."""
+
+    config: CompressionConfig
+
+    def __call__(self, x: torch.Tensor) -> Compressed:
+        return compress_with(self.config, x)
+
+
+def selector(config: CompressionConfig) -> StageSelector:
+    return StageSelector(config)
 
 
 def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:

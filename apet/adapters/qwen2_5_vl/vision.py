@@ -55,7 +55,7 @@ class QwenVisionStages(VisionStages):
     def __init__(self, adapter, select) -> None:
         super().__init__(adapter, select)
         # export passes apet.compression.selector: a fixed budget (--tokens K) gives static output shapes
-        config = getattr(select, "__self__", None)
+        config = getattr(select, "config", None)
         fixed = isinstance(config, CompressionConfig) and config.keep_ratio is None
         self.fixed_keep = config.keep if fixed else None
 
