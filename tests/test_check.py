@@ -128,3 +128,20 @@ def test_json_report_schema(exports, capsys):
     assert [row["stage"] for row in comparison["stages"]] == STAGES[:-1] + ["step_logits"]
     assert all(set(row) == {"stage", "passed", "metrics"} for row in comparison["stages"])
     assert set(comparison["margins"]) == {"reference", "candidate", "merge_target_changes"}
+
+
+def test_torch_runner_agrees_with_onnxruntime_on_fp32(exports):
+    report = check(CheckConfig([RunnerSpec("onnxruntime", exports[0]), RunnerSpec("torch", exports[0])], image=DEMO,
+                               steps=3))
+    comparison = report.comparisons[0]
+    assert [row.stage for row in comparison.stages] == ["projector", "keep_index", "logits", "greedy_tokens",
+                                                        "step_logits"]
+    assert comparison.first_departure is None, report.to_text()
+
+
+def test_check_imports_no_torch_until_the_torch_runner():
+    import subprocess
+    import sys
+
+    code = "import sys, apet.check, apet.check.runners; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
