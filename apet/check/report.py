@@ -66,8 +66,15 @@ class CheckReport:
             for row in comp.stages:
                 shown = ", ".join(f"{k} {_fmt(v)}" for k, v in row.metrics.items() if not isinstance(v, (list, dict)))
                 lines.append(f"  {'ok  ' if row.passed else 'DIFF'} {row.stage:<14} {shown}")
-            for name, value in comp.margins.items():
-                lines.append(f"  margins {name}: {_fmt(value)}")
+            for side in ("reference", "candidate"):
+                for row, m in enumerate(comp.margins.get(side, [])):
+                    lines.append(f"  stage-1 margins {side} row {row}: selection {m['selection_margin']:.4g}, merge "
+                                 f"min {m['min_merge_margin']:.3g} / median {m['median_merge_margin']:.3g} "
+                                 f"over {m['dropped_tokens']} dropped tokens")
+            for change in comp.margins.get("merge_target_changes", []):
+                lines.append(f"  merge changed: row {change['row']} token {change['token']} joins "
+                             f"{change['candidate_target']} not {change['reference_target']} (cosine gap "
+                             f"{change['reference_gap']:.3g} reference, {change['candidate_gap']:.3g} candidate)")
             where = comp.first_departure or "none: every stage within tolerance"
             lines.append(f"  first departure: {where}" + (f" ({comp.first_departure_tensor})"
                                                           if comp.first_departure_tensor else ""))
