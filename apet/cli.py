@@ -262,6 +262,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build): the reference")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file, or @demo for the bundled one")
+    media.add_argument("--video", help="video file, frame directory or .npy (video families)")
+    p.add_argument("--prompt", default="Describe the image.", help="the question about the image or video")
+    p.add_argument("--backends", default="onnxruntime,torch",
+                   help="comma-separated backends run on ARTIFACT (onnxruntime, tensorrt, torch); the first is the "
+                        "reference the others are compared with")
+    p.add_argument("--against", type=Path, action="append", default=[],
+                   help="another export of the same model (e.g. the fp16 one), run with ONNX Runtime and compared "
+                        "with the reference (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (ONNX Runtime's CUDA provider with cuda)")
+    p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
+    p.add_argument("--steps", type=int, default=8, help="greedy tokens compared")
+    p.add_argument("--per-layer", action="store_true",
+                   help="mark every tensor of the ONNX graphs as an output (Polygraphy mark-all) and name the first "
+                        "node scope that departs")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default: 1e-4 fp32, 2e-2 when a runner is fp16)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default: 1e-3 fp32, 2e-2 when a runner is fp16)")
+    p.add_argument("--reduce-dir", type=Path,
+                   help="write the reduced ONNX of the first departing scope here (with --per-layer)")
+    p.add_argument("--no-verify", action="store_true", help="skip the manifest's checksums (a hand-edited copy)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON record")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import json
+
+    from apet.check import CheckConfig, RunnerSpec, check
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    options = {"checkpoint": args.checkpoint} if args.checkpoint else {}
+    specs = [RunnerSpec(b, args.artifact, args.device, options=options if b == "torch" else {}) for b in backends]
+    specs += [RunnerSpec("onnxruntime", other, args.device, label=f"onnxruntime:{other}") for other in args.against]
+    report = check(CheckConfig(specs, image=args.image, video=args.video,
+                               prompt=args.prompt, steps=args.steps, per_layer=args.per_layer, atol=args.atol,
+                               rtol=args.rtol, reduce_dir=args.reduce_dir, verify_checksums=not args.no_verify))
+    print(json.dumps(report.to_json()) if args.json else report.to_text())
+    return 0  # a departure is the report's finding, not a failure of the command (fp16 always departs from fp32)
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-llava-next | "
                    "llava-next-shapes | tiny-video-llava | video-llava-shapes | tiny-qwen2.5-vl | "
@@ -416,6 +458,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "inspect": ("show an artifact's manifest, graph I/O and engines", _inspect_args, cmd_inspect),
     "run": ("answer a prompt about an image with an exported artifact", _run_args, cmd_run),
     "bench": ("latency/memory of ApET-compressed inference vs ratio, against HF baselines", _bench_args, cmd_bench),
+    "check": ("run one request through several backends and report, stage by stage, where they depart "
+              "(NVIDIA Polygraphy)", _check_args, cmd_check),
     "eval": ("accuracy retention of ApET and other rules vs ratio on your data", _eval_args, cmd_eval),
     "serve": ("OpenAI-compatible HTTP server (chat completions with images) over an artifact", _serve_args, cmd_serve),
 }

@@ -23,6 +23,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "trt": ("tensorrt",),
     "cuda12": ("cuda",),
     "cuda13": ("cuda",),
+    "check": ("polygraphy",),  # apet check: NVIDIA Polygraphy's runners and Comparator
 }
 
 

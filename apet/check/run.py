@@ -1,0 +1,192 @@
+"""Run one request through every runner with Polygraphy's ``Comparator.run`` and compare each runner with the
+first (the reference), stage by stage (:mod:`apet.check.report`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apet.check.graph import extract_scope, is_stage, scope_of_tensor
+from apet.check.margins import stage_margins
+from apet.check.report import DEFAULT_TOLERANCE, CheckReport, Comparison, StageRow, Tolerance
+from apet.check.runners import (
+    GREEDY,
+    KEEP_INDEX,
+    NODE_PREFIX,
+    STEP_LOGITS,
+    Request,
+    make_backend_runner,
+    make_onnxrt_runner,
+    polygraphy,
+)
+from apet.contracts.io import STAGE2_INDEX
+from apet.errors import UsageError
+from apet.manifest import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+INDEX_OUTPUTS = (KEEP_INDEX, STAGE2_INDEX)
+TOKEN_SLOT_STAGES = ("apet_stage1", "projector")  # visual tokens: report the per-slot difference
+
+
+@dataclass
+class RunnerSpec:
+    backend: str  # onnxruntime | tensorrt | torch
+    artifact: Path
+    device: str | None = None
+    label: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CheckConfig:
+    runners: list[RunnerSpec]
+    image: Any = None
+    video: Any = None
+    prompt: str = "Describe the image."
+    steps: int = 8
+    per_layer: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    reduce_dir: Path | None = None  # where the reduced ONNX of the first departing scope is written
+    verify_checksums: bool = True
+
+
+def _request(manifest: Manifest, artifact: Path, config: CheckConfig) -> Request:
+    from apet.models.registry import family_of
+
+    processor = family_of(manifest).processor(artifact, manifest)
+    medium = config.image if config.video is None else config.video
+    if medium is None:
+        raise UsageError("apet check needs the request's media", "pass --image or --video")
+    if config.video is None and isinstance(medium, (str, Path)):
+        from apet.media.images import load_image
+
+        medium = load_image(str(medium))
+    return Request(processor.vision_inputs([medium]), config.prompt, config.steps)
+
+
+def _runner(spec: RunnerSpec, manifest: Manifest, request: Request, per_layer: bool):
+    label = spec.label or f"{spec.backend}:{Path(spec.artifact).name}"
+    if spec.backend == "onnxruntime":
+        return make_onnxrt_runner(spec.artifact, manifest, request, spec.device or "cpu", per_layer, label)
+    return make_backend_runner(spec.backend, spec.artifact, manifest, request, spec.device, label, **spec.options)
+
+
+def tolerance_for(manifests: list[Manifest], atol: float | None, rtol: float | None) -> Tolerance:
+    loosest = DEFAULT_TOLERANCE["fp16" if any(m.dtype == "fp16" for m in manifests) else "fp32"]
+    return Tolerance(loosest.atol if atol is None else atol, loosest.rtol if rtol is None else rtol)
+
+
+def check(config: CheckConfig, keep_outputs: bool = False):
+    """The report (and, with ``keep_outputs``, every runner's outputs by label) of one request."""
+    if len(config.runners) < 2:
+        raise UsageError("apet check compares at least two runners",
+                         "pass two backends (--backends onnxruntime,torch) or another artifact (--against)")
+    manifests = [read_manifest(s.artifact, verify_checksums=config.verify_checksums) for s in config.runners]
+    request = _request(manifests[0], config.runners[0].artifact, config)
+    runners = [_runner(s, m, request, config.per_layer) for s, m in zip(config.runners, manifests)]
+    logger = polygraphy("logger").G_LOGGER
+    logger.module_severity = logger.ERROR  # the report is the output; Polygraphy's own lines are noise here
+    comparator = polygraphy("comparator").Comparator
+    results = comparator.run(runners, data_loader=[dict(request.inputs.arrays)])
+    outputs = {name: dict(iterations[0]) for name, iterations in results.items()}
+    tol = tolerance_for(manifests, config.atol, config.rtol)
+    names = [r.name for r in runners]
+    comparisons = [_compare(names[0], outputs[names[0]], name, outputs[name], tol, manifests[0], spec, config)
+                   for name, spec in zip(names[1:], config.runners[1:])]
+    report = CheckReport(names, {"atol": tol.atol, "rtol": tol.rtol}, config.per_layer, comparisons)
+    return (report, outputs) if keep_outputs else report
+
+
+def _compare(ref_name: str, ref: dict, name: str, out: dict, tol: Tolerance, manifest: Manifest,
+             spec: RunnerSpec, config: CheckConfig) -> Comparison:
+    rows = [_row(key, ref[key], out[key], tol) for key in ref if not key.startswith(NODE_PREFIX) and key in out]
+    first, tensor = next((r.stage for r in rows if not r.passed), None), None
+    if config.per_layer:
+        # only the stage scopes: a dtype's own constants (the mask's fill value, fp16 vs fp32) are no departure
+        tensor = next((k for k in ref if k.startswith(NODE_PREFIX) and k in out and _in_stage(k)
+                       and np.shape(ref[k]) == np.shape(out[k]) and not tol.close(out[k], ref[k])), None)
+        if tensor is not None:
+            first = scope_of_tensor(tensor.split(":", 2)[2]) or first
+    comparison = Comparison(ref_name, name, rows, first, tensor)
+    if "vision" in ref and "vision" in out and manifest.compression is not None:
+        comparison.margins = _margins(ref["vision"], out["vision"], manifest)
+    if first is not None and config.reduce_dir is not None and tensor is not None:
+        graph = tensor.split(":", 2)[1]
+        artifact = Path(spec.artifact)
+        path = artifact / read_manifest(artifact, verify_checksums=False).graphs[graph].file
+        try:
+            comparison.reduced_onnx = str(extract_scope(path, first, Path(config.reduce_dir) / f"{first}.onnx"))
+        except Exception as exc:  # noqa: BLE001 - the report stands without its attachment; say why
+            log.warning("could not extract scope %s of %s: %s", first, path, exc)
+    return comparison
+
+
+def _in_stage(key: str) -> bool:
+    scope = scope_of_tensor(key.split(":", 2)[2])
+    return scope is not None and is_stage(scope)
+
+
+def _row(key: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> StageRow:
+    ref, out = np.asarray(ref), np.asarray(out)
+    if key in INDEX_OUTPUTS:
+        equal = bool(np.array_equal(ref, out))
+        return StageRow(key, equal, {"equal": equal, "shared": overlap(out, ref)})
+    if key == GREEDY:
+        agree = [bool(np.array_equal(a, b)) for a, b in zip(out, ref)]
+        first = next((i for i, same in enumerate(agree) if not same), None)
+        return StageRow(key, all(agree), {"steps": len(agree), "equal_steps": sum(agree),
+                                          "first_different_step": first})
+    if ref.size != out.size:
+        return StageRow(key, False, {"shape": list(out.shape), "reference_shape": list(ref.shape)})
+    out = out.reshape(ref.shape)
+    delta = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    metrics: dict[str, Any] = {"max_abs": float(delta.max()) if delta.size else 0.0, "scale": scale,
+                               "max_rel": float(delta.max() / scale) if scale else 0.0}
+    if key in TOKEN_SLOT_STAGES:
+        metrics["visual_token_diff"] = token_diff(out, ref)
+    if key == STEP_LOGITS:
+        metrics["max_abs_by_step"] = [float(d.max()) for d in delta]
+    return StageRow(key, tol.close(out, ref), metrics)
+
+
+def token_diff(out: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
+    """Per visual token (slot), the largest |Δ| over its features. Rounding moves every token a little; a merge
+    that picks another kept token (a near-tie) moves a few tokens a lot: ``outliers`` counts tokens over 10x the
+    median."""
+    per_token = np.abs(out.reshape(-1, out.shape[-1]).astype(np.float64)
+                       - ref.reshape(-1, ref.shape[-1])).max(-1)
+    median = float(np.median(per_token))
+    return {"median": round(median, 5), "max": round(float(per_token.max()), 5),
+            "outliers": int((per_token > 10 * median).sum()), "tokens": int(per_token.size),
+            "scale": round(float(np.abs(ref).max()), 4)}
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean fraction of kept positions two selections share, per row (near-ties swap a few, bugs most)."""
+    a, b = np.asarray(a), np.asarray(b)
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return round(float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a, b)])), 4)
+
+
+def _margins(ref: np.ndarray, out: np.ndarray, manifest: Manifest) -> dict[str, Any]:
+    """Stage-1 margins of both runners' own features, and the merges that changed with their gaps."""
+    stage = manifest.compression.stage1
+    start = stage.seed if isinstance(stage.seed, int) else 0
+    result: dict[str, Any] = {"reference": [], "candidate": [], "merge_target_changes": []}
+    for row, (a, b) in enumerate(zip(np.asarray(ref), np.asarray(out))):
+        ma, mb = (stage_margins(x, stage.keep, stage.basis, start) for x in (a, b))
+        result["reference"].append(ma.to_json())
+        result["candidate"].append(mb.to_json())
+        for j in sorted(set(ma.merge_targets) & set(mb.merge_targets)):
+            if ma.merge_targets[j] != mb.merge_targets[j]:
+                result["merge_target_changes"].append(
+                    {"row": row, "token": j, "reference_target": ma.merge_targets[j],
+                     "candidate_target": mb.merge_targets[j], "reference_gap": ma.merge_gaps[j],
+                     "candidate_gap": mb.merge_gaps[j]})
+    return result

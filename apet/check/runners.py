@@ -1,0 +1,218 @@
+"""Polygraphy runners for one apet request: each runs vision -> splice -> prefill -> greedy decode and returns the
+stage outputs by scope name, so Polygraphy's ``Comparator.run`` runs them all on the same feed.
+
+ONNX Runtime runs through Polygraphy's own ``OnnxrtRunner`` (one per graph, on the graphs with their scope
+boundaries, or with ``per_layer`` every tensor, marked as outputs: Polygraphy's ``ModifyOutputs``); TensorRT and
+torch run through :class:`BackendRunner`, a Polygraphy ``BaseRunner`` over apet's backend of that name, which
+reports the graphs' own outputs (kept indices, visual tokens, stage-2 indices, logits, greedy tokens). The torch
+backend is imported by the backend registry only when asked for (``apet[export]``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apet.check.graph import GraphScopes, graph_scopes
+from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
+from apet.extras import import_extra
+from apet.manifest import Manifest
+from apet.models.family import VisionInputs
+from apet.runtime.backends.base import load_embedding_table, splice_numpy
+
+KEEP_INDEX = "keep_index"
+GREEDY = "greedy_tokens"
+STEP_LOGITS = "step_logits"
+NODE_PREFIX = "node:"  # per-layer outputs: "node:<graph>:<tensor>"
+
+
+def polygraphy(module: str) -> Any:
+    return import_extra(f"polygraphy.{module}", extra="check", purpose="apet check")
+
+
+@dataclass
+class Request:
+    """The request every runner answers: the same preprocessed media, prompt and number of greedy steps."""
+
+    inputs: VisionInputs
+    prompt: str
+    steps: int
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A backend's array (numpy, an OrtValue, a torch tensor) as numpy, without importing torch."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
+    elif hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _base_runner() -> type:
+    return polygraphy("backend.base").BaseRunner
+
+
+def _metadata(arrays: dict[str, np.ndarray]) -> Any:
+    meta = polygraphy("common").TensorMetadata()
+    for name, value in arrays.items():
+        meta.add(name, value.dtype, value.shape)
+    return meta
+
+
+class _RequestRunner:
+    """The shared half of both runners: the request, and the decode loop on a ``prefill``/``decode`` pair."""
+
+    def _setup(self, artifact: Path, manifest: Manifest, request: Request) -> None:
+        from apet.models.registry import family_of
+
+        self.artifact, self.manifest, self.request = Path(artifact), manifest, request
+        self.processor = family_of(manifest).processor(self.artifact, manifest)
+        self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+
+    def get_input_metadata_impl(self):
+        return _metadata(self.request.inputs.arrays)
+
+    def _greedy(self, logits: np.ndarray, layout, decode) -> tuple[np.ndarray, np.ndarray]:
+        tokens, step_logits, mask = [], [logits], layout.attention_mask
+        for _ in range(self.request.steps - 1):
+            token = logits.argmax(-1).astype(np.int64)
+            tokens.append(token)
+            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+            logits = decode(token, mask, self.processor.decode_positions(layout, mask))
+            step_logits.append(logits)
+        tokens.append(logits.argmax(-1).astype(np.int64))
+        return np.stack(tokens), np.stack(step_logits)
+
+
+def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, device: str = "cpu",
+                       per_layer: bool = False, name: str | None = None):
+    """An ONNX Runtime runner of the artifact's two graphs, through Polygraphy's OnnxrtRunner."""
+    base = _base_runner()
+
+    class ArtifactOnnxrtRunner(_RequestRunner, base):
+        def __init__(self) -> None:
+            base.__init__(self, name=name or f"onnxruntime:{Path(artifact).name}", prefix="apet-onnxrt")
+            self._setup(artifact, manifest, request)
+            self.device, self.per_layer = device, per_layer
+            self.scopes: dict[str, GraphScopes] = {}
+
+        def _session(self, graph: str):
+            import onnx
+            import onnxruntime as ort
+
+            path = self.artifact / self.manifest.graphs[graph].file
+            model = onnx.load(str(path))
+            self.scopes[graph] = found = graph_scopes(model)
+            marked = polygraphy("constants").MARK_ALL if self.per_layer else \
+                [t for ts in found.boundaries.values() for t in ts]
+            existing = [o.name for o in model.graph.output]
+            if isinstance(marked, list):
+                marked = existing + [t for t in marked if t not in existing]
+            loader = polygraphy("backend.onnx").ModifyOutputs(model, outputs=marked)
+            data = polygraphy("backend.onnx").BytesFromOnnx(loader)()
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+            # as the ORT backend: ApET's float32 math must not run in TF32 on CUDA
+            providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
+                if self.device.startswith("cuda") else ["CPUExecutionProvider"]
+            session = ort.InferenceSession(data, options, providers=providers)
+            return polygraphy("backend.onnxrt").OnnxrtRunner(session, name=f"{self.name}/{graph}")
+
+        def activate_impl(self) -> None:
+            self.vision, self.llm = self._session("vision"), self._session("llm")
+            self.vision.activate()
+            self.llm.activate()
+            self.table = load_embedding_table(self.artifact, self.manifest)
+
+        def deactivate_impl(self) -> None:
+            self.vision.deactivate()
+            self.llm.deactivate()
+
+        def _stage_outputs(self, graph: str, outputs: dict[str, np.ndarray], result: OrderedDict) -> None:
+            for scope, tensors in self.scopes[graph].boundaries.items():
+                hidden = [t for t in tensors if t in outputs and outputs[t].ndim == 3 and outputs[t].dtype.kind == "f"]
+                if hidden:
+                    result[scope] = outputs[hidden[-1]]
+            if self.per_layer:
+                for tensor in self.scopes[graph].tensor_order:
+                    if tensor in outputs:
+                        result[f"{NODE_PREFIX}{graph}:{tensor}"] = outputs[tensor]
+
+        def infer_impl(self, feed_dict):
+            start, result = time.perf_counter(), OrderedDict()
+            feed = {k: v.astype(self.dtype) if v.dtype.kind == "f" else v for k, v in feed_dict.items()}
+            vis = self.vision.infer(feed)
+            self._stage_outputs("vision", vis, result)
+            embeds, keep = vis["visual_embeds"], vis[KEEP_INDEX]
+            result[KEEP_INDEX] = keep
+            layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
+            decoder = self.manifest.model.decoder
+            names = set(self.llm.get_input_metadata().keys())
+            past = {n: np.zeros((layout.batch, decoder.num_kv_heads, 0, decoder.head_dim), self.dtype)
+                    for n in past_names(decoder.num_layers)}
+
+            def run(embeds_in: np.ndarray, positions: np.ndarray, mask: np.ndarray, record: bool) -> np.ndarray:
+                feed = {"inputs_embeds": np.ascontiguousarray(embeds_in, dtype=self.dtype),
+                        "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+                        "attention_mask": np.ascontiguousarray(mask, dtype=np.int64), **past}
+                if IMAGE_START in names:
+                    feed[IMAGE_START] = np.ascontiguousarray(layout.image_start, dtype=np.int64)
+                out = self.llm.infer(feed)
+                past.update({p: out[q] for p, q in zip(past_names(decoder.num_layers),
+                                                        present_names(decoder.num_layers))})
+                if record:
+                    self._stage_outputs("llm", out, result)
+                    if STAGE2_INDEX in out:
+                        result[STAGE2_INDEX] = np.asarray(out[STAGE2_INDEX])
+                return np.asarray(out[LOGITS])[:, -1].astype(np.float32)
+
+            spliced = splice_numpy(self.table, layout.token_ids, np.asarray(embeds), layout.visual_rows)
+            logits = run(spliced, layout.positions, layout.attention_mask, True)
+            result[LOGITS] = logits
+            result[GREEDY], result[STEP_LOGITS] = self._greedy(
+                logits, layout, lambda t, m, p: run(self.table[t][:, None], p, m, False))
+            self.inference_time = time.perf_counter() - start
+            return result
+
+    return ArtifactOnnxrtRunner()
+
+
+def make_backend_runner(backend: str, artifact: Path, manifest: Manifest, request: Request, device: str | None,
+                        name: str | None = None, **options: Any):
+    """A runner over apet's own ``backend`` (tensorrt, torch): the graphs' outputs, no inner stages."""
+    base = _base_runner()
+
+    class BackendRunner(_RequestRunner, base):
+        def __init__(self) -> None:
+            base.__init__(self, name=name or f"{backend}:{Path(artifact).name}", prefix=f"apet-{backend}")
+            self._setup(artifact, manifest, request)
+
+        def activate_impl(self) -> None:
+            from apet.runtime.pipeline import make_backend
+
+            self.backend = make_backend(backend, self.artifact, self.manifest, device, **options)
+
+        def deactivate_impl(self) -> None:
+            self.backend = None
+
+        def infer_impl(self, feed_dict):
+            start, result = time.perf_counter(), OrderedDict()
+            visual = self.backend.encode(self.request.inputs)
+            keep = _numpy(visual.keep_index)
+            result["projector"], result[KEEP_INDEX] = _numpy(visual.embeds), keep
+            layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
+            logits = self.backend.prefill(layout, visual)
+            stage2 = getattr(self.backend, "stage2_index", None)
+            if stage2 is not None:
+                result[STAGE2_INDEX] = _numpy(stage2)
+            result[LOGITS] = logits
+            result[GREEDY], result[STEP_LOGITS] = self._greedy(logits, layout, self.backend.decode)
+            self.inference_time = time.perf_counter() - start
+            return result
+
+    return BackendRunner()
