@@ -452,6 +452,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _triton_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="artifact directory (apet-export --out)")
+    p.add_argument("--out", required=True, type=Path, help="model repository to write (a new or empty directory)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="instances of each model per device (instance_group count)")
+    p.add_argument("--max-batch", type=int,
+                   help="the vision model's max_batch_size (default: the artifact's max batch)")
+    p.add_argument("--gpus", help="GPU ids the models run on, e.g. 0,1 (default: the vision plan and an LLM with "
+                   "engines on every GPU, ONNX graphs on the CPU)")
+    p.add_argument("--vision-form", default="auto", choices=("auto", "tensorrt_plan", "onnxruntime_onnx", "python"),
+                   help="auto: tensorrt_plan when vision.plan is built, else onnxruntime_onnx; python: ONNX Runtime "
+                        "in Triton's Python backend (servers without the ONNX Runtime backend)")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"),
+                   help="the generation model's runtime backend (auto: TensorRT engines when built, else ONNX Runtime)")
+
+
+def _gpu_ids(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--gpus {text!r} is not a list of GPU ids", "pass --gpus 0,1") from None
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from apet.triton.configs import Scaling
+    from apet.triton.repository import write_repository
+
+    scaling = Scaling(args.instances, args.max_batch, _gpu_ids(args.gpus))
+    report = write_repository(args.artifact, args.out, scaling, args.vision_form, args.backend)
+    print(f"wrote {report.path}: {', '.join(report.models)} (vision: {report.vision_form}; {report.linked} files "
+          f"hard-linked, {report.copied} copied); serve it with: tritonserver --model-repository {report.path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "export": ("export a checkpoint to ONNX + manifest", _export_args, cmd_export),
     "build": ("build TensorRT / TensorRT-RTX engines (or trtexec lines) for an artifact", _build_args, cmd_build),
@@ -462,6 +498,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               "(NVIDIA Polygraphy)", _check_args, cmd_check),
     "eval": ("accuracy retention of ApET and other rules vs ratio on your data", _eval_args, cmd_eval),
     "serve": ("OpenAI-compatible HTTP server (chat completions with images) over an artifact", _serve_args, cmd_serve),
+    "triton": ("write a Triton Inference Server model repository that serves an artifact", _triton_args, cmd_triton),
 }
 
 
