@@ -22,7 +22,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -198,12 +197,12 @@ class Family(ABC):
             raise NotImplementedError(f"{self.name} declares export options {sorted(options)} but does not apply them")
 
     # -- torch half: apet.adapters.<package>, imported on demand (the device never needs it) ----------
-    def torch_half(self) -> ModuleType:
-        """The family's torch half (adapter, vision stages, tiny checkpoint): the package of the same name under
-        :mod:`apet.adapters`. Imported by name so that nothing on the runtime side depends on torch; without the
-        export extra this is a :class:`MissingExtraError` naming it."""
+    def torch_half(self) -> Any:
+        """The family's torch half (:class:`apet.adapters.shared.half.TorchHalf`): ``HALF`` of the package of the
+        same name under :mod:`apet.adapters`. Imported by name so that nothing on the runtime side depends on
+        torch; without the export extra this is a :class:`MissingExtraError` naming it."""
         package = type(self).__module__.rsplit(".", 1)[0].replace("apet.models.", "apet.adapters.", 1)
-        return import_extra(package, extra="export", purpose=f"the {self.name} family's torch half")
+        return import_extra(package, extra="export", purpose=f"the {self.name} family's torch half").HALF
 
     def load(self, path: Path, *, dtype: Any = None, device: str = "cpu") -> "VisionLanguageAdapter":
         """Load a local checkpoint directory (safetensors only; ``dtype`` None is float32)."""
@@ -224,9 +223,9 @@ class Family(ABC):
     def vision_flops_shape(self, adapter: "VisionLanguageAdapter", **options: Any) -> Any:
         """The ViT's shape for the benchmarks' FLOP and byte counts (:class:`apet.contracts.specs.VisionShape`)."""
         half = self.torch_half()
-        if not hasattr(half, "vision_flops_shape"):
+        if half.flops_shape is None:
             raise NotImplementedError(f"{self.name} declares no vision FLOP model")
-        return half.vision_flops_shape(adapter, **options)
+        return half.flops_shape(adapter, **options)
 
     def hf_generate_inputs(self, inputs: VisionInputs, layout: Layout) -> dict[str, np.ndarray]:
         """Keyword arguments besides ids and mask that the Hugging Face model's ``generate`` takes for these
