@@ -239,6 +239,29 @@ def test_teacher_forced_agreement_with_float(tiny_adapter, agreement_setup) -> N
     assert scores["int8"].top1 > scores["int4"].top1 and scores["int8"].kl < scores["int4"].kl
 
 
+def test_agreement_json_unchanged_on_apet_checks_comparison(tiny_adapter, agreement_setup) -> None:
+    """The agreement now compares through apet.contracts.comparison (issue 29: one way to compare); its JSON on
+    the tiny model equals the former torch computation (log_softmax KL in float32) on the same sequences."""
+    from apet.contracts.weights import WeightSpec
+    from apet.quant.agreement import agreement, sequence_logits
+    from apet.quant.apply import quantize_model
+
+    _, sequences, reference, _ = agreement_setup
+    model = copy.deepcopy(tiny_adapter)
+    quantize_model(model, WeightSpec("int8", None, "rtn"))
+    agree, kl, count = 0.0, 0.0, 0
+    for s, ref in zip(sequences, reference):
+        got = sequence_logits(model, s.embeds, s.mask, s.positions)
+        valid = s.mask[0].bool()
+        r, g = ref[valid], got[valid]
+        agree += float((r.argmax(-1) == g.argmax(-1)).sum())
+        log_p, log_q = torch.log_softmax(r, -1), torch.log_softmax(g, -1)
+        kl += float((log_p.exp() * (log_p - log_q)).sum())
+        count += int(valid.sum())
+    want = {"top1_agreement": round(agree / count, 4), "mean_kl": round(kl / count, 5), "positions": count}
+    assert agreement(tiny_adapter, model, sequences).to_json() == want and 0 < want["mean_kl"]
+
+
 def test_awq_recovers_salient_input_channels_that_rtn_loses(tiny_adapter, agreement_setup) -> None:
     """A function-preserving rescale (norm weight x16 on 3 channels, the reading projections' columns / 16) gives
     the float model the activation outliers AWQ exists for: RTN rounds those small columns away, AWQ's searched

@@ -18,6 +18,16 @@ import torch
 
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
+from apet.contracts.comparison import (
+    DEFAULT_TOLERANCE,
+    GREEDY,
+    KEEP_INDEX,
+    LOGITS,
+    STAGE2_INDEX,
+    STEP_LOGITS,
+    StageRow,
+    compare_outputs,
+)
 from apet.contracts.plan import CompressionPlan
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
@@ -91,7 +101,21 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
 def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layout, ort_visual,
             stage2_index: np.ndarray | None, ort_tokens: list[list[int]], ort_logits: list[np.ndarray],
             processor) -> dict[str, Any]:
-    """Teacher-forced on ONNX Runtime's tokens: the reference's kept indices and logits at every step."""
+    """Teacher-forced on ONNX Runtime's tokens: the reference's kept indices and logits at every step, compared
+    by apet check's rule (:mod:`apet.contracts.comparison`)."""
+    reference = _reference_outputs(adapter, plan, inputs, layout, ort_tokens, processor)
+    candidate = {KEEP_INDEX: ort_visual.keep_index, "projector": ort_visual.embeds, GREEDY: ort_tokens,
+                 LOGITS: ort_logits[0], STEP_LOGITS: np.stack(ort_logits)}
+    if stage2_index is not None:
+        candidate[STAGE2_INDEX] = stage2_index
+    tolerance = DEFAULT_TOLERANCE["fp16" if adapter.dtype == torch.float16 else "fp32"]
+    return parity_json(compare_outputs(reference, candidate, tolerance))
+
+
+def _reference_outputs(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layout,
+                       ort_tokens: list[list[int]], processor) -> dict[str, np.ndarray]:
+    """The HF-module reference fed ONNX Runtime's tokens: its kept indices, visual tokens, the token it would
+    have chosen and its logits at every step."""
     from apet.runtime.backends.torch import embedding_table, splice
 
     reference = Reference(adapter, plan.stage1, plan.stage2)
@@ -114,32 +138,22 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
             position = torch.from_numpy(processor.decode_positions(layout, mask)).to(device)
             step = reference.decode(table[torch.tensor(token, device=device)][:, None], state, position)
             torch_logits.append(step[:, -1].float().cpu().numpy())
-    agree = [a == b for a, b in zip(ort_tokens, torch_tokens)]
-    first_diff = next((i for i, same in enumerate(agree) if not same), None)
-    deltas = [float(np.abs(a - b).max()) for a, b in zip(ort_logits, torch_logits)]
-    return {"stage1_index_equal": bool(np.array_equal(ort_visual.keep_index, index.cpu().numpy())),
-            "visual_token_diff": _token_diff(np.asarray(ort_visual.embeds), visual.float().cpu().numpy()),
-            "stage2_index_equal": None if stage2_index is None else
-            bool(np.array_equal(stage2_index, state.stage2_index.cpu().numpy())),
-            "stage2_index_overlap": None if stage2_index is None else
-            _overlap(stage2_index, state.stage2_index.cpu().numpy()),
-            "greedy_steps": len(ort_tokens), "greedy_equal_steps": sum(agree), "first_different_step": first_diff,
-            "max_abs_logit_diff": round(max(deltas), 4), "abs_logit_diff_by_step": [round(d, 4) for d in deltas],
-            "logit_scale": round(float(np.abs(torch_logits[0]).max()), 4)}
+    outputs = {KEEP_INDEX: index.cpu().numpy(), "projector": visual.float().cpu().numpy(), GREEDY: torch_tokens,
+               LOGITS: torch_logits[0], STEP_LOGITS: np.stack(torch_logits)}
+    if state.stage2_index is not None:
+        outputs[STAGE2_INDEX] = state.stage2_index.cpu().numpy()
+    return outputs
 
 
-def _token_diff(ort: np.ndarray, torch_: np.ndarray) -> dict[str, float | int]:
-    """Per visual token, the largest |Δ| over its features. Rounding moves every token a little; a merge that picks
-    another kept token (a near-tie) moves a few tokens a lot: ``outliers`` counts tokens over 10x the median."""
-    per_token = np.abs(ort.reshape(-1, ort.shape[-1]).astype(np.float64)
-                       - torch_.reshape(-1, torch_.shape[-1])).max(-1)
-    median = float(np.median(per_token))
-    return {"median": round(median, 5), "max": round(float(per_token.max()), 5),
-            "outliers": int((per_token > 10 * median).sum()), "tokens": int(per_token.size),
-            "scale": round(float(np.abs(torch_).max()), 4)}
-
-
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean fraction of kept positions two selections share, per row (near-ties swap a few, bugs most)."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return round(float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a, b)])), 4)
+def parity_json(rows: dict[str, StageRow]) -> dict[str, Any]:
+    """The benchmark's parity fields (``results.json``, ``apet-bench/2``) from apet check's rows."""
+    stage2, greedy, steps = rows.get(STAGE2_INDEX), rows[GREEDY].metrics, rows[STEP_LOGITS].metrics
+    return {"stage1_index_equal": rows[KEEP_INDEX].metrics["equal"],
+            "visual_token_diff": rows["projector"].metrics["visual_token_diff"],
+            "stage2_index_equal": None if stage2 is None else stage2.metrics["equal"],
+            "stage2_index_overlap": None if stage2 is None else stage2.metrics["shared"],
+            "greedy_steps": greedy["steps"], "greedy_equal_steps": greedy["equal_steps"],
+            "first_different_step": greedy["first_different_step"],
+            "max_abs_logit_diff": round(steps["max_abs"], 4),
+            "abs_logit_diff_by_step": [round(d, 4) for d in steps["max_abs_by_step"]],
+            "logit_scale": round(rows[LOGITS].metrics["scale"], 4)}

@@ -5,33 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
+from apet.contracts.comparison import DEFAULT_TOLERANCE, StageRow, Tolerance
 
+__all__ = ["DEFAULT_TOLERANCE", "CheckReport", "Comparison", "StageRow", "Tolerance"]
 SCHEMA_VERSION = 1
-
-
-@dataclass
-class Tolerance:
-    atol: float
-    rtol: float
-
-    def close(self, a: np.ndarray, b: np.ndarray) -> bool:
-        """Polygraphy's elementwise rule: |a - b| <= atol + rtol * |b| everywhere."""
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return bool(np.all(np.abs(a - b) <= self.atol + self.rtol * np.abs(b)))
-
-
-# defaults per dtype: the looser of the two runners' dtypes applies
-DEFAULT_TOLERANCE = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(2e-2, 2e-2)}
-
-
-@dataclass
-class StageRow:
-    """One stage of one comparison (reference runner vs one other)."""
-
-    stage: str
-    passed: bool
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,24 +12,13 @@ import numpy as np
 
 from apet.check.graph import extract_scope, is_stage, scope_of_tensor
 from apet.check.margins import stage_margins
-from apet.check.report import DEFAULT_TOLERANCE, CheckReport, Comparison, StageRow, Tolerance
-from apet.check.runners import (
-    GREEDY,
-    KEEP_INDEX,
-    NODE_PREFIX,
-    STEP_LOGITS,
-    Request,
-    make_backend_runner,
-    make_onnxrt_runner,
-    polygraphy,
-)
-from apet.contracts.io import STAGE2_INDEX
+from apet.check.report import CheckReport, Comparison
+from apet.check.runners import NODE_PREFIX, Request, make_backend_runner, make_onnxrt_runner, polygraphy
+from apet.contracts.comparison import DEFAULT_TOLERANCE, Tolerance, compare_outputs
 from apet.errors import UsageError
 from apet.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
-INDEX_OUTPUTS = (KEEP_INDEX, STAGE2_INDEX)
-TOKEN_SLOT_STAGES = ("apet_stage1", "projector")  # visual tokens: report the per-slot difference
 
 
 @dataclass
@@ -104,7 +93,7 @@ def check(config: CheckConfig, keep_outputs: bool = False):
 
 def _compare(ref_name: str, ref: dict, name: str, out: dict, tol: Tolerance, manifest: Manifest,
              spec: RunnerSpec, config: CheckConfig) -> Comparison:
-    rows = [_row(key, ref[key], out[key], tol) for key in ref if not key.startswith(NODE_PREFIX) and key in out]
+    rows = list(compare_outputs(ref, out, tol, [k for k in ref if not k.startswith(NODE_PREFIX)]).values())
     first, tensor = next((r.stage for r in rows if not r.passed), None), None
     if config.per_layer:
         # only the stage scopes: a dtype's own constants (the mask's fill value, fp16 vs fp32) are no departure
@@ -129,49 +118,6 @@ def _compare(ref_name: str, ref: dict, name: str, out: dict, tol: Tolerance, man
 def _in_stage(key: str) -> bool:
     scope = scope_of_tensor(key.split(":", 2)[2])
     return scope is not None and is_stage(scope)
-
-
-def _row(key: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> StageRow:
-    ref, out = np.asarray(ref), np.asarray(out)
-    if key in INDEX_OUTPUTS:
-        equal = bool(np.array_equal(ref, out))
-        return StageRow(key, equal, {"equal": equal, "shared": overlap(out, ref)})
-    if key == GREEDY:
-        agree = [bool(np.array_equal(a, b)) for a, b in zip(out, ref)]
-        first = next((i for i, same in enumerate(agree) if not same), None)
-        return StageRow(key, all(agree), {"steps": len(agree), "equal_steps": sum(agree),
-                                          "first_different_step": first})
-    if ref.size != out.size:
-        return StageRow(key, False, {"shape": list(out.shape), "reference_shape": list(ref.shape)})
-    out = out.reshape(ref.shape)
-    delta = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    metrics: dict[str, Any] = {"max_abs": float(delta.max()) if delta.size else 0.0, "scale": scale,
-                               "max_rel": float(delta.max() / scale) if scale else 0.0}
-    if key in TOKEN_SLOT_STAGES:
-        metrics["visual_token_diff"] = token_diff(out, ref)
-    if key == STEP_LOGITS:
-        metrics["max_abs_by_step"] = [float(d.max()) for d in delta]
-    return StageRow(key, tol.close(out, ref), metrics)
-
-
-def token_diff(out: np.ndarray, ref: np.ndarray) -> dict[str, float | int]:
-    """Per visual token (slot), the largest |Δ| over its features. Rounding moves every token a little; a merge
-    that picks another kept token (a near-tie) moves a few tokens a lot: ``outliers`` counts tokens over 10x the
-    median."""
-    per_token = np.abs(out.reshape(-1, out.shape[-1]).astype(np.float64)
-                       - ref.reshape(-1, ref.shape[-1])).max(-1)
-    median = float(np.median(per_token))
-    return {"median": round(median, 5), "max": round(float(per_token.max()), 5),
-            "outliers": int((per_token > 10 * median).sum()), "tokens": int(per_token.size),
-            "scale": round(float(np.abs(ref).max()), 4)}
-
-
-def overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean fraction of kept positions two selections share, per row (near-ties swap a few, bugs most)."""
-    a, b = np.asarray(a), np.asarray(b)
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return round(float(np.mean([len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a, b)])), 4)
 
 
 def _margins(ref: np.ndarray, out: np.ndarray, manifest: Manifest) -> dict[str, Any]:

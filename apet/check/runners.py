@@ -19,15 +19,13 @@ from typing import Any
 import numpy as np
 
 from apet.check.graph import GraphScopes, graph_scopes
+from apet.contracts.comparison import GREEDY, KEEP_INDEX, STEP_LOGITS
 from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
 from apet.extras import import_extra
 from apet.manifest import Manifest
 from apet.models.family import VisionInputs
 from apet.runtime.backends.base import load_embedding_table, splice_numpy
 
-KEEP_INDEX = "keep_index"
-GREEDY = "greedy_tokens"
-STEP_LOGITS = "step_logits"
 NODE_PREFIX = "node:"  # per-layer outputs: "node:<graph>:<tensor>"
 
 

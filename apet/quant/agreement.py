@@ -3,7 +3,8 @@ KL(float || quantized) of the next-token distributions.
 
 Teacher-forced: both models read the same tokens — each prompt (image spliced in) followed by the
 float model's own greedy continuation — and are compared at every position, so one early
-disagreement does not derail the rest of the sequence as it would in free generation.
+disagreement does not derail the rest of the sequence as it would in free generation. The comparison of the
+two logit sequences is apet check's (:func:`apet.contracts.comparison.next_token_agreement`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from apet.contracts.comparison import next_token_agreement
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.quant.calibration import CalibrationSample
 
@@ -67,14 +68,11 @@ def agreement(reference: VisionLanguageAdapter, quantized: VisionLanguageAdapter
               sequences: list[CalibrationSample]) -> Agreement:
     """Compare the quantized model with the reference on the reference's sequences (logits are computed
     one sequence at a time: a 7B vocabulary over many prompts would not fit memory at once)."""
-    agree, kl, count = 0.0, 0.0, 0
+    agree, kl, count = 0, 0.0, 0
     for s in sequences:
         ref = sequence_logits(reference, s.embeds, s.mask, s.positions)
         got = sequence_logits(quantized, s.embeds.to(quantized.dtype), s.mask, s.positions)
         valid = s.mask[0].bool()
-        ref, got = ref[valid], got[valid]
-        agree += float((ref.argmax(-1) == got.argmax(-1)).sum())
-        log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(got, -1)
-        kl += float((log_p.exp() * (log_p - log_q)).sum())
-        count += int(valid.sum())
+        same, divergence = next_token_agreement(ref[valid].cpu().numpy(), got[valid].cpu().numpy())
+        agree, kl, count = agree + same, kl + divergence, count + int(valid.sum())
     return Agreement(agree / max(count, 1), kl / max(count, 1), count)
