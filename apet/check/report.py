@@ -43,21 +43,40 @@ class CheckReport:
             for row in comp.stages:
                 shown = ", ".join(f"{k} {_fmt(v)}" for k, v in row.metrics.items() if not isinstance(v, (list, dict)))
                 lines.append(f"  {'ok  ' if row.passed else 'DIFF'} {row.stage:<14} {shown}")
-            for side in ("reference", "candidate"):
-                for row, m in enumerate(comp.margins.get(side, [])):
-                    lines.append(f"  stage-1 margins {side} row {row}: selection {m['selection_margin']:.4g}, merge "
-                                 f"min {m['min_merge_margin']:.3g} / median {m['median_merge_margin']:.3g} "
-                                 f"over {m['dropped_tokens']} dropped tokens")
-            for change in comp.margins.get("merge_target_changes", []):
-                lines.append(f"  merge changed: row {change['row']} token {change['token']} joins "
-                             f"{change['candidate_target']} not {change['reference_target']} (cosine gap "
-                             f"{change['reference_gap']:.3g} reference, {change['candidate_gap']:.3g} candidate)")
+            stage2 = next((r for r in comp.stages if r.stage == "apet_stage2"), None)
+            span = stage2.metrics.get("span_token_diff") if stage2 else None
+            if span:
+                lines.append(f"  stage-2 span: {span['outliers']} of {span['tokens']} kept tokens differ (max "
+                             f"{span['max']:.4g}, median {span['median']:.3g}); rows outside it: max_abs "
+                             f"{stage2.metrics['outside_span_max_abs']:.4g}")
+            lines += _margin_lines("stage-1", comp.margins)
+            lines += _margin_lines("stage-2", comp.margins.get("stage2", {}))
             where = comp.first_departure or "none: every stage within tolerance"
             lines.append(f"  first departure: {where}" + (f" ({comp.first_departure_tensor})"
                                                           if comp.first_departure_tensor else ""))
             if comp.reduced_onnx:
                 lines.append(f"  reduced ONNX of that scope: {comp.reduced_onnx}")
         return "\n".join(lines)
+
+
+def _margin_lines(stage: str, margins: dict[str, Any]) -> list[str]:
+    lines = []
+    for side in ("reference", "candidate"):
+        for row, m in enumerate(margins.get(side, [])):
+            order = f", basis order {m['basis_order_margin']:.4g}" if "basis_order_margin" in m else ""
+            lines.append(f"  {stage} margins {side} row {row}: selection {m['selection_margin']:.4g}{order}, merge "
+                         f"min {m['min_merge_margin']:.3g} / median {m['median_merge_margin']:.3g} over "
+                         f"{m['dropped_tokens']} dropped tokens")
+    for change in margins.get("merge_target_changes", []):
+        lines.append(f"  {stage} merge changed: row {change['row']} token {change['token']} joins "
+                     f"{change['candidate_target']} not {change['reference_target']} (cosine gap "
+                     f"{change['reference_gap']:.3g} reference, {change['candidate_gap']:.3g} candidate)")
+    for change in margins.get("basis_slot_changes", []):
+        lines.append(f"  {stage} basis slot changed: row {change['row']} token {change['token']} receives basis "
+                     f"vector {change['candidate_basis']} not {change['reference_basis']} (error rank "
+                     f"{change['candidate_rank']} not {change['reference_rank']}; error "
+                     f"{change['reference_error']:.6g} reference, {change['candidate_error']:.6g} candidate)")
+    return lines
 
 
 def _fmt(value: Any) -> str:

@@ -27,6 +27,7 @@ from apet.models.family import VisionInputs
 from apet.runtime.backends.base import load_embedding_table, splice_numpy
 
 NODE_PREFIX = "node:"  # per-layer outputs: "node:<graph>:<tensor>"
+SPAN_START = "request:image_start"  # where each row's image span starts: facts of the request, not compared
 
 
 def polygraphy(module: str) -> Any:
@@ -149,6 +150,7 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
             embeds, keep = vis["visual_embeds"], vis[KEEP_INDEX]
             result[KEEP_INDEX] = keep
             layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
+            result[SPAN_START] = np.asarray(layout.image_start)
             decoder = self.manifest.model.decoder
             names = set(self.llm.get_input_metadata().keys())
             past = {n: np.zeros((layout.batch, decoder.num_kv_heads, 0, decoder.head_dim), self.dtype)
@@ -182,7 +184,8 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
 
 def make_backend_runner(backend: str, artifact: Path, manifest: Manifest, request: Request, device: str | None,
                         name: str | None = None, **options: Any):
-    """A runner over apet's own ``backend`` (tensorrt, torch): the graphs' outputs, no inner stages."""
+    """A runner over apet's own ``backend`` (tensorrt, torch): the graphs' outputs, and stage 1's input features
+    where the backend exposes them (torch), so both sides of a comparison have ApET's margins."""
     base = _base_runner()
 
     class BackendRunner(_RequestRunner, base):
@@ -202,8 +205,11 @@ def make_backend_runner(backend: str, artifact: Path, manifest: Manifest, reques
             start, result = time.perf_counter(), OrderedDict()
             visual = self.backend.encode(self.request.inputs)
             keep = _numpy(visual.keep_index)
+            if visual.features is not None:
+                result["vision"] = _numpy(visual.features)
             result["projector"], result[KEEP_INDEX] = _numpy(visual.embeds), keep
             layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
+            result[SPAN_START] = np.asarray(layout.image_start)
             logits = self.backend.prefill(layout, visual)
             stage2 = getattr(self.backend, "stage2_index", None)
             if stage2 is not None:

@@ -27,6 +27,7 @@ class VisionOutput:
     embeds: Any  # backend-native visual embeddings, flattened by rows for splicing
     keep_index: np.ndarray | list[np.ndarray]  # kept indices (int64) [B, K], or one array per medium
     apet_ms: float | None = None  # time of ApET alone, where the backend can separate it
+    features: Any = None  # stage 1's input [B, N, D], where the backend has it apart (apet check's margins)
 
 
 class Backend(ABC):

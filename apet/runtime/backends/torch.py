@@ -97,6 +97,14 @@ class TorchBackend(Backend):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @property
+    def stage2_index(self) -> np.ndarray | None:
+        """Stage 2's kept indices of the last prefill, as the ONNX Runtime backend has them (apet check); None
+        before a prefill, without stage 2, or on the static path (its decoder keeps them on the device)."""
+        if self.state is None or self.state.stage2_index is None:
+            return None
+        return self.state.stage2_index.cpu().numpy()
+
     def _tensors(self, arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         """The vision inputs in graph order, floats in the model dtype."""
         tensors = [torch.from_numpy(arrays[name]).to(self.device) for name in self.reference.vision.input_names]
@@ -113,7 +121,7 @@ class TorchBackend(Backend):
         self.synchronize()
         apet_ms = (time.perf_counter() - start) * 1e3
         embeds, index = vision.projector(tokens, index, *inputs)
-        return VisionOutput(embeds, index.cpu().numpy(), apet_ms)
+        return VisionOutput(embeds, index.cpu().numpy(), apet_ms, features)
 
     @torch.no_grad()
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
