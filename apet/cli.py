@@ -286,6 +286,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
                    help="write the reduced ONNX of the first departing scope here (with --per-layer)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest's checksums (a hand-edited copy)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON record")
+    p.add_argument("--report", type=Path, help="also write the JSON report to this file (CI, benchmarks)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -300,6 +301,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = check(CheckConfig(specs, image=args.image, video=args.video,
                                prompt=args.prompt, steps=args.steps, per_layer=args.per_layer, atol=args.atol,
                                rtol=args.rtol, reduce_dir=args.reduce_dir, verify_checksums=not args.no_verify))
+    if args.report:
+        from apet.atomic import write_atomic
+
+        write_atomic(args.report, json.dumps(report.to_json(), indent=1) + "\n")
     print(json.dumps(report.to_json()) if args.json else report.to_text())
     return 0  # a departure is the report's finding, not a failure of the command (fp16 always departs from fp32)
 

@@ -15,6 +15,8 @@
 #   video           apet-bench video-llava-shapes (per-frame budgets 1.0 and 0.125)
 #   qwen-checks     Qwen2.5-VL torch GPU vs CPU parity (scripts/qwen_gpu_checks.py)
 #   qwen-bench      apet-bench qwen2.5-vl-7b/3b-shapes at two image sizes, batch 1 and 4
+#   check7b         apet check of the 7B-shape artifact, ONNX Runtime CUDA vs torch (scripts/gpu_check_7b.sh: how
+#                   to prepare and carry the wheels)
 set -uo pipefail
 export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -84,6 +86,9 @@ case "$stage" in
     ;;
   qwen-checks)  # [tensorrt|tensorrt-rtx]: also build and run engines (needs a GPU that TensorRT runs on)
     python3 scripts/qwen_gpu_checks.py --builder "${1:-none}" --out "$OUT/qwen_gpu_checks.json" 2>&1 | tail -60
+    ;;
+  check7b)
+    OUT="$OUT" scripts/gpu_check_7b.sh
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do

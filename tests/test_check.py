@@ -209,3 +209,45 @@ def test_check_imports_no_torch_until_the_torch_runner():
 
     code = "import sys, apet.check, apet.check.runners; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_random_weight_export_without_tokenizer_checks_like_the_7b_shapes(tiny_checkpoint, tmp_path):
+    """What the H200 run (scripts/gpu_check_7b.sh: llava-shapes, random weights, no tokenizer) goes through, at
+    tiny size: seeded random weights exported without a tokenizer, the prompt as the synthetic encoder's ids (the
+    same in both runners), ONNX Runtime vs the torch runner on the same weights."""
+    from transformers import LlavaConfig
+
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    adapter = LlavaAdapter.random_init(LlavaConfig.from_pretrained(tiny_checkpoint), dtype=None, device="cpu")
+    artifact = tmp_path / "random"
+    export_artifact(ExportConfig(model="loaded", out=artifact, ratio=0.11, stages=2, dtype="fp32"), adapter=adapter)
+    assert read_manifest(artifact).model.source == "random-init" and not (artifact / "tokenizer.json").exists()
+    report = check(CheckConfig([RunnerSpec("onnxruntime", artifact), RunnerSpec("torch", artifact,
+                                                                                options={"adapter": adapter})],
+                               image=DEMO, prompt="What is shown in this picture?", steps=3))
+    comparison = report.comparisons[0]
+    rows = {row.stage: row for row in comparison.stages}
+    assert rows["keep_index"].metrics["equal"] and rows["stage2_index"].metrics["equal"]
+    assert rows["greedy_tokens"].metrics["equal_steps"] == 3
+    assert comparison.first_departure is None, report.to_text()
+
+
+def test_graphs_with_external_weights_are_marked_without_loading_them(exports, tmp_path):
+    """A 7B llm.onnx keeps its 13 GB of weights in llm.onnx.data (over the 2 GB protobuf limit): the runner marks
+    its outputs without loading them and opens the marked graph beside links to the weights. Same answers as the
+    graph with inline weights."""
+    fp32 = exports[0]
+    copy = tmp_path / "external"
+    shutil.copytree(fp32, copy)
+    model = onnx.load(str(copy / "llm.onnx"))
+    onnx.save(model, str(copy / "llm.onnx"), save_as_external_data=True, location="llm.onnx.data")
+    assert (copy / "llm.onnx.data").stat().st_size > (copy / "llm.onnx").stat().st_size
+    report, outputs = check(CheckConfig([RunnerSpec("onnxruntime", fp32, label="inline"),
+                                         RunnerSpec("onnxruntime", copy, label="external")],
+                                        image=DEMO, prompt="What is shown?", steps=2, verify_checksums=False),
+                            keep_outputs=True)
+    assert report.comparisons[0].first_departure is None, report.to_text()
+    for key in ("layers.1", "apet_stage2", "logits"):
+        np.testing.assert_array_equal(outputs["inline"][key], outputs["external"][key])

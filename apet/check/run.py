@@ -14,7 +14,15 @@ from apet import scopes
 from apet.check.graph import extract_scope, is_stage, scope_of_tensor
 from apet.check.margins import stage_margins
 from apet.check.report import CheckReport, Comparison
-from apet.check.runners import NODE_PREFIX, SPAN_START, Request, make_backend_runner, make_onnxrt_runner, polygraphy
+from apet.check.runners import (
+    NODE_PREFIX,
+    SPAN_START,
+    Request,
+    artifact_processor,
+    make_backend_runner,
+    make_onnxrt_runner,
+    polygraphy,
+)
 from apet.contracts.comparison import DEFAULT_TOLERANCE, StageRow, Tolerance, compare_outputs, token_diff
 from apet.contracts.compression import CompressionConfig, Stage2Config
 from apet.errors import UsageError
@@ -47,9 +55,7 @@ class CheckConfig:
 
 
 def _request(manifest: Manifest, artifact: Path, config: CheckConfig) -> Request:
-    from apet.models.registry import family_of
-
-    processor = family_of(manifest).processor(artifact, manifest)
+    processor = artifact_processor(artifact, manifest)
     medium = config.image if config.video is None else config.video
     if medium is None:
         raise UsageError("apet check needs the request's media", "pass --image or --video")

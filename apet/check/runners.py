@@ -21,6 +21,7 @@ import numpy as np
 from apet.check.graph import GraphScopes, graph_scopes
 from apet.contracts.comparison import GREEDY, KEEP_INDEX, STEP_LOGITS
 from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
+from apet.contracts.onnx_graph import external_locations
 from apet.extras import import_extra
 from apet.manifest import Manifest
 from apet.models.family import VisionInputs
@@ -41,6 +42,16 @@ class Request:
     inputs: VisionInputs
     prompt: str
     steps: int
+
+
+def artifact_processor(artifact: Path, manifest: Manifest) -> Any:
+    """The family's processor of the artifact. A random-weight ``*-shapes`` export has no tokenizer: its prompt
+    becomes the synthetic encoder's seeded pseudo-random ids, the same in every runner as long as each asks its own
+    fresh processor once (what the runners do per inference)."""
+    from apet.models.registry import family_of
+
+    synthetic = manifest.model.source == "random-init" and not (Path(artifact) / "tokenizer.json").is_file()
+    return family_of(manifest).processor(None if synthetic else Path(artifact), manifest)
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -67,10 +78,8 @@ class _RequestRunner:
     """The shared half of both runners: the request, and the decode loop on a ``prefill``/``decode`` pair."""
 
     def _setup(self, artifact: Path, manifest: Manifest, request: Request) -> None:
-        from apet.models.registry import family_of
-
         self.artifact, self.manifest, self.request = Path(artifact), manifest, request
-        self.processor = family_of(manifest).processor(self.artifact, manifest)
+        self.processor = artifact_processor(self.artifact, manifest)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
 
     def get_input_metadata_impl(self):
@@ -105,20 +114,25 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
             import onnxruntime as ort
 
             path = self.artifact / self.manifest.graphs[graph].file
-            model = onnx.load(str(path))
+            model = onnx.load(str(path), load_external_data=False)  # a 7B graph's 13 GB of weights stay on disk
             self.scopes[graph] = found = graph_scopes(model)
             marked = polygraphy("constants").MARK_ALL if self.per_layer else \
                 [t for ts in found.boundaries.values() for t in ts]
             existing = [o.name for o in model.graph.output]
             if isinstance(marked, list):
                 marked = existing + [t for t in marked if t not in existing]
-            loader = polygraphy("backend.onnx").ModifyOutputs(model, outputs=marked)
-            data = polygraphy("backend.onnx").BytesFromOnnx(loader)()
+            model = polygraphy("backend.onnx").ModifyOutputs(model, outputs=marked)()
             options = ort.SessionOptions()
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
             # as the ORT backend: ApET's float32 math must not run in TF32 on CUDA
             providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
                 if self.device.startswith("cuda") else ["CPUExecutionProvider"]
+            if external_locations(model):
+                # weights in files beside the graph (a 7B llm.onnx: 13 GB, over the 2 GB protobuf limit): the
+                # marked graph goes to ONNX Runtime as bytes without them, and it reads them from the artifact
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(path.parent))
+            data = polygraphy("backend.onnx").BytesFromOnnx(model)()
             session = ort.InferenceSession(data, options, providers=providers)
             return polygraphy("backend.onnxrt").OnnxrtRunner(session, name=f"{self.name}/{graph}")
 
@@ -149,6 +163,7 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
             self._stage_outputs("vision", vis, result)
             embeds, keep = vis["visual_embeds"], vis[KEEP_INDEX]
             result[KEEP_INDEX] = keep
+            self.processor = artifact_processor(self.artifact, self.manifest)  # the same prompt ids in every runner
             layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
             result[SPAN_START] = np.asarray(layout.image_start)
             decoder = self.manifest.model.decoder
@@ -208,6 +223,7 @@ def make_backend_runner(backend: str, artifact: Path, manifest: Manifest, reques
             if visual.features is not None:
                 result["vision"] = _numpy(visual.features)
             result["projector"], result[KEEP_INDEX] = _numpy(visual.embeds), keep
+            self.processor = artifact_processor(self.artifact, self.manifest)  # the same prompt ids in every runner
             layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
             result[SPAN_START] = np.asarray(layout.image_start)
             logits = self.backend.prefill(layout, visual)

@@ -28,7 +28,11 @@ _ONNX_DTYPES = {
 
 def external_data_files(path: Path) -> list[str]:
     """Relative names of the external-data files an ONNX model refers to (no weights loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
+    return external_locations(onnx.load(str(path), load_external_data=False))
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """Relative names of the external-data files a model proto's initializers refer to."""
     names: set[str] = set()
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
