@@ -131,3 +131,29 @@ def video_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_video_
     """export_video(ratio=..., **options) -> tiny Video-LLaVA artifact dir (fp32, batch 2), cached per option set."""
     return _cached_exports(tmp_path_factory.mktemp("video_artifacts"), tiny_video_checkpoint, dtype="fp32",
                            max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
+                     video_artifact_factory) -> dict[str, Path]:
+    """Each family's tiny artifact as the deployment tests (runtime environment, Triton) use it, shared with that
+    family's own tests (exported once per run)."""
+    return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
+            "llava-next": next_artifact_factory(tokens="32", stages=1),
+            "video-llava": video_artifact_factory(ratio=0.125)}
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The files the deployment tests send: ``image`` (PNG of make_image(3)), ``video`` (12 frames as .npy, what
+    apet-run and Triton read), ``mp4`` (the same frames encoded, what apet-serve decodes), ``bad`` (PNG magic, then
+    no picture)."""
+    from videos import make_frames, write_video
+
+    root = tmp_path_factory.mktemp("media")
+    make_image(3).save(root / "image.png")
+    frames = make_frames(5, 12, (112, 96))
+    np.save(root / "clip.npy", frames)
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    return {"image": root / "image.png", "video": root / "clip.npy", "mp4": write_video(root / "clip.mp4", frames),
+            "bad": root / "bad.png"}

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import make_image
 
@@ -53,30 +52,8 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           cwd="/")
 
 
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One image (PNG) and one clip (an MP4 for serve, the same frames as .npy for apet-run)."""
-    from videos import make_frames, write_video
-
-    root = tmp_path_factory.mktemp("runtime_media")
-    image = root / "image.png"
-    make_image(3).save(image)
-    frames = make_frames(5, 12, (112, 96))
-    np.save(root / "clip.npy", np.stack(frames))
-    return {"image": image, "npy": root / "clip.npy", "mp4": write_video(root / "clip.mp4", frames)}
-
-
-@pytest.fixture(scope="module")
-def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
-    """Each family's tiny artifact, shared with that family's own tests (exported once per run)."""
-    return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
-            "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
-
-
 def _medium(family: str, media: dict[str, Path]) -> tuple[str, Path]:
-    return ("--video", media["npy"]) if family == "video-llava" else ("--image", media["image"])
+    return ("--video", media["video"]) if family == "video-llava" else ("--image", media["image"])
 
 
 def _reference(artifact: Path, family: str, media: dict[str, Path]) -> dict[str, Any]:
@@ -164,7 +141,7 @@ def test_serve_without_torch_matches_the_full_environment(family, family_artifac
             "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}, part]}]}
     data = _serve_request(artifact, body)
     if family == "video-llava":  # the MP4 decodes to the frames of the .npy the reference reads
-        expected = _reference(artifact, family, {**media, "npy": media["mp4"]})
+        expected = _reference(artifact, family, {**media, "video": media["mp4"]})
     else:
         expected = _reference(artifact, family, media)
     assert data["apet"]["token_ids"] == expected["token_ids"]

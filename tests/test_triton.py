@@ -9,7 +9,6 @@ BLS call reaching the real Python vision model, and answer what ``Pipeline.gener
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -21,9 +20,7 @@ from typing import Any
 import fake_pb_utils
 import numpy as np
 import pytest
-from conftest import make_image
 from google.protobuf import json_format, text_format
-from videos import make_frames
 
 from apet.cli import main
 from apet.errors import ArtifactError
@@ -57,21 +54,9 @@ def parse(model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
-    """Each family's tiny artifact, the same option sets as tests/test_runtime_env.py (exported once per run)."""
-    return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
-            "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    buffer = io.BytesIO()
-    make_image(3).save(buffer, format="PNG")
-    clip = io.BytesIO()
-    np.save(clip, make_frames(5, 12, (112, 96)))
-    return {"image": buffer.getvalue(), "video": clip.getvalue()}
+def media_bytes(media: dict[str, Path]) -> dict[str, bytes]:
+    """The shared media files (conftest.py) as the bytes a Triton client sends."""
+    return {kind: media[kind].read_bytes() for kind in ("image", "video", "bad")}
 
 
 def _kind(family: str) -> str:
@@ -205,19 +190,18 @@ def outputs(response: Any) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_generation_model_answers_as_the_pipeline(family, family_artifacts, media, pb, tmp_path) -> None:
+def test_generation_model_answers_as_the_pipeline(family, family_artifacts, media, media_bytes, pb, tmp_path) -> None:
     artifact, kind = family_artifacts[family], _kind(family)
     write_repository(artifact, tmp_path / "repo", vision_form="python")
     model = serve(tmp_path / "repo")
 
     reference = Pipeline.load(artifact, backend="onnxruntime")
     if kind == "video":
-        (tmp_path / "clip.npy").write_bytes(media["video"])
-        expected = reference.generate(video=str(tmp_path / "clip.npy"), prompt=PROMPT, max_new_tokens=TOKENS)
+        expected = reference.generate(video=str(media["video"]), prompt=PROMPT, max_new_tokens=TOKENS)
     else:
-        expected = reference.generate(media["image"], PROMPT, max_new_tokens=TOKENS)
+        expected = reference.generate(media_bytes["image"], PROMPT, max_new_tokens=TOKENS)
 
-    sent = ask(model, prompt=PROMPT, **{kind: media[kind]}, max_tokens=np.int32(TOKENS))
+    sent = ask(model, prompt=PROMPT, **{kind: media_bytes[kind]}, max_tokens=np.int32(TOKENS))
     assert len(sent) == 1
     answer = outputs(sent[0][0])
     assert answer["token_ids"].tolist() == expected.token_ids
@@ -229,13 +213,13 @@ def test_generation_model_answers_as_the_pipeline(family, family_artifacts, medi
     assert answer["finish_reason"][0].decode() == expected.finish_reason
     assert fake_pb_utils.BLS_CALLS and set(fake_pb_utils.BLS_CALLS) == {VISION_MODEL}  # vision ran through BLS
 
-    streamed = ask(model, prompt=PROMPT, **{kind: media[kind]}, max_tokens=np.int32(TOKENS), stream=True)
+    streamed = ask(model, prompt=PROMPT, **{kind: media_bytes[kind]}, max_tokens=np.int32(TOKENS), stream=True)
     pieces = [outputs(r)["text"][0].decode() for r, _ in streamed]
     assert "".join(pieces) == expected.text
     assert pieces[-1] == "" and outputs(streamed[-1][0])["token_ids"].tolist() == expected.token_ids
 
 
-def test_errors_are_triton_errors_and_the_model_keeps_serving(family_artifacts, media, pb, tmp_path) -> None:
+def test_errors_are_triton_errors_and_the_model_keeps_serving(family_artifacts, media_bytes, pb, tmp_path) -> None:
     artifact = family_artifacts["llava"]
     write_repository(artifact, tmp_path / "repo", vision_form="python")
     model = serve(tmp_path / "repo")
@@ -245,14 +229,14 @@ def test_errors_are_triton_errors_and_the_model_keeps_serving(family_artifacts, 
         assert len(sent) == 1 and sent[0][0].has_error()
         return sent[0][0].error().message()
 
-    bad = error(prompt=PROMPT, image=b"\x89PNG\r\n\x1a\n this is not a picture", max_tokens=np.int32(2))
+    bad = error(prompt=PROMPT, image=media_bytes["bad"], max_tokens=np.int32(2))
     assert "uploaded bytes" in bad and "JPEG" in bad
     manifest = read_manifest(artifact)
-    long = error(prompt="word " * (manifest.max_context + 10), image=media["image"], max_tokens=np.int32(2))
+    long = error(prompt="word " * (manifest.max_context + 10), image=media_bytes["image"], max_tokens=np.int32(2))
     assert str(manifest.max_context) in long
     assert "exactly one of image and video" in error(prompt=PROMPT, max_tokens=np.int32(2))
-    assert "max_tokens 0" in error(prompt=PROMPT, image=media["image"], max_tokens=np.int32(0))
-    answer = outputs(ask(model, prompt=PROMPT, image=media["image"], max_tokens=np.int32(2))[0][0])
+    assert "max_tokens 0" in error(prompt=PROMPT, image=media_bytes["image"], max_tokens=np.int32(0))
+    answer = outputs(ask(model, prompt=PROMPT, image=media_bytes["image"], max_tokens=np.int32(2))[0][0])
     assert len(answer["token_ids"]) >= 1
 
 
