@@ -113,13 +113,14 @@ def test_identical_exports_have_no_departure(exports):
     assert report.tolerance == {"atol": 1e-4, "rtol": 1e-3}
 
 
-def test_json_report_schema(exports, capsys):
+def test_json_report_schema(exports, capsys, tmp_path):
     from apet.cli import main
 
     fp32, fp16 = exports
     assert main(["check", str(fp32), "--image", DEMO, "--backends", "onnxruntime", "--against", str(fp16),
-                 "--steps", "2", "--atol", "0.5", "--rtol", "0.1", "--json"]) == 0
+                 "--steps", "2", "--atol", "0.5", "--rtol", "0.1", "--json", "--report", str(tmp_path / "r.json")]) == 0
     record = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "r.json").read_text()) == record  # --report: the same record in a file
     assert set(record) == {"schema_version", "runners", "tolerance", "per_layer", "comparisons"}
     assert record["schema_version"] == 1 and record["tolerance"] == {"atol": 0.5, "rtol": 0.1}
     (comparison,) = record["comparisons"]
