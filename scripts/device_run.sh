@@ -24,13 +24,14 @@ mkdir -p "$OUT"
 stage="${1:-checks}"
 shift || true
 case "$stage" in
-  ort)  # ort NN [last]: append piece NN (carried alone: 64 MiB per call), install after the last one
-    cat ".whl/ort.part.$1" >> /tmp/ort.whl.partial
-    ls -la /tmp/ort.whl.partial
+  ort)  # ort NN [last]: append piece NN of .whl/ort.tar.xz (the onnxruntime-gpu wheel's files, xz: 4 pieces of
+        # ~49 MiB where the wheel itself needs 5 calls); unpack into /tmp/ortgpu after the last one
+    cat ".whl/ort.part.$1" >> /tmp/ort.tar.xz.partial
+    ls -la /tmp/ort.tar.xz.partial
     if [ "${2:-}" = "last" ]; then
-      mv /tmp/ort.whl.partial /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-      sha256sum /tmp/onnxruntime_gpu-*.whl; cat .whl/ort.sha256
-      python3 -m pip install --quiet --no-deps --target /tmp/ortgpu /tmp/onnxruntime_gpu-*.whl
+      mv /tmp/ort.tar.xz.partial /tmp/ort.tar.xz
+      echo "$(cut -d' ' -f1 .whl/ort.sha256)  /tmp/ort.tar.xz" | sha256sum -c - || exit 1
+      mkdir -p /tmp/ortgpu && tar -xJf /tmp/ort.tar.xz -C /tmp/ortgpu
       python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
     fi
     ;;

@@ -5,13 +5,13 @@
 # check_7b.json (the report), check_7b.txt (its text form), check_7b.log (everything, with timings).
 #
 #   here, once, in the repository root:  scripts/gpu_check_7b.sh prepare
-#       downloads onnxruntime-gpu 1.31.1 and polygraphy wheels into .whl/ (git-ignored) and splits the 255 MB ORT
-#       wheel into .whl/ort.part.NN pieces of 60 MiB (a device call carries at most 64 MiB)
+#       downloads onnxruntime-gpu 1.31.1 and polygraphy wheels into .whl/ (git-ignored), packs the 255 MB ORT wheel's
+#       files as .whl/ort.tar.xz (204 MB) in 4 .whl/ort.part.NN pieces (a device call carries at most 64 MiB)
 #   device, one call per piece, each soon after the last (the machine stays warm ~30 s between calls):
-#       scripts/device_run.sh ort 00      carry [".whl/ort.part.00"]      ... 01, 02, 03 likewise
+#       scripts/device_run.sh ort 00      carry [".whl/ort.part.00"]      ... 01, 02 likewise
 #   device, the last piece and the check in one call (~8 min: export ~4.5 min, check ~2-3 min):
-#       scripts/device_run.sh ort 04 last && scripts/gpu_check_7b.sh
-#                                         carry [".whl/ort.part.04", ".whl/ort.sha256", ".whl/polygraphy-*.whl"]
+#       scripts/device_run.sh ort 03 last && scripts/gpu_check_7b.sh
+#                                         carry [".whl/ort.part.03", ".whl/ort.sha256", ".whl/polygraphy-*.whl"]
 #   dry run on a CPU (tiny model, nothing carried, ~1 min):
 #       MODEL=tiny DEVICE=cpu PYTHON=.venv/bin/python OUT=/tmp/out scripts/gpu_check_7b.sh
 set -euo pipefail
@@ -33,8 +33,10 @@ if [ "${1:-}" = "prepare" ]; then  # here, with network: the wheels the device l
   "$PYTHON" -m pip download --no-deps --only-binary=:all: -d .whl "polygraphy==$poly"
   wheel=".whl/onnxruntime_gpu-$ORT_VERSION-cp312-cp312-manylinux_2_28_x86_64.whl"
   rm -f .whl/ort.part.*
-  split -b 60M -d -a 2 "$wheel" .whl/ort.part.
-  sha256sum "$wheel" | sed 's# .*/# #' > .whl/ort.sha256
+  unpacked="$(mktemp -d)"; (cd "$unpacked" && unzip -q "$OLDPWD/$wheel" && tar -cf - . | xz -T2 -7) > .whl/ort.tar.xz
+  rm -rf "$unpacked"
+  split -b 51000000 -d -a 2 .whl/ort.tar.xz .whl/ort.part.   # 4 pieces of <= 49 MiB (the wheel needs 5 calls)
+  sha256sum .whl/ort.tar.xz | sed 's# .*/# #' > .whl/ort.sha256
   ls -la .whl
   echo "carry each .whl/ort.part.NN in its own scripts/device_run.sh ort NN call (the last with 'last')"
   exit 0
