@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from apet.contracts.io import LOGITS, STAGE2_INDEX
+from apet.contracts.io import KEEP_INDEX, LOGITS, STAGE2_INDEX
 
-KEEP_INDEX = "keep_index"
 GREEDY = "greedy_tokens"
 STEP_LOGITS = "step_logits"  # [steps, batch, vocab]: the logits each greedy token was taken from
 INDEX_OUTPUTS = (KEEP_INDEX, STAGE2_INDEX)
