@@ -27,9 +27,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
-                        "output, 0.5r after the middle LLM layer (default: the family's most; Video-LLaVA and "
-                        "Qwen2.5-VL have 1; Video-LLaVA's --ratio is the per-frame budget: 0.125 -> 32 of 256 = "
-                        "22 error-selected + 10 basis)")
+                        "output, 0.5r after the middle LLM layer (default: the family's most; one stage only: "
+                        f"{_one_stage_families()}; Video-LLaVA's --ratio is the per-frame budget: 0.125 -> 32 of "
+                        "256 = 22 error-selected + 10 basis)")
     p.add_argument("--tokens", help="exact budgets instead of --ratio: K or K1,K2")
     p.add_argument("--stage2-layer", type=int, help="LLM layer where stage 2 starts (default: layers/2)")
     p.add_argument("--basis", type=int, default=10, help="basis size k (default 10)")
@@ -92,6 +92,12 @@ def _model_help(kinds: Sequence[str], rest: str) -> str:
         if names:
             parts.append(f"{family.name}: {' | '.join(names)}")
     return ("; ".join(parts) + f"; or {rest}").replace("%", "%%")
+
+
+def _one_stage_families() -> str:
+    from apet.models.registry import families
+
+    return ", ".join(name for name, family in families().items() if family.max_stages == 1)
 
 
 def _family_export_options() -> dict[str, list]:
