@@ -24,12 +24,9 @@ from torch import nn
 
 from apet.adapters.qwen2_5_vl.vision import QwenVisionStages
 from apet.compression import Assignment, Compressed, gather_tokens
-from apet.contracts.io import VISION_OUTPUTS
+from apet.contracts.io import INJECTED_DIM, INJECTED_EMBEDS, vision_output_names
 from apet.modeling.scope import Scope
 from apet.models.qwen2_5_vl.geometry import patch_positions
-
-INJECTED_EMBEDS = "injected_embeds"  # the seam's name (apet.contracts.io), kept here until it lands
-INJECTED_ROWS_DIM = "visual_rows"
 
 
 def merge_patches(merger: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -45,7 +42,7 @@ def merge_patches(merger: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 class Qwen3VisionStages(QwenVisionStages):
     input_names = ["pixel_values", "patch_positions"]
-    output_names = VISION_OUTPUTS + [INJECTED_EMBEDS]
+    output_names = vision_output_names(injected=True)
 
     def __init__(self, adapter, select) -> None:
         super().__init__(adapter, select)
@@ -131,4 +128,4 @@ class Qwen3VisionStages(QwenVisionStages):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         kept = {0: "batch"} if self.fixed_keep is not None else {0: "batch", 1: "kept"}  # K per image or fixed
         return {"pixel_values": {0: "batch", 1: "patches"}, "patch_positions": {0: "patches"},
-                "visual_embeds": kept, "keep_index": kept, INJECTED_EMBEDS: {1: INJECTED_ROWS_DIM}}
+                "visual_embeds": kept, "keep_index": kept, INJECTED_EMBEDS: {1: INJECTED_DIM}}
