@@ -215,6 +215,15 @@ def test_compressed_equals_the_rule_on_hf_modules(compressed, gathered, tiny_qwe
             assert [r.keep_index for r in results] == [k.tolist() for k in reference.kept], name
 
 
+def test_attention_op_form_gives_the_same_tokens(compressed, qwen3_artifact_factory, images) -> None:
+    """--attention op (ONNX Attention + RotaryEmbedding, opset 23; the vision blocks through the attention interface,
+    the interleaved M-RoPE tables through RotaryEmbedding) == the pattern form, token for token (ONNX Runtime)."""
+    op = Pipeline.load(qwen3_artifact_factory(ratio=0.3, attention="op"), backend="onnxruntime")
+    assert read_manifest(op.artifact_dir).attention == "op"
+    want = _generate(compressed["onnxruntime"], images[:2], PROMPTS[:2])
+    assert [r.token_ids for r in _generate(op, images[:2], PROMPTS[:2])] == [r.token_ids for r in want]
+
+
 def test_deepstack_levels_change_the_answer(tiny_qwen3_adapter, images) -> None:
     """The levels reach the LLM: merging or gathering them gives another answer for the wide image (the reference
     applies them through Hugging Face's own _deepstack_process)."""
@@ -262,6 +271,67 @@ def test_apet_export_cli_help_lists_the_family(capsys) -> None:
         main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "qwen3_vl: default merge" in text and "qwen3_vl: default checkpoint" in text
+
+
+def test_bench_static_path_and_awq_calibration_feed_deepstack(tiny_qwen3_adapter) -> None:
+    """apet-bench's static-cache path (CUDA graphs off) and AWQ's calibration forward add the DeepStack levels as
+    the torch reference does: the same greedy tokens, the same last-position logits."""
+    from apet.bench.stages import ApetPath, Request, synthetic_request
+    from apet.contracts.plan import Budget, plan_for
+    from apet.export.calibration import build_calibration
+    from apet.media.images import DEMO
+    from apet.modeling.reference import Reference
+    from apet.models.registry import get_family
+    from apet.quant.agreement import sequence_logits
+    from apet.runtime.backends.torch import embedding_table, splice
+
+    adapter = tiny_qwen3_adapter
+    plan = plan_for(adapter.spec, get_family("qwen3_vl"), Budget(ratio=0.3, stages=1))
+    request = Request(batch=2, prompt_tokens=30, new_tokens=4, image_size=(512, 384))
+    bench_tokens, _ = ApetPath(adapter, plan, request, graphs=False).generate()
+    processor, inputs, make_layout = synthetic_request(adapter, plan, request, 2048)
+    reference = Reference(adapter, plan.stage1)
+    out = reference.vision.named(reference.vision(*(torch.from_numpy(inputs.arrays[n])
+                                                    for n in reference.vision.input_names)))
+    layout = make_layout(out["keep_index"].numpy())
+    table, rows = embedding_table(adapter), torch.from_numpy(layout.visual_rows)
+    embeds = splice(table, torch.from_numpy(layout.token_ids), out["visual_embeds"], rows)
+    mask, positions = torch.from_numpy(layout.attention_mask), torch.from_numpy(layout.positions)
+    with torch.no_grad():
+        logits, state = reference.prefill(embeds, mask, torch.from_numpy(layout.image_start), positions,
+                                          out["injected_embeds"], rows)
+        token, tokens, steps = logits[:, -1].argmax(-1), [], layout.attention_mask
+        for _ in range(request.new_tokens):
+            tokens.append(token)
+            steps = np.concatenate([steps, np.ones_like(steps[:, :1])], axis=1)
+            step = reference.decode(table[token][:, None], state, torch.from_numpy(processor.decode_positions(layout,
+                                                                                                        steps)))
+            token = step[:, -1].argmax(-1)
+    assert bench_tokens.tolist() == torch.stack(tokens, 1).tolist()
+
+    (sample,) = build_calibration(adapter, plan, [(DEMO, PROMPTS[0])], {}).samples
+    assert sample.injected.shape[0] == LEVELS and int((sample.rows >= 0).sum()) == sample.injected.shape[1]
+    with torch.no_grad():
+        want, _ = reference.prefill(sample.embeds, sample.mask, torch.zeros(1, dtype=torch.long), sample.positions,
+                                    sample.injected, sample.rows)
+    got = sequence_logits(adapter, sample.embeds, sample.mask, sample.positions, sample.injected, sample.rows)
+    torch.testing.assert_close(got[-1], want[0, -1], rtol=0, atol=1e-4)
+    assert (sequence_logits(adapter, sample.embeds, sample.mask, sample.positions)[-1] - got[-1]).abs().max() > 1e-2
+
+
+def test_export_warns_when_k_exceeds_tensorrt_topk(tiny_qwen3_adapter, caplog) -> None:
+    """The published checkpoints' range reaches 16,384 tokens: K = 4,915 at --ratio 0.3, above TensorRT's TopK."""
+    adapter = tiny_qwen3_adapter
+    spec = adapter.spec
+    try:
+        adapter.set_pixel_range("64:16384")
+        plan = plan_compression(adapter.spec.n_tokens, 4, ratio=0.3, stages=1, stage1_placement="blend",
+                                per_image=True)
+        with caplog.at_level("WARNING"):
+            adapter.fit_budget(plan)
+    finally:
+        adapter.spec = spec
+    assert "above TensorRT's TopK limit of 3840" in caplog.text and "--pixel-range 64:12803" in caplog.text
 
 
 @pytest.mark.trt

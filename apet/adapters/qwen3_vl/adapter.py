@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "qwen3_vl"
 HF_MROPE_SECTION = (24, 20, 20)  # Qwen3VLTextRotaryEmbedding's default
+TENSORRT_TOPK = 3840  # the largest K TensorRT's TopK layer takes (ApET's ranking is a TopK of K)
 
 
 def decoder_spec(text: Any, injected_layers: int) -> DecoderSpec:
@@ -103,6 +104,17 @@ class Qwen3Adapter(QwenAdapter):
         if mode not in DEEPSTACK_MODES:
             raise UsageError(f"{DEEPSTACK_FLAG} {mode!r} is unknown", f"use one of {', '.join(DEEPSTACK_MODES)}")
         self.spec = replace(self.spec, extra={**self.spec.extra, "deepstack": mode})
+
+    def fit_budget(self, plan: Any) -> None:
+        """As Qwen2.5-VL (a fixed K raises min_pixels); and a warning when the largest image's K exceeds what
+        TensorRT's TopK takes (the checkpoint's range reaches 16,384 tokens: K = 4,915 at --ratio 0.3)."""
+        super().fit_budget(plan)
+        stage1 = plan.stage1
+        if stage1.keep > TENSORRT_TOPK:
+            fits = max((n for n in range(stage1.max_tokens + 1) if stage1.keep_for(n) <= TENSORRT_TOPK), default=0)
+            log.warning("the largest image keeps %d tokens, above TensorRT's TopK limit of %d: engines fail on images "
+                        "above %d merged tokens; pass --pixel-range %d:%d to stay within it (ONNX Runtime and torch "
+                        "are not limited)", stage1.keep, TENSORRT_TOPK, fits, self.recipe().min_tokens, fits)
 
     def recipe(self) -> QwenImageRecipe:
         return QwenImageRecipe.from_json(self.spec.processor)
