@@ -11,17 +11,17 @@ docs/algorithm.md. ``--pixel-range`` defaults to the checkpoint's own range (the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from apet.models.family import FamilyOption, Processor
 from apet.models.qwen2_5_vl.family import TYPICAL_IMAGE, QwenFamily
-from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT, FLAG, pixel_range_option
+from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT, pixel_range_option
+from apet.models.shared.options import prompt_template_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.modeling.adapter import VisionLanguageAdapter
 
 DEEPSTACK_FLAG = "--deepstack"
 DEEPSTACK_MODES = ("merge", "gather")
@@ -29,7 +29,7 @@ DEEPSTACK = FamilyOption(
     DEEPSTACK_FLAG, "what DeepStack levels (vision features added to the first LLM layers at the visual positions) "
     "keep under ApET: merge = the kept rows formed as the main tokens' (dropped tokens averaged into the kept token "
     "they merged into, the basis slots blended); gather = the kept rows only", default="merge",
-    choices=DEEPSTACK_MODES)
+    choices=DEEPSTACK_MODES)  # applied as the adapter's set_deepstack
 
 
 class Qwen3Family(QwenFamily):
@@ -39,11 +39,11 @@ class Qwen3Family(QwenFamily):
                "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct"}
     shapes = ("qwen3-vl-8b-shapes",)
     tiny = "tiny-qwen3-vl"
-    export_options = (pixel_range_option(CHECKPOINT), DEEPSTACK)
-
-    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
-        adapter.set_pixel_range(options[FLAG.lstrip("-")])
-        adapter.set_deepstack(options[DEEPSTACK.name])
+    export_options = (
+        pixel_range_option(CHECKPOINT),  # no authors' range exists: Hugging Face's inputs
+        prompt_template_option("qwen3_chat; default: the checkpoint's chat template"),
+        DEEPSTACK,
+    )
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.qwen3_vl.processor import Qwen3Processor
