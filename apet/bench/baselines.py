@@ -13,10 +13,11 @@ import torch
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
 from apet.compression import selector
-from apet.contracts.io import INJECTED_EMBEDS, KEEP_INDEX, VISUAL_EMBEDS
+from apet.contracts.io import VISUAL_EMBEDS
 from apet.contracts.plan import Budget, CompressionPlan, plan_for
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
+from apet.modeling.vision import injected_of
 from apet.models.registry import get_family
 from apet.runtime.backends.torch import embedding_table, splice
 
@@ -45,7 +46,7 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, 
     _, inputs, make_layout = synthetic_request(adapter, full, request, max_context)
     stages = family.vision_stages(adapter, selector(full.stage1))
     with torch.no_grad():
-        index = stages.named(stages(*_tensors(inputs.arrays, adapter).values()))[KEEP_INDEX]
+        _, index = stages(*_tensors(inputs.arrays, adapter).values())
     layout = make_layout(index.cpu().numpy())
     kwargs = _tensors({"input_ids": layout.token_ids, "attention_mask": layout.attention_mask,
                        **family.hf_generate_inputs(inputs, layout)}, adapter)  # the family may rewrite the ids
@@ -91,9 +92,9 @@ def paper_style(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: 
         for i in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            outputs = reference.vision.named(reference.vision(*vision_inputs))
+            outputs = reference.vision_outputs(*vision_inputs)
             logits, state = reference.prefill(splice(table, ids, outputs[VISUAL_EMBEDS], rows), mask, start, positions,
-                                              outputs.get(INJECTED_EMBEDS), rows)
+                                              injected_of(outputs), rows)
             token = logits[:, -1].argmax(-1)
             _sync(device)
             t1 = time.perf_counter()
