@@ -50,6 +50,11 @@ is either fixed (``keep``) or the authors' per-image ``int(keep_ratio·N)``
 per-image K is looked up in a constant table indexed by N — a shape computation
 TensorRT accepts as TopK's K — so the engine reproduces the float64 ``int(r·N)``
 of the reference exactly for every N the processor can produce.
+
+How the K rows were formed (which tokens were kept, which were merged into which, where the basis
+went) is an :class:`Assignment` (:func:`compress_assigned`): the rows are computed by applying it to
+X, and a family applies the same assignment to other per-token features of the same image (Qwen3-VL's
+DeepStack levels, docs/algorithm.md) instead of recomputing a selection on them.
 """
 
 from __future__ import annotations
@@ -75,15 +80,59 @@ class Compressed(NamedTuple):
     index: torch.Tensor
 
 
+class Assignment(NamedTuple):
+    """How one stage formed its K rows from the N tokens of each image (docs/algorithm.md, steps 3-6), as
+    tensors of the traced graph: :meth:`apply` forms the same rows from any per-token features [B, N, D'] of the
+    same images (the stage's own rows are ``apply(x)``). ``identity``: every token kept as it is. (A NamedTuple:
+    ``torch.compile`` traces it without graph breaks.)"""
+
+    selected: torch.Tensor | None = None  # [B, S] error-selected positions, in error order (the merge targets)
+    nearest: torch.Tensor | None = None  # [B, N] each token's target (index into ``selected``); None: no merge
+    dropped: torch.Tensor | None = None  # [B, N] 1.0 for the tokens averaged into their target
+    basis: torch.Tensor | None = None  # [B, k] basis positions, FPS order
+    slots: torch.Tensor | None = None  # [B, k] positions receiving basis vector j (None: basis at its own place)
+    blend: bool = False  # slots get 0.5·basis_j + 0.5·their own value
+    order: torch.Tensor | None = None  # [B, K] permutation of [selected, slot/basis rows] to the output order
+    identity: bool = False
+    everything: torch.Tensor | None = None  # traced per-image budget: K == N keeps all (a 0-d bool)
+    keep: int | torch.Tensor | None = None  # that K
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """The K rows of ``y`` [B, N, D'] (float32 math, ``y``'s dtype out) formed as the stage formed its own:
+        error-selected rows averaged with the rows merged into them, slot rows from the basis rows (blended
+        with their own), in the output order."""
+        if self.identity:
+            return y
+        y32 = y.to(torch.float32)
+        assert self.selected is not None and self.basis is not None
+        if self.nearest is None or self.dropped is None:
+            rows = gather_tokens(y32, self.selected)
+        else:
+            rows = merge_into(y32, self.selected, self.dropped, self.nearest)
+        basis = gather_tokens(y32, self.basis)
+        if self.slots is not None and self.blend:
+            basis = 0.5 * basis + 0.5 * gather_tokens(y32, self.slots)
+        rows = torch.cat([rows, basis], 1)
+        if self.order is not None:
+            rows = gather_tokens(rows, self.order)
+        if self.everything is not None:
+            rows = torch.where(self.everything, y32[:, :self.keep], rows)
+        return rows.to(y.dtype)
+
+
 @dataclass(frozen=True)
 class StageSelector:
     """One stage's settings bound: the ``select`` a family's vision stages call on their features. Stages may
-    read ``config`` (a fixed budget lets Qwen's vision graph keep static output shapes)."""
+    read ``config`` (a fixed budget lets Qwen's vision graph keep static output shapes), and a family that
+    carries other per-token features along asks for the :class:`Assignment` too (:meth:`assigned`)."""
 
     config: CompressionConfig
 
     def __call__(self, x: torch.Tensor) -> Compressed:
         return compress_with(self.config, x)
+
+    def assigned(self, x: torch.Tensor) -> tuple[Compressed, Assignment]:
+        return compress_assigned(self.config, x)
 
 
 def selector(config: CompressionConfig) -> StageSelector:
@@ -92,9 +141,19 @@ def selector(config: CompressionConfig) -> StageSelector:
 
 def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     """``compress(x)`` with one stage's settings."""
-    return compress(x, keep=config.keep, basis=config.basis, method=config.method, merge=config.merge,
-                    seed=config.seed, placement=config.placement, keep_ratio=config.keep_ratio,
-                    max_tokens=config.max_tokens)
+    return compress_assigned(config, x)[0]
+
+
+def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
+    """``compress_with(config, x)`` and how its rows were formed (see :class:`Assignment`)."""
+    _check_input(x)
+    if config.per_image:
+        return _compress_per_image(x, config)
+    n_tokens = int(x.shape[1])
+    config.validate(n_tokens)
+    if config.keep == n_tokens:
+        return _keep_all(x)
+    return _compress(x, config, config.keep)
 
 
 def _host_checks_allowed() -> bool:
@@ -256,51 +315,54 @@ def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor,
     return total / members.sum(1).unsqueeze(-1)
 
 
-def _selected_tokens(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool,
-                     nearest: Nearest, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The error-selected tokens, merged with every token outside ``ranked`` (and ``exclude``)."""
+def _merge_plan(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool, nearest: Nearest,
+                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(nearest target, dropped) for merging every token outside ``ranked`` (and ``exclude``) into the
+    error-selected tokens; (None, None) without merging."""
     if not merge:
-        return gather_tokens(x, selected)
+        return None, None
     n_tokens = x.shape[1]
     outside = _members(ranked, n_tokens) if exclude is None else \
         torch.maximum(_members(ranked, n_tokens), _members(exclude, n_tokens))
-    return merge_into(x, selected, 1.0 - outside, nearest(selected))
+    return nearest(selected), 1.0 - outside
 
 
-def _in_position_order(tokens: torch.Tensor, index: torch.Tensor) -> Compressed:
-    order = _ascending_order(index)
-    return Compressed(gather_tokens(tokens, order), torch.gather(index, 1, order))
+def _formed(x: torch.Tensor, assignment: Assignment, index: torch.Tensor) -> tuple[Compressed, Assignment]:
+    return Compressed(assignment.apply(x), index), assignment
 
 
 def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-           placement: str, nearest: Nearest) -> Compressed:
+           placement: str, nearest: Nearest) -> tuple[Compressed, Assignment]:
     """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
     k = int(basis_index.shape[1])
     appended = placement in ("append", "append_spatial")
     ranked = torch.topk(errors, keep - k if appended else keep, dim=1).indices  # descending error
     selected = ranked[:, : keep - k]
-    selected_tokens = _selected_tokens(x, selected, ranked, merge, nearest)
-    basis_tokens = gather_tokens(x, basis_index)
-    if placement == "append":
-        return Compressed(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
-    if placement == "append_spatial":
-        return _in_position_order(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
+    targets, dropped = _merge_plan(x, selected, ranked, merge, nearest)
+    if appended:
+        index = torch.cat([selected, basis_index], 1)
+        order = _ascending_order(index) if placement == "append_spatial" else None
+        assignment = Assignment(selected, targets, dropped, basis_index, order=order)
+        return _formed(x, assignment, index if order is None else torch.gather(index, 1, order))
     slots = ranked[:, keep - k:]
     if placement in ("mask", "blend"):
         slots = _ascending(slots)
-    slot_tokens = basis_tokens if placement != "blend" else 0.5 * basis_tokens + 0.5 * gather_tokens(x, slots)
-    return _in_position_order(torch.cat([selected_tokens, slot_tokens], 1), torch.cat([selected, slots], 1))
+    index = torch.cat([selected, slots], 1)
+    order = _ascending_order(index)
+    assignment = Assignment(selected, targets, dropped, basis_index, slots, placement == "blend", order)
+    return _formed(x, assignment, torch.gather(index, 1, order))
 
 
 def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-         nearest: Nearest) -> Compressed:
+         nearest: Nearest) -> tuple[Compressed, Assignment]:
     """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
     k = int(basis_index.shape[1])
     is_basis = _members(basis_index, x.shape[1]) > 0
     selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
-    selected_tokens = _selected_tokens(x, selected, selected, merge, nearest, exclude=basis_index)
-    tokens = torch.cat([selected_tokens, gather_tokens(x, basis_index)], 1)
-    return _in_position_order(tokens, torch.cat([selected, basis_index], 1))
+    targets, dropped = _merge_plan(x, selected, selected, merge, nearest, exclude=basis_index)
+    index = torch.cat([selected, basis_index], 1)
+    order = _ascending_order(index)
+    return _formed(x, Assignment(selected, targets, dropped, basis_index, order=order), torch.gather(index, 1, order))
 
 
 def compress(
@@ -315,23 +377,18 @@ def compress(
     max_tokens: int | None = None,
 ) -> Compressed:
     """Keep ``keep`` of the N tokens of each image by ApET; see the module docstring."""
-    _check_input(x)
     config = CompressionConfig(keep=keep, basis=basis, method=method, merge=merge, seed=seed, placement=placement,
                                keep_ratio=keep_ratio, max_tokens=max_tokens)
-    if config.per_image:
-        return _compress_per_image(x, config)
-    n_tokens = int(x.shape[1])
-    config.validate(n_tokens)
-    if keep == n_tokens:
-        return _keep_all(x)
-    return _compress(x, config, keep)
+    return compress_assigned(config, x)[0]
 
 
-def _keep_all(x: torch.Tensor) -> Compressed:
-    return Compressed(x, torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(x.shape[1], device=x.device))
+def _keep_all(x: torch.Tensor) -> tuple[Compressed, Assignment]:
+    index = torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(x.shape[1], device=x.device)
+    return Compressed(x, index), Assignment(identity=True)
 
 
-def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor) -> Compressed:
+def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor) \
+        -> tuple[Compressed, Assignment]:
     """The algorithm for K = ``keep`` (a Python int, or a traced 0-d tensor when N is symbolic)."""
     x32 = x.to(torch.float32)
     if config.method == "fps" and _fused_available(x32):
@@ -346,10 +403,10 @@ def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tens
         errors = basis_errors(x32, basis_index)
         nearest = lambda targets: cosine_nearest(x32, targets)  # noqa: E731
     if config.placement == "own":
-        kept = _own(x32, errors, basis_index, keep, config.merge, nearest)
+        kept, assignment = _own(x32, errors, basis_index, keep, config.merge, nearest)
     else:
-        kept = _paper(x32, errors, basis_index, keep, config.merge, config.placement, nearest)
-    return Compressed(kept.tokens.to(x.dtype), kept.index)
+        kept, assignment = _paper(x32, errors, basis_index, keep, config.merge, config.placement, nearest)
+    return Compressed(kept.tokens.to(x.dtype), kept.index), assignment
 
 
 # The Triton path runs one program per image, so its serial loops grow with N: on the H100 it took 0.17 ms at
@@ -371,7 +428,7 @@ def _fused_available(x: torch.Tensor) -> bool:
     return apet_fused.available(x)
 
 
-def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> Compressed:
+def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> tuple[Compressed, Assignment]:
     """N varies per image: eagerly K = ``keep_for(N)``; traced, K is a shape computation of the symbolic N
     (a constant table lookup) and K = N keeps everything through a Where, so both agree for every N."""
     n_tokens = x.shape[1]
@@ -384,10 +441,11 @@ def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> Compresse
     config.validate(config.max_tokens)
     table = torch.tensor([config.keep_for(n) for n in range(config.max_tokens + 1)], device=x.device)
     keep = table[n_tokens.clamp(max=config.max_tokens)] if config.keep_ratio is not None else config.keep
-    kept = _compress(x, config, keep)
+    kept, assignment = _compress(x, config, keep)
     everything = n_tokens == keep
     positions = torch.zeros_like(kept.index) + torch.arange(keep, device=x.device)
-    return Compressed(torch.where(everything, x[:, :keep], kept.tokens), torch.where(everything, positions, kept.index))
+    kept = Compressed(torch.where(everything, x[:, :keep], kept.tokens), torch.where(everything, positions, kept.index))
+    return kept, assignment._replace(everything=everything, keep=keep)
 
 
 class CompressionModule(torch.nn.Module):

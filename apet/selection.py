@@ -6,18 +6,20 @@ engine. A new rule is one function::
     def my_rule(x: torch.Tensor, config: CompressionConfig) -> Compressed: ...
 
 ``x`` is [B, N, D]; the result keeps ``config.keep_for(N)`` tokens in ascending original position (``keep``,
-or a per-image budget for dynamic-resolution models).
+or a per-image budget for dynamic-resolution models). :func:`rule_selector` binds a rule to a stage's settings as
+the ``select`` a family's vision stages take; for ApET it also gives the merge assignment (which tokens went into
+which kept row), which a family applies to other per-token features (Qwen3-VL's DeepStack levels).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
 
-from apet.compression import Compressed, compress_with, gather_tokens
+from apet.compression import Assignment, Compressed, compress_assigned, compress_with, gather_tokens
 from apet.contracts.compression import CompressionConfig
 from apet.errors import UsageError
 
@@ -37,6 +39,33 @@ def get_rule(name: str) -> Rule:
     if name not in RULES:
         raise UsageError(f"token-selection rule {name!r} is unknown", f"use one of {', '.join(sorted(RULES))}")
     return RULES[name]
+
+
+# rules whose rows are formed by an ApET assignment: the stage settings they run with
+ASSIGNED: dict[str, Callable[[CompressionConfig], CompressionConfig]] = {
+    "apet": lambda config: config, "apet-own": lambda config: replace(config, placement="own")}
+
+
+@dataclass(frozen=True)
+class RuleSelector:
+    """A rule bound to one stage's settings: ``select(x)`` for a family's vision stages; ``assigned(x)`` adds how
+    the rows were formed (:class:`~apet.compression.Assignment`, None for rules without one)."""
+
+    rule: str
+    config: CompressionConfig
+
+    def __call__(self, x: torch.Tensor) -> Compressed:
+        return get_rule(self.rule)(x, self.config)
+
+    def assigned(self, x: torch.Tensor) -> tuple[Compressed, Assignment | None]:
+        if self.rule in ASSIGNED:
+            return compress_assigned(ASSIGNED[self.rule](self.config), x)
+        return self(x), None
+
+
+def rule_selector(rule: str, config: CompressionConfig) -> RuleSelector:
+    get_rule(rule)  # unknown names fail here
+    return RuleSelector(rule, config)
 
 
 def _keep_all(x: torch.Tensor) -> Compressed:

@@ -106,6 +106,28 @@ def qwen_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_qwen_ch
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.adapters.qwen3_vl.tiny import create_tiny_qwen3
+
+    return create_tiny_qwen3(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_adapter(tiny_qwen3_checkpoint: Path):
+    """The tiny Qwen3-VL loaded through the real loading code (float32)."""
+    from apet.adapters.qwen3_vl.adapter import Qwen3Adapter
+
+    return Qwen3Adapter.load(tiny_qwen3_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def qwen3_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3_checkpoint: Path):
+    """export_qwen3(ratio=..., dtype=..., family_options=...) -> tiny Qwen3-VL artifact dir, cached per option set."""
+    return _cached_exports(tmp_path_factory.mktemp("qwen3_artifacts"), tiny_qwen3_checkpoint, ratio=0.3,
+                           dtype="fp32", tokens=None)
+
+
+@pytest.fixture(scope="session")
 def tiny_next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from apet.adapters.llava_next.tiny import create_tiny_llava_next
 

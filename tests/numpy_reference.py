@@ -113,3 +113,41 @@ def compress(x: np.ndarray, keep: int, basis: int = 10, method: str = "fps", mer
     """Batch [B, N, D] version of :func:`compress_one`."""
     outs = [compress_one(xb, keep, basis, method, merge_tokens, placement=placement, start=start) for xb in x]
     return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+
+
+def compress_weights(x: np.ndarray, keep: int, basis: int = 10, placement: str = "blend",
+                     start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One image [N, D] -> (W [K, N], index [K]) for the paper placements ``mask``, ``rank`` and ``blend``: each
+    kept row as a weighted sum of the N tokens (``W @ x`` equals :func:`compress_one`'s rows), so the same
+    selection and merge can be applied to other features of the same tokens (Qwen3-VL's DeepStack levels,
+    docs/algorithm.md): an error-selected token and the tokens merged into it weigh 1/(1 + count) each, a slot
+    is basis token j (``blend``: half basis token j, half its own token)."""
+    x = x.astype(np.float64)
+    n = x.shape[0]
+    if keep == n:
+        return np.eye(n), np.arange(n)
+    basis_index = fps(x, basis, start)
+    err = errors(x, basis_index)
+    ranked = [int(i) for i in np.argsort(-err, kind="stable")][:keep]
+    selected = ranked[: keep - basis]
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    members = {t: [t] for t in selected}
+    for j in range(n):
+        if j not in ranked:
+            members[selected[int(np.argmax([float(unit[t] @ unit[j]) for t in selected]))]].append(j)
+    rows: dict[int, np.ndarray] = {}
+    for t, group in members.items():
+        rows[t] = np.zeros(n)
+        rows[t][group] = 1.0 / len(group)
+    slots = ranked[keep - basis:]
+    if placement in ("mask", "blend"):
+        slots = sorted(slots)
+    for j, position in enumerate(slots):
+        rows[position] = np.zeros(n)
+        if placement == "blend":
+            rows[position][basis_index[j]] += 0.5
+            rows[position][position] += 0.5
+        else:
+            rows[position][basis_index[j]] = 1.0
+    index = sorted(rows)
+    return np.stack([rows[i] for i in index]), np.array(index)

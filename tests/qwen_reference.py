@@ -31,12 +31,16 @@ class HfBatch:
         return (self.input_ids == self.image_token_id).to(torch.int64)
 
 
-def hf_batch(adapter, images: list, prompts: list[str], min_pixels: int = MIN_PIXELS) -> HfBatch:
+def hf_batch(adapter, images: list, prompts: list[str], min_pixels: int = MIN_PIXELS,
+             image_processor=None) -> HfBatch:
+    """Ids, mask and patches as Hugging Face's processor makes them (``image_processor``: one of the
+    checkpoint's own; default the authors' evaluation range)."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(adapter.source_dir)
-    processed = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=MAX_PIXELS)(images=images,
-                                                                                      return_tensors="pt")
+    if image_processor is None:
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=MAX_PIXELS)
+    processed = image_processor(images=images, return_tensors="pt")
     grids = processed["image_grid_thw"]
     rows = []
     for grid, prompt in zip(grids, prompts):
@@ -92,21 +96,30 @@ def compress_like_authors(adapter, batch: HfBatch, ratio: float, basis: int = 10
     full_positions, _ = adapter.model.model.get_rope_index(batch.input_ids, batch.mm_token_type_ids,
                                                            image_grid_thw=batch.image_grid_thw,
                                                            attention_mask=batch.attention_mask)
-    tokens, kept, rows = [], [], []
-    for b, merged in enumerate(merged_tokens(adapter, batch)):
+    tokens, kept = [], []
+    for merged in merged_tokens(adapter, batch):
         n = merged.shape[0]
         values, index = qwen_stage1(merged, keep=max(basis + 1, int(ratio * n)), k=basis)
         tokens.append(values.to(merged.dtype))
         kept.append(index)
+    return Compressed(tokens, kept, full_positions,
+                      *gathered_prompts(batch, full_positions, kept, adapter.spec.pad_token_id or 0))
+
+
+def gathered_prompts(batch: HfBatch, full_positions: torch.Tensor, kept: list[torch.Tensor],
+                     pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, positions [3, B, L']) of the batch with only the ``kept`` image tokens of each row, positions
+    get_rope_index's of the full prompt gathered (not renumbered), left-padded again."""
+    rows = []
+    for b, index in enumerate(kept):
         real = batch.attention_mask[b].bool()
         ids, positions = batch.input_ids[b][real], full_positions[:, b][:, real]
         image = (ids == batch.image_token_id).nonzero()[:, 0]
         keep = torch.ones_like(ids, dtype=torch.bool)
         keep[image] = False
-        keep[image[index]] = True
+        keep[image[torch.as_tensor(index)]] = True
         rows.append((ids[keep], positions[:, keep]))
     longest = max(len(ids) for ids, _ in rows)
-    pad = adapter.spec.pad_token_id or 0
     input_ids = torch.full((len(rows), longest), pad)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     position_ids = torch.zeros((3, len(rows), longest), dtype=torch.long)
@@ -114,7 +127,7 @@ def compress_like_authors(adapter, batch: HfBatch, ratio: float, basis: int = 10
         input_ids[b, longest - len(ids):] = ids
         mask[b, longest - len(ids):] = 1
         position_ids[:, b, longest - len(ids):] = positions
-    return Compressed(tokens, kept, full_positions, input_ids, mask, position_ids)
+    return input_ids, mask, position_ids
 
 
 def hf_compressed_generate(adapter, images: list, prompts: list[str], ratio: float,

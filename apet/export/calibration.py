@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from apet.compression import selector
+from apet.contracts.io import INJECTED_EMBEDS, KEEP_INDEX, VISUAL_EMBEDS
 from apet.errors import ApetError, InputError
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.quant.calibration import CalibrationSample, CalibrationSet
@@ -124,10 +125,14 @@ def build_calibration(adapter: VisionLanguageAdapter, plan: Any, pairs: list[tup
         for name in stages.input_names:
             tensor = torch.from_numpy(np.ascontiguousarray(inputs.arrays[name])).to(adapter.device)
             tensors.append(tensor.to(adapter.dtype) if tensor.is_floating_point() else tensor)
-        visual, keep = stages(*tensors)
+        outputs = stages.named(stages(*tensors))
+        visual, keep = outputs[VISUAL_EMBEDS], outputs[KEEP_INDEX]
         layout = processor.layout([prompt], inputs, keep.cpu().numpy(), 1)
-        embeds = splice(table, to(layout.token_ids), visual, to(layout.visual_rows))
-        samples.append(CalibrationSample(embeds, to(layout.attention_mask), to(layout.positions)))
+        rows = to(layout.visual_rows)
+        embeds = splice(table, to(layout.token_ids), visual, rows)
+        injected = outputs.get(INJECTED_EMBEDS)  # families with per-layer visual inputs (DeepStack)
+        samples.append(CalibrationSample(embeds, to(layout.attention_mask), to(layout.positions), injected,
+                                         None if injected is None else rows))
     result = CalibrationSet(samples, dict(info))
     result.info.update(samples=len(samples), tokens=result.tokens)
     return result

@@ -64,13 +64,13 @@ class Reference:
     def __init__(self, adapter: VisionLanguageAdapter, stage1: CompressionConfig,
                  stage2: Stage2Config | None = None, rule: str = "apet") -> None:
         from apet.models.registry import get_family
-        from apet.selection import get_rule
+        from apet.selection import get_rule, rule_selector
 
         self.adapter = adapter
         self.stage1 = stage1
         self.stage2 = stage2
         self.select = get_rule(rule)
-        self.vision = get_family(adapter.family).vision_stages(adapter, lambda x: self.select(x, stage1))
+        self.vision = get_family(adapter.family).vision_stages(adapter, rule_selector(rule, stage1))
         self.layers = list(adapter.decoder_layers())
 
     @torch.no_grad()

@@ -30,14 +30,16 @@ class Agreement:
 
 @torch.no_grad()
 def sequence_logits(adapter: VisionLanguageAdapter, embeds: torch.Tensor, mask: torch.Tensor,
-                    positions: torch.Tensor) -> torch.Tensor:
-    """Logits at every position [T, V] (float32) through the model's own HF layers, no cache."""
+                    positions: torch.Tensor, injected: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at every position [T, V] (float32) through the model's own HF layers, no cache (``injected`` /
+    ``rows``: the family's per-layer visual inputs, see :class:`CalibrationSample`)."""
     from apet.quant.apply import _run_layer
 
     hidden = embeds
-    sample = CalibrationSample(embeds, mask, positions)
-    for layer in adapter.decoder_layers():
-        hidden = _run_layer(adapter, layer, hidden, sample)
+    sample = CalibrationSample(embeds, mask, positions, injected, rows)
+    for index, layer in enumerate(adapter.decoder_layers()):
+        hidden = _run_layer(adapter, layer, hidden, sample, index)
     return adapter.lm_head()(adapter.final_norm()(hidden))[0].float()
 
 
@@ -45,9 +47,10 @@ def _extend(adapter: VisionLanguageAdapter, sample: CalibrationSample, token: to
     embed = adapter.embed_tokens()(token.view(1, 1)).to(sample.embeds.dtype)
     positions = sample.positions
     nxt = positions[..., -1:] + 1
+    rows = None if sample.rows is None else torch.cat([sample.rows, torch.full_like(sample.rows[:, :1], -1)], dim=1)
     return CalibrationSample(torch.cat([sample.embeds, embed], dim=1),
                              torch.cat([sample.mask, torch.ones_like(sample.mask[:, :1])], dim=1),
-                             torch.cat([positions, nxt], dim=-1))
+                             torch.cat([positions, nxt], dim=-1), sample.injected, rows)
 
 
 @torch.no_grad()
@@ -57,7 +60,8 @@ def teacher_forced_sequences(reference: VisionLanguageAdapter, samples: list[Cal
     out = []
     for sample in samples:
         for _ in range(new_tokens):
-            logits = sequence_logits(reference, sample.embeds, sample.mask, sample.positions)
+            logits = sequence_logits(reference, sample.embeds, sample.mask, sample.positions, sample.injected,
+                                     sample.rows)
             sample = _extend(reference, sample, logits[-1].argmax())
         out.append(sample)
     return out
@@ -70,8 +74,8 @@ def agreement(reference: VisionLanguageAdapter, quantized: VisionLanguageAdapter
     one sequence at a time: a 7B vocabulary over many prompts would not fit memory at once)."""
     agree, kl, count = 0, 0.0, 0
     for s in sequences:
-        ref = sequence_logits(reference, s.embeds, s.mask, s.positions)
-        got = sequence_logits(quantized, s.embeds.to(quantized.dtype), s.mask, s.positions)
+        ref = sequence_logits(reference, s.embeds, s.mask, s.positions, s.injected, s.rows)
+        got = sequence_logits(quantized, s.embeds.to(quantized.dtype), s.mask, s.positions, s.injected, s.rows)
         valid = s.mask[0].bool()
         same, divergence = next_token_agreement(ref[valid].cpu().numpy(), got[valid].cpu().numpy())
         agree, kl, count = agree + same, kl + divergence, count + int(valid.sum())

@@ -90,7 +90,9 @@ class _Replacer:
         setattr(parent, attr, new)
 
 
-def _run_layer(adapter: VisionLanguageAdapter, layer: nn.Module, hidden: torch.Tensor, sample) -> torch.Tensor:
+def _run_layer(adapter: VisionLanguageAdapter, layer: nn.Module, hidden: torch.Tensor, sample,
+               index: int | None = None) -> torch.Tensor:
+    """Decoder layer ``index`` on one sample, with the sample's injected inputs for that layer added after it."""
     from apet.modeling.blocks import additive_mask
 
     cos_sin = adapter.hf_position_embeddings(hidden, sample.positions)
@@ -98,7 +100,8 @@ def _run_layer(adapter: VisionLanguageAdapter, layer: nn.Module, hidden: torch.T
     # no KV-cache argument at all: its name changed in transformers 5.24 (apet.models.compat) and None is the default
     out = layer(hidden, attention_mask=bias, position_ids=sample.positions, use_cache=False,
                 position_embeddings=cos_sin)
-    return out[0] if isinstance(out, tuple) else out
+    out = out[0] if isinstance(out, tuple) else out
+    return out if index is None else sample.after_layer(index, out)
 
 
 def _awq_groups(result: QuantResult, groups: list[Group], calibration: CalibrationSet | None,
@@ -138,8 +141,8 @@ def quantize_model(adapter: VisionLanguageAdapter, spec: WeightSpec, calibration
         if awq:
             outputs: list[torch.Tensor] = []
 
-            def run(layer=layer, outputs=outputs) -> None:
-                outputs.extend(_run_layer(adapter, layer, h, s) for h, s in zip(hidden, search.samples))
+            def run(layer=layer, outputs=outputs, index=index) -> None:
+                outputs.extend(_run_layer(adapter, layer, h, s, index) for h, s in zip(hidden, search.samples))
 
             _awq_groups(result, layer_groups(index, layer), search, run)
             hidden = outputs

@@ -14,6 +14,17 @@ class CalibrationSample:
     embeds: torch.Tensor  # [1, T, H] the LLM's input
     mask: torch.Tensor  # [1, T]
     positions: torch.Tensor  # [1, T] or [3, 1, T]
+    # the family's per-layer visual inputs (DecoderSpec.injected_layers): [L, N, H] and the row of each token [1, T]
+    injected: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def after_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` after decoder layer ``index`` plus that layer's injected rows, as the deployed LLM adds them."""
+        if self.injected is None or self.rows is None or index >= self.injected.shape[0]:
+            return hidden
+        from apet.modeling.decoder_block import add_injected
+
+        return add_injected(hidden, self.injected[index].to(hidden.dtype), self.rows)
 
 
 @dataclass

@@ -76,7 +76,8 @@ def window_layout(rows: int, cols: int, recipe: QwenImageRecipe) -> WindowLayout
 
 
 def grid_bounds(recipe: QwenImageRecipe) -> dict[str, tuple[int, int]]:
-    """(min, max) of patches and windows over every grid the processor can produce (profiles)."""
+    """(min, max) of patches and windows over every grid the processor can produce (profiles); patches only for
+    a ViT without window attention (``window_size`` 0)."""
     step = recipe.merge_size
     factor_px = recipe.patch_size * recipe.patch_size
     low, high = -(-recipe.min_pixels // factor_px), recipe.max_pixels // factor_px
@@ -86,8 +87,10 @@ def grid_bounds(recipe: QwenImageRecipe) -> dict[str, tuple[int, int]]:
             if rows * cols < low or max(rows, cols) > MAX_ASPECT * min(rows, cols):
                 continue
             patches.append(rows * cols)
-            windows.append(window_count(rows, cols, recipe))
-    return {"patches": (min(patches), max(patches)), "windows": (min(windows), max(windows))}
+            if recipe.window_size:
+                windows.append(window_count(rows, cols, recipe))
+    bounds = {"patches": (min(patches), max(patches))}
+    return {**bounds, "windows": (min(windows), max(windows))} if windows else bounds
 
 
 def merged_grid(grid: tuple[int, int], recipe: QwenImageRecipe) -> tuple[int, int]:

@@ -32,7 +32,8 @@ MAX_TOKENS = 16384
 # Qwen2VLImageProcessor's own size when a checkpoint's preprocessor config names none (shortest/longest edge)
 HF_DEFAULT_PIXELS = (56 * 56, 28 * 28 * 1280)
 
-HELP = ("image sizes in merged tokens (28x28 px each) for dynamic-resolution families: authors = 256:2048, the "
+HELP = ("image sizes in merged tokens (a 2x2 block of patches: 28x28 px for Qwen2.5-VL, 32x32 px for Qwen3-VL) for "
+        "dynamic-resolution families: authors = 256:2048, the "
         "range the ApET authors evaluate with; checkpoint = the checkpoint's min_pixels/max_pixels (its "
         f"preprocessor config, as Hugging Face's processor uses them); MIN:MAX = your own, 1 <= MIN <= MAX <= "
         f"{MAX_TOKENS}")

@@ -42,7 +42,7 @@ class QwenImageRecipe:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
-    window_size: int = 112  # the ViT's attention window in pixels (vision_config.window_size)
+    window_size: int = 112  # the ViT's attention window in pixels (vision_config.window_size); 0: none (Qwen3-VL)
     resample: int = 3  # PIL bicubic
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, float, float] = CLIP_MEAN

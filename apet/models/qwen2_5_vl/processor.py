@@ -51,10 +51,15 @@ class QwenProcessor(Processor):
             end = start + 1
             while end < len(infos) and infos[end].grid == infos[start].grid:
                 end += 1
-            layout = window_layout(*infos[start].grid, self.recipe)
-            runs.append({"pixel_values": np.stack([i.patches for i in infos[start:end]]), **layout.arrays()})
+            runs.append({"pixel_values": np.stack([i.patches for i in infos[start:end]]),
+                         **self.grid_arrays(infos[start].grid)})
             start = end
         return VisionInputs(runs[0], items=len(infos), meta=infos, runs=runs)
+
+    def grid_arrays(self, grid: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The vision graph's integer inputs for one patch grid: patch positions and the window bookkeeping
+        (a family with the same processor and another ViT overrides this)."""
+        return window_layout(*grid, self.recipe).arrays()
 
     def check_prompts(self, prompts: Sequence[str], max_new_tokens: int) -> None:
         """Text alone must fit; the visual span is checked once the image's budget is known (layout)."""

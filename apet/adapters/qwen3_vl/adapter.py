@@ -1,0 +1,139 @@
+"""Adapter for Hugging Face ``Qwen3VLForConditionalGeneration`` (ViT with learned + 2-D rotary positions, 2x2 merger
+and DeepStack mergers + a Qwen3 LLM: q/k RMSNorm, interleaved M-RoPE, tied embeddings in the 2B/4B checkpoints).
+
+Loading, the language modules and the pixel range are Qwen2.5-VL's (:class:`QwenAdapter`); what differs is the
+recipe (16-px patches, the checkpoint's pixel range by default), the decoder facts (q/k norm, one injected input per
+DeepStack level) and the rotary tables, which interleave the temporal, height and width frequencies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apet.adapters.qwen2_5_vl.adapter import QwenAdapter, _eos_ids, _token_ids
+from apet.contracts.specs import DecoderSpec, ModelSpec
+from apet.errors import UsageError
+from apet.modeling.adapter import describe_decoder
+from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT
+from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings
+from apet.models.qwen3_vl.family import DEEPSTACK_FLAG, DEEPSTACK_MODES
+from apet.models.qwen3_vl.recipe import qwen3_recipe
+from apet.models.qwen3_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
+
+log = logging.getLogger(__name__)
+
+FAMILY = "qwen3_vl"
+HF_MROPE_SECTION = (24, 20, 20)  # Qwen3VLTextRotaryEmbedding's default
+TENSORRT_TOPK = 3840  # the largest K TensorRT's TopK layer takes (ApET's ranking is a TopK of K)
+
+
+def decoder_spec(text: Any, injected_layers: int) -> DecoderSpec:
+    """The LLM's facts: 3-D positions, and one injected input per DeepStack level (q/k norm: the seam reads it
+    from the checkpoint's layers)."""
+    return describe_decoder(text, position_rank=3, injected_layers=injected_layers, qk_norm=True)
+
+
+def interleaved_axes(frequencies: int, section: tuple[int, ...] | list[int]) -> list[int]:
+    """Which position (0 temporal, 1 height, 2 width) rotates each frequency: Hugging Face's interleaved M-RoPE
+    takes frequency j from the height for j % 3 == 1 and j < 3·section[1], from the width for j % 3 == 2 and
+    j < 3·section[2], from the temporal position otherwise."""
+    axes = []
+    for j in range(frequencies):
+        if j % 3 == 1 and j < 3 * section[1]:
+            axes.append(1)
+        elif j % 3 == 2 and j < 3 * section[2]:
+            axes.append(2)
+        else:
+            axes.append(0)
+    return axes
+
+
+class Qwen3Adapter(QwenAdapter):
+    family = FAMILY
+    prompt_templates = PROMPT_TEMPLATES
+    model_class = "Qwen3VLForConditionalGeneration"
+    checkpoint_name = "Qwen3-VL"
+
+    @classmethod
+    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "Qwen3Adapter":
+        config = model.config
+        vision, text = config.vision_config, config.text_config
+        recipe = qwen3_recipe(processor_settings(source_dir), source=source)
+        if recipe.patch_size != vision.patch_size or recipe.merge_size != vision.spatial_merge_size or \
+                recipe.temporal_patch_size != vision.temporal_patch_size:
+            raise UsageError(f"{source}: the image processor's patch geometry does not match the vision config",
+                             "use the processor files saved with the checkpoint")
+        template, name = prompt_template(source_dir)
+        pad = _token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
+        levels = [int(i) for i in vision.deepstack_visual_indexes]
+        spec = ModelSpec(
+            family=FAMILY, source=source, n_tokens=recipe.max_tokens, patch_grid=(0, 0),  # dynamic resolution
+            vision_dim=vision.out_hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
+            eos_token_ids=_eos_ids(config, source_dir), pad_token_id=pad, prompt_template=template,
+            prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
+            decoder=decoder_spec(text, len(levels)), processor=recipe.to_json(),
+            extra={"vision_start_token_id": int(config.vision_start_token_id),
+                   "mrope_section": [int(s) for s in cls._mrope_section(text)],
+                   "deepstack_visual_indexes": levels, "deepstack": DEEPSTACK_MODES[0]},
+        )
+        return cls(model, spec, source_dir)
+
+    @staticmethod
+    def _mrope_section(text: Any) -> list[int]:
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        return list(rope.get("mrope_section", HF_MROPE_SECTION))
+
+    def set_pixel_range(self, pixel_range: str) -> None:
+        """Image sizes from ``--pixel-range`` (parsed): the recipe's bounds and ``n_tokens`` (see QwenAdapter)."""
+        recipe = qwen3_recipe(processor_settings(self.source_dir), pixel_range, source=self.spec.source)
+        if pixel_range == CHECKPOINT and self.source_dir is None:
+            log.info("%s has no processor files: --pixel-range checkpoint uses the published Qwen3-VL range",
+                     self.spec.source)
+        self.spec = replace(self.spec, processor=recipe.to_json(), n_tokens=recipe.max_tokens)
+        log.info("Qwen3-VL images: %s", recipe.range_summary())
+
+    def set_deepstack(self, mode: str) -> None:
+        """``--deepstack merge|gather``: how the vision graph forms the DeepStack levels' kept rows (manifest
+        ``model.extra.deepstack``)."""
+        if mode not in DEEPSTACK_MODES:
+            raise UsageError(f"{DEEPSTACK_FLAG} {mode!r} is unknown", f"use one of {', '.join(DEEPSTACK_MODES)}")
+        self.spec = replace(self.spec, extra={**self.spec.extra, "deepstack": mode})
+
+    def fit_budget(self, plan: Any) -> None:
+        """As Qwen2.5-VL (a fixed K raises min_pixels); and a warning when the largest image's K exceeds what
+        TensorRT's TopK takes (the checkpoint's range reaches 16,384 tokens: K = 4,915 at --ratio 0.3)."""
+        super().fit_budget(plan)
+        stage1 = plan.stage1
+        if stage1.keep > TENSORRT_TOPK:
+            fits = max((n for n in range(stage1.max_tokens + 1) if stage1.keep_for(n) <= TENSORRT_TOPK), default=0)
+            log.warning("the largest image keeps %d tokens, above TensorRT's TopK limit of %d: engines fail on images "
+                        "above %d merged tokens; pass --pixel-range %d:%d to stay within it (ONNX Runtime and torch "
+                        "are not limited)", stage1.keep, TENSORRT_TOPK, fits, self.recipe().min_tokens, fits)
+
+    def recipe(self) -> QwenImageRecipe:
+        return QwenImageRecipe.from_json(self.spec.processor)
+
+    # -- language ----------------------------------------------------------------------------------
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interleaved M-RoPE tables [B, T, head_dim] for positions [3, B, T], as ``Qwen3VLTextRotaryEmbedding``
+        computes them (bit for bit), written as a constant one-hot choice of each frequency's position instead of
+        the strided in-place copy of the Hugging Face module, so the graph has no ScatterND."""
+        module = self._language_model().rotary_emb
+        inv_freq = module.inv_freq.to(device=hidden.device, dtype=torch.float32)
+        axes = torch.tensor(interleaved_axes(int(inv_freq.shape[0]), self.spec.extra["mrope_section"]),
+                            device=hidden.device)
+        choice = (axes == torch.arange(3, device=hidden.device).unsqueeze(-1)).to(torch.float32)  # [3, d/2]
+        positions = position_ids.expand(3, -1, -1).to(torch.float32).unsqueeze(-1)  # [3, B, T, 1]
+        freqs = (positions * choice[:, None, None, :]).sum(0) * inv_freq  # [B, T, d/2]
+        scale = float(getattr(module, "attention_scaling", 1.0))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * scale).to(hidden.dtype), (emb.sin() * scale).to(hidden.dtype)
+
+    def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        return self._language_model().rotary_emb(hidden, position_ids)
