@@ -131,3 +131,18 @@ def video_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_video_
     """export_video(ratio=..., **options) -> tiny Video-LLaVA artifact dir (fp32, batch 2), cached per option set."""
     return _cached_exports(tmp_path_factory.mktemp("video_artifacts"), tiny_video_checkpoint, dtype="fp32",
                            max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from apet.adapters.internvl.tiny import TinyInternVLConfig, create_tiny_internvl
+
+    return create_tiny_internvl(tmp_path_factory.mktemp("internvl") / "tiny-internvl", seed=0,
+                                config=TinyInternVLConfig(text_model="qwen2"))
+
+
+@pytest.fixture(scope="session")
+def internvl_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_internvl_checkpoint: Path):
+    """export_internvl(**ExportConfig options) -> tiny InternVL artifact dir (fp32, batch 2), cached per option set."""
+    return _cached_exports(tmp_path_factory.mktemp("internvl_artifacts"), tiny_internvl_checkpoint, dtype="fp32",
+                           max_batch=2)
