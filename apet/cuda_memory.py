@@ -280,9 +280,10 @@ class DeviceBuffer:
         if host.shape != self.shape:
             raise BackendError(f"cannot upload an array of shape {host.shape} into a device buffer of {self.shape}",
                                "this is a bug in apet: please report it")
-        self.device.bind()
-        call("cuMemcpyHtoDAsync", self.device.driver.cuMemcpyHtoDAsync(
-            self.address, host.ctypes.data, self.nbytes, _stream(stream)))
+        if self.nbytes:  # an empty tensor (a decode step's N = 0 injected rows) has nothing to copy
+            self.device.bind()
+            call("cuMemcpyHtoDAsync", self.device.driver.cuMemcpyHtoDAsync(
+                self.address, host.ctypes.data, self.nbytes, _stream(stream)))
         return self
 
     def download(self, stream: Stream | None = None) -> np.ndarray:

@@ -19,13 +19,21 @@ from typing import Any
 import numpy as np
 
 from apet.check.graph import GraphScopes, graph_scopes
-from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
+from apet.contracts.io import (
+    IMAGE_START,
+    INJECTED_EMBEDS,
+    INJECTED_ROWS,
+    KEEP_INDEX,
+    LOGITS,
+    STAGE2_INDEX,
+    past_names,
+    present_names,
+)
 from apet.extras import import_extra
 from apet.manifest import Manifest
 from apet.models.family import VisionInputs
-from apet.runtime.backends.base import load_embedding_table, splice_numpy
+from apet.runtime.backends.base import injected_inputs, load_embedding_table, no_injected, splice_numpy
 
-KEEP_INDEX = "keep_index"
 GREEDY = "greedy_tokens"
 STEP_LOGITS = "step_logits"
 NODE_PREFIX = "node:"  # per-layer outputs: "node:<graph>:<tensor>"
@@ -162,6 +170,11 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
                         "attention_mask": np.ascontiguousarray(mask, dtype=np.int64), **past}
                 if IMAGE_START in names:
                     feed[IMAGE_START] = np.ascontiguousarray(layout.image_start, dtype=np.int64)
+                if INJECTED_EMBEDS in names:  # the prefill's visual rows; none at decode
+                    layers = decoder.injected_layers
+                    injected, rows = injected_inputs(vis.get(INJECTED_EMBEDS), layers, layout.visual_rows) \
+                        if record else no_injected(layers, decoder.hidden_size, *embeds_in.shape[:2], self.dtype)
+                    feed[INJECTED_EMBEDS], feed[INJECTED_ROWS] = injected.astype(self.dtype), rows
                 out = self.llm.infer(feed)
                 past.update({p: out[q] for p, q in zip(past_names(decoder.num_layers),
                                                         present_names(decoder.num_layers))})

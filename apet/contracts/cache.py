@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apet.contracts.io import INJECTED_DIM
+
 DEFAULT_TEXT_TOKENS = 512  # prompt text budget on top of the visual tokens (default contexts and prefill profiles)
 
 
@@ -44,8 +46,10 @@ class CacheLayout:
     def lengths(self, past: int) -> list[int]:
         return [self.past_length(i, past) for i in range(self.num_layers)]
 
-    def dims(self, batch: int, seq: int, past: int) -> dict[str, int]:
-        """Values of the LLM graph's symbolic dims for one step (see ``export/llm.py``'s dynamic axes)."""
+    def dims(self, batch: int, seq: int, past: int, rows: int = 0) -> dict[str, int]:
+        """Values of the LLM graph's symbolic dims for one step (see ``export/llm.py``'s dynamic axes); ``rows``:
+        the visual rows of the injected per-layer inputs (families that declare them; 0 at decode)."""
         layer = self.stage2_layer if self.stage2_layer is not None else 0
         return {"batch": batch, "seq": seq, "seq_out": seq, "past": past, "total": past + seq,
-                "past_after": self.past_length(layer, past), "total_after": self.present_length(layer, past, seq)}
+                "past_after": self.past_length(layer, past), "total_after": self.present_length(layer, past, seq),
+                INJECTED_DIM: rows}

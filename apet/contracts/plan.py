@@ -262,6 +262,12 @@ def plan_for(spec: SpecFacts, family: FamilyFacts, budget: Budget, *, clamp_stag
             raise UsageError(f"--stages {stages}: the {family.name} family has {family.max_stages} stage(s)",
                              f"pass --stages {family.max_stages}")
         stages = family.max_stages
+    injected = getattr(spec.decoder, "injected_layers", 0)
+    if stages > 1 and injected:
+        if not clamp_stages:
+            raise UsageError(f"--stages {stages}: ApET's second stage and the {injected} layers that take injected "
+                             f"visual inputs ({family.name}) are not combined yet", "pass --stages 1")
+        stages = 1
     return plan_compression(spec.n_tokens, spec.decoder.num_layers, ratio=budget.ratio, stages=stages,
                             tokens=budget.tokens, basis=budget.basis, method=budget.method, merge=budget.merge,
                             seed=budget.seed, basis_placement=budget.basis_placement,

@@ -46,6 +46,10 @@ class DecoderSpec:
     max_positions: int
     hidden_act: str = "silu"
     position_rank: int = 1  # 1: position_ids [B, T]; 3: M-RoPE position_ids [3, B, T]
+    # the attention normalises q and k per head (RMSNorm over head_dim) after projection, before rotary
+    qk_norm: bool = False
+    # DeepStack-style inputs: after layer i < injected_layers the visual rows get + injected_embeds[i][row]
+    injected_layers: int = 0
 
 
 @dataclass(frozen=True)

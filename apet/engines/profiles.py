@@ -71,7 +71,11 @@ def llm_profiles(manifest: Manifest, max_batch: int | None = None, max_context: 
     # with stage 2 a prefill holds the whole K1 span; the removed tokens must leave at least one
     shortest = manifest.visual_tokens + 1 if manifest.compression.stage2 is not None else 2
     batch = (1, 1, limits.max_batch)
-    prefill = tuple(layout.dims(b, t, 0) for b, t in zip(batch, (shortest, typical, limits.max_prompt)))
+    # injected per-layer inputs (families that declare them): 0 visual rows (a text-only prompt) up to every
+    # visual token of a full batch; decode steps have none
+    family = family_of(manifest)
+    rows = (0, family.typical_visual_tokens(manifest), limits.max_batch * family.max_visual_tokens(manifest))
+    prefill = tuple(layout.dims(b, t, 0, n) for b, t, n in zip(batch, (shortest, typical, limits.max_prompt), rows))
     past = (shortest, min(typical + 64, limits.max_context - 1), limits.max_context - 1)
     decode = tuple(layout.dims(b, 1, p) for b, p in zip(batch, past))
     return [Profile("prefill", _shapes(manifest, "llm", prefill)), Profile("decode", _shapes(manifest, "llm", decode))]

@@ -24,6 +24,7 @@ import numpy as np
 
 from apet.atomic import atomic_directory, write_atomic
 from apet.contracts.files import ENGINE_FILES
+from apet.contracts.io import INJECTED_ROWS
 from apet.contracts.specs import resolve_shape
 from apet.contracts.targets import TARGETS
 from apet.engines.profile_report import OUT_DIR, RUNS_FILE, report, summarize_times, top_layers
@@ -90,11 +91,17 @@ def profile_command(run: Run, out_dir: str = OUT_DIR, iterations: int = 200) -> 
 def _llm_run(name: str, manifest: Manifest, artifact: Path, profile_index: int, seq: int, past: int) -> Run:
     """Batch 1, ``seq`` new tokens after ``past``: shapes from the cache layout, meaningful integer inputs (the
     image span starts where the artifact's own template puts it, counted with its tokenizer)."""
-    dims = manifest.cache_layout.dims(1, seq, past)
+    # a prefill's first tokens are visual rows of the injected inputs (families that declare them), decode has none
+    visual = min(seq, family_of(manifest).typical_visual_tokens(manifest)) if past == 0 else 0
+    dims = manifest.cache_layout.dims(1, seq, past, visual)
     shapes = {spec["name"]: resolve_shape(spec, dims) for spec in manifest.graphs["llm"].inputs}
     positions = np.arange(past, past + seq, dtype=np.int64)
     ints = {"position_ids": np.broadcast_to(positions, shapes["position_ids"]).copy(),
             "attention_mask": np.ones((1, past + seq), dtype=np.int64)}
+    if INJECTED_ROWS in shapes:
+        rows = np.full((1, seq), -1, dtype=np.int64)
+        rows[0, :visual] = np.arange(visual)
+        ints[INJECTED_ROWS] = rows
     if "image_start" in shapes:
         ints["image_start"] = np.array([family_of(manifest).text_before_media(manifest, artifact)], dtype=np.int64)
     return Run(name, ENGINE_FILES["llm"], profile_index, shapes, ints)

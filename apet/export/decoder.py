@@ -1,7 +1,7 @@
 """The language model as one exportable graph (``llm.onnx``): prefill and decode with explicit KV cache,
-plus ApET's second stage after layer L-1 (docs/algorithm.md). The blocks live in :mod:`apet.modeling.blocks`;
-norms, MLPs and the rotary tables come from the adapter's Hugging Face modules, so any Llama-style
-decoder works.
+plus ApET's second stage after layer L-1 (docs/algorithm.md). Each layer is
+:class:`apet.modeling.decoder_block.DecoderBlock` (the static GPU path computes the same one) with the exported
+attention form around it; the rotary tables come from the adapter, so any Llama-style decoder works.
 """
 
 from __future__ import annotations
@@ -12,15 +12,18 @@ import torch
 from torch import nn
 
 from apet.contracts.compression import Stage2Config
+from apet.errors import UsageError
 from apet.export.attention import attention_kernel
 from apet.modeling.adapter import VisionLanguageAdapter
-from apet.modeling.blocks import HeadLayout, merge_heads, project_qkv, stage2_rebuild
+from apet.modeling.blocks import HeadLayout, stage2_rebuild
+from apet.modeling.decoder_block import DecoderBlock, add_injected, decoder_blocks
 from apet.modeling.scope import Scope
 
 
 class DecoderGraph(nn.Module):
     """What ``llm.onnx`` computes. Inputs: inputs_embeds [B,T,H], position_ids [B,T], attention_mask
-    [B,P+T] (left-padded), image_start [B] (stage 2 only), then past_key.i / past_value.i per layer.
+    [B,P+T] (left-padded), image_start [B] (stage 2 only), injected_embeds [L,N,H] and injected_rows [B,T]
+    (``DecoderSpec.injected_layers`` L > 0 only), then past_key.i / past_value.i per layer.
     Outputs: logits, stage2_index (stage 2 only), present_key.i / present_value.i. ``attention`` is the
     exported form (pattern | op, :mod:`apet.export.attention`); the KV cache is concatenated outside the
     attention in both."""
@@ -28,38 +31,45 @@ class DecoderGraph(nn.Module):
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None = None,
                  all_logits: bool = False, attention: str = "pattern", lm_head_slices: int = 1) -> None:
         super().__init__()
-        self.hf_layers = list(adapter.decoder_layers())  # a plain list: their scope is the Scope below
+        spec = adapter.spec.decoder
+        if stage2 is not None and spec.injected_layers:
+            raise UsageError("ApET's second stage and injected per-layer inputs are not combined yet",
+                             "export with --stages 1")
+        self.layout = HeadLayout.of(adapter)
+        # plain objects: their scope is the Scope below
+        self.blocks = decoder_blocks(list(adapter.decoder_layers()), self.layout, spec.qk_norm)
+        self.injected_layers = spec.injected_layers
         # attribute names are the node-name scopes of apet.scopes: layers.i/..., apet_stage2/..., mask/...
-        self.layers = nn.ModuleList(Scope(partial(self._layer, layer)) for layer in self.hf_layers)
+        self.layers = nn.ModuleList(Scope(partial(self._layer, i, block)) for i, block in enumerate(self.blocks))
         self.apet_stage2 = Scope(partial(stage2_rebuild, stage2)) if stage2 is not None else None
         self.model = adapter.model  # registered so tracing sees the weights
         self.norm = adapter.final_norm()
         self.head = adapter.lm_head() if lm_head_slices == 1 else SlicedHead(adapter.lm_head(), lm_head_slices)
         self.rotary = adapter.rotary
-        self.layout = HeadLayout.of(adapter)
         self.stage2 = stage2
         self.all_logits = all_logits
         self.kernel = attention_kernel(attention, self.layout)
         self.mask = Scope(self.kernel.mask)
 
     # -- blocks ------------------------------------------------------------------------------------
-    def _attention(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
-        q, k, v = project_qkv(layer.self_attn, h, cos, sin, self.layout, self.kernel.rotate)
-        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        return merge_heads(layer.self_attn, self.kernel.attend(q, keys, values, mask)), keys, values
+    def _layer(self, index: int, block: DecoderBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, injected: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None):
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):  # the KV cache grows by concatenation
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            return self.kernel.attend(q, keys, values, mask), (keys, values)
 
-    def _layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               past_k: torch.Tensor, past_v: torch.Tensor):
-        attn_out, keys, values = self._attention(layer, layer.input_layernorm(h), cos, sin, mask, past_k, past_v)
-        h = h + attn_out
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h, (keys, values) = block(h, cos, sin, attend, self.kernel.rotate)
+        if injected is not None and rows is not None:  # this layer's [N, H] slice, gathered in its scope
+            h = add_injected(h, injected[index], rows)
         return h, keys, values
 
     # -- graph -------------------------------------------------------------------------------------
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image_start, past = (rest[0], rest[1:]) if self.stage2 is not None else (None, rest)
+        injected, rows = (past[0], past[1]) if self.injected_layers else (None, None)
+        past = past[2:] if self.injected_layers else past
         h = inputs_embeds
         cos, sin = self.kernel.tables(*self.rotary(h, position_ids))
         mask = self.mask(attention_mask, h.shape[1], h.dtype)
@@ -71,7 +81,8 @@ class DecoderGraph(nn.Module):
                                                                                  image_start)
                 cos, sin = self.kernel.tables(*self.rotary(h, position_ids))
                 mask = self.mask(attention_mask, h.shape[1], h.dtype)
-            h, keys, values = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            extra = (injected, rows) if injected is not None and i < self.injected_layers else ()
+            h, keys, values = layer(h, cos, sin, mask, past[2 * i], past[2 * i + 1], *extra)
             presents += [keys, values]
         if not self.all_logits:
             h = h[:, -1:]

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from apet.contracts.compression import Stage2Config
 from apet.contracts.files import EMBEDDINGS_TENSOR
-from apet.contracts.io import llm_io_names
+from apet.contracts.io import INJECTED_DIM, INJECTED_EMBEDS, INJECTED_ROWS, llm_io_names
 from apet.export.decoder import DecoderGraph
 from apet.export.onnx_utils import export_onnx
 from apet.modeling.adapter import VisionLanguageAdapter
@@ -17,7 +17,7 @@ from apet.modeling.blocks import empty_past
 
 
 def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool,
-                  position_rank: int) -> dict[str, dict[int, str]]:
+                  position_rank: int, injected: bool = False) -> dict[str, dict[int, str]]:
     position_axes = {0: "batch", 1: "seq"} if position_rank == 1 else {1: "batch", 2: "seq"}
     axes: dict[str, dict[int, str]] = {
         "inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": position_axes,
@@ -27,6 +27,9 @@ def _dynamic_axes(num_layers: int, stage2: Stage2Config | None, all_logits: bool
     if stage2:
         axes["image_start"] = {0: "batch"}
         axes["stage2_index"] = {0: "batch"}
+    if injected:
+        axes[INJECTED_EMBEDS] = {1: INJECTED_DIM}
+        axes[INJECTED_ROWS] = {0: "batch", 1: "seq"}
     for i in range(num_layers):
         after = stage2 is not None and i >= stage2.layer
         past, total = ("past_after", "total_after") if after else ("past", "total")
@@ -50,11 +53,17 @@ def export_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | None, path
     args: tuple = (embeds, positions, mask)
     if stage2:
         args += (torch.full((batch,), 3, dtype=torch.long, device=adapter.device),)
+    injected = spec.injected_layers > 0
+    if injected:  # N = 4 visual rows at the first positions of the second row
+        rows = torch.full((batch, length), -1, dtype=torch.long, device=adapter.device)
+        rows[1, 1:5] = torch.arange(4, device=adapter.device)
+        args += (torch.randn(spec.injected_layers, 4, spec.hidden_size, dtype=adapter.dtype, device=adapter.device),
+                 rows)
     args += tuple(empty_past(adapter, batch))
-    inputs, outputs = llm_io_names(spec.num_layers, stage2 is not None)
+    inputs, outputs = llm_io_names(spec.num_layers, stage2 is not None, injected)
     graph = DecoderGraph(adapter, stage2, all_logits, attention, lm_head_slices).eval()
     return export_onnx(graph, args, path, input_names=inputs, output_names=outputs,
-                       dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits, spec.position_rank),
+                       dynamic_axes=_dynamic_axes(spec.num_layers, stage2, all_logits, spec.position_rank, injected),
                        opset=opset)
 
 

@@ -1,7 +1,8 @@
 """The torch half of a model family: a loaded checkpoint and the modules generic code may ask for.
 
-The language model must be a Llama-style decoder (RMSNorm, rotary attention with optional GQA
-and q/k/v bias, gated MLP), which covers Vicuna/Llama, Mistral and Qwen2 language towers. What
+The language model must be a Llama-style decoder (RMSNorm, rotary attention with optional GQA, q/k/v bias and
+per-head q/k RMSNorm, gated MLP), which covers Vicuna/Llama, Mistral, Qwen2 and Qwen3 language towers; the one
+layer both export and the GPU path compute is :mod:`apet.modeling.decoder_block`. What
 differs on the vision side is not asked of the adapter by generic code: the family builds its
 vision graph (:class:`VisionStages`) from it.
 """
@@ -18,6 +19,7 @@ from torch import nn
 
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
+from apet.modeling.decoder_block import has_qk_norm
 
 
 class VisionLanguageAdapter(ABC):
@@ -29,26 +31,32 @@ class VisionLanguageAdapter(ABC):
 
     def __init__(self, model: nn.Module, spec: ModelSpec, source_dir: Path | None) -> None:
         self.model = model
-        self.spec = spec
         self.source_dir = source_dir
+        self.spec = spec
+        layers = self.decoder_layers()
+        if layers:  # q/k norms are what the checkpoint's layers have (the manifest records it)
+            self.spec = replace(spec, decoder=replace(spec.decoder, qk_norm=has_qk_norm(layers[0])))
 
     # -- language side -----------------------------------------------------------------------------
     @abstractmethod
     def decoder_layers(self) -> Sequence[nn.Module]:
-        """Llama-style decoder layers (input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp)."""
+        """Llama-style decoder layers (input_layernorm, self_attn.{q,k,v,o}_proj [, self_attn.{q,k}_norm],
+        post_attention_layernorm, mlp), computed by :class:`apet.modeling.decoder_block.DecoderBlock`."""
 
     @abstractmethod
     def final_norm(self) -> nn.Module: ...
 
     @abstractmethod
-    def lm_head(self) -> nn.Linear: ...
+    def lm_head(self) -> nn.Linear:
+        """The output projection; with tied embeddings its weight is the embedding table's."""
 
     @abstractmethod
     def embed_tokens(self) -> nn.Embedding: ...
 
     @abstractmethod
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, head_dim] for ``position_ids`` ([B, T], or [3, B, T] for M-RoPE families)."""
+        """cos, sin [B, T, head_dim] for ``position_ids`` ([B, T], or [3, B, T] for M-RoPE families): the
+        family's rotary variant (1-D, sectioned or interleaved M-RoPE) ends as merged tables here."""
 
     def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         """What the Hugging Face decoder layers take as ``position_embeddings`` (the reference path);
@@ -115,8 +123,12 @@ class VisionLanguageAdapter(ABC):
         return next(self.model.parameters()).device
 
 
-def describe_decoder(text_config: Any, position_rank: int = 1):
-    """A :class:`DecoderSpec` from a Hugging Face text config (Llama, Mistral, Qwen2 field names)."""
+def describe_decoder(text_config: Any, position_rank: int = 1, injected_layers: int = 0, qk_norm: bool = False):
+    """A :class:`DecoderSpec` from a Hugging Face text config (Llama, Mistral, Qwen2/3 field names).
+
+    ``position_rank`` 3 for M-RoPE position ids; ``injected_layers`` for a family whose vision side feeds the
+    first layers (DeepStack). ``qk_norm`` is not a config field: whatever is passed, the adapter sets it from the
+    checkpoint's layers when it is made (:class:`VisionLanguageAdapter`)."""
     from apet.contracts.specs import DecoderSpec
 
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -126,5 +138,6 @@ def describe_decoder(text_config: Any, position_rank: int = 1):
         num_kv_heads=text_config.num_key_value_heads or text_config.num_attention_heads, head_dim=head_dim,
         intermediate_size=text_config.intermediate_size, vocab_size=text_config.vocab_size,
         rms_norm_eps=text_config.rms_norm_eps, max_positions=text_config.max_position_embeddings,
-        hidden_act=text_config.hidden_act, position_rank=position_rank,
+        hidden_act=text_config.hidden_act, position_rank=position_rank, injected_layers=injected_layers,
+        qk_norm=qk_norm,
     )

@@ -1,6 +1,7 @@
-"""Building blocks of a Llama-style decoder step with explicit KV cache and ApET's second stage, shared by
-the exported graph (:mod:`apet.export.decoder`) and the static-cache GPU path
-(:mod:`apet.runtime.static_decoder`), so both compute the same thing.
+"""Attention math of a decoder step with explicit KV cache (masks, rotary, heads) and ApET's second stage, shared
+by the exported graph (:mod:`apet.export.decoder`) and the static-cache GPU path
+(:mod:`apet.runtime.static_decoder`), so both compute the same thing. The decoder layer around it (norms,
+projections, MLP) is :mod:`apet.modeling.decoder_block`.
 
 Attention is written out here (MatMul - additive mask - Softmax - MatMul in the graph dtype) so TensorRT
 fuses it and no attention weights ever leave the graph; the exported graph can use the ONNX ``Attention`` op
@@ -14,15 +15,18 @@ must be left-padded (zeros only before the first real token); the runtime guaran
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.onnx.operators
-from torch import nn
 
 from apet.compression import compress_with, gather_tokens
 from apet.contracts.compression import Stage2Config
-from apet.modeling.adapter import VisionLanguageAdapter
+
+if TYPE_CHECKING:  # annotations only: the adapter module builds on this one's neighbours
+    from apet.modeling.adapter import VisionLanguageAdapter
+
+Norm = Callable[[torch.Tensor], torch.Tensor]
 
 _BIG = 1 << 20  # larger than any sequence: (T + BIG - 2) // BIG is 1 for 2 <= T < BIG and 0 for T == 1
 
@@ -100,7 +104,7 @@ class HeadLayout:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def of(cls, adapter: VisionLanguageAdapter) -> "HeadLayout":
+    def of(cls, adapter: "VisionLanguageAdapter") -> "HeadLayout":
         spec = adapter.spec.decoder
         return cls(spec.num_heads, spec.num_kv_heads, spec.head_dim)
 
@@ -114,18 +118,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def project_qkv(attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                layout: HeadLayout, rotate: Rotate | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [B, heads, T, d], k and v [B, kv_heads, T, d], rotary embedding applied to q and k."""
-    return split_heads(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), cos, sin, layout, rotate or apply_rotary)
-
-
 def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                layout: HeadLayout, rotate: Rotate = apply_rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected [B, T, heads*d] tensors -> per-head layout with the rotary embedding applied by ``rotate``."""
+                layout: HeadLayout, rotate: Rotate = apply_rotary, q_norm: Norm | None = None,
+                k_norm: Norm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected [B, T, heads*d] tensors -> q [B, heads, T, d], k and v [B, kv_heads, T, d]; q and k normalised
+    per head by ``q_norm``/``k_norm`` when given (Qwen3-style attention), then rotated by ``rotate``."""
     batch, length = q.shape[0], q.shape[1]
-    q = q.view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
-    k = k.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+    q = q.view(batch, length, layout.num_heads, layout.head_dim)
+    k = k.view(batch, length, layout.num_kv_heads, layout.head_dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
@@ -138,14 +141,13 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, kv * groups, length, dim)
 
 
-def merge_heads(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """[B, heads, T, d] -> o_proj([B, T, heads * d])."""
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """[B, heads, T, d] -> [B, T, heads * d] (what the output projection takes)."""
     batch, heads, length, dim = out.shape
-    return attn.o_proj(out.transpose(1, 2).reshape(batch, length, heads * dim))
+    return out.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-
-def empty_past(adapter: VisionLanguageAdapter, batch: int, lengths: Sequence[int] | int = 0,
+def empty_past(adapter: "VisionLanguageAdapter", batch: int, lengths: Sequence[int] | int = 0,
                dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Per-layer (key, value) tensors of the given past lengths, flattened like the graph's inputs."""
     spec = adapter.spec.decoder

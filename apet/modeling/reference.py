@@ -37,6 +37,15 @@ def causal_bias(mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch
     return torch.where(visible, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
+def inject_rows(hidden: torch.Tensor, injected: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, H] with ``injected[rows[b, t]]`` added where ``rows`` >= 0 (Hugging Face Qwen3-VL's
+    ``_deepstack_process``: the visual positions' hidden states plus that layer's visual features)."""
+    out = hidden.clone()
+    where = rows >= 0
+    out[where] = out[where] + injected[rows[where]].to(hidden.dtype)
+    return out
+
+
 @dataclass
 class ReferenceState:
     """Decode-time state: HF cache plus the masks of the two layer groups."""
@@ -67,16 +76,19 @@ class Reference:
     @torch.no_grad()
     def visual_embeds(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's vision stages with the selection rule: (visual embeddings, kept indices)."""
-        return self.vision(*inputs)
+        return tuple(self.vision(*inputs)[:2])
 
     def _run_layers(self, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object,
-                    layers: range) -> torch.Tensor:
+                    layers: range, injected: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
         cos_sin = self.adapter.hf_position_embeddings(hidden, positions)
         bias = causal_bias(mask, hidden.shape[1], hidden.dtype)
         for i in layers:
             out = self.layers[i](hidden, attention_mask=bias, position_ids=positions, use_cache=True,
                                  position_embeddings=cos_sin, **cache_kwargs(self.layers[i], cache))
             hidden = out[0] if isinstance(out, tuple) else out
+            if injected is not None and rows is not None and i < injected.shape[0]:
+                hidden = inject_rows(hidden, injected[i], rows)
         return hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -97,15 +109,17 @@ class Reference:
 
     @torch.no_grad()
     def prefill(self, inputs_embeds: torch.Tensor, mask: torch.Tensor, image_start: torch.Tensor,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ReferenceState]:
+                positions: torch.Tensor | None = None, injected: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ReferenceState]:
         """Logits of the last position [B, 1, V] and the state to decode from. ``positions`` default to the
-        1-D ones of the mask; M-RoPE families pass their [3, B, T] positions (no stage 2 there)."""
+        1-D ones of the mask; M-RoPE families pass their [3, B, T] positions (no stage 2 there). ``injected``
+        [L, N, H] is added after layer i < L to the tokens whose ``rows`` [B, T] entry is a visual row >= 0."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
         split = self.stage2.layer if self.stage2 is not None else len(self.layers)
         positions = positions_from_mask(mask) if positions is None else positions
-        hidden = self._run_layers(inputs_embeds, mask, positions, cache, range(split))
+        hidden = self._run_layers(inputs_embeds, mask, positions, cache, range(split), injected, rows)
         state = ReferenceState(cache=cache, mask=mask, mask_after=None, image_start=image_start)
         if self.stage2 is not None:
             hidden, state.mask_after, state.stage2_index = self._compress_span(hidden, mask, image_start)

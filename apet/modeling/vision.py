@@ -21,7 +21,11 @@ from apet.modeling.scope import Scope
 
 
 class VisionStages(nn.Module):
-    """features -> select (ApET stage 1, or an eval rule) -> finish."""
+    """features -> select (ApET stage 1, or an eval rule) -> finish.
+
+    A family that declares ``DecoderSpec.injected_layers`` L > 0 lists ``vision_output_names(True)`` as its
+    outputs and returns a third one from :meth:`finish`: ``injected_embeds`` [L, N, H], its per-layer inputs
+    for the same N rows, in the same order, as ``visual_embeds``."""
 
     input_names: ClassVar[list[str]]
     output_names: ClassVar[list[str]] = VISION_OUTPUTS
@@ -41,7 +45,7 @@ class VisionStages(nn.Module):
 
     @abstractmethod
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Kept tokens and positions -> the graph outputs (visual_embeds, keep_index)."""
+        """Kept tokens and positions -> the graph outputs (visual_embeds, keep_index[, injected_embeds])."""
 
     @abstractmethod
     def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -50,6 +54,10 @@ class VisionStages(nn.Module):
     @abstractmethod
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Symbolic dims of inputs and outputs (their names are what the family's ``vision_dims`` sizes)."""
+
+    def named(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The graph outputs by name (:mod:`apet.contracts.io`)."""
+        return dict(zip(self.output_names, outputs))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tokens, index = self.apet_stage1(self.vision(*inputs))

@@ -1,7 +1,7 @@
 """The language model with a preallocated, static KV cache: every step has fixed shapes and no
 host syncs, so prefill and decode can be captured as CUDA graphs (the GPU fast path).
 
-Same math as :class:`apet.export.decoder.DecoderGraph` (shared blocks in :mod:`apet.modeling.blocks`),
+Same math as :class:`apet.export.decoder.DecoderGraph` (the same :mod:`apet.modeling.decoder_block` per layer),
 but keys and values are written in place into ``[B, kv, max_context, d]`` buffers and decode
 attends over a prefix of the buffer (a *span*, see :func:`decode_span`) with a validity mask instead of growing
 tensors.
@@ -15,15 +15,8 @@ import torch.nn.functional as F
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
 from apet.modeling.adapter import VisionLanguageAdapter
-from apet.modeling.blocks import (
-    HeadLayout,
-    additive_mask,
-    merge_heads,
-    project_qkv,
-    repeat_kv,
-    split_heads,
-    stage2_rebuild,
-)
+from apet.modeling.blocks import HeadLayout, additive_mask, repeat_kv, stage2_rebuild
+from apet.modeling.decoder_block import add_injected, decoder_blocks
 
 
 def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
@@ -72,6 +65,10 @@ class StaticDecoder:
 
             self.kernels = attach_static(self.layers, self.fused, self.head, adapter.dtype)
         self.layout = HeadLayout.of(adapter)
+        self.blocks = decoder_blocks(self.layers, self.layout, adapter.spec.decoder.qk_norm, self.fused)
+        self.injected_layers = adapter.spec.decoder.injected_layers
+        if stage2 is not None and self.injected_layers:
+            raise ValueError("ApET's second stage and injected per-layer inputs are not combined yet")
         self.stage2 = stage2
         self.cache_layout = CacheLayout(len(self.layers), stage2.layer if stage2 else None,
                                         stage2.removed if stage2 else 0)
@@ -92,33 +89,32 @@ class StaticDecoder:
 
     def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                write: slice | torch.Tensor, span: int | None = None) -> torch.Tensor:
-        layer, batch = self.layers[i], h.shape[0]
-        normed = layer.input_layernorm(h)
-        if self.fused is not None:
-            q, k, v = split_heads(*self.fused[i].qkv(normed), cos, sin, self.layout)
-        else:
-            q, k, v = project_qkv(layer.self_attn, normed, cos, sin, self.layout)
-        keys, values = self.keys[i][:batch], self.values[i][:batch]
+        keys, values = self.keys[i][:h.shape[0]], self.values[i][:h.shape[0]]
         groups = self.layout.groups
-        if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
-            keys[:, :, write] = k
-            values[:, :, write] = v
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=bias)
-        else:  # decode: write at the cache position, attend over the span (the buffer's first positions)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, None]:
+            if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
+                keys[:, :, write] = k
+                values[:, :, write] = v
+                return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
+                                                      attn_mask=bias), None
+            # decode: write at the cache position, attend over the span (the buffer's first positions)
             keys.index_copy_(2, write, k)
             values.index_copy_(2, write, v)
-            out = grouped_decode_attention(q, keys[:, :, :span], values[:, :, :span], bias, groups)
-        h = h + merge_heads(layer.self_attn, out)
-        mlp = self.fused[i].mlp if self.fused is not None else layer.mlp
-        return h + mlp(layer.post_attention_layernorm(h))
+            return grouped_decode_attention(q, keys[:, :, :span], values[:, :, :span], bias, groups), None
+
+        return self.blocks[i](h, cos, sin, attend)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h[:, -1]))
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                image_start: torch.Tensor | None) -> torch.Tensor:
-        """[B, T, H] prompt embeddings, [B, T] left-padded mask, positions -> logits [B, V]; resets the cache."""
+                image_start: torch.Tensor | None, injected: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H] prompt embeddings, [B, T] left-padded mask, positions -> logits [B, V]; resets the cache.
+        ``injected`` [L, N, H] and ``rows`` [B, T] (flattened visual row per token, -1 for text): the family's
+        per-layer visual inputs, added after each layer i < L (``DecoderSpec.injected_layers``)."""
         batch, length = embeds.shape[:2]
         for valid in self.valid:
             valid[:batch].zero_()
@@ -133,6 +129,8 @@ class StaticDecoder:
                 bias = additive_mask(mask, h.shape[1], h.dtype)
                 self.valid[1][:batch, : h.shape[1]] = mask.bool()
             h = self._block(i, h, cos, sin, bias, slice(0, h.shape[1]))
+            if injected is not None and rows is not None and i < self.injected_layers:
+                h = add_injected(h, injected[i], rows)
         self.length.fill_(length)
         return self._logits(h)
 

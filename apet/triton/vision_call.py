@@ -19,14 +19,12 @@ VisionCall = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # vision 
 
 
 def route_vision(backend: Backend, call: VisionCall, graph: GraphEntry) -> None:
-    """Make ``backend`` run its vision graph through ``call``: embeddings and kept indices are the graph's first
-    and second outputs (the order every backend reads them in), as numpy arrays, which every backend's prefill
-    accepts (it splices on the host)."""
-    embeds_name, keep_name = graph.outputs[0]["name"], graph.outputs[1]["name"]
+    """Make ``backend`` run its vision graph through ``call``: the outputs by their names
+    (:mod:`apet.contracts.io`), as numpy arrays, which every backend's prefill accepts (it splices on the
+    host)."""
 
     def encode(arrays: dict[str, np.ndarray]) -> VisionOutput:
-        outputs = call(arrays)
-        return VisionOutput(np.asarray(outputs[embeds_name]), np.asarray(outputs[keep_name]).astype(np.int64))
+        return VisionOutput.of({name: np.asarray(value) for name, value in call(arrays).items()})
 
     backend._encode = encode  # type: ignore[method-assign]  # the one step that changes; checks stay the base's
 

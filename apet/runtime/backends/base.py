@@ -12,10 +12,11 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from apet.contracts.io import INJECTED_EMBEDS, VISION_OUTPUTS
 from apet.errors import BackendError, InputError
 from apet.extras import import_extra
 from apet.manifest import Manifest
@@ -27,6 +28,14 @@ class VisionOutput:
     embeds: Any  # backend-native visual embeddings, flattened by rows for splicing
     keep_index: np.ndarray | list[np.ndarray]  # kept indices (int64) [B, K], or one array per medium
     apet_ms: float | None = None  # time of ApET alone, where the backend can separate it
+    # backend-native [L, N, H]: per-layer inputs for the same N rows as ``embeds`` (DecoderSpec.injected_layers)
+    injected: Any = None
+
+    @classmethod
+    def of(cls, outputs: Mapping[str, Any], apet_ms: float | None = None) -> "VisionOutput":
+        """From the vision graph's outputs by name (:mod:`apet.contracts.io`); kept indices as int64 numpy."""
+        embeds, keep = (outputs[name] for name in VISION_OUTPUTS)
+        return cls(embeds, np.asarray(keep).astype(np.int64, copy=False), apet_ms, outputs.get(INJECTED_EMBEDS))
 
 
 class Backend(ABC):
@@ -152,17 +161,38 @@ def load_embedding_table(artifact_dir: Path, manifest: Manifest) -> np.ndarray:
     return load_file(str(path))[entry.get("tensor", "weight")]
 
 
+def _concatenate(parts: list[Any], axis: int) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=axis)
+    return sys.modules["torch"].cat(parts, dim=axis)  # device tensors of the torch backend, which imported torch
+
+
 def concatenate_outputs(outputs: list[VisionOutput]) -> VisionOutput:
     """Several vision runs as one output: embedding rows concatenated in run order (numpy or torch, as the
-    backend made them), one kept-index array per medium."""
-    flat = [o.embeds.reshape(-1, o.embeds.shape[-1]) for o in outputs]
-    if isinstance(flat[0], np.ndarray):
-        embeds = np.concatenate(flat)
-    else:  # device tensors of the torch backend, which has imported torch
-        embeds = sys.modules["torch"].cat(flat)
+    backend made them), injected inputs along their row axis (1) likewise, one kept-index array per medium."""
+    embeds = _concatenate([o.embeds.reshape(-1, o.embeds.shape[-1]) for o in outputs], 0)
+    injected = None
+    if outputs[0].injected is not None:
+        injected = _concatenate([o.injected.reshape(o.injected.shape[0], -1, o.injected.shape[-1])
+                                 for o in outputs], 1)
     index = [np.asarray(row) for o in outputs for row in o.keep_index]
     times = [o.apet_ms for o in outputs]
-    return VisionOutput(embeds, index, None if any(t is None for t in times) else float(sum(times)))
+    return VisionOutput(embeds, index, None if any(t is None for t in times) else float(sum(times)), injected)
+
+
+def injected_inputs(visual: Any, layers: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LLM's injected inputs for a prefill: [L, N, H] rows in the order of the flattened visual embeddings
+    and the [B, T] row of each token (the layout's ``visual_rows``, -1 for text)."""
+    if visual is None:
+        raise BackendError(f"the LLM takes {layers} layers of injected inputs but the vision graph returned none",
+                           "re-export the artifact")
+    visual = np.asarray(visual)
+    return visual.reshape(layers, -1, visual.shape[-1]), np.ascontiguousarray(rows, dtype=np.int64)
+
+
+def no_injected(layers: int, hidden: int, batch: int, length: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The injected inputs of a decode step: no rows (N = 0), every token text (-1)."""
+    return np.zeros((layers, 0, hidden), dtype=dtype), np.full((batch, length), -1, dtype=np.int64)
 
 
 def splice_numpy(table: np.ndarray, token_ids: np.ndarray, visual: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -15,11 +15,26 @@ from pathlib import Path
 import numpy as np
 
 from apet import scopes
-from apet.contracts.io import IMAGE_START, LOGITS, STAGE2_INDEX, past_names, present_names
+from apet.contracts.io import (
+    IMAGE_START,
+    INJECTED_EMBEDS,
+    INJECTED_ROWS,
+    LOGITS,
+    STAGE2_INDEX,
+    past_names,
+    present_names,
+)
 from apet.errors import BackendError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
+from apet.runtime.backends.base import (
+    Backend,
+    VisionOutput,
+    injected_inputs,
+    load_embedding_table,
+    no_injected,
+    splice_numpy,
+)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -68,6 +83,7 @@ class OnnxRuntimeBackend(Backend):
         self.table = load_embedding_table(self.artifact_dir, manifest)
         self.outputs = [o.name for o in self.llm.get_outputs()]
         self.has_image_start = IMAGE_START in {i.name for i in self.llm.get_inputs()}
+        self.injected_layers = manifest.model.decoder.injected_layers  # the llm graph takes injected inputs
         self.past_names = past_names(manifest.model.decoder.num_layers)
         self.present_names = present_names(manifest.model.decoder.num_layers)
         self.past: list = []
@@ -76,8 +92,8 @@ class OnnxRuntimeBackend(Backend):
 
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
         feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
-        embeds, keep_index = self.vision.run(None, feed)
-        return VisionOutput(embeds, keep_index)
+        names = [o.name for o in self.vision.get_outputs()]
+        return VisionOutput.of(dict(zip(names, self.vision.run(None, feed))))
 
     def apet_ms(self, visual: VisionOutput) -> float | None:
         """ApET's share of the profiled run (once: ONNX Runtime profiles a session until end_profiling)."""
@@ -95,8 +111,14 @@ class OnnxRuntimeBackend(Backend):
         zeros = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type) for _ in self.past_names]
 
-    def _run(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+             injected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         binding = self.llm.io_binding()
+        if self.injected_layers:
+            spec = self.manifest.model.decoder
+            injected = injected or no_injected(self.injected_layers, spec.hidden_size, *embeds.shape[:2], self.dtype)
+            binding.bind_cpu_input(INJECTED_EMBEDS, np.ascontiguousarray(injected[0], dtype=self.dtype))
+            binding.bind_cpu_input(INJECTED_ROWS, injected[1])
         binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
@@ -116,7 +138,9 @@ class OnnxRuntimeBackend(Backend):
         self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
         self.past = self._empty_past(layout.batch)
         embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
-        logits = self._run(embeds, layout.positions, layout.attention_mask)
+        injected = injected_inputs(visual.injected, self.injected_layers, layout.visual_rows) \
+            if self.injected_layers else None
+        logits = self._run(embeds, layout.positions, layout.attention_mask, injected)
         if STAGE2_INDEX in self.last_outputs:  # meaningful at prefill only (a decode step has no image span)
             self.stage2_index = self.last_outputs[STAGE2_INDEX].numpy()
         return logits

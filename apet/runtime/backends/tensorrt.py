@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
-from apet.contracts.io import IMAGE_START, STAGE2_INDEX, past_names, present_to_past
+from apet.contracts.io import (
+    IMAGE_START,
+    INJECTED_EMBEDS,
+    INJECTED_ROWS,
+    STAGE2_INDEX,
+    past_names,
+    present_to_past,
+)
 from apet.contracts.specs import resolve_shape
 from apet.cuda_memory import (
     INSTALL_HINT,
@@ -39,7 +46,14 @@ from apet.cuda_memory import (
 from apet.errors import ArtifactError, BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
-from apet.runtime.backends.base import Backend, VisionOutput, load_embedding_table, splice_numpy
+from apet.runtime.backends.base import (
+    Backend,
+    VisionOutput,
+    injected_inputs,
+    load_embedding_table,
+    no_injected,
+    splice_numpy,
+)
 
 log = logging.getLogger(__name__)
 PREFILL_PROFILE, DECODE_PROFILE = 0, 1
@@ -79,13 +93,14 @@ class StepShapes:
     batch: int
     seq: int
     past: int  # past length of the layers before stage 2
+    rows: int = 0  # visual rows of the injected inputs (the prefill's; 0 at decode)
 
     @property
     def profile(self) -> int:
         return DECODE_PROFILE if self.seq == 1 and self.past > 0 else PREFILL_PROFILE
 
     def _resolve(self, specs: list[dict]) -> dict[str, tuple[int, ...]]:
-        dims = self.manifest.cache_layout.dims(self.batch, self.seq, self.past)
+        dims = self.manifest.cache_layout.dims(self.batch, self.seq, self.past, self.rows)
         dims["seq_out"] = 1  # apet-run's graphs return the last position's logits only
         return {spec["name"]: resolve_shape(spec, dims) for spec in specs}
 
@@ -245,13 +260,20 @@ class TensorRTBackend(Backend):
             tensors[spec["name"]] = self.scratch.get(f"vision:{spec['name']}", shape,
                                                      self._dtype("vision", spec["name"]))
         self._run(context, tensors)
-        embeds = tensors["visual_embeds"].download(self.stream)
-        return VisionOutput(embeds, tensors["keep_index"].download(self.stream).astype(np.int64))
+        return VisionOutput.of({spec["name"]: tensors[spec["name"]].download(self.stream)
+                                for spec in self.manifest.graphs["vision"].outputs})
 
-    def _step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past)
+    def _step(self, embeds: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray,
+              injected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        layers = self.manifest.model.decoder.injected_layers
+        if layers and injected is None:  # a decode step: no visual rows
+            injected = no_injected(layers, self.manifest.model.decoder.hidden_size, *embeds.shape[:2], self.dtype)
+        rows = 0 if injected is None else injected[0].shape[1]
+        shapes = StepShapes(self.manifest, embeds.shape[0], embeds.shape[1], self.past, rows)
         context, engine = self.llm_contexts[shapes.profile], ENGINE_FILES["llm"]
         host = {"inputs_embeds": embeds, "position_ids": positions, "attention_mask": attention_mask}
+        if injected is not None:
+            host[INJECTED_EMBEDS], host[INJECTED_ROWS] = injected
         tensors: dict[str, DeviceBuffer] = {}
         for name, shape in shapes.inputs().items():
             if name.startswith("past_"):
@@ -281,7 +303,9 @@ class TensorRTBackend(Backend):
         self.past = 0
         has_stage2 = self.manifest.compression.stage2 is not None
         self.image_start = self._upload("llm", IMAGE_START, layout.image_start) if has_stage2 else None
-        return self._step(embeds, layout.attention_mask, layout.positions)
+        layers = self.manifest.model.decoder.injected_layers
+        injected = injected_inputs(visual.injected, layers, layout.visual_rows) if layers else None
+        return self._step(embeds, layout.attention_mask, layout.positions, injected)
 
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self._step(self.table[token_ids][:, None], attention_mask, positions)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apet.contracts.io import KEEP_INDEX
 from apet.errors import BackendError, UsageError, option
 from apet.manifest import Manifest
 from apet.modeling.adapter import VisionLanguageAdapter
@@ -112,8 +113,17 @@ class TorchBackend(Backend):
         tokens, index = vision.apet_stage1(features)
         self.synchronize()
         apet_ms = (time.perf_counter() - start) * 1e3
-        embeds, index = vision.projector(tokens, index, *inputs)
-        return VisionOutput(embeds, index.cpu().numpy(), apet_ms)
+        return VisionOutput.of(vision.named(vision.projector(tokens, index, *inputs)), apet_ms)
+
+    def _injected(self, visual: VisionOutput) -> torch.Tensor | None:
+        """The vision side's per-layer inputs [L, N, H] (None when the family declares none)."""
+        layers = self.adapter.spec.decoder.injected_layers
+        if not layers:
+            return None
+        if visual.injected is None:
+            raise BackendError(f"the LLM takes {layers} layers of injected inputs but the vision stages returned "
+                               "none", "this is a bug in the family's vision stages")
+        return visual.injected.reshape(layers, -1, visual.injected.shape[-1])
 
     @torch.no_grad()
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
@@ -122,7 +132,7 @@ class TorchBackend(Backend):
         mask = torch.from_numpy(layout.attention_mask).to(self.device)
         start = torch.from_numpy(layout.image_start).to(self.device)
         positions = torch.from_numpy(layout.positions).to(self.device)
-        logits, self.state = self.reference.prefill(embeds, mask, start, positions)
+        logits, self.state = self.reference.prefill(embeds, mask, start, positions, self._injected(visual), rows)
         return logits[:, -1].float().cpu().numpy()
 
     @torch.no_grad()
@@ -182,12 +192,15 @@ class StaticTorchBackend(TorchBackend):
         names = self.reference.vision.input_names
         call = self._call(("vision",) + tuple(tuple(t.shape) for t in inputs),
                           lambda **kw: self.reference.vision(*(kw[n] for n in names)), dict(zip(names, inputs)))
-        embeds, index = call(**dict(zip(names, inputs)))
-        return VisionOutput(embeds.clone(), index.cpu().numpy())
+        outputs = self.reference.vision.named(call(**dict(zip(names, inputs))))
+        return VisionOutput.of({name: value.clone() if name != KEEP_INDEX else value.cpu().numpy()
+                                for name, value in outputs.items()})
 
     def _graph_prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                       positions: torch.Tensor, image_start: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
-        return self.decoder.prefill(splice(self.table, token_ids, visual, rows), mask, positions, image_start)
+                       positions: torch.Tensor, image_start: torch.Tensor, visual: torch.Tensor,
+                       injected: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.prefill(splice(self.table, token_ids, visual, rows), mask, positions, image_start,
+                                    injected, rows)
 
     @torch.no_grad()
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
@@ -204,6 +217,9 @@ class StaticTorchBackend(TorchBackend):
                   "image_start": layout.image_start + extra}
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in arrays.items()}
         tensors["visual"] = visual.embeds
+        injected = self._injected(visual)
+        if injected is not None:
+            tensors["injected"] = injected
         call = self._call(("prefill",) + tuple(arrays["token_ids"].shape) + tuple(visual.embeds.shape),
                           self._graph_prefill, tensors)
         self.padding = extra
