@@ -135,10 +135,10 @@ def video_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_video_
 
 @pytest.fixture(scope="session")
 def tiny_internvl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from apet.adapters.internvl.tiny import TinyInternVLConfig, create_tiny_internvl
+    """``tiny-internvl``: InternVL3.5-style, a Qwen3 decoder with q/k norm."""
+    from apet.adapters.internvl.tiny import create_tiny_internvl
 
-    return create_tiny_internvl(tmp_path_factory.mktemp("internvl") / "tiny-internvl", seed=0,
-                                config=TinyInternVLConfig(text_model="qwen2"))
+    return create_tiny_internvl(tmp_path_factory.mktemp("internvl") / "tiny-internvl", seed=0)
 
 
 @pytest.fixture(scope="session")

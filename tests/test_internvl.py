@@ -225,6 +225,23 @@ def test_ratio_one_batch_of_two_equals_hf_generate(full, adapter, images) -> Non
         assert [r.token_ids for r in _generate(full[backend], batch, prompts)] == want, backend
 
 
+def test_internvl3_qwen2_decoder_ratio_one_equals_hf_generate(images, tmp_path: Path) -> None:
+    """InternVL3's language model (Qwen2.5: q/k/v bias, no q/k norm) through the same family."""
+    from apet.adapters.internvl.adapter import InternVLAdapter
+    from apet.adapters.internvl.tiny import TinyInternVLConfig, create_tiny_internvl
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    checkpoint = create_tiny_internvl(tmp_path / "qwen2", config=TinyInternVLConfig(text_model="qwen2"))
+    adapter = InternVLAdapter.load(checkpoint)
+    assert not adapter.spec.decoder.qk_norm and adapter.model.config.text_config.model_type == "qwen2"
+    export_artifact(ExportConfig(model=str(checkpoint), out=tmp_path / "art", ratio=1.0, dtype="fp32", max_batch=1))
+    image = images["tall"]
+    want = hf_generate(adapter, [image], [PROMPTS[1]])
+    for pipeline in _pipelines(tmp_path / "art", adapter).values():
+        assert _generate(pipeline, [image], [PROMPTS[1]])[0].token_ids == want[0]
+    assert len(want[0]) >= 3
+
+
 # -- compressed: per-tile indices, HF-modules reference -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compressed(export, adapter) -> dict:
@@ -294,6 +311,7 @@ def test_manifest_records_tiles_and_budgets(full, compressed) -> None:
     manifest = read_manifest(compressed["after-projector"]["artifact"], verify_checksums=True)
     family = family_of(manifest)
     assert manifest.model.family == "internvl" and manifest.visual_tokens == K
+    assert manifest.model.decoder.qk_norm  # tiny-internvl is InternVL3.5-style: Qwen3 with q/k norm
     assert manifest.model.prompt_template_name == "checkpoint" and manifest.model.processor["max_tiles"] == 6
     assert family.max_visual_tokens(manifest) == 7 * K and family.typical_visual_tokens(manifest) == 7 * K
     assert family.vision_dims(manifest, 2) == {"views": (1, 7, 14)}  # 640x480 -> a 3x2 grid + thumbnail
@@ -333,7 +351,7 @@ def test_internvl35_8b_shapes_has_the_real_sizes() -> None:
     assert (spec.n_tokens, spec.vision_dim, spec.image_token_id) == (256, 4096, 151671)
     assert (spec.decoder.num_layers, spec.decoder.num_heads, spec.decoder.num_kv_heads, spec.decoder.head_dim) == \
         (36, 32, 8, 128)
-    assert hasattr(adapter.decoder_layers()[0].self_attn, "q_norm")
+    assert spec.decoder.qk_norm and spec.decoder.intermediate_size == 12288 and spec.decoder.vocab_size == 151936
     manifest = in_memory_manifest(spec, plan_compression(256, 36, ratio=0.25, stages=1), dtype="fp16", max_batch=1,
                                   max_context=4096)
     assert family_of(manifest).max_visual_tokens(manifest) == 13 * 64  # 12 tiles + thumbnail

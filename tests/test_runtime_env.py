@@ -68,11 +68,12 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
+                     video_artifact_factory, internvl_artifact_factory) -> dict[str, Path]:
     """Each family's tiny artifact, shared with that family's own tests (exported once per run)."""
     return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
             "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
+            "video-llava": video_artifact_factory(ratio=0.125),
+            "internvl": internvl_artifact_factory(tokens="64", family_options={"apet-at": "after-projector"})}
 
 
 def _medium(family: str, media: dict[str, Path]) -> tuple[str, Path]:
@@ -103,7 +104,7 @@ def test_runtime_env_has_no_torch() -> None:
 
 
 @needs_runtime_env
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "internvl"])
 def test_run_and_inspect_without_torch_match_the_full_environment(family, family_artifacts, media) -> None:
     artifact = family_artifacts[family]
     inspect = _cli(_bin("apet"), "inspect", str(artifact))
@@ -151,7 +152,7 @@ def _serve_request(artifact: Path, body: dict[str, Any]) -> dict[str, Any]:
 
 
 @needs_runtime_env
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "internvl"])
 def test_serve_without_torch_matches_the_full_environment(family, family_artifacts, media) -> None:
     artifact = family_artifacts[family]
     if family == "video-llava":

@@ -34,7 +34,7 @@ from apet.triton.repository import write_repository
 
 PROMPT = "What is in the picture?"
 TOKENS = 6
-FAMILIES = ["llava", "llava-next", "qwen2_5_vl", "video-llava"]
+FAMILIES = ["llava", "llava-next", "qwen2_5_vl", "video-llava", "internvl"]
 
 
 def _model_config_pb2() -> ModuleType:
@@ -58,11 +58,12 @@ def parse(model_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
+                     video_artifact_factory, internvl_artifact_factory) -> dict[str, Path]:
     """Each family's tiny artifact, the same option sets as tests/test_runtime_env.py (exported once per run)."""
     return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
             "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
+            "video-llava": video_artifact_factory(ratio=0.125),
+            "internvl": internvl_artifact_factory(tokens="64", family_options={"apet-at": "after-projector"})}
 
 
 @pytest.fixture(scope="module")

@@ -118,11 +118,12 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
+                     video_artifact_factory, internvl_artifact_factory) -> dict[str, Path]:
     """The same option sets as tests/test_triton.py and tests/test_runtime_env.py (exported once per run)."""
     return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
             "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
+            "video-llava": video_artifact_factory(ratio=0.125),
+            "internvl": internvl_artifact_factory(tokens="64", family_options={"apet-at": "after-projector"})}
 
 
 def _serve(artifact: Path, work: Path) -> Iterator[Server]:
@@ -145,7 +146,7 @@ def _ask(server: Server, requests: list[dict], work: Path, clients: int = 0, tim
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "internvl"])
 def test_greedy_answers_through_triton_equal_the_pipeline(family, family_artifacts, media, tmp_path) -> None:
     artifact = family_artifacts[family]
     kind = "video" if family == "video-llava" else "image"

@@ -30,7 +30,9 @@ CHAT_TEMPLATE = (
     "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
 )
-CORPUS_TEMPLATE = ("<|im_start|>user\n<img><IMG_CONTEXT></img>\n{q}?<|im_end|>\n<|im_start|>assistant\n{a}.<|im_end|>",)
+# the chat turn, and "word" runs: apet-bench's synthetic prompts are "word word ..." sized at one token per word
+CORPUS_TEMPLATE = ("<|im_start|>user\n<img><IMG_CONTEXT></img>\n{q}?<|im_end|>\n<|im_start|>assistant\n{a}.<|im_end|>",
+                   "word word {q} word word word")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TinyInternVLConfig:
     vocab_target: int = 512
     max_positions: int = 8192
     init_std: float = 0.25  # large enough that generations depend on image and prompt
+    qk_norm_scale: float = 3.0  # q/k norm weights ~ 3·(1 + 0.5·N(0, 1)): sharp enough attention (ditto)
 
 
 def build_tokenizer(vocab_size: int):
@@ -103,6 +106,10 @@ def _build(path: Path, seed: int, cfg: TinyInternVLConfig) -> None:
     with torch.no_grad():  # Hugging Face initialises these to zeros: identical patches would give identical tokens
         embeddings.position_embeddings.normal_(std=cfg.init_std)
         embeddings.cls_token.normal_(std=cfg.init_std)
+        for layer in model.model.language_model.layers:  # unit q/k norms leave random attention near uniform
+            for norm in (getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None)):
+                if norm is not None:
+                    norm.weight.copy_(cfg.qk_norm_scale * (1 + 0.5 * torch.randn_like(norm.weight)))
     model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad, do_sample=False)
     model.save_pretrained(path, safe_serialization=True)
     # the hub processors say crop_to_patches false; InternVLProcessor turns it on for every call
