@@ -21,10 +21,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="tiny | llava | llava-13b | tiny-llava-next | llava-next (-vicuna-7b, -mistral-7b, -34b, "
-                        "...) | tiny-video-llava | video-llava | *-shapes | a local checkpoint directory | an org/name "
-                        "hub id (downloaded on first use)")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help=_model_help(("tiny", "aliases", "shapes"), "a local checkpoint directory | an org/name hub id "
+                                    "(downloaded on first use)"))
     p.add_argument("--ratio", type=float, help="mean retained fraction of visual tokens, in (0, 1]; 0.11 -> 64 of 576")
     p.add_argument("--stages", type=int, choices=(1, 2),
                    help="1: whole budget at the vision output; 2 (paper default for LLaVA): 1.5r at the vision "
@@ -44,22 +43,6 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "ranks K-k+1..K, basis originals merged; Video-LLaVA: appended after the error-selected "
                         "tokens); own: ablation keeping basis tokens at their own positions; spatial: ablation "
                         "putting Video-LLaVA's kept tokens in spatial order (the same as paper elsewhere)")
-    p.add_argument("--image-fit", choices=("pad", "crop"),
-                   help="pad: pad to a square with the mean colour, then resize (original LLaVA-1.5, default); "
-                        "crop: resize the shortest edge and centre-crop (Hugging Face's processor)")
-    p.add_argument("--prompt-template",
-                   help="named prompt template (LLaVA-1.5: vicuna_v1 = the authors' evaluation prompt, default; "
-                        "hf = 'USER: <image>\\n{prompt} ASSISTANT:'; LLaVA-NeXT: vicuna_v1 (default for Vicuna), "
-                        "hf, mistral_instruct, chatml_direct (defaults for Mistral / 34B))")
-    p.add_argument("--max-views", type=int,
-                   help="multi-view families (llava-next): most views (base + AnyRes tiles) per image; sizes the "
-                        "vision profiles and visual tokens (default: the checkpoint's largest grid pinpoint)")
-    p.add_argument("--frames", type=int,
-                   help="video families: frames sampled per video, static per artifact (default: the "
-                        "checkpoint's, 8 for Video-LLaVA)")
-    p.add_argument("--media", choices=("video", "image"),
-                   help="families that read several media: the one this artifact serves (Video-LLaVA: video, "
-                        "default; image = its image tower)")
     _family_export_args(p)
     p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"),
                    help="fp16 for engines (strongly typed), fp32 for CPU parity checks")
@@ -97,13 +80,26 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                         "engines, build report, trtexec.sh); your other files there are kept")
 
 
+def _model_help(kinds: Sequence[str], rest: str) -> str:
+    """``--model``'s help from the registry: each family's tiny checkpoint, hub aliases and ``*-shapes`` names
+    (``kinds`` picks which), then ``rest``: what else the option takes."""
+    from apet.models.registry import families
+
+    parts = []
+    for family in families().values():
+        names = ([family.tiny] if family.tiny and "tiny" in kinds else []) \
+            + (list(family.aliases) if "aliases" in kinds else []) + (list(family.shapes) if "shapes" in kinds else [])
+        if names:
+            parts.append(f"{family.name}: {' | '.join(names)}")
+    return ("; ".join(parts) + f"; or {rest}").replace("%", "%%")
+
+
 def _family_export_options() -> dict[str, list]:
     """Every family's declared export options by flag: [(family name, option), ...] (docs/architecture.md)."""
-    import apet.models  # noqa: F401  (registers the built-in families; torch-free)
-    from apet.models.registry import FAMILIES
+    from apet.models.registry import families
 
     options: dict[str, list] = {}
-    for family in FAMILIES.values():
+    for family in families().values():
         for option in family.export_options:
             options.setdefault(option.flag, []).append((family.name, option))
     return options
@@ -114,10 +110,10 @@ def _family_export_args(p: argparse.ArgumentParser) -> None:
     ``ExportConfig.family_options`` and each family applies its own default otherwise."""
     for flag, declared in _family_export_options().items():
         first = declared[0][1]
-        defaults = "; ".join(f"{name}: default {option.default}" for name, option in declared)
-        choices = sorted({c for _, option in declared for c in option.choices}) or None
+        details = "; ".join(f"{name}: {option.describe()}" for name, option in declared)
+        choices = [c for c in dict.fromkeys(c for _, option in declared for c in option.choices)] or None
         p.add_argument(flag, dest=first.dest, default=argparse.SUPPRESS, choices=choices, metavar=first.metavar,
-                       help=f"{first.help} ({defaults})".replace("%", "%%"))
+                       type=first.kind, help=f"{first.help} ({details})".replace("%", "%%"))
 
 
 def _family_options(args: argparse.Namespace) -> dict[str, str]:
@@ -134,13 +130,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = ExportConfig(model=args.model, out=args.out, ratio=args.ratio, stages=args.stages, tokens=args.tokens,
                        basis=args.basis, basis_method=args.basis_method, seed=args.seed, merge=not args.no_merge,
-                       basis_placement=args.basis_placement, image_fit=args.image_fit,
-                       prompt_template=args.prompt_template, frames=args.frames, media=args.media,
-                       dtype=args.dtype, target=args.target, attention=args.attention, opset=args.opset,
+                       basis_placement=args.basis_placement, dtype=args.dtype, target=args.target,
+                       attention=args.attention, opset=args.opset,
                        max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, split_lm_head=args.split_lm_head,
                        overwrite=args.overwrite,
-                       device=args.device, max_views=args.max_views, weights=args.weights,
+                       device=args.device, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
                        calib_images=args.calib_images, calib_samples=args.calib_samples,
                        keep_lm_head=args.keep_lm_head, family_options=_family_options(args))
@@ -305,9 +300,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny | llava-shapes | llava-13b-shapes | tiny-llava-next | "
-                   "llava-next-shapes | tiny-video-llava | video-llava-shapes | tiny-qwen2.5-vl | "
-                   "qwen2.5-vl-3b-shapes | qwen2.5-vl-7b-shapes | checkpoint directory")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help=_model_help(("tiny", "shapes"), "a checkpoint directory"))
     p.add_argument("--ratios", default="1.0,0.33,0.22,0.11",
                    help="comma-separated retained fractions (video-llava: per-frame budgets, e.g. 1.0,0.125)")
     p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="ApET stages, capped at the family's most")

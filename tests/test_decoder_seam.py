@@ -286,3 +286,36 @@ def test_vision_outputs_concatenate_injected_rows_in_run_order() -> None:
     injected, got_rows = injected_inputs(both.injected, 2, rows)
     assert injected.shape == (2, 8, 4) and got_rows.dtype == np.int64
     assert VisionOutput.of({"visual_embeds": runs[0].embeds, "keep_index": np.arange(3)}).injected is None
+
+
+@pytest.mark.trt
+def test_injected_llm_profiles_and_tensorrt_rtx_build(qwen3_checkpoint: Path, artifact_factory, rtx_api,
+                                                      tmp_path: Path) -> None:
+    """Engine profiles give injected_embeds 0 rows up to every visual row of a full batch at prefill and none at
+    decode (the same dims the TensorRT backend binds); TensorRT-RTX builds the graph with them."""
+    from apet.contracts.onnx_graph import graph_io
+    from apet.engines.profiles import llm_profiles
+    from apet.engines.trt import BuildOptions, build_engine
+    from apet.export.llm import export_llm
+    from apet.manifest import read_manifest
+    from apet.models.registry import family_of
+    from apet.runtime.backends.tensorrt import StepShapes
+
+    adapter = _adapter(qwen3_checkpoint, injected_layers=2)
+    path = export_llm(adapter, None, tmp_path / "llm.onnx", opset=17)
+    inputs, outputs = ([spec.to_json() for spec in specs] for specs in graph_io(path))
+    base = read_manifest(artifact_factory(ratio=0.11, stages=1))  # any family's artifact: its visual token counts
+    plan = replace(base.compression, stage2=None)
+    manifest = replace(base, model=replace(base.model, decoder=adapter.spec.decoder), compression=plan,
+                       graphs={**base.graphs, "llm": replace(base.graphs["llm"], inputs=inputs, outputs=outputs)})
+    prefill, decode = llm_profiles(manifest, max_batch=2, max_context=256, max_prompt=200)
+    visual = family_of(manifest).max_visual_tokens(manifest)
+    assert [s[1] for s in prefill.shapes["injected_embeds"]] == [0, family_of(manifest).typical_visual_tokens(
+        manifest), 2 * visual]
+    assert prefill.shapes["injected_rows"][2] == (2, 200)
+    assert decode.shapes["injected_embeds"] == ((2, 0, HIDDEN),) * 3 and decode.shapes["injected_rows"][2] == (2, 1)
+    step = StepShapes(manifest, batch=2, seq=9, past=0, rows=7).inputs()
+    assert step["injected_embeds"] == (2, 7, HIDDEN) and step["injected_rows"] == (2, 9)
+    built = build_engine(rtx_api, path, [prefill, decode], BuildOptions(compute_capabilities=("sm86",)))
+    names = [spec["name"] for spec in built.inputs]
+    assert names[3:5] == ["injected_embeds", "injected_rows"]

@@ -359,11 +359,11 @@ def test_llava_next_shapes_has_the_v16_vicuna_7b_sizes() -> None:
 
 def test_options_fail_clearly(export) -> None:
     with pytest.raises(UsageError, match="--max-views 2 is outside \\[3, 5\\]"):
-        export(tokens="32", stages=1, max_views=2)
+        export(tokens="32", stages=1, family_options={"max-views": 2})
     with pytest.raises(UsageError, match="--image-fit"):
-        export(tokens="32", stages=1, image_fit="pad")
+        export(tokens="32", stages=1, family_options={"image-fit": "pad"})
     with pytest.raises(UsageError, match="--prompt-template"):
-        export(tokens="32", stages=1, prompt_template="nope")
+        export(tokens="32", stages=1, family_options={"prompt-template": "nope"})
 
 
 def test_mistral_and_chatml_checkpoints_get_their_conversations(tmp_path: Path) -> None:

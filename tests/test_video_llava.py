@@ -320,7 +320,8 @@ def test_cli_run_with_video_and_bad_inputs(artifacts, pipelines, clips, tmp_path
 @pytest.fixture(scope="module")
 def image_artifact(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("video-llava-image") / "image"
-    export_artifact(ExportConfig(model=str(checkpoint), out=out, ratio=1.0, dtype="fp32", max_batch=2, media="image"))
+    export_artifact(ExportConfig(model=str(checkpoint), out=out, ratio=1.0, dtype="fp32", max_batch=2,
+                                 family_options={"media": "image"}))
     return out
 
 

@@ -13,9 +13,11 @@ import torch
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
 from apet.compression import selector
+from apet.contracts.io import VISUAL_EMBEDS
 from apet.contracts.plan import Budget, CompressionPlan, plan_for
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
+from apet.modeling.vision import injected_of
 from apet.models.registry import get_family
 from apet.runtime.backends.torch import embedding_table, splice
 
@@ -90,8 +92,9 @@ def paper_style(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: 
         for i in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
-            visual, _ = reference.visual_embeds(*vision_inputs)
-            logits, state = reference.prefill(splice(table, ids, visual, rows), mask, start, positions)
+            outputs = reference.vision_outputs(*vision_inputs)
+            logits, state = reference.prefill(splice(table, ids, outputs[VISUAL_EMBEDS], rows), mask, start, positions,
+                                              injected_of(outputs), rows)
             token = logits[:, -1].argmax(-1)
             _sync(device)
             t1 = time.perf_counter()

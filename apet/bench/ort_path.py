@@ -18,9 +18,11 @@ import torch
 
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
+from apet.contracts.io import KEEP_INDEX, VISUAL_EMBEDS
 from apet.contracts.plan import CompressionPlan
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
+from apet.modeling.vision import injected_of
 
 
 def _tokens_arg(plan: CompressionPlan) -> str:
@@ -101,12 +103,13 @@ def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layou
     tensors = [t.to(adapter.dtype) if t.is_floating_point() else t for t in tensors]
     table = embedding_table(adapter)
     with torch.no_grad():
-        visual, index = reference.visual_embeds(*tensors)
+        outputs = reference.vision_outputs(*tensors)
+        visual, index = outputs[VISUAL_EMBEDS], outputs[KEEP_INDEX]
         to = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in
               dict(ids=layout.token_ids, rows=layout.visual_rows, mask=layout.attention_mask,
                    start=layout.image_start, positions=layout.positions).items()}
         logits, state = reference.prefill(splice(table, to["ids"], visual, to["rows"]), to["mask"], to["start"],
-                                          to["positions"])
+                                          to["positions"], injected_of(outputs), to["rows"])
         torch_logits, torch_tokens, mask = [logits[:, -1].float().cpu().numpy()], [], layout.attention_mask
         for token in ort_tokens:
             torch_tokens.append(torch_logits[-1].argmax(-1).tolist())

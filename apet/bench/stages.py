@@ -12,9 +12,11 @@ import torch
 
 from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import compress_with, selector
+from apet.contracts.io import KEEP_INDEX
 from apet.contracts.plan import CompressionPlan
 from apet.manifest import in_memory_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
+from apet.modeling.vision import injected_of
 from apet.models.registry import get_family
 from apet.runtime.backends.torch import embedding_table, splice
 from apet.runtime.cuda_graphs import GraphedCall
@@ -88,16 +90,19 @@ class ApetPath:
             features = self.vision(**vision_inputs).clone()
             self.apet1 = GraphedCall(maybe(lambda x: stages.apet_stage1(x)), {"x": features}, **g)
             tokens, index = (t.clone() for t in self.apet1(x=features))
-            finished = stages.projector(tokens, index, *(vision_inputs[n] for n in names))  # the graph's outputs
+            finished = stages.named(stages.projector(tokens, index, *(vision_inputs[n] for n in names)))
             self.projector = GraphedCall(lambda t, i: stages.projector(t, i, *(vision_inputs[n] for n in names))[0],
                                          {"t": tokens, "i": index}, **g)
             visual = self.projector(t=tokens, i=index).clone()
-            layout = make_layout(finished[1].cpu().numpy())
+            layout = make_layout(finished[KEEP_INDEX].cpu().numpy())
             self.visual_tokens, self.views = int(layout.visual_tokens[0]), features.shape[0] // request.batch
             arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
                       "positions": layout.positions, "start": layout.image_start}
             self.prefill_inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
             self.prefill_inputs["visual"] = visual
+            injected = injected_of(finished)  # families with injected layers: the setup run's, timed as inputs
+            if injected is not None:
+                self.prefill_inputs["injected"] = injected.clone()
             self.prefill = GraphedCall(maybe(self._prefill), self.prefill_inputs, **g)
             self.apet2 = None
             if stage2 is not None:
@@ -125,8 +130,8 @@ class ApetPath:
         return self.decodes[self.decoder.span(self.prompt_length + step)](**inputs)
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-                 start: torch.Tensor, visual: torch.Tensor):
-        return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start)
+                 start: torch.Tensor, visual: torch.Tensor, injected: torch.Tensor | None = None):
+        return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start, injected, rows)
 
     def _decode(self, token: torch.Tensor, position: torch.Tensor, span: int):
         return self.decoder.decode(self.table[token][:, None], position, span)

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -47,10 +47,6 @@ class ExportConfig:
     seed: int | None = None
     merge: bool = True
     basis_placement: str = "paper"
-    image_fit: str | None = None  # None: the family's default (LLaVA-1.5: pad)
-    prompt_template: str | None = None  # None: the family's default (LLaVA-1.5: vicuna_v1)
-    frames: int | None = None  # video families: frames per video, static per artifact (None: the checkpoint's)
-    media: str | None = None  # families reading several media: the one this artifact serves (None: the family's)
     dtype: str = "fp16"
     target: str | None = None  # None: jetpack6, or trt10.15+ with attention="op" (apet.contracts.targets)
     attention: str | None = None  # None: the target's form (pattern | op)
@@ -69,10 +65,10 @@ class ExportConfig:
     split_lm_head: int = 1  # the LM head as N vocabulary slices (8 GB devices)
     overwrite: bool = False
     device: str = "cpu"
-    max_views: int | None = None  # multi-view families: None = the checkpoint's largest grid
-    # options the model's family declares ({"pixel-range": "checkpoint"}; apet.models.family.FamilyOption): what
-    # the user passed, checked by the family before the model loads; absent ones take the family's default
-    family_options: Mapping[str, str] = field(default_factory=dict)
+    # options the model's family declares ({"pixel-range": "checkpoint", "prompt-template": "hf", "max-views": 3};
+    # apet.models.family.FamilyOption): what the user passed, checked by the family before the model loads; absent
+    # ones take the family's default
+    family_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def budget(self) -> Budget:
@@ -244,8 +240,6 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             scratch = stage.path
             step(0)
             adapter = adapter or load_adapter(cfg.model, dtype=DTYPES[cfg.dtype], device=cfg.device)
-            adapter.customize(image_fit=cfg.image_fit, prompt_template=cfg.prompt_template, max_views=cfg.max_views,
-                              frames=cfg.frames, media=cfg.media)
             family.apply_export_options(adapter, family_options)
             if weights.quantized:  # a group size that does not fit the model fails before any export work
                 from apet.quant.apply import resolve_spec

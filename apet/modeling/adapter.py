@@ -27,7 +27,6 @@ class VisionLanguageAdapter(ABC):
 
     family: ClassVar[str]
     prompt_templates: ClassVar[dict[str, str]] = {}  # named templates a user may pick with --prompt-template
-    image_fits: ClassVar[tuple[str, ...]] = ()  # --image-fit choices, if the family has any
 
     def __init__(self, model: nn.Module, spec: ModelSpec, source_dir: Path | None) -> None:
         self.model = model
@@ -79,33 +78,26 @@ class VisionLanguageAdapter(ABC):
     def save_text_assets(self, out_dir: Path) -> list[str]:
         """Write tokenizer/processor files into ``out_dir``; returns the relative paths written."""
 
-    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
-                  max_views: int | None = None, frames: int | None = None, media: str | None = None) -> None:
-        """Apply the user's ``--image-fit`` / ``--prompt-template`` / ``--max-views`` / ``--frames`` / ``--media``
-        (None keeps the family default); families that read video, or more than one medium, override this to
-        take the last two."""
-        for name, value in (("--frames", frames), ("--media", media)):
-            if value is not None:
-                raise UsageError(f"{name} is not available for {self.family} (it reads images only)",
-                                 "drop the option")
-        if max_views is not None:
-            self.set_max_views(max_views)
-        if image_fit is not None:
-            if image_fit not in self.image_fits:
-                raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",
-                                 f"use one of {', '.join(self.image_fits) or '(none: drop the option)'}")
-            self.spec = replace(self.spec, processor={**self.spec.processor, "image_fit": image_fit})
-        if prompt_template is not None:
-            if prompt_template not in self.prompt_templates:
-                raise UsageError(f"--prompt-template {prompt_template!r} is unknown for {self.family}",
-                                 f"use one of {', '.join(self.prompt_templates)}")
-            self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
-                                prompt_template_name=prompt_template)
+    def customize(self, **options: Any) -> None:
+        """Apply the family's export options by name (``image_fit`` for ``--image-fit``; None keeps the family
+        default), in the order given: each is this adapter's ``set_<name>`` method. The family declares which
+        options it takes (:class:`apet.models.family.FamilyOption`); one its adapter has no setter for is refused."""
+        for name, value in options.items():
+            if value is None:
+                continue
+            setter = getattr(self, f"set_{name.replace('-', '_')}", None)
+            if setter is None:
+                raise UsageError(f"--{name.replace('_', '-')} is not available for {self.family}",
+                                 "drop the option (apet-export --help lists each option's families)")
+            setter(value)
 
-    def set_max_views(self, max_views: int) -> None:
-        """Bound the views (tiles, crops) one image may become; only multi-view families have them."""
-        raise UsageError(f"--max-views does not apply to {self.family} (one view per image)",
-                         "drop the option; it is for multi-view families such as llava-next")
+    def set_prompt_template(self, prompt_template: str) -> None:
+        """``--prompt-template``: one of the family's named templates (:attr:`prompt_templates`)."""
+        if prompt_template not in self.prompt_templates:
+            raise UsageError(f"--prompt-template {prompt_template!r} is unknown for {self.family}",
+                             f"use one of {', '.join(self.prompt_templates)}")
+        self.spec = replace(self.spec, prompt_template=self.prompt_templates[prompt_template],
+                            prompt_template_name=prompt_template)
 
     def fit_budget(self, plan: Any) -> None:
         """Adapt preprocessing to the compression plan before export (a dynamic-resolution family raises its

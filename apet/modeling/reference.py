@@ -74,6 +74,12 @@ class Reference:
         self.layers = list(adapter.decoder_layers())
 
     @torch.no_grad()
+    def vision_outputs(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's vision stages with the selection rule, by output name (visual_embeds, keep_index and, for
+        a family with injected layers, injected_embeds: :func:`apet.modeling.vision.injected_of`)."""
+        return self.vision.named(self.vision(*inputs))
+
+    @torch.no_grad()
     def visual_embeds(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The family's vision stages with the selection rule: (visual embeddings, kept indices)."""
         return tuple(self.vision(*inputs)[:2])

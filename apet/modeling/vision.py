@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from apet.compression import Compressed
-from apet.contracts.io import VISION_OUTPUTS
+from apet.contracts.io import INJECTED_EMBEDS, VISION_OUTPUTS
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.scope import Scope
 
@@ -62,3 +62,9 @@ class VisionStages(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tokens, index = self.apet_stage1(self.vision(*inputs))
         return self.projector(tokens, index, *inputs)
+
+
+def injected_of(outputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The per-layer injected inputs of named vision outputs as [L, N, H] rows (None when the family has none)."""
+    injected = outputs.get(INJECTED_EMBEDS)
+    return None if injected is None else injected.reshape(injected.shape[0], -1, injected.shape[-1])

@@ -11,7 +11,8 @@ between vision-language models:
   with its input names, dynamic axes and example inputs, and where compression sits;
 * **facts** (:class:`Family`): names and aliases, the paper's placement at stage 1, whether a
   second stage exists, how many visual tokens a request can need, the vision profile dims, and the
-  ``apet-export`` options only this family takes (:class:`FamilyOption`, each with the family's own default).
+  ``apet-export`` options this family takes (:class:`FamilyOption`, each with the family's own default): the
+  CLI builds its family flags and its ``--model`` help from the registry.
 
 Export, engines, runtime, bench and eval ask the family named in the manifest and never assume
 CLIP pixels, one image span or 1-D positions. Adding a family = one package + its tests.
@@ -123,15 +124,18 @@ class FamilyOption:
     the default is the family's, applied when the user did not pass the flag) and hands what the user passed to
     the export as ``ExportConfig.family_options`` {name: value}; the family checks the values before any model
     loads (:meth:`Family.resolve_export_options`) and applies them to the loaded model
-    (:meth:`Family.apply_export_options`). Generic code never learns what an option means.
+    (:meth:`Family.apply_export_options`: the adapter's ``set_<name>`` method by default). Generic code never
+    learns what an option means.
     """
 
     flag: str  # "--pixel-range"
-    help: str  # what the flag does for this family (the CLI adds the families declaring it and their defaults)
-    default: str | None = None  # the family's value when the flag is absent; None: the option is off
+    help: str  # what the flag does (the CLI adds each declaring family's ``detail``)
+    default: str | None = None  # the family's value when the flag is absent; None: the checkpoint's own setting
     choices: tuple[str, ...] = ()  # a closed set of values (argparse checks them); empty: ``parse`` decides
-    parse: Callable[[str], str] | None = None  # value -> normalised value; UsageError naming the flag and the fix
+    parse: Callable[[str], Any] | None = None  # value -> normalised value; UsageError naming the flag and the fix
     metavar: str | None = None
+    kind: Callable[[str], Any] = str  # the value's type (int for counts): argparse's ``type``
+    detail: str | None = None  # this family's part of the help (its values, its default); None: "default X"
 
     @property
     def name(self) -> str:
@@ -140,11 +144,21 @@ class FamilyOption:
 
     @property
     def dest(self) -> str:
-        """The argparse destination of the flag."""
+        """The argparse destination of the flag (and the adapter's ``set_<dest>``)."""
         return self.name.replace("-", "_")
 
-    def check(self, value: str, family: str) -> str:
+    def describe(self) -> str:
+        """This family's part of the flag's help."""
+        return self.detail or f"default {self.default}"
+
+    def check(self, value: Any, family: str) -> Any:
         """The normalised value, or UsageError naming the flag, the value and what would work."""
+        if self.kind is not str:
+            try:
+                value = self.kind(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{self.flag} {value!r} is not a valid {self.kind.__name__}",
+                                 f"pass {self.flag} as a {self.kind.__name__}, or drop it") from None
         if self.choices and value not in self.choices:
             raise UsageError(f"{self.flag} {value!r} is not available for {family}",
                              f"use one of {', '.join(self.choices)}, or drop {self.flag} ({family} default: "
@@ -170,12 +184,13 @@ class Family(ABC):
     # N varies per image (dynamic resolution): --ratio keeps int(r·N) of each image, --tokens a fixed K
     # (apet.contracts.plan); spec.n_tokens is then the most tokens one image can have
     dynamic_tokens: ClassVar[bool] = False
-    export_options: ClassVar[tuple[FamilyOption, ...]] = ()  # apet-export flags only this family takes
+    export_options: ClassVar[tuple[FamilyOption, ...]] = ()  # apet-export flags this family takes, in apply order
 
     # -- export options (checked before the model loads, applied after) ------------------------------
     def resolve_export_options(self, given: Mapping[str, str]) -> dict[str, str]:
         """Every declared option's value: the user's (checked by the option) or the family's default (options
         whose default is None are left out). A flag this family does not declare is a UsageError naming it."""
+        given = {name: value for name, value in given.items() if value is not None}
         declared = {option.name: option for option in self.export_options}
         for name in given:
             if name not in declared:
@@ -187,14 +202,16 @@ class Family(ABC):
         for name, option in declared.items():
             value = given.get(name, option.default)
             if value is not None:
-                resolved[name] = option.check(str(value), self.name)
+                resolved[name] = option.check(value if option.kind is not str else str(value), self.name)
         return resolved
 
-    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
-        """Apply :meth:`resolve_export_options`' values to a loaded adapter, before the compression plan is made
-        (an option may change the visual token count); a family that declares options overrides this."""
-        if options:
-            raise NotImplementedError(f"{self.name} declares export options {sorted(options)} but does not apply them")
+    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, Any]) -> None:
+        """Apply :meth:`resolve_export_options`' values to a loaded adapter, in the order the family declares
+        them, before the compression plan is made (an option may change the visual token count): each through the
+        adapter's ``set_<name>`` method (:meth:`VisionLanguageAdapter.customize`)."""
+        order = [option.name for option in self.export_options]
+        adapter.customize(**{name.replace("-", "_"): options[name]
+                             for name in sorted(options, key=lambda n: order.index(n) if n in order else len(order))})
 
     # -- torch half: apet.adapters.<package>, imported on demand (the device never needs it) ----------
     def torch_half(self) -> Any:

@@ -50,6 +50,11 @@ def _families() -> dict[str, Family]:
     return FAMILIES
 
 
+def families() -> dict[str, Family]:
+    """Every registered family by name: the built-in ones, then those of the ``apet.families`` entry point."""
+    return dict(_families())
+
+
 def get_family(name: str) -> Family:
     families = _families()
     if name not in families:

@@ -8,7 +8,8 @@ from torch import nn
 
 from apet.adapters.shared.llava_base import LlavaStyleAdapter, llava_spec
 from apet.models.llava.templates import DEFAULT_IMAGE_FIT, DEFAULT_TEMPLATE, PROMPT_TEMPLATES
-from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings
+from apet.models.shared.clip import processor_settings, recipe_from_settings
+from apet.models.shared.options import IMAGE_FITS
 
 
 class LlavaAdapter(LlavaStyleAdapter):

@@ -8,8 +8,9 @@ A subclass names its transformers class and builds its :class:`ModelSpec` in ``w
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,15 @@ def llava_spec(family: str, config: Any, source: str, *, processor: dict[str, An
 
 class LlavaStyleAdapter(HfCheckpointAdapter):
     """A loaded ``Llava*ForConditionalGeneration``: CLIP tower, MLP projector, Llama-style decoder."""
+
+    image_fits: ClassVar[tuple[str, ...]] = ()  # --image-fit choices, if the family has any
+
+    def set_image_fit(self, image_fit: str) -> None:
+        """``--image-fit``: how an image becomes the CLIP tower's square (:attr:`image_fits`)."""
+        if image_fit not in self.image_fits:
+            raise UsageError(f"--image-fit {image_fit!r} is not available for {self.family}",
+                             f"use one of {', '.join(self.image_fits) or '(none: drop the option)'}")
+        self.spec = replace(self.spec, processor={**self.spec.processor, "image_fit": image_fit})
 
     # -- vision ------------------------------------------------------------------------------------
     def _inner(self) -> nn.Module:

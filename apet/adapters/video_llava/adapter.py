@@ -20,7 +20,8 @@ from apet.adapters.shared.clip_tower import clip_features
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
 from apet.modeling.adapter import describe_decoder
-from apet.models.shared.clip import IMAGE_FITS, processor_settings, recipe_from_settings, video_processor_settings
+from apet.models.shared.clip import processor_settings, recipe_from_settings, video_processor_settings
+from apet.models.shared.options import IMAGE_FITS
 from apet.models.video_llava.templates import (
     DEFAULT_FRAMES,
     DEFAULT_TEMPLATE,
@@ -71,22 +72,18 @@ class VideoLlavaAdapter(LlavaAdapter):
         )
         return cls(model, spec, source_dir)
 
-    def customize(self, *, image_fit: str | None = None, prompt_template: str | None = None,
-                  max_views: int | None = None, frames: int | None = None, media: str | None = None) -> None:
-        """``frames``: T, static per artifact (the vision graph takes [B, T, 3, H, W]); ``media="image"``: an
-        artifact for images through the image tower instead (one artifact serves one medium)."""
-        if media is not None:
-            self._set_media(media)
-        if frames is not None:
-            if self.media != "video":
-                raise UsageError("--frames applies to video artifacts", "drop --frames, or drop --media image")
-            if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
-                raise UsageError(f"--frames {frames!r} is outside the allowed range [1, {MAX_FRAMES}]",
-                                 f"pass --frames {DEFAULT_FRAMES} (the checkpoint's setting) or another count")
-            self.spec = replace(self.spec, extra={**self.spec.extra, "frames": frames})
-        super().customize(image_fit=image_fit, prompt_template=prompt_template, max_views=max_views)
+    def set_frames(self, frames: int) -> None:
+        """``--frames``: T, static per artifact (the vision graph takes [B, T, 3, H, W])."""
+        if self.media != "video":
+            raise UsageError("--frames applies to video artifacts", "drop --frames, or drop --media image")
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+            raise UsageError(f"--frames {frames!r} is outside the allowed range [1, {MAX_FRAMES}]",
+                             f"pass --frames {DEFAULT_FRAMES} (the checkpoint's setting) or another count")
+        self.spec = replace(self.spec, extra={**self.spec.extra, "frames": frames})
 
-    def _set_media(self, media: str) -> None:
+    def set_media(self, media: str) -> None:
+        """``--media image``: an artifact for images through the image tower instead (one artifact serves one
+        medium); apply it before ``--frames``, ``--image-fit`` and ``--prompt-template``."""
         if media not in MEDIA:
             raise UsageError(f"--media {media!r} is not available for {self.family}", f"use one of {', '.join(MEDIA)}")
         self.prompt_templates = templates_for(media)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apet.models.family import Family, Processor
+from apet.models.shared.options import image_fit_option, prompt_template_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
@@ -18,6 +19,11 @@ class LlavaFamily(Family):
     shapes = ("llava-shapes", "llava-13b-shapes")
     tiny = "tiny"
     stage1_placement = "mask"
+    export_options = (
+        image_fit_option("default pad, the original LLaVA-1.5's"),
+        prompt_template_option("vicuna_v1 = the authors' evaluation prompt, default; hf = "
+                               "'USER: <image>\\n{prompt} ASSISTANT:'"),
+    )
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.llava.processor import LlavaProcessor

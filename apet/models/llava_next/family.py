@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from apet.models.family import Family, Layout, Processor, VisionInputs
+from apet.models.family import Family, FamilyOption, Layout, Processor, VisionInputs
 from apet.models.llava_next import anyres
+from apet.models.shared.options import prompt_template_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
@@ -43,6 +44,12 @@ class LlavaNextFamily(Family):
     shapes = ("llava-next-shapes",)
     tiny = "tiny-llava-next"
     stage1_placement = "mask"
+    export_options = (
+        FamilyOption("--max-views", "most views (base + AnyRes tiles) per image; sizes the vision profiles and "
+                     "visual tokens", kind=int, detail="default: the checkpoint's largest grid pinpoint"),
+        prompt_template_option("vicuna_v1 (default for Vicuna), hf, mistral_instruct, chatml_direct (defaults for "
+                               "Mistral / 34B)"),
+    )
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.llava_next.processor import LlavaNextProcessor

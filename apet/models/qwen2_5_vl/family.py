@@ -11,16 +11,16 @@ of the family (``--pixel-range``, default the authors' 256..2048 tokens: :mod:`~
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from apet.models.family import Family, Layout, Processor, VisionInputs
-from apet.models.qwen2_5_vl.pixel_range import AUTHORS, FLAG, pixel_range_option
+from apet.models.qwen2_5_vl.pixel_range import AUTHORS, pixel_range_option
+from apet.models.shared.options import prompt_template_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.modeling.adapter import VisionLanguageAdapter
 
 TYPICAL_IMAGE = (640, 480)  # profiles' opt shapes and typical budgets
 
@@ -35,10 +35,10 @@ class QwenFamily(Family):
     stage1_placement = "blend"
     max_stages = 1
     dynamic_tokens = True
-    export_options = (pixel_range_option(AUTHORS),)  # fidelity: the range of the authors' evaluation
-
-    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
-        adapter.set_pixel_range(options[FLAG.lstrip("-")])
+    export_options = (
+        pixel_range_option(AUTHORS),  # fidelity: the range of the authors' evaluation
+        prompt_template_option("qwen_chat; default: the checkpoint's chat template"),
+    )
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.qwen2_5_vl.processor import QwenProcessor

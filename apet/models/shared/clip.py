@@ -16,7 +16,6 @@ from PIL import Image
 
 from apet.models.shared.hf_files import read_json
 
-IMAGE_FITS = ("pad", "crop")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

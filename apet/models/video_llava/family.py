@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apet.models.family import Family, Processor
+from apet.models.family import Family, FamilyOption, Processor
+from apet.models.shared.options import image_fit_option, prompt_template_option
+from apet.models.video_llava.templates import DEFAULT_FRAMES, MEDIA
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
@@ -22,6 +24,14 @@ class VideoLlavaFamily(Family):
     media = "video"
     stage1_placement = "append"  # [error-selected, descending error] + [basis, FPS order], per frame
     max_stages = 1  # the authors compress video once, at the projector output
+    export_options = (  # in the order they apply: the medium decides which frames, fits and templates exist
+        FamilyOption("--media", "the medium this artifact serves (one artifact, one medium)", choices=MEDIA,
+                     detail="video, default; image = its image tower"),
+        FamilyOption("--frames", "frames sampled per video, static per artifact", kind=int,
+                     detail=f"default: the checkpoint's, {DEFAULT_FRAMES}"),
+        image_fit_option("--media image only; default pad, the authors'"),
+        prompt_template_option("llava_v1 = the authors' conversation, default; hf = the model card's"),
+    )
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.video_llava.processor import VideoLlavaProcessor

@@ -113,7 +113,8 @@ class TorchBackend(Backend):
         tokens, index = vision.apet_stage1(features)
         self.synchronize()
         apet_ms = (time.perf_counter() - start) * 1e3
-        return VisionOutput.of(vision.named(vision.projector(tokens, index, *inputs)), apet_ms)
+        outputs = vision.named(vision.projector(tokens, index, *inputs))
+        return VisionOutput.of({**outputs, KEEP_INDEX: outputs[KEEP_INDEX].cpu().numpy()}, apet_ms)
 
     def _injected(self, visual: VisionOutput) -> torch.Tensor | None:
         """The vision side's per-layer inputs [L, N, H] (None when the family declares none)."""
