@@ -334,8 +334,8 @@ def test_max_tiles_bounds_views_and_options_fail_clearly(export, adapter, images
         export(tokens=str(K), family_options={"max-tiles": "9"})
     with pytest.raises(UsageError, match="not a positive number"):
         export(tokens=str(K), family_options={"max-tiles": "0"})
-    with pytest.raises(UsageError, match="--max-tiles N instead"):
-        export(tokens=str(K), max_views=3)
+    with pytest.raises(UsageError, match="--max-views is not available for the internvl family.*--max-tiles"):
+        export(tokens=str(K), family_options={"max-views": "3"})
     with pytest.raises(UsageError, match="--apet-at 'middle' is not available"):
         export(tokens=str(K), family_options={"apet-at": "middle"})
 

@@ -122,10 +122,6 @@ class InternVLAdapter(HfCheckpointAdapter):
                              f"(default {recipe.checkpoint_max_tiles})")
         self.spec = replace(self.spec, processor=recipe.with_max_tiles(max_tiles).to_json())
 
-    def set_max_views(self, max_views: int) -> None:
-        raise UsageError("--max-views does not apply to internvl (its views are tiles)",
-                         "pass --max-tiles N instead (tiles per image; the thumbnail is extra)")
-
     # -- vision ------------------------------------------------------------------------------------
     def _inner(self) -> nn.Module:
         return self.model.model

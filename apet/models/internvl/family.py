@@ -14,39 +14,36 @@ per image (smaller vision profiles and contexts).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from apet.errors import UsageError
 from apet.models.family import Family, FamilyOption, Processor
+from apet.models.shared.options import prompt_template_option
 
 if TYPE_CHECKING:
     from apet.manifest import Manifest
-    from apet.modeling.adapter import VisionLanguageAdapter
     from apet.models.internvl.preprocess import TileRecipe
 
 TYPICAL_IMAGE = (640, 480)  # (width, height): profiles' opt shapes and typical budgets
 AFTER, BEFORE = "after-projector", "before-projector"
-APET_AT = "apet-at"
-MAX_TILES = "max-tiles"
 
 
-def _positive_int(value: str) -> str:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise UsageError(f"--max-tiles {value!r} is not a positive number of tiles",
+def _positive(value: int) -> int:
+    if value < 1:
+        raise UsageError(f"--max-tiles {value} is not a positive number of tiles",
                          "pass the most 448-px tiles per image, e.g. --max-tiles 6 (the thumbnail is extra)")
-    return str(number)
+    return value
 
 
+# applied in this order through the adapter's set_max_tiles / set_apet_at / set_prompt_template
 OPTIONS = (
     FamilyOption("--max-tiles", "most tiles per image (the thumbnail is extra); sizes the vision profiles and "
-                 "visual tokens", default=None, parse=_positive_int, metavar="N"),
+                 "visual tokens", parse=_positive, metavar="N", kind=int,
+                 detail="default the checkpoint's max_patches, 12 on the hub checkpoints"),
     FamilyOption("--apet-at", "where ApET runs in each tile's path: after-projector (LLM space) or "
                  "before-projector (the pixel-shuffled ViT features; the projector then runs on the kept tokens)",
                  default=AFTER, choices=(AFTER, BEFORE)),
+    prompt_template_option("internvl_chat (default: the checkpoint's own chat template, rendered)"),
 )
 
 
@@ -67,11 +64,6 @@ class InternVLFamily(Family):
     stage1_placement = "mask"
     max_stages = 1
     export_options = OPTIONS
-
-    def apply_export_options(self, adapter: "VisionLanguageAdapter", options: Mapping[str, str]) -> None:
-        adapter.set_apet_at(options[APET_AT])
-        if MAX_TILES in options:
-            adapter.set_max_tiles(int(options[MAX_TILES]))
 
     def processor(self, artifact_dir: Path | None, manifest: "Manifest") -> Processor:
         from apet.models.internvl.processor import InternVLProcessor
