@@ -338,6 +338,8 @@ def test_max_tiles_bounds_views_and_options_fail_clearly(export, adapter, images
         export(tokens=str(K), family_options={"max-views": "3"})
     with pytest.raises(UsageError, match="--apet-at 'middle' is not available"):
         export(tokens=str(K), family_options={"apet-at": "middle"})
+    with pytest.raises(UsageError, match="--prompt-template 'nope' is unknown for internvl.*internvl_chat"):
+        export(tokens=str(K), family_options={"prompt-template": "nope"})
 
 
 def test_internvl35_8b_shapes_has_the_real_sizes() -> None:

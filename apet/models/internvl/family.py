@@ -86,8 +86,9 @@ class InternVLFamily(Family):
     def visual_summary(self, manifest: "Manifest") -> str:
         recipe = _recipe(manifest)
         where = manifest.model.extra.get("apet_at", AFTER)
+        views = f"{recipe.max_tiles} tiles + thumbnail" if recipe.most_views > 1 else "one tile, no thumbnail"
         return (f"up to {self.max_visual_tokens(manifest)} per image: {manifest.visual_tokens} per view x up to "
-                f"{recipe.most_views} views ({recipe.max_tiles} tiles + thumbnail; ApET {where.replace('-', ' ')})")
+                f"{recipe.most_views} views ({views}; ApET {where.replace('-', ' ')})")
 
     def preprocessing_summary(self, manifest: "Manifest") -> str:
         return _recipe(manifest).summary()

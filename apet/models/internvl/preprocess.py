@@ -58,6 +58,8 @@ class TileRecipe:
     def summary(self) -> str:
         limit = "" if self.max_tiles == self.checkpoint_max_tiles else \
             f" (--max-tiles; the checkpoint allows {self.checkpoint_max_tiles})"
+        if self.max_tiles <= 1:
+            return f"one {self.tile}-px tile per image (no tiling){limit}"
         return (f"{self.min_tiles}..{self.max_tiles} {self.tile}-px tiles per image{limit}, plus a thumbnail when "
                 f"more than one")
 
