@@ -3,7 +3,9 @@
 Reproduces Hugging Face's ``GotOcr2ImageProcessorPil`` as ``InternVLProcessor`` calls it (``crop_to_patches``
 on): the RGB image is resized with the checkpoint's filter (bicubic) to the canvas of its grid
 (:mod:`apet.models.internvl.tiling`) and cut; the thumbnail is the whole image resized to one tile; each view is
-rescaled and normalised with the checkpoint's mean and std (ImageNet's for the InternVL checkpoints).
+rescaled and normalised with the checkpoint's mean and std (ImageNet's for the InternVL checkpoints). Where
+torchvision is installed, transformers picks the processor's torchvision backend instead, whose bicubic resize
+differs from PIL's by resampling noise (the tests compare with the PIL backend, to 1e-5).
 """
 
 from __future__ import annotations
