@@ -156,13 +156,14 @@ def video_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_video_
 
 
 @pytest.fixture(scope="session")
-def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory,
-                     video_artifact_factory) -> dict[str, Path]:
+def family_artifacts(artifact_factory, qwen_artifact_factory, next_artifact_factory, video_artifact_factory,
+                     qwen3_artifact_factory, internvl_artifact_factory) -> dict[str, Path]:
     """Each family's tiny artifact as the deployment tests (runtime environment, Triton) use it, shared with that
     family's own tests (exported once per run)."""
     return {"llava": artifact_factory(ratio=0.11, stages=2), "qwen2_5_vl": qwen_artifact_factory(),
             "llava-next": next_artifact_factory(tokens="32", stages=1),
-            "video-llava": video_artifact_factory(ratio=0.125)}
+            "video-llava": video_artifact_factory(ratio=0.125), "qwen3_vl": qwen3_artifact_factory(ratio=0.3),
+            "internvl": internvl_artifact_factory(tokens="64", family_options={"apet-at": "after-projector"})}
 
 
 @pytest.fixture(scope="session")
@@ -179,3 +180,18 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
     return {"image": root / "image.png", "video": root / "clip.npy", "mp4": write_video(root / "clip.mp4", frames),
             "bad": root / "bad.png"}
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny-internvl``: InternVL3.5-style, a Qwen3 decoder with q/k norm."""
+    from apet.adapters.internvl.tiny import create_tiny_internvl
+
+    return create_tiny_internvl(tmp_path_factory.mktemp("internvl") / "tiny-internvl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def internvl_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_internvl_checkpoint: Path):
+    """export_internvl(**ExportConfig options) -> tiny InternVL artifact dir (fp32, batch 2), cached per option set."""
+    return _cached_exports(tmp_path_factory.mktemp("internvl_artifacts"), tiny_internvl_checkpoint, dtype="fp32",
+                           max_batch=2)

@@ -233,6 +233,7 @@ def _family_media(model: str) -> list:
     ("tiny-llava-next", {"ratio": 0.3, "stages": 1}),
     ("tiny-video-llava", {"ratio": 0.5}),
     ("tiny-qwen2.5-vl", {"ratio": 0.3}),  # window attention: windows as heads, padding slots masked
+    ("tiny-internvl", {"ratio": 0.25}),  # 448-px tiles, Qwen3 q/k norm
 ])
 def test_op_form_of_every_family_equals_torch(model: str, options: dict, tmp_path: Path) -> None:
     """Each family's op-form graphs: one Attention and two RotaryEmbedding nodes per decoder layer, every vision

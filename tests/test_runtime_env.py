@@ -80,7 +80,7 @@ def test_runtime_env_has_no_torch() -> None:
 
 
 @needs_runtime_env
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "qwen3_vl", "internvl"])
 def test_run_and_inspect_without_torch_match_the_full_environment(family, family_artifacts, media) -> None:
     artifact = family_artifacts[family]
     inspect = _cli(_bin("apet"), "inspect", str(artifact))
@@ -128,7 +128,7 @@ def _serve_request(artifact: Path, body: dict[str, Any]) -> dict[str, Any]:
 
 
 @needs_runtime_env
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "qwen3_vl", "internvl"])
 def test_serve_without_torch_matches_the_full_environment(family, family_artifacts, media) -> None:
     artifact = family_artifacts[family]
     if family == "video-llava":

@@ -31,7 +31,7 @@ from apet.triton.repository import write_repository
 
 PROMPT = "What is in the picture?"
 TOKENS = 6
-FAMILIES = ["llava", "llava-next", "qwen2_5_vl", "video-llava"]
+FAMILIES = ["llava", "llava-next", "qwen2_5_vl", "video-llava", "qwen3_vl", "internvl"]
 
 
 def _model_config_pb2() -> ModuleType:

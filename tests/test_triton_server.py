@@ -59,7 +59,7 @@ def _ask(server: TritonServer, requests: list[dict], work: Path, clients: int = 
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava"])
+@pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "qwen3_vl", "internvl"])
 def test_greedy_answers_through_triton_equal_the_pipeline(family, family_artifacts, media, tmp_path) -> None:
     artifact = family_artifacts[family]
     kind = "video" if family == "video-llava" else "image"

@@ -35,7 +35,7 @@ def register_family(family: Family) -> Family:
 # the built-in families' packages; each registers its Family on import. Other packages add theirs through the
 # ``apet.families`` entry point group (``name = "package.module"``), so adding a family edits no generic file.
 BUILT_IN = ("apet.models.llava", "apet.models.llava_next", "apet.models.qwen2_5_vl", "apet.models.video_llava",
-            "apet.models.qwen3_vl")
+            "apet.models.qwen3_vl", "apet.models.internvl")
 ENTRY_POINT_GROUP = "apet.families"
 
 
