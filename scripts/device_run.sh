@@ -16,7 +16,12 @@
 #   qwen-checks     Qwen2.5-VL torch GPU vs CPU parity (scripts/qwen_gpu_checks.py)
 #   qwen-bench      apet-bench qwen2.5-vl-7b/3b-shapes at two image sizes, batch 1 and 4
 #   check7b         apet check of the 7B-shape artifact, ONNX Runtime CUDA vs torch (scripts/gpu_check_7b.sh: how
-#                   to prepare and carry the wheels)
+#                   to prepare and carry the wheels); ART=/tmp/DIR checks an artifact exported earlier
+#   export7b DIR    the LLaVA-1.5-7B-shape artifact at 0.11 (fp16, op attention) into /tmp/DIR, kept for later calls
+#                   on the same machine (issue 28: export once before and once after a graph change)
+#   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
+#   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
+#                   against HF generate in the same run
 set -uo pipefail
 export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
@@ -90,6 +95,30 @@ case "$stage" in
     ;;
   check7b)
     OUT="$OUT" scripts/gpu_check_7b.sh
+    ;;
+  export7b)
+    start=$SECONDS
+    python3 -m apet.cli export --model llava-shapes --ratio 0.11 --dtype fp16 --attention op --device cuda \
+      --out "/tmp/$1" 2>&1 | tail -5
+    echo "export7b $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"
+    ;;
+  profile7b)
+    python3 -m apet.bench.ort_profile "/tmp/$1" "/tmp/$2" --device cuda --repeats 10 --warmup 3 --decode-steps 16 \
+      --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
+    ;;
+  new-families)  # one JSON per run, named for it; the markdown tables of all runs in one file
+    run() {  # NAME SECONDS ARGS...
+      local name="$1" limit="$2"; shift 2
+      timeout "$limit" python3 -m apet.cli bench "$@" --batch 1 --repeats 3 --new-tokens 16 --baselines hf \
+        --out "/tmp/bench-$name" 2>&1 | tail -4
+      cp "/tmp/bench-$name/results.json" "$OUT/$name.json" 2>/dev/null
+      { echo "## $name"; cat "/tmp/bench-$name/results.md" 2>/dev/null; } >> "$OUT/new_families.md"
+    }
+    run qwen3-vl-8b-1024 150 --model qwen3-vl-8b-shapes --ratios 1.0,0.5,0.25 --image-size 1024x1024
+    run qwen3-vl-8b-2048 190 --model qwen3-vl-8b-shapes --ratios 1.0,0.5,0.25 --image-size 2048x2048
+    run internvl3.5-8b-1tile 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 448x448
+    run internvl3.5-8b-6tiles 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1344x896
+    run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do

@@ -61,12 +61,14 @@ if sys.argv[1].startswith("cuda") and "CUDAExecutionProvider" not in providers:
 PY
 
 work="$(mktemp -d /tmp/apet-check-7b.XXXX)"
-art="$work/llava-$RATIO-fp16"
+art="${ART:-$work/llava-$RATIO-fp16}"  # ART: an artifact exported earlier with these settings (device_run.sh export7b)
 start=$SECONDS
-# the export and the torch runner build the same seeded random weights (same model, dtype and device)
-"$PYTHON" -m apet.cli export --model "$MODEL" --ratio "$RATIO" --dtype fp16 --attention "$ATTENTION" \
-  --device "$DEVICE" --out "$art"
-echo "export: $((SECONDS - start)) s"; ls -la "$art"
+if [ -z "${ART:-}" ]; then
+  # the export and the torch runner build the same seeded random weights (same model, dtype and device)
+  "$PYTHON" -m apet.cli export --model "$MODEL" --ratio "$RATIO" --dtype fp16 --attention "$ATTENTION" \
+    --device "$DEVICE" --out "$art"
+  echo "export: $((SECONDS - start)) s"; ls -la "$art"
+fi
 start=$SECONDS
 "$PYTHON" -m apet.cli check "$art" --image apet/assets/demo.png --prompt "Describe the image in detail." \
   --backends torch,onnxruntime --device "$DEVICE" --checkpoint "$MODEL" --steps 8 \

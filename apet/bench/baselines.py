@@ -13,7 +13,7 @@ import torch
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
 from apet.compression import selector
-from apet.contracts.io import VISUAL_EMBEDS
+from apet.contracts.io import KEEP_INDEX, VISUAL_EMBEDS
 from apet.contracts.plan import Budget, CompressionPlan, plan_for
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
@@ -46,7 +46,7 @@ def hf_generate(adapter: VisionLanguageAdapter, request: Request, repeats: int, 
     _, inputs, make_layout = synthetic_request(adapter, full, request, max_context)
     stages = family.vision_stages(adapter, selector(full.stage1))
     with torch.no_grad():
-        _, index = stages(*_tensors(inputs.arrays, adapter).values())
+        index = stages.named(stages(*_tensors(inputs.arrays, adapter).values()))[KEEP_INDEX]
     layout = make_layout(index.cpu().numpy())
     kwargs = _tensors({"input_ids": layout.token_ids, "attention_mask": layout.attention_mask,
                        **family.hf_generate_inputs(inputs, layout)}, adapter)  # the family may rewrite the ids
