@@ -30,18 +30,24 @@ a named *placement* (:data:`PLACEMENTS`):
 
 Deliberate differences from the reference, and nowhere else: the FPS start token
 is fixed (0, or a seeded choice) where the authors draw a random one; merging is
-float32 where the authors merge in fp16/bf16; the least-squares fit uses a
-Cholesky factor of the k×k Gram matrix (unrolled in graphs, :mod:`apet.linalg`;
-LAPACK in eager calls) where the authors call an LU solve — the same projection
-in exact arithmetic. Degenerate inputs where a basis token
-itself ranks in ``top`` behave as the reference does (the basis vector then
-appears twice).
+float32 where the authors merge in fp16/bf16; the least-squares fit uses the
+Cholesky factor of the k×k Gram matrix (LAPACK in eager calls; in graphs formed
+implicitly by Gram-Schmidt on the ridge-augmented basis, :mod:`apet.linalg`) where
+the authors call an LU solve — the same projection in exact arithmetic. Degenerate
+inputs where a basis token itself ranks in ``top`` behave as the reference does
+(the basis vector then appears twice).
 
 The same function runs eagerly, under CUDA-graph capture / ``torch.compile``
 and inside ``torch.onnx.export``: k and K are Python ints (static in the
 graph), there is no data-dependent Python control flow, no host sync and no
-``torch.linalg`` in traced code. All math is float32 whatever the input dtype,
-because the Gram system is ill-conditioned in fp16.
+``torch.linalg`` solver in traced code. All math is float32 whatever the input
+dtype, because the Gram system is ill-conditioned in fp16.
+
+What an engine sees is kept small (docs/benchmarks.md, "ApET's cost inside the
+engines"): one row gather per FPS step, no Slice (sub-ranges are Gathers,
+:mod:`apet.graph_ops`), the merge as one 0/1 membership matrix and one matmul,
+and the placements as two sorts and a gather. The membership matrix is also the
+result's ``members`` (what a family reuses to merge other features the same way).
 
 Families whose token count N varies per image (Qwen2.5-VL's dynamic resolution)
 set ``max_tokens``: the graph is then traced with a symbolic N, and the budget
@@ -55,23 +61,57 @@ of the reference exactly for every N the processor can produce.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from apet.contracts.compression import DPC_NEIGHBOURS, GRAM_RIDGE, METHODS, CompressionConfig
 from apet.errors import InputError, UsageError
-from apet.linalg import whiten
+from apet.graph_ops import gather_rows, take
+from apet.linalg import ridge_orthonormal
 
 _NEG = torch.finfo(torch.float32).min
-Nearest = Callable[[torch.Tensor], torch.Tensor]  # targets [B, T] -> index of the cosine-nearest target [B, N]
+# (targets as one-hot rows [B, T, N], targets as positions [B, T]) -> index of the cosine-nearest target [B, 1, N]
+Nearest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Compressed(NamedTuple):
-    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64)."""
+@dataclass(frozen=True)
+class Compressed:
+    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64); iterates as
+    ``(tokens, index)``, what a graph returns.
+
+    Where tokens were merged, ``members`` [B, T, N] (float32 0/1) says which of the N input tokens were averaged
+    into each of the T error-selected tokens (itself included), whose positions are ``targets`` [B, T]: the merge
+    as data, so a family can apply the same merge to another feature map aligned with the tokens
+    (``(members @ f) / members.sum(-1, keepdim=True)``, e.g. Qwen3-VL's DeepStack levels). :attr:`assignment`
+    is the same per token. Both are None for rules and settings that do not merge.
+    """
 
     tokens: torch.Tensor
+    index: torch.Tensor
+    members: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.tokens, self.index))
+
+    @property
+    def assignment(self) -> torch.Tensor | None:
+        """[B, N] int64: for every input token the original position of the error-selected token it was averaged
+        into (its own position for an error-selected token), -1 for a token averaged into none (the basis slots'
+        own values, and the basis tokens of the ``own`` ablation)."""
+        if self.members is None or self.targets is None:
+            return None
+        owner = (self.targets.to(torch.float32).unsqueeze(1) @ self.members).squeeze(1)  # exact below 2^24
+        return torch.where(self.members.sum(1) > 0, owner.to(torch.int64), -1)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The k basis tokens in selection order: their rows [B, k, D] (float32) and positions [B, k] (int64)."""
+
+    rows: torch.Tensor
     index: torch.Tensor
 
 
@@ -118,41 +158,37 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], index [B, M] -> x[b, index[b]] as [B, M, D] (GatherElements in ONNX)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x [B, N, D], index [B, M] -> x[b, index[b]] as [B, M, D] (one GatherND in ONNX)."""
+    return gather_rows(x, index.unsqueeze(-1))
 
 
-def _one_hot(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
-    """index [..., M] -> [..., M, N] float one-hot rows; a matmul-friendly scatter."""
-    positions = torch.arange(n_tokens, device=index.device)  # n_tokens may be a traced length
+def _one_hot(index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """index [B, M] -> [B, M, N] float one-hot rows over ``positions`` (arange N): a matmul-friendly gather."""
     return (index.unsqueeze(-1) == positions).to(torch.float32)
 
 
-def _members(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
-    """index [B, M] -> [B, N] float: 1 where a position is in ``index``."""
-    return _one_hot(index, n_tokens).amax(1)
-
-
 def farthest_point_basis(x: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
-    """k token indices [B, k] by plain farthest-point sampling (squared Euclidean) from ``start``.
+    """k token indices [B, k] by plain farthest-point sampling (squared Euclidean) from ``start``."""
+    return _farthest_points(x, k, start).index
 
-    As in the reference: a running minimum of squared distances, next = argmax (first on ties),
-    chosen tokens not masked. The centre is picked with a one-hot sum rather than a gather, which
-    is exact in any precision and keeps the unrolled graph free of per-step shape arithmetic.
-    """
-    positions = torch.arange(x.shape[1], device=x.device)
-    index = torch.zeros_like(x[:, 0, 0], dtype=torch.long) + start  # [B]
-    chosen = [index]
+
+def _farthest_points(x: torch.Tensor, k: int, start: int) -> Basis:
+    """Plain FPS as in the reference: a running minimum of squared distances, next = argmax (first on ties),
+    chosen tokens not masked. Each step reads the new centre with one row gather and keeps every tensor in
+    the [B, N, 1] layout whose argmax is already a gather index, so a step is six graph nodes."""
+    centre = x.index_select(1, torch.tensor([start], device=x.device))  # [B, 1, D]
+    rows, picks = [centre], []
     nearest: torch.Tensor | None = None
     for _ in range(k - 1):
-        pick = (positions == index.unsqueeze(-1)).to(x.dtype).unsqueeze(-1)  # [B, N, 1]
-        centre = (x * pick).sum(1, keepdim=True)  # [B, 1, D]
         diff = x - centre
-        dist = (diff * diff).sum(-1)
+        dist = (diff * diff).sum(-1, keepdim=True)  # [B, N, 1]
         nearest = dist if nearest is None else torch.minimum(nearest, dist)
-        index = torch.argmax(nearest, dim=1)
-        chosen.append(index)
-    return torch.stack(chosen, dim=1)
+        pick = torch.argmax(nearest, dim=1, keepdim=True)  # [B, 1, 1]
+        centre = gather_rows(x, pick)
+        rows.append(centre)
+        picks.append(pick)
+    first = (picks[0] * 0 if picks else torch.zeros_like(x[:, :1, :1], dtype=torch.long)) + start
+    return Basis(torch.cat(rows, 1), torch.cat([first, *picks], 1).squeeze(-1))
 
 
 def density_peak_basis(x: torch.Tensor, k: int, neighbours: int = DPC_NEIGHBOURS) -> torch.Tensor:
@@ -186,121 +222,126 @@ def fps_start(n_tokens: int, seed: int | None) -> int:
     return 0 if seed is None else int(_rng(seed).integers(n_tokens))
 
 
-def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None = None) -> torch.Tensor:
-    """Basis token indices [B, k] in selection order by ``method``."""
+def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None = None) -> Basis:
+    """The k basis tokens of float32 ``x`` by ``method``, in selection order."""
     if method == "fps":
-        return farthest_point_basis(x, k, fps_start(int(x.shape[1]), seed))
+        return _farthest_points(x, k, fps_start(int(x.shape[1]), seed))
     if method == "dpc":
-        return density_peak_basis(x, k)
-    if method == "random":
-        return random_basis(x, k, 0 if seed is None else seed)
-    raise UsageError(f"method={method!r} is unknown", f"use one of {', '.join(METHODS)}")
+        index = density_peak_basis(x, k)
+    elif method == "random":
+        index = random_basis(x, k, 0 if seed is None else seed)
+    else:
+        raise UsageError(f"method={method!r} is unknown", f"use one of {', '.join(METHODS)}")
+    return Basis(gather_tokens(x, index), index)
 
 
-def _whiten(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Q = L⁻¹ S for G = L Lᵀ. Eager calls use LAPACK/cuSOLVER (two kernels instead of ~130 tiny ones);
-    tracing, compiling and CUDA-graph capture use the unrolled, exportable version. A failed
-    factorisation falls back too."""
+def _whiten(basis: torch.Tensor) -> torch.Tensor:
+    """Q = L⁻¹ S for S Sᵀ + λI = L Lᵀ. Eager calls use LAPACK/cuSOLVER's Cholesky (two kernels instead of ~70
+    tiny ones); tracing, compiling and CUDA-graph capture use the unrolled, exportable form
+    (:func:`apet.linalg.ridge_orthonormal`). A failed factorisation falls back too."""
     if _host_checks_allowed():
-        lower, info = torch.linalg.cholesky_ex(gram)
+        ridge = GRAM_RIDGE * torch.eye(int(basis.shape[1]), dtype=torch.float32, device=basis.device)
+        lower, info = torch.linalg.cholesky_ex(basis @ basis.transpose(1, 2) + ridge)
         if not bool(info.any()):
             return torch.linalg.solve_triangular(lower, basis, upper=False)
-    return whiten(gram, basis)
+    return ridge_orthonormal(basis, GRAM_RIDGE)
 
 
 def basis_errors(x: torch.Tensor, basis_index: torch.Tensor) -> torch.Tensor:
-    """Per-token least-squares reconstruction error ||x_i - x̂_i||_2 from the basis, float32 [B, N].
-
-    G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ, X̂ = Cᵀ S — computed as X̂ = (Q Xᵀ)ᵀ Q with Q = L⁻¹ S and
-    G = L Lᵀ, which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q) with one triangular solve instead of two.
-    The basis order does not matter.
-    """
+    """Per-token least-squares reconstruction error ||x_i - x̂_i||_2 from the basis at ``basis_index``, [B, N]."""
     x32 = x.to(torch.float32)
-    basis = gather_tokens(x32, basis_index)  # [B, k, D]
-    k = int(basis_index.shape[1])
-    ridge = GRAM_RIDGE * torch.eye(k, dtype=torch.float32, device=x.device)
-    q = _whiten(basis @ basis.transpose(1, 2) + ridge, basis)  # [B, k, D]
+    return _errors(x32, gather_tokens(x32, basis_index))
+
+
+def _errors(x32: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ, X̂ = Cᵀ S — computed as X̂ = (Q Xᵀ)ᵀ Q with Q = L⁻¹ S and G = L Lᵀ,
+    which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q). The basis order does not matter."""
+    q = _whiten(basis)  # [B, k, D]
     residual = x32 - (x32 @ q.transpose(1, 2)) @ q
-    return torch.sqrt((residual * residual).sum(-1))
+    return torch.linalg.vector_norm(residual, dim=-1)
 
 
-def _ascending_order(index: torch.Tensor) -> torch.Tensor:
-    """The permutation that sorts int64 positions ascending (TopK on float32: exact below 2^24, and
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _plain_nearest(x32: torch.Tensor) -> Nearest:
+    """Cosine-nearest target of every token from the tokens themselves: the targets' unit rows are read with
+    the one-hot rows the merge builds anyway (exact), one matmul gives every similarity."""
+    unit = _unit(x32)
+    return lambda onehot, _targets: torch.argmax((onehot @ unit) @ unit.transpose(1, 2), dim=1, keepdim=True)
+
+
+def _merged(x: torch.Tensor, ranked: torch.Tensor, n_selected: int | torch.Tensor, positions: torch.Tensor,
+            nearest: Nearest, outside: torch.Tensor | None = None, all_selected: bool = False) -> Compressed:
+    """The first ``n_selected`` of ``ranked`` (the error-selected tokens, in the reference's order: ties go to the
+    earliest) merged with every token not in ``ranked`` (nor in ``outside`` [B, 1, N]): each becomes
+    (itself + Σ assigned) / (1 + count). One batched matmul over a 0/1 membership matrix, no scatter."""
+    onehot = _one_hot(ranked, positions)  # [B, R, N]
+    kept = onehot.sum(1, keepdim=True)
+    dropped = 1.0 - (kept if outside is None else torch.maximum(kept, outside))  # [B, 1, N]
+    targets = onehot if all_selected else take(onehot, 1, 0, n_selected)  # [B, T, N]
+    selected = ranked if all_selected else take(ranked, 1, 0, n_selected)
+    near = nearest(targets, selected)  # [B, 1, N]
+    assigned = (torch.arange(n_selected, device=x.device).unsqueeze(-1) == near).to(torch.float32)
+    members = assigned * dropped + targets  # each target counts itself
+    tokens = (members @ x) / members.sum(-1, keepdim=True)
+    return Compressed(tokens, selected, members, selected)
+
+
+def _selected(x: torch.Tensor, ranked: torch.Tensor, n_selected: int | torch.Tensor, merge: bool,
+              positions: torch.Tensor, nearest: Nearest, outside: torch.Tensor | None = None,
+              all_selected: bool = False) -> Compressed:
+    """The error-selected tokens (the first ``n_selected`` of ``ranked``), merged unless ``merge`` is off."""
+    if merge:
+        return _merged(x, ranked, n_selected, positions, nearest, outside, all_selected)
+    selected = ranked if all_selected else take(ranked, 1, 0, n_selected)
+    return Compressed(gather_tokens(x, selected), selected)
+
+
+def _ascending_order(index: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts ``count`` int64 positions ascending (TopK on float32: exact below 2^24, and
     a TopK every TensorRT parses, unlike int64 Sort)."""
-    return torch.topk(index.to(torch.float32), index.shape[1], dim=1, largest=False, sorted=True).indices
+    return torch.topk(index.to(torch.float32), count, dim=1, largest=False, sorted=True).indices
 
 
-def _ascending(index: torch.Tensor) -> torch.Tensor:
-    return torch.gather(index, 1, _ascending_order(index))
+def _in_position_order(tokens: torch.Tensor, index: torch.Tensor, count: int | torch.Tensor,
+                       merged: Compressed) -> Compressed:
+    order = _ascending_order(index, count)
+    return Compressed(gather_tokens(tokens, order), torch.gather(index, 1, order), merged.members, merged.targets)
 
 
-def cosine_nearest(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """For every token, the index into ``targets`` of its most cosine-similar target, [B, N] (first on ties)."""
-    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
-    return torch.argmax(gather_tokens(unit, targets) @ unit.transpose(1, 2), dim=1)
-
-
-def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor,
-               nearest: torch.Tensor | None = None) -> torch.Tensor:
-    """Average every dropped token into its most cosine-similar target; returns [B, T, D] float32.
-
-    ``targets`` [B, T] in the reference's order (ties go to the earliest target), ``dropped`` [B, N]
-    is 1 for tokens to merge, ``nearest`` the assignment if already known (the fused GPU path).
-    Each target becomes (itself + Σ assigned) / (1 + count).
-    """
-    n_tokens = x.shape[1]  # a traced length when N is symbolic
-    nearest = cosine_nearest(x, targets) if nearest is None else nearest
-    assigned = _one_hot(nearest, targets.shape[1]) * dropped.unsqueeze(-1)  # [B, N, T]
-    members = assigned + _one_hot(targets, n_tokens).transpose(1, 2)  # each target counts itself
-    total = members.transpose(1, 2) @ x  # [B, T, D]
-    return total / members.sum(1).unsqueeze(-1)
-
-
-def _selected_tokens(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool,
-                     nearest: Nearest, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """The error-selected tokens, merged with every token outside ``ranked`` (and ``exclude``)."""
-    if not merge:
-        return gather_tokens(x, selected)
-    n_tokens = x.shape[1]
-    outside = _members(ranked, n_tokens) if exclude is None else \
-        torch.maximum(_members(ranked, n_tokens), _members(exclude, n_tokens))
-    return merge_into(x, selected, 1.0 - outside, nearest(selected))
-
-
-def _in_position_order(tokens: torch.Tensor, index: torch.Tensor) -> Compressed:
-    order = _ascending_order(index)
-    return Compressed(gather_tokens(tokens, order), torch.gather(index, 1, order))
-
-
-def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-           placement: str, nearest: Nearest) -> Compressed:
+def _paper(x: torch.Tensor, errors: torch.Tensor, basis: Basis, keep: int | torch.Tensor, merge: bool,
+           placement: str, positions: torch.Tensor, nearest: Nearest) -> Compressed:
     """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
-    k = int(basis_index.shape[1])
+    k = int(basis.rows.shape[1])
+    n_selected = keep - k
     appended = placement in ("append", "append_spatial")
-    ranked = torch.topk(errors, keep - k if appended else keep, dim=1).indices  # descending error
-    selected = ranked[:, : keep - k]
-    selected_tokens = _selected_tokens(x, selected, ranked, merge, nearest)
-    basis_tokens = gather_tokens(x, basis_index)
+    ranked = torch.topk(errors, n_selected if appended else keep, dim=1).indices  # descending error
+    kept = _selected(x, ranked, n_selected, merge, positions, nearest, all_selected=appended)
     if placement == "append":
-        return Compressed(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
+        return Compressed(torch.cat([kept.tokens, basis.rows], 1), torch.cat([kept.index, basis.index], 1),
+                          kept.members, kept.targets)
     if placement == "append_spatial":
-        return _in_position_order(torch.cat([selected_tokens, basis_tokens], 1), torch.cat([selected, basis_index], 1))
-    slots = ranked[:, keep - k:]
-    if placement in ("mask", "blend"):
-        slots = _ascending(slots)
-    slot_tokens = basis_tokens if placement != "blend" else 0.5 * basis_tokens + 0.5 * gather_tokens(x, slots)
-    return _in_position_order(torch.cat([selected_tokens, slot_tokens], 1), torch.cat([selected, slots], 1))
+        return _in_position_order(torch.cat([kept.tokens, basis.rows], 1), torch.cat([kept.index, basis.index], 1),
+                                  keep, kept)
+    if placement == "rank":  # slot top[K-k+j] gets basis vector j: the index is ``ranked`` itself
+        return _in_position_order(torch.cat([kept.tokens, basis.rows], 1), ranked, keep, kept)
+    slots = take(ranked, 1, n_selected, keep)
+    slots = torch.gather(slots, 1, _ascending_order(slots, k))  # mask / blend: basis j to the j-th smallest slot
+    slot_tokens = basis.rows if placement == "mask" else 0.5 * basis.rows + 0.5 * gather_tokens(x, slots)
+    return _in_position_order(torch.cat([kept.tokens, slot_tokens], 1), torch.cat([kept.index, slots], 1), keep, kept)
 
 
-def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
+def _own(x: torch.Tensor, errors: torch.Tensor, basis: Basis, keep: int, merge: bool, positions: torch.Tensor,
          nearest: Nearest) -> Compressed:
     """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
-    k = int(basis_index.shape[1])
-    is_basis = _members(basis_index, x.shape[1]) > 0
-    selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
-    selected_tokens = _selected_tokens(x, selected, selected, merge, nearest, exclude=basis_index)
-    tokens = torch.cat([selected_tokens, gather_tokens(x, basis_index)], 1)
-    return _in_position_order(tokens, torch.cat([selected, basis_index], 1))
+    k = int(basis.rows.shape[1])
+    is_basis = _one_hot(basis.index, positions).amax(1, keepdim=True)  # [B, 1, N]
+    ranked = torch.topk(errors.masked_fill(is_basis[:, 0] > 0, _NEG), keep - k, dim=1).indices
+    kept = _selected(x, ranked, keep - k, merge, positions, nearest, outside=is_basis, all_selected=True)
+    tokens = torch.cat([kept.tokens, basis.rows], 1)
+    return _in_position_order(tokens, torch.cat([kept.index, basis.index], 1), keep, kept)
 
 
 def compress(
@@ -324,32 +365,36 @@ def compress(
     config.validate(n_tokens)
     if keep == n_tokens:
         return _keep_all(x)
-    return _compress(x, config, keep)
+    return _compress(x, config, keep, n_tokens)
 
 
 def _keep_all(x: torch.Tensor) -> Compressed:
     return Compressed(x, torch.zeros_like(x[:, :, 0], dtype=torch.long) + torch.arange(x.shape[1], device=x.device))
 
 
-def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor) -> Compressed:
-    """The algorithm for K = ``keep`` (a Python int, or a traced 0-d tensor when N is symbolic)."""
+def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor,
+              n_tokens: int | torch.Tensor) -> Compressed:
+    """The algorithm for K = ``keep`` of N = ``n_tokens`` (Python ints, or traced 0-d tensors when N is symbolic:
+    then ``positions`` is a Range of it, else a constant)."""
     x32 = x.to(torch.float32)
+    positions = torch.arange(n_tokens, device=x.device)
     if config.method == "fps" and _fused_available(x32):
         from apet.kernels import apet_fused
 
         gram = apet_fused.token_gram(x32)
-        basis_index, errors = apet_fused.fps_errors(gram, config.basis, fps_start(int(x.shape[1]), config.seed),
-                                                       GRAM_RIDGE)
-        nearest: Nearest = lambda targets: apet_fused.cosine_nearest(gram, targets)  # noqa: E731
+        index, errors = apet_fused.fps_errors(gram, config.basis, fps_start(int(x.shape[1]), config.seed),
+                                              GRAM_RIDGE)
+        basis = Basis(gather_tokens(x32, index), index)
+        nearest: Nearest = lambda _onehot, targets: apet_fused.cosine_nearest(gram, targets).unsqueeze(1)  # noqa: E731
     else:
-        basis_index = select_basis(x32, config.basis, config.method, config.seed)
-        errors = basis_errors(x32, basis_index)
-        nearest = lambda targets: cosine_nearest(x32, targets)  # noqa: E731
+        basis = select_basis(x32, config.basis, config.method, config.seed)
+        errors = _errors(x32, basis.rows)
+        nearest = _plain_nearest(x32)
     if config.placement == "own":
-        kept = _own(x32, errors, basis_index, keep, config.merge, nearest)
+        kept = _own(x32, errors, basis, keep, config.merge, positions, nearest)
     else:
-        kept = _paper(x32, errors, basis_index, keep, config.merge, config.placement, nearest)
-    return Compressed(kept.tokens.to(x.dtype), kept.index)
+        kept = _paper(x32, errors, basis, keep, config.merge, config.placement, positions, nearest)
+    return Compressed(kept.tokens.to(x.dtype), kept.index, kept.members, kept.targets)
 
 
 # The Triton path runs one program per image, so its serial loops grow with N: on the H100 it took 0.17 ms at
@@ -380,14 +425,15 @@ def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> Compresse
     if not isinstance(n_tokens, torch.Tensor):  # eager
         config.validate(n_tokens)
         keep = config.keep_for(n_tokens)
-        return _keep_all(x) if keep == n_tokens else _compress(x, config, keep)
+        return _keep_all(x) if keep == n_tokens else _compress(x, config, keep, n_tokens)
     config.validate(config.max_tokens)
     table = torch.tensor([config.keep_for(n) for n in range(config.max_tokens + 1)], device=x.device)
     keep = table[n_tokens.clamp(max=config.max_tokens)] if config.keep_ratio is not None else config.keep
-    kept = _compress(x, config, keep)
+    kept = _compress(x, config, keep, n_tokens)
     everything = n_tokens == keep
-    positions = torch.zeros_like(kept.index) + torch.arange(keep, device=x.device)
-    return Compressed(torch.where(everything, x[:, :keep], kept.tokens), torch.where(everything, positions, kept.index))
+    first = torch.arange(keep, device=x.device)  # the first K positions: all of them when K = N
+    return Compressed(torch.where(everything, x.index_select(1, first), kept.tokens),
+                      torch.where(everything, first, kept.index), kept.members, kept.targets)
 
 
 class CompressionModule(torch.nn.Module):

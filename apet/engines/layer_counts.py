@@ -1,0 +1,70 @@
+"""How many layers TensorRT sees per scope of a graph: after parsing (any machine, TensorRT-RTX parses on a CPU)
+and, where a GPU ran the plan, after fusion (the engine inspector's layers).
+
+On a Jetson every unfused engine layer can be a kernel launch, so these counts are what ApET costs an engine
+before any timing. Parsed layers carry their ONNX node's name and, from TensorRT 10, the node in their
+``metadata`` (``[ONNX Layer: /apet_stage1/TopK]``); the helper layers the parser adds for a node (shape
+arithmetic, casts, constants: ``ONNXTRT_ShapeElementWise_12``) carry neither. The parser adds a node's
+helpers while importing that node, before or around the layer that carries its name, so a helper is
+counted with the next layer that names a scope (a trailing helper with the last one). Engine layers name the
+nodes they fused; a layer fusing several scopes counts once, under the first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from apet import scopes
+from apet.engines.api import TrtApi
+
+OTHER = "other"  # nodes and layers outside every scope
+
+
+def _stage(texts: Iterable[str]) -> str | None:
+    for text in texts:
+        found = scopes.scopes_in(text or "")
+        if found:
+            return scopes.stage_of(found[0])
+    return None
+
+
+def _add(counts: dict[str, int], stage: str, n: int = 1) -> None:
+    counts[stage] = counts.get(stage, 0) + n
+
+
+def parsed_layers_by_stage(network: Any) -> dict[str, int]:
+    """Layers of a parsed ``INetworkDefinition`` per stage (``vision``, ``apet_stage1``, ``llm layers``, ...)."""
+    counts: dict[str, int] = {}
+    pending = 0
+    last = OTHER
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        stage = _stage((getattr(layer, "metadata", ""), layer.name))
+        pending += 1
+        if stage is not None:
+            _add(counts, stage, pending)
+            pending, last = 0, stage
+    if pending:
+        _add(counts, last, pending)
+    return counts
+
+
+def parse_layer_counts(api: TrtApi, onnx_path: Path) -> dict[str, int]:
+    """Parse ``onnx_path`` with ``api`` (no build) and count its layers per stage."""
+    from apet.engines.trt import parse_onnx
+
+    _builder, network, _parser, _logger = parse_onnx(api, onnx_path)
+    return parsed_layers_by_stage(network)
+
+
+def engine_layers_by_stage(layer_information: str) -> dict[str, int]:
+    """The engine inspector's JSON (``get_engine_information``, LayerInformationFormat.JSON) -> built layers per
+    stage; layers that name no node (reformats, internal kernels) count as ``other``."""
+    data = json.loads(layer_information)
+    counts: dict[str, int] = {}
+    for layer in data.get("Layers", []):
+        name = layer.get("Name", "") if isinstance(layer, dict) else str(layer)
+        _add(counts, _stage((name,)) or OTHER, 1)
+    return counts
