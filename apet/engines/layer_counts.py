@@ -5,9 +5,9 @@ On a Jetson every unfused engine layer can be a kernel launch, so these counts a
 before any timing. Parsed layers carry their ONNX node's name and, from TensorRT 10, the node in their
 ``metadata`` (``[ONNX Layer: /apet_stage1/TopK]``); the helper layers the parser adds for a node (shape
 arithmetic, casts, constants: ``ONNXTRT_ShapeElementWise_12``) carry neither. The parser adds a node's
-helpers while importing that node, before or around the layer that carries its name, so a helper is
-counted with the next layer that names a scope (a trailing helper with the last one). Engine layers name the
-nodes they fused; a layer fusing several scopes counts once, under the first.
+helpers while importing that node, before the layer that carries its name, so a helper is counted with the
+next layer that names a node (a trailing helper with the last one); a node outside every scope is ``other``.
+Engine layers name the nodes they fused; a layer fusing several scopes counts once, under the first.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def parsed_layers_by_stage(network: Any) -> dict[str, int]:
     last = OTHER
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        stage = _stage((getattr(layer, "metadata", ""), layer.name))
+        node = getattr(layer, "metadata", "") or ""  # empty for helpers (and before TensorRT 10)
+        stage = _stage((node, layer.name)) or (OTHER if node else None)
         pending += 1
         if stage is not None:
             _add(counts, stage, pending)

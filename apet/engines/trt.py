@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from apet.engines.api import TrtApi
+from apet.engines.layer_counts import parsed_layers_by_stage
 from apet.errors import ArtifactError, BackendError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class BuiltEngine:
     profiles: list[dict[str, Any]]
     compute_capabilities: list[str] = field(default_factory=list)
     fused_layers: dict[str, int] = field(default_factory=dict)  # see fused_layer_counts
+    parsed_layers: dict[str, int] = field(default_factory=dict)  # per stage, apet.engines.layer_counts
 
 
 class _Logger:
@@ -228,5 +230,5 @@ def build_engine(
     return BuiltEngine(
         plan=bytes(plan), seconds=seconds, num_layers=int(network.num_layers), inputs=inputs, outputs=outputs,
         profiles=[p.to_json() for p in profiles], compute_capabilities=targets,
-        fused_layers=fused_layer_counts(api, network),
+        fused_layers=fused_layer_counts(api, network), parsed_layers=parsed_layers_by_stage(network),
     )
