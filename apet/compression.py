@@ -68,7 +68,7 @@ import torch
 
 from apet.contracts.compression import DPC_NEIGHBOURS, GRAM_RIDGE, METHODS, CompressionConfig
 from apet.errors import InputError, UsageError
-from apet.graph_ops import gather_rows, take
+from apet.graph_ops import gather_rows, sum_of_squares, take
 from apet.linalg import ridge_orthonormal
 
 _NEG = torch.finfo(torch.float32).min
@@ -175,13 +175,12 @@ def farthest_point_basis(x: torch.Tensor, k: int, start: int = 0) -> torch.Tenso
 def _farthest_points(x: torch.Tensor, k: int, start: int) -> Basis:
     """Plain FPS as in the reference: a running minimum of squared distances, next = argmax (first on ties),
     chosen tokens not masked. Each step reads the new centre with one row gather and keeps every tensor in
-    the [B, N, 1] layout whose argmax is already a gather index, so a step is six graph nodes."""
+    the [B, N, 1] layout whose argmax is already a gather index, so a step is five graph nodes."""
     centre = x.index_select(1, torch.tensor([start], device=x.device))  # [B, 1, D]
     rows, picks = [centre], []
     nearest: torch.Tensor | None = None
     for _ in range(k - 1):
-        diff = x - centre
-        dist = (diff * diff).sum(-1, keepdim=True)  # [B, N, 1]
+        dist = sum_of_squares(x - centre)  # [B, N, 1]
         nearest = dist if nearest is None else torch.minimum(nearest, dist)
         pick = torch.argmax(nearest, dim=1, keepdim=True)  # [B, 1, 1]
         centre = gather_rows(x, pick)
@@ -258,11 +257,11 @@ def _errors(x32: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q). The basis order does not matter."""
     q = _whiten(basis)  # [B, k, D]
     residual = x32 - (x32 @ q.transpose(1, 2)) @ q
-    return torch.linalg.vector_norm(residual, dim=-1)
+    return torch.sqrt(sum_of_squares(residual, keepdim=False))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    return x / torch.sqrt(sum_of_squares(x)).clamp_min(1e-12)
 
 
 def _plain_nearest(x32: torch.Tensor) -> Nearest:

@@ -26,6 +26,27 @@ class _GatherRows(torch.autograd.Function):
         return g.op("GatherND", x, index, batch_dims_i=1)
 
 
+class _SumOfSquares(torch.autograd.Function):
+    """Σ x² over the last dim; ONNX ``ReduceSumSquare`` (one node, in every TensorRT parser; ``ReduceL2`` is not in
+    TensorRT 10.3's, and ``Mul`` + ``ReduceSum`` is two nodes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keepdim: bool) -> torch.Tensor:
+        return (x * x).sum(-1, keepdim=keepdim)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, keepdim: bool) -> Any:
+        if g.opset < 18:  # axes became an input at opset 18
+            return g.op("ReduceSumSquare", x, axes_i=[-1], keepdims_i=int(keepdim))
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        return g.op("ReduceSumSquare", x, axes, keepdims_i=int(keepdim))
+
+
+def sum_of_squares(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """``(x * x).sum(-1, keepdim)``, exactly that eagerly, one ``ReduceSumSquare`` node in a graph."""
+    return _SumOfSquares.apply(x, keepdim)
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows of each batch item: x [B, N, D], index [B, M, 1] (int64) -> [B, M, D]. Exact in any dtype."""
     return _GatherRows.apply(x, index)

@@ -51,7 +51,7 @@ def _cost_lines(nodes: dict[str, int], parsed: dict[str, int] | None, built: dic
 def _parsed_now(path: Path) -> dict[str, int] | None:
     """TensorRT layers per scope, parsed now with whichever TensorRT flavour imports (None when none does)."""
     from apet.engines.api import load_api
-    from apet.engines.layer_counts import parse_layer_counts
+    from apet.engines.trt import parse_layer_counts
 
     try:
         api = load_api("auto")

@@ -27,7 +27,7 @@ TRACE_DIM = 64  # feature width of the traced graph: the layer count does not de
 def parsed_layers(config: CompressionConfig, tokens: int) -> int | None:
     """Parsed TensorRT layers of ``compress`` with ``config`` on ``tokens`` tokens; None without TensorRT."""
     from apet.engines.api import load_api
-    from apet.engines.layer_counts import parse_layer_counts
+    from apet.engines.trt import parse_layer_counts
     from apet.errors import ApetError
     from apet.export.onnx_utils import export_onnx
 

@@ -13,11 +13,9 @@ Engine layers name the nodes they fused; a layer fusing several scopes counts on
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Iterable
 
 from apet import scopes
-from apet.engines.api import TrtApi
 
 OTHER = "other"  # nodes and layers outside every scope
 
@@ -50,14 +48,6 @@ def parsed_layers_by_stage(network: Any) -> dict[str, int]:
     if pending:
         _add(counts, last, pending)
     return counts
-
-
-def parse_layer_counts(api: TrtApi, onnx_path: Path) -> dict[str, int]:
-    """Parse ``onnx_path`` with ``api`` (no build) and count its layers per stage."""
-    from apet.engines.trt import parse_onnx
-
-    _builder, network, _parser, _logger = parse_onnx(api, onnx_path)
-    return parsed_layers_by_stage(network)
 
 
 def engine_layers_by_stage(layer_information: str) -> dict[str, int]:

@@ -140,6 +140,12 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> tuple[Any, Any, Any, Any]:
     return builder, network, parser, logger
 
 
+def parse_layer_counts(api: TrtApi, onnx_path: Path) -> dict[str, int]:
+    """Parse ``onnx_path`` (no build) and count its layers per stage (:mod:`apet.engines.layer_counts`)."""
+    _builder, network, _parser, _logger = parse_onnx(api, onnx_path)
+    return parsed_layers_by_stage(network)
+
+
 # layer types TensorRT creates for the ONNX ops of --attention op (absent from TensorRT 10.3's LayerType)
 _FUSED_TYPES = {"ATTENTION_INPUT": "attention_input", "ATTENTION_OUTPUT": "attention_output",
                 "ROTARY_EMBEDDING": "rotary_embedding", "KV_CACHE_UPDATE": "kv_cache_update"}
