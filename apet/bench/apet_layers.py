@@ -3,7 +3,7 @@
 ApET alone is exported (float16 in, as in an engine) and parsed by whichever TensorRT flavour imports (TensorRT-RTX
 parses on a CPU). The count does not depend on the model's size — k, K and N are static, and the graph has the same
 nodes at 7B shapes as at tiny ones (docs/benchmarks.md, "ApET's cost inside the engines") — so a small feature
-width is traced. Stage 2 is counted without the sequence rebuild around it (~40 more layers in an artifact's
+width is traced. Stage 2 is counted without the sequence rebuild around it (~80 more layers in an artifact's
 ``apet_stage2`` scope; ``apet inspect`` and ``build_report.json`` count the real graphs).
 """
 
