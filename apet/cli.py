@@ -201,12 +201,15 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=Path, help="directory written by apet-export (and apet-build)")
     p.add_argument("--no-verify", action="store_true",
                    help="only describe; skip hashing files and checking graphs and engines against the manifest")
+    p.add_argument("--parse", action="store_true",
+                   help="count the TensorRT layers each graph parses into per scope now, where no build report "
+                        "records them (needs apet[rtx] or TensorRT; parsing a 7B graph takes minutes)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from apet.inspect_artifact import inspect
 
-    print(inspect(args.artifact, verify_files=not args.no_verify))
+    print(inspect(args.artifact, verify_files=not args.no_verify, parse=args.parse))
     return 0
 
 
@@ -339,7 +342,30 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
                    "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
     p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
+    p.add_argument("--layer-us", help="cost of one TensorRT layer on the Jetsons the report projects ApET onto: US "
+                   "for all, or DEVICE=US,... (default: an assumption of 5 us on AGX Orin, 6.5 us on Orin Nano; "
+                   "apet/bench/flops.py says where it comes from)")
     p.add_argument("--out", required=True, type=Path, help="results directory (results.json, results.md, plots)")
+
+
+def _layer_us(text: str | None) -> dict[str, float] | None:
+    """--layer-us: one figure for every device, or DEVICE=US pairs."""
+    if not text:
+        return None
+    from apet.bench.flops import DEVICES
+
+    try:
+        if "=" not in text:
+            return {device: float(text) for device in DEVICES}
+        pairs = dict(item.split("=", 1) for item in text.split(","))
+        values = {device: float(us) for device, us in pairs.items()}
+    except ValueError as exc:
+        raise UsageError(f"--layer-us {text!r} is not US or DEVICE=US,...", "e.g. --layer-us 5 or "
+                         "--layer-us jetson-agx-orin-64gb=4,jetson-orin-nano-8gb=6") from exc
+    unknown = set(values) - set(DEVICES)
+    if unknown:
+        raise UsageError(f"--layer-us names unknown devices {sorted(unknown)}", f"use {', '.join(DEVICES)}")
+    return values
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -367,7 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compile=args.compile, baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
-                      attention=args.attention)
+                      attention=args.attention, layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

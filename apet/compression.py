@@ -30,18 +30,31 @@ a named *placement* (:data:`PLACEMENTS`):
 
 Deliberate differences from the reference, and nowhere else: the FPS start token
 is fixed (0, or a seeded choice) where the authors draw a random one; merging is
-float32 where the authors merge in fp16/bf16; the least-squares fit uses a
-Cholesky factor of the k×k Gram matrix (unrolled in graphs, :mod:`apet.linalg`;
-LAPACK in eager calls) where the authors call an LU solve — the same projection
-in exact arithmetic. Degenerate inputs where a basis token
-itself ranks in ``top`` behave as the reference does (the basis vector then
-appears twice).
+float32 where the authors merge in fp16/bf16; the least-squares fit uses the
+Cholesky factor of the k×k Gram matrix (LAPACK in eager calls; in graphs formed
+implicitly by Gram-Schmidt on the ridge-augmented basis, :mod:`apet.linalg`) where
+the authors call an LU solve — the same projection in exact arithmetic. Degenerate
+inputs where a basis token itself ranks in ``top`` behave as the reference does
+(the basis vector then appears twice).
 
 The same function runs eagerly, under CUDA-graph capture / ``torch.compile``
 and inside ``torch.onnx.export``: k and K are Python ints (static in the
 graph), there is no data-dependent Python control flow, no host sync and no
-``torch.linalg`` in traced code. All math is float32 whatever the input dtype,
-because the Gram system is ill-conditioned in fp16.
+``torch.linalg`` solver in traced code. All math is float32 whatever the input
+dtype, because the Gram system is ill-conditioned in fp16.
+
+What an engine sees is kept small (docs/benchmarks.md, "ApET's cost inside the
+engines"): one row gather per FPS step, no Slice (sub-ranges are Gathers,
+:mod:`apet.graph_ops`), the merge as one 0/1 membership matrix and one matmul,
+and the placements as two sorts and a gather. The membership matrix is also the
+result's ``members``.
+
+How the K rows were formed (which tokens were kept, which were merged into which, where the basis
+went) is an :class:`Assignment` (:func:`compress_assigned`): the stage's own rows are formed by it, and a
+family applies the same assignment to other per-token features of the same image (Qwen3-VL's DeepStack
+levels, docs/algorithm.md) instead of recomputing a selection on them. It holds the tensors the stage
+computed anyway (the membership matrix, positions, the output order), so applying it costs a matmul, a
+division and the row gathers, no Slice.
 
 Families whose token count N varies per image (Qwen2.5-VL's dynamic resolution)
 set ``max_tokens``: the graph is then traced with a symbolic N, and the budget
@@ -50,52 +63,87 @@ is either fixed (``keep``) or the authors' per-image ``int(keep_ratio·N)``
 per-image K is looked up in a constant table indexed by N — a shape computation
 TensorRT accepts as TopK's K — so the engine reproduces the float64 ``int(r·N)``
 of the reference exactly for every N the processor can produce.
-
-How the K rows were formed (which tokens were kept, which were merged into which, where the basis
-went) is an :class:`Assignment` (:func:`compress_assigned`): the rows are computed by applying it to
-X, and a family applies the same assignment to other per-token features of the same image (Qwen3-VL's
-DeepStack levels, docs/algorithm.md) instead of recomputing a selection on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from apet.contracts.compression import DPC_NEIGHBOURS, GRAM_RIDGE, METHODS, CompressionConfig
 from apet.errors import InputError, UsageError
-from apet.linalg import whiten
+from apet.graph_ops import gather_rows, sum_of_squares, take
+from apet.linalg import ridge_orthonormal
 
 _NEG = torch.finfo(torch.float32).min
-Nearest = Callable[[torch.Tensor], torch.Tensor]  # targets [B, T] -> index of the cosine-nearest target [B, N]
+# (targets as one-hot rows [B, T, N], targets as positions [B, T]) -> index of the cosine-nearest target [B, 1, N]
+Nearest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Compressed(NamedTuple):
-    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64)."""
+@dataclass(frozen=True)
+class Compressed:
+    """Kept tokens [B, K, D] (input dtype) and their original positions [B, K] (int64); iterates as
+    ``(tokens, index)``, what a graph returns.
+
+    Where tokens were merged, ``members`` [B, T, N] (float32 0/1) says which of the N input tokens were averaged
+    into each of the T error-selected tokens (itself included), whose positions are ``targets`` [B, T]: the merge
+    as data. :attr:`assignment` is the same per token. Both are None for rules and settings that do not merge.
+    The whole of how the K rows were formed (merge, basis placement, order) is the :class:`Assignment` that
+    :func:`compress_assigned` returns with them; a family forms other features' rows with that.
+    """
 
     tokens: torch.Tensor
     index: torch.Tensor
+    members: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.tokens, self.index))
+
+    @property
+    def assignment(self) -> torch.Tensor | None:
+        """[B, N] int64: for every input token the original position of the error-selected token it was averaged
+        into (its own position for an error-selected token), -1 for a token averaged into none (the basis slots'
+        own values, and the basis tokens of the ``own`` ablation)."""
+        if self.members is None or self.targets is None:
+            return None
+        owner = (self.targets.to(torch.float32).unsqueeze(1) @ self.members).squeeze(1)  # exact below 2^24
+        return torch.where(self.members.sum(1) > 0, owner.to(torch.int64), -1)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The k basis tokens in selection order: their rows [B, k, D] (float32), positions [B, k] (int64) and the
+    same positions as a row-gather index [B, k, 1] (FPS's own layout: what forms other features' basis rows)."""
+
+    rows: torch.Tensor
+    index: torch.Tensor
+    picks: torch.Tensor
+
+    @classmethod
+    def at(cls, x: torch.Tensor, index: torch.Tensor) -> Basis:
+        picks = index.unsqueeze(-1)
+        return cls(gather_rows(x, picks), index, picks)
 
 
 class Assignment(NamedTuple):
-    """How one stage formed its K rows from the N tokens of each image (docs/algorithm.md, steps 3-6), as
-    tensors of the traced graph: :meth:`apply` forms the same rows from any per-token features [B, N, D'] of the
-    same images (the stage's own rows are ``apply(x)``). ``identity``: every token kept as it is. (A NamedTuple:
+    """How one stage formed its K rows from the N tokens of each image (docs/algorithm.md, steps 3-6), as tensors
+    of the traced graph: :meth:`apply` forms the same rows from any per-token features [B, N, D'] of the same
+    images (the stage's own rows are ``apply(x)``). ``identity``: every token kept as it is. (A NamedTuple:
     ``torch.compile`` traces it without graph breaks.)"""
 
-    selected: torch.Tensor | None = None  # [B, S] error-selected positions, in error order (the merge targets)
-    nearest: torch.Tensor | None = None  # [B, N] each token's target (index into ``selected``); None: no merge
-    dropped: torch.Tensor | None = None  # [B, N] 1.0 for the tokens averaged into their target
-    basis: torch.Tensor | None = None  # [B, k] basis positions, FPS order
-    slots: torch.Tensor | None = None  # [B, k] positions receiving basis vector j (None: basis at its own place)
-    blend: bool = False  # slots get 0.5·basis_j + 0.5·their own value
-    order: torch.Tensor | None = None  # [B, K] permutation of [selected, slot/basis rows] to the output order
+    selected: torch.Tensor | None = None  # [B, T] error-selected positions, in error order (the merge targets)
+    members: torch.Tensor | None = None  # [B, T, N] 0/1: the tokens averaged into each target (itself included)
+    count: torch.Tensor | None = None  # [B, T, 1] members.sum(-1): each target's divisor
+    basis: torch.Tensor | None = None  # [B, k, 1] basis positions, selection order (a row-gather index)
+    slots: torch.Tensor | None = None  # [B, k] ``blend``: the positions whose own rows blend with basis row j
+    order: torch.Tensor | None = None  # [B, K] permutation of [selected rows, basis rows] to the output order
     identity: bool = False
     everything: torch.Tensor | None = None  # traced per-image budget: K == N keeps all (a 0-d bool)
-    keep: int | torch.Tensor | None = None  # that K
+    first: torch.Tensor | None = None  # [K] the first K positions (all of them when ``everything``)
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         """The K rows of ``y`` [B, N, D'] (float32 math, ``y``'s dtype out) formed as the stage formed its own:
@@ -103,21 +151,27 @@ class Assignment(NamedTuple):
         with their own), in the output order."""
         if self.identity:
             return y
-        y32 = y.to(torch.float32)
+        return self.form(y.to(torch.float32)).to(y.dtype)
+
+    def form(self, y: torch.Tensor, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`apply` in ``y``'s dtype; ``basis_rows``: the basis rows of ``y`` where the stage already read
+        them (FPS gathers them anyway)."""
+        if self.identity:
+            return y
         assert self.selected is not None and self.basis is not None
-        if self.nearest is None or self.dropped is None:
-            rows = gather_tokens(y32, self.selected)
+        if self.members is None:
+            rows = gather_tokens(y, self.selected)
         else:
-            rows = merge_into(y32, self.selected, self.dropped, self.nearest)
-        basis = gather_tokens(y32, self.basis)
-        if self.slots is not None and self.blend:
-            basis = 0.5 * basis + 0.5 * gather_tokens(y32, self.slots)
+            rows = (self.members @ y) / self.count
+        basis = gather_rows(y, self.basis) if basis_rows is None else basis_rows
+        if self.slots is not None:
+            basis = 0.5 * basis + 0.5 * gather_tokens(y, self.slots)
         rows = torch.cat([rows, basis], 1)
         if self.order is not None:
             rows = gather_tokens(rows, self.order)
         if self.everything is not None:
-            rows = torch.where(self.everything, y32[:, :self.keep], rows)
-        return rows.to(y.dtype)
+            rows = torch.where(self.everything, y.index_select(1, self.first), rows)
+        return rows
 
 
 @dataclass(frozen=True)
@@ -153,7 +207,7 @@ def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compr
     config.validate(n_tokens)
     if config.keep == n_tokens:
         return _keep_all(x)
-    return _compress(x, config, config.keep)
+    return _compress(x, config, config.keep, n_tokens)
 
 
 def _host_checks_allowed() -> bool:
@@ -177,41 +231,37 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, D], index [B, M] -> x[b, index[b]] as [B, M, D] (GatherElements in ONNX)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x [B, N, D], index [B, M] -> x[b, index[b]] as [B, M, D] (one GatherND in ONNX)."""
+    return gather_rows(x, index.unsqueeze(-1))
 
 
-def _one_hot(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
-    """index [..., M] -> [..., M, N] float one-hot rows; a matmul-friendly scatter."""
-    positions = torch.arange(n_tokens, device=index.device)  # n_tokens may be a traced length
+def _one_hot(index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """index [B, M] -> [B, M, N] float one-hot rows over ``positions`` (arange N): a matmul-friendly gather."""
     return (index.unsqueeze(-1) == positions).to(torch.float32)
 
 
-def _members(index: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
-    """index [B, M] -> [B, N] float: 1 where a position is in ``index``."""
-    return _one_hot(index, n_tokens).amax(1)
-
-
 def farthest_point_basis(x: torch.Tensor, k: int, start: int = 0) -> torch.Tensor:
-    """k token indices [B, k] by plain farthest-point sampling (squared Euclidean) from ``start``.
+    """k token indices [B, k] by plain farthest-point sampling (squared Euclidean) from ``start``."""
+    return _farthest_points(x, k, start).index
 
-    As in the reference: a running minimum of squared distances, next = argmax (first on ties),
-    chosen tokens not masked. The centre is picked with a one-hot sum rather than a gather, which
-    is exact in any precision and keeps the unrolled graph free of per-step shape arithmetic.
-    """
-    positions = torch.arange(x.shape[1], device=x.device)
-    index = torch.zeros_like(x[:, 0, 0], dtype=torch.long) + start  # [B]
-    chosen = [index]
+
+def _farthest_points(x: torch.Tensor, k: int, start: int) -> Basis:
+    """Plain FPS as in the reference: a running minimum of squared distances, next = argmax (first on ties),
+    chosen tokens not masked. Each step reads the new centre with one row gather and keeps every tensor in
+    the [B, N, 1] layout whose argmax is already a gather index, so a step is five graph nodes."""
+    centre = x.index_select(1, torch.tensor([start], device=x.device))  # [B, 1, D]
+    rows, picks = [centre], []
     nearest: torch.Tensor | None = None
     for _ in range(k - 1):
-        pick = (positions == index.unsqueeze(-1)).to(x.dtype).unsqueeze(-1)  # [B, N, 1]
-        centre = (x * pick).sum(1, keepdim=True)  # [B, 1, D]
-        diff = x - centre
-        dist = (diff * diff).sum(-1)
+        dist = sum_of_squares(x - centre)  # [B, N, 1]
         nearest = dist if nearest is None else torch.minimum(nearest, dist)
-        index = torch.argmax(nearest, dim=1)
-        chosen.append(index)
-    return torch.stack(chosen, dim=1)
+        pick = torch.argmax(nearest, dim=1, keepdim=True)  # [B, 1, 1]
+        centre = gather_rows(x, pick)
+        rows.append(centre)
+        picks.append(pick)
+    first = (picks[0] * 0 if picks else torch.zeros_like(x[:, :1, :1], dtype=torch.long)) + start
+    index = torch.cat([first, *picks], 1)  # [B, k, 1]
+    return Basis(torch.cat(rows, 1), index.squeeze(-1), index)
 
 
 def density_peak_basis(x: torch.Tensor, k: int, neighbours: int = DPC_NEIGHBOURS) -> torch.Tensor:
@@ -245,124 +295,120 @@ def fps_start(n_tokens: int, seed: int | None) -> int:
     return 0 if seed is None else int(_rng(seed).integers(n_tokens))
 
 
-def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None = None) -> torch.Tensor:
-    """Basis token indices [B, k] in selection order by ``method``."""
+def select_basis(x: torch.Tensor, k: int, method: str = "fps", seed: int | None = None) -> Basis:
+    """The k basis tokens of float32 ``x`` by ``method``, in selection order."""
     if method == "fps":
-        return farthest_point_basis(x, k, fps_start(int(x.shape[1]), seed))
+        return _farthest_points(x, k, fps_start(int(x.shape[1]), seed))
     if method == "dpc":
-        return density_peak_basis(x, k)
-    if method == "random":
-        return random_basis(x, k, 0 if seed is None else seed)
-    raise UsageError(f"method={method!r} is unknown", f"use one of {', '.join(METHODS)}")
+        index = density_peak_basis(x, k)
+    elif method == "random":
+        index = random_basis(x, k, 0 if seed is None else seed)
+    else:
+        raise UsageError(f"method={method!r} is unknown", f"use one of {', '.join(METHODS)}")
+    return Basis.at(x, index)
 
 
-def _whiten(gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Q = L⁻¹ S for G = L Lᵀ. Eager calls use LAPACK/cuSOLVER (two kernels instead of ~130 tiny ones);
-    tracing, compiling and CUDA-graph capture use the unrolled, exportable version. A failed
-    factorisation falls back too."""
+def _whiten(basis: torch.Tensor) -> torch.Tensor:
+    """Q = L⁻¹ S for S Sᵀ + λI = L Lᵀ. Eager calls use LAPACK/cuSOLVER's Cholesky (two kernels instead of ~70
+    tiny ones); tracing, compiling and CUDA-graph capture use the unrolled, exportable form
+    (:func:`apet.linalg.ridge_orthonormal`). A failed factorisation falls back too."""
     if _host_checks_allowed():
-        lower, info = torch.linalg.cholesky_ex(gram)
+        ridge = GRAM_RIDGE * torch.eye(int(basis.shape[1]), dtype=torch.float32, device=basis.device)
+        lower, info = torch.linalg.cholesky_ex(basis @ basis.transpose(1, 2) + ridge)
         if not bool(info.any()):
             return torch.linalg.solve_triangular(lower, basis, upper=False)
-    return whiten(gram, basis)
+    return ridge_orthonormal(basis, GRAM_RIDGE)
 
 
 def basis_errors(x: torch.Tensor, basis_index: torch.Tensor) -> torch.Tensor:
-    """Per-token least-squares reconstruction error ||x_i - x̂_i||_2 from the basis, float32 [B, N].
-
-    G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ, X̂ = Cᵀ S — computed as X̂ = (Q Xᵀ)ᵀ Q with Q = L⁻¹ S and
-    G = L Lᵀ, which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q) with one triangular solve instead of two.
-    The basis order does not matter.
-    """
+    """Per-token least-squares reconstruction error ||x_i - x̂_i||_2 from the basis at ``basis_index``, [B, N]."""
     x32 = x.to(torch.float32)
-    basis = gather_tokens(x32, basis_index)  # [B, k, D]
-    k = int(basis_index.shape[1])
-    ridge = GRAM_RIDGE * torch.eye(k, dtype=torch.float32, device=x.device)
-    q = _whiten(basis @ basis.transpose(1, 2) + ridge, basis)  # [B, k, D]
+    return _errors(x32, gather_tokens(x32, basis_index))
+
+
+def _errors(x32: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """G = S Sᵀ + 1e-5·I, C = G⁻¹ S Xᵀ, X̂ = Cᵀ S — computed as X̂ = (Q Xᵀ)ᵀ Q with Q = L⁻¹ S and G = L Lᵀ,
+    which is the same matrix (Sᵀ G⁻¹ S = Qᵀ Q). The basis order does not matter."""
+    q = _whiten(basis)  # [B, k, D]
     residual = x32 - (x32 @ q.transpose(1, 2)) @ q
-    return torch.sqrt((residual * residual).sum(-1))
+    return torch.sqrt(sum_of_squares(residual, keepdim=False))
 
 
-def _ascending_order(index: torch.Tensor) -> torch.Tensor:
-    """The permutation that sorts int64 positions ascending (TopK on float32: exact below 2^24, and
-    a TopK every TensorRT parses, unlike int64 Sort)."""
-    return torch.topk(index.to(torch.float32), index.shape[1], dim=1, largest=False, sorted=True).indices
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.sqrt(sum_of_squares(x)).clamp_min(1e-12)
 
 
-def _ascending(index: torch.Tensor) -> torch.Tensor:
-    return torch.gather(index, 1, _ascending_order(index))
+def _plain_nearest(x32: torch.Tensor) -> Nearest:
+    """Cosine-nearest target of every token from the tokens themselves: the targets' unit rows are read with
+    the one-hot rows the merge builds anyway (exact), one matmul gives every similarity."""
+    unit = _unit(x32)
+    return lambda onehot, _targets: torch.argmax((onehot @ unit) @ unit.transpose(1, 2), dim=1, keepdim=True)
 
 
-def cosine_nearest(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """For every token, the index into ``targets`` of its most cosine-similar target, [B, N] (first on ties)."""
-    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp_min(1e-12)
-    return torch.argmax(gather_tokens(unit, targets) @ unit.transpose(1, 2), dim=1)
-
-
-def merge_into(x: torch.Tensor, targets: torch.Tensor, dropped: torch.Tensor,
-               nearest: torch.Tensor | None = None) -> torch.Tensor:
-    """Average every dropped token into its most cosine-similar target; returns [B, T, D] float32.
-
-    ``targets`` [B, T] in the reference's order (ties go to the earliest target), ``dropped`` [B, N]
-    is 1 for tokens to merge, ``nearest`` the assignment if already known (the fused GPU path).
-    Each target becomes (itself + Σ assigned) / (1 + count).
-    """
-    n_tokens = x.shape[1]  # a traced length when N is symbolic
-    nearest = cosine_nearest(x, targets) if nearest is None else nearest
-    assigned = _one_hot(nearest, targets.shape[1]) * dropped.unsqueeze(-1)  # [B, N, T]
-    members = assigned + _one_hot(targets, n_tokens).transpose(1, 2)  # each target counts itself
-    total = members.transpose(1, 2) @ x  # [B, T, D]
-    return total / members.sum(1).unsqueeze(-1)
-
-
-def _merge_plan(x: torch.Tensor, selected: torch.Tensor, ranked: torch.Tensor, merge: bool, nearest: Nearest,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(nearest target, dropped) for merging every token outside ``ranked`` (and ``exclude``) into the
-    error-selected tokens; (None, None) without merging."""
+def _targets(ranked: torch.Tensor, n_selected: int | torch.Tensor, merge: bool, positions: torch.Tensor,
+             nearest: Nearest, outside: torch.Tensor | None = None, all_selected: bool = False) \
+        -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The error-selected tokens (the first ``n_selected`` of ``ranked``, in the reference's order: ties go to the
+    earliest) and, merging, who is averaged into each: every token not in ``ranked`` (nor in ``outside``
+    [B, 1, N]) joins its cosine-nearest target, which becomes (itself + Σ assigned) / (1 + count). Returns
+    (selected [B, T], members [B, T, N], count [B, T, 1]); the merge is then one batched matmul over the 0/1
+    membership matrix, no scatter."""
+    selected = ranked if all_selected else take(ranked, 1, 0, n_selected)
     if not merge:
-        return None, None
-    n_tokens = x.shape[1]
-    outside = _members(ranked, n_tokens) if exclude is None else \
-        torch.maximum(_members(ranked, n_tokens), _members(exclude, n_tokens))
-    return nearest(selected), 1.0 - outside
+        return selected, None, None
+    onehot = _one_hot(ranked, positions)  # [B, R, N]
+    kept = onehot.sum(1, keepdim=True)
+    dropped = 1.0 - (kept if outside is None else torch.maximum(kept, outside))  # [B, 1, N]
+    targets = onehot if all_selected else take(onehot, 1, 0, n_selected)  # [B, T, N]
+    near = nearest(targets, selected)  # [B, 1, N]
+    assigned = (torch.arange(n_selected, device=ranked.device).unsqueeze(-1) == near).to(torch.float32)
+    members = assigned * dropped + targets  # each target counts itself
+    return selected, members, members.sum(-1, keepdim=True)
 
 
-def _formed(x: torch.Tensor, assignment: Assignment, index: torch.Tensor) -> tuple[Compressed, Assignment]:
-    return Compressed(assignment.apply(x), index), assignment
+def _ascending_order(index: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts ``count`` int64 positions ascending (TopK on float32: exact below 2^24, and
+    a TopK every TensorRT parses, unlike int64 Sort)."""
+    return torch.topk(index.to(torch.float32), count, dim=1, largest=False, sorted=True).indices
 
 
-def _paper(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-           placement: str, nearest: Nearest) -> tuple[Compressed, Assignment]:
-    """The authors' ranking over all tokens, merge set and basis placement (see the module docstring)."""
-    k = int(basis_index.shape[1])
+def _paper(errors: torch.Tensor, basis: Basis, keep: int | torch.Tensor, merge: bool, placement: str,
+           positions: torch.Tensor, nearest: Nearest) -> tuple[torch.Tensor, Assignment]:
+    """The authors' ranking over all tokens, merge set and basis placement (see the module docstring):
+    the output positions and the :class:`Assignment` that forms their rows."""
+    k = int(basis.rows.shape[1])
+    n_selected = keep - k
     appended = placement in ("append", "append_spatial")
-    ranked = torch.topk(errors, keep - k if appended else keep, dim=1).indices  # descending error
-    selected = ranked[:, : keep - k]
-    targets, dropped = _merge_plan(x, selected, ranked, merge, nearest)
+    ranked = torch.topk(errors, n_selected if appended else keep, dim=1).indices  # descending error
+    selected, members, count = _targets(ranked, n_selected, merge, positions, nearest, all_selected=appended)
+    formed = Assignment(selected, members, count, basis.picks)
+    if placement == "append":
+        return torch.cat([selected, basis.index], 1), formed
+    slots = None
     if appended:
-        index = torch.cat([selected, basis_index], 1)
-        order = _ascending_order(index) if placement == "append_spatial" else None
-        assignment = Assignment(selected, targets, dropped, basis_index, order=order)
-        return _formed(x, assignment, index if order is None else torch.gather(index, 1, order))
-    slots = ranked[:, keep - k:]
-    if placement in ("mask", "blend"):
-        slots = _ascending(slots)
-    index = torch.cat([selected, slots], 1)
-    order = _ascending_order(index)
-    assignment = Assignment(selected, targets, dropped, basis_index, slots, placement == "blend", order)
-    return _formed(x, assignment, torch.gather(index, 1, order))
+        index = torch.cat([selected, basis.index], 1)
+    elif placement == "rank":  # slot top[K-k+j] gets basis vector j: the index is ``ranked`` itself
+        index = ranked
+    else:  # mask / blend: basis j to the j-th smallest slot
+        slots = take(ranked, 1, n_selected, keep)
+        slots = torch.gather(slots, 1, _ascending_order(slots, k))
+        index = torch.cat([selected, slots], 1)
+    order = _ascending_order(index, keep)
+    formed = formed._replace(slots=slots if placement == "blend" else None, order=order)
+    return torch.gather(index, 1, order), formed
 
 
-def _own(x: torch.Tensor, errors: torch.Tensor, basis_index: torch.Tensor, keep: int, merge: bool,
-         nearest: Nearest) -> tuple[Compressed, Assignment]:
+def _own(errors: torch.Tensor, basis: Basis, keep: int, merge: bool, positions: torch.Tensor,
+         nearest: Nearest) -> tuple[torch.Tensor, Assignment]:
     """Ablation: basis excluded from the ranking, kept at its own positions, never merged."""
-    k = int(basis_index.shape[1])
-    is_basis = _members(basis_index, x.shape[1]) > 0
-    selected = torch.topk(errors.masked_fill(is_basis, _NEG), keep - k, dim=1).indices
-    targets, dropped = _merge_plan(x, selected, selected, merge, nearest, exclude=basis_index)
-    index = torch.cat([selected, basis_index], 1)
-    order = _ascending_order(index)
-    return _formed(x, Assignment(selected, targets, dropped, basis_index, order=order), torch.gather(index, 1, order))
+    k = int(basis.rows.shape[1])
+    is_basis = _one_hot(basis.index, positions).amax(1, keepdim=True)  # [B, 1, N]
+    ranked = torch.topk(errors.masked_fill(is_basis[:, 0] > 0, _NEG), keep - k, dim=1).indices
+    selected, members, count = _targets(ranked, keep - k, merge, positions, nearest, outside=is_basis,
+                                        all_selected=True)
+    index = torch.cat([selected, basis.index], 1)
+    order = _ascending_order(index, keep)
+    return torch.gather(index, 1, order), Assignment(selected, members, count, basis.picks, order=order)
 
 
 def compress(
@@ -387,26 +433,43 @@ def _keep_all(x: torch.Tensor) -> tuple[Compressed, Assignment]:
     return Compressed(x, index), Assignment(identity=True)
 
 
-def _compress(x: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor) \
-        -> tuple[Compressed, Assignment]:
-    """The algorithm for K = ``keep`` (a Python int, or a traced 0-d tensor when N is symbolic)."""
-    x32 = x.to(torch.float32)
+def _plan(x32: torch.Tensor, config: CompressionConfig, keep: int | torch.Tensor,
+          n_tokens: int | torch.Tensor) -> tuple[torch.Tensor, Assignment, Basis]:
+    """The algorithm for K = ``keep`` of N = ``n_tokens`` (Python ints, or traced 0-d tensors when N is symbolic:
+    then ``positions`` is a Range of it, else a constant): the output positions, how the rows are formed, and
+    the basis (whose rows FPS has read already)."""
+    positions = torch.arange(n_tokens, device=x32.device)
     if config.method == "fps" and _fused_available(x32):
         from apet.kernels import apet_fused
 
         gram = apet_fused.token_gram(x32)
-        basis_index, errors = apet_fused.fps_errors(gram, config.basis, fps_start(int(x.shape[1]), config.seed),
-                                                       GRAM_RIDGE)
-        nearest: Nearest = lambda targets: apet_fused.cosine_nearest(gram, targets)  # noqa: E731
+        index, errors = apet_fused.fps_errors(gram, config.basis, fps_start(int(x32.shape[1]), config.seed),
+                                              GRAM_RIDGE)
+        basis = Basis.at(x32, index)
+        nearest: Nearest = lambda _onehot, targets: apet_fused.cosine_nearest(gram, targets).unsqueeze(1)  # noqa: E731
     else:
-        basis_index = select_basis(x32, config.basis, config.method, config.seed)
-        errors = basis_errors(x32, basis_index)
-        nearest = lambda targets: cosine_nearest(x32, targets)  # noqa: E731
+        basis = select_basis(x32, config.basis, config.method, config.seed)
+        errors = _errors(x32, basis.rows)
+        nearest = _plain_nearest(x32)
     if config.placement == "own":
-        kept, assignment = _own(x32, errors, basis_index, keep, config.merge, nearest)
+        index, formed = _own(errors, basis, keep, config.merge, positions, nearest)
     else:
-        kept, assignment = _paper(x32, errors, basis_index, keep, config.merge, config.placement, nearest)
-    return Compressed(kept.tokens.to(x.dtype), kept.index), assignment
+        index, formed = _paper(errors, basis, keep, config.merge, config.placement, positions, nearest)
+    return index, formed, basis
+
+
+def _formed(x: torch.Tensor, x32: torch.Tensor, index: torch.Tensor, formed: Assignment,
+            basis: Basis) -> tuple[Compressed, Assignment]:
+    """The stage's own rows, formed by its assignment (one home for how rows are formed)."""
+    tokens = formed.form(x32, basis.rows).to(x.dtype)
+    return Compressed(tokens, index, formed.members, formed.selected if formed.members is not None else None), formed
+
+
+def _compress(x: torch.Tensor, config: CompressionConfig, keep: int,
+              n_tokens: int) -> tuple[Compressed, Assignment]:
+    x32 = x.to(torch.float32)
+    index, formed, basis = _plan(x32, config, keep, n_tokens)
+    return _formed(x, x32, index, formed, basis)
 
 
 # The Triton path runs one program per image, so its serial loops grow with N: on the H100 it took 0.17 ms at
@@ -437,15 +500,16 @@ def _compress_per_image(x: torch.Tensor, config: CompressionConfig) -> tuple[Com
     if not isinstance(n_tokens, torch.Tensor):  # eager
         config.validate(n_tokens)
         keep = config.keep_for(n_tokens)
-        return _keep_all(x) if keep == n_tokens else _compress(x, config, keep)
+        return _keep_all(x) if keep == n_tokens else _compress(x, config, keep, n_tokens)
     config.validate(config.max_tokens)
     table = torch.tensor([config.keep_for(n) for n in range(config.max_tokens + 1)], device=x.device)
     keep = table[n_tokens.clamp(max=config.max_tokens)] if config.keep_ratio is not None else config.keep
-    kept, assignment = _compress(x, config, keep)
+    x32 = x.to(torch.float32)
+    index, formed, basis = _plan(x32, config, keep, n_tokens)
     everything = n_tokens == keep
-    positions = torch.zeros_like(kept.index) + torch.arange(keep, device=x.device)
-    kept = Compressed(torch.where(everything, x[:, :keep], kept.tokens), torch.where(everything, positions, kept.index))
-    return kept, assignment._replace(everything=everything, keep=keep)
+    first = torch.arange(keep, device=x.device)  # the first K positions: all of them when K = N
+    formed = formed._replace(everything=everything, first=first)
+    return _formed(x, x32, torch.where(everything, first, index), formed, basis)
 
 
 class CompressionModule(torch.nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, manifest_digest, read_report, sha256_file
 from apet.contracts.onnx_graph import graph_io, nodes_by_stage, spec_dict
-from apet.errors import ArtifactError
+from apet.errors import ApetError, ArtifactError
 from apet.manifest import Manifest, consistent_read, read_manifest
 from apet.models.registry import family_of
 
@@ -26,6 +26,40 @@ def _node_counts(path: Path) -> dict[str, int]:
         return {}
 
 
+def _cost_lines(nodes: dict[str, int], parsed: dict[str, int] | None, built: dict[str, int] | None) -> list[str]:
+    """Per scope: ONNX nodes, TensorRT layers after parsing, engine layers after fusion (what each unfused
+    layer costs on a Jetson: a kernel launch). Decoder layers are summed as "llm layers"."""
+    def cell(counts: dict[str, int] | None, stage: str) -> str:
+        return "-" if counts is None else str(counts.get(stage, 0))
+
+    stages = list(dict.fromkeys([*nodes, *(parsed or {}), *(built or {})]))
+    total = {"nodes": nodes, "parsed": parsed, "built": built}
+    lines = ["    scopes     ONNX nodes / TensorRT layers parsed / engine layers after fusion"]
+    for stage in [*stages, "total"]:
+        row = [cell(counts if stage != "total" or counts is None else {"total": sum(counts.values())}, stage)
+               for counts in total.values()]
+        lines.append(f"      {stage:<14}{row[0]:>7} /{row[1]:>7} /{row[2]:>7}")
+    if parsed is None:
+        lines.append("      parsed layers: not recorded (apet-build records them; apet inspect --parse counts them "
+                     "now)")
+    if built is None:
+        lines.append("      engine layers: recorded only by an apet-build on a GPU that runs the plan (the engine "
+                     "inspector needs it; an ahead-of-time build on a CPU has none)")
+    return lines
+
+
+def _parsed_now(path: Path) -> dict[str, int] | None:
+    """TensorRT layers per scope, parsed now with whichever TensorRT flavour imports (None when none does)."""
+    from apet.engines.api import load_api
+    from apet.engines.trt import parse_layer_counts
+
+    try:
+        api = load_api("auto")
+    except ApetError:
+        return None
+    return parse_layer_counts(api, path)
+
+
 def _fusion_line(engine: dict) -> str:
     """What TensorRT's parser made of the attention (from the build report)."""
     fused = engine.get("fused_layers")
@@ -38,20 +72,23 @@ def _fusion_line(engine: dict) -> str:
     return line
 
 
-def inspect(artifact: Path, verify_files: bool = True) -> str:
-    """What ``apet inspect`` prints: the description and, with ``verify_files``, the verification line."""
+def inspect(artifact: Path, verify_files: bool = True, parse: bool = False) -> str:
+    """What ``apet inspect`` prints: the description and, with ``verify_files``, the verification line;
+    ``parse`` counts TensorRT's parsed layers per scope where no build report records them."""
     def read() -> str:
-        return describe(artifact) + ("\n" + verify(artifact) if verify_files else "")
+        return describe(artifact, parse) + ("\n" + verify(artifact) if verify_files else "")
 
     return consistent_read(artifact, read)
 
 
-def describe(artifact: Path) -> str:
-    return consistent_read(artifact, lambda: _describe(Path(artifact)))
+def describe(artifact: Path, parse: bool = False) -> str:
+    return consistent_read(artifact, lambda: _describe(Path(artifact), parse))
 
 
-def _describe(artifact: Path) -> str:
+def _describe(artifact: Path, parse: bool = False) -> str:
     manifest = read_manifest(artifact)
+    report = read_report(artifact)
+    current = report if report is not None and report.get("manifest_sha256") == manifest_digest(artifact) else None
     m, c = manifest.model, manifest.compression
     lines = [f"artifact {artifact}",
              f"  model      {m.family} from {m.source} ({m.decoder.num_layers} layers, hidden {m.decoder.hidden_size}, "
@@ -74,8 +111,9 @@ def _describe(artifact: Path) -> str:
         lines += _io_lines("in ", graph.inputs) + _io_lines("out", graph.outputs)
         stages = _node_counts(artifact / graph.file)
         if stages:
-            lines.append(f"    nodes {sum(stages.values())}: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
-    report = read_report(artifact)
+            engine = (current or {}).get("engines", {}).get(name) or {}
+            parsed = engine.get("parsed_layers") or (_parsed_now(artifact / graph.file) if parse else None)
+            lines += _cost_lines(stages, parsed, engine.get("engine_layers"))
     if report is None:
         lines.append("  engines    none (run apet-build)")
         return "\n".join(lines)

@@ -1,18 +1,26 @@
 """Small fixed-size linear solvers that export to plain ONNX ops.
 
 ``torch.linalg`` has no ONNX mapping (and TensorRT has no solver layer), so the
-k x k Gram system of ApET is handled with an *unrolled* Cholesky factorisation:
-k is a Python int at trace time, every loop below unrolls into MatMul / Sub /
-Div / Sqrt / Slice / Concat nodes, and the graph has no Loop or If.
+k x k Gram system of ApET is handled *unrolled*: k is a Python int at trace time,
+every loop below unrolls into a few element-wise, reduce and gather nodes per step,
+and the graph has no Loop or If.
 
-Each step is vectorised over a whole column (factorisation) or a whole row of
-right-hand sides (substitution), so the graph has O(k) nodes, not O(k^2) scalar
-ops, and the N right-hand sides are solved in parallel.
+:func:`ridge_orthonormal` is what exported graphs use: modified Gram-Schmidt on the
+rows of the ridge-augmented basis [S, sqrt(ridge)·I] yields L⁻¹S for the Cholesky
+factor L of S Sᵀ + ridge·I without forming the Gram matrix, in k steps of seven
+nodes, none of them a Slice (a Slice costs TensorRT ~26 layers on a dynamic batch).
+:func:`cholesky_lower` and :func:`whiten` are the same factor written as a
+factorisation and a substitution (2k steps); the tests keep them as the reference
+form the exported one is compared with.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from apet.graph_ops import sum_of_squares
 
 
 def cholesky_lower(gram: torch.Tensor) -> torch.Tensor:
@@ -61,3 +69,34 @@ def whiten(gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if gram.shape[-1] != gram.shape[-2] or gram.shape[-1] != rows.shape[-2]:
         raise ValueError(f"whiten: gram {tuple(gram.shape)} and rows {tuple(rows.shape)} do not match")
     return _forward_substitute(cholesky_lower(gram), rows)
+
+
+def ridge_orthonormal(rows: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Q = L⁻¹ S for S = ``rows`` [B, k, D] and S Sᵀ + ridge·I = L Lᵀ, so that Sᵀ (S Sᵀ + ridge·I)⁻¹ S = Qᵀ Q.
+
+    Modified Gram-Schmidt on the rows of A = [S, √ridge·I] [B, k, D + k]: A Aᵀ is the ridged Gram matrix, so the
+    orthonormalised rows are L⁻¹ A, whose first D columns are Q. It never squares the basis (the Gram matrix's
+    condition number is the square of A's), and the ridge is exact where the Gram matrix would round it away
+    against ‖s‖² in float32; the √ridge columns also keep every pivot positive. Rows are normalised once at the
+    end (u_j / ‖u_j‖, with ‖u_j‖² read off the step's own dot products), and rows already processed are left as
+    numerical zeros rather than masked: each step reads only its own row.
+    """
+    k, dim = int(rows.shape[-2]), int(rows.shape[-1])
+    identity = math.sqrt(ridge) * torch.eye(k, dtype=rows.dtype, device=rows.device)
+    # the identity block takes the batch shape from a [B, k, 1] zero: no shape arithmetic in the graph
+    a = torch.cat([rows, rows.sum(-1, keepdim=True) * 0.0 + identity], -1)
+    picked: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    for j in range(k):
+        at = torch.tensor([j], device=rows.device)
+        row = a.index_select(-2, at)  # u_j [B, 1, D + k], orthogonal to u_0 .. u_{j-1}
+        if j + 1 < k:
+            dots = (a * row).sum(-1, keepdim=True)  # [B, k, 1]
+            square = dots.index_select(-2, at)  # ‖u_j‖²
+            a = a - (dots / square) * row
+        else:
+            square = sum_of_squares(row)
+        picked.append(row)
+        squares.append(square)
+    unit = torch.cat(picked, -2) / torch.sqrt(torch.cat(squares, -2))
+    return unit.index_select(-1, torch.arange(dim, device=rows.device))

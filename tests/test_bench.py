@@ -98,6 +98,12 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table
     for png in ("breakdown.png", "ttft.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # ApET's layers (parsed by TensorRT-RTX where it imports) projected onto the Jetsons beside what it saves
+    if low["apet_layers"]:
+        assert results["runs"][0]["apet_layers"] == {} and 0 < low["apet_layers"]["apet_stage1"] <= 255
+        agx = low["jetson_apet_ms"]["jetson-agx-orin-64gb"]["apet_stage1"]
+        assert agx["launch_ms"] == pytest.approx(agx["layers"] * 5e-3, abs=1e-3)
+        assert "## ApET on Jetson: projected cost against what it saves" in table
 
 
 def test_spread_of_repeats_is_kept_and_noisy_timings_are_warned(caplog) -> None:
@@ -124,3 +130,59 @@ def test_spread_of_repeats_is_kept_and_noisy_timings_are_warned(caplog) -> None:
     caplog.clear()
     _flag_noise({**results, "runs": results["runs"][:0]})
     assert caplog.records == []
+
+
+def test_apet_projection_on_jetson_by_hand() -> None:
+    """Layers x the per-layer cost (an assumption, overridable) + the stage's floor; the report weighs it against
+    the prefill and projector floors saved against ratio 1.0."""
+    from apet.bench.report import jetson_apet_lines
+
+    floors = {"jetson-agx-orin-64gb": {"apet_stage1": 0.1, "prefill": 60.0, "projector": 1.0},
+              "jetson-orin-nano-8gb": {"apet_stage1": 0.2, "prefill": 120.0, "projector": 2.0}}
+    projected = flops.project_apet({"apet_stage1": 200}, floors)
+    assert projected["jetson-agx-orin-64gb"]["apet_stage1"] == {"layers": 200, "layer_us": 5.0, "launch_ms": 1.0,
+                                                               "floor_ms": 0.1, "ms": 1.1}
+    assert projected["jetson-orin-nano-8gb"]["apet_stage1"]["launch_ms"] == pytest.approx(1.3)
+    mine = flops.project_apet({"apet_stage1": 200}, floors, {"jetson-orin-nano-8gb": 10.0})
+    assert mine["jetson-orin-nano-8gb"]["apet_stage1"]["ms"] == pytest.approx(2.2)
+    full = {"batch": 1, "ratio": 1.0, "weights": "fp16", "jetson_apet_ms": {},
+            "jetson_floors_ms": {"jetson-agx-orin-64gb": {"prefill": 190.0, "projector": 3.0},
+                                 "jetson-orin-nano-8gb": {"prefill": 480.0, "projector": 6.0}}}
+    low = {"batch": 1, "ratio": 0.11, "weights": "fp16", "jetson_apet_ms": projected, "jetson_floors_ms": floors}
+    lines = "\n".join(jetson_apet_lines([full, low]))
+    assert "| 1 | 0.11 | jetson-agx-orin-64gb | 200 | 5.0 | 1.10 | 132.0 | 130.9 |" in lines
+    assert "| 1 | 0.11 | jetson-orin-nano-8gb | 200 | 6.5 | 1.50 | 364.0 | 362.5 |" in lines
+
+
+def test_ort_profile_splits_runs_and_attributes_nodes_and_kernels() -> None:
+    from apet.bench.ort_profile import split_runs, summarize
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 1000},
+              {"cat": "Node", "name": "/vision/conv/Conv_kernel_time", "ts": 10, "dur": 300},
+              {"cat": "Kernel", "name": "implicit_gemm", "ts": 20, "dur": 250},
+              {"cat": "Node", "name": "Sub_300_kernel_time", "ts": 320, "dur": 20},  # made by ORT: the node before
+              {"cat": "Node", "name": "/apet_stage1/TopK_kernel_time", "ts": 400, "dur": 100},
+              {"cat": "Node", "name": "/apet_stage1/TopK_fence_before", "ts": 399, "dur": 1},
+              {"cat": "Node", "name": "InsertedPrecisionFreeCast_/projector/MatMul_kernel_time", "ts": 600, "dur": 50},
+              {"cat": "Session", "name": "model_run", "ts": 2000, "dur": 500},
+              {"cat": "Node", "name": "/apet_stage1/ArgMax_kernel_time", "ts": 2100, "dur": 40}]
+    runs = split_runs(events)
+    assert [r["run_ms"] for r in runs] == [1.0, 0.5]
+    assert dict(runs[0]["host_ms"]) == pytest.approx({"vision": 0.32, "apet_stage1": 0.1, "projector": 0.05})
+    assert dict(runs[0]["gpu_ms"]) == pytest.approx({"vision": 0.25})
+    assert summarize(runs)["host_ms"]["apet_stage1"] == pytest.approx(0.07)
+
+
+def test_ort_profile_of_the_tiny_artifact_on_cpu(artifact_factory, tmp_path: Path) -> None:
+    from apet.bench.ort_profile import main
+
+    out = tmp_path / "profile.json"
+    assert main([str(artifact_factory(ratio=0.11, stages=2)), "--device", "cpu", "--repeats", "2", "--warmup", "1",
+                 "--decode-steps", "2", "--out", str(out)]) == 0
+    profile = json.loads(out.read_text())["profiles"][0]
+    assert profile["vision"]["runs"] == 2 and profile["prefill"]["runs"] == 2 and profile["decode_step"]["runs"] == 4
+    for phase, stage in (("vision", "vision"), ("vision", "apet_stage1"), ("prefill", "llm layers"),
+                         ("prefill", "apet_stage2")):
+        assert profile[phase]["host_ms"][stage] > 0
+    assert sum(profile["vision"]["host_ms"].values()) <= profile["vision"]["run_ms"]
+    assert 0 < profile["apet_share"]["apet_stage1_over_vision"] and profile["family"] == "llava"

@@ -57,6 +57,43 @@ def test_aot_build_writes_engines_and_report(built_artifact: Path) -> None:
 
 
 @pytest.mark.trt
+def test_report_and_inspect_count_what_the_engine_sees(built_artifact: Path) -> None:
+    """Per scope: ONNX nodes, parsed TensorRT layers (every one attributed), and engine layers after fusion only
+    where a GPU ran the plan (none here: the build is ahead of time on a CPU)."""
+    from apet.contracts.onnx_graph import nodes_by_stage
+    from apet.cuda_memory import cuda_device_count
+    from apet.inspect_artifact import inspect
+
+    engines = json.loads((built_artifact / REPORT_NAME).read_text())["engines"]
+    text = inspect(built_artifact)
+    for name, scope in (("vision", "apet_stage1"), ("llm", "apet_stage2")):
+        engine = engines[name]
+        assert engine["onnx_nodes"] == nodes_by_stage(built_artifact / f"{name}.onnx")
+        assert sum(engine["parsed_layers"].values()) == engine["num_layers"]
+        assert 0 < engine["parsed_layers"][scope] < engine["num_layers"]
+        if cuda_device_count() == 0:
+            assert engine["engine_layers"] is None
+        nodes, layers = engine["onnx_nodes"][scope], engine["parsed_layers"][scope]
+        assert f"{scope:<14}{nodes:>7} /{layers:>7} /" in text
+    assert "engine layers: recorded only by an apet-build on a GPU" in text or cuda_device_count() > 0
+
+
+def test_engine_layers_are_counted_per_scope_from_the_inspector() -> None:
+    from apet.engines.layer_counts import engine_layers_by_stage
+
+    info = {"Layers": [{"Name": "/vision/embeddings/patch_embedding/Conv"},
+                       {"Name": "{ForeignNode[/apet_stage1/Cast.../apet_stage1/TopK]}"},
+                       {"Name": "/apet_stage1/MatMul + /apet_stage1/Div"},
+                       {"Name": "/layers.0/self_attn/MatMul + /layers.1/mlp/Mul"},
+                       {"Name": "Reformatting CopyNode for Output Tensor 0 to /projector/Gather"},
+                       {"Name": "__myl_Cast_123"}]}
+    assert engine_layers_by_stage(json.dumps(info)) == {"vision": 1, "apet_stage1": 2, "llm layers": 1,
+                                                        "projector": 1, "other": 1}
+    assert engine_layers_by_stage(json.dumps({"Layers": ["/apet_stage2/TopK", "x"]})) == {"apet_stage2": 1,
+                                                                                      "other": 1}
+
+
+@pytest.mark.trt
 def test_rebuild_refuses_engines_of_another_export(built_artifact: Path, rtx_api) -> None:
     manifest_path = built_artifact / "manifest.json"
     original = manifest_path.read_text()

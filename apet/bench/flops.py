@@ -20,6 +20,14 @@ DEVICES = {
     "jetson-agx-orin-64gb": {"tflops_fp16": 42.6, "bandwidth_gbs": 204.8, "memory_gb": 64},
     "jetson-orin-nano-8gb": {"tflops_fp16": 16.7, "bandwidth_gbs": 102.0, "memory_gb": 8},
 }
+# ASSUMED, not measured by apet: what one unfused TensorRT layer costs at batch 1 on each device (a kernel launch
+# plus a tiny kernel's shortest run). Anchor: tiny TensorRT kernels (softmax, reformat copies) ran 4.4-8.6 us each
+# (averages 5.5-5.9 us) in nvprof on a Jetson AGX Xavier (NVIDIA developer forum, "Deep Learning Accelerator
+# problems", forums.developer.nvidia.com/t/77379); TensorRT inference on Orin is bound by kernel launches on its
+# CPU (forums.developer.nvidia.com/t/266121, no figure given). AGX Orin: 5 us; Orin Nano: 6.5 us, the same Cortex-
+# A78AE cores at 1.7 GHz instead of 2.2 GHz. Replace them with a measured figure (trtexec --dumpProfile on the
+# device, or --layer-us) where one exists.
+LAYER_US = {"jetson-agx-orin-64gb": 5.0, "jetson-orin-nano-8gb": 6.5}
 
 
 @dataclass(frozen=True)
@@ -122,3 +130,21 @@ def project(costs: dict[str, Cost]) -> dict[str, dict[str, float]]:
     """Floors of each stage on the Jetson devices above."""
     return {name: {stage: round(c.floor_ms(spec["tflops_fp16"], spec["bandwidth_gbs"]), 3)
                    for stage, c in costs.items()} for name, spec in DEVICES.items()}
+
+
+def project_apet(layers: dict[str, int], floors: dict[str, dict[str, float]],
+                 layer_us: dict[str, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """ApET's projected cost per Jetson and stage: ``layers`` (TensorRT layers per ApET stage: engine layers where
+    a device built them, parsed layers as an upper bound otherwise) x the per-layer cost (:data:`LAYER_US`, an
+    assumption), plus the stage's FLOP/byte floor from ``floors`` (:func:`project`)."""
+    per_layer = {**LAYER_US, **(layer_us or {})}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for device in DEVICES:
+        stages = {}
+        for stage, count in layers.items():
+            launch = count * per_layer[device] / 1e3
+            floor = floors.get(device, {}).get(stage, 0.0)
+            stages[stage] = {"layers": count, "layer_us": per_layer[device], "launch_ms": round(launch, 3),
+                             "floor_ms": floor, "ms": round(launch + floor, 3)}
+        out[device] = stages
+    return out

@@ -113,11 +113,41 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {floors['vision_tower']} | "
                          f"{floors['prefill']} | {floors['decode_step']} | {run.get('weights', 'fp16')} | "
                          f"{run.get('llm_weight_bytes', 0) / 1e6:.0f} |")
+    lines += jetson_apet_lines(results["runs"])
     kernels = {run.get("weights", "fp16"): run.get("kernels") for run in results["runs"] if run.get("kernels")}
     if kernels:
         lines += ["", "Weight-only GEMMs (layers per kernel): " + "; ".join(
             f"{fmt}: " + ", ".join(f"{k} x{v}" for k, v in used.items()) for fmt, used in kernels.items())]
     return "\n".join(lines) + "\n"
+
+
+def jetson_apet_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """ApET's projected cost on each Jetson (its TensorRT layers x an assumed per-layer cost, plus its floor) beside
+    what the compression saves at that ratio (prefill + projector floors against ratio 1.0 of the same batch and
+    weights): where "net" is positive, ApET pays off on that device."""
+    rows = [run for run in runs if run.get("jetson_apet_ms")]
+    if not rows:
+        return []
+    lines = ["", "## ApET on Jetson: projected cost against what it saves (ms; per-layer cost is an assumption, "
+                 "apet/bench/flops.py)", "",
+             "| batch | ratio | device | ApET layers (parsed) | us per layer | ApET ms | saved ms (prefill + projector "
+             "floors vs ratio 1.0) | net ms |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+
+    def saved_floor(run: dict[str, Any], device: str) -> float:
+        floors = run["jetson_floors_ms"][device]
+        return floors.get("prefill", 0.0) + floors.get("projector", 0.0)
+
+    for run in rows:
+        full = next((r for r in runs if r["batch"] == run["batch"] and r["ratio"] == 1.0
+                     and r.get("weights") == run.get("weights")), None)
+        for device, stages in run["jetson_apet_ms"].items():
+            layers = " + ".join(str(v["layers"]) for v in stages.values()) or "0"
+            cost = sum(v["ms"] for v in stages.values())
+            us = next(iter(stages.values()))["layer_us"] if stages else "–"
+            saved = saved_floor(full, device) - saved_floor(run, device) if full else None
+            lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {layers} | {us} | {cost:.2f} | "
+                         + (f"{saved:.1f} | {saved - cost:.1f} |" if saved is not None else "– | – |"))
+    return lines
 
 
 def plot(results: dict[str, Any], out: Path) -> list[Path]:

@@ -6,7 +6,8 @@ results.json schema (``schema: apet-bench/1``):
   runs[]        one per (batch, ratio): budgets {k1, stage2_layer, k2}, stages {name: timing}, generation
                 {ttft, decode_per_token, end_to_end} (timings: median_ms, p10_ms, p90_ms, min_ms, repeats),
                 peak_memory_mb, kv_cache_bytes, costs {stage: {flops, bytes}}, floors_ms {stage},
-                measured_over_floor {stage}, jetson_floors_ms {device: {stage: ms}},
+                measured_over_floor {stage}, jetson_floors_ms {device: {stage: ms}}, apet_layers {stage: parsed
+                TensorRT layers}, jetson_apet_ms {device: {stage: {layers, layer_us, launch_ms, floor_ms, ms}}},
                 paper_style {ttft, decode_per_token}, speedup {vs_hf_generate_ttft, vs_paper_style_ttft, ...}
   baselines     hf_generate[batch] {visual_tokens, ttft, end_to_end, decode_ms_per_token}
   noisy_timings {path: p90/median} of every timing above noisy_spread (apet.bench.timing.NOISY_SPREAD)
@@ -26,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from apet.atomic import write_atomic
-from apet.bench import flops
+from apet.bench import apet_layers, flops
 from apet.bench.baselines import hf_generate, paper_style
 from apet.bench.report import write_report
 from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_generation
@@ -66,6 +67,7 @@ class BenchConfig:
     weights: tuple[str, ...] = ("fp16",)  # LLM weight formats, each benched in turn (RTN: same speed as AWQ)
     group_size: int | None = None
     attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
+    layer_us: dict[str, float] | None = None  # per-layer cost per Jetson (flops.LAYER_US, an assumption) overridden
 
     def __post_init__(self) -> None:
         from apet.contracts.weights import WEIGHT_FORMATS
@@ -224,7 +226,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
         "measured_over_floor": {k: round(measured[k] / floors[k], 2) for k in floors
                                 if measured.get(k) and floors[k] > 0},
         "jetson_floors_ms": flops.project(costs),
+        "apet_layers": apet_layers.stage_layers(stage1, stage2, tokens),
     }
+    result["jetson_apet_ms"] = flops.project_apet(result["apet_layers"], result["jetson_floors_ms"], cfg.layer_us)
     del path
     if "paper" in cfg.baselines and per_weight is None:  # unquantized
         result["paper_style"] = paper_style(adapter, plan, request, max(2, cfg.repeats // 3),

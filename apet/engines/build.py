@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 
 from apet.atomic import replace_files, write_atomic
 from apet.contracts.files import ENGINE_FILES, REPORT_NAME, layers_file, manifest_digest, read_report, sha256_bytes
+from apet.contracts.onnx_graph import nodes_by_stage
 from apet.contracts.targets import builder_problem
 from apet.engines.api import TrtApi, load_api
+from apet.engines.layer_counts import engine_layers_by_stage
 from apet.engines.profiles import ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
 from apet.errors import ArtifactChangedError, ArtifactError, UsageError
@@ -178,7 +180,8 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
                                  options, progress=progress, cancelled=stop.is_set)
             stop.check()
             write_atomic(stage.path / ENGINE_FILES[name], built.plan)
-            report.engines[name] = _engine_entry(api, name, built, manifest, stage.path)
+            report.engines[name] = _engine_entry(api, name, built, manifest, stage.path,
+                                                 nodes_by_stage(cfg.artifact / manifest.graphs[name].file))
             log.info("built %s in %.1f s (%.1f MB)", ENGINE_FILES[name], built.seconds, len(built.plan) / 1e6)
         bar.close()
         stage.remove = _stale_files(report, cfg.graphs)
@@ -190,17 +193,23 @@ def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
     return report
 
 
-def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest, artifact: Path) -> dict[str, Any]:
+def _engine_entry(api: TrtApi, name: str, built: BuiltEngine, manifest: Manifest, artifact: Path,
+                  onnx_nodes: dict[str, int]) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "file": ENGINE_FILES[name], "onnx": manifest.graphs[name].file, "seconds": round(built.seconds, 3),
         "bytes": len(built.plan), "sha256": sha256_bytes(built.plan), "num_layers": built.num_layers,
         "inputs": built.inputs, "outputs": built.outputs, "profiles": built.profiles,
         "compute_capabilities": built.compute_capabilities or ["builder default"], "layer_information": None,
         "attention_form": manifest.attention, "fused_layers": built.fused_layers,
+        # what the engine sees per scope (vision, apet_stage1, llm layers, apet_stage2, ...): ONNX nodes, the
+        # parsed network's layers, and the built engine's layers after fusion (only where a GPU runs the plan)
+        "onnx_nodes": onnx_nodes, "parsed_layers": built.parsed_layers,
+        "engine_layers": None,
     }
     info = _layer_information(api, built.plan)
     if info is not None:
         layer_file = layers_file(name)
         write_atomic(artifact / layer_file, info.encode())
         entry["layer_information"] = layer_file
+        entry["engine_layers"] = engine_layers_by_stage(info)
     return entry

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from apet.engines.api import TrtApi
+from apet.engines.layer_counts import parsed_layers_by_stage
 from apet.errors import ArtifactError, BackendError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class BuiltEngine:
     profiles: list[dict[str, Any]]
     compute_capabilities: list[str] = field(default_factory=list)
     fused_layers: dict[str, int] = field(default_factory=dict)  # see fused_layer_counts
+    parsed_layers: dict[str, int] = field(default_factory=dict)  # per stage, apet.engines.layer_counts
 
 
 class _Logger:
@@ -136,6 +138,12 @@ def parse_onnx(api: TrtApi, onnx_path: Path) -> tuple[Any, Any, Any, Any]:
             "--attention pattern, or report the node named above",
         )
     return builder, network, parser, logger
+
+
+def parse_layer_counts(api: TrtApi, onnx_path: Path) -> dict[str, int]:
+    """Parse ``onnx_path`` (no build) and count its layers per stage (:mod:`apet.engines.layer_counts`)."""
+    _builder, network, _parser, _logger = parse_onnx(api, onnx_path)
+    return parsed_layers_by_stage(network)
 
 
 # layer types TensorRT creates for the ONNX ops of --attention op (absent from TensorRT 10.3's LayerType)
@@ -228,5 +236,5 @@ def build_engine(
     return BuiltEngine(
         plan=bytes(plan), seconds=seconds, num_layers=int(network.num_layers), inputs=inputs, outputs=outputs,
         profiles=[p.to_json() for p in profiles], compute_capabilities=targets,
-        fused_layers=fused_layer_counts(api, network),
+        fused_layers=fused_layer_counts(api, network), parsed_layers=parsed_layers_by_stage(network),
     )

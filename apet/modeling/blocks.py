@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.onnx.operators
 
-from apet.compression import compress_with, gather_tokens
+from apet.compression import compress_with
 from apet.contracts.compression import Stage2Config
+from apet.graph_ops import gather_rows
 
 if TYPE_CHECKING:  # annotations only: the adapter module builds on this one's neighbours
     from apet.modeling.adapter import VisionLanguageAdapter
@@ -70,27 +71,30 @@ def _at_most(x: torch.Tensor, bound: torch.Tensor | int) -> torch.Tensor:
 def stage2_rebuild(s2: Stage2Config, h: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                    image_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ApET stage 2 at layer L: compress the image span and rebuild the sequence (prefill, T > 1);
-    only shift positions (decode, T == 1). Returns hidden, positions, mask, stage-2 kept indices."""
+    only shift positions (decode, T == 1). Returns hidden, positions, mask, stage-2 kept indices.
+
+    The rebuilt sequence is one row gather from [h; kept tokens]: a position inside the kept span reads
+    kept token (position - start), one before it reads h as is, one after it h shifted past the removed
+    tokens. Sub-ranges are Gathers, not Slices (apet.graph_ops says why)."""
     span, keep, removed = s2.span, s2.compression.keep, s2.removed
     length = _sequence_length(h)
     is_prefill = (length + (_BIG - 2)) // _BIG
     new_length = length - removed * is_prefill
 
     start = image_start.clamp(min=0).unsqueeze(1)  # a garbage start must not index out of bounds
-    offsets = torch.arange(span, device=h.device)
-    span_index = _at_most(start + offsets, length - 1)
-    kept = compress_with(s2.compression, gather_tokens(h, span_index))
+    span_index = _at_most(start + torch.arange(span, device=h.device), length - 1)
+    kept = compress_with(s2.compression, gather_rows(h, span_index.unsqueeze(-1)))
 
-    positions = torch.arange(new_length, device=h.device).unsqueeze(0)
-    before = positions < start
-    in_span = (positions >= start) & (positions < start + keep * is_prefill)
-    source = _at_most(torch.where(before, positions, positions + removed * is_prefill), length - 1)
-    rebuilt = torch.where(in_span.unsqueeze(-1),
-                          gather_tokens(kept.tokens, (positions - start).clamp(0, keep - 1)),
-                          gather_tokens(h, source))
-    new_positions = position_ids[:, :new_length] - removed * (1 - is_prefill)
+    steps = torch.arange(new_length, device=h.device)
+    offset = steps.unsqueeze(0) - start  # [B, T']
+    in_span = (offset >= 0) & (offset < keep * is_prefill)
+    from_h = _at_most(torch.where(offset < 0, steps, steps + removed * is_prefill), length - 1)
+    source = torch.where(in_span, offset + length, from_h)
+    rebuilt = gather_rows(torch.cat([h, kept.tokens], 1), source.unsqueeze(-1))
+    new_positions = position_ids.index_select(1, steps) - removed * (1 - is_prefill)
     # left padding: dropping R real tokens keeps the pads and shortens the run of ones -> a prefix
-    return rebuilt, new_positions, attention_mask[:, : attention_mask.shape[1] - removed], kept.index
+    mask = attention_mask.index_select(1, torch.arange(attention_mask.shape[1] - removed, device=h.device))
+    return rebuilt, new_positions, mask, kept.index
 
 
 @dataclass(frozen=True)

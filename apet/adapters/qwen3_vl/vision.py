@@ -25,6 +25,7 @@ from torch import nn
 from apet.adapters.qwen2_5_vl.vision import QwenVisionStages
 from apet.compression import Assignment, Compressed, gather_tokens
 from apet.contracts.io import INJECTED_DIM, INJECTED_EMBEDS, vision_output_names
+from apet.graph_ops import take
 from apet.modeling.scope import Scope
 from apet.models.qwen2_5_vl.geometry import patch_positions
 
@@ -102,13 +103,14 @@ class Qwen3VisionStages(QwenVisionStages):
         return assigned(tokens) if assigned is not None else (self.rule(tokens), None)
 
     def _select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ApET on the merger's output; the DeepStack levels' rows formed with its assignment (docs/algorithm.md)."""
-        main, levels = x[..., :self.hidden], x[..., self.hidden:]
-        kept, assignment = self._assigned(main)
+        """ApET on the merger's output; the DeepStack levels' rows formed with its assignment (docs/algorithm.md).
+        Merging, the assignment forms the rows of all channels at once (the main tokens' rows are the stage's
+        own), so the levels cost no node of their own; channel ranges are Gathers, not Slices."""
+        width = int(x.shape[-1])
+        kept, assignment = self._assigned(take(x, -1, 0, self.hidden))
         if assignment is not None and self.adapter.spec.extra.get("deepstack", "merge") == "merge":
-            rows = assignment.apply(levels)
-        else:
-            rows = gather_tokens(levels, kept.index)
+            return assignment.apply(x), kept.index
+        rows = gather_tokens(take(x, -1, self.hidden, width), kept.index)
         return torch.cat([kept.tokens, rows.to(kept.tokens.dtype)], dim=-1), kept.index
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from apet.compression import Compressed
+from apet.graph_ops import take
 from apet.modeling.vision import Scope, VisionStages
 
 
@@ -32,10 +33,11 @@ class VideoLlavaVisionStages(VisionStages):
 
     def select_frames(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[F, 1 + N, H] -> ([F, 1 + K, H], [F, 1 + K]): the selector sees the N patch tokens only."""
-        cls = features[:, :1]
-        kept = self.select(features[:, 1:])
-        tokens = torch.cat([cls, kept.tokens.to(features.dtype)], 1)
-        index = torch.cat([torch.zeros_like(kept.index[:, :1]), kept.index + 1], 1)
+        patches = int(features.shape[1]) - 1  # static per artifact; Gathers, not Slices (apet.graph_ops says why)
+        kept = self.select(take(features, 1, 1, patches + 1))
+        tokens = torch.cat([take(features, 1, 0, 1), kept.tokens.to(features.dtype)], 1)
+        shifted = kept.index + 1  # position among the frame's 1 + N tokens; CLS is 0
+        index = torch.cat([take(shifted, 1, 0, 1) * 0, shifted], 1)
         return tokens, index
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor,

@@ -2,6 +2,8 @@
 
 With ``profile_apet`` the first vision run is profiled by ONNX Runtime and ApET's time is the sum of
 the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`), so ``apet-run --stats`` reports it.
+With ``profile_dir`` both sessions are profiled until :meth:`OnnxRuntimeBackend.end_profiling`
+(:mod:`apet.bench.ort_profile` turns the two traces into time per scope).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 profile_apet: bool = False) -> None:
+                 profile_apet: bool = False, profile_dir: Path | None = None) -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -69,15 +71,16 @@ class OnnxRuntimeBackend(Backend):
         self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
         if self._profile_dir is not None:  # removed after the first vision run, or when the backend goes away
             weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
-        vision_options = options
+        vision_options, llm_options = options, options
         if self._profile_dir is not None:
-            vision_options = ort.SessionOptions()
-            vision_options.intra_op_num_threads = options.intra_op_num_threads
-            vision_options.enable_profiling = True
-            vision_options.profile_file_prefix = str(Path(self._profile_dir) / "vision")
+            vision_options = _profiling(ort, options, Path(self._profile_dir) / "vision")
+        if profile_dir is not None:
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            vision_options = _profiling(ort, options, Path(profile_dir) / "vision")
+            llm_options = _profiling(ort, options, Path(profile_dir) / "llm")
         self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), vision_options,
                                            providers=providers)
-        self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), options,
+        self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options,
                                         providers=providers)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.table = load_embedding_table(self.artifact_dir, manifest)
@@ -105,6 +108,10 @@ class OnnxRuntimeBackend(Backend):
             shutil.rmtree(self._profile_dir, ignore_errors=True)
             self._profile_dir = None
         return scope_ms(events, scopes.APET_STAGE1)
+
+    def end_profiling(self) -> dict[str, Path]:
+        """Stop profiling (``profile_dir``) and return each session's trace (chrome-trace JSON)."""
+        return {"vision": Path(self.vision.end_profiling()), "llm": Path(self.llm.end_profiling())}
 
     def _empty_past(self, batch: int) -> list:
         spec = self.manifest.model.decoder
@@ -150,6 +157,16 @@ class OnnxRuntimeBackend(Backend):
 
     def cache_lengths(self) -> list[int]:
         return [int(value.shape()[2]) for value in self.past[::2]]
+
+
+def _profiling(ort, base, prefix: Path):
+    """Session options like ``base`` (threads, config entries) with ONNX Runtime's profiler writing to ``prefix``."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = base.intra_op_num_threads
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options.enable_profiling = True
+    options.profile_file_prefix = str(prefix)
+    return options
 
 
 def scope_ms(events: list, scope: str) -> float:
