@@ -249,7 +249,7 @@ def _farthest_points(x: torch.Tensor, k: int, start: int) -> Basis:
     """Plain FPS as in the reference: a running minimum of squared distances, next = argmax (first on ties),
     chosen tokens not masked. Each step reads the new centre with one row gather and keeps every tensor in
     the [B, N, 1] layout whose argmax is already a gather index, so a step is five graph nodes."""
-    centre = x.index_select(1, torch.tensor([start], device=x.device))  # [B, 1, D]
+    centre = x.index_select(1, torch.full((1,), start, dtype=torch.long, device=x.device))  # [B, 1, D]
     rows, picks = [centre], []
     nearest: torch.Tensor | None = None
     for _ in range(k - 1):

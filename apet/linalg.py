@@ -88,7 +88,7 @@ def ridge_orthonormal(rows: torch.Tensor, ridge: float) -> torch.Tensor:
     picked: list[torch.Tensor] = []
     squares: list[torch.Tensor] = []
     for j in range(k):
-        at = torch.tensor([j], device=rows.device)
+        at = torch.full((1,), j, dtype=torch.long, device=rows.device)
         row = a.index_select(-2, at)  # u_j [B, 1, D + k], orthogonal to u_0 .. u_{j-1}
         if j + 1 < k:
             dots = (a * row).sum(-1, keepdim=True)  # [B, k, 1]

@@ -126,14 +126,22 @@ class Qwen3Adapter(QwenAdapter):
         the strided in-place copy of the Hugging Face module, so the graph has no ScatterND."""
         module = self._language_model().rotary_emb
         inv_freq = module.inv_freq.to(device=hidden.device, dtype=torch.float32)
-        axes = torch.tensor(interleaved_axes(int(inv_freq.shape[0]), self.spec.extra["mrope_section"]),
-                            device=hidden.device)
-        choice = (axes == torch.arange(3, device=hidden.device).unsqueeze(-1)).to(torch.float32)  # [3, d/2]
+        choice = self._axis_choice(int(inv_freq.shape[0]), hidden.device)  # [3, d/2]
         positions = position_ids.expand(3, -1, -1).to(torch.float32).unsqueeze(-1)  # [3, B, T, 1]
         freqs = (positions * choice[:, None, None, :]).sum(0) * inv_freq  # [B, T, d/2]
         scale = float(getattr(module, "attention_scaling", 1.0))
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * scale).to(hidden.dtype), (emb.sin() * scale).to(hidden.dtype)
+
+    def _axis_choice(self, frequencies: int, device: torch.device) -> torch.Tensor:
+        """Which of (t, h, w) each frequency rotates by, one-hot [3, d/2], made once per device: a host-to-device
+        copy is not allowed while the static decoder's steps are captured as CUDA graphs."""
+        cache = self.__dict__.setdefault("_axis_choices", {})
+        key = (frequencies, str(device))
+        if key not in cache:
+            axes = torch.tensor(interleaved_axes(frequencies, self.spec.extra["mrope_section"]), device=device)
+            cache[key] = (axes == torch.arange(3, device=device).unsqueeze(-1)).to(torch.float32)
+        return cache[key]
 
     def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         return self._language_model().rotary_emb(hidden, position_ids)
