@@ -19,38 +19,11 @@ from apet.models.internvl.family import AFTER, BEFORE
 from apet.models.internvl.preprocess import TileRecipe, recipe_from_settings
 from apet.models.internvl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
 from apet.models.shared.clip import processor_settings
-from apet.models.shared.hf_files import copy_text_assets, read_json
+from apet.models.shared.hf_files import chatml_eos_ids, copy_text_assets, special_token_ids
 
 log = logging.getLogger(__name__)
 
 FAMILY = "internvl"
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_ids(source_dir: Path | None, names: Sequence[str]) -> dict[str, int]:
-    """Ids of special tokens by name from the checkpoint's tokenizer.json (empty without one)."""
-    if source_dir is None or not (Path(source_dir) / "tokenizer.json").is_file():
-        return {}
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(source_dir) / "tokenizer.json"))
-    ids = {name: tokenizer.token_to_id(name) for name in names}
-    return {name: int(i) for name, i in ids.items() if i is not None}
-
-
-def _eos_ids(text: Any, source_dir: Path | None) -> tuple[int, ...]:
-    """What the checkpoint's generation config (else its text config) declares, then <|im_end|> and
-    <|endoftext|> (ChatML: the answer ends at <|im_end|>)."""
-    generation = Path(source_dir) / "generation_config.json" if source_dir else None
-    declared = read_json(generation).get("eos_token_id") if generation and generation.is_file() else None
-    if declared is None:
-        declared = text.eos_token_id
-    ids: list[int] = []
-    for value in [*(declared if isinstance(declared, list) else [declared]), *_token_ids(source_dir,
-                                                                                        EOS_TOKENS).values()]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return tuple(ids) or (151645,)
 
 
 def tokens_per_view(config: Any) -> tuple[int, int]:
@@ -87,12 +60,13 @@ class InternVLAdapter(HfCheckpointAdapter):
             raise UsageError(f"{source}: the image processor's {recipe.tile}-px tiles do not match the vision "
                              f"tower's {vision.image_size[0]} px", "use the processor files saved with the checkpoint")
         template, name = prompt_template(source_dir)
-        ids = _token_ids(source_dir, ["<|endoftext|>", "<img>", "</img>"])
+        ids = special_token_ids(source_dir, ["<|endoftext|>", "<img>", "</img>"])
         grid = int(n_tokens ** 0.5)
         spec = ModelSpec(
             family=FAMILY, source=source, n_tokens=n_tokens, patch_grid=(grid, grid),
             vision_dim=text.hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
-            eos_token_ids=_eos_ids(text, source_dir), pad_token_id=ids.get("<|endoftext|>", text.pad_token_id),
+            eos_token_ids=chatml_eos_ids(text.eos_token_id, source_dir, (151645,)),
+            pad_token_id=ids.get("<|endoftext|>", text.pad_token_id),
             prompt_template=template, prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
             decoder=describe_decoder(text), processor=recipe.to_json(),
             extra={"vision_feature_layer": int(config.vision_feature_layer), "shuffle_factor": factor,

@@ -18,39 +18,11 @@ from apet.modeling.adapter import describe_decoder
 from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
 from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
-from apet.models.shared.hf_files import copy_text_assets, read_json
+from apet.models.shared.hf_files import chatml_eos_ids, copy_text_assets, special_token_ids
 
 log = logging.getLogger(__name__)
 
 FAMILY = "qwen2_5_vl"
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-
-def _token_ids(source_dir: Path | None, names: Sequence[str]) -> dict[str, int]:
-    """Ids of special tokens by name from the checkpoint's tokenizer.json (empty without one)."""
-    if source_dir is None or not (Path(source_dir) / "tokenizer.json").is_file():
-        return {}
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(source_dir) / "tokenizer.json"))
-    ids = {name: tokenizer.token_to_id(name) for name in names}
-    return {name: int(i) for name, i in ids.items() if i is not None}
-
-
-def _eos_ids(config: Any, source_dir: Path | None) -> tuple[int, ...]:
-    """<|im_end|> and <|endoftext|> (the checkpoint's generation config lists both), whatever is declared."""
-    ids: list[int] = []
-    generation = Path(source_dir) / "generation_config.json" if source_dir else None
-    declared = read_json(generation).get("eos_token_id") if generation and generation.is_file() else None
-    if declared is None:
-        declared = config.text_config.eos_token_id
-    for value in declared if isinstance(declared, list) else [declared]:
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    for value in _token_ids(source_dir, EOS_TOKENS).values():
-        if value not in ids:
-            ids.append(value)
-    return tuple(ids) or (151645, 151643)
 
 
 class QwenAdapter(HfCheckpointAdapter):
@@ -69,11 +41,12 @@ class QwenAdapter(HfCheckpointAdapter):
             raise UsageError(f"{source}: the image processor's patch geometry does not match the vision config",
                              "use the processor files saved with the checkpoint")
         template, name = prompt_template(source_dir)
-        pad = _token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
+        pad = special_token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
         spec = ModelSpec(
             family=FAMILY, source=source, n_tokens=recipe.max_tokens, patch_grid=(0, 0),  # dynamic resolution
             vision_dim=vision.out_hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
-            eos_token_ids=_eos_ids(config, source_dir), pad_token_id=pad, prompt_template=template,
+            eos_token_ids=chatml_eos_ids(text.eos_token_id, source_dir, (151645, 151643)), pad_token_id=pad,
+            prompt_template=template,
             prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
             decoder=describe_decoder(text, position_rank=3), processor=recipe.to_json(),
             extra={"vision_start_token_id": int(config.vision_start_token_id),

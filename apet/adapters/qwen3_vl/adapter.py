@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from apet.adapters.qwen2_5_vl.adapter import QwenAdapter, _eos_ids, _token_ids
+from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
 from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.errors import UsageError
 from apet.modeling.adapter import describe_decoder
@@ -25,6 +25,7 @@ from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_setting
 from apet.models.qwen3_vl.family import DEEPSTACK_FLAG, DEEPSTACK_MODES
 from apet.models.qwen3_vl.recipe import qwen3_recipe
 from apet.models.qwen3_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
+from apet.models.shared.hf_files import chatml_eos_ids, special_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,13 @@ class Qwen3Adapter(QwenAdapter):
             raise UsageError(f"{source}: the image processor's patch geometry does not match the vision config",
                              "use the processor files saved with the checkpoint")
         template, name = prompt_template(source_dir)
-        pad = _token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
+        pad = special_token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
         levels = [int(i) for i in vision.deepstack_visual_indexes]
         spec = ModelSpec(
             family=FAMILY, source=source, n_tokens=recipe.max_tokens, patch_grid=(0, 0),  # dynamic resolution
             vision_dim=vision.out_hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
-            eos_token_ids=_eos_ids(config, source_dir), pad_token_id=pad, prompt_template=template,
+            eos_token_ids=chatml_eos_ids(text.eos_token_id, source_dir, (151645, 151643)), pad_token_id=pad,
+            prompt_template=template,
             prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
             decoder=decoder_spec(text, len(levels)), processor=recipe.to_json(),
             extra={"vision_start_token_id": int(config.vision_start_token_id),

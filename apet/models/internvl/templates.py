@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from apet.errors import ArtifactError
-from apet.models.qwen2_5_vl.templates import chat_template_source  # the same files hold it (one reader)
+from apet.models.shared.hf_files import chat_template_source
 
 IMAGE_PLACEHOLDER = "<IMG_CONTEXT>"
 START_IMAGE, END_IMAGE = "<img>", "</img>"

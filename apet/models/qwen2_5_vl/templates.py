@@ -9,10 +9,10 @@ system turn "You are a helpful assistant.", which is also what the authors' eval
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from apet.errors import ArtifactError
+from apet.models.shared.hf_files import chat_template_source
 
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 # Qwen2.5-VL-*-Instruct's template rendered for one image + text turn (models without template files)
@@ -20,25 +20,6 @@ DEFAULT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\
                     "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
 PROMPT_TEMPLATES = {"qwen_chat": DEFAULT_TEMPLATE}
 _SENTINEL = "\x00APET_PROMPT\x00"
-
-
-def chat_template_source(path: Path | None) -> str | None:
-    """The Jinja chat template of a checkpoint directory, from whichever file holds it."""
-    if path is None:
-        return None
-    path = Path(path)
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text()
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.is_file():
-            try:
-                template = json.loads(file.read_text()).get("chat_template")
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ArtifactError(f"cannot read {file}: {exc}", "check the checkpoint directory") from exc
-            if isinstance(template, str) and template:
-                return template
-    return None
 
 
 def render_prompt_template(source: str) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, chat_template_source, render_prompt_template
+from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, render_prompt_template
+from apet.models.shared.hf_files import chat_template_source
 
 __all__ = ["DEFAULT_TEMPLATE", "IMAGE_PLACEHOLDER", "PROMPT_TEMPLATES", "prompt_template"]
 
