@@ -152,6 +152,9 @@ def test_apet_projection_on_jetson_by_hand() -> None:
     lines = "\n".join(jetson_apet_lines([full, low]))
     assert "| 1 | 0.11 | jetson-agx-orin-64gb | 200 | 5.0 | 1.10 | 132.0 | 130.9 |" in lines
     assert "| 1 | 0.11 | jetson-orin-nano-8gb | 200 | 6.5 | 1.50 | 364.0 | 362.5 |" in lines
+    uncounted = {**low, "jetson_apet_ms": {"jetson-agx-orin-64gb": {}, "jetson-orin-nano-8gb": {}}}
+    lines = "\n".join(jetson_apet_lines([full, uncounted]))  # a bench where no TensorRT module parses (the H200)
+    assert "| 1 | 0.11 | jetson-agx-orin-64gb | not counted (no TensorRT module here) | – | – | 132.0 | – |" in lines
 
 
 def test_ort_profile_splits_runs_and_attributes_nodes_and_kernels() -> None:

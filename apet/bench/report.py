@@ -141,12 +141,17 @@ def jetson_apet_lines(runs: list[dict[str, Any]]) -> list[str]:
         full = next((r for r in runs if r["batch"] == run["batch"] and r["ratio"] == 1.0
                      and r.get("weights") == run.get("weights")), None)
         for device, stages in run["jetson_apet_ms"].items():
+            saved = saved_floor(full, device) - saved_floor(run, device) if full else None
+            saved_text = "–" if saved is None else f"{saved:.1f}"
+            if not stages and run["ratio"] < 1.0:  # compressed, but no TensorRT parser where the bench ran
+                lines.append(f"| {run['batch']} | {run['ratio']} | {device} | not counted (no TensorRT module "
+                             f"here) | – | – | {saved_text} | – |")
+                continue
             layers = " + ".join(str(v["layers"]) for v in stages.values()) or "0"
             cost = sum(v["ms"] for v in stages.values())
             us = next(iter(stages.values()))["layer_us"] if stages else "–"
-            saved = saved_floor(full, device) - saved_floor(run, device) if full else None
             lines.append(f"| {run['batch']} | {run['ratio']} | {device} | {layers} | {us} | {cost:.2f} | "
-                         + (f"{saved:.1f} | {saved - cost:.1f} |" if saved is not None else "– | – |"))
+                         + (f"{saved_text} | {saved - cost:.1f} |" if saved is not None else "– | – |"))
     return lines
 
 
