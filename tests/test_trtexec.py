@@ -87,6 +87,23 @@ def test_every_trtexec_line_parses_with_trtexec_10_3(artifact_factory, trtexec_p
         assert result.stdout.count("PARSED OK") == expected and "ERROR" not in result.stdout
 
 
+@pytest.mark.parametrize("family", ["llava-next", "video-llava", "qwen2_5_vl", "qwen3_vl", "internvl"])
+def test_every_family_trtexec_line_parses_with_trtexec_10_3(family_artifacts, trtexec_parser: Path, tmp_path: Path,
+                                                             family: str) -> None:
+    """The other families' scripts, Qwen3-VL's injected inputs (injected_embeds, injected_rows) included."""
+    artifact = tmp_path / family
+    shutil.copytree(family_artifacts[family], artifact)
+    write_trtexec_script(artifact, ShapeLimits.from_manifest(read_manifest(artifact)))
+    calls = _invocations(artifact / "trtexec.sh", "trtexec")
+    assert len(calls) >= 3
+    for words in calls:
+        result = subprocess.run([str(trtexec_parser), *words], capture_output=True, text=True)
+        assert result.returncode == 0 and "PARSED OK" in result.stdout, f"{result.stdout}\n{shlex.join(words)}"
+    if family == "qwen3_vl":
+        build_llm = next(shlex.join(w) for w in calls if any("llm.plan" in x for x in w))
+        assert "injected_embeds:" in build_llm and "injected_rows:" in build_llm
+
+
 def test_trtexec_lines_follow_the_manifest(artifact_factory, tmp_path: Path) -> None:
     artifact = _emit(artifact_factory, tmp_path, 2, max_context=512)
     manifest = read_manifest(artifact)

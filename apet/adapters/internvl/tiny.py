@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from apet.adapters.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
+from apet.adapters.shared.tiny import chatml_tokenizer, ensure_cached, write_checkpoint
 from apet.models.internvl.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TINY_FORMAT_VERSION = 1
@@ -60,14 +60,9 @@ class TinyInternVLConfig:
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE with ChatML's and InternVL's special tokens, no BOS, and the image/video token names
     ``InternVLProcessor`` reads from the tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus(CORPUS_TEMPLATE))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-        padding_side="left", model_max_length=32768, chat_template=CHAT_TEMPLATE,
-        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    return chatml_tokenizer(vocab_size, SPECIAL_TOKENS, CORPUS_TEMPLATE, CHAT_TEMPLATE,
+                            {"start_image_token": "<img>", "end_image_token": "</img>",
+                             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
 
 
 def _text_config(cfg: TinyInternVLConfig, tokenizer, eos: int, pad: int) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from apet.adapters.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
+from apet.adapters.shared.tiny import chatml_tokenizer, ensure_cached, write_checkpoint
 from apet.models.shared.clip import CLIP_MEAN, CLIP_STD
 
 TINY_FORMAT_VERSION = 2  # 2: the processor's own pixel range (--pixel-range checkpoint)
@@ -61,12 +61,7 @@ class TinyQwenConfig:
 
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE with Qwen's special tokens, no BOS, and the chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus(CORPUS_TEMPLATE))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, padding_side="left", model_max_length=32768,
-                                   chat_template=CHAT_TEMPLATE)
+    return chatml_tokenizer(vocab_size, SPECIAL_TOKENS, CORPUS_TEMPLATE, CHAT_TEMPLATE)
 
 
 # the tiny processor's own range, unlike both the authors' (256..2048 merged tokens) and the hub checkpoints'

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from apet.adapters.qwen2_5_vl.tiny import SPECIAL_TOKENS
-from apet.adapters.shared.tiny import corpus, ensure_cached, train_bpe, write_checkpoint
+from apet.adapters.shared.tiny import chatml_tokenizer, ensure_cached, write_checkpoint
 
 TINY_FORMAT_VERSION = 1
 # Qwen3-VL-*-Instruct's chat template (chat_template.json of the hub checkpoints) without its tool-call branches:
@@ -73,12 +73,7 @@ class TinyQwen3Config:
 
 def build_tokenizer(vocab_size: int):
     """A byte-level BPE with Qwen's special tokens, no BOS, and Qwen3-VL's chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok = train_bpe(vocab_size, SPECIAL_TOKENS, corpus(CORPUS_TEMPLATE))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, padding_side="left", model_max_length=32768,
-                                   chat_template=CHAT_TEMPLATE)
+    return chatml_tokenizer(vocab_size, SPECIAL_TOKENS, CORPUS_TEMPLATE, CHAT_TEMPLATE)
 
 
 def image_processor_settings() -> dict:

@@ -76,6 +76,19 @@ def llama_tokenizer(vocab_size: int, special_tokens: Sequence[str] = LLAMA_SPECI
                                    model_max_length=1024)
 
 
+def chatml_tokenizer(vocab_size: int, special_tokens: Sequence[str], template_lines: Sequence[str],
+                     chat_template: str, extra_special_tokens: dict[str, str] | None = None):
+    """A byte-level BPE trained offline, wrapped as a fast tokenizer the way ChatML checkpoints ship theirs (Qwen,
+    InternVL): no BOS, <|im_end|> ends an answer, <|endoftext|> pads on the left, the family's chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(vocab_size, special_tokens, corpus(template_lines))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, padding_side="left", model_max_length=32768,
+                                   chat_template=chat_template, **({"extra_special_tokens": extra_special_tokens}
+                                                                   if extra_special_tokens else {}))
+
+
 @dataclass(frozen=True)
 class TinyClipLlama:
     """Shapes of a tiny CLIP + Llama model (the LLaVA family's tiny checkpoints): a 3-layer ViT and a 4-layer
