@@ -6,9 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import torch
 from torch import nn
 
 from apet.adapters.shared.hf_model import HfCheckpointAdapter
@@ -19,7 +18,7 @@ from apet.models.internvl.family import AFTER, BEFORE
 from apet.models.internvl.preprocess import TileRecipe, recipe_from_settings
 from apet.models.internvl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
 from apet.models.shared.clip import processor_settings
-from apet.models.shared.hf_files import chatml_eos_ids, copy_text_assets, special_token_ids
+from apet.models.shared.hf_files import chatml_eos_ids, special_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,34 +96,8 @@ class InternVLAdapter(HfCheckpointAdapter):
         self.spec = replace(self.spec, processor=recipe.with_max_tiles(max_tiles).to_json())
 
     # -- vision ------------------------------------------------------------------------------------
-    def _inner(self) -> nn.Module:
-        return self.model.model
-
     def vision_tower(self) -> nn.Module:
         return self._inner().vision_tower
 
     def projector(self) -> nn.Module:
         return self._inner().multi_modal_projector
-
-    # -- language ----------------------------------------------------------------------------------
-    def _language_model(self) -> nn.Module:
-        return self._inner().language_model
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return list(self._language_model().layers)
-
-    def final_norm(self) -> nn.Module:
-        return self._language_model().norm
-
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    def embed_tokens(self) -> nn.Embedding:
-        return self._language_model().embed_tokens
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._language_model().rotary_emb(hidden, position_ids)
-
-    # -- text assets -------------------------------------------------------------------------------
-    def save_text_assets(self, out_dir: Path) -> list[str]:
-        return copy_text_assets(self.source_dir, out_dir)

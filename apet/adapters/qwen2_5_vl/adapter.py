@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from apet.modeling.adapter import describe_decoder
 from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings, recipe_from_settings
 from apet.models.qwen2_5_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
-from apet.models.shared.hf_files import chatml_eos_ids, copy_text_assets, special_token_ids
+from apet.models.shared.hf_files import chatml_eos_ids, special_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +80,12 @@ class QwenAdapter(HfCheckpointAdapter):
             self.spec = replace(self.spec, processor=recipe.to_json())
 
     # -- vision ------------------------------------------------------------------------------------
-    def _inner(self) -> nn.Module:
-        return self.model.model if hasattr(self.model, "model") else self.model
-
     def visual(self) -> nn.Module:
         """The ViT (patch embed, rotary, blocks, merger)."""
         inner = self._inner()
         return inner.visual if hasattr(inner, "visual") else self.model.visual
 
     # -- language ----------------------------------------------------------------------------------
-    def _language_model(self) -> nn.Module:
-        inner = self._inner()
-        return inner.language_model if hasattr(inner, "language_model") else inner
-
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return list(self._language_model().layers)
-
-    def final_norm(self) -> nn.Module:
-        return self._language_model().norm
-
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    def embed_tokens(self) -> nn.Embedding:
-        return self._language_model().embed_tokens
-
     def hf_position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
         return self._language_model().rotary_emb(hidden, position_ids)
 
@@ -121,7 +102,3 @@ class QwenAdapter(HfCheckpointAdapter):
         sections = list(self.spec.extra["mrope_section"]) * 2
         parts = table.split(sections, dim=-1)
         return torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)
-
-    # -- text assets -------------------------------------------------------------------------------
-    def save_text_assets(self, out_dir: Path) -> list[str]:
-        return copy_text_assets(self.source_dir, out_dir)

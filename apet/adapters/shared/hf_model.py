@@ -1,18 +1,20 @@
 """Adapters over one transformers model class: load a checkpoint directory (safetensors only, checked model type)
-or random-initialise a config (the ``*-shapes`` models), then ``wrap`` the model — the only family-specific part."""
+or random-initialise a config (the ``*-shapes`` models), then ``wrap`` the model — the only family-specific part.
+The language side is found where transformers 5 puts it (``model.model.language_model``, ``model.lm_head``); a
+family overrides what its checkpoints keep elsewhere."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from apet.errors import UsageError
 from apet.modeling.adapter import VisionLanguageAdapter
-from apet.models.shared.hf_files import read_json, require_safetensors
+from apet.models.shared.hf_files import copy_text_assets, read_json, require_safetensors
 
 RANDOM_INIT_SEED = 0
 
@@ -51,3 +53,30 @@ class HfCheckpointAdapter(VisionLanguageAdapter):
     @classmethod
     @abstractmethod
     def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "HfCheckpointAdapter": ...
+
+    # -- language side (transformers 5's layout) -------------------------------------------------------
+    def _inner(self) -> nn.Module:
+        return self.model.model if hasattr(self.model, "model") else self.model
+
+    def _language_model(self) -> nn.Module:
+        inner = self._inner()
+        return inner.language_model if hasattr(inner, "language_model") else inner
+
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return list(self._language_model().layers)
+
+    def final_norm(self) -> nn.Module:
+        return self._language_model().norm
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def embed_tokens(self) -> nn.Embedding:
+        return self._language_model().embed_tokens
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._language_model().rotary_emb(hidden, position_ids)
+
+    # -- text assets -------------------------------------------------------------------------------------
+    def save_text_assets(self, out_dir: Path) -> list[str]:
+        return copy_text_assets(self.source_dir, out_dir)

@@ -9,8 +9,7 @@ A subclass names its transformers class and builds its :class:`ModelSpec` in ``w
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,7 +19,6 @@ from apet.adapters.shared.hf_model import HfCheckpointAdapter
 from apet.contracts.specs import ModelSpec
 from apet.errors import UsageError
 from apet.modeling.adapter import VisionLanguageAdapter, describe_decoder
-from apet.models.shared.hf_files import copy_text_assets
 
 
 def feature_settings(config: Any) -> tuple[int, str]:
@@ -62,9 +60,6 @@ class LlavaStyleAdapter(HfCheckpointAdapter):
         self.spec = replace(self.spec, processor={**self.spec.processor, "image_fit": image_fit})
 
     # -- vision ------------------------------------------------------------------------------------
-    def _inner(self) -> nn.Module:
-        return self.model.model if hasattr(self.model, "model") else self.model
-
     def vision_tower(self) -> nn.Module:
         return self._inner().vision_tower
 
@@ -82,24 +77,8 @@ class LlavaStyleAdapter(HfCheckpointAdapter):
     def _language_model(self) -> nn.Module:
         return self.model.model.language_model if hasattr(self.model, "model") else self.model.language_model.model
 
-    def decoder_layers(self) -> Sequence[nn.Module]:
-        return list(self._language_model().layers)
-
-    def final_norm(self) -> nn.Module:
-        return self._language_model().norm
-
     def lm_head(self) -> nn.Linear:
         return self.model.lm_head if hasattr(self.model, "lm_head") else self.model.language_model.lm_head
-
-    def embed_tokens(self) -> nn.Embedding:
-        return self._language_model().embed_tokens
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._language_model().rotary_emb(hidden, position_ids)
-
-    # -- text assets -------------------------------------------------------------------------------
-    def save_text_assets(self, out_dir: Path) -> list[str]:
-        return copy_text_assets(self.source_dir, out_dir)
 
 
 def clip_flops_shape(adapter: VisionLanguageAdapter) -> Any:
