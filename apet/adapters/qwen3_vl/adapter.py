@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
-from apet.contracts.specs import DecoderSpec, ModelSpec
+from apet.contracts.specs import DecoderSpec
 from apet.errors import UsageError
 from apet.modeling.adapter import describe_decoder
-from apet.models.qwen2_5_vl.pixel_range import CHECKPOINT
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe, processor_settings
 from apet.models.qwen3_vl.family import DEEPSTACK_FLAG, DEEPSTACK_MODES
 from apet.models.qwen3_vl.recipe import qwen3_recipe
-from apet.models.qwen3_vl.templates import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, prompt_template
-from apet.models.shared.hf_files import chatml_eos_ids, special_token_ids
+from apet.models.qwen3_vl.templates import PROMPT_TEMPLATES, prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -61,44 +58,27 @@ class Qwen3Adapter(QwenAdapter):
     model_class = "Qwen3VLForConditionalGeneration"
     checkpoint_name = "Qwen3-VL"
 
+    read_prompt_template = staticmethod(prompt_template)
+    default_mrope_section = HF_MROPE_SECTION
+    no_processor_files = "uses the published Qwen3-VL range"
+
     @classmethod
-    def wrap(cls, model: nn.Module, source: str, source_dir: Path | None) -> "Qwen3Adapter":
-        config = model.config
-        vision, text = config.vision_config, config.text_config
-        recipe = qwen3_recipe(processor_settings(source_dir), source=source)
-        if recipe.patch_size != vision.patch_size or recipe.merge_size != vision.spatial_merge_size or \
-                recipe.temporal_patch_size != vision.temporal_patch_size:
-            raise UsageError(f"{source}: the image processor's patch geometry does not match the vision config",
-                             "use the processor files saved with the checkpoint")
-        template, name = prompt_template(source_dir)
-        pad = special_token_ids(source_dir, ["<|endoftext|>"]).get("<|endoftext|>", text.pad_token_id)
-        levels = [int(i) for i in vision.deepstack_visual_indexes]
-        spec = ModelSpec(
-            family=FAMILY, source=source, n_tokens=recipe.max_tokens, patch_grid=(0, 0),  # dynamic resolution
-            vision_dim=vision.out_hidden_size, image_token_id=int(config.image_token_id), bos_token_id=None,
-            eos_token_ids=chatml_eos_ids(text.eos_token_id, source_dir, (151645, 151643)), pad_token_id=pad,
-            prompt_template=template,
-            prompt_template_name=name, image_placeholder=IMAGE_PLACEHOLDER,
-            decoder=decoder_spec(text, len(levels)), processor=recipe.to_json(),
-            extra={"vision_start_token_id": int(config.vision_start_token_id),
-                   "mrope_section": [int(s) for s in cls._mrope_section(text)],
-                   "deepstack_visual_indexes": levels, "deepstack": DEEPSTACK_MODES[0]},
-        )
-        return cls(model, spec, source_dir)
+    def image_recipe(cls, config: Any, source_dir: Path | None, pixel_range: str | None = None,
+                     source: str = "the checkpoint") -> QwenImageRecipe:
+        """No window attention; the checkpoint's own range by default (there is no authors' range)."""
+        settings = processor_settings(source_dir)
+        if pixel_range is None:
+            return qwen3_recipe(settings, source=source)
+        return qwen3_recipe(settings, pixel_range, source=source)
 
-    @staticmethod
-    def _mrope_section(text: Any) -> list[int]:
-        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-        return list(rope.get("mrope_section", HF_MROPE_SECTION))
+    @classmethod
+    def decoder_spec(cls, config: Any) -> DecoderSpec:
+        return decoder_spec(config.text_config, len(config.vision_config.deepstack_visual_indexes))
 
-    def set_pixel_range(self, pixel_range: str) -> None:
-        """Image sizes from ``--pixel-range`` (parsed): the recipe's bounds and ``n_tokens`` (see QwenAdapter)."""
-        recipe = qwen3_recipe(processor_settings(self.source_dir), pixel_range, source=self.spec.source)
-        if pixel_range == CHECKPOINT and self.source_dir is None:
-            log.info("%s has no processor files: --pixel-range checkpoint uses the published Qwen3-VL range",
-                     self.spec.source)
-        self.spec = replace(self.spec, processor=recipe.to_json(), n_tokens=recipe.max_tokens)
-        log.info("Qwen3-VL images: %s", recipe.range_summary())
+    @classmethod
+    def family_extra(cls, config: Any) -> dict[str, Any]:
+        return {"deepstack_visual_indexes": [int(i) for i in config.vision_config.deepstack_visual_indexes],
+                "deepstack": DEEPSTACK_MODES[0]}
 
     def set_deepstack(self, mode: str) -> None:
         """``--deepstack merge|gather``: how the vision graph forms the DeepStack levels' kept rows (manifest
