@@ -167,17 +167,9 @@ class ApetServe:
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def ready(self, timeout: float = 120) -> bool:
-        import urllib.request
+        from triton_local import wait_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                time.sleep(0.3)
-        return False
+        return wait_ready(f"http://127.0.0.1:{self.port}/health", self.process, timeout, poll=0.3)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -22,6 +22,19 @@ from pathlib import Path
 START_TIMEOUT_S = 120
 
 
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = START_TIMEOUT_S, poll: float = 0.5) -> bool:
+    """Whether ``url`` answered 200 before ``timeout`` seconds passed or ``process`` exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            time.sleep(poll)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,15 +72,7 @@ class TritonServer:
                               timeout=60).stdout.strip()
 
     def ready(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                time.sleep(0.5)
-        return False
+        return wait_ready(f"http://127.0.0.1:{self.http}/v2/health/ready", self.process)
 
     def wait_exit(self, timeout: float) -> int | None:
         try:
