@@ -1,0 +1,90 @@
+"""Attention over packed variable-length segments (``cu_seqlens``) on the torch GPU path.
+
+Why: SDPA takes FlashAttention only without a mask. A block-diagonal or left-padding mask sends it to the
+memory-efficient or math kernel and materialises [.., T, T] biases (Qwen's window attention, a left-padded
+prefill). Flash attention over ``cu_seqlens`` computes the same softmax per segment with no mask at all: each
+segment attends only inside itself (causally or not). Off CUDA, or where this torch has no varlen flash, the same
+result comes from SDPA with the equivalent block-diagonal mask (:func:`segment_mask`), so CPU tests exercise the
+segment bookkeeping and the GPU checks compare the two kernels.
+
+torch's public ``torch.nn.attention.varlen.varlen_attn`` changed between releases (``is_causal`` in 2.10,
+``window_size``/``enable_gqa``/``scale`` later); :func:`varlen_attention` reads its signature once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_varlen_available(q: torch.Tensor) -> bool:
+    """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim a multiple of 8
+    up to 256, and a torch that exposes ``varlen_attn``."""
+    fn, _ = _varlen()
+    return (fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def segment_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tensor:
+    """[total, total] bool: True where query i may attend key j (same segment; j <= i when causal)."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    segment = torch.bucketize(positions, cu_seqlens[1:].to(positions.dtype), right=True)
+    allowed = segment[:, None] == segment[None, :]
+    if causal:
+        allowed &= positions[None, :] <= positions[:, None]
+    return allowed
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool,
+               scale: float | None) -> torch.Tensor:
+    """SDPA with the block-diagonal mask: the exact meaning of the flash call, on any device."""
+    allowed = segment_mask(cu_seqlens, q.shape[0], causal)
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=allowed, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention of packed segments: q [T, Hq, d], k and v [T, Hkv, d] (Hq a multiple of Hkv),
+    ``cu_seqlens`` [S+1] int32 segment starts (first 0, last T; empty segments allowed), ``max_seqlen`` a Python
+    int bounding every segment (graph capture needs no host read) -> [T, Hq, d].
+
+    Tokens of one segment attend only to that segment (and only backwards when ``causal``)."""
+    if not flash_varlen_available(q):
+        return _reference(q, k, v, cu_seqlens, causal, scale)
+    fn, params = _varlen()
+    groups = q.shape[1] // k.shape[1]
+    kwargs: dict[str, Any] = {}
+    if groups > 1:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # the kernel's default is 1/sqrt(d): fold the difference into q
+            q = q * (scale * q.shape[-1] ** 0.5)
+    if causal:
+        if "window_size" in params:
+            kwargs["window_size"] = (-1, 0)
+        else:
+            kwargs["is_causal"] = True
+    cu = cu_seqlens.to(torch.int32)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
