@@ -15,28 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    sizes = [lin.out_features for lin in linears]
-    weight = torch.cat([lin.weight.data for lin in linears], dim=0)
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.bias.data if lin.bias is not None else
-                          torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device) for lin in linears])
-    offset = 0
-    for lin, size in zip(linears, sizes):
-        lin.weight.data = weight[offset:offset + size]
-        if lin.bias is not None:
-            lin.bias.data = bias[offset:offset + size]
-        offset += size
-    return weight, bias, sizes
+from apet.modeling.fast_path import concat_linears
 
 
 def _fused(linears: list[nn.Module]) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
     """One call computing the concatenated outputs: float weights concatenated, or (weight-only quantized
     layers, :mod:`apet.quant`) one QuantLinear over the concatenated integer weights."""
     if all(isinstance(lin, nn.Linear) for lin in linears):
-        weight, bias, sizes = _fuse(linears)
+        weight, bias, sizes = concat_linears(linears)
         return (lambda h: F.linear(h, weight, bias)), sizes
     from apet.quant.qlinear import concat_outputs
 

@@ -13,12 +13,16 @@ output (the LLM space), where the authors apply it; ``finish`` has nothing left 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apet.contracts.compression import CompressionConfig
+from apet.kernels.varlen import varlen_attention
+from apet.modeling.fast_path import fast_tower, fused_linear, rms_norm
 from apet.modeling.vision import VisionStages
 from apet.models.qwen2_5_vl.geometry import window_layout
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
@@ -49,6 +53,97 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """The 2-D rotary tables of one run, [P, d] float32, applied in float32 like Hugging Face. The graph's form
+    rotates q and k one at a time (rotate_half: negation, concatenation, two products); the fast form rotates
+    them together ([B, P, 2, heads, d]) with one rolled copy and a multiply-add on a sign-folded sine table
+    (the same values: rotate_half(x) = roll(x, d/2) x (-1 | +1))."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    fused: bool
+
+    @classmethod
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor, fused: bool) -> "Rotary":
+        if fused:
+            half = sin.shape[-1] // 2
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            cos, sin = cos[:, None, None], sin[:, None, None]  # [P, 1, 1, d]: broadcast over (q|k, heads)
+        return cls(cos, sin, fused)
+
+    def qkv(self, qkv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, P, 3, heads, d] projections -> rotated q, rotated k, v ([B, P, heads, d] each)."""
+        if self.fused:
+            x = qkv.narrow(2, 0, 2)
+            q, k = torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, dims=-1), self.sin).to(dtype).unbind(2)
+            return q, k, qkv.select(2, 2)
+        q, k, v = qkv.unbind(2)
+        cos, sin = self.cos.unsqueeze(-2), self.sin.unsqueeze(-2)
+        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(dtype)
+        return q, k, v
+
+
+class Windows(Protocol):
+    def attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               batch: torch.Tensor | int) -> torch.Tensor:
+        """q, k, v [B, P, heads, d] -> [B, P, heads, d], each patch attending within its window (``batch``: B
+        as the caller read it, so a traced graph reads the shape once)."""
+
+
+@dataclass(frozen=True)
+class MaskedWindows:
+    """The graph's form: q/k/v gathered into [B, heads·W, S, d] windows (windows become attention heads, the
+    4-D pattern TensorRT fuses), a key mask for the empty slots of edge windows, gathered back."""
+
+    gather: torch.Tensor  # [W·S] patch of each slot (empty slots read patch 0, masked)
+    bias: torch.Tensor  # [heads·W, 1, S]
+    slot: torch.Tensor  # [P] slot of each patch
+
+    @classmethod
+    def of(cls, window_index: torch.Tensor, window_slot: torch.Tensor, heads: int,
+           dtype: torch.dtype) -> "MaskedWindows":
+        empty = window_index < 0
+        bias = torch.where(empty, torch.finfo(dtype).min, torch.zeros((), dtype=dtype, device=window_index.device))
+        bias = bias.unsqueeze(0).expand(heads, -1, -1).reshape(-1, 1, bias.shape[-1])
+        return cls(window_index.clamp(min=0).reshape(-1), bias, window_slot)
+
+    def attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               batch: torch.Tensor | int) -> torch.Tensor:
+        heads = int(attn.num_heads)  # static
+        head_dim = int(attn.qkv.in_features) // heads
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P, d]
+        slots = self.bias.shape[-1]
+        q, k, v = (t.index_select(2, self.gather).reshape(batch, -1, slots, head_dim) for t in (q, k, v))
+        out = _attend(attn, q, k, v, self.bias, scale)
+        return out.reshape(batch, heads, -1, head_dim).index_select(2, self.slot).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class PackedWindows:
+    """The GPU fast path's form: patches in window order (``order``; ``restore`` is its inverse), every window
+    of every image one segment of ``cu_seqlens``, attended as packed variable-length segments with no mask. All
+    of it comes from the host's layout on the device, without a host read (graph capture)."""
+
+    order: torch.Tensor  # [P] the patch at each window-order position
+    restore: torch.Tensor  # [P] the window-order position of each patch
+    cu_seqlens: torch.Tensor  # [B·W + 1] int32
+    max_seqlen: int
+
+    @classmethod
+    def of(cls, window_index: torch.Tensor, window_slot: torch.Tensor, batch: int) -> "PackedWindows":
+        order = torch.argsort(window_slot)  # slots are unique and ascend in window order
+        lengths = (window_index >= 0).sum(1).to(torch.int32).repeat(batch)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cls(order, torch.argsort(order), cu_seqlens, int(window_index.shape[1]))
+
+    def attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               batch: torch.Tensor | int) -> torch.Tensor:
+        packed = [t.reshape(-1, t.shape[2], t.shape[3]) for t in (q, k, v)]  # [B·P, heads, d]
+        return varlen_attention(*packed, self.cu_seqlens, self.max_seqlen, scale=scale).reshape(q.shape)
+
+
 class QwenVisionStages(VisionStages):
     input_names = ["pixel_values", "patch_positions", "window_index", "window_slot"]
 
@@ -71,48 +166,62 @@ class QwenVisionStages(VisionStages):
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
-    def _attention(self, block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _attention(self, block: nn.Module, h: torch.Tensor, rotary: Rotary, window: Windows | None) -> torch.Tensor:
+        """The block's attention on [B, P, C]: over the windows ``window`` forms, or over all P patches."""
         attn = block.attn
         batch, patches = h.shape[0], h.shape[1]
         dim, heads = int(attn.qkv.in_features), int(attn.num_heads)  # static
         head_dim = dim // heads
-        q, k, v = attn.qkv(h).reshape(batch, patches, 3, heads, head_dim).unbind(2)  # [B, P, heads, d]
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(h.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(h.dtype)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P, d]
+        q, k, v = rotary.qkv(attn.qkv(h).reshape(batch, patches, 3, heads, head_dim), h.dtype)  # [B, P, heads, d]
         if window is None:
-            out = _attend(attn, q, k, v, None, head_dim**-0.5)
+            out = _attend(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, head_dim**-0.5)
+            out = out.transpose(1, 2)
         else:
-            gather, bias, slot = window  # bias [heads·W, 1, S]
-            slots = bias.shape[-1]
-            # [B, heads, W·S, d] -> [B, heads·W, S, d]: windows become attention heads (the 4-D pattern TensorRT fuses)
-            q, k, v = (t.index_select(2, gather).reshape(batch, -1, slots, head_dim) for t in (q, k, v))
-            out = _attend(attn, q, k, v, bias, head_dim**-0.5)
-            out = out.reshape(batch, heads, -1, head_dim).index_select(2, slot)
-        return attn.proj(out.transpose(1, 2).reshape(batch, patches, dim))
+            out = window.attend(attn, q, k, v, head_dim**-0.5, batch)
+        return attn.proj(out.reshape(batch, patches, dim))
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        if not fast:
+            return mlp(x)
+        gate, up = fused_linear(mlp, ("gate_proj", "up_proj"), x)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _blocks(self, h: torch.Tensor, rotary: Rotary, window: Windows, fast: bool) -> torch.Tensor:
+        """Every ViT block on [B, P, C] (windowed or full attention, as the checkpoint lists them)."""
+        vit = self._vit()
+        norm = rms_norm if fast else (lambda module, x: module(x))
+        full = set(self.adapter.spec.extra["fullatt_block_indexes"])
+        for i, block in enumerate(vit.blocks):
+            h = h + self._attention(block, norm(block.norm1, h), rotary, None if i in full else window)
+            h = h + self._mlp(block.mlp, norm(block.norm2, h), fast)
+        return h
 
     def features(self, pixel_values: torch.Tensor, patch_positions: torch.Tensor, window_index: torch.Tensor,
                  window_slot: torch.Tensor) -> torch.Tensor:
-        """[B, P, 1176] patches of B same-grid images -> merged tokens [B, P/4, H_llm]."""
+        """[B, P, 1176] patches of B same-grid images -> merged tokens [B, P/4, H_llm].
+
+        The GPU fast path (:func:`~apet.modeling.fast_path.fast_tower`) permutes the patches to window order
+        once, runs the window blocks as packed segments and permutes back before the merger; the graph keeps
+        merge-block order and gathers each window block's q/k/v (module docstring)."""
         vit = self._vit()
         dtype = self.adapter.dtype
         weight = vit.patch_embed.proj.weight  # Conv3d with stride = kernel: a linear map of each patch
         h = pixel_values.to(dtype) @ weight.reshape(weight.shape[0], -1).t()
         cos, sin = self._rotary(patch_positions)
-        empty = window_index < 0
-        bias = torch.where(empty, torch.finfo(dtype).min, torch.zeros((), dtype=dtype, device=h.device))
         heads = int(vit.blocks[0].attn.num_heads)
-        bias = bias.unsqueeze(0).expand(heads, -1, -1).reshape(-1, 1, bias.shape[-1])  # [heads·W, 1, S]
-        window = (window_index.clamp(min=0).reshape(-1), bias, window_slot)
-        full = set(self.adapter.spec.extra["fullatt_block_indexes"])
-        for i, block in enumerate(vit.blocks):
-            h = h + self._attention(block, block.norm1(h), cos, sin, None if i in full else window)
-            h = h + block.mlp(block.norm2(h))
+        fast = fast_tower(h)
+        if fast:
+            window: Windows = PackedWindows.of(window_index, window_slot, h.shape[0])
+            h, cos, sin = h.index_select(1, window.order), cos[window.order], sin[window.order]
+        else:
+            window = MaskedWindows.of(window_index, window_slot, heads, dtype)
+        h = self._blocks(h, Rotary.of(cos, sin, fast), window, fast)
+        if fast:
+            h = h.index_select(1, window.restore)
         merger = vit.merger
         batch = h.shape[0]
-        return merger.mlp(merger.ln_q(h).reshape(batch, -1, merger.hidden_size))
+        x = rms_norm(merger.ln_q, h) if fast else merger.ln_q(h)
+        return merger.mlp(x.reshape(batch, -1, merger.hidden_size))
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tokens, index

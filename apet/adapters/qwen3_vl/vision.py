@@ -22,10 +22,11 @@ import math
 import torch
 from torch import nn
 
-from apet.adapters.qwen2_5_vl.vision import QwenVisionStages
+from apet.adapters.qwen2_5_vl.vision import QwenVisionStages, Rotary
 from apet.compression import Assignment, Compressed, gather_tokens
 from apet.contracts.io import INJECTED_DIM, INJECTED_EMBEDS, vision_output_names
 from apet.graph_ops import take
+from apet.modeling.fast_path import fast_tower
 from apet.modeling.scope import Scope
 from apet.models.qwen2_5_vl.geometry import patch_positions
 
@@ -89,10 +90,10 @@ class Qwen3VisionStages(QwenVisionStages):
         proj = vit.patch_embed.proj  # Conv3d with stride = kernel: a linear map of each patch
         h = pixel_values.to(dtype) @ proj.weight.reshape(proj.weight.shape[0], -1).t() + proj.bias
         h = h + self._positions(patch_positions).to(dtype)
-        cos, sin = self._rotary(patch_positions)
+        rotary = Rotary.of(*self._rotary(patch_positions), fused=fast_tower(h))  # full attention: flash, no mask
         levels = []
         for i, block in enumerate(vit.blocks):
-            h = h + self._attention(block, block.norm1(h), cos, sin, None)
+            h = h + self._attention(block, block.norm1(h), rotary, None)
             h = h + block.mlp(block.norm2(h))
             if i in self.levels:
                 levels.append(merge_patches(vit.deepstack_merger_list[self.levels.index(i)], h))

@@ -1,0 +1,71 @@
+"""The vision towers' GPU fast path: when it runs, and the fused pieces it shares between families (torch).
+
+Why a second path at all: the traced graph (``vision.onnx``) must keep the forms TensorRT and ONNX Runtime fuse
+(gathered windows with a key mask, separate projections, Hugging Face's norms op by op), but eagerly on a GPU those
+forms cost more than the matmuls: a masked attention cannot take FlashAttention, and every fp32 rotary or norm step
+is its own pass over [P, C] activations. The fast path computes the same function with packed segments
+(:func:`apet.kernels.varlen.varlen_attention`), mask-free SDPA, one-pass norms and concatenated projections.
+
+It runs eagerly (never while tracing or exporting, so the exported graphs do not change) on CUDA tensors, unless
+``FAST_TOWERS["enabled"]`` is False (``APET_FAST_TOWERS=0`` in the environment: the GPU scripts' "before");
+``FAST_TOWERS["off_cuda"]`` lets CPU tests run it against the reference forms.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAST_TOWERS: dict = {"enabled": os.environ.get("APET_FAST_TOWERS", "1") != "0", "off_cuda": False}
+_FUSED = "_apet_fused_linear"
+
+
+def fast_tower(x: torch.Tensor) -> bool:
+    """Whether a tower computing on ``x`` takes the fast path (eager, enabled, on CUDA or forced off it)."""
+    if not FAST_TOWERS["enabled"] or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False
+    return x.is_cuda or bool(FAST_TOWERS["off_cuda"])
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face RMSNorm module (``weight``, ``variance_epsilon``) in one call: fp32 statistics like the
+    module's, one pass instead of six on a GPU (the module casts to fp32, squares, averages, scales, casts back
+    and multiplies by the weight as separate kernels)."""
+    weight = norm.weight
+    return F.rms_norm(x, (weight.shape[0],), weight, norm.variance_epsilon)
+
+
+def concat_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """One weight (and bias) for several ``nn.Linear`` of one input: the concatenation, with the modules' own
+    weights re-pointed at slices of it, so no weight memory is duplicated and the modules compute what they did."""
+    sizes = [lin.out_features for lin in linears]
+    weight = torch.cat([lin.weight.data for lin in linears], dim=0)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.data if lin.bias is not None else
+                          torch.zeros(lin.out_features, dtype=weight.dtype, device=weight.device) for lin in linears])
+    offset = 0
+    for lin, size in zip(linears, sizes):
+        lin.weight.data = weight[offset:offset + size]
+        if lin.bias is not None:
+            lin.bias.data = bias[offset:offset + size]
+        offset += size
+    return weight, bias, sizes
+
+
+@torch.compiler.disable
+def _concatenate(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    fused = concat_linears([getattr(owner, name) for name in names])
+    setattr(owner, _FUSED, (names, fused))
+    return fused
+
+
+def fused_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[owner.<name>(x) for name in names]`` as one matmul (the concatenated weight is built on first use and
+    kept on ``owner``; eager, outside a compiled graph)."""
+    cached = getattr(owner, _FUSED, None)
+    weight, bias, sizes = cached[1] if cached is not None and cached[0] == names else _concatenate(owner, names)
+    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
