@@ -19,6 +19,29 @@ from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
 ATOL = 1e-5
 
 
+# fresh copies of the tiny models: the fast path re-points q/k/v and gate/up weights at slices of their
+# concatenation (same values), which the session adapters other tests export should not see
+@pytest.fixture(scope="module")
+def llava(tiny_checkpoint):
+    from apet.adapters.llava.adapter import LlavaAdapter
+
+    return LlavaAdapter.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen_checkpoint):
+    from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
+
+    return QwenAdapter.load(tiny_qwen_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_qwen3_checkpoint):
+    from apet.adapters.qwen3_vl.adapter import Qwen3Adapter
+
+    return Qwen3Adapter.load(tiny_qwen3_checkpoint)
+
+
 def _both(features, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(graph form, fast path) of one tower call."""
     with torch.no_grad():
@@ -47,13 +70,13 @@ def test_fast_path_is_eager_cuda_only() -> None:
 
 
 @pytest.mark.parametrize(("rows", "cols", "batch"), [(10, 14, 2), (16, 6, 1), (8, 8, 3)])
-def test_qwen2_5_windows_as_packed_segments_equal_the_graph_form(tiny_qwen_adapter, rows: int, cols: int,
+def test_qwen2_5_windows_as_packed_segments_equal_the_graph_form(qwen, rows: int, cols: int,
                                                                   batch: int) -> None:
     """Patches in window order, every window of every image one segment, back in merge-block order before the
     merger: the merged tokens equal the graph form's (gathered windows with a key mask) to 1e-5."""
     from apet.adapters.qwen2_5_vl.vision import PackedWindows, QwenVisionStages
 
-    adapter = tiny_qwen_adapter
+    adapter = qwen
     recipe = QwenImageRecipe.from_json(adapter.spec.processor)
     layout = window_layout(rows, cols, recipe)
     torch.manual_seed(rows * cols + batch)
@@ -74,11 +97,11 @@ def test_qwen2_5_windows_as_packed_segments_equal_the_graph_form(tiny_qwen_adapt
 
 
 @pytest.mark.parametrize(("rows", "cols", "batch"), [(10, 14, 2), (6, 8, 1)])
-def test_qwen3_full_attention_and_deepstack_taps_equal_the_graph_form(tiny_qwen3_adapter, rows: int, cols: int,
+def test_qwen3_full_attention_and_deepstack_taps_equal_the_graph_form(qwen3, rows: int, cols: int,
                                                                       batch: int) -> None:
     from apet.adapters.qwen3_vl.vision import Qwen3VisionStages
 
-    adapter = tiny_qwen3_adapter
+    adapter = qwen3
     recipe = adapter.recipe()
     torch.manual_seed(rows + cols)
     pixels = torch.randn(batch, rows * cols, recipe.patch_dim)
@@ -88,3 +111,23 @@ def test_qwen3_full_attention_and_deepstack_taps_equal_the_graph_form(tiny_qwen3
     levels = len(stages.levels)
     assert fast.shape == (batch, rows * cols // 4, (1 + levels) * stages.hidden)
     torch.testing.assert_close(fast, graph, rtol=ATOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_clip_fused_layers_equal_hugging_face_layers(llava, strategy: str) -> None:
+    """CLIP (LLaVA-1.5, NeXT, Video-LLaVA) with q/k/v as one matmul and mask-free SDPA == Hugging Face's
+    CLIPEncoderLayer loop up to the select layer, for a stack of views; the modules still compute what they did
+    (their weights are slices of the concatenation)."""
+    from apet.adapters.shared.clip_tower import clip_features
+
+    adapter = llava
+    tower = adapter.vision_tower()
+    recipe = adapter.spec.processor
+    torch.manual_seed(5)
+    pixels = torch.randn(3, 3, recipe["crop_height"], recipe["crop_width"])
+    layer = adapter.spec.extra["vision_feature_layer"]
+    graph, fast = _both(lambda p: clip_features(tower, p, layer, strategy), pixels)
+    torch.testing.assert_close(fast, graph, rtol=ATOL, atol=ATOL)
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[layer]
+    torch.testing.assert_close(graph, hidden[:, 1:] if strategy == "default" else hidden, rtol=0, atol=0)

@@ -13,8 +13,10 @@ import inspect
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from apet.modeling.fast_path import fast_tower, fused_linear
 from apet.modeling.vision import VisionStages
 
 
@@ -31,11 +33,29 @@ def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: in
     layers = tower.encoder.layers
     depth = select_layer if select_layer >= 0 else len(layers) + 1 + select_layer
     hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    extra = {"causal_attention_mask": None} if _takes_causal_mask(layers[0]) else {}
-    for layer in layers[:depth]:
-        out = layer(hidden, None, **extra)
-        hidden = out[0] if isinstance(out, tuple) else out
+    if fast_tower(hidden):
+        for layer in layers[:depth]:
+            hidden = _fast_layer(layer, hidden)
+    else:
+        extra = {"causal_attention_mask": None} if _takes_causal_mask(layers[0]) else {}
+        for layer in layers[:depth]:
+            out = layer(hidden, None, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
     return hidden[:, 1:] if strategy == "default" else hidden
+
+
+def _fast_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``CLIPEncoderLayer`` on the GPU fast path (:mod:`apet.modeling.fast_path`): q, k and v as one matmul over
+    the concatenated weights (three small-M GEMMs fill the GPU poorly at one image), mask-free SDPA (flash), the
+    layer's own norms and MLP; the epilogues are torch.compile's to fuse."""
+    attn = layer.self_attn
+    batch, tokens = hidden.shape[0], hidden.shape[1]
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    q, k, v = (t.view(batch, tokens, heads, head_dim).transpose(1, 2)
+               for t in fused_linear(attn, ("q_proj", "k_proj", "v_proj"), layer.layer_norm1(hidden)))
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 class ClipProjectorStages(VisionStages):
