@@ -37,6 +37,10 @@ def test_vision_cost_by_hand() -> None:
     assert cost.flops == 2 * (2 * 840 + 192)
     # weights 2*(64 + 64) + 48 = 304 elements, activations 60 pixels + 40 = 100, fp16
     assert cost.bytes == 2 * (304 + 100)
+    # a gated MLP (Qwen2.5-VL's gate, up and down) has three dim x mlp_dim matrices: 2*5*4*8 MACs more per layer
+    gated = flops.vision_cost(flops.VisionShape(tokens=5, dim=4, mlp_dim=8, layers=2, patch=2, channels=3,
+                                                mlp_matrices=3))
+    assert gated.flops == cost.flops + 2 * 2 * 5 * 4 * 8 and gated.bytes == cost.bytes + 2 * 2 * 4 * 8
 
 
 def test_llm_costs_by_hand() -> None:
@@ -81,6 +85,7 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     for key in ("vision_tower", "apet_stage1", "projector", "prefill", "apet_stage2"):
         assert low["stages"][key]["median_ms"] > 0 and low["stages"][key]["repeats"] == 6
     assert low["generation"]["decode_per_token"]["repeats"] == 2 * 3
+    assert all(r["vision_warmup_s"] > 0 for r in results["runs"])
     assert low["kv_cache_bytes"] < results["runs"][0]["kv_cache_bytes"]
     assert set(low["jetson_floors_ms"]) == {"jetson-agx-orin-64gb", "jetson-orin-nano-8gb"}
     assert {"vs_hf_generate_ttft", "vs_paper_style_ttft", "ttft_over_ratio_1"} <= set(low["speedup"])
@@ -95,7 +100,7 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert ", fp32; measured ceilings" in table and "| fp16 |" not in table and "| fp32 |" in table
     ttft = results["runs"][1]["generation"]["ttft"]
     assert f"| {ttft['median_ms']:.3f} [{ttft['p10_ms']:.3f}–{ttft['p90_ms']:.3f}] |" in table
-    assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table
+    assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table and "vision warm-up s" in table
     for png in ("breakdown.png", "ttft.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # ApET's layers (parsed by TensorRT-RTX where it imports) projected onto the Jetsons beside what it saves

@@ -58,13 +58,13 @@ class Cost:
 
 def vision_cost(v: VisionShape, batch: int = 1, dtype_bytes: int = 2) -> Cost:
     n, d = v.tokens, v.dim
-    per_layer_macs = 4 * n * d * d + 2 * n * n * d + 2 * n * d * v.mlp_dim
+    per_layer_macs = 4 * n * d * d + 2 * n * n * d + v.mlp_matrices * n * d * v.mlp_dim
     layer_macs = v.layers * per_layer_macs
     if v.window is not None:  # windowed layers attend over one window, not all n tokens
         layer_macs -= (v.layers - v.full_layers) * 2 * n * (n - v.window) * d
     pixels = v.channels * v.temporal * v.patch * v.patch
     embed_macs = (n - 1) * pixels * d
-    weights = v.layers * (4 * d * d + 2 * d * v.mlp_dim) + pixels * d
+    weights = v.layers * (4 * d * d + v.mlp_matrices * d * v.mlp_dim) + pixels * d
     activations = batch * (n * pixels + 2 * n * d)  # pixels in, features out
     return Cost(2.0 * batch * (layer_macs + embed_macs), dtype_bytes * (weights + activations))
 

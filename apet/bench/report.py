@@ -99,12 +99,13 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{p['greedy_equal_steps']}/{p['greedy_steps']} | "
                          f"{p['max_abs_logit_diff']} ({p['logit_scale']}) |")
     lines += ["", "## Measured over floor (floor = max(FLOPs / matmul rate, bytes / bandwidth))", "",
-              "| batch | ratio | " + " | ".join(STAGE_ORDER + ("apet_stage2", "decode_step")) + " |",
-              "|---:|---:|" + "---:|" * (len(STAGE_ORDER) + 2)]
+              "| batch | ratio | " + " | ".join(STAGE_ORDER + ("apet_stage2", "decode_step")) + " | vision warm-up s |",
+              "|---:|---:|" + "---:|" * (len(STAGE_ORDER) + 3)]
     for run in results["runs"]:
         over = run["measured_over_floor"]
         lines.append(f"| {run['batch']} | {run['ratio']} | " +
-                     " | ".join(str(over.get(k, "–")) for k in STAGE_ORDER + ("apet_stage2", "decode_step")) + " |")
+                     " | ".join(str(over.get(k, "–")) for k in STAGE_ORDER + ("apet_stage2", "decode_step")) +
+                     f" | {run.get('vision_warmup_s', '–')} |")
     lines += ["", "## Floors projected onto Jetson (same FLOP/byte counts, weights at their format's bytes; ms)", "",
               "| batch | ratio | device | vision | prefill | decode step | weights | LLM weight MB |",
               "|---:|---:|---|---:|---:|---:|---|---:|"]

@@ -5,6 +5,7 @@ results.json schema (``schema: apet-bench/1``):
   config        model, ratios, stages, batch sizes, prompt/new tokens, repeats
   runs[]        one per (batch, ratio): budgets {k1, stage2_layer, k2}, stages {name: timing}, generation
                 {ttft, decode_per_token, end_to_end} (timings: median_ms, p10_ms, p90_ms, min_ms, repeats),
+                vision_warmup_s (compile with --compile, warm-up runs and graph capture of the vision stage),
                 peak_memory_mb, kv_cache_bytes, costs {stage: {flops, bytes}}, floors_ms {stage},
                 measured_over_floor {stage}, jetson_floors_ms {device: {stage: ms}}, apet_layers {stage: parsed
                 TensorRT layers}, jetson_apet_ms {device: {stage: {layers, layer_us, launch_ms, floor_ms, ms}}},
@@ -215,7 +216,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                     "mean_tokens": float(keep) if stage1.per_image else
                     plan.mean_tokens(adapter.spec.decoder.num_layers),
                     "tokens_per_view": tokens, "visual_tokens": path.visual_tokens, "views": path.views},
-        "stages": stages, "generation": generation,
+        "stages": stages, "generation": generation, "vision_warmup_s": round(path.vision_warmup_s, 2),
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None, "leftover_before_mb": round(leftover / 2**20, 1),
         "visual_tokens": path.visual_tokens,

@@ -86,8 +86,13 @@ class ApetPath:
         pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None
         g = dict(enabled=graphs, pool=pool)
         with torch.no_grad():
+            start = time.perf_counter()
             self.vision = GraphedCall(maybe(lambda **kw: stages.vision(*(kw[n] for n in names))), vision_inputs, **g)
             features = self.vision(**vision_inputs).clone()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            # compile (--compile), warm-up runs and capture of the vision graph: what a first image waits for
+            self.vision_warmup_s = time.perf_counter() - start
             self.apet1 = GraphedCall(maybe(lambda x: stages.apet_stage1(x)), {"x": features}, **g)
             tokens, index = (t.clone() for t in self.apet1(x=features))
             finished = stages.named(stages.projector(tokens, index, *(vision_inputs[n] for n in names)))

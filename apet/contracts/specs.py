@@ -91,3 +91,4 @@ class VisionShape:
     full_layers: int = 0  # ... and how many of the layers attend over all tokens
     projector: bool = True  # a per-token projector runs after ApET (False: ApET sees the LLM space already)
     temporal: int = 1  # frames per patch (Qwen2.5-VL's patch embedding sees 2)
+    mlp_matrices: int = 2  # dim x mlp_dim matrices per MLP: 2 (fc1, fc2), 3 for a gated MLP (gate, up, down)

@@ -27,7 +27,7 @@ def vision_flops_shape(adapter: VisionLanguageAdapter, image_size: tuple[int, in
     return VisionShape(tokens=rows * cols, dim=vit.hidden_size, mlp_dim=vit.intermediate_size, layers=vit.depth,
                        patch=vit.patch_size, window=(recipe.window_size // recipe.patch_size) ** 2,
                        full_layers=len(vit.fullatt_block_indexes), projector=False,
-                       temporal=recipe.temporal_patch_size)
+                       temporal=recipe.temporal_patch_size, mlp_matrices=3)  # gate, up and down projections
 
 
 HALF = TorchHalf(QwenAdapter, shapes_config, ensure_tiny_qwen, QwenVisionStages, vision_flops_shape)
