@@ -20,6 +20,9 @@
 #   export7b DIR    the LLaVA-1.5-7B-shape artifact at 0.11 (fp16, op attention) into /tmp/DIR, kept for later calls
 #                   on the same machine (issue 28: export once before and once after a graph change)
 #   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
+#   towers [ARGS]   the vision towers' GPU fast path (scripts/gpu_towers.py): tiny-model parity against the graph form,
+#                   then Qwen2.5-VL-7B 1344² (graph, compile), Qwen3-VL-8B 1024², LLaVA-1.5 CLIP (compile, graph) and
+#                   LLaVA-NeXT 672² timed before/after with floors, warm-up seconds and top kernels
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -119,6 +122,9 @@ case "$stage" in
     run internvl3.5-8b-1tile 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 448x448
     run internvl3.5-8b-6tiles 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1344x896
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
+    ;;
+  towers)
+    timeout 520 python3 scripts/gpu_towers.py --out "$OUT/towers.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do
