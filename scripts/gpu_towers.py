@@ -169,6 +169,7 @@ def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tupl
     t0 = time.perf_counter()
     adapter = load_adapter(model, dtype=torch.float16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
     stages = _stages(adapter, 1.0)
+    stages.prepare_fast()  # as apet-bench and the static torch backend do on a GPU
     inputs = _vision_inputs(adapter, stages, image_size)
     names = stages.input_names
     views = int(next(iter(inputs.values())).shape[0])

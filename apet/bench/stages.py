@@ -84,6 +84,8 @@ class ApetPath:
         self.table = embedding_table(adapter)
         device = adapter.device
         pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None
+        if device.type == "cuda":
+            stages.prepare_fast()  # the tower's fused weights, before a compile traces it
         g = dict(enabled=graphs, pool=pool)
         with torch.no_grad():
             start = time.perf_counter()

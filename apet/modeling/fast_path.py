@@ -13,7 +13,9 @@ It runs eagerly (never while tracing or exporting, so the exported graphs do not
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,18 @@ def fast_tower(x: torch.Tensor) -> bool:
     if not FAST_TOWERS["enabled"] or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return False
     return x.is_cuda or bool(FAST_TOWERS["off_cuda"])
+
+
+@contextlib.contextmanager
+def fast_towers(enabled: bool) -> Iterator[None]:
+    """Run the towers with the fast path on or off inside the block (the reference backend keeps the graph
+    forms on a GPU, so GPU checks compare the fast path against them)."""
+    saved = FAST_TOWERS["enabled"]
+    FAST_TOWERS["enabled"] = enabled and saved
+    try:
+        yield
+    finally:
+        FAST_TOWERS["enabled"] = saved
 
 
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,15 +71,20 @@ def concat_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.compiler.disable
-def _concatenate(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+def fuse_linears(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """The concatenated weight of ``owner``'s linears ``names``, built once and kept on ``owner``. Build it before
+    torch.compile traces a stage (:meth:`apet.modeling.vision.VisionStages.prepare_fast`): built inside, it would
+    cost a graph break and a recompile."""
+    cached = getattr(owner, _FUSED, None)
+    if cached is not None and cached[0] == names:
+        return cached[1]
     fused = concat_linears([getattr(owner, name) for name in names])
     setattr(owner, _FUSED, (names, fused))
     return fused
 
 
 def fused_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[owner.<name>(x) for name in names]`` as one matmul (the concatenated weight is built on first use and
-    kept on ``owner``; eager, outside a compiled graph)."""
+    """``[owner.<name>(x) for name in names]`` as one matmul over the concatenated weight (:func:`fuse_linears`)."""
     cached = getattr(owner, _FUSED, None)
-    weight, bias, sizes = cached[1] if cached is not None and cached[0] == names else _concatenate(owner, names)
+    weight, bias, sizes = cached[1] if cached is not None and cached[0] == names else fuse_linears(owner, names)
     return list(F.linear(x, weight, bias).split(sizes, dim=-1))

@@ -55,6 +55,19 @@ class VisionStages(nn.Module):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Symbolic dims of inputs and outputs (their names are what the family's ``vision_dims`` sizes)."""
 
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        """(module, names of its linears) that the tower's GPU fast path runs as one matmul
+        (:func:`apet.modeling.fast_path.fused_linear`); none by default."""
+        return []
+
+    def prepare_fast(self) -> None:
+        """Build the fast path's concatenated weights now (memory-neutral: the linears' weights become slices of
+        them), so that torch.compile, tracing the stages later, finds them built."""
+        from apet.modeling.fast_path import fuse_linears
+
+        for owner, names in self.fast_linears():
+            fuse_linears(owner, names)
+
     def named(self, outputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """The graph outputs by name (:mod:`apet.contracts.io`)."""
         return dict(zip(self.output_names, outputs))

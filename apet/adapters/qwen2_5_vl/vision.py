@@ -180,6 +180,10 @@ class QwenVisionStages(VisionStages):
             out = window.attend(attn, q, k, v, head_dim**-0.5, batch)
         return attn.proj(out.reshape(batch, patches, dim))
 
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        return [(block.mlp, ("gate_proj", "up_proj")) for block in self._vit().blocks
+                if hasattr(block.mlp, "gate_proj")]
+
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
         if not fast:
             return mlp(x)

@@ -19,10 +19,18 @@ from torch import nn
 from apet.modeling.fast_path import fast_tower, fused_linear
 from apet.modeling.vision import VisionStages
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
 
 def _takes_causal_mask(layer: nn.Module) -> bool:
     """Older transformers' CLIP encoder layers require a positional causal_attention_mask."""
     return "causal_attention_mask" in inspect.signature(layer.forward).parameters
+
+
+def clip_attention(tower: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """The tower's attention modules with the q/k/v linears the fast path fuses (VisionStages.fast_linears)."""
+    tower = getattr(tower, "vision_model", tower)
+    return [(layer.self_attn, QKV) for layer in tower.encoder.layers]
 
 
 def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: int, strategy: str) -> torch.Tensor:
@@ -52,7 +60,7 @@ def _fast_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     batch, tokens = hidden.shape[0], hidden.shape[1]
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
     q, k, v = (t.view(batch, tokens, heads, head_dim).transpose(1, 2)
-               for t in fused_linear(attn, ("q_proj", "k_proj", "v_proj"), layer.layer_norm1(hidden)))
+               for t in fused_linear(attn, QKV, layer.layer_norm1(hidden)))
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
@@ -69,6 +77,9 @@ class ClipProjectorStages(VisionStages):
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.adapter.project(tokens), index
+
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        return clip_attention(self.adapter.vision_tower())
 
     def example_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
         recipe = self.adapter.spec.processor

@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
+from apet.adapters.shared.clip_tower import clip_attention
 from apet.compression import Compressed
 from apet.graph_ops import take
 from apet.modeling.vision import Scope, VisionStages
@@ -30,6 +32,9 @@ class VideoLlavaVisionStages(VisionStages):
 
     def features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         return self.adapter.vision_features(pixel_values_videos)
+
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        return clip_attention(self.adapter.video_tower())
 
     def select_frames(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[F, 1 + N, H] -> ([F, 1 + K, H], [F, 1 + K]): the selector sees the N patch tokens only."""
@@ -64,6 +69,9 @@ class VideoLlavaImageStages(VisionStages):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.adapter.image_features(pixel_values)
+
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        return clip_attention(self.adapter.image_tower())
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tokens, index

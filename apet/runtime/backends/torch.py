@@ -18,6 +18,7 @@ from apet.errors import BackendError, UsageError, option
 from apet.manifest import Manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
+from apet.modeling.fast_path import fast_towers
 from apet.modeling.reference import Reference, ReferenceState
 from apet.models.family import Layout
 from apet.models.registry import family_of
@@ -115,7 +116,8 @@ class TorchBackend(Backend):
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
         vision = self.reference.vision
         inputs = self._tensors(arrays)
-        features = vision.vision(*inputs)
+        with fast_towers(False):  # the reference runs the graph's forms; the static path the GPU fast path
+            features = vision.vision(*inputs)
         self.synchronize()
         start = time.perf_counter()
         tokens, index = vision.apet_stage1(features)
@@ -179,6 +181,8 @@ class StaticTorchBackend(TorchBackend):
         self.decoder = StaticDecoder(self.adapter, self.reference.stage2, manifest.max_batch, manifest.max_context,
                                      fuse=on_gpu)
         self.use_graphs = cuda_graphs and on_gpu
+        if on_gpu:
+            self.reference.vision.prepare_fast()  # the tower's fused weights, before a compile traces it
         self.compile = compile
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.bucket = bucket
