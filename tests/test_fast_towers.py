@@ -9,6 +9,11 @@ comparison on CUDA with the flash kernels."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,3 +136,74 @@ def test_clip_fused_layers_equal_hugging_face_layers(llava, strategy: str) -> No
     with torch.no_grad():
         hidden = tower(pixels, output_hidden_states=True).hidden_states[layer]
     torch.testing.assert_close(graph, hidden[:, 1:] if strategy == "default" else hidden, rtol=0, atol=0)
+
+
+
+def _rotary_kernel_checks() -> None:
+    """The Triton rotary pass == x·cos + rotate_half(x)·sin in fp32, for Qwen2.5-VL's and Qwen3-VL's head sizes,
+    fp16 and fp32 outputs, a batch of two; the fast Rotary takes it."""
+    from apet.adapters.qwen2_5_vl.vision import Rotary, _rotate_half
+    from apet.kernels import rotary
+
+    torch.manual_seed(0)
+    for heads, head, dtype in ((2, 80, torch.float16), (3, 72, torch.float32)):
+        qkv = torch.randn(2, 7, 3, heads, head).to(dtype)
+        angles = torch.randn(7, head) * 3
+        cos, sin = angles.cos(), angles.sin()
+        fused = Rotary.of(cos, sin, fused=True)
+        assert rotary.available(qkv)
+        got = rotary.rotate_qk(qkv, fused.cos, fused.sin, dtype)
+        x = qkv[:, :, :2].float()
+        want = (x * cos[:, None, None] + _rotate_half(x) * sin[:, None, None]).to(dtype)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        q, k, v = fused.qkv(qkv, dtype)
+        assert torch.equal(q, got[:, :, 0]) and torch.equal(k, got[:, :, 1]) and torch.equal(v, qkv[:, :, 2])
+
+
+def _activation_kernel_checks() -> None:
+    """silu(gate)·up and x·sigmoid(1.702x) in one pass == the torch ops (rows not a multiple of the block)."""
+    from apet.kernels import activations
+
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 5, 2 * 1100) * 4
+    assert activations.available(gate_up)
+    gate, up = gate_up.split(1100, dim=-1)
+    torch.testing.assert_close(activations.silu_mul(gate_up), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-6, atol=1e-6)
+    x = torch.randn(4, 1300) * 4
+    torch.testing.assert_close(activations.quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=1e-6, atol=1e-6)
+
+
+def _towers_with_kernels(qwen_checkpoint: str, llava_checkpoint: str) -> None:
+    """The fast towers with every Triton pass taken (rotary, silu·up, quick_gelu) == the graph form."""
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.adapters.qwen2_5_vl.adapter import QwenAdapter
+    from apet.adapters.qwen2_5_vl.vision import QwenVisionStages
+    from apet.adapters.shared.clip_tower import clip_features
+
+    qwen, llava = QwenAdapter.load(qwen_checkpoint), LlavaAdapter.load(llava_checkpoint)
+    recipe = QwenImageRecipe.from_json(qwen.spec.processor)
+    layout = window_layout(10, 6, recipe)
+    torch.manual_seed(1)
+    inputs = (torch.randn(2, 60, recipe.patch_dim), *(torch.from_numpy(a) for a in layout.arrays().values()))
+    graph, fast = _both(QwenVisionStages(qwen, lambda x: x).features, *inputs)
+    torch.testing.assert_close(fast, graph, rtol=ATOL, atol=ATOL)
+    pixels = torch.randn(2, 3, llava.spec.processor["crop_height"], llava.spec.processor["crop_width"])
+    layer = llava.spec.extra["vision_feature_layer"]
+    graph, fast = _both(lambda p: clip_features(llava.vision_tower(), p, layer, "default"), pixels)
+    torch.testing.assert_close(fast, graph, rtol=ATOL, atol=ATOL)
+
+
+def test_triton_kernels_under_the_interpreter(tiny_qwen_checkpoint, tiny_checkpoint, tmp_path) -> None:
+    """apet.kernels.rotary and .activations (the uncompiled GPU fast path's Triton passes) run by Triton's
+    interpreter on CPU: equal to the torch forms, and the towers that take them equal the graph form. A
+    subprocess: TRITON_INTERPRET is read when the kernels are defined (as tests/test_kernels.py does)."""
+    pytest.importorskip("triton")
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nimport test_fast_towers as t\nt._rotary_kernel_checks()\n"
+                      "t._activation_kernel_checks()\nt._towers_with_kernels(sys.argv[1], sys.argv[2])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    done = subprocess.run([sys.executable, str(script), str(tiny_qwen_checkpoint), str(tiny_checkpoint)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -83,8 +83,14 @@ def fuse_linears(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor
     return fused
 
 
-def fused_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[owner.<name>(x) for name in names]`` as one matmul over the concatenated weight (:func:`fuse_linears`)."""
+def concatenated_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([owner.<name>(x) for name in names], -1)`` as one matmul over the concatenated weight
+    (:func:`fuse_linears`)."""
     cached = getattr(owner, _FUSED, None)
-    weight, bias, sizes = cached[1] if cached is not None and cached[0] == names else fuse_linears(owner, names)
-    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
+    weight, bias, _ = cached[1] if cached is not None and cached[0] == names else fuse_linears(owner, names)
+    return F.linear(x, weight, bias)
+
+
+def fused_linear(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[owner.<name>(x) for name in names]`` as one matmul (:func:`concatenated_linear`, split)."""
+    return list(concatenated_linear(owner, names, x).split([getattr(owner, n).out_features for n in names], -1))

@@ -21,11 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from apet.contracts.compression import CompressionConfig
+from apet.kernels import activations
+from apet.kernels import rotary as rotary_kernel
 from apet.kernels.varlen import varlen_attention
-from apet.modeling.fast_path import fast_tower, fused_linear, rms_norm
+from apet.modeling.fast_path import concatenated_linear, fast_tower, rms_norm
 from apet.modeling.vision import VisionStages
 from apet.models.qwen2_5_vl.geometry import window_layout
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
+
+GATE_UP = ("gate_proj", "up_proj")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +62,8 @@ class Rotary:
     """The 2-D rotary tables of one run, [P, d] float32, applied in float32 like Hugging Face. The graph's form
     rotates q and k one at a time (rotate_half: negation, concatenation, two products); the fast form rotates
     them together ([B, P, 2, heads, d]) with one rolled copy and a multiply-add on a sign-folded sine table
-    (the same values: rotate_half(x) = roll(x, d/2) x (-1 | +1))."""
+    (the same values: rotate_half(x) = roll(x, d/2) x (-1 | +1)), eagerly on a GPU as one Triton pass
+    (:mod:`apet.kernels.rotary`), compiled as torch ops inductor fuses."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -69,14 +74,17 @@ class Rotary:
         if fused:
             half = sin.shape[-1] // 2
             sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-            cos, sin = cos[:, None, None], sin[:, None, None]  # [P, 1, 1, d]: broadcast over (q|k, heads)
         return cls(cos, sin, fused)
 
     def qkv(self, qkv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, P, 3, heads, d] projections -> rotated q, rotated k, v ([B, P, heads, d] each)."""
         if self.fused:
+            if rotary_kernel.available(qkv):  # eager on a GPU: one Triton pass
+                q, k = rotary_kernel.rotate_qk(qkv, self.cos, self.sin, dtype).unbind(2)
+                return q, k, qkv.select(2, 2)
             x = qkv.narrow(2, 0, 2)
-            q, k = torch.addcmul(x * self.cos, x.roll(x.shape[-1] // 2, dims=-1), self.sin).to(dtype).unbind(2)
+            cos, sin = self.cos[:, None, None], self.sin[:, None, None]  # [P, 1, 1, d]: over (q|k, heads)
+            q, k = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(dtype).unbind(2)
             return q, k, qkv.select(2, 2)
         q, k, v = qkv.unbind(2)
         cos, sin = self.cos.unsqueeze(-2), self.sin.unsqueeze(-2)
@@ -181,13 +189,18 @@ class QwenVisionStages(VisionStages):
         return attn.proj(out.reshape(batch, patches, dim))
 
     def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
-        return [(block.mlp, ("gate_proj", "up_proj")) for block in self._vit().blocks
+        return [(block.mlp, GATE_UP) for block in self._vit().blocks
                 if hasattr(block.mlp, "gate_proj")]
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        """The block's gated MLP; fast: gate and up as one matmul, and eagerly on a GPU silu(gate)·up as one
+        Triton pass (:mod:`apet.kernels.activations`)."""
         if not fast:
             return mlp(x)
-        gate, up = fused_linear(mlp, ("gate_proj", "up_proj"), x)
+        gate_up = concatenated_linear(mlp, GATE_UP, x)
+        if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") and activations.available(gate_up):
+            return mlp.down_proj(activations.silu_mul(gate_up))
+        gate, up = gate_up.split(mlp.gate_proj.out_features, dim=-1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _blocks(self, h: torch.Tensor, rotary: Rotary, window: Windows, fast: bool) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apet.kernels import activations
 from apet.modeling.fast_path import fast_tower, fused_linear
 from apet.modeling.vision import VisionStages
 
@@ -55,7 +56,8 @@ def clip_features(tower: nn.Module, pixel_values: torch.Tensor, select_layer: in
 def _fast_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``CLIPEncoderLayer`` on the GPU fast path (:mod:`apet.modeling.fast_path`): q, k and v as one matmul over
     the concatenated weights (three small-M GEMMs fill the GPU poorly at one image), mask-free SDPA (flash), the
-    layer's own norms and MLP; the epilogues are torch.compile's to fuse."""
+    layer's own norms and MLP (quick_gelu as one Triton pass when not compiled); the other epilogues are
+    torch.compile's to fuse."""
     attn = layer.self_attn
     batch, tokens = hidden.shape[0], hidden.shape[1]
     heads, head_dim = int(attn.num_heads), int(attn.head_dim)
@@ -63,7 +65,13 @@ def _fast_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
                for t in fused_linear(attn, QKV, layer.layer_norm1(hidden)))
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
-    return hidden + layer.mlp(layer.layer_norm2(hidden))
+    mlp = layer.mlp
+    inner = mlp.fc1(layer.layer_norm2(hidden))
+    if type(mlp.activation_fn).__name__ == "QuickGELUActivation" and activations.available(inner):
+        inner = activations.quick_gelu(inner)  # eagerly on a GPU: one Triton pass instead of three
+    else:
+        inner = mlp.activation_fn(inner)
+    return hidden + mlp.fc2(inner)
 
 
 class ClipProjectorStages(VisionStages):
