@@ -22,7 +22,8 @@
 #   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
 #   towers [ARGS]   the vision towers' GPU fast path (scripts/gpu_towers.py): tiny-model parity against the graph form,
 #                   then Qwen2.5-VL-7B 1344² (graph, compile), Qwen3-VL-8B 1024², LLaVA-1.5 CLIP (compile, graph) and
-#                   LLaVA-NeXT 672² timed before/after with floors, warm-up seconds and top kernels
+#                   LLaVA-NeXT 672² timed before/after with floors, warm-up seconds and top kernels; where one
+#                   call runs out of time: towers --towers qwen25, then towers --towers qwen3,llava,next --no-parity
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -124,7 +125,8 @@ case "$stage" in
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
     ;;
   towers)
-    timeout 520 python3 scripts/gpu_towers.py --out "$OUT/towers.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
+    name="towers$(echo "$*" | tr -c 'a-z0-9,' '_' | tr -s '_')"  # one JSON per argument set
+    timeout 540 python3 scripts/gpu_towers.py --out "$OUT/$name.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do

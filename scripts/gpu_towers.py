@@ -165,7 +165,9 @@ def _vision_inputs(adapter: Any, stages: Any, image_size: tuple[int, int]) -> di
 
 
 def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tuple[bool, ...],
-               ceilings: dict[str, float], repeats: int) -> dict[str, Any]:
+               ceilings: dict[str, float], repeats: int, report: dict[str, Any],
+               save: Callable[[], None]) -> dict[str, Any]:
+    """Fills ``report`` variant by variant, calling ``save`` after each (a run cut short keeps them)."""
     t0 = time.perf_counter()
     adapter = load_adapter(model, dtype=torch.float16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
     stages = _stages(adapter, 1.0)
@@ -176,10 +178,10 @@ def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tupl
     vision_shape, _ = shapes_of(adapter, image_size)
     cost = flops.vision_cost(vision_shape, views)
     floor = cost.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"])
-    report: dict[str, Any] = {"model": model, "image_size": list(image_size), "views": views,
-                              "tokens_per_view": vision_shape.tokens, "load_s": round(time.perf_counter() - t0, 1),
-                              "floor_ms": round(floor, 4), "cost": cost.to_json(),
-                              "input_shapes": {k: list(v.shape) for k, v in inputs.items()}}
+    report.update({"model": model, "image_size": list(image_size), "views": views,
+                   "tokens_per_view": vision_shape.tokens, "load_s": round(time.perf_counter() - t0, 1),
+                   "floor_ms": round(floor, 4), "cost": cost.to_json(),
+                   "input_shapes": {k: list(v.shape) for k, v in inputs.items()}})
     outputs: dict[bool, torch.Tensor] = {}
 
     def vision(**kw: torch.Tensor) -> torch.Tensor:
@@ -214,6 +216,7 @@ def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tupl
                 FAST_TOWERS["enabled"] = True
             log.info("%s %s: %s", key, label, {k: v for k, v in report[label].items() if k != "top_kernels"})
             _empty_cache()
+            save()
     if len(outputs) == 2:  # random full-size weights: the fast path against the graph form in fp16
         a, b = outputs[False].float(), outputs[True].float()
         report["after_vs_before"] = {"max_abs_diff": float((a - b).abs().max()), "scale": float(a.abs().max()),
@@ -246,7 +249,8 @@ def main() -> None:
         model, size, compiled = TOWERS[key]
         if args.models == "tiny":
             model, compiled = tiny[key], (False,)
-        report[key] = time_tower(key, model, size, compiled, report["ceilings"], args.repeats)
+        report[key] = {}
+        time_tower(key, model, size, compiled, report["ceilings"], args.repeats, report[key], save)
         _empty_cache()  # the tower's weights and graphs go before the next one loads
         save()
     summary = {k: {label: (v.get("median_ms"), v.get("over_floor"), v.get("warmup_s")) if isinstance(v, dict) and

@@ -21,6 +21,7 @@ from apet.bench.stages import ApetPath, Request, summarize_generation
 from apet.bench.timing import time_call
 from apet.compression import FUSED, compress
 from apet.contracts.plan import plan_compression
+from apet.modeling.fast_path import fast_towers
 from apet.models.registry import get_family, load_adapter
 from apet.runtime.cuda_graphs import GraphedCall
 
@@ -49,6 +50,12 @@ def apet_variants(batch: int, keep: int) -> dict[str, float]:
 
 
 def vision_variants(adapter: Any, batch: int) -> dict[str, float]:
+    """The HF attention implementations of the CLIP layers (the graph form: the fast path ignores them)."""
+    with fast_towers(False):
+        return _vision_variants(adapter, batch)
+
+
+def _vision_variants(adapter: Any, batch: int) -> dict[str, float]:
     stages = get_family(adapter.family).vision_stages(adapter, lambda x: compress(x, keep=96))
     pixels = stages.example_inputs(batch)[0]
     out: dict[str, float] = {}

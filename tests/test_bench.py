@@ -85,7 +85,7 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     for key in ("vision_tower", "apet_stage1", "projector", "prefill", "apet_stage2"):
         assert low["stages"][key]["median_ms"] > 0 and low["stages"][key]["repeats"] == 6
     assert low["generation"]["decode_per_token"]["repeats"] == 2 * 3
-    assert all(r["vision_warmup_s"] > 0 for r in results["runs"])
+    assert all(isinstance(r["vision_warmup_s"], float) and r["vision_warmup_s"] >= 0 for r in results["runs"])
     assert low["kv_cache_bytes"] < results["runs"][0]["kv_cache_bytes"]
     assert set(low["jetson_floors_ms"]) == {"jetson-agx-orin-64gb", "jetson-orin-nano-8gb"}
     assert {"vs_hf_generate_ttft", "vs_paper_style_ttft", "ttft_over_ratio_1"} <= set(low["speedup"])

@@ -216,7 +216,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                     "mean_tokens": float(keep) if stage1.per_image else
                     plan.mean_tokens(adapter.spec.decoder.num_layers),
                     "tokens_per_view": tokens, "visual_tokens": path.visual_tokens, "views": path.views},
-        "stages": stages, "generation": generation, "vision_warmup_s": round(path.vision_warmup_s, 2),
+        "stages": stages, "generation": generation, "vision_warmup_s": round(path.vision_warmup_s, 3),
         "peak_memory_mb": round((torch.cuda.max_memory_allocated(device) - leftover) / 2**20, 1)
         if device.type == "cuda" else None, "leftover_before_mb": round(leftover / 2**20, 1),
         "visual_tokens": path.visual_tokens,
