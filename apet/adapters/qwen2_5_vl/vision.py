@@ -8,6 +8,11 @@ data-dependent index arithmetic. Tokens stay in merge-block raster order through
 permutes to window order and back; attention, norms and MLPs are order-independent), so the
 merger's output is in the order ApET and the M-RoPE positions expect. ApET runs on the merger's
 output (the LLM space), where the authors apply it; ``finish`` has nothing left to project.
+
+Eagerly on a GPU (:mod:`apet.modeling.fast_path`) the same function runs without the mask: the patches are
+permuted to window order once, every window of every image is one segment of a packed FlashAttention varlen call
+(:class:`PackedWindows`), full attention is mask-free SDPA, and the tokens go back to merge-block order before the
+merger. The block math (:meth:`QwenVisionStages._blocks`) is one loop for both forms.
 """
 
 from __future__ import annotations
@@ -189,8 +194,7 @@ class QwenVisionStages(VisionStages):
         return attn.proj(out.reshape(batch, patches, dim))
 
     def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
-        return [(block.mlp, GATE_UP) for block in self._vit().blocks
-                if hasattr(block.mlp, "gate_proj")]
+        return [(block.mlp, GATE_UP) for block in self._vit().blocks]
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
         """The block's gated MLP; fast: gate and up as one matmul, and eagerly on a GPU silu(gate)·up as one
@@ -226,18 +230,16 @@ class QwenVisionStages(VisionStages):
         h = pixel_values.to(dtype) @ weight.reshape(weight.shape[0], -1).t()
         cos, sin = self._rotary(patch_positions)
         heads = int(vit.blocks[0].attn.num_heads)
-        fast = fast_tower(h)
-        if fast:
-            window: Windows = PackedWindows.of(window_index, window_slot, h.shape[0])
-            h, cos, sin = h.index_select(1, window.order), cos[window.order], sin[window.order]
-        else:
-            window = MaskedWindows.of(window_index, window_slot, heads, dtype)
-        h = self._blocks(h, Rotary.of(cos, sin, fast), window, fast)
-        if fast:
-            h = h.index_select(1, window.restore)
+        packed = PackedWindows.of(window_index, window_slot, h.shape[0]) if fast_tower(h) else None
+        if packed is not None:
+            h, cos, sin = h.index_select(1, packed.order), cos[packed.order], sin[packed.order]
+        window = packed or MaskedWindows.of(window_index, window_slot, heads, dtype)
+        h = self._blocks(h, Rotary.of(cos, sin, packed is not None), window, packed is not None)
+        if packed is not None:
+            h = h.index_select(1, packed.restore)
         merger = vit.merger
         batch = h.shape[0]
-        x = rms_norm(merger.ln_q, h) if fast else merger.ln_q(h)
+        x = merger.ln_q(h) if packed is None else rms_norm(merger.ln_q, h)
         return merger.mlp(x.reshape(batch, -1, merger.hidden_size))
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
