@@ -1,7 +1,7 @@
 """MLP activations in one pass (Triton) for the vision towers' uncompiled GPU fast path.
 
-Why: eagerly, ``silu(gate) * up`` (Qwen2.5-VL's gated MLP) is two passes over the [P, F] intermediate and
-``x * sigmoid(1.702 x)`` (CLIP's quick_gelu) three; each is a full read and write of the widest activation of the
+Why: eagerly, ``silu(gate) * up`` (a gated MLP) is two passes over the [P, F] intermediate and
+``x * sigmoid(1.702 x)`` (quick_gelu) three; each is a full read and write of the widest activation of the
 block. One program per row computes them in fp32 registers and writes the result once. torch.compile fuses the same
 torch ops by itself, so the compiled path keeps them (:func:`available` is False while compiling). The values are
 the torch ops' up to rounding: fp32 inside, one rounding to the output dtype at the end.
@@ -62,7 +62,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """x · sigmoid(1.702 x) (CLIP's quick_gelu) of a contiguous tensor."""
+    """x · sigmoid(1.702 x) (quick_gelu) of a contiguous tensor."""
     width = x.shape[-1]
     rows = x.reshape(-1, width)
     out = torch.empty_like(x)
