@@ -207,3 +207,14 @@ def test_triton_kernels_under_the_interpreter(tiny_qwen_checkpoint, tiny_checkpo
     done = subprocess.run([sys.executable, str(script), str(tiny_qwen_checkpoint), str(tiny_checkpoint)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fast_linears_name_linears_the_towers_have(qwen, qwen3, llava) -> None:
+    """What prepare_fast concatenates exists in each tower (Qwen2.5-VL: gate/up; CLIP: q/k/v; Qwen3-VL: none)."""
+    from apet.models.registry import get_family
+
+    for adapter, count in ((qwen, len(qwen.visual().blocks)), (qwen3, 0), (llava, None)):
+        stages = get_family(adapter.family).vision_stages(adapter, lambda x: x)
+        linears = stages.fast_linears()
+        assert len(linears) == count if count is not None else linears
+        assert all(isinstance(getattr(owner, name), torch.nn.Linear) for owner, names in linears for name in names)

@@ -99,6 +99,9 @@ class Qwen3VisionStages(QwenVisionStages):
                 levels.append(merge_patches(vit.deepstack_merger_list[self.levels.index(i)], h))
         return torch.cat([merge_patches(vit.merger, h), *levels], dim=-1)
 
+    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
+        return []  # fc1 -> GELU -> fc2: nothing to concatenate (q/k/v is one linear already)
+
     def _assigned(self, tokens: torch.Tensor) -> tuple[Compressed, Assignment | None]:
         assigned = getattr(self.rule, "assigned", None)
         return assigned(tokens) if assigned is not None else (self.rule(tokens), None)
