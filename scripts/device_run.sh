@@ -20,6 +20,9 @@
 #   export7b DIR    the LLaVA-1.5-7B-shape artifact at 0.11 (fp16, op attention) into /tmp/DIR, kept for later calls
 #                   on the same machine (issue 28: export once before and once after a graph change)
 #   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
+#   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
+#                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
+#                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -105,6 +108,11 @@ case "$stage" in
   profile7b)
     python3 -m apet.bench.ort_profile "/tmp/$1" "/tmp/$2" --device cuda --repeats 10 --warmup 3 --decode-steps 16 \
       --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
+    ;;
+  floor)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
+      tests/test_packed_prefill.py 2>&1 | tail -8
+    python3 scripts/gpu_floor.py --out "$OUT/floor.json" "$@" 2>&1 | tail -60
     ;;
   new-families)  # one JSON per run, named for it; the markdown tables of all runs in one file
     run() {  # NAME SECONDS ARGS...

@@ -30,12 +30,12 @@ def _varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def flash_varlen_available(q: torch.Tensor) -> bool:
-    """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim a multiple of 8
-    up to 256, and a torch that exposes ``varlen_attn``."""
+def flash_varlen_available(q: torch.Tensor, head_dim: int | None = None) -> bool:
+    """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim (``head_dim``, or
+    q's last dimension) a multiple of 8 up to 256, and a torch that exposes ``varlen_attn``."""
     fn, _ = _varlen()
-    return (fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    dim = q.shape[-1] if head_dim is None else head_dim
+    return fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dim % 8 == 0 and dim <= 256
 
 
 def segment_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tensor:

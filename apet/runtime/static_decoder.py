@@ -131,7 +131,7 @@ class StaticDecoder:
         maps onto segments."""
         if not left_padded or self.prefill_attention == "masked":
             return False
-        return self.prefill_attention == "packed" or flash_varlen_available(embeds)
+        return self.prefill_attention == "packed" or flash_varlen_available(embeds, self.layout.head_dim)
 
     def _attention_inputs(self, mask: torch.Tensor, length: int, dtype: torch.dtype,
                           packed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
