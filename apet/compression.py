@@ -212,7 +212,8 @@ def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
     """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a fixed
     budget below N, GPU tensors (never while exporting), and ``FUSED["stage_kernel"]`` on."""
-    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
+            or torch.compiler.is_exporting():
         return False
     if config.method != "fps" or not config.merge or config.per_image or not isinstance(x, torch.Tensor) \
             or x.dim() != 3 or isinstance(x.shape[1], torch.Tensor):

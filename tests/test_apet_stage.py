@@ -76,7 +76,8 @@ def test_stage_kernels_under_cuda_graph_capture() -> None:
 def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
     script.write_text("import test_apet_stage as t\nt.check('cpu', t.SMALL)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 

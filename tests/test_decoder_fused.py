@@ -101,7 +101,7 @@ def test_kernels_and_decoder_in_the_triton_interpreter(tmp_path: Path, tiny_chec
     script = tmp_path / "run.py"
     script.write_text("import test_decoder_fused as t\nt.check_kernels('cpu')\n"
                       f"t.check_decoder({str(tiny_checkpoint)!r})\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                                                   os.environ.get("PYTHONPATH", "")])}
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
