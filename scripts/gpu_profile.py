@@ -95,8 +95,7 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
         print(case["model"], name, stages[name]["ms"], "ms", stages[name]["over_floor"], "x floor",
               stages[name]["kernels"], "kernels", flush=True)
     visual_tokens, views = path.visual_tokens, path.views
-    del path
-    torch.cuda.empty_cache()
+    calls.clear()
     return {**case, "setup_s": round(setup_s, 1), "tokens": tokens, "keep": keep, "visual_tokens": visual_tokens,
             "views": views, "stages": stages}
 

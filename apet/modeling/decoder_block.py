@@ -31,6 +31,8 @@ class FusedProjections(Protocol):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    def out(self, h: torch.Tensor) -> torch.Tensor: ...
+
 
 def has_qk_norm(layer: nn.Module) -> bool:
     """Whether a Hugging Face decoder layer normalises q and k per head (Qwen3's ``q_norm``/``k_norm``)."""
@@ -67,7 +69,8 @@ class DecoderBlock:
 
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, then the MLP half of the layer."""
-        h = h + self.layer.self_attn.o_proj(merge_heads(attended))
+        out = self.fused.out if self.fused is not None else self.layer.self_attn.o_proj
+        h = h + out(merge_heads(attended))
         mlp = self.fused.mlp if self.fused is not None else self.layer.mlp
         return h + mlp(self.layer.post_attention_layernorm(h))
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from apet.kernels.gemv import linear
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
@@ -37,20 +38,29 @@ def _fused(linears: list[nn.Module]) -> tuple[Callable[[torch.Tensor], torch.Ten
     layers, :mod:`apet.quant`) one QuantLinear over the concatenated integer weights."""
     if all(isinstance(lin, nn.Linear) for lin in linears):
         weight, bias, sizes = _fuse(linears)
-        return (lambda h: F.linear(h, weight, bias)), sizes
+        return (lambda h: linear(h, weight, bias)), sizes
     from apet.quant.qlinear import concat_outputs
 
     return concat_outputs(list(linears)), [lin.out_features for lin in linears]
 
 
+def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A float ``nn.Linear`` through :func:`apet.kernels.gemv.linear` (decode's skinny matmuls); anything else
+    (a weight-only quantized layer) as it is."""
+    if type(module) is nn.Linear:
+        return lambda h: linear(h, module.weight, module.bias)
+    return module
+
+
 class FusedLayer:
-    """One decoder layer's fused projections; ``qkv(h)`` and ``mlp(h)`` equal the unfused modules."""
+    """One decoder layer's fused projections; ``qkv(h)``, ``out(h)`` and ``mlp(h)`` equal the unfused modules."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_call, self.qkv_sizes = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up_call, self.gate_up_sizes = _fused([mlp.gate_proj, mlp.up_proj])
-        self.down, self.act = mlp.down_proj, mlp.act_fn
+        self.down, self.act = skinny_projection(mlp.down_proj), mlp.act_fn
+        self.out = skinny_projection(attn.o_proj)
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_call(h).split(self.qkv_sizes, dim=-1)

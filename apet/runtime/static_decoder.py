@@ -54,7 +54,7 @@ class StaticDecoder:
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
                  max_context: int, fuse: bool = False) -> None:
-        from apet.runtime.fusion import FusedLayer
+        from apet.runtime.fusion import FusedLayer, skinny_projection
 
         self.layers = list(adapter.decoder_layers())
         self.fused = [FusedLayer(layer) for layer in self.layers] if fuse else None
@@ -64,6 +64,7 @@ class StaticDecoder:
             from apet.quant.kernels import attach_static
 
             self.kernels = attach_static(self.layers, self.fused, self.head, adapter.dtype)
+        self.project_logits = skinny_projection(self.head) if fuse else self.head
         self.layout = HeadLayout.of(adapter)
         self.blocks = decoder_blocks(self.layers, self.layout, adapter.spec.decoder.qk_norm, self.fused)
         self.injected_layers = adapter.spec.decoder.injected_layers
@@ -106,7 +107,7 @@ class StaticDecoder:
         return self.blocks[i](h, cos, sin, attend)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h[:, -1]))
+        return self.project_logits(self.norm(h[:, -1]))
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
