@@ -20,6 +20,8 @@
 #   export7b DIR    the LLaVA-1.5-7B-shape artifact at 0.11 (fp16, op attention) into /tmp/DIR, kept for later calls
 #                   on the same machine (issue 28: export once before and once after a graph change)
 #   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
+#   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
+#   gemv            cuBLAS vs apet's skinny-matmul kernel on the 7B decode projections (scripts/gpu_gemv.py)
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -119,6 +121,13 @@ case "$stage" in
     run internvl3.5-8b-1tile 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 448x448
     run internvl3.5-8b-6tiles 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1344x896
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
+    ;;
+  profile)
+    python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
+    ;;
+  gemv)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+    python3 scripts/gpu_gemv.py --out "$OUT/gemv.json" 2>&1 | tail -24
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do
