@@ -23,6 +23,8 @@
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
+#   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
+#   gemv            cuBLAS vs apet's skinny-matmul kernel on the 7B decode projections (scripts/gpu_gemv.py)
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -127,6 +129,13 @@ case "$stage" in
     run internvl3.5-8b-1tile 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 448x448
     run internvl3.5-8b-6tiles 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1344x896
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
+    ;;
+  profile)
+    python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
+    ;;
+  gemv)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+    python3 scripts/gpu_gemv.py --out "$OUT/gemv.json" 2>&1 | tail -24
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do

@@ -31,6 +31,8 @@ class FusedProjections(Protocol):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    def out(self, h: torch.Tensor) -> torch.Tensor: ...
+
     def norm(self, name: str, h: torch.Tensor,
              delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -81,7 +83,7 @@ class DecoderBlock:
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, then the MLP half of the layer."""
         if self.fused is not None:  # residual add + post-attention norm in one kernel on the GPU
-            h, normed = self.fused.norm("post", h, self.layer.self_attn.o_proj(merge_heads(attended)))
+            h, normed = self.fused.norm("post", h, self.fused.out(merge_heads(attended)))
             return h + self.fused.mlp(normed)
         h = h + self.layer.self_attn.o_proj(merge_heads(attended))
         return h + self.layer.mlp(self.layer.post_attention_layernorm(h))

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from apet.kernels.gemv import linear
 
 # ``enabled = False`` keeps the HF norms and torch rotary on the GPU too (to compare, scripts/gpu_floor.py)
 KERNELS: dict = {"enabled": True}
@@ -41,15 +42,23 @@ def _fused(linears: list[nn.Module]) -> tuple[Callable[[torch.Tensor], torch.Ten
     layers, :mod:`apet.quant`) one QuantLinear over the concatenated integer weights."""
     if all(isinstance(lin, nn.Linear) for lin in linears):
         weight, bias, sizes = _fuse(linears)
-        return (lambda h: F.linear(h, weight, bias)), sizes
+        return (lambda h: linear(h, weight, bias)), sizes
     from apet.quant.qlinear import concat_outputs
 
     return concat_outputs(list(linears)), [lin.out_features for lin in linears]
 
 
+def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A float ``nn.Linear`` through :func:`apet.kernels.gemv.linear` (decode's skinny matmuls); anything else
+    (a weight-only quantized layer) as it is."""
+    if type(module) is nn.Linear:
+        return lambda h: linear(h, module.weight, module.bias)
+    return module
+
+
 class FusedLayer:
-    """One decoder layer's fused projections; ``qkv(h)`` and ``mlp(h)`` equal the unfused modules, ``norm`` and
-    ``qkv_rotated`` the HF norms and rotary (Triton kernels on the GPU, the HF modules elsewhere)."""
+    """One decoder layer's fused projections; ``qkv(h)``, ``out(h)`` and ``mlp(h)`` equal the unfused modules,
+    ``norm`` and ``qkv_rotated`` the HF norms and rotary (Triton kernels on the GPU, the HF modules elsewhere)."""
 
     def __init__(self, layer: nn.Module) -> None:
         from apet.kernels.decoder_fused import rms_norm_of
@@ -57,7 +66,8 @@ class FusedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_call, self.qkv_sizes = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up_call, self.gate_up_sizes = _fused([mlp.gate_proj, mlp.up_proj])
-        self.down, self.act = mlp.down_proj, mlp.act_fn
+        self.down, self.act = skinny_projection(mlp.down_proj), mlp.act_fn
+        self.out = skinny_projection(attn.o_proj)
         self.norms = {"input": layer.input_layernorm, "post": layer.post_attention_layernorm}
         self.norm_weights = {name: rms_norm_of(module) for name, module in self.norms.items()}
 

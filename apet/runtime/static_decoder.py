@@ -64,7 +64,7 @@ class StaticDecoder:
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
                  max_context: int, fuse: bool = False, prefill_attention: str = "auto") -> None:
-        from apet.runtime.fusion import FusedLayer
+        from apet.runtime.fusion import FusedLayer, skinny_projection
 
         if prefill_attention not in PREFILL_ATTENTION:
             raise ValueError(f"prefill_attention={prefill_attention!r}: use one of {', '.join(PREFILL_ATTENTION)}")
@@ -78,6 +78,7 @@ class StaticDecoder:
             from apet.quant.kernels import attach_static
 
             self.kernels = attach_static(self.layers, self.fused, self.head, adapter.dtype)
+        self.project_logits = skinny_projection(self.head) if fuse else self.head
         self.layout = HeadLayout.of(adapter)
         self.blocks = decoder_blocks(self.layers, self.layout, adapter.spec.decoder.qk_norm, self.fused)
         self.injected_layers = adapter.spec.decoder.injected_layers
@@ -124,7 +125,7 @@ class StaticDecoder:
         return self.blocks[i](h, cos, sin, attend)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h[:, -1]))
+        return self.project_logits(self.norm(h[:, -1]))
 
     def packs(self, embeds: torch.Tensor, left_padded: bool) -> bool:
         """Whether a prefill of ``embeds`` attends packed (see the class docstring); only a left-padded mask
