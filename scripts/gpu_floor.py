@@ -37,19 +37,23 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 @contextlib.contextmanager
 def variant(new: bool) -> Iterator[None]:
-    """The new kernels (default) or every one of them off: torch-op ApET, HF norms and torch rotary. (The prefill's
+    """The new kernels (default) or every one of them off: torch-op ApET, HF norms and torch rotary, cuBLAS for
+    every matmul. (The prefill's
     attention form is the decoder's own switch, ``prefill_attention``.) Switches are read when a graph is captured."""
     from apet.compression import FUSED
+    from apet.kernels import gemv
     from apet.runtime.fusion import KERNELS
 
-    saved = dict(FUSED), dict(KERNELS)
+    saved = dict(FUSED), dict(KERNELS), dict(gemv.ENABLED)
     FUSED["stage_kernel"] = new
     KERNELS["enabled"] = new
+    gemv.ENABLED["value"] = new  # decode's skinny matmuls: the measured choice of kernel vs cuBLAS only
     try:
         yield
     finally:
         FUSED.update(saved[0])
         KERNELS.update(saved[1])
+        gemv.ENABLED.update(saved[2])
 
 
 def form(new: bool) -> str:
