@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from apet.contracts.io import KV_CACHE_FORMS, llm_graphs
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
@@ -70,6 +71,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs and engines serve")
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHE_FORMS,
+                   help="LLM cache form: dynamic = llm.onnx, the cache grows by concatenation (default); static = "
+                        "llm_prefill.onnx (stage 2 inside) + llm_decode.onnx (fixed shapes: ONNX Runtime CUDA "
+                        "graphs) over caches of --max-context positions written in place (docs/architecture.md)")
     p.add_argument("--split-lm-head", type=int, default=1, metavar="N",
                    help="export the LM head as N vocabulary slices concatenated in the graph (TensorRT on 8 GB "
                         "Jetsons cannot build a ~1 GiB single head, e.g. Qwen's 151,936-token one; try 4)")
@@ -140,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        attention=args.attention, opset=args.opset,
                        max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, split_lm_head=args.split_lm_head,
-                       overwrite=args.overwrite,
+                       kv_cache=args.kv_cache, overwrite=args.overwrite,
                        device=args.device, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
                        calib_images=args.calib_images, calib_samples=args.calib_samples,
@@ -148,11 +153,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    llm = manifest.graphs["llm"]
+    llm = manifest.graphs[llm_graphs(manifest.kv_cache)[0]]
     print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
           f"({family_of(manifest).visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
           f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe(manifest.dtype)}, "
-          f"{llm.weight_bytes / 1e6:.1f} MB")
+          f"{llm.weight_bytes / 1e6:.1f} MB" + (" (static KV cache)" if manifest.kv_cache == "static" else ""))
     return 0
 
 
