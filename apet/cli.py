@@ -229,6 +229,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
     p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly instead of replaying a CUDA graph "
+                   "(torch on a GPU; onnxruntime on CUDA with a --kv-cache static artifact)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
@@ -249,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apet.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
-                             profile_apet=args.stats or args.json)
+                             profile_apet=args.stats or args.json, cuda_graphs=not args.no_cuda_graphs)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
     result = pipeline.generate(image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
@@ -333,7 +335,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (>= 2)")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs "
+                   "(the torch path, and ONNX Runtime's static-KV decode)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -344,6 +347,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "resolution or tiling see a different number of visual tokens)")
     p.add_argument("--attention", default="pattern", choices=ATTENTION_FORMS,
                    help="form of the graphs --backends onnxruntime exports (see apet-export --attention)")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHE_FORMS,
+                   help="LLM cache form --backends onnxruntime exports (see apet-export --kv-cache; static: decode "
+                        "replayed as a CUDA graph unless --no-cuda-graphs)")
     p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
                    "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
     p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
@@ -398,7 +404,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compile=args.compile, baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
-                      attention=args.attention, layer_us=_layer_us(args.layer_us))
+                      attention=args.attention, kv_cache=args.kv_cache, layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

@@ -40,14 +40,15 @@ def _tokens_arg(plan: CompressionPlan) -> str:
 
 
 def export_for_bench(adapter: VisionLanguageAdapter, plan: CompressionPlan, out: Path, max_batch: int,
-                     max_context: int, attention: str = "pattern") -> tuple[Path, float]:
+                     max_context: int, attention: str = "pattern", kv_cache: str = "dynamic") -> tuple[Path, float]:
     from apet.export.artifact import ExportConfig, export_artifact
 
     dtype = "fp16" if adapter.dtype == torch.float16 else "fp32"
     start = time.perf_counter()
     export_artifact(ExportConfig(model="loaded", out=out, tokens=_tokens_arg(plan), stages=2 if plan.stage2 else 1,
                                  dtype=dtype, max_batch=max_batch, max_context=max_context, attention=attention,
-                                 device=str(adapter.device), stage2_layer=plan.stage2.layer if plan.stage2 else None),
+                                 device=str(adapter.device), stage2_layer=plan.stage2.layer if plan.stage2 else None,
+                                 kv_cache=kv_cache),
                     adapter=adapter)
     return out, time.perf_counter() - start
 
@@ -59,8 +60,9 @@ def _sync() -> None:
 
 def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
             repeats: int, parity_steps: int = 32, workdir: Path | None = None,
-            attention: str = "pattern") -> dict[str, Any]:
-    """Export (``attention``: pattern | op graphs), then TTFT / decode timings of ONNX Runtime and its parity
+            attention: str = "pattern", kv_cache: str = "dynamic", cuda_graphs: bool = True) -> dict[str, Any]:
+    """Export (``attention``: pattern | op graphs; ``kv_cache``: dynamic | static LLM form), then TTFT / decode
+    timings of ONNX Runtime (``cuda_graphs``: the static form's decode replayed as a CUDA graph) and its parity
     with the torch reference; the greedy tokens are kept so two runs of different forms can be compared."""
     from apet.manifest import read_manifest
     from apet.runtime.pipeline import make_backend
@@ -68,9 +70,9 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
     device = "cuda" if adapter.device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(dir=workdir, prefix="apet-bench-ort-") as scratch:
         artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "artifact", request.batch, max_context,
-                                              attention)
+                                              attention, kv_cache)
         # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
-        backend = make_backend("onnxruntime", artifact, read_manifest(artifact), device)
+        backend = make_backend("onnxruntime", artifact, read_manifest(artifact), device, cuda_graphs=cuda_graphs)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
         def first_token():
@@ -95,7 +97,8 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             ort_logits.append(logits)
         parity = _parity(adapter, plan, inputs, layout, visual, backend.stage2_index, tokens, ort_logits, processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
-    return {"attention": attention, "execution_provider": "CUDA" if device == "cuda" else "CPU",
+    return {"attention": attention, "kv_cache": kv_cache, "cuda_graphs": cuda_graphs and kv_cache == "static"
+            and device == "cuda", "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
 
