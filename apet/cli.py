@@ -337,6 +337,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs "
                    "(the torch path, and ONNX Runtime's static-KV decode)")
+    p.add_argument("--no-ort-cuda-graphs", action="store_true",
+                   help="ONNX Runtime's static-KV decode without CUDA graphs (the torch path keeps them)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -350,6 +352,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHE_FORMS,
                    help="LLM cache form --backends onnxruntime exports (see apet-export --kv-cache; static: decode "
                         "replayed as a CUDA graph unless --no-cuda-graphs)")
+    p.add_argument("--ort-artifact", type=Path, help="--backends onnxruntime: run this artifact, exported earlier "
+                   "from the same --model weights with the same budgets, instead of exporting one (its --attention, "
+                   "--kv-cache and --max-context apply)")
     p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
                    "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
     p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
@@ -404,7 +409,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compile=args.compile, baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
-                      attention=args.attention, kv_cache=args.kv_cache, layer_us=_layer_us(args.layer_us))
+                      attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
+                      ort_cuda_graphs=not args.no_ort_cuda_graphs,
+                      layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

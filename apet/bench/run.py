@@ -69,6 +69,10 @@ class BenchConfig:
     group_size: int | None = None
     attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
     kv_cache: str = "dynamic"  # the LLM cache form it exports (apet-export --kv-cache; static: CUDA graphs)
+    # an artifact exported earlier from the same (seeded) weights, run instead of exporting one (7B exports take
+    # minutes); its budgets must be the plan's
+    ort_artifact: Path | None = None
+    ort_cuda_graphs: bool = True  # ONNX Runtime's static decode as a CUDA graph (with cuda_graphs)
     layer_us: dict[str, float] | None = None  # per-layer cost per Jetson (flops.LAYER_US, an assumption) overridden
 
     def __post_init__(self) -> None:
@@ -242,7 +246,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
 
         _release_memory(device, weights)
         result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats,
-                                        attention=cfg.attention, kv_cache=cfg.kv_cache, cuda_graphs=cfg.cuda_graphs)
+                                        attention=cfg.attention, kv_cache=cfg.kv_cache,
+                                        cuda_graphs=cfg.cuda_graphs and cfg.ort_cuda_graphs,
+                                        artifact=cfg.ort_artifact)
     return result
 
 
@@ -342,7 +348,8 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
                         platform.processor() or platform.machine(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "dtype": dtype_name(dtype),
                         "ceilings": ceilings},
-        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": {**{k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                      for k, v in asdict(cfg).items()},
                    "out": str(cfg.out), "n_tokens": adapter.spec.n_tokens,
                    "num_layers": adapter.spec.decoder.num_layers},
         "runs": runs, "baselines": baselines,
