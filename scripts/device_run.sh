@@ -25,6 +25,11 @@
 #   ortstatic [DIR] [nocg]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph; nocg: without)
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
+#   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
+#                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
+#                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
+#   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
+#   gemv            cuBLAS vs apet's skinny-matmul kernel on the 7B decode projections (scripts/gpu_gemv.py)
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -130,6 +135,11 @@ case "$stage" in
     python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
       || echo "no results: see the bench output above"
     ;;
+  floor)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
+      tests/test_packed_prefill.py 2>&1 | tail -8
+    python3 scripts/gpu_floor.py --out "$OUT/floor.json" "$@" 2>&1 | tail -60
+    ;;
   new-families)  # one JSON per run, named for it; the markdown tables of all runs in one file
     run() {  # NAME SECONDS ARGS...
       local name="$1" limit="$2"; shift 2
@@ -143,6 +153,13 @@ case "$stage" in
     run internvl3.5-8b-1tile 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 448x448
     run internvl3.5-8b-6tiles 80 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1344x896
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
+    ;;
+  profile)
+    python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
+    ;;
+  gemv)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+    python3 scripts/gpu_gemv.py --out "$OUT/gemv.json" 2>&1 | tail -24
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do
