@@ -20,6 +20,11 @@
 #   export7b DIR    the LLaVA-1.5-7B-shape artifact at 0.11 (fp16, op attention) into /tmp/DIR, kept for later calls
 #                   on the same machine (issue 28: export once before and once after a graph change)
 #   profile7b A B   ONNX Runtime CUDA's per-scope profile of two such artifacts (apet.bench.ort_profile)
+#   ortstatic-export DIR  the LLaVA-1.5-7B-shape artifact at 0.11 in the static-KV form (fp16, op attention, batch 1,
+#                   512 cache positions) into /tmp/DIR, kept for ortstatic (a 7B export of two LLM graphs takes minutes)
+#   ortstatic [DIR] [nocg]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph; nocg: without)
+#                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
+#                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
@@ -110,6 +115,25 @@ case "$stage" in
   profile7b)
     python3 -m apet.bench.ort_profile "/tmp/$1" "/tmp/$2" --device cuda --repeats 10 --warmup 3 --decode-steps 16 \
       --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
+    ;;
+  ortstatic-export)
+    start=$SECONDS
+    python3 -m apet.cli export --model llava-shapes --ratio 0.11 --stages 2 --dtype fp16 --attention op \
+      --kv-cache static --max-batch 1 --max-context 512 --device cuda --out "/tmp/$1" --overwrite 2>&1 | tail -5
+    echo "ortstatic-export $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"; ls -la "/tmp/$1"; df -h /tmp | tail -1
+    ;;
+  ortstatic)  # ortstatic [DIR] [nocg]
+    extra=() name=ortstatic
+    if [ -n "${1:-}" ]; then extra+=(--ort-artifact "/tmp/$1"); fi
+    if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
+    python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 --new-tokens 32 \
+      --backends torch,onnxruntime --attention op --kv-cache static --baselines "" "${extra[@]}" \
+      --out "/tmp/bench-$name" 2>&1 | tail -12
+    cp "/tmp/bench-$name/results.json" "$OUT/$name.json" 2>/dev/null
+    python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
+      || echo "no results: see the bench output above"
     ;;
   floor)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
