@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from apet.contracts.io import KV_CACHE_FORMS, llm_graphs
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
@@ -70,6 +71,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the graphs and engines serve")
     p.add_argument("--max-context", type=int, help="KV-cache capacity in tokens (default min(max positions, 2048))")
     p.add_argument("--all-logits", action="store_true", help="llm.onnx returns logits for every position")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHE_FORMS,
+                   help="LLM cache form: dynamic = llm.onnx, the cache grows by concatenation (default); static = "
+                        "llm_prefill.onnx (stage 2 inside) + llm_decode.onnx (fixed shapes: ONNX Runtime CUDA "
+                        "graphs) over caches of --max-context positions written in place (docs/architecture.md)")
     p.add_argument("--split-lm-head", type=int, default=1, metavar="N",
                    help="export the LM head as N vocabulary slices concatenated in the graph (TensorRT on 8 GB "
                         "Jetsons cannot build a ~1 GiB single head, e.g. Qwen's 151,936-token one; try 4)")
@@ -140,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        attention=args.attention, opset=args.opset,
                        max_batch=args.max_batch, max_context=args.max_context,
                        stage2_layer=args.stage2_layer, all_logits=args.all_logits, split_lm_head=args.split_lm_head,
-                       overwrite=args.overwrite,
+                       kv_cache=args.kv_cache, overwrite=args.overwrite,
                        device=args.device, weights=args.weights,
                        group_size=args.group_size, calibration=args.calibration, calib_data=args.calib_data,
                        calib_images=args.calib_images, calib_samples=args.calib_samples,
@@ -148,11 +153,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = export_artifact(cfg)
     c = manifest.compression
     stage2 = f", {c.stage2.keep} from LLM layer {c.stage2.layer} on" if c.stage2 else ""
-    llm = manifest.graphs["llm"]
+    llm = manifest.graphs[llm_graphs(manifest.kv_cache)[0]]
     print(f"wrote {args.out}: {c.budget_summary(manifest.model.n_tokens)}{stage2} "
           f"({family_of(manifest).visual_summary(manifest)}); --target {manifest.target}: {manifest.attention} "
           f"attention, opset {manifest.opset}; LLM weights {manifest.weights.describe(manifest.dtype)}, "
-          f"{llm.weight_bytes / 1e6:.1f} MB")
+          f"{llm.weight_bytes / 1e6:.1f} MB" + (" (static KV cache)" if manifest.kv_cache == "static" else ""))
     return 0
 
 
@@ -224,6 +229,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="auto: TensorRT engines when built and a GPU is present, else ONNX Runtime")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda for tensorrt, else cpu)")
     p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly instead of replaying a CUDA graph "
+                   "(torch on a GPU; onnxruntime on CUDA with a --kv-cache static artifact)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
@@ -244,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apet.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
-                             profile_apet=args.stats or args.json)
+                             profile_apet=args.stats or args.json, cuda_graphs=not args.no_cuda_graphs)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
     result = pipeline.generate(image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
@@ -328,7 +335,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (>= 2)")
     p.add_argument("--repeats", type=int, default=10, help="timed repetitions per measurement")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly instead of replaying CUDA graphs "
+                   "(the torch path, and ONNX Runtime's static-KV decode)")
+    p.add_argument("--no-ort-cuda-graphs", action="store_true",
+                   help="ONNX Runtime's static-KV decode without CUDA graphs (the torch path keeps them)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -339,6 +349,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "resolution or tiling see a different number of visual tokens)")
     p.add_argument("--attention", default="pattern", choices=ATTENTION_FORMS,
                    help="form of the graphs --backends onnxruntime exports (see apet-export --attention)")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHE_FORMS,
+                   help="LLM cache form --backends onnxruntime exports (see apet-export --kv-cache; static: decode "
+                        "replayed as a CUDA graph unless --no-cuda-graphs)")
+    p.add_argument("--ort-artifact", type=Path, help="--backends onnxruntime: run this artifact, exported earlier "
+                   "from the same --model weights with the same budgets, instead of exporting one (its --attention, "
+                   "--kv-cache and --max-context apply)")
     p.add_argument("--weights", default="fp16", help="comma list of LLM weight formats (fp16,int8,int4), each "
                    "benched in turn (round-to-nearest weights; torch weight-only kernels where the build has them)")
     p.add_argument("--group-size", type=int, help="INT4 block size (default 128)")
@@ -393,7 +409,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       compile=args.compile, baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
-                      attention=args.attention, layer_us=_layer_us(args.layer_us))
+                      attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
+                      ort_cuda_graphs=not args.no_ort_cuda_graphs,
+                      layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())
     return 0

@@ -194,8 +194,33 @@ def selector(config: CompressionConfig) -> StageSelector:
 
 
 def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
-    """``compress(x)`` with one stage's settings."""
+    """``compress(x)`` with one stage's settings. On the GPU the paper placements run as six Triton launches
+    (:mod:`apet.kernels.apet_stage`: the stage's rows and index, without the membership matrix, whose
+    ``members``/``targets`` are then None; :func:`compress_assigned` always has them)."""
+    if _stage_kernel_applies(config, x):
+        from apet.kernels import apet_stage
+
+        _check_input(x)
+        n_tokens = int(x.shape[1])
+        config.validate(n_tokens)
+        tokens, index = apet_stage.compress(x, config.keep, config.basis, fps_start(n_tokens, config.seed),
+                                            GRAM_RIDGE, config.placement)
+        return Compressed(tokens, index)
     return compress_assigned(config, x)[0]
+
+
+def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
+    """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a fixed
+    budget below N, GPU tensors (never while exporting), and ``FUSED["stage_kernel"]`` on."""
+    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
+            or torch.compiler.is_exporting():
+        return False
+    if config.method != "fps" or not config.merge or config.per_image or not isinstance(x, torch.Tensor) \
+            or x.dim() != 3 or isinstance(x.shape[1], torch.Tensor):
+        return False
+    from apet.kernels import apet_stage
+
+    return apet_stage.available(x) and apet_stage.supports(x, config.keep, config.basis, config.placement)
 
 
 def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
@@ -475,8 +500,9 @@ def _compress(x: torch.Tensor, config: CompressionConfig, keep: int,
 # The Triton path runs one program per image, so its serial loops grow with N: on the H100 it took 0.17 ms at
 # N = 96 (stage 2; the graphed plain path 0.36 ms) but 0.63 ms at N = 576 (stage 1; the plain path 0.34 ms
 # compiled + graphed), docs/benchmarks.md. Above ``max_tokens`` the plain path runs. ``enabled = False`` turns it
-# off (to compare), ``max_tokens = None`` lifts the size limit (the kernel tests).
-FUSED: dict = {"enabled": True, "max_tokens": 256}
+# off (to compare), ``max_tokens = None`` lifts the size limit (the kernel tests). ``stage_kernel``: the whole stage
+# in :mod:`apet.kernels.apet_stage` for :func:`compress_with` (False: the path above, to compare).
+FUSED: dict = {"enabled": True, "max_tokens": 256, "stage_kernel": True}
 
 
 def _fused_available(x: torch.Tensor) -> bool:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from apet.contracts.cache import CacheLayout
 from apet.contracts.files import BUILD_OUTPUTS, MANIFEST_NAME, REPORT_NAME, sha256_file
+from apet.contracts.io import KV_CACHE_FORMS
 from apet.contracts.plan import CompressionPlan
 from apet.contracts.specs import DecoderSpec, ModelSpec
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, ExportForm
@@ -66,6 +67,10 @@ class Manifest:
     digest: str = ""  # SHA-256 of this manifest's canonical JSON without the digest (see content_digest)
     target: str = DEFAULT_TARGET  # absent from manifests written before --target: those are pattern / opset 17
     attention: str = "pattern"
+    # the LLM's KV-cache form (apet.contracts.io.KV_CACHE_FORMS): "dynamic" = llm.onnx, the cache grows by
+    # concatenation (manifests written before the field); "static" = llm_prefill.onnx + llm_decode.onnx over
+    # preallocated caches
+    kv_cache: str = "dynamic"
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -240,6 +245,14 @@ def _attention_form(data: Mapping[str, Any]) -> str:
     return form
 
 
+def _kv_cache_form(data: Mapping[str, Any]) -> str:
+    form = data.get("kv_cache", "dynamic")
+    if form not in KV_CACHE_FORMS:
+        raise ArtifactError(f"manifest field kv_cache is {form!r}, not one of {', '.join(KV_CACHE_FORMS)}",
+                            "re-export the artifact")
+    return form
+
+
 def manifest_from_json(data: Any) -> Manifest:
     """Validate and build a Manifest from parsed JSON; only ArtifactError escapes."""
     if not isinstance(data, Mapping):
@@ -272,6 +285,7 @@ def manifest_from_json(data: Any) -> Manifest:
             checksums={str(k): str(v) for k, v in checksums.items()},
             weights=_weights_from_json(data.get("weights")),
             target=str(data.get("target", DEFAULT_TARGET)), attention=_attention_form(data),
+            kv_cache=_kv_cache_form(data),
         )
         _check_digest(data)
         return replace(manifest, digest=str(data["digest"]))

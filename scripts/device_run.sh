@@ -24,6 +24,16 @@
 #                   then Qwen2.5-VL-7B 1344² (graph, compile), Qwen3-VL-8B 1024², LLaVA-1.5 CLIP (compile, graph) and
 #                   LLaVA-NeXT 672² timed before/after with floors, warm-up seconds and top kernels; where one
 #                   call runs out of time: towers --towers qwen25, then towers --towers qwen3,llava,next --no-parity
+#   ortstatic-export DIR  the LLaVA-1.5-7B-shape artifact at 0.11 in the static-KV form (fp16, op attention, batch 1,
+#                   512 cache positions) into /tmp/DIR, kept for ortstatic (a 7B export of two LLM graphs takes minutes)
+#   ortstatic [DIR] [nocg]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph; nocg: without)
+#                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
+#                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
+#   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
+#                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
+#                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
+#   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
+#   gemv            cuBLAS vs apet's skinny-matmul kernel on the 7B decode projections (scripts/gpu_gemv.py)
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -110,6 +120,30 @@ case "$stage" in
     python3 -m apet.bench.ort_profile "/tmp/$1" "/tmp/$2" --device cuda --repeats 10 --warmup 3 --decode-steps 16 \
       --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
     ;;
+  ortstatic-export)
+    start=$SECONDS
+    python3 -m apet.cli export --model llava-shapes --ratio 0.11 --stages 2 --dtype fp16 --attention op \
+      --kv-cache static --max-batch 1 --max-context 512 --device cuda --out "/tmp/$1" --overwrite 2>&1 | tail -5
+    echo "ortstatic-export $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"; ls -la "/tmp/$1"; df -h /tmp | tail -1
+    ;;
+  ortstatic)  # ortstatic [DIR] [nocg]
+    extra=() name=ortstatic
+    if [ -n "${1:-}" ]; then extra+=(--ort-artifact "/tmp/$1"); fi
+    if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
+    python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 --new-tokens 32 \
+      --backends torch,onnxruntime --attention op --kv-cache static --baselines "" "${extra[@]}" \
+      --out "/tmp/bench-$name" 2>&1 | tail -12
+    cp "/tmp/bench-$name/results.json" "$OUT/$name.json" 2>/dev/null
+    python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
+      || echo "no results: see the bench output above"
+    ;;
+  floor)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
+      tests/test_packed_prefill.py 2>&1 | tail -8
+    python3 scripts/gpu_floor.py --out "$OUT/floor.json" "$@" 2>&1 | tail -60
+    ;;
   new-families)  # one JSON per run, named for it; the markdown tables of all runs in one file
     run() {  # NAME SECONDS ARGS...
       local name="$1" limit="$2"; shift 2
@@ -127,6 +161,13 @@ case "$stage" in
   towers)
     name="towers$(echo "$*" | tr -c 'a-z0-9,' '_' | tr -s '_')"  # one JSON per argument set
     timeout 540 python3 scripts/gpu_towers.py --out "$OUT/$name.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
+    ;;
+  profile)
+    python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
+    ;;
+  gemv)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3
+    python3 scripts/gpu_gemv.py --out "$OUT/gemv.json" 2>&1 | tail -24
     ;;
   qwen-bench)
     for model in qwen2.5-vl-7b-shapes qwen2.5-vl-3b-shapes; do

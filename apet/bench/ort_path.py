@@ -30,6 +30,7 @@ from apet.contracts.comparison import (
 )
 from apet.contracts.io import VISUAL_EMBEDS
 from apet.contracts.plan import CompressionPlan
+from apet.errors import UsageError
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.reference import Reference
 from apet.modeling.vision import injected_of
@@ -40,14 +41,15 @@ def _tokens_arg(plan: CompressionPlan) -> str:
 
 
 def export_for_bench(adapter: VisionLanguageAdapter, plan: CompressionPlan, out: Path, max_batch: int,
-                     max_context: int, attention: str = "pattern") -> tuple[Path, float]:
+                     max_context: int, attention: str = "pattern", kv_cache: str = "dynamic") -> tuple[Path, float]:
     from apet.export.artifact import ExportConfig, export_artifact
 
     dtype = "fp16" if adapter.dtype == torch.float16 else "fp32"
     start = time.perf_counter()
     export_artifact(ExportConfig(model="loaded", out=out, tokens=_tokens_arg(plan), stages=2 if plan.stage2 else 1,
                                  dtype=dtype, max_batch=max_batch, max_context=max_context, attention=attention,
-                                 device=str(adapter.device), stage2_layer=plan.stage2.layer if plan.stage2 else None),
+                                 device=str(adapter.device), stage2_layer=plan.stage2.layer if plan.stage2 else None,
+                                 kv_cache=kv_cache),
                     adapter=adapter)
     return out, time.perf_counter() - start
 
@@ -59,18 +61,28 @@ def _sync() -> None:
 
 def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
             repeats: int, parity_steps: int = 32, workdir: Path | None = None,
-            attention: str = "pattern") -> dict[str, Any]:
-    """Export (``attention``: pattern | op graphs), then TTFT / decode timings of ONNX Runtime and its parity
-    with the torch reference; the greedy tokens are kept so two runs of different forms can be compared."""
+            attention: str = "pattern", kv_cache: str = "dynamic", cuda_graphs: bool = True,
+            artifact: Path | None = None) -> dict[str, Any]:
+    """Export (``attention``: pattern | op graphs; ``kv_cache``: dynamic | static LLM form), then TTFT / decode
+    timings of ONNX Runtime (``cuda_graphs``: the static form's decode replayed as a CUDA graph) and its parity
+    with the torch reference; the greedy tokens are kept so two runs of different forms can be compared.
+    ``artifact``: one exported earlier from the same weights (its form and cache size are its own), not exported
+    here."""
     from apet.manifest import read_manifest
     from apet.runtime.pipeline import make_backend
 
     device = "cuda" if adapter.device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(dir=workdir, prefix="apet-bench-ort-") as scratch:
-        artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "artifact", request.batch, max_context,
-                                              attention)
+        if artifact is None:
+            artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "artifact", request.batch,
+                                                  max_context, attention, kv_cache)
+        else:
+            export_s = 0.0
+        manifest = read_manifest(artifact)
+        _check_artifact(manifest, plan, request)
+        attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
         # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
-        backend = make_backend("onnxruntime", artifact, read_manifest(artifact), device)
+        backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
         def first_token():
@@ -78,7 +90,11 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             layout = make_layout(visual.keep_index)
             return visual, layout, backend.prefill(layout, visual)
 
-        first_token()  # warm-up (ORT builds its kernels on first use)
+        _, layout, logits = first_token()  # warm-up (ORT builds its kernels on first use)
+        mask = layout.attention_mask
+        for _ in range(2):  # and decode's: the static form's session per batch, the CUDA graph's capture
+            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+            logits = backend.decode(logits.argmax(-1).astype(np.int64), mask, processor.decode_positions(layout, mask))
         ttfts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -95,9 +111,22 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             ort_logits.append(logits)
         parity = _parity(adapter, plan, inputs, layout, visual, backend.stage2_index, tokens, ort_logits, processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
-    return {"attention": attention, "execution_provider": "CUDA" if device == "cuda" else "CPU",
+    return {"attention": attention, "kv_cache": kv_cache, "max_context": max_context,
+            "cuda_graphs": cuda_graphs and kv_cache == "static" and device == "cuda",
+            "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
+
+
+def _check_artifact(manifest, plan: CompressionPlan, request: Request) -> None:
+    """An artifact given to the bench must hold the plan's budgets and the request's batch."""
+    stage2 = manifest.compression.stage2
+    same = manifest.compression.stage1_keep == plan.stage1_keep and (stage2 is None) == (plan.stage2 is None) and \
+        (stage2 is None or (stage2.layer, stage2.keep) == (plan.stage2.layer, plan.stage2.keep))
+    if not same or manifest.max_batch < request.batch:
+        raise UsageError(f"the ONNX Runtime artifact holds budgets {_tokens_arg(manifest.compression)} and batch "
+                         f"{manifest.max_batch}, the bench runs {_tokens_arg(plan)} at batch {request.batch}",
+                         "export it with the bench's --ratios/--stages and a --max-batch that covers --batch")
 
 
 def _parity(adapter: VisionLanguageAdapter, plan: CompressionPlan, inputs, layout, ort_visual,

@@ -35,6 +35,7 @@ from apet.bench.stages import ApetPath, Request, bench_manifest, summarize_gener
 from apet.bench.timing import NOISY_SPREAD, noisy_timings
 from apet.contracts.budget_options import check_ratios
 from apet.contracts.compression import CompressionConfig, Stage2Config
+from apet.contracts.io import KV_CACHE_FORMS
 from apet.contracts.plan import Budget, plan_for
 from apet.contracts.targets import resolve_form
 from apet.errors import UsageError
@@ -68,6 +69,11 @@ class BenchConfig:
     weights: tuple[str, ...] = ("fp16",)  # LLM weight formats, each benched in turn (RTN: same speed as AWQ)
     group_size: int | None = None
     attention: str = "pattern"  # form of the graphs the onnxruntime backend exports (apet.contracts.targets)
+    kv_cache: str = "dynamic"  # the LLM cache form it exports (apet-export --kv-cache; static: CUDA graphs)
+    # an artifact exported earlier from the same (seeded) weights, run instead of exporting one (7B exports take
+    # minutes); its budgets must be the plan's
+    ort_artifact: Path | None = None
+    ort_cuda_graphs: bool = True  # ONNX Runtime's static decode as a CUDA graph (with cuda_graphs)
     layer_us: dict[str, float] | None = None  # per-layer cost per Jetson (flops.LAYER_US, an assumption) overridden
 
     def __post_init__(self) -> None:
@@ -90,6 +96,8 @@ class BenchConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 1:
             raise UsageError(f"--image-size {self.image_size} is not WIDTHxHEIGHT", "e.g. --image-size 672x672")
         resolve_form(attention=self.attention)
+        if self.kv_cache not in KV_CACHE_FORMS:
+            raise UsageError(f"--kv-cache {self.kv_cache!r} is unknown", f"use one of {', '.join(KV_CACHE_FORMS)}")
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -239,7 +247,9 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
 
         _release_memory(device, weights)
         result["onnxruntime"] = ort_run(adapter, plan, request, _max_context(adapter, cfg), cfg.repeats,
-                                        attention=cfg.attention)
+                                        attention=cfg.attention, kv_cache=cfg.kv_cache,
+                                        cuda_graphs=cfg.cuda_graphs and cfg.ort_cuda_graphs,
+                                        artifact=cfg.ort_artifact)
     return result
 
 
@@ -339,7 +349,8 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
                         platform.processor() or platform.machine(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "dtype": dtype_name(dtype),
                         "ceilings": ceilings},
-        "config": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "config": {**{k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                      for k, v in asdict(cfg).items()},
                    "out": str(cfg.out), "n_tokens": adapter.spec.n_tokens,
                    "num_layers": adapter.spec.decoder.num_layers},
         "runs": runs, "baselines": baselines,

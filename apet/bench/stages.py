@@ -14,6 +14,7 @@ from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import compress_with, selector
 from apet.contracts.io import KEEP_INDEX
 from apet.contracts.plan import CompressionPlan
+from apet.kernels.varlen import is_left_padded
 from apet.manifest import in_memory_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.vision import injected_of
@@ -71,7 +72,8 @@ class ApetPath:
     """The compressed model at one budget, every stage captured as its own CUDA graph."""
 
     def __init__(self, adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, graphs: bool,
-                 fuse: bool = True, compile: bool = False, max_context: int = 2048) -> None:
+                 fuse: bool = True, compile: bool = False, max_context: int = 2048,
+                 prefill_attention: str = "auto") -> None:
         self.adapter, self.plan, self.request = adapter, plan, request
         stage1, stage2 = plan.stage1, plan.stage2
         _, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
@@ -79,7 +81,8 @@ class ApetPath:
         names = stages.input_names
         vision_inputs = _device(inputs.arrays, names, adapter)
         self.max_context = max_context
-        self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse)
+        self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse,
+                                     prefill_attention=prefill_attention)
         maybe = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
         self.table = embedding_table(adapter)
         device = adapter.device
@@ -107,6 +110,7 @@ class ApetPath:
                       "positions": layout.positions, "start": layout.image_start}
             self.prefill_inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
             self.prefill_inputs["visual"] = visual
+            self.left_padded = is_left_padded(torch.from_numpy(layout.attention_mask))
             injected = injected_of(finished)  # families with injected layers: the setup run's, timed as inputs
             if injected is not None:
                 self.prefill_inputs["injected"] = injected.clone()
@@ -138,7 +142,8 @@ class ApetPath:
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                  start: torch.Tensor, visual: torch.Tensor, injected: torch.Tensor | None = None):
-        return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start, injected, rows)
+        return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start, injected, rows,
+                                    left_padded=self.left_padded)
 
     def _decode(self, token: torch.Tensor, position: torch.Tensor, span: int):
         return self.decoder.decode(self.table[token][:, None], position, span)

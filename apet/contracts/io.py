@@ -38,3 +38,21 @@ def llm_io_names(num_layers: int, stage2: bool, injected: bool = False) -> tuple
     inputs = LLM_INPUTS + ([IMAGE_START] if stage2 else []) + ([INJECTED_EMBEDS, INJECTED_ROWS] if injected else [])
     outputs = [LOGITS] + ([STAGE2_INDEX] if stage2 else [])
     return inputs + past_names(num_layers), outputs + present_names(num_layers)
+
+
+# -- the static-KV form of the LLM (apet-export --kv-cache static, docs/architecture.md) -------------------
+KV_CACHE_FORMS = ("dynamic", "static")  # dynamic: llm.onnx grows the cache by concatenation (the default)
+CACHE_POSITION = "cache_position"  # [1] int64: the cache position a decode step writes (group 0; see CacheLayout)
+LLM_PREFILL, LLM_DECODE = "llm_prefill", "llm_decode"  # the static form's two graphs (manifest keys; files .onnx)
+
+
+def llm_graphs(kv_cache: str) -> tuple[str, ...]:
+    """The manifest's LLM graph names of a cache form."""
+    return (LLM_PREFILL, LLM_DECODE) if kv_cache == "static" else ("llm",)
+
+
+def decode_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of the static form's ``llm_decode.onnx``: one token per row over preallocated caches; the
+    mask is the validity of every cache position [B, max_context], no stage 2, no injected inputs."""
+    inputs = LLM_INPUTS + [CACHE_POSITION] + past_names(num_layers)
+    return inputs, [LOGITS] + present_names(num_layers)

@@ -124,6 +124,10 @@ def _read_inputs(cfg: BuildConfig) -> tuple[Manifest, str, tuple]:
     def read() -> tuple[Manifest, str, tuple]:
         state = content_state(cfg.artifact)
         manifest = read_manifest(cfg.artifact)
+        if manifest.kv_cache != "dynamic" and "llm" in cfg.graphs:
+            raise UsageError(f"apet-build builds the dynamic KV-cache form's llm.onnx; this artifact is --kv-cache "
+                             f"{manifest.kv_cache} (for ONNX Runtime)", "pass --graphs vision, or re-export with "
+                             "apet-export --kv-cache dynamic")
         for missing in [g for g in cfg.graphs if g not in manifest.graphs]:
             raise ArtifactError(f"the manifest has no {missing} graph", "re-export the artifact")
         onnx_files = [manifest.graphs[g].file for g in cfg.graphs]

@@ -16,12 +16,13 @@ from apet.atomic import SCRATCH_PREFIXES, replace_files
 from apet.contracts.cache import DEFAULT_TEXT_TOKENS
 from apet.contracts.compression import BASIS_PLACEMENTS, METHODS
 from apet.contracts.files import BUILD_OUTPUTS, EMBEDDINGS_FILE, EMBEDDINGS_TENSOR, MANIFEST_NAME, sha256_file
+from apet.contracts.io import KV_CACHE_FORMS, llm_graphs
 from apet.contracts.onnx_graph import check_onnx, external_data_files, graph_io, initializer_bytes, spec_dict
 from apet.contracts.plan import Budget, CompressionPlan, check_budget_options, plan_for
 from apet.contracts.targets import ExportForm, resolve_form
 from apet.contracts.weights import QUANT_OPSET, WeightSpec, default_method
 from apet.errors import ArtifactError, StorageError, UsageError, check_range
-from apet.export.llm import export_llm, save_embeddings
+from apet.export.llm import export_llm, export_static_llm, save_embeddings
 from apet.export.vision import export_vision
 from apet.manifest import SCHEMA_VERSION, GraphEntry, Manifest, in_memory_manifest, read_manifest, write_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
@@ -63,6 +64,7 @@ class ExportConfig:
     stage2_layer: int | None = None
     all_logits: bool = False
     split_lm_head: int = 1  # the LM head as N vocabulary slices (8 GB devices)
+    kv_cache: str = "dynamic"  # dynamic: llm.onnx (cache by concatenation) | static: llm_prefill + llm_decode
     overwrite: bool = False
     device: str = "cpu"
     # options the model's family declares ({"pixel-range": "checkpoint", "prompt-template": "hf", "max-views": 3};
@@ -100,6 +102,10 @@ class ExportConfig:
         check_range("--max-batch", self.max_batch, 1, 256)
         check_range("--basis", self.basis, 1, 1 << 16)
         check_range("--split-lm-head", self.split_lm_head, 1, 64)
+        if self.kv_cache not in KV_CACHE_FORMS:
+            raise UsageError(f"--kv-cache {self.kv_cache!r} is unknown", f"use one of {', '.join(KV_CACHE_FORMS)}")
+        if self.kv_cache == "static" and self.all_logits:
+            raise UsageError("--all-logits is not available with --kv-cache static", "drop one of them")
         if self.split_lm_head > 1 and spec.quantized and spec.quantize_lm_head:
             raise UsageError(f"--split-lm-head {self.split_lm_head} slices a float LM head, but --weights "
                              f"{self.weights} quantizes it", "add --keep-lm-head, or drop --split-lm-head "
@@ -261,8 +267,12 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
                 weights = _quantize(cfg, adapter, plan, pairs, info, scratch)
             bar.update()
             step(4)
-            export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=form.opset, all_logits=cfg.all_logits,
-                       attention=form.attention, lm_head_slices=cfg.split_lm_head)
+            if cfg.kv_cache == "static":
+                export_static_llm(adapter, plan.stage2, scratch, opset=form.opset, max_context=max_context,
+                                  attention=form.attention, lm_head_slices=cfg.split_lm_head)
+            else:
+                export_llm(adapter, plan.stage2, scratch / "llm.onnx", opset=form.opset, all_logits=cfg.all_logits,
+                           attention=form.attention, lm_head_slices=cfg.split_lm_head)
             bar.update()
             step(5)
             extra_rows = save_embeddings(adapter, scratch / EMBEDDINGS_FILE)
@@ -271,9 +281,10 @@ def export_artifact(cfg: ExportConfig, adapter: VisionLanguageAdapter | None = N
             assets = adapter.save_text_assets(scratch)
             bar.update()
             step(7)
-            for name in ("vision.onnx", "llm.onnx"):
-                check_onnx(scratch / name)
-            graphs = {"vision": _graph_entry(scratch, "vision.onnx"), "llm": _graph_entry(scratch, "llm.onnx")}
+            names = ("vision",) + llm_graphs(cfg.kv_cache)
+            for name in names:
+                check_onnx(scratch / f"{name}.onnx")
+            graphs = {name: _graph_entry(scratch, f"{name}.onnx") for name in names}
             bar.update()
             step(8)
             manifest = _manifest(cfg, adapter, plan, graphs, assets, max_context, scratch, extra_rows, weights)
@@ -302,5 +313,5 @@ def _manifest(cfg: ExportConfig, adapter: VisionLanguageAdapter, plan: Compressi
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), model=adapter.spec,
         dtype=cfg.dtype, opset=cfg.form.opset, compression=plan, max_batch=cfg.max_batch,
         max_context=max_context, graphs=graphs, embeddings=embeddings, text_assets=assets, checksums=checksums,
-        weights=weights, target=cfg.form.target, attention=cfg.form.attention,
+        weights=weights, target=cfg.form.target, attention=cfg.form.attention, kv_cache=cfg.kv_cache,
     )

@@ -96,6 +96,11 @@ class PatternAttention:
     def mask(self, attention_mask: torch.Tensor, query_len: Any, dtype: torch.dtype) -> torch.Tensor:
         return additive_mask(attention_mask, query_len, dtype)
 
+    def cache_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, C] validity of a static cache's positions -> [B, 1, 1, C] bias for one query (static decode)."""
+        zero = torch.zeros((), dtype=dtype, device=valid.device)
+        return torch.where(valid[:, None, None, :] > 0, zero, torch.finfo(dtype).min)
+
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         groups = self.layout.groups
         scores = (q * self.layout.head_dim**-0.5) @ repeat_kv(keys, groups).transpose(2, 3) + bias
@@ -118,6 +123,10 @@ class OpAttention(PatternAttention):
 
     def mask(self, attention_mask: torch.Tensor, query_len: Any, dtype: torch.dtype) -> torch.Tensor:
         return allowed_keys(attention_mask, query_len, include_self=True)
+
+    def cache_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Boolean, True = attend; no self rule: the token's own position is valid, stale ones must stay masked."""
+        return valid[:, None, None, :] > 0
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return onnx_attention(q, keys, values, mask, self.layout.head_dim**-0.5)

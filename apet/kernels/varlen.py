@@ -30,12 +30,12 @@ def _varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def flash_varlen_available(q: torch.Tensor) -> bool:
-    """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim a multiple of 8
-    up to 256, and a torch that exposes ``varlen_attn``."""
+def flash_varlen_available(q: torch.Tensor, head_dim: int | None = None) -> bool:
+    """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim (``head_dim``, or
+    q's last dimension) a multiple of 8 up to 256, and a torch that exposes ``varlen_attn``."""
     fn, _ = _varlen()
-    return (fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    dim = q.shape[-1] if head_dim is None else head_dim
+    return fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dim % 8 == 0 and dim <= 256
 
 
 def segment_mask(cu_seqlens: torch.Tensor, total: int, causal: bool) -> torch.Tensor:
@@ -88,3 +88,39 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             kwargs["is_causal"] = True
     cu = cu_seqlens.to(torch.int32)
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of a [B, T] 1/0 mask is a run of zeros then a run of ones (left padding): what
+    :func:`left_pad_segments` maps onto segments. Reads the values (a host sync on a device tensor): call it on
+    the host copy before the mask is uploaded."""
+    real = (mask > 0).to(torch.int8)
+    return bool((real[:, 1:] >= real[:, :-1]).all())
+
+
+def left_pad_segments(mask: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [2B+1] int32 for a left-padded [B, T] mask packed as B·T tokens: row b with P_b pads is two
+    segments, [pads | real tokens], so ``[0, P_0, T, T + P_1, 2T, ...]``. Causal attention over them is exactly the
+    masked attention for the real tokens; the pads attend among themselves (rows nothing reads: the real tokens
+    never see them, and their cache entries are masked invalid). Computed on the device, no host read (capturable).
+    """
+    batch, length = mask.shape
+    pads = length - (mask > 0).sum(1)
+    ends = torch.arange(1, batch + 1, device=mask.device) * length
+    bounds = torch.stack([ends - length + pads, ends], 1).flatten()
+    return torch.cat([bounds.new_zeros(1), bounds]).to(torch.int32)
+
+
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, Hq, T, d], k and v [B, Hkv, T, d] (head-major views, as the decoder block makes
+    them) over the segments of ``cu_seqlens`` (indices into the B·T packed tokens) -> [B, Hq, T, d].
+
+    Packing is a view where the tensors are token-major in memory ([B, T, H, d] transposed), else one copy."""
+    batch, heads, length, dim = q.shape
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(batch * length, t.shape[1], dim)
+
+    out = varlen_attention(pack(q), pack(k), pack(v), cu_seqlens, length, causal=True)
+    return out.view(batch, length, heads, dim).transpose(1, 2)

@@ -31,6 +31,14 @@ class FusedProjections(Protocol):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor: ...
 
+    def out(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def norm(self, name: str, h: torch.Tensor,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def qkv_rotated(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
+
 
 def has_qk_norm(layer: nn.Module) -> bool:
     """Whether a Hugging Face decoder layer normalises q and k per head (Qwen3's ``q_norm``/``k_norm``)."""
@@ -57,19 +65,28 @@ class DecoderBlock:
             rotate: Rotate = apply_rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input norm, projections, q/k norm and rotary: q [B, heads, T, d], k and v [B, kv_heads, T, d]."""
         attn = self.layer.self_attn
-        normed = self.layer.input_layernorm(h)
         if self.fused is not None:
+            normed = self.fused.norm("input", h)[1]
+            if not self.qk_norm and rotate is apply_rotary:
+                layout = self.layout
+                done = self.fused.qkv_rotated(normed, cos, sin, layout.num_heads, layout.num_kv_heads,
+                                              layout.head_dim)
+                if done is not None:
+                    return done
             q, k, v = self.fused.qkv(normed)
         else:
+            normed = self.layer.input_layernorm(h)
             q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
         norms = (attn.q_norm, attn.k_norm) if self.qk_norm else (None, None)
         return split_heads(q, k, v, cos, sin, self.layout, rotate, *norms)
 
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, then the MLP half of the layer."""
+        if self.fused is not None:  # residual add + post-attention norm in one kernel on the GPU
+            h, normed = self.fused.norm("post", h, self.fused.out(merge_heads(attended)))
+            return h + self.fused.mlp(normed)
         h = h + self.layer.self_attn.o_proj(merge_heads(attended))
-        mlp = self.fused.mlp if self.fused is not None else self.layer.mlp
-        return h + mlp(self.layer.post_attention_layernorm(h))
+        return h + self.layer.mlp(self.layer.post_attention_layernorm(h))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
                  rotate: Rotate = apply_rotary) -> tuple[torch.Tensor, Any]:

@@ -83,6 +83,10 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
     name = resolve_backend(name, artifact_dir, device)
     log.info("backend %s", name)
     if name == "tensorrt":  # it asks the CUDA driver itself (cuda-python), without torch
+        if manifest.kv_cache != "dynamic":
+            raise BackendError(f"the tensorrt backend runs the dynamic KV-cache form, this artifact is "
+                               f"--kv-cache {manifest.kv_cache}", f"pass {option('backend', 'onnxruntime')}, or "
+                               "re-export with apet-export --kv-cache dynamic")
         if device is not None and not device.startswith("cuda"):
             raise BackendError("the tensorrt backend runs on a CUDA device",
                                f"pass {option('device', 'cuda')}, or {option('backend', 'onnxruntime')}")
@@ -90,7 +94,8 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
     device = device or "cpu"
     if name == "onnxruntime":
         return backend_class(name)(artifact_dir, manifest, device=device, threads=options.get("threads"),
-                                   profile_apet=bool(options.get("profile_apet")))
+                                   profile_apet=bool(options.get("profile_apet")),
+                                   cuda_graphs=bool(options.get("cuda_graphs", True)))
     if name == "torch":  # the host's reference and GPU fast path (apet[export]); imported by name
         return backend_class(name).create(artifact_dir, manifest, device=device, **options)
     return backend_class(name)(artifact_dir, manifest, device=device, **options)

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put.
+"""ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put (the static-KV
+form's caches are written in place, its decode replayed as a CUDA graph: :mod:`.ort_static`).
 
 With ``profile_apet`` the first vision run is profiled by ONNX Runtime and ApET's time is the sum of
 the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`), so ``apet-run --stats`` reports it.
@@ -37,13 +38,14 @@ from apet.runtime.backends.base import (
     no_injected,
     splice_numpy,
 )
+from apet.runtime.backends.ort_static import SessionSetup, StaticKV
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 profile_apet: bool = False, profile_dir: Path | None = None) -> None:
+                 profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True) -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -80,8 +82,13 @@ class OnnxRuntimeBackend(Backend):
             llm_options = _profiling(ort, options, Path(profile_dir) / "llm")
         self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), vision_options,
                                            providers=providers)
-        self.llm = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options,
-                                        providers=providers)
+        # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
+        self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
+                                                                         self.device_type, cuda_graphs),
+                               np.float16 if manifest.dtype == "fp16" else np.float32) \
+            if manifest.kv_cache == "static" else None
+        self.llm = self.static.prefill_session if self.static is not None else \
+            ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.table = load_embedding_table(self.artifact_dir, manifest)
         self.outputs = [o.name for o in self.llm.get_outputs()]
@@ -118,19 +125,26 @@ class OnnxRuntimeBackend(Backend):
         zeros = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type) for _ in self.past_names]
 
-    def _run(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-             injected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        binding = self.llm.io_binding()
+    def _feeds(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+               injected: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The LLM graph's inputs besides the cache, as host arrays by name."""
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
+                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
+        if self.has_image_start:
+            feeds[IMAGE_START] = self.image_start
         if self.injected_layers:
             spec = self.manifest.model.decoder
             injected = injected or no_injected(self.injected_layers, spec.hidden_size, *embeds.shape[:2], self.dtype)
-            binding.bind_cpu_input(INJECTED_EMBEDS, np.ascontiguousarray(injected[0], dtype=self.dtype))
-            binding.bind_cpu_input(INJECTED_ROWS, injected[1])
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        if self.has_image_start:
-            binding.bind_cpu_input(IMAGE_START, self.image_start)
+            feeds[INJECTED_EMBEDS] = np.ascontiguousarray(injected[0], dtype=self.dtype)
+            feeds[INJECTED_ROWS] = injected[1]
+        return feeds
+
+    def _run(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+             injected: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        binding = self.llm.io_binding()
+        for name, value in self._feeds(embeds, positions, mask, injected).items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, self.past):
             binding.bind_ortvalue_input(name, value)
         for name in self.outputs:
@@ -147,15 +161,24 @@ class OnnxRuntimeBackend(Backend):
         embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
         injected = injected_inputs(visual.injected, self.injected_layers, layout.visual_rows) \
             if self.injected_layers else None
+        if self.static is not None:
+            logits = self.static.prefill(self._feeds(embeds, layout.positions, layout.attention_mask, injected),
+                                         *layout.token_ids.shape)
+            self.stage2_index = self.static.stage2_index
+            return logits
         logits = self._run(embeds, layout.positions, layout.attention_mask, injected)
         if STAGE2_INDEX in self.last_outputs:  # meaningful at prefill only (a decode step has no image span)
             self.stage2_index = self.last_outputs[STAGE2_INDEX].numpy()
         return logits
 
     def _decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.static is not None:
+            return self.static.decode(self.table[token_ids][:, None], positions, attention_mask)
         return self._run(self.table[token_ids][:, None], positions, attention_mask)
 
     def cache_lengths(self) -> list[int]:
+        if self.static is not None:
+            return self.static.cache_lengths()
         return [int(value.shape()[2]) for value in self.past[::2]]
 
 

@@ -1,0 +1,160 @@
+"""Skinny matmuls (decode: 1–8 rows against a weight matrix) with a Triton kernel where it beats cuBLAS.
+
+Why: a decode step reads every weight once, so its time is the weight bytes over the bandwidth the GEMV kernels
+reach. On an H200 cuBLAS reached 4.1 TB/s on LLaVA-7B's gate/up projection but 3.3 TB/s on down (K = 11,008) and
+split the q/k/v and o projections into split-K kernels plus a reduce (docs/benchmarks.md, decode profile). The
+kernel here streams ``BLOCK_N`` weight rows per program over all of K with a pipelined loop and one tensor-core
+dot per tile (rows padded to 16), accumulating in fp32.
+
+Which kernel runs is measured, not assumed: the first call with a given shape times cuBLAS and a few kernel
+configurations on the device and keeps the fastest (:func:`choice`), before any CUDA graph is captured. So the
+kernel never makes a projection slower than ``F.linear``. Off CUDA, in fp32, or above ``MAX_ROWS`` rows, calls are
+plain ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 16  # rows of x (batch x tokens) up to which the kernel is considered: one 16-row dot tile
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+CONFIGS = (Config(16, 256, 4, 4), Config(16, 512, 4, 3), Config(32, 256, 4, 4), Config(32, 512, 8, 3),
+           Config(64, 128, 4, 5), Config(64, 256, 8, 4))
+CUBLAS = None  # the choice that means F.linear
+
+_choices: dict[tuple, Config | None] = {}
+ENABLED = {"value": os.environ.get("APET_GEMV", "1") != "0"}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_matmul(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 16)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        x_rows = x_ptr + rm[:, None] * stride_xm
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            k = k0 + rk
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
+            else:
+                k_ok = k < K
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def kernel_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config) -> torch.Tensor:
+    """x2 [M <= 16, K] @ weight [N, K]ᵀ (+ bias) with the Triton kernel."""
+    rows, depth = x2.shape
+    out_features = weight.shape[0]
+    y = torch.empty(rows, out_features, dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(out_features, config.block_n),)
+    _skinny_matmul[grid](x2, weight, bias if bias is not None else weight, y, rows, out_features, depth,
+                         x2.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                         EVEN_K=depth % config.block_k == 0, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                         STAGES=config.stages, num_warps=config.warps)
+    return y
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (ENABLED["value"] and triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
+
+
+def _time_ms(fn, repeats: int = 25) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:
+    """The fastest of cuBLAS and the kernel's configurations for this shape, measured once per shape."""
+    key = (tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
+    if key in _choices:
+        return _choices[key]
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: cuBLAS until measured
+        return CUBLAS
+    timings = {CUBLAS: _time_ms(lambda: F.linear(x2, weight, bias))}
+    for config in CONFIGS:
+        try:
+            timings[config] = _time_ms(lambda c=config: kernel_matmul(x2, weight, bias, c))
+        except Exception as exc:  # a configuration that does not compile on this GPU is not a candidate
+            log.debug("skinny matmul %s failed: %s", config, exc)
+    best = min(timings, key=timings.get)
+    log.debug("skinny matmul %s x %s: %s (%.1f us; cuBLAS %.1f us)", tuple(x2.shape), tuple(weight.shape), best,
+              timings[best] * 1e3, timings[CUBLAS] * 1e3)
+    _choices[key] = best
+    return best
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that takes the Triton kernel for skinny CUDA inputs where it measured faster. Under
+    ``torch.compile`` it is one opaque op (the choice is made when the compiled code first runs)."""
+    if not _eligible(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return torch.ops.apet.skinny_linear(x, weight, bias)
+    return _skinny_linear(x, weight, bias)
+
+
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    picked = choice(x2, weight, bias)
+    if picked is CUBLAS:
+        return F.linear(x, weight, bias)
+    return kernel_matmul(x2, weight, bias, picked).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("apet::skinny_linear", mutates_args=())
+def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _skinny_linear(x, weight, bias)
+
+
+@_skinny_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,176 @@
+"""ONNX Runtime over the static-KV form (``apet-export --kv-cache static``): the caches stay on the device and are
+written in place; decode runs at fixed shapes, as a CUDA graph on the CUDA execution provider.
+
+How the cache stays put: each layer's cache is one OrtValue [B, kv_heads, capacity, d] on the session's device,
+bound as both ``past_*`` (input) and ``present_*`` (output) of both graphs. The graphs write it with
+``ScatterElements``, whose ONNX Runtime kernels (CPU and CUDA) skip their input-to-output copy when the two are
+the same buffer, so a step writes only the new positions: no copy, no ping-pong, no host round-trip. Decode binds
+every input to a device OrtValue that is refilled in place (``update_inplace``) and the logits to a device OrtValue
+that is read back: the only host transfer of a step besides its few input bytes.
+
+CUDA graphs (ONNX Runtime's ``enable_cuda_graph``) need every bound address and every shape fixed from the
+capturing run on: the decode session of a batch size has its ``batch`` dim fixed by a free-dimension override, so
+ONNX Runtime folds every shape computation to a constant (nothing left on the CPU, no Memcpy nodes), and its
+bindings are made once. Prefill varies with the prompt length and runs in its own session without CUDA graphs.
+Each session holds its own copy of the LLM weights (prefill, and decode per batch size with CUDA graphs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apet.contracts.io import (
+    CACHE_POSITION,
+    LLM_DECODE,
+    LLM_PREFILL,
+    LOGITS,
+    STAGE2_INDEX,
+    past_names,
+    present_names,
+)
+from apet.errors import InputError
+from apet.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class SessionSetup:
+    """What every session of one backend shares: the onnxruntime module, options, providers, device."""
+
+    ort: Any
+    options: Any
+    providers: list
+    device_type: str  # "cuda" | "cpu": where caches and bound inputs live
+    cuda_graphs: bool
+
+    def session(self, path: Path, batch: int | None = None) -> Any:
+        """A session of ``path``; with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
+        if batch is None:
+            return self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+        options = _copy_options(self.ort, self.options)
+        options.add_free_dimension_override_by_name("batch", batch)
+        providers = self.providers
+        if self.cuda_graphs and self.device_type == "cuda":
+            providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
+                         for name, opts in _with_options(self.providers)]
+        return self.ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _with_options(providers: list) -> list[tuple[str, dict]]:
+    return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in providers]
+
+
+def _copy_options(ort: Any, base: Any) -> Any:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = base.intra_op_num_threads
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
+class DecodeStep:
+    """One decode session at a fixed batch with its bindings made once: device inputs refilled in place, the caches
+    as input and output, the logits on the device (CUDA graph replays need every address unchanged)."""
+
+    def __init__(self, session: Any, setup: SessionSetup, caches: list, shapes: dict[str, tuple[tuple, Any]],
+                 logits_shape: tuple, dtype: Any, num_layers: int) -> None:
+        new = setup.ort.OrtValue.ortvalue_from_shape_and_type
+        self.session = session
+        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in shapes.items()}
+        self.logits = new(list(logits_shape), dtype, setup.device_type, 0)
+        self.binding = session.io_binding()
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for past, present, cache in zip(past_names(num_layers), present_names(num_layers), caches):
+            self.binding.bind_ortvalue_input(past, cache)
+            self.binding.bind_ortvalue_output(present, cache)
+        self.binding.bind_ortvalue_output(LOGITS, self.logits)
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        for name, array in arrays.items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(array))
+        self.session.run_with_iobinding(self.binding)
+        return self.logits.numpy()[:, -1].astype(np.float32)
+
+
+class StaticKV:
+    """Prefill and decode of the static-KV graphs; owns the caches of the current batch size."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, setup: SessionSetup, dtype: Any) -> None:
+        spec = manifest.model.decoder
+        self.manifest, self.setup, self.dtype = manifest, setup, dtype
+        self.num_layers, self.max_context = spec.num_layers, manifest.max_context
+        self.layout = manifest.cache_layout
+        self.prefill_session = setup.session(artifact_dir / manifest.graphs[LLM_PREFILL].file)
+        self.decode_path = artifact_dir / manifest.graphs[LLM_DECODE].file
+        self.shared_decode = None if setup.cuda_graphs and setup.device_type == "cuda" \
+            else setup.session(self.decode_path)
+        self.kv_shape = (spec.num_kv_heads, spec.head_dim)
+        self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
+        self.steps: dict[int, DecodeStep] = {}
+        self.batch = 0
+        self.length = 0  # positions of group 0 written so far (the full sequence)
+        self.stage2_index: np.ndarray | None = None
+
+    def _caches(self, batch: int) -> list:
+        if batch not in self.caches:
+            # zeros, not uninitialised memory: masked positions are still multiplied by zero weights (NaN * 0)
+            heads, dim = self.kv_shape
+            zeros = self.setup.ort.OrtValue.ortvalue_from_numpy
+            self.caches[batch] = [zeros(np.zeros((batch, heads, self.layout.capacity(i, self.max_context), dim),
+                                                 self.dtype), self.setup.device_type, 0)
+                                  for i in range(self.num_layers) for _ in range(2)]
+        return self.caches[batch]
+
+    def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
+        """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
+        binding = self.prefill_session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        outputs = [o.name for o in self.prefill_session.get_outputs() if not o.name.startswith("present_")]
+        for name in outputs:  # bound first: get_outputs() lists them in binding order
+            binding.bind_output(name, "cpu")
+        for past, present, cache in zip(past_names(self.num_layers), present_names(self.num_layers),
+                                        self._caches(batch)):
+            binding.bind_ortvalue_input(past, cache)
+            binding.bind_ortvalue_output(present, cache)
+        self.prefill_session.run_with_iobinding(binding)
+        values = dict(zip(outputs, binding.get_outputs()))
+        self.stage2_index = values[STAGE2_INDEX].numpy() if STAGE2_INDEX in values else None
+        self.batch, self.length = batch, length
+        return values[LOGITS].numpy()[:, -1].astype(np.float32)
+
+    def decode(self, embeds: np.ndarray, positions: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """One token per row: embeddings [B, 1, H], positions, the full mask [B, P+1] -> logits [B, V]."""
+        batch, total = attention_mask.shape
+        if total > self.max_context:
+            raise InputError(f"decoding position {total} exceeds the static cache's {self.max_context} positions",
+                             "ask for fewer new tokens, or re-export with a larger apet-export --max-context")
+        if batch != self.batch or total != self.length + 1:
+            raise InputError(f"a decode step of batch {batch} at position {total - 1} does not follow the cache "
+                             f"(batch {self.batch}, {self.length} positions)", "run prefill first")
+        valid = np.zeros((batch, self.max_context), dtype=np.int64)
+        valid[:, :total] = attention_mask
+        logits = self._step(batch)({"inputs_embeds": embeds.astype(self.dtype, copy=False),
+                                    "position_ids": positions.astype(np.int64, copy=False), "attention_mask": valid,
+                                    CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
+        self.length = total
+        return logits
+
+    def _step(self, batch: int) -> DecodeStep:
+        if batch not in self.steps:
+            session = self.shared_decode or self.setup.session(self.decode_path, batch)
+            spec = self.manifest.model.decoder
+            position = (batch, 1) if spec.position_rank == 1 else (spec.position_rank, batch, 1)
+            shapes = {"inputs_embeds": ((batch, 1, spec.hidden_size), self.dtype), "position_ids": (position, np.int64),
+                      "attention_mask": ((batch, self.max_context), np.int64), CACHE_POSITION: ((1,), np.int64)}
+            logits = next(o for o in session.get_outputs() if o.name == LOGITS)  # [B, 1, V] as the graph says
+            kind = np.float16 if "float16" in logits.type else np.float32
+            self.steps[batch] = DecodeStep(session, self.setup, self._caches(batch), shapes,
+                                           (batch, 1, int(logits.shape[-1])), kind, self.num_layers)
+        return self.steps[batch]
+
+    def cache_lengths(self) -> list[int]:
+        return self.layout.lengths(self.length)

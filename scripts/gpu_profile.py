@@ -1,0 +1,128 @@
+"""Where each stage of the torch GPU path spends its time (run by hand on a CUDA machine).
+
+  python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
+
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile]``. For every stage of the apet path (vision tower,
+ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
+CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
+summed device time (time between kernels = launch gaps), and the top kernels. The profile summaries in
+docs/benchmarks.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from apet.bench.run import _plan, measure_ceilings, stage_costs
+from apet.bench.stages import ApetPath, Request
+from apet.bench.timing import time_call
+from apet.models.registry import load_adapter
+
+
+def kernel_profile(fn: Callable[[], Any], steps: int = 5, count: int = 10) -> dict[str, Any]:
+    """Kernels per call, their summed device µs and the top ``count`` by device time (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / steps
+    kernels = sum(e.count for e in events) / steps
+    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:count]
+    return {"kernels": round(kernels, 1), "kernel_us": round(total, 1),
+            "top": [{"kernel": e.key[:100], "calls": round(e.count / steps, 1),
+                     "us": round(e.device_time_total / steps, 1),
+                     "share": round(e.device_time_total / steps / total, 3) if total else None} for e in top]}
+
+
+def parse_case(text: str) -> dict[str, Any]:
+    model, *parts = text.split(":")
+    case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
+                            "compile": False}
+    for part in parts:
+        if "x" in part and part[0].isdigit():
+            w, h = part.split("x")
+            case["size"] = (int(w), int(h))
+        elif part.startswith("b"):
+            case["batch"] = int(part[1:])
+        elif part.startswith("r"):
+            case["ratio"] = float(part[1:])
+        elif part.startswith("s"):
+            case["stages"] = int(part[1:])
+        elif part == "compile":
+            case["compile"] = True
+    return case
+
+
+def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float]) -> dict[str, Any]:
+    request = Request(case["batch"], 40, 16, case["size"])
+    plan = _plan(adapter, case["ratio"], case["stages"])
+    t0 = time.perf_counter()
+    path = ApetPath(adapter, plan, request, graphs=True, compile=case["compile"], max_context=4096 + 512)
+    setup_s = time.perf_counter() - t0
+    tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])
+    costs, _ = stage_costs(adapter, plan.stage1, plan.stage2, request, plan.stage1.basis, tokens, keep,
+                           path.visual_tokens, path.views)
+    floors = {k: c.floor_ms(ceilings["matmul_tflops"], ceilings["bandwidth_gbs"]) for k, c in costs.items()}
+    token = torch.zeros(case["batch"], dtype=torch.long, device=adapter.device)
+    position = torch.from_numpy(path.last_position + 1).to(adapter.device)
+    t_in, i_in = path.kept
+    calls: dict[str, Callable[[], Any]] = {
+        "vision_tower": lambda: path.vision(**path.vision_inputs),
+        "apet_stage1": lambda: path.apet1(x=path.features),
+        "projector": lambda: path.projector(t=t_in, i=i_in),
+        "prefill": lambda: path.prefill(**path.prefill_inputs),
+        "decode_step": lambda: path.decode(0, token=token, position=position),
+    }
+    if path.apet2 is not None:
+        calls["apet_stage2"] = lambda: path.apet2(x=path.apet2_input)
+    stages = {}
+    for name, fn in calls.items():
+        ms = time_call(fn, device=adapter.device, repeats=30).median_ms
+        floor = floors.get(name, 0.0)
+        stages[name] = {"ms": round(ms, 4), "floor_ms": round(floor, 4),
+                        "over_floor": round(ms / floor, 2) if floor > 0 else None, **kernel_profile(fn)}
+        print(case["model"], name, stages[name]["ms"], "ms", stages[name]["over_floor"], "x floor",
+              stages[name]["kernels"], "kernels", flush=True)
+    visual_tokens, views = path.visual_tokens, path.views
+    calls.clear()
+    return {**case, "setup_s": round(setup_s, 1), "tokens": tokens, "keep": keep, "visual_tokens": visual_tokens,
+            "views": views, "stages": stages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("cases", nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ceilings = measure_ceilings(torch.device("cuda"), torch.float16)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "ceilings": ceilings, "cases": []}
+    adapters: dict[str, Any] = {}
+    for text in args.cases:
+        case = parse_case(text)
+        if case["model"] not in adapters:
+            adapters.clear()
+            torch.cuda.empty_cache()
+            adapters[case["model"]] = load_adapter(case["model"], dtype=torch.float16, device="cuda")
+        try:
+            report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
+        except Exception as exc:  # report, keep profiling the other cases
+            report["cases"].append({**case, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            print("failed", text, exc, flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The whole-stage Triton path (apet/kernels/apet_stage.py, what compress_with runs on the GPU) against the float64
+oracle: same kept indices, values within float32 tolerance, for the mask / rank / blend placements, float32 and
+fp16 tokens. On a CUDA device the compiled kernels (and under CUDA-graph capture); on a CPU machine with Triton,
+small cases in Triton's interpreter (a subprocess: the interpreter is chosen when the kernels are defined)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import numpy_reference as ref
+import pytest
+import torch
+
+from apet.compression import FUSED, compress_with
+from apet.contracts.compression import CompressionConfig
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the stage kernels run on a CUDA GPU")
+triton_missing = importlib.util.find_spec("triton") is None
+PLACEMENTS = ("mask", "rank", "blend")
+# (batch, N, D, keep, basis): LLaVA-1.5 stage 1 and 2, LLaVA-NeXT views, odd sizes, a larger basis
+CASES = [(1, 576, 1024, 96, 10), (4, 576, 1024, 96, 10), (2, 576, 1024, 192, 10), (4, 96, 4096, 32, 10),
+         (2, 144, 64, 32, 10), (3, 64, 48, 54, 10), (1, 300, 40, 100, 16), (2, 40, 24, 12, 10)]
+SMALL = [c for c in CASES if c[1] * c[2] <= 20000]
+
+
+def _features(case: int, batch: int, n: int, d: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(70 + case)
+    x = torch.randn(batch, n, 16, generator=generator) @ torch.randn(16, d, generator=generator) / 4
+    return (x + 0.5 * torch.randn(batch, n, d, generator=generator)).to(dtype).to(device)
+
+
+def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> None:
+    from apet.kernels import apet_stage
+
+    for case, (batch, n, d, keep, basis) in enumerate(cases):
+        for dtype in dtypes:
+            x = _features(case, batch, n, d, device, dtype)
+            for placement in PLACEMENTS:
+                config = CompressionConfig(keep=keep, basis=basis, placement=placement)
+                assert apet_stage.available(x) and apet_stage.supports(x, keep, basis, placement)
+                got = compress_with(config, x)
+                assert got.members is None  # the kernel path, not the torch ops
+                want_tokens, want_index = ref.compress(x.double().cpu().numpy(), keep, basis, placement=placement)
+                label = f"case {case} {dtype} {placement}"
+                np.testing.assert_array_equal(got.index.cpu().numpy(), want_index, err_msg=label)
+                tol = 1e-5 if dtype == torch.float32 else 1e-3  # fp16 out: the oracle's float64 rows rounded once
+                np.testing.assert_allclose(got.tokens.double().cpu().numpy(), want_tokens, rtol=tol,
+                                           atol=tol * float(x.abs().max()), err_msg=label)
+                assert got.tokens.dtype == dtype
+
+
+@gpu
+def test_stage_kernels_match_the_float64_oracle_on_gpu() -> None:
+    assert FUSED["stage_kernel"]
+    check("cuda", CASES)
+
+
+@gpu
+def test_stage_kernels_under_cuda_graph_capture() -> None:
+    from apet.runtime.cuda_graphs import GraphedCall
+
+    x = _features(0, 2, 576, 1024, "cuda", torch.float16)
+    config = CompressionConfig(keep=96)
+    call = GraphedCall(lambda t: compress_with(config, t).index, {"t": x})
+    _, want = ref.compress(x.double().cpu().numpy(), 96, 10)
+    np.testing.assert_array_equal(call(t=x).cpu().numpy(), want)
+
+
+@pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (the tests above) instead")
+def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text("import test_apet_stage as t\nt.check('cpu', t.SMALL)\n")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_compress_with_keeps_the_torch_ops_off_the_gpu() -> None:
+    """On CPU (no interpreter) compress_with is compress_assigned's result: the membership matrix included."""
+    x = _features(0, 1, 64, 32, "cpu", torch.float32)
+    got = compress_with(CompressionConfig(keep=24), x)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert got.members is not None

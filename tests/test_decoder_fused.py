@@ -1,0 +1,108 @@
+"""apet/kernels/decoder_fused.py (RMSNorm + residual add, rotary) against the Hugging Face modules and the
+decoder's torch rotary, and the static decoder with them against the decoder without. Triton's interpreter runs the
+kernels on CPU (a subprocess: the interpreter is chosen when the kernels are defined); a GPU runs them compiled."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton_missing = importlib.util.find_spec("triton") is None
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run compiled on a CUDA GPU")
+
+
+def check_kernels(device: str) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from apet.kernels import decoder_fused
+    from apet.modeling.blocks import apply_rotary
+
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)  # one ulp
+        hidden = 96  # not a power of two: the padded lanes must not count
+        norm = LlamaRMSNorm(hidden, eps=1e-5)
+        norm.weight.data = torch.randn(hidden, generator=generator)
+        norm = norm.to(device, dtype)
+        x = (torch.randn(2, 5, hidden, generator=generator) * 3).to(device, dtype)
+        delta = torch.randn(2, 5, hidden, generator=generator).to(device, dtype)
+        assert decoder_fused.rms_norm_of(norm) is not None
+        total, normed = decoder_fused.add_rms_norm(x, norm.weight, 1e-5, delta)
+        torch.testing.assert_close(total, x + delta, rtol=0, atol=0)
+        torch.testing.assert_close(normed, norm(x + delta), **tol)  # the mean's float32 sum order only
+        same, alone = decoder_fused.add_rms_norm(x, norm.weight, 1e-5)
+        assert torch.equal(same, x)
+        torch.testing.assert_close(alone, norm(x), **tol)
+
+        heads, kv_heads, dim, length = 4, 2, 16, 7
+        qkv = torch.randn(2, length, (heads + 2 * kv_heads) * dim, generator=generator).to(device, dtype)
+        angles = torch.randn(2, length, dim // 2, generator=generator)
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(device, dtype) for f in (torch.cos, torch.sin))
+        q, k, v = decoder_fused.rotary(qkv, cos, sin, heads, kv_heads, dim)
+        view = qkv.view(2, length, heads + 2 * kv_heads, dim).transpose(1, 2)
+        want_q = apply_rotary(view[:, :heads], cos, sin)
+        want_k = apply_rotary(view[:, heads:heads + kv_heads], cos, sin)
+        # the same roundings as torch's ops; the GPU compiler may contract a product into a sum: one ulp
+        torch.testing.assert_close(q, want_q, **tol)
+        torch.testing.assert_close(k, want_k, **tol)
+        assert torch.equal(v, view[:, heads + kv_heads:])
+        assert q.transpose(1, 2).is_contiguous()  # token-major: the packed prefill packs it as a view
+
+
+def check_decoder(checkpoint: str) -> None:
+    """The static decoder with fused projections and the kernels equals it without, prefill and decode."""
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.kernels import decoder_fused
+    from apet.runtime.static_decoder import StaticDecoder
+
+    adapter = LlavaAdapter.load(Path(checkpoint))
+    hidden = adapter.spec.decoder.hidden_size
+    generator = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 12, hidden, generator=generator)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    outs = []
+    calls = {"norm": 0, "rotary": 0}
+    for name in calls:
+        kernel = getattr(decoder_fused, {"norm": "add_rms_norm", "rotary": "rotary"}[name])
+
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        setattr(decoder_fused, {"norm": "add_rms_norm", "rotary": "rotary"}[name], counted)
+    for fuse in (False, True):
+        decoder = StaticDecoder(adapter, None, max_batch=2, max_context=64, fuse=fuse)
+        steps = [decoder.prefill(embeds, mask, positions, None)]
+        for i in range(3):
+            step = torch.randn(2, 1, hidden, generator=torch.Generator().manual_seed(10 + i))
+            steps.append(decoder.decode(step, positions[:, -1:] + 1 + i, decoder.span(12 + i)))
+        outs.append(steps)
+    layers = adapter.spec.decoder.num_layers
+    assert calls == {"norm": 2 * layers * 4, "rotary": layers * 4}  # the kernels ran: prefill + 3 decode steps
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_kernels_on_gpu() -> None:
+    check_kernels("cuda")
+
+
+@pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead")
+def test_kernels_and_decoder_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text("import test_decoder_fused as t\nt.check_kernels('cpu')\n"
+                      f"t.check_decoder({str(tiny_checkpoint)!r})\n")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
