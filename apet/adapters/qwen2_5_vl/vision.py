@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from apet.contracts.compression import CompressionConfig
-from apet.kernels import activations
+from apet.kernels import activations, decoder_fused
 from apet.kernels import rotary as rotary_kernel
 from apet.kernels.varlen import varlen_attention
 from apet.modeling.fast_path import concatenated_linear, fast_tower, rms_norm
@@ -157,6 +157,20 @@ class PackedWindows:
         return varlen_attention(*packed, self.cu_seqlens, self.max_seqlen, scale=scale).reshape(q.shape)
 
 
+def add_norm(norm: nn.Module, h: torch.Tensor, delta: torch.Tensor | None,
+             fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, norm(h + delta)); ``delta`` None: (h, norm(h)). Fast: one Triton kernel where the norm is a
+    known RMSNorm (:func:`apet.kernels.decoder_fused.add_rms_norm`, Hugging Face's arithmetic), else one-call
+    RMSNorm; the graph form: the add and the module."""
+    if fast:
+        found = decoder_fused.rms_norm_of(norm)
+        if found is not None and found[0].dtype == h.dtype and decoder_fused.available(h):
+            return decoder_fused.add_rms_norm(h, found[0], found[1], delta)
+    if delta is not None:
+        h = h + delta
+    return h, (rms_norm(norm, h) if fast else norm(h))
+
+
 class QwenVisionStages(VisionStages):
     input_names = ["pixel_values", "patch_positions", "window_index", "window_slot"]
 
@@ -208,14 +222,16 @@ class QwenVisionStages(VisionStages):
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _blocks(self, h: torch.Tensor, rotary: Rotary, window: Windows, fast: bool) -> torch.Tensor:
-        """Every ViT block on [B, P, C] (windowed or full attention, as the checkpoint lists them)."""
-        vit = self._vit()
-        norm = rms_norm if fast else (lambda module, x: module(x))
+        """Every ViT block on [B, P, C] (windowed or full attention, as the checkpoint lists them): each residual
+        add and the norm after it are one step (one Triton kernel on the fast path, :func:`add_norm`)."""
         full = set(self.adapter.spec.extra["fullatt_block_indexes"])
-        for i, block in enumerate(vit.blocks):
-            h = h + self._attention(block, norm(block.norm1, h), rotary, None if i in full else window)
-            h = h + self._mlp(block.mlp, norm(block.norm2, h), fast)
-        return h
+        delta = None
+        for i, block in enumerate(self._vit().blocks):
+            h, x = add_norm(block.norm1, h, delta, fast)
+            delta = self._attention(block, x, rotary, None if i in full else window)
+            h, x = add_norm(block.norm2, h, delta, fast)
+            delta = self._mlp(block.mlp, x, fast)
+        return h + delta
 
     def features(self, pixel_values: torch.Tensor, patch_positions: torch.Tensor, window_index: torch.Tensor,
                  window_slot: torch.Tensor) -> torch.Tensor:
@@ -239,7 +255,7 @@ class QwenVisionStages(VisionStages):
             h = h.index_select(1, packed.restore)
         merger = vit.merger
         batch = h.shape[0]
-        x = merger.ln_q(h) if packed is None else rms_norm(merger.ln_q, h)
+        x = add_norm(merger.ln_q, h, None, packed is not None)[1]
         return merger.mlp(x.reshape(batch, -1, merger.hidden_size))
 
     def finish(self, tokens: torch.Tensor, index: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
