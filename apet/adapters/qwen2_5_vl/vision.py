@@ -29,12 +29,11 @@ from apet.contracts.compression import CompressionConfig
 from apet.kernels import activations, decoder_fused
 from apet.kernels import rotary as rotary_kernel
 from apet.kernels.varlen import varlen_attention
-from apet.modeling.fast_path import concatenated_linear, fast_tower, rms_norm
+from apet.modeling.aligned_mlp import aligned_gated_mlp
+from apet.modeling.fast_path import fast_tower, rms_norm
 from apet.modeling.vision import VisionStages
 from apet.models.qwen2_5_vl.geometry import window_layout
 from apet.models.qwen2_5_vl.preprocess import QwenImageRecipe
-
-GATE_UP = ("gate_proj", "up_proj")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +170,12 @@ def add_norm(norm: nn.Module, h: torch.Tensor, delta: torch.Tensor | None,
     return h, (rms_norm(norm, h) if fast else norm(h))
 
 
+@torch.compiler.disable
+def _build_aligned(mlp: nn.Module) -> None:
+    """Build the padded MLP before torch.compile traces the tower (inside, it would break the graph)."""
+    aligned_gated_mlp(mlp)
+
+
 class QwenVisionStages(VisionStages):
     input_names = ["pixel_values", "patch_positions", "window_index", "window_slot"]
 
@@ -207,19 +212,25 @@ class QwenVisionStages(VisionStages):
             out = window.attend(attn, q, k, v, head_dim**-0.5, batch)
         return attn.proj(out.reshape(batch, patches, dim))
 
-    def fast_linears(self) -> list[tuple[nn.Module, tuple[str, ...]]]:
-        return [(block.mlp, GATE_UP) for block in self._vit().blocks]
+    def prepare_fast(self) -> None:
+        super().prepare_fast()
+        for block in self._vit().blocks:
+            _build_aligned(block.mlp)
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
-        """The block's gated MLP; fast: gate and up as one matmul, and eagerly on a GPU silu(gate)·up as one
-        Triton pass (:mod:`apet.kernels.activations`)."""
+        """The block's gated MLP; fast: gate and up as one matmul with the width padded from 3,420 to 3,456
+        (:mod:`apet.modeling.aligned_mlp`: the unpadded width kept cuBLAS on a 2-aligned sm80 kernel), and eagerly
+        on a GPU silu(gate)·up as one Triton pass (:mod:`apet.kernels.activations`)."""
         if not fast:
             return mlp(x)
-        gate_up = concatenated_linear(mlp, GATE_UP, x)
+        fused = aligned_gated_mlp(mlp)
+        gate_up = F.linear(x, fused.gate_up, fused.gate_up_bias)
         if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") and activations.available(gate_up):
-            return mlp.down_proj(activations.silu_mul(gate_up))
-        gate, up = gate_up.split(mlp.gate_proj.out_features, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+            hidden = activations.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(fused.padded, dim=-1)
+            hidden = mlp.act_fn(gate) * up
+        return F.linear(hidden, fused.down, fused.down_bias)
 
     def _blocks(self, h: torch.Tensor, rotary: Rotary, window: Windows, fast: bool) -> torch.Tensor:
         """Every ViT block on [B, P, C] (windowed or full attention, as the checkpoint lists them): each residual
