@@ -166,7 +166,7 @@ def _vision_inputs(adapter: Any, stages: Any, image_size: tuple[int, int]) -> di
 
 def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tuple[bool, ...],
                ceilings: dict[str, float], repeats: int, report: dict[str, Any],
-               save: Callable[[], None]) -> dict[str, Any]:
+               save: Callable[[], None], skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Fills ``report`` variant by variant, calling ``save`` after each (a run cut short keeps them)."""
     t0 = time.perf_counter()
     adapter = load_adapter(model, dtype=torch.float16 if DEVICE == "cuda" else torch.float32, device=DEVICE)
@@ -190,6 +190,8 @@ def time_tower(key: str, model: str, image_size: tuple[int, int], compiled: tupl
     for compile_ in compiled:
         for fast in (False, True):
             label = f"{'compile' if compile_ else 'graph'}_{'after' if fast else 'before'}"
+            if f"{key}:{label}" in skip:
+                continue
             try:
                 torch._dynamo.reset()
                 FAST_TOWERS["enabled"] = fast
@@ -229,6 +231,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--towers", default=",".join(TOWERS), help=f"any of {', '.join(TOWERS)}")
     parser.add_argument("--no-parity", action="store_true", help="skip the tiny-model checks")
+    parser.add_argument("--skip", default="", help="variants not to time, e.g. llava:compile_before,next:graph_before "
+                        "(a 'before' already profiled by scripts/gpu_profile.py in docs/benchmarks/h200-floor)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --models tiny)")
     parser.add_argument("--models", default="", help="tiny: time the tiny checkpoints' towers instead")
@@ -250,7 +254,8 @@ def main() -> None:
         if args.models == "tiny":
             model, compiled = tiny[key], (False,)
         report[key] = {}
-        time_tower(key, model, size, compiled, report["ceilings"], args.repeats, report[key], save)
+        time_tower(key, model, size, compiled, report["ceilings"], args.repeats, report[key], save,
+                   frozenset(filter(None, args.skip.split(","))))
         _empty_cache()  # the tower's weights and graphs go before the next one loads
         save()
     summary = {k: {label: (v.get("median_ms"), v.get("over_floor"), v.get("warmup_s")) if isinstance(v, dict) and
