@@ -159,7 +159,7 @@ case "$stage" in
     run internvl3.5-8b-12tiles 90 --model internvl3.5-8b-shapes --ratios 1.0,0.25,0.11 --image-size 1792x1344
     ;;
   towers)
-    name="towers$(echo "$*" | tr -c 'a-z0-9,' '_' | tr -s '_')"  # one JSON per argument set
+    name="towers$(echo "$*" | tr -c 'a-z0-9' '_' | tr -s '_' | cut -c1-60)"  # one JSON per argument set
     timeout 540 python3 scripts/gpu_towers.py --out "$OUT/$name.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
     ;;
   profile)

@@ -83,6 +83,7 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
         "projector": lambda: path.projector(t=t_in, i=i_in),
         "prefill": lambda: path.prefill(**path.prefill_inputs),
         "decode_step": lambda: path.decode(0, token=token, position=position),
+        "ttft": path.first_token,  # vision -> ApET -> projector -> prefill -> argmax, replays back to back
     }
     if path.apet2 is not None:
         calls["apet_stage2"] = lambda: path.apet2(x=path.apet2_input)

@@ -29,7 +29,7 @@ from apet.contracts.compression import CompressionConfig
 from apet.kernels import activations, decoder_fused
 from apet.kernels import rotary as rotary_kernel
 from apet.kernels.varlen import varlen_attention
-from apet.modeling.aligned_mlp import aligned_gated_mlp
+from apet.modeling.aligned_mlp import aligned_gated_mlp, is_gated_mlp
 from apet.modeling.fast_path import fast_tower, rms_norm
 from apet.modeling.vision import VisionStages
 from apet.models.qwen2_5_vl.geometry import window_layout
@@ -215,7 +215,8 @@ class QwenVisionStages(VisionStages):
     def prepare_fast(self) -> None:
         super().prepare_fast()
         for block in self._vit().blocks:
-            _build_aligned(block.mlp)
+            if is_gated_mlp(block.mlp):  # Qwen3-VL's tower (this class's subclass) has a plain two-layer MLP
+                _build_aligned(block.mlp)
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
         """The block's gated MLP; fast: gate and up as one matmul with the width padded from 3,420 to 3,456
