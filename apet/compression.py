@@ -198,15 +198,23 @@ def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     (:mod:`apet.kernels.apet_stage`: the stage's rows and index, without the membership matrix, whose
     ``members``/``targets`` are then None; :func:`compress_assigned` always has them)."""
     if _stage_kernel_applies(config, x):
-        from apet.kernels import apet_stage
-
-        _check_input(x)
-        n_tokens = int(x.shape[1])
-        config.validate(n_tokens)
-        tokens, index = apet_stage.compress(x, config.keep, config.basis, fps_start(n_tokens, config.seed),
-                                            GRAM_RIDGE, config.placement)
-        return Compressed(tokens, index)
+        return _stage_kernel(config, x)
     return compress_assigned(config, x)[0]
+
+
+@torch.compiler.disable
+def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed:
+    """The stage in :mod:`apet.kernels.apet_stage`. Under ``--compile`` this is a graph break, so the kernels run
+    as they are (a handful of launches) instead of being traced; on the H200 the traced stage took the torch-op
+    path's 76 launches (0.24 ms, docs/benchmarks.md)."""
+    from apet.kernels import apet_stage
+
+    _check_input(x)
+    n_tokens = int(x.shape[1])
+    config.validate(n_tokens)
+    tokens, index = apet_stage.compress(x, config.keep, config.basis, fps_start(n_tokens, config.seed),
+                                        GRAM_RIDGE, config.placement)
+    return Compressed(tokens, index)
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:

@@ -132,11 +132,9 @@ def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` that takes the Triton kernel for skinny CUDA inputs where it measured faster. Under
-    ``torch.compile`` it is one opaque op (the choice is made when the compiled code first runs)."""
-    if not _eligible(x, weight):
+    ``torch.compile``, ``F.linear`` (inductor plans the matmuls with their neighbours)."""
+    if not _eligible(x, weight) or torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():
-        return torch.ops.apet.skinny_linear(x, weight, bias)
     return _skinny_linear(x, weight, bias)
 
 
@@ -149,12 +147,3 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return F.linear(x, weight, bias)
     return kernel_matmul(x2, weight, bias, picked).reshape(*x.shape[:-1], weight.shape[0])
 
-
-@torch.library.custom_op("apet::skinny_linear", mutates_args=())
-def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _skinny_linear(x, weight, bias)
-
-
-@_skinny_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])

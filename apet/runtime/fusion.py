@@ -60,8 +60,11 @@ class FusedLayer:
         from apet.kernels import decoder_fused
 
         found = self.norm_weights[name]
+        # not under torch.compile: inductor fuses the norms and rotary with their neighbours itself, and the opaque
+        # kernels made the compiled prefill and decode slower on the H200 (docs/benchmarks.md, issue 31)
         return (KERNELS["enabled"] and found is not None and found[0].dtype == h.dtype
-                and decoder_fused.available(h) and not torch.onnx.is_in_onnx_export())
+                and decoder_fused.available(h) and not torch.onnx.is_in_onnx_export()
+                and not torch.compiler.is_compiling())
 
     def norm(self, name: str, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, norm(h + delta)) for the layer's ``input`` or ``post`` (post-attention) norm: one kernel."""
