@@ -237,18 +237,11 @@ def _weights_from_json(data: Any) -> WeightSpec:
     return spec
 
 
-def _attention_form(data: Mapping[str, Any]) -> str:
-    form = data.get("attention", "pattern")
-    if form not in ATTENTION_FORMS:
-        raise ArtifactError(f"manifest field attention is {form!r}, not one of {', '.join(ATTENTION_FORMS)}",
-                            "re-export the artifact")
-    return form
-
-
-def _kv_cache_form(data: Mapping[str, Any]) -> str:
-    form = data.get("kv_cache", "dynamic")
-    if form not in KV_CACHE_FORMS:
-        raise ArtifactError(f"manifest field kv_cache is {form!r}, not one of {', '.join(KV_CACHE_FORMS)}",
+def _form(data: Mapping[str, Any], field: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A graph-form field (``attention``, ``kv_cache``): manifests written before it existed have ``default``."""
+    form = data.get(field, default)
+    if form not in allowed:
+        raise ArtifactError(f"manifest field {field} is {form!r}, not one of {', '.join(allowed)}",
                             "re-export the artifact")
     return form
 
@@ -284,8 +277,9 @@ def manifest_from_json(data: Any) -> Manifest:
             text_assets=[_safe_relative(x, "text_assets") for x in _require(data, "text_assets", list, "")],
             checksums={str(k): str(v) for k, v in checksums.items()},
             weights=_weights_from_json(data.get("weights")),
-            target=str(data.get("target", DEFAULT_TARGET)), attention=_attention_form(data),
-            kv_cache=_kv_cache_form(data),
+            target=str(data.get("target", DEFAULT_TARGET)),
+            attention=_form(data, "attention", "pattern", ATTENTION_FORMS),
+            kv_cache=_form(data, "kv_cache", "dynamic", KV_CACHE_FORMS),
         )
         _check_digest(data)
         return replace(manifest, digest=str(data["digest"]))

@@ -56,6 +56,7 @@ def supports(x: torch.Tensor, keep: int, basis: int, placement: str) -> bool:
 
 
 if triton is not None:
+    from apet.kernels.basis_solve import basis_cholesky, fps_basis
 
     @triton.jit
     def _gram(x_ptr, gram_ptr, N: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -82,41 +83,14 @@ if triton is not None:
                KPAD: tl.constexpr, NPAD: tl.constexpr):
         image = tl.program_id(0)
         gram = gram_ptr + image * N * N
-        offs = tl.arange(0, NPAD)
-        valid = offs < N
-        diag = tl.load(gram + offs * (N + 1), mask=valid, other=0.0)
 
-        # FPS: running minimum of squared distances, next = first argmax, chosen tokens not masked
+        # FPS, then G = Gram[basis, basis] + ridge·I = L Lᵀ (apet.kernels.basis_solve)
         slot = tl.arange(0, KPAD)
-        basis = tl.zeros([KPAD], dtype=tl.int32)
-        nearest = tl.full([NPAD], float("inf"), dtype=tl.float32)
-        index = start
-        for step in tl.static_range(K):
-            basis = tl.where(slot == step, index, basis)
-            if step < K - 1:
-                row = tl.load(gram + index * N + offs, mask=valid, other=0.0)
-                centre = tl.sum(tl.where(offs == index, diag, 0.0), axis=0)
-                nearest = tl.minimum(nearest, diag + centre - 2.0 * row)
-                nearest = tl.where(valid, nearest, -float("inf"))
-                index = tl.argmax(nearest, axis=0).to(tl.int32)
+        basis = fps_basis(gram, start, N, K, KPAD, NPAD)
         tl.store(basis_ptr + image * KPAD + slot, tl.where(slot < K, basis, -1))
-
-        # Cholesky of G = Gram[basis, basis] + ridge·I, padded with the identity
         rows = slot[:, None]
         cols = slot[None, :]
-        inside = (rows < K) & (cols < K)
-        a = tl.load(gram + basis[:, None] * N + basis[None, :], mask=inside, other=0.0)
-        a = a + tl.where((rows == cols) & inside, ridge, 0.0) + tl.where((rows == cols) & ~inside, 1.0, 0.0)
-        lower = tl.zeros([KPAD, KPAD], dtype=tl.float32)
-        for j in tl.static_range(K):
-            pivot = tl.sqrt(tl.maximum(tl.sum(tl.sum(tl.where((rows == j) & (cols == j), a, 0.0), axis=1), axis=0),
-                                       1e-30))
-            column = tl.sum(tl.where(cols == j, a, 0.0), axis=1)  # [KPAD] over rows
-            column = tl.where(slot > j, column / pivot, tl.where(slot == j, pivot, 0.0))
-            lower = tl.where(cols == j, column[:, None], lower)
-            below = tl.where(slot > j, column, 0.0)
-            a = a - below[:, None] * below[None, :]
-        lower = lower + tl.where((rows == cols) & ~inside, 1.0, 0.0)
+        lower = basis_cholesky(gram, basis, ridge, N, K, KPAD)
 
         # L⁻¹ by forward substitution on the identity, row by row (rows past K stay the identity's)
         inverse = tl.where(rows == cols, 1.0, 0.0)
