@@ -73,6 +73,7 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert main(["bench", "--model", "tiny", "--ratios", "1.0,0.11", "--repeats", "2", "--new-tokens", "4",
                  "--baselines", "hf,paper", "--backends", "torch,onnxruntime", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert not (out / "results.partial.json").exists()  # only a bench cut short leaves it
     assert results["schema"] == "apet-bench/2" and results["environment"]["ceilings"]["matmul_tflops"] > 0
     # one name for the network dtype: the header and every row say fp32 on the CPU (not float32 vs fp16)
     assert results["environment"]["dtype"] == "fp32" and {r["weights"] for r in results["runs"]} == {"fp32"}
@@ -109,6 +110,28 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
         agx = low["jetson_apet_ms"]["jetson-agx-orin-64gb"]["apet_stage1"]
         assert agx["launch_ms"] == pytest.approx(agx["layers"] * 5e-3, abs=1e-3)
         assert "## ApET on Jetson: projected cost against what it saves" in table
+
+
+def test_a_bench_cut_short_keeps_what_it_measured(tmp_path: Path, monkeypatch) -> None:
+    """A GPU lease or CI job that stops the bench mid-way leaves results.partial.json with every finished run."""
+    from apet.bench import run
+
+    calls = []
+
+    def bench_ratio(model, cfg, ceilings, ratio, batch):
+        calls.append(ratio)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's signal turns into
+        return {"ratio": ratio, "batch": batch, "generation": {}}
+
+    monkeypatch.setattr(run, "bench_ratio", bench_ratio)
+    cfg = run.BenchConfig(model="tiny", ratios=(1.0, 0.5, 0.11), batches=(1,), out=tmp_path / "bench",
+                          baselines=(), repeats=2)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_bench(cfg)
+    partial = json.loads((tmp_path / "bench" / "results.partial.json").read_text())
+    assert [r["ratio"] for r in partial["runs"]] == [1.0] and partial["schema"] == "apet-bench/2"
+    assert not (tmp_path / "bench" / "results.json").exists()
 
 
 def test_spread_of_repeats_is_kept_and_noisy_timings_are_warned(caplog) -> None:

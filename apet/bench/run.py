@@ -313,37 +313,15 @@ def _speedups(runs: list[dict[str, Any]], baselines: dict[str, Any]) -> None:
         run["speedup"] = speed
 
 
-def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) -> dict[str, Any]:
-    from apet.models.registry import load_adapter
+PARTIAL = "results.partial.json"  # what a run cut short had measured (removed when results.json is written)
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    adapter = adapter or load_adapter(cfg.model, dtype=dtype, device=str(device))
-    ceilings = measure_ceilings(device, dtype)
-    log.info("ceilings: %s", ceilings)
-    runs: list[dict[str, Any]] = []
-    baselines: dict[str, dict[str, Any]] = {"hf_generate": {}, "hf_static": {}}
-    work = [(b, r) for b in cfg.batches for r in cfg.ratios]
-    for fmt in cfg.weights:
-        model = adapter if fmt == "fp16" else _quantized(cfg, fmt, dtype, device)
-        for batch, ratio in tqdm(work, desc=f"apet-bench {fmt}", unit="config", disable=None):
-            runs.append(bench_ratio(model, cfg, ceilings, ratio, batch))
-        if model is not adapter:
-            del model
-            _release_memory(device, 0)
-    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
-    for batch in cfg.batches:
-        request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
-        for name, key, static in (("hf", "hf_generate", False), ("hf-static", "hf_static", True)):
-            if name in cfg.baselines:
-                _release_memory(adapter.device, weights)
-                baselines[key][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
-                                                         _max_context(adapter, cfg), static=static)
-    _speedups(runs, baselines)
+
+def _results(cfg: BenchConfig, adapter: VisionLanguageAdapter, device: torch.device, dtype: torch.dtype,
+             ceilings: dict[str, float], runs: list[dict[str, Any]],
+             baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import transformers
 
-    results = {
+    return {
         "schema": SCHEMA,
         "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                         platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -355,8 +333,49 @@ def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) ->
                    "num_layers": adapter.spec.decoder.num_layers},
         "runs": runs, "baselines": baselines,
     }
-    _flag_noise(results)
+
+
+def run_bench(cfg: BenchConfig, adapter: VisionLanguageAdapter | None = None) -> dict[str, Any]:
+    """Every (weights, batch, ratio) run, then the baselines. After each step the results so far are written to
+    ``results.partial.json``, so a bench stopped by a time limit (a GPU lease, a CI job) keeps what it measured."""
+    from apet.models.registry import load_adapter
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    adapter = adapter or load_adapter(cfg.model, dtype=dtype, device=str(device))
+    ceilings = measure_ceilings(device, dtype)
+    log.info("ceilings: %s", ceilings)
+    runs: list[dict[str, Any]] = []
+    baselines: dict[str, dict[str, Any]] = {"hf_generate": {}, "hf_static": {}}
     cfg.out.mkdir(parents=True, exist_ok=True)
+
+    def save_partial() -> None:
+        write_atomic(cfg.out / PARTIAL, json.dumps(_results(cfg, adapter, device, dtype, ceilings, runs, baselines),
+                                                   indent=1))
+
+    work = [(b, r) for b in cfg.batches for r in cfg.ratios]
+    for fmt in cfg.weights:
+        model = adapter if fmt == "fp16" else _quantized(cfg, fmt, dtype, device)
+        for batch, ratio in tqdm(work, desc=f"apet-bench {fmt}", unit="config", disable=None):
+            runs.append(bench_ratio(model, cfg, ceilings, ratio, batch))
+            save_partial()
+        if model is not adapter:
+            del model
+            _release_memory(device, 0)
+    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
+    for batch in cfg.batches:
+        request = Request(batch, cfg.prompt_tokens, cfg.new_tokens, cfg.image_size)
+        for name, key, static in (("hf", "hf_generate", False), ("hf-static", "hf_static", True)):
+            if name in cfg.baselines:
+                _release_memory(adapter.device, weights)
+                baselines[key][str(batch)] = hf_generate(adapter, request, max(2, cfg.repeats // 2),
+                                                         _max_context(adapter, cfg), static=static)
+                save_partial()
+    _speedups(runs, baselines)
+    results = _results(cfg, adapter, device, dtype, ceilings, runs, baselines)
+    _flag_noise(results)
     write_atomic(cfg.out / "results.json", json.dumps(results, indent=1))
     write_report(results, cfg.out)
+    (cfg.out / PARTIAL).unlink(missing_ok=True)
     return results
