@@ -82,7 +82,17 @@ def test_runtime_env_has_no_torch() -> None:
 @needs_runtime_env
 @pytest.mark.parametrize("family", ["llava", "llava-next", "qwen2_5_vl", "video-llava", "qwen3_vl", "internvl"])
 def test_run_and_inspect_without_torch_match_the_full_environment(family, family_artifacts, media) -> None:
-    artifact = family_artifacts[family]
+    _run_and_inspect(family_artifacts[family], family, media)
+
+
+@needs_runtime_env
+def test_static_kv_artifact_runs_without_torch(artifact_factory, media) -> None:
+    """The static-KV form (llm_prefill + llm_decode, caches bound in place: apet/runtime/backends/ort_static.py)
+    on the device side too."""
+    _run_and_inspect(artifact_factory(ratio=0.11, stages=2, kv_cache="static"), "llava", media)
+
+
+def _run_and_inspect(artifact: Path, family: str, media) -> None:
     inspect = _cli(_bin("apet"), "inspect", str(artifact))
     assert inspect.returncode == 0, inspect.stderr
     assert "verified   manifest digest" in inspect.stdout, inspect.stdout[-500:]
