@@ -60,30 +60,51 @@ def form(new: bool) -> str:
     return "auto" if new else "masked"
 
 
-def tokens_check(report: dict[str, Any]) -> None:
+def export_tiny(root: Path, name: str, create: Any, budget: dict[str, Any]) -> tuple[Path, Any]:
+    """A tiny checkpoint of one family exported in fp16 at ``budget``, and its fp16 adapter on the GPU."""
+    from apet.export.artifact import ExportConfig, export_artifact
+    from apet.models.registry import load_adapter
+
+    checkpoint = create(root / name)
+    artifact = root / f"{name}-artifact"
+    export_artifact(ExportConfig(model=str(checkpoint), out=artifact, dtype="fp16", **budget))
+    return artifact, load_adapter(str(checkpoint), dtype=torch.float16, device="cuda")
+
+
+def tiny_requests() -> tuple[list[Any], list[str]]:
+    """Two images of different sizes and two prompts: batch 1 takes the first of each."""
     from conftest import make_image
 
+    return ([make_image(1, (300, 200)), make_image(2, (180, 260))],
+            ["What is in the picture?", "How many objects are there and what color are they?"])
+
+
+def tiny_generation() -> Any:
+    from apet.runtime.sampling import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=24)
+
+
+def matching(got: list[list[int]], want: list[list[int]]) -> list[int]:
+    """Per row, how many greedy tokens equal the reference's."""
+    return [int(np.sum(np.array(a[:len(b)]) == np.array(b[:len(a)]))) for a, b in zip(got, want)]
+
+
+def tokens_check(report: dict[str, Any]) -> None:
     from apet.adapters.internvl.tiny import create_tiny_internvl
     from apet.adapters.llava.tiny import create_tiny_llava
     from apet.adapters.qwen2_5_vl.tiny import create_tiny_qwen
-    from apet.export.artifact import ExportConfig, export_artifact
-    from apet.models.registry import load_adapter
     from apet.runtime.pipeline import Pipeline
-    from apet.runtime.sampling import GenerationConfig
 
     root = Path(tempfile.mkdtemp())
-    images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
-    prompts = ["What is in the picture?", "How many objects are there and what color are they?"]
+    images, prompts = tiny_requests()
     families = {"llava": (create_tiny_llava, {"ratio": 0.11}), "qwen2.5-vl": (create_tiny_qwen, {"ratio": 0.3}),
                 "internvl": (create_tiny_internvl, {"ratio": 0.25})}
     out: dict[str, Any] = {}
+    config = tiny_generation()
     for name, (create, budget) in families.items():
-        checkpoint = create(root / name)
-        artifact = root / f"{name}-artifact"
-        export_artifact(ExportConfig(model=str(checkpoint), out=artifact, dtype="fp16", **budget))
-        adapter = load_adapter(str(checkpoint), dtype=torch.float16, device="cuda")
+        artifact, adapter = export_tiny(root, name, create, budget)
         reference = Pipeline.load(artifact, backend="torch", device="cuda", adapter=adapter, torch_mode="reference")
-        config = GenerationConfig(max_new_tokens=24)
         with variant(False):  # the reference: HF modules, ApET in the torch ops the CPU tests check
             wants = {batch: [r.token_ids for r in reference.generate_batch(images[:batch], prompts[:batch], config)]
                      for batch in (1, 2)}
@@ -95,7 +116,7 @@ def tokens_check(report: dict[str, Any]) -> None:
                 for batch in (1, 2):
                     got = [r.token_ids for r in static.generate_batch(images[:batch], prompts[:batch], config)]
                     want = wants[batch]
-                    same = [int(np.sum(np.array(a[:len(b)]) == np.array(b[:len(a)]))) for a, b in zip(got, want)]
+                    same = matching(got, want)
                     key = f"{'new' if new else 'old'}/b{batch}"
                     results[key] = {"equal": got == want, "matching_tokens": same, "of": [len(w) for w in want]}
                     print(name, key, results[key], flush=True)

@@ -13,36 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from apet.bench.run import _plan, measure_ceilings, stage_costs
-from apet.bench.stages import ApetPath, Request
-from apet.bench.timing import time_call
-from apet.models.registry import load_adapter
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_variants import kernel_profile  # noqa: E402
 
-def kernel_profile(fn: Callable[[], Any], steps: int = 5, count: int = 10) -> dict[str, Any]:
-    """Kernels per call, their summed device µs and the top ``count`` by device time (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events) / steps
-    kernels = sum(e.count for e in events) / steps
-    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:count]
-    return {"kernels": round(kernels, 1), "kernel_us": round(total, 1),
-            "top": [{"kernel": e.key[:100], "calls": round(e.count / steps, 1),
-                     "us": round(e.device_time_total / steps, 1),
-                     "share": round(e.device_time_total / steps / total, 3) if total else None} for e in top]}
+from apet.bench.run import _plan, measure_ceilings, stage_costs  # noqa: E402
+from apet.bench.stages import ApetPath, Request  # noqa: E402
+from apet.bench.timing import time_call  # noqa: E402
+from apet.models.registry import load_adapter  # noqa: E402
 
 
 def parse_case(text: str) -> dict[str, Any]:

@@ -73,18 +73,29 @@ def _vision_variants(adapter: Any, batch: int) -> dict[str, float]:
     return out
 
 
-def profile_top(fn: Callable[[], Any], count: int = 12) -> list[dict[str, Any]]:
+def kernel_profile(fn: Callable[[], Any], count: int = 12, steps: int = 5) -> dict[str, Any]:
+    """One call's CUDA kernels (torch profiler, ``steps`` calls averaged): how many, their summed device µs (the
+    rest of the wall time is launch gaps) and the top ``count`` by device time."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:count]
-    return [{"kernel": e.key[:90], "calls": e.count // 5, "us_per_step": round(e.device_time_total / 5, 1)}
-            for e in events]
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / steps
+    top = sorted(events, key=lambda e: e.device_time_total, reverse=True)[:count]
+    return {"kernels": round(sum(e.count for e in events) / steps, 1), "kernel_us": round(total, 1),
+            "top": [{"kernel": e.key[:90], "calls": e.count // steps,
+                     "us_per_step": round(e.device_time_total / steps, 1),
+                     "share": round(e.device_time_total / steps / total, 3) if total else None} for e in top]}
+
+
+def profile_top(fn: Callable[[], Any], count: int = 12) -> list[dict[str, Any]]:
+    """The top kernels of :func:`kernel_profile`."""
+    return kernel_profile(fn, count)["top"]
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ def check(device: str, cases=CASES) -> None:
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs a CUDA GPU (the interpreter test below covers it on CPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the compiled kernel needs a CUDA GPU (the interpreter test below covers it on CPU)")
 def test_kernel_on_the_gpu() -> None:
     check("cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)

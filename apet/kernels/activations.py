@@ -23,6 +23,12 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 BLOCK = 1024
 
 
+def is_silu(act: object) -> bool:
+    """Whether a Hugging Face activation module is SiLU (``nn.SiLU`` or transformers' ``SiLUActivation``): what
+    :func:`silu_mul` computes."""
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 def available(x: torch.Tensor) -> bool:
     """CUDA (or TRITON_INTERPRET on CPU), Triton importable, not inside a torch.compile trace, rows contiguous."""
     if triton is None or torch.compiler.is_compiling() or x.stride(-1) != 1:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from apet.kernels import activations
+from apet.kernels import activations, decoder_fused
 from apet.kernels.gemv import linear
 from apet.modeling.fast_path import concat_linears
 
@@ -47,22 +47,17 @@ class FusedLayer:
     ``norm`` and ``qkv_rotated`` the HF norms and rotary (Triton kernels on the GPU, the HF modules elsewhere)."""
 
     def __init__(self, layer: nn.Module) -> None:
-        from apet.kernels.decoder_fused import rms_norm_of
-
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_call, self.qkv_sizes = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up_call, self.gate_up_sizes = _fused([mlp.gate_proj, mlp.up_proj])
         self.down, self.act = skinny_projection(mlp.down_proj), mlp.act_fn
         # gate and up of equal width with SiLU: apet.kernels.activations.silu_mul applies
-        self.silu = type(self.act).__name__ in ("SiLU", "SiLUActivation") and \
-            self.gate_up_sizes[0] == self.gate_up_sizes[1]
+        self.silu = activations.is_silu(self.act) and self.gate_up_sizes[0] == self.gate_up_sizes[1]
         self.out = skinny_projection(attn.o_proj)
         self.norms = {"input": layer.input_layernorm, "post": layer.post_attention_layernorm}
-        self.norm_weights = {name: rms_norm_of(module) for name, module in self.norms.items()}
+        self.norm_weights = {name: decoder_fused.rms_norm_of(module) for name, module in self.norms.items()}
 
     def _kernels(self, h: torch.Tensor, name: str) -> bool:
-        from apet.kernels import decoder_fused
-
         found = self.norm_weights[name]
         # not under torch.compile: inductor fuses the norms and rotary with their neighbours itself, and the opaque
         # kernels made the compiled prefill and decode slower on the H200 (docs/benchmarks.md, issue 31)
@@ -73,10 +68,8 @@ class FusedLayer:
     def norm(self, name: str, h: torch.Tensor, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + delta, norm(h + delta)) for the layer's ``input`` or ``post`` (post-attention) norm: one kernel."""
         if self._kernels(h, name):
-            from apet.kernels.decoder_fused import add_rms_norm
-
             weight, eps = self.norm_weights[name]
-            return add_rms_norm(h, weight, eps, delta)
+            return decoder_fused.add_rms_norm(h, weight, eps, delta)
         h = h if delta is None else h + delta
         return h, self.norms[name](h)
 
@@ -86,9 +79,7 @@ class FusedLayer:
         kernels; None where the rotary kernel does not run (the caller rotates)."""
         if not self._kernels(normed, "input") or cos.shape[-1] != head_dim or head_dim & (head_dim - 1):
             return None
-        from apet.kernels.decoder_fused import rotary
-
-        return rotary(self.qkv_call(normed), cos, sin, heads, kv_heads, head_dim)
+        return decoder_fused.rotary(self.qkv_call(normed), cos, sin, heads, kv_heads, head_dim)
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_call(h).split(self.qkv_sizes, dim=-1)

@@ -226,7 +226,7 @@ class QwenVisionStages(VisionStages):
             return mlp(x)
         fused = aligned_gated_mlp(mlp)
         gate_up = F.linear(x, fused.gate_up, fused.gate_up_bias)
-        if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation") and activations.available(gate_up):
+        if activations.is_silu(mlp.act_fn) and activations.available(gate_up):
             hidden = activations.silu_mul(gate_up)
         else:
             gate, up = gate_up.split(fused.padded, dim=-1)
