@@ -38,6 +38,7 @@ from apet.runtime.backends.base import (
     no_injected,
     splice_numpy,
 )
+from apet.runtime.backends.ort_options import session_options
 from apet.runtime.backends.ort_static import SessionSetup, StaticKV
 
 
@@ -59,13 +60,7 @@ class OnnxRuntimeBackend(Backend):
         if wanted not in ort.get_available_providers():
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
                                f"pip install onnxruntime-gpu for CUDA, or pass {option('device', 'cpu')}")
-        options = ort.SessionOptions()
-        # Weight-only quantized graphs (DequantizeLinear -> MatMul) are fused into ORT's MatMulNBits; its CPU
-        # default (level 4) also quantizes the *activations* to int8. Level 1 computes in float32, so the ORT
-        # backend computes what the graph says (the weight-only model TensorRT builds).
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(ort, threads or 0)
         # ApET's float32 math must not run in TF32 (as coarse as fp16); the CUDA EP enables it by default
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
             if wanted == "CUDAExecutionProvider" else [wanted]
@@ -184,12 +179,7 @@ class OnnxRuntimeBackend(Backend):
 
 def _profiling(ort, base, prefix: Path):
     """Session options like ``base`` (threads, config entries) with ONNX Runtime's profiler writing to ``prefix``."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = base.intra_op_num_threads
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    options.enable_profiling = True
-    options.profile_file_prefix = str(prefix)
-    return options
+    return session_options(ort, base.intra_op_num_threads, prefix)
 
 
 def scope_ms(events: list, scope: str) -> float:

@@ -34,6 +34,7 @@ from apet.contracts.io import (
 )
 from apet.errors import InputError
 from apet.manifest import Manifest
+from apet.runtime.backends.ort_options import session_options
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class SessionSetup:
         """A session of ``path``; with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
         if batch is None:
             return self.ort.InferenceSession(str(path), self.options, providers=self.providers)
-        options = _copy_options(self.ort, self.options)
+        options = session_options(self.ort, self.options.intra_op_num_threads)
         options.add_free_dimension_override_by_name("batch", batch)
         providers = self.providers
         if self.cuda_graphs and self.device_type == "cuda":
@@ -61,13 +62,6 @@ class SessionSetup:
 
 def _with_options(providers: list) -> list[tuple[str, dict]]:
     return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in providers]
-
-
-def _copy_options(ort: Any, base: Any) -> Any:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = base.intra_op_num_threads
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-    return options
 
 
 class DecodeStep:
