@@ -120,15 +120,23 @@ case "$stage" in
     python3 -m apet.bench.ort_profile "/tmp/$1" "/tmp/$2" --device cuda --repeats 10 --warmup 3 --decode-steps 16 \
       --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
     ;;
-  ortstatic-export)
+  ortstatic-export)  # may run in the background (setsid) while the wheel's pieces are carried: ortstatic waits
+    # for its marker /tmp/DIR.done (never wait on `pgrep -f`: the calling shell's own command line matches it)
     start=$SECONDS
+    rm -f "/tmp/$1.done"; touch "/tmp/$1.started"
     python3 -m apet.cli export --model llava-shapes --ratio 0.11 --stages 2 --dtype fp16 --attention op \
       --kv-cache static --max-batch 1 --max-context 512 --device cuda --out "/tmp/$1" --overwrite 2>&1 | tail -5
     echo "ortstatic-export $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"; ls -la "/tmp/$1"; df -h /tmp | tail -1
+    echo "$((SECONDS - start))" > "/tmp/$1.done"
     ;;
   ortstatic)  # ortstatic [DIR] [nocg]
     extra=() name=ortstatic
-    if [ -n "${1:-}" ]; then extra+=(--ort-artifact "/tmp/$1"); fi
+    if [ -n "${1:-}" ]; then
+      extra+=(--ort-artifact "/tmp/$1")
+      waited=0  # an export started in the background: wait for its marker, at most 8 minutes
+      while [ -e "/tmp/$1.started" ] && [ ! -e "/tmp/$1.done" ] && [ "$waited" -lt 480 ]; do sleep 5; waited=$((waited + 5)); done
+      [ -e "/tmp/$1.done" ] && echo "export of $1 took $(cat "/tmp/$1.done") s (waited $waited s)"
+    fi
     if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"

@@ -54,6 +54,18 @@ def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> No
                 assert got.tokens.dtype == dtype
 
 
+def check_compiled(device: str) -> None:
+    """Under ``torch.compile`` (what ``--compile`` wraps each stage in) compress_with still runs the stage kernel,
+    not Inductor's trace of the torch ops, and keeps the oracle's indices."""
+    batch, n, d, keep, basis = CASES[4]
+    x = _features(4, batch, n, d, device, torch.float16)
+    config = CompressionConfig(keep=keep, basis=basis)
+    compiled = torch.compile(lambda t: compress_with(config, t), dynamic=False)
+    got = compiled(x)
+    assert got.members is None, "the compiled stage took the torch ops, not the stage kernel"
+    np.testing.assert_array_equal(got.index.cpu().numpy(), ref.compress(x.double().cpu().numpy(), keep, basis)[1])
+
+
 def _assert_rows(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, swaps_allowed: bool,
                  label: str) -> None:
     """Rows equal the oracle's. ``rank`` places basis vector j in the slot of error rank K-k+j, so two slot tokens
@@ -78,6 +90,11 @@ def test_stage_kernels_match_the_float64_oracle_on_gpu() -> None:
 
 
 @gpu
+def test_the_compiled_stage_runs_the_stage_kernel_on_gpu() -> None:
+    check_compiled("cuda")
+
+
+@gpu
 def test_stage_kernels_under_cuda_graph_capture() -> None:
     from apet.runtime.cuda_graphs import GraphedCall
 
@@ -92,7 +109,7 @@ def test_stage_kernels_under_cuda_graph_capture() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (the tests above) instead")
 def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
     script = tmp_path / "run.py"
-    script.write_text("import test_apet_stage as t\nt.check('cpu', t.SMALL)\n")
+    script.write_text("import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n")
     here = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
@@ -105,3 +122,6 @@ def test_compress_with_keeps_the_torch_ops_off_the_gpu() -> None:
     got = compress_with(CompressionConfig(keep=24), x)
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert got.members is not None
+        compiled = torch.compile(lambda t: compress_with(CompressionConfig(keep=24), t), dynamic=False)(x)
+        assert compiled.members is not None  # compiled too: the torch ops, traced
+        np.testing.assert_array_equal(compiled.index.numpy(), got.index.numpy())
