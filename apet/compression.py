@@ -197,26 +197,21 @@ def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     """``compress(x)`` with one stage's settings. On the GPU the paper placements run as six Triton launches
     (:mod:`apet.kernels.apet_stage`: the stage's rows and index, without the membership matrix, whose
     ``members``/``targets`` are then None; :func:`compress_assigned` always has them)."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        kept = _stage_kernel_if_it_applies(config, x)
-        return kept if kept is not None else compress_assigned(config, x)[0]
-    if _stage_kernel_applies(config, x):
-        return _stage_kernel(config, x)
+    if not torch.compiler.is_exporting():  # an export traces the torch ops: a graph break is no graph
+        kept = _stage_kernel(config, x)
+        if kept is not None:
+            return kept
     return compress_assigned(config, x)[0]
 
 
 @torch.compiler.disable
-def _stage_kernel_if_it_applies(config: CompressionConfig, x: torch.Tensor) -> Compressed | None:
-    """Under ``--compile``: the stage kernel, decided and run eagerly (a graph break), or None for the traced torch
-    ops. With the decision traced, the H200's torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms,
+def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | None:
+    """The stage in :mod:`apet.kernels.apet_stage` where it applies, else None (the torch ops). Decided and run
+    eagerly: under ``--compile`` this is a graph break, so the kernels run as they are instead of being traced. With
+    the decision traced, the H200's torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms,
     docs/benchmarks.md, stop 28) where the kernel takes six (0.08 ms)."""
-    return _stage_kernel(config, x) if _stage_kernel_applies(config, x) else None
-
-
-@torch.compiler.disable
-def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed:
-    """The stage in :mod:`apet.kernels.apet_stage`. Under ``--compile`` this is a graph break, so the kernels run
-    as they are (a handful of launches) instead of being traced."""
+    if not _stage_kernel_applies(config, x):
+        return None
     from apet.kernels import apet_stage
 
     _check_input(x)
