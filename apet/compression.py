@@ -197,11 +197,8 @@ def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     """``compress(x)`` with one stage's settings. On the GPU the paper placements run as six Triton launches
     (:mod:`apet.kernels.apet_stage`: the stage's rows and index, without the membership matrix, whose
     ``members``/``targets`` are then None; :func:`compress_assigned` always has them)."""
-    if not torch.compiler.is_exporting():  # an export traces the torch ops: a graph break is no graph
-        kept = _stage_kernel(config, x)
-        if kept is not None:
-            return kept
-    return compress_assigned(config, x)[0]
+    kept = _stage_kernel(config, x)
+    return kept if kept is not None else compress_assigned(config, x)[0]
 
 
 @torch.compiler.disable
@@ -209,7 +206,10 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | No
     """The stage in :mod:`apet.kernels.apet_stage` where it applies, else None (the torch ops). Decided and run
     eagerly: under ``--compile`` this is a graph break, so the kernels run as they are instead of being traced. With
     the decision traced, the H200's torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms,
-    docs/benchmarks.md, stop 28) where the kernel takes six (0.08 ms)."""
+    docs/benchmarks.md, stop 28) where the kernel takes six (0.08 ms). ``torch.compiler.is_exporting()`` decides
+    nothing here: torch 2.11 reports it True under ``torch.compile``. apet's exporter is the TorchScript one
+    (:mod:`apet.export.onnx_utils`), whose trace runs this function as it is: :func:`_stage_kernel_applies` sees the
+    export and answers None, and the torch ops are traced."""
     if not _stage_kernel_applies(config, x):
         return None
     from apet.kernels import apet_stage
@@ -225,8 +225,7 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | No
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
     """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a fixed
     budget below N, GPU tensors (never while exporting), and ``FUSED["stage_kernel"]`` on."""
-    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() \
-            or torch.compiler.is_exporting():
+    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return False
     if config.method != "fps" or not config.merge or config.per_image or not isinstance(x, torch.Tensor) \
             or x.dim() != 3 or isinstance(x.shape[1], torch.Tensor):

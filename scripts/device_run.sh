@@ -29,6 +29,8 @@
 #   ortstatic [DIR] [nocg]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph; nocg: without)
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
+#   ortkernels DIR  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py: wall vs GPU-busy
+#                   ms, kernel counts, top kernels per phase), decode with and without CUDA graphs
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
@@ -146,6 +148,11 @@ case "$stage" in
     cp "/tmp/bench-$name/results.json" "$OUT/$name.json" 2>/dev/null
     python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
       || echo "no results: see the bench output above"
+    ;;
+  ortkernels)
+    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_cg.json" 2>&1 | grep -v USDT | tail -25
+    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --no-cuda-graphs --out "$OUT/ort_kernels_nocg.json" 2>&1 \
+      | grep -v USDT | tail -25
     ;;
   floor)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import numpy_reference as ref
@@ -56,14 +57,21 @@ def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> No
 
 def check_compiled(device: str) -> None:
     """Under ``torch.compile`` (what ``--compile`` wraps each stage in) compress_with still runs the stage kernel,
-    not Inductor's trace of the torch ops, and keeps the oracle's indices."""
+    not Inductor's trace of the torch ops, and keeps the oracle's indices. Nor may the decision hinge on
+    ``torch.compiler.is_exporting``: torch 2.11 answers True inside ``torch.compile`` (the H200 run of stop 38 fell
+    back to the torch ops when the decision read it), so it is made to answer True here too."""
     batch, n, d, keep, basis = CASES[4]
     x = _features(4, batch, n, d, device, torch.float16)
     config = CompressionConfig(keep=keep, basis=basis)
-    compiled = torch.compile(lambda t: compress_with(config, t), dynamic=False)
-    got = compiled(x)
+    want = ref.compress(x.double().cpu().numpy(), keep, basis)[1]
+    torch._dynamo.reset()  # a fresh compile: torch 2.11 failed one after another's in the same process
+    got = torch.compile(lambda t: compress_with(config, t), dynamic=False)(x)
     assert got.members is None, "the compiled stage took the torch ops, not the stage kernel"
-    np.testing.assert_array_equal(got.index.cpu().numpy(), ref.compress(x.double().cpu().numpy(), keep, basis)[1])
+    np.testing.assert_array_equal(got.index.cpu().numpy(), want)
+    with mock.patch.object(torch.compiler, "is_exporting", lambda: True):  # torch.compile itself then stands aside
+        got = compress_with(config, x)
+    assert got.members is None, "the stage read torch.compiler.is_exporting() and took the torch ops"
+    np.testing.assert_array_equal(got.index.cpu().numpy(), want)
 
 
 def _assert_rows(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, swaps_allowed: bool,
@@ -119,9 +127,11 @@ def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
 def test_compress_with_keeps_the_torch_ops_off_the_gpu() -> None:
     """On CPU (no interpreter) compress_with is compress_assigned's result: the membership matrix included."""
     x = _features(0, 1, 64, 32, "cpu", torch.float32)
-    got = compress_with(CompressionConfig(keep=24), x)
+    config = CompressionConfig(keep=24)  # made outside the compiled function, as a stage's selector holds it
+    got = compress_with(config, x)
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert got.members is not None
-        compiled = torch.compile(lambda t: compress_with(CompressionConfig(keep=24), t), dynamic=False)(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: compress_with(config, t), dynamic=False)(x)
         assert compiled.members is not None  # compiled too: the torch ops, traced
         np.testing.assert_array_equal(compiled.index.numpy(), got.index.numpy())

@@ -1,0 +1,127 @@
+"""What ONNX Runtime's CUDA execution provider runs on the GPU for one exported artifact, per phase (vision encode,
+prefill, one decode step): the host wall time per call beside the GPU's kernel-busy time, the kernel and copy
+counts and the kernels that take the time. ONNX Runtime's own profiler times only the host side of each node
+(apet.bench.ort_profile); CUPTI, through the PyTorch profiler in the same process, sees every kernel that any
+library launches on the device, ONNX Runtime's and CUDA-graph replays included. Wall minus busy is what the
+host (launches, copies, synchronisation) adds.
+
+    python scripts/ort_gpu_kernels.py ARTIFACT [--no-cuda-graphs] --out ort_kernels.json
+
+Issue 28 part 4: why the static-KV form's TTFT and decode stay behind the torch path on the H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from apet.atomic import write_atomic
+
+log = logging.getLogger("ort_gpu_kernels")
+GPU_CATEGORIES = {"kernel": "kernels", "gpu_memcpy": "copies", "gpu_memset": "memsets"}
+
+
+def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
+    """``calls`` runs of ``call`` under the profiler: wall ms per call, GPU ms per call by category, top kernels."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    walls = []
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            walls.append((time.perf_counter() - start) * 1e3)
+    with tempfile.TemporaryDirectory() as scratch:
+        trace = Path(scratch) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    busy, counts, by_kernel = defaultdict(float), Counter(), defaultdict(float)
+    for event in events:
+        kind = GPU_CATEGORIES.get(str(event.get("cat", "")).lower())
+        if kind is None:
+            continue
+        busy[kind] += float(event.get("dur", 0.0)) / 1e3
+        counts[kind] += 1
+        if kind == "kernels":
+            by_kernel[event.get("name", "?")[:120]] += float(event.get("dur", 0.0)) / 1e3
+    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:15]
+    gpu_ms = sum(busy.values()) / calls
+    wall = float(np.median(walls))
+    return {"calls": calls, "wall_ms_median": round(wall, 4), "wall_ms_min": round(min(walls), 4),
+            "gpu_ms_per_call": {k: round(v / calls, 4) for k, v in busy.items()},
+            "gpu_busy_ms_per_call": round(gpu_ms, 4),
+            "host_ms_per_call": round(wall - gpu_ms, 4),  # wall not covered by GPU work (an upper bound on overlap)
+            "count_per_call": {k: round(v / calls, 1) for k, v in counts.items()},
+            "top_kernels_ms_per_call": [[name, round(ms / calls, 4)] for name, ms in top]}
+
+
+def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int) -> dict[str, Any]:
+    from apet.bench.ort_profile import _synthetic
+    from apet.manifest import read_manifest
+    from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    manifest = read_manifest(artifact)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs)
+    processor, inputs, make_layout = _synthetic(artifact, manifest, 1, (640, 480), 40, decode_steps * (calls + 3))
+    state: dict[str, Any] = {}
+
+    def request() -> None:  # one request: vision, prefill, a few decode steps (warm-up and the decode phase's start)
+        state["visual"] = backend.encode(inputs)
+        state["layout"] = make_layout(state["visual"].keep_index)
+        state["logits"] = backend.prefill(state["layout"], state["visual"])
+        state["mask"] = state["layout"].attention_mask
+
+    def decode() -> None:
+        state["mask"] = np.concatenate([state["mask"], np.ones_like(state["mask"][:, :1])], axis=1)
+        state["logits"] = backend.decode(state["logits"].argmax(-1).astype(np.int64), state["mask"],
+                                         processor.decode_positions(state["layout"], state["mask"]))
+
+    for _ in range(2):  # warm-up: ORT's kernels, the decode session and its CUDA-graph capture
+        request()
+        for _ in range(3):
+            decode()
+    phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls),
+              "prefill": profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)}
+    state["logits"] = backend.prefill(state["layout"], state["visual"])
+    state["mask"] = state["layout"].attention_mask
+    phases["decode_step"] = profile_phase(decode, decode_steps)
+    import onnxruntime as ort
+
+    return {"artifact": str(artifact), "kv_cache": manifest.kv_cache, "attention": manifest.attention,
+            "cuda_graphs": cuda_graphs, "onnxruntime": ort.__version__, "torch": torch.__version__, "device": device,
+            "phases": phases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="the static form's decode without CUDA graphs")
+    parser.add_argument("--calls", type=int, default=5, help="profiled vision and prefill calls")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run(args.artifact, not args.no_cuda_graphs, args.calls, args.decode_steps)
+    write_atomic(args.out, json.dumps(result, indent=1).encode())
+    for name, phase in result["phases"].items():
+        log.info("%-12s wall %.3f ms | GPU busy %.3f ms | counts %s", name, phase["wall_ms_median"],
+                 phase["gpu_busy_ms_per_call"], phase["count_per_call"])
+        for kernel, ms in phase["top_kernels_ms_per_call"][:6]:
+            log.info("    %.4f ms  %s", ms, kernel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
