@@ -46,6 +46,13 @@ def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
         trace = Path(scratch) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text()).get("traceEvents", [])
+    return summarize_trace(events, walls)
+
+
+def summarize_trace(events: list[dict[str, Any]], walls: list[float], top: int = 15) -> dict[str, Any]:
+    """Chrome-trace events of ``len(walls)`` calls -> per call: GPU ms and counts by category (kernels, copies,
+    memsets; ``dur`` is in µs), the kernels that took the most time, and the wall time GPU work does not cover."""
+    calls = len(walls)
     busy, counts, by_kernel = defaultdict(float), Counter(), defaultdict(float)
     for event in events:
         kind = GPU_CATEGORIES.get(str(event.get("cat", "")).lower())
@@ -54,8 +61,8 @@ def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
         busy[kind] += float(event.get("dur", 0.0)) / 1e3
         counts[kind] += 1
         if kind == "kernels":
-            by_kernel[event.get("name", "?")[:120]] += float(event.get("dur", 0.0)) / 1e3
-    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:15]
+            by_kernel[str(event.get("name", "?"))[:120]] += float(event.get("dur", 0.0)) / 1e3
+    ranked = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
     gpu_ms = sum(busy.values()) / calls
     wall = float(np.median(walls))
     return {"calls": calls, "wall_ms_median": round(wall, 4), "wall_ms_min": round(min(walls), 4),
@@ -63,7 +70,7 @@ def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
             "gpu_busy_ms_per_call": round(gpu_ms, 4),
             "host_ms_per_call": round(wall - gpu_ms, 4),  # wall not covered by GPU work (an upper bound on overlap)
             "count_per_call": {k: round(v / calls, 1) for k, v in counts.items()},
-            "top_kernels_ms_per_call": [[name, round(ms / calls, 4)] for name, ms in top]}
+            "top_kernels_ms_per_call": [[name, round(ms / calls, 4)] for name, ms in ranked]}
 
 
 def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int) -> dict[str, Any]:
@@ -74,7 +81,7 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int) -> dic
     manifest = read_manifest(artifact)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs)
-    processor, inputs, make_layout = _synthetic(artifact, manifest, 1, (640, 480), 40, decode_steps * (calls + 3))
+    processor, inputs, make_layout = _synthetic(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
     state: dict[str, Any] = {}
 
     def request() -> None:  # one request: vision, prefill, a few decode steps (warm-up and the decode phase's start)

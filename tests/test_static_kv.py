@@ -5,6 +5,7 @@ stage 2 and no shape computation left once its batch is fixed; TensorRT-RTX buil
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -205,3 +206,35 @@ def test_bench_takes_the_static_form() -> None:
     assert BenchConfig(model="tiny", out=Path("x"), kv_cache="static").kv_cache == "static"
     with pytest.raises(UsageError, match="--kv-cache"):
         BenchConfig(model="tiny", out=Path("x"), kv_cache="paged")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ort_gpu_kernels_sums_the_trace_per_call() -> None:
+    """scripts/ort_gpu_kernels.py (the H200's account of ONNX Runtime's kernels, docs/benchmarks.md): GPU events
+    by category, per call, kernels ranked by time; host-side events ignored."""
+    script = _script("ort_gpu_kernels")
+    events = [{"cat": "kernel", "name": "a", "dur": 1000.0}, {"cat": "kernel", "name": "a", "dur": 500.0},
+              {"cat": "Kernel", "name": "b", "dur": 3000.0}, {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "dur": 200.0},
+              {"cat": "cpu_op", "name": "aten::mm", "dur": 9000.0}]
+    got = script.summarize_trace(events, [5.0, 7.0, 6.0])
+    assert got["calls"] == 3 and got["wall_ms_median"] == 6.0 and got["wall_ms_min"] == 5.0
+    assert got["gpu_ms_per_call"] == {"kernels": round(4.5 / 3, 4), "copies": round(0.2 / 3, 4)}
+    assert got["gpu_busy_ms_per_call"] == round(4.7 / 3, 4)
+    assert got["host_ms_per_call"] == round(6.0 - 4.7 / 3, 4)
+    assert got["count_per_call"] == {"kernels": 1.0, "copies": 0.3}
+    assert got["top_kernels_ms_per_call"] == [["b", 1.0], ["a", 0.5]]
+
+
+def test_ort_gpu_kernels_runs_the_static_form(llava_static: Path) -> None:
+    """The script's phases on the tiny static artifact (CPU: wall times, no GPU events): the decode phase follows
+    a fresh prefill and runs its steps without exceeding the cache."""
+    result = _script("ort_gpu_kernels").run(llava_static, cuda_graphs=True, calls=2, decode_steps=3)
+    assert result["kv_cache"] == "static" and set(result["phases"]) == {"vision", "prefill", "decode_step"}
+    assert [p["calls"] for p in result["phases"].values()] == [2, 2, 3]
+    assert all(p["wall_ms_median"] > 0 for p in result["phases"].values())
