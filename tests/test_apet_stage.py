@@ -58,7 +58,7 @@ def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> No
 def check_compiled(device: str) -> None:
     """Under ``torch.compile`` (what ``--compile`` wraps each stage in) compress_with still runs the stage kernel,
     not Inductor's trace of the torch ops, and keeps the oracle's indices. Nor may the decision hinge on
-    ``torch.compiler.is_exporting``: torch 2.11 answers True inside ``torch.compile`` (the H200 run of stop 38 fell
+    ``torch.compiler.is_exporting``: torch 2.11 answers True inside ``torch.compile`` (the H200 run of stop 29 fell
     back to the torch ops when the decision read it), so it is made to answer True here too."""
     batch, n, d, keep, basis = CASES[4]
     x = _features(4, batch, n, d, device, torch.float16)
