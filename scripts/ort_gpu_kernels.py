@@ -74,14 +74,14 @@ def summarize_trace(events: list[dict[str, Any]], walls: list[float], top: int =
 
 
 def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int) -> dict[str, Any]:
-    from apet.bench.ort_profile import _synthetic
+    from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     manifest = read_manifest(artifact)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs)
-    processor, inputs, make_layout = _synthetic(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
+    processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
     state: dict[str, Any] = {}
 
     def request() -> None:  # one request: vision, prefill, a few decode steps (warm-up and the decode phase's start)

@@ -87,8 +87,8 @@ def _ratios(vision: dict[str, Any], prefill: dict[str, Any]) -> dict[str, float 
             "apet_stage2_over_llm_layers": over(prefill, scopes.APET_STAGE2, "llm layers")}
 
 
-def _synthetic(artifact: Path, manifest: Any, batch: int, image_size: tuple[int, int], prompt_tokens: int,
-               new_tokens: int):
+def artifact_request(artifact: Path, manifest: Any, batch: int, image_size: tuple[int, int], prompt_tokens: int,
+                     new_tokens: int):
     """The family's own processor on random images and filler words (the artifact's tokenizer where it has one,
     as ``apet-bench`` does)."""
     from apet.models.registry import family_of
@@ -114,7 +114,7 @@ def profile_artifact(artifact: Path, device: str = "cuda", batch: int = 1, image
     manifest = read_manifest(artifact)
     with tempfile.TemporaryDirectory(prefix="apet-ort-profile-") as scratch:
         backend = OnnxRuntimeBackend(artifact, manifest, device, profile_dir=Path(scratch))
-        processor, inputs, make_layout = _synthetic(artifact, manifest, batch, image_size, prompt_tokens,
+        processor, inputs, make_layout = artifact_request(artifact, manifest, batch, image_size, prompt_tokens,
                                                     decode_steps)
         for _ in range(warmup + repeats):
             visual = backend.encode(inputs)
