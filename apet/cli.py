@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from apet.contracts.io import KV_CACHE_FORMS, llm_graphs
+from apet.contracts.io import DECODE_ATTENTION, KV_CACHE_FORMS, llm_graphs
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
@@ -231,6 +231,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="torch backend: the source checkpoint (default: the manifest's source)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly instead of replaying a CUDA graph "
                    "(torch on a GPU; onnxruntime on CUDA with a --kv-cache static artifact)")
+    p.add_argument("--decode-attention", default="auto", choices=DECODE_ATTENTION,
+                   help="onnxruntime, --kv-cache static artifact: gqa rewrites the decode step for ONNX Runtime's "
+                        "GroupQueryAttention (attends over each row's written span; needs --attention op), graph "
+                        "runs the exported graph; auto: gqa on CUDA for fp16 op-attention artifacts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
@@ -251,7 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from apet.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
-                             profile_apet=args.stats or args.json, cuda_graphs=not args.no_cuda_graphs)
+                             profile_apet=args.stats or args.json, cuda_graphs=not args.no_cuda_graphs,
+                             decode_attention=args.decode_attention)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
     result = pipeline.generate(image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
@@ -339,6 +344,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "(the torch path, and ONNX Runtime's static-KV decode)")
     p.add_argument("--no-ort-cuda-graphs", action="store_true",
                    help="ONNX Runtime's static-KV decode without CUDA graphs (the torch path keeps them)")
+    p.add_argument("--ort-decode-attention", default="auto", choices=DECODE_ATTENTION,
+                   help="ONNX Runtime's static-KV decode attention (see apet-run --decode-attention)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -410,7 +417,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
-                      ort_cuda_graphs=not args.no_ort_cuda_graphs,
+                      ort_cuda_graphs=not args.no_ort_cuda_graphs, ort_decode_attention=args.ort_decode_attention,
                       layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())

@@ -42,6 +42,9 @@ def llm_io_names(num_layers: int, stage2: bool, injected: bool = False) -> tuple
 
 # -- the static-KV form of the LLM (apet-export --kv-cache static, docs/architecture.md) -------------------
 KV_CACHE_FORMS = ("dynamic", "static")  # dynamic: llm.onnx grows the cache by concatenation (the default)
+# how ONNX Runtime runs a static-KV decode step: the exported graph, or rewritten for its GroupQueryAttention
+# (apet/runtime/backends/ort_gqa.py); auto picks per device and artifact (apet/runtime/backends/ort_static.py)
+DECODE_ATTENTION = ("auto", "gqa", "graph")
 CACHE_POSITION = "cache_position"  # [1] int64: the cache position a decode step writes (group 0; see CacheLayout)
 LLM_PREFILL, LLM_DECODE = "llm_prefill", "llm_decode"  # the static form's two graphs (manifest keys; files .onnx)
 

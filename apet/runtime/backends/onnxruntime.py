@@ -38,6 +38,7 @@ from apet.runtime.backends.base import (
     no_injected,
     splice_numpy,
 )
+from apet.runtime.backends.ort_graphed import GraphedVision
 from apet.runtime.backends.ort_options import session_options
 from apet.runtime.backends.ort_static import SessionSetup, StaticKV
 
@@ -46,7 +47,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True) -> None:
+                 profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True,
+                 decode_attention: str = "auto") -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -75,11 +77,17 @@ class OnnxRuntimeBackend(Backend):
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
             vision_options = _profiling(ort, options, Path(profile_dir) / "vision")
             llm_options = _profiling(ort, options, Path(profile_dir) / "llm")
-        self.vision = ort.InferenceSession(str(self.artifact_dir / manifest.graphs["vision"].file), vision_options,
-                                           providers=providers)
+        vision_path = self.artifact_dir / manifest.graphs["vision"].file
+        # the vision graph as a CUDA graph where its shapes are fixed (not while profiling: that reads node times)
+        self.graphed_vision = None if self._profile_dir is not None or profile_dir is not None else \
+            GraphedVision.of(vision_path, manifest.graphs["vision"],
+                             SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs))
+        self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
+        self.vision = None if self.graphed_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
-                                                                         self.device_type, cuda_graphs),
+                                                                         self.device_type, cuda_graphs,
+                                                                         decode_attention),
                                np.float16 if manifest.dtype == "fp16" else np.float32) \
             if manifest.kv_cache == "static" else None
         self.llm = self.static.prefill_session if self.static is not None else \
@@ -97,6 +105,12 @@ class OnnxRuntimeBackend(Backend):
 
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
         feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
+        if self.graphed_vision is not None:
+            outputs = self.graphed_vision(feed)
+            if outputs is not None:
+                return VisionOutput.of(outputs)
+        if self.vision is None:  # this batch size could not be graphed
+            self.vision = self._vision_session()
         names = [o.name for o in self.vision.get_outputs()]
         return VisionOutput.of(dict(zip(names, self.vision.run(None, feed))))
 
@@ -170,6 +184,17 @@ class OnnxRuntimeBackend(Backend):
         if self.static is not None:
             return self.static.decode(self.table[token_ids][:, None], positions, attention_mask)
         return self._run(self.table[token_ids][:, None], positions, attention_mask)
+
+    def decode_attention(self) -> str | None:
+        """How a static-KV decode step attends (``gqa`` | ``graph``, :mod:`.ort_static`); None for the dynamic form."""
+        if self.static is None:
+            return None
+        return "gqa" if self.static.gqa is not None else "graph"
+
+    def vision_graphed(self) -> bool:
+        """Whether the vision graph runs as a CUDA graph (:mod:`.ort_graphed`) for the batch sizes seen so far."""
+        runs = self.graphed_vision.runs if self.graphed_vision is not None else {}
+        return bool(runs) and all(run is not None for run in runs.values())
 
     def cache_lengths(self) -> list[int]:
         if self.static is not None:

@@ -13,10 +13,17 @@ capturing run on: the decode session of a batch size has its ``batch`` dim fixed
 ONNX Runtime folds every shape computation to a constant (nothing left on the CPU, no Memcpy nodes), and its
 bindings are made once. Prefill varies with the prompt length and runs in its own session without CUDA graphs.
 Each session holds its own copy of the LLM weights (prefill, and decode per batch size with CUDA graphs).
+
+Decode attention (``decode_attention``): ``graph`` runs the exported decode graph; ``gqa`` runs it rewritten in memory
+for ONNX Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in
+one node per layer, instead of two scatters and an attention over all C positions); ``auto`` takes ``gqa`` on the
+CUDA execution provider for an fp16/bf16 op-attention artifact and ``graph`` otherwise. A batch with left-padded rows
+decodes through the exported graph either way (the rewritten step attends over a prefix of the cache).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ import numpy as np
 
 from apet.contracts.io import (
     CACHE_POSITION,
+    DECODE_ATTENTION,
     LLM_DECODE,
     LLM_PREFILL,
     LOGITS,
@@ -32,9 +40,12 @@ from apet.contracts.io import (
     past_names,
     present_names,
 )
-from apet.errors import InputError
+from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
+from apet.runtime.backends.ort_gqa import GqaDecode, NotRewritable, load_rewritten
 from apet.runtime.backends.ort_options import session_options
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,18 +57,25 @@ class SessionSetup:
     providers: list
     device_type: str  # "cuda" | "cpu": where caches and bound inputs live
     cuda_graphs: bool
+    decode_attention: str = "auto"  # auto | gqa | graph (module docstring)
 
-    def session(self, path: Path, batch: int | None = None) -> Any:
-        """A session of ``path``; with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
-        if batch is None:
-            return self.ort.InferenceSession(str(path), self.options, providers=self.providers)
+    def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None) -> Any:
+        """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
+        with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
+        source = model if isinstance(model, bytes) else str(model)
+        if batch is None and weights_dir is None:
+            return self.ort.InferenceSession(source, self.options, providers=self.providers)
         options = session_options(self.ort, self.options.intra_op_num_threads)
+        if weights_dir is not None:  # a graph rewritten in memory reads the artifact's weight files where they are
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+        if batch is None:
+            return self.ort.InferenceSession(source, options, providers=self.providers)
         options.add_free_dimension_override_by_name("batch", batch)
         providers = self.providers
         if self.cuda_graphs and self.device_type == "cuda":
             providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
                          for name, opts in _with_options(self.providers)]
-        return self.ort.InferenceSession(str(path), options, providers=providers)
+        return self.ort.InferenceSession(source, options, providers=providers)
 
 
 def _with_options(providers: list) -> list[tuple[str, dict]]:
@@ -69,13 +87,17 @@ class DecodeStep:
     as input and output, the logits on the device (CUDA graph replays need every address unchanged)."""
 
     def __init__(self, session: Any, setup: SessionSetup, caches: list, shapes: dict[str, tuple[tuple, Any]],
-                 logits_shape: tuple, dtype: Any, num_layers: int) -> None:
+                 logits_shape: tuple, dtype: Any, num_layers: int,
+                 host_constants: dict[str, np.ndarray] | None = None) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session = session
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in shapes.items()}
+        # inputs the kernels read on the host (GroupQueryAttention's total length): bound once, in host memory
+        self.host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in
+                     (host_constants or {}).items()}
         self.logits = new(list(logits_shape), dtype, setup.device_type, 0)
         self.binding = session.io_binding()
-        for name, value in self.inputs.items():
+        for name, value in {**self.inputs, **self.host}.items():
             self.binding.bind_ortvalue_input(name, value)
         for past, present, cache in zip(past_names(num_layers), present_names(num_layers), caches):
             self.binding.bind_ortvalue_input(past, cache)
@@ -99,14 +121,40 @@ class StaticKV:
         self.layout = manifest.cache_layout
         self.prefill_session = setup.session(artifact_dir / manifest.graphs[LLM_PREFILL].file)
         self.decode_path = artifact_dir / manifest.graphs[LLM_DECODE].file
-        self.shared_decode = None if setup.cuda_graphs and setup.device_type == "cuda" \
-            else setup.session(self.decode_path)
+        self.weights_dir = artifact_dir
+        self.gqa = self._rewritten(manifest, setup, dtype)
+        self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
+        self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch (no CUDA graphs)
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
         self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
-        self.steps: dict[int, DecodeStep] = {}
+        self.steps: dict[tuple[int, bool], DecodeStep] = {}  # (batch, gqa?) -> its bound step
         self.batch = 0
         self.length = 0  # positions of group 0 written so far (the full sequence)
         self.stage2_index: np.ndarray | None = None
+
+    def _rewritten(self, manifest: Manifest, setup: SessionSetup, dtype: Any) -> GqaDecode | None:
+        """The GroupQueryAttention decode graph where ``decode_attention`` asks for it and it applies."""
+        wanted = setup.decode_attention
+        if wanted not in DECODE_ATTENTION:
+            raise BackendError(f"unknown decode attention {wanted!r}",
+                               f"pass {option('decode_attention', '|'.join(DECODE_ATTENTION))}")
+        if wanted == "graph" or (wanted == "auto" and (setup.device_type != "cuda" or dtype == np.float32)):
+            return None
+        reason = None
+        if manifest.attention != "op":
+            reason = f"the artifact's attention form is {manifest.attention!r}"
+        else:
+            try:
+                return load_rewritten(self.decode_path, manifest.model.decoder, manifest.cache_layout,
+                                      manifest.max_context)
+            except NotRewritable as err:
+                reason = str(err)
+        if wanted == "gqa":
+            raise BackendError(f"GroupQueryAttention decode does not apply: {reason}",
+                               f"re-export with apet-export --attention op --kv-cache static, or pass "
+                               f"{option('decode_attention', 'graph')}")
+        log.info("decode runs the exported graph (%s)", reason)
+        return None
 
     def _caches(self, batch: int) -> list:
         if batch not in self.caches:
@@ -145,26 +193,46 @@ class StaticKV:
         if batch != self.batch or total != self.length + 1:
             raise InputError(f"a decode step of batch {batch} at position {total - 1} does not follow the cache "
                              f"(batch {self.batch}, {self.length} positions)", "run prefill first")
-        valid = np.zeros((batch, self.max_context), dtype=np.int64)
-        valid[:, :total] = attention_mask
-        logits = self._step(batch)({"inputs_embeds": embeds.astype(self.dtype, copy=False),
-                                    "position_ids": positions.astype(np.int64, copy=False), "attention_mask": valid,
-                                    CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
+        arrays = {"inputs_embeds": embeds.astype(self.dtype, copy=False),
+                  "position_ids": positions.astype(np.int64, copy=False)}
+        gqa = self.gqa is not None and bool(np.all(attention_mask))  # no left padding: each row's span is a prefix
+        if gqa:
+            groups = [0] if self.gqa.groups == 1 else [0, self.layout.stage2_layer]
+            lengths = tuple(self.layout.past_length(layer, self.length) for layer in groups)
+            arrays.update(self.gqa.seqlens(lengths, batch))
+        else:
+            valid = np.zeros((batch, self.max_context), dtype=np.int64)
+            valid[:, :total] = attention_mask
+            arrays.update({"attention_mask": valid, CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
+        logits = self._step(batch, gqa)(arrays)
         self.length = total
         return logits
 
-    def _step(self, batch: int) -> DecodeStep:
-        if batch not in self.steps:
-            session = self.shared_decode or self.setup.session(self.decode_path, batch)
+    def _step(self, batch: int, gqa: bool) -> DecodeStep:
+        if (batch, gqa) not in self.steps:
+            model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
+            graphs = self.setup.cuda_graphs and self.setup.device_type == "cuda"
+            if graphs:
+                session = self.setup.session(model, batch, weights)
+            else:
+                if gqa not in self.shared:
+                    self.shared[gqa] = self.setup.session(model, None, weights)
+                session = self.shared[gqa]
             spec = self.manifest.model.decoder
             position = (batch, 1) if spec.position_rank == 1 else (spec.position_rank, batch, 1)
-            shapes = {"inputs_embeds": ((batch, 1, spec.hidden_size), self.dtype), "position_ids": (position, np.int64),
-                      "attention_mask": ((batch, self.max_context), np.int64), CACHE_POSITION: ((1,), np.int64)}
+            shapes = {"inputs_embeds": ((batch, 1, spec.hidden_size), self.dtype), "position_ids": (position, np.int64)}
+            constants = {}
+            if gqa:
+                shapes.update({name: ((batch,), np.int32) for name in self.gqa.seqlens((0,) * self.gqa.groups, batch)})
+                constants = self.gqa.totals()
+            else:
+                shapes.update({"attention_mask": ((batch, self.max_context), np.int64),
+                               CACHE_POSITION: ((1,), np.int64)})
             logits = next(o for o in session.get_outputs() if o.name == LOGITS)  # [B, 1, V] as the graph says
             kind = np.float16 if "float16" in logits.type else np.float32
-            self.steps[batch] = DecodeStep(session, self.setup, self._caches(batch), shapes,
-                                           (batch, 1, int(logits.shape[-1])), kind, self.num_layers)
-        return self.steps[batch]
+            self.steps[batch, gqa] = DecodeStep(session, self.setup, self._caches(batch), shapes,
+                                                (batch, 1, int(logits.shape[-1])), kind, self.num_layers, constants)
+        return self.steps[batch, gqa]
 
     def cache_lengths(self) -> list[int]:
         return self.layout.lengths(self.length)

@@ -1,0 +1,222 @@
+"""The static-KV decode graph (``llm_decode.onnx``, op attention) rewritten in memory for ONNX Runtime's
+``GroupQueryAttention`` (com.microsoft): one node per layer that writes the new key/value into the cache buffer in
+place and attends over each row's written span only.
+
+Why: the exported decode step writes the cache with two ``ScatterElements`` (plus the index arithmetic) and runs the
+standard ``Attention`` op over every cache position under a validity mask; ONNX Runtime's CUDA kernel for that op
+reads all C positions (0.62 ms of a 6.4 ms LLaVA-7B step at C = 512, docs/benchmarks.md). ``GroupQueryAttention``
+with a shared past/present buffer reads ``seqlens_k + 1`` positions per row (flash decoding) and needs no mask, no
+scatter and no index nodes. It is a contrib op: TensorRT does not parse it, so the artifact keeps the standard graph
+and only the ONNX Runtime backend rewrites it when it loads the session (nothing is written next to the artifact,
+which may sit on a read-only mount).
+
+What it assumes, checked here or by the caller:
+- the op attention form (``apet-export --attention op``): per layer one ``Attention`` whose key/value inputs are the
+  ``ScatterElements`` writes of ``past_key.i`` / ``past_value.i`` (:class:`apet.export.decoder.StaticDecodeGraph`);
+- the rows have no left padding (every cache position up to the one written is valid), so the valid span of a row
+  is the prefix ``0..seqlens_k``: the caller uses the exported graph for a batch with padded rows;
+- layers of cache group g (:class:`apet.contracts.cache.CacheLayout`: the layers ApET's stage 2 shortened are group
+  1) write at ``seqlens_k.g`` = the group's length so far, which is where the exported graph writes too.
+
+The rotary embedding stays where the export put it (on q and k before the write, at the group's positions), so
+M-RoPE and the shifted positions of stage 2 are untouched; for one query token the [B, N, 1, D] head layout and the
+[B, 1, N·D] layout GroupQueryAttention takes are the same bytes (a Reshape, no copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+from apet.contracts.cache import CacheLayout
+from apet.contracts.io import past_names, present_names
+from apet.contracts.specs import DecoderSpec
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def seqlens_name(group: int) -> str:
+    """Input of cache group ``group``: int32 [B], the positions written before this step (= where it writes)."""
+    return f"gqa_seqlens_k.{group}"
+
+
+def total_name(group: int) -> str:
+    """Input of cache group ``group``: int32 scalar; the buffer's capacity (a host value ONNX Runtime reads for
+    shapes only: with a shared past/present buffer the kernel takes each row's length from ``seqlens_k``)."""
+    return f"gqa_total_length.{group}"
+
+
+class NotRewritable(ValueError):
+    """The decode graph is not the form the rewrite knows (the caller keeps the exported graph)."""
+
+
+@dataclass(frozen=True)
+class GqaDecode:
+    """The rewritten decode graph and what its caller feeds it."""
+
+    model: onnx.ModelProto
+    groups: int  # cache groups (2 when stage 2 shortened the later layers)
+    capacities: tuple[int, ...]  # per group: cache positions (the constant total_sequence_length input)
+
+    def seqlens(self, lengths: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
+        """Per group g with ``lengths[g]`` positions written so far (where this step writes): seqlens_k [B]."""
+        return {seqlens_name(group): np.full((batch,), length, dtype=np.int32) for group, length in enumerate(lengths)}
+
+    def totals(self) -> dict[str, np.ndarray]:
+        """The host-side total-length scalars: each group's capacity, the same at every step (so a CUDA graph
+        captured at one step stays right at the next)."""
+        return {total_name(group): np.array(capacity, dtype=np.int32) for group, capacity in enumerate(self.capacities)}
+
+
+def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output if output}
+
+
+def _attention_of(graph: onnx.GraphProto, layer: int) -> onnx.NodeProto:
+    prefix = f"/layers.{layer}/"
+    found = [n for n in graph.node if n.op_type == "Attention" and n.name.startswith(prefix)]
+    if len(found) != 1:
+        raise NotRewritable(f"layer {layer} has {len(found)} Attention nodes (the op attention form has one)")
+    return found[0]
+
+
+def _check_attention(node: onnx.NodeProto, head_dim: int) -> float | None:
+    """The Attention node's scale if it is the plain softmax(QKᵀ·scale + mask)·V the rewrite can replace."""
+    scale = None
+    for attribute in node.attribute:
+        value = helper.get_attribute_value(attribute)
+        if attribute.name == "scale":
+            scale = float(value)
+        elif attribute.name in ("is_causal", "softcap", "qk_matmul_output_mode") and value:
+            raise NotRewritable(f"{node.name}: attribute {attribute.name}={value} is not rewritten")
+        elif attribute.name not in ("q_num_heads", "kv_num_heads", "softmax_precision"):
+            raise NotRewritable(f"{node.name}: unknown attribute {attribute.name}")
+    if len(node.output) != 1 and any(node.output[1:]):
+        raise NotRewritable(f"{node.name}: uses Attention's extra outputs")
+    default = head_dim ** -0.5
+    return None if scale is None or abs(scale - default) <= 1e-6 * default else scale
+
+
+def _write_of(producers: dict[str, onnx.NodeProto], tensor: str, buffer: str) -> onnx.NodeProto:
+    node = producers.get(tensor)
+    if node is None or node.op_type != "ScatterElements" or node.input[0] != buffer:
+        raise NotRewritable(f"the attention's input {tensor} is not the in-place write of {buffer}")
+    return node
+
+
+def _constant(name: str, values: list[int]) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def rewrite_decode(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout,
+                   max_context: int) -> GqaDecode:
+    """``model`` (the decode graph, weights left external) -> the same step with one GroupQueryAttention per
+    layer; raises :class:`NotRewritable` where the graph is not the op attention form of the static decode."""
+    graph = model.graph
+    producers = _producer_map(graph)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    groups = 2 if any(layout.shortened(i) for i in range(spec.num_layers)) else 1
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(Attention) -> the nodes that take its place
+    removed: set[int] = set()
+    graph.initializer.extend([_constant("gqa/to_tokens", [0, 1, -1]),
+                              _constant("gqa/to_heads", [0, spec.num_heads, 1, spec.head_dim]),
+                              _constant("gqa/to_tokens_heads", [0, 1, spec.num_heads, spec.head_dim])])
+    pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
+    for layer in range(spec.num_layers):
+        attention = _attention_of(graph, layer)
+        scale = _check_attention(attention, spec.head_dim)
+        write_k = _write_of(producers, attention.input[1], pasts[2 * layer])
+        write_v = _write_of(producers, attention.input[2], pasts[2 * layer + 1])
+        if (write_k.output[0], write_v.output[0]) != (presents[2 * layer], presents[2 * layer + 1]):
+            raise NotRewritable(f"layer {layer}: the cache writes are not the graph's present outputs")
+        group = 1 if layout.shortened(layer) else 0
+        prefix = f"/layers.{layer}/gqa/"
+        nodes, flat = [], {}
+        for role, tensor in (("q", attention.input[0]), ("k", write_k.input[2]), ("v", write_v.input[2])):
+            flat[role] = f"{prefix}{role}"
+            nodes.append(helper.make_node("Reshape", [tensor, "gqa/to_tokens"], [flat[role]], name=f"{prefix}{role}"))
+        extra = {} if scale is None else {"scale": scale}
+        nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [flat["q"], flat["k"], flat["v"], pasts[2 * layer], pasts[2 * layer + 1], seqlens_name(group),
+             total_name(group)],
+            [f"{prefix}out", presents[2 * layer], presents[2 * layer + 1]],
+            name=f"{prefix}GroupQueryAttention", domain=CONTRIB_DOMAIN,
+            num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, **extra))
+        after = consumers.get(attention.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Transpose" and \
+                [list(helper.get_attribute_value(a)) for a in after[0].attribute if a.name == "perm"] == [[0, 2, 1, 3]]:
+            # the heads back to [B, 1, N, D]: the same bytes as the kernel's [B, 1, N*D]
+            nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_tokens_heads"], [after[0].output[0]],
+                                          name=f"{prefix}tokens"))
+            removed.add(id(after[0]))
+        else:
+            nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_heads"], [attention.output[0]],
+                                          name=f"{prefix}heads"))
+        replaced[id(attention)] = nodes
+        removed.update(id(n) for n in (write_k, write_v))
+    # each layer's new nodes take its Attention's place: their inputs come before it, their consumers after
+    ordered = [new for node in graph.node if id(node) not in removed for new in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    for group in range(groups):
+        seqlens = helper.make_tensor_value_info(seqlens_name(group), TensorProto.INT32, [None])
+        seqlens.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
+        graph.input.append(seqlens)
+        graph.input.append(helper.make_tensor_value_info(total_name(group), TensorProto.INT32, []))
+    _drop_dead(graph)
+    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    capacities = tuple(layout.capacity(layer, max_context) for layer in
+                       ([0] if groups == 1 else [0, layout.stage2_layer]))
+    return GqaDecode(model, groups, capacities)
+
+
+SMALL_TENSOR_BYTES = 4096  # external tensors up to this size are read into the rewritten graph
+
+
+def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_context: int) -> GqaDecode:
+    """The decode graph at ``path`` (structure only: its external weights stay where they are) rewritten.
+
+    Small external tensors are read in: a graph given to ONNX Runtime as bytes cannot read external data while it
+    infers shapes, and a shape constant saved externally (any tool's size threshold of 0) would fail there."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and _external_length(tensor) <= SMALL_TENSOR_BYTES:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return rewrite_decode(model, spec, layout, max_context)
+
+
+def _external_length(tensor: TensorProto) -> int:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    return int(entries.get("length", SMALL_TENSOR_BYTES + 1))
+
+
+def _drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove the nodes, inputs and initializers no output depends on any more (the validity mask, the scatter
+    indices, ``attention_mask`` and ``cache_position``)."""
+    needed = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)

@@ -1,0 +1,152 @@
+"""ONNX Runtime's static-KV decode rewritten for GroupQueryAttention (apet/runtime/backends/ort_gqa.py): the same
+greedy tokens, logits, stage-2 indices and cache contents as the exported graph and the torch reference (HF modules)
+on the tiny LLaVA with ApET's second stage (two cache groups) and on Qwen3-VL (M-RoPE, q/k norms); left-padded
+batches take the exported graph; the artifact is read where it lies (external weights, a read-only symlinked
+directory) and never written; graphs the rewrite does not know fail clearly or keep the exported graph.
+
+ONNX Runtime's CPU kernel of the contrib op runs here; the CUDA kernel (flash decoding) runs in the H200 bench."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_image
+from test_static_kv import _greedy
+
+from apet.contracts.io import LLM_DECODE
+from apet.errors import BackendError
+from apet.manifest import read_manifest
+from apet.runtime.backends.ort_gqa import NotRewritable, load_rewritten
+from apet.runtime.pipeline import Pipeline
+
+STEPS = 10
+PROMPT = "What is in the picture?"
+
+
+@pytest.fixture(scope="module")
+def llava_static_op(artifact_factory) -> Path:
+    return artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+
+
+def _caches(pipeline: Pipeline) -> list[np.ndarray]:
+    static = pipeline.backend.static
+    return [value.numpy() for value in static.caches[static.batch]]
+
+
+def test_gqa_decode_equals_the_exported_graph_and_torch(llava_static_op, tiny_adapter) -> None:
+    """Batch 1 (no padding): every step through GroupQueryAttention, both cache groups written where the exported
+    graph writes them."""
+    image = [make_image(1, (300, 200))]
+    gqa_pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    graph_pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph")
+    gqa, graph = (_greedy(p, image, [PROMPT], STEPS) for p in (gqa_pipeline, graph_pipeline))
+    reference = _greedy(Pipeline.load(llava_static_op, backend="torch", adapter=tiny_adapter), image, [PROMPT], STEPS)
+    assert gqa_pipeline.backend.decode_attention() == "gqa" and list(gqa_pipeline.backend.static.steps) == [(1, True)]
+    assert graph_pipeline.backend.decode_attention() == "graph"
+    for other in (graph, reference):
+        assert gqa["tokens"] == other["tokens"]
+        np.testing.assert_allclose(gqa["logits"], other["logits"], atol=1e-4, rtol=0)
+        assert gqa["lengths"] == other["lengths"]
+    np.testing.assert_array_equal(gqa["stage2"], graph["stage2"])
+    assert gqa["lengths"][0] - gqa["lengths"][-1] == 40 - 16  # two cache groups
+    assert len(set(map(tuple, gqa["tokens"]))) > 1
+    for mine, theirs in zip(_caches(gqa_pipeline), _caches(graph_pipeline)):
+        np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)
+
+
+def test_left_padded_batches_take_the_exported_graph(llava_static_op) -> None:
+    images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
+    prompts = [PROMPT, "How many objects are there and what color are they?"]
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    padded = _greedy(pipeline, images, prompts, 4)
+    graph = _greedy(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph"), images, prompts, 4)
+    assert list(pipeline.backend.static.steps) == [(2, False)]
+    assert padded["tokens"] == graph["tokens"]
+    np.testing.assert_array_equal(padded["logits"], graph["logits"])
+
+
+def test_qwen3_gqa_decode_equals_the_exported_graph(qwen3_artifact_factory) -> None:
+    """M-RoPE positions [3, B, 1] and q/k norms stay where the export put them, before the write."""
+    artifact = qwen3_artifact_factory(ratio=0.3, kv_cache="static", attention="op")
+    image, prompt = [make_image(5, (256, 192))], ["What is this?"]
+    gqa = _greedy(Pipeline.load(artifact, backend="onnxruntime", decode_attention="gqa"), image, prompt, STEPS)
+    graph = _greedy(Pipeline.load(artifact, backend="onnxruntime", decode_attention="graph"), image, prompt, STEPS)
+    assert gqa["tokens"] == graph["tokens"]
+    np.testing.assert_allclose(gqa["logits"], graph["logits"], atol=1e-4, rtol=0)
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_external_weights_are_read_in_place_from_a_read_only_symlinked_artifact(llava_static_op,
+                                                                                  tmp_path: Path) -> None:
+    """The rewritten graph is serialized in memory; its weights resolve against the artifact directory (as a 7B
+    artifact's ``llm_decode.onnx.data``), which may be a read-only mount reached through a symlink."""
+    real = tmp_path / "volume" / "artifact"
+    shutil.copytree(llava_static_op, real)
+    decode = real / read_manifest(real).graphs[LLM_DECODE].file
+    model = onnx.load(str(decode))
+    onnx.save(model, str(decode), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=decode.name + ".data", size_threshold=0)
+    assert (real / (decode.name + ".data")).stat().st_size > 0
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    before = _digest(real)
+    for path in [real, *real.iterdir()]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        image = [make_image(1, (300, 200))]
+        # the re-saved graph is not the exported file any more: its checksum is not the manifest's
+        moved = _greedy(Pipeline.load(link, backend="onnxruntime", decode_attention="gqa", verify_checksums=False),
+                        image, [PROMPT], 4)
+        original = _greedy(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph"), image,
+                           [PROMPT], 4)
+    finally:
+        for path in [real, *real.iterdir()]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert moved["tokens"] == original["tokens"]
+    np.testing.assert_allclose(moved["logits"], original["logits"], atol=1e-4, rtol=0)
+    assert _digest(real) == before and sorted(os.listdir(real)) == sorted(before)
+
+
+def test_the_rewrite_replaces_writes_masks_and_attention(llava_static_op) -> None:
+    manifest = read_manifest(llava_static_op)
+    spec = manifest.model.decoder
+    rewritten = load_rewritten(llava_static_op / manifest.graphs[LLM_DECODE].file, spec, manifest.cache_layout,
+                               manifest.max_context)
+    onnx.checker.check_model(rewritten.model)
+    ops = [n.op_type for n in rewritten.model.graph.node]
+    assert ops.count("GroupQueryAttention") == spec.num_layers
+    assert not {"Attention", "ScatterElements", "Where", "Expand"} & set(ops)
+    inputs = [i.name for i in rewritten.model.graph.input]
+    assert "attention_mask" not in inputs and "cache_position" not in inputs
+    assert rewritten.groups == 2 and rewritten.capacities == (manifest.max_context, manifest.max_context - 24)
+    assert rewritten.seqlens((30, 6), 2)["gqa_seqlens_k.1"].tolist() == [6, 6]
+
+
+def test_graphs_the_rewrite_does_not_know(llava_static) -> None:
+    """The pattern attention form: ``gqa`` asked for explicitly is an error naming the fix; ``auto`` (and the CPU)
+    keeps the exported graph."""
+    manifest = read_manifest(llava_static)
+    with pytest.raises(NotRewritable, match="Attention"):
+        load_rewritten(llava_static / manifest.graphs[LLM_DECODE].file, manifest.model.decoder,
+                       manifest.cache_layout, manifest.max_context)
+    with pytest.raises(BackendError, match="--attention op") as err:
+        Pipeline.load(llava_static, backend="onnxruntime", decode_attention="gqa")
+    assert "decode_attention='graph'" in str(err.value)
+    assert Pipeline.load(llava_static, backend="onnxruntime").backend.decode_attention() == "graph"
+    with pytest.raises(BackendError, match="decode attention"):
+        Pipeline.load(llava_static, backend="onnxruntime", decode_attention="flash")
+
+
+@pytest.fixture(scope="module")
+def llava_static(artifact_factory) -> Path:
+    return artifact_factory(ratio=0.11, stages=2, kv_cache="static")

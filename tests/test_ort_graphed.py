@@ -1,0 +1,50 @@
+"""The vision graph at fixed shapes with bound buffers (apet/runtime/backends/ort_graphed.py), what ONNX Runtime's CUDA
+execution provider replays as a CUDA graph: the same outputs as the plain session, one session per batch size, and
+only where the artifact fixes every dim but the batch. CUDA-graph capture itself runs in the H200 bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from conftest import make_image
+
+from apet.manifest import read_manifest
+from apet.runtime.backends.ort_graphed import GraphedVision, fixed_shapes
+from apet.runtime.backends.ort_options import session_options
+from apet.runtime.backends.ort_static import SessionSetup
+from apet.runtime.pipeline import Pipeline
+
+
+def _setup(cuda_graphs: bool, device_type: str = "cpu") -> SessionSetup:
+    return SessionSetup(ort, session_options(ort), ["CPUExecutionProvider"], device_type, cuda_graphs)
+
+
+def test_bound_vision_runs_equal_the_plain_session(artifact_factory) -> None:
+    artifact = artifact_factory()
+    manifest = read_manifest(artifact)
+    spec = manifest.graphs["vision"]
+    pipeline = Pipeline.load(artifact, backend="onnxruntime")
+    images = [make_image(1), make_image(2, (180, 260))]
+    for batch in (1, 2):
+        arrays = pipeline.processor.vision_inputs(images[:batch]).arrays
+        plain = pipeline.backend.vision.run(None, arrays)
+        graphed = GraphedVision(artifact / spec.file, spec, _setup(False))
+        for _ in range(2):  # the second run refills the same bound buffers
+            outputs = graphed(arrays)
+            for name, expected in zip([o["name"] for o in spec.outputs], plain):
+                if expected.dtype.kind == "f":  # a fixed batch lets ONNX Runtime fold shapes: other float kernels
+                    np.testing.assert_allclose(outputs[name], expected, atol=1e-5, rtol=0)
+                else:  # the kept indices
+                    np.testing.assert_array_equal(outputs[name], expected)
+        assert list(graphed.runs) == [batch]
+
+
+def test_graphed_vision_applies_only_to_fixed_shapes_on_cuda(artifact_factory, qwen_artifact_factory) -> None:
+    llava = read_manifest(artifact_factory()).graphs["vision"]
+    qwen = read_manifest(qwen_artifact_factory()).graphs["vision"]
+    assert fixed_shapes(llava.inputs, 3)["pixel_values"][0][0] == 3
+    assert fixed_shapes(qwen.inputs, 1) is None  # patches of a dynamic image size
+    assert GraphedVision.of(artifact_factory() / llava.file, llava, _setup(True, "cuda")) is not None
+    for setup in (_setup(True, "cpu"), _setup(False, "cuda")):
+        assert GraphedVision.of(artifact_factory() / llava.file, llava, setup) is None
+    assert GraphedVision.of(qwen_artifact_factory() / qwen.file, qwen, _setup(True, "cuda")) is None
