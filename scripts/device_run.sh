@@ -26,11 +26,12 @@
 #                   call runs out of time: towers --towers qwen25, then towers --towers qwen3,llava,next --no-parity
 #   ortstatic-export DIR  the LLaVA-1.5-7B-shape artifact at 0.11 in the static-KV form (fp16, op attention, batch 1,
 #                   512 cache positions) into /tmp/DIR, kept for ortstatic (a 7B export of two LLM graphs takes minutes)
-#   ortstatic [DIR] [nocg]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph; nocg: without)
+#   ortstatic [DIR] [nocg|graph]  ONNX Runtime CUDA on the static-KV form (IO binding, decode as a CUDA graph through
+#                   GroupQueryAttention, vision as a CUDA graph; nocg: no CUDA graphs; graph: the exported decode graph)
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
-#   ortkernels DIR  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py: wall vs GPU-busy
-#                   ms, kernel counts, top kernels per phase), decode with and without CUDA graphs
+#   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
+#                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
@@ -140,6 +141,7 @@ case "$stage" in
       [ -e "/tmp/$1.done" ] && echo "export of $1 took $(cat "/tmp/$1.done") s (waited $waited s)"
     fi
     if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
+    if [ "${2:-}" = "graph" ]; then extra+=(--ort-decode-attention graph); name=ortstatic_graph; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
     python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 --new-tokens 32 \
@@ -149,10 +151,10 @@ case "$stage" in
     python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
       || echo "no results: see the bench output above"
     ;;
-  ortkernels)
-    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_cg.json" 2>&1 | grep -v USDT | tail -25
-    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --no-cuda-graphs --out "$OUT/ort_kernels_nocg.json" 2>&1 \
-      | grep -v USDT | tail -25
+  ortkernels)  # ortkernels DIR [SUFFIX [ARGS...]]: one profile per call ($OUT/ort_kernels_SUFFIX.json)
+    dir="$1" suffix="${2:-cg}"; shift 2 || shift $#
+    python3 scripts/ort_gpu_kernels.py "/tmp/$dir" --out "$OUT/ort_kernels_$suffix.json" "$@" 2>&1 | grep -v USDT \
+      | tail -25
     ;;
   floor)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
