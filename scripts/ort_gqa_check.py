@@ -61,7 +61,10 @@ def main() -> int:
                 pipeline = Pipeline.load(artifact, backend="onnxruntime", device=args.device,
                                          decode_attention=form)
                 runs[form] = greedy(pipeline, images[:batch], prompts[:batch], args.steps)
-                runs[form]["paths"] = {"decode": sorted(str(k) for k in pipeline.backend.static.steps),
+                static = pipeline.backend.static
+                runs[form]["paths"] = {"decode": sorted(str(k) for k in static.steps),
+                                       "prefill_rewritten": static.gqa_prompt is not None
+                                       and static.exported_prefill is None,
                                        "vision_cuda_graph": pipeline.backend.vision_graphed()}
             gqa, graph = runs["gqa"], runs["graph"]
             diffs = np.abs(gqa["logits"] - graph["logits"]).max(axis=(1, 2))
@@ -73,7 +76,11 @@ def main() -> int:
                 "logit_scale": round(float(np.abs(graph["logits"]).max()), 3)}
             print(f"batch {batch}: {json.dumps(result[f'batch{batch}'])}")
     write_atomic(args.out, json.dumps(result, indent=1).encode())
-    return 0
+    first = result["batch1"]  # the rewritten graphs must agree with the exported ones before any timing is trusted
+    agree = first["keep_equal"] and first["max_abs_logit_diff_by_step"][0] <= 0.02 * first["logit_scale"] and \
+        first["paths"]["gqa"]["prefill_rewritten"]
+    print("rewritten graphs agree with the exported ones" if agree else "REWRITTEN GRAPHS DISAGREE")
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":

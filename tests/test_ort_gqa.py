@@ -1,6 +1,6 @@
-"""ONNX Runtime's static-KV decode rewritten for GroupQueryAttention (apet/runtime/backends/ort_gqa.py): the same
-greedy tokens, logits, stage-2 indices and cache contents as the exported graph and the torch reference (HF modules)
-on the tiny LLaVA with ApET's second stage (two cache groups) and on Qwen3-VL (M-RoPE, q/k norms); left-padded
+"""ONNX Runtime's static-KV prefill and decode rewritten for GroupQueryAttention (apet/runtime/backends/ort_gqa.py):
+the same greedy tokens, logits, stage-2 indices and cache contents as the exported graphs and the torch reference (HF
+modules) on the tiny LLaVA with ApET's second stage (two cache groups) and on Qwen3-VL (M-RoPE, q/k norms); left-padded
 batches take the exported graph; the artifact is read where it lies (external weights, a read-only symlinked
 directory) and never written; graphs the rewrite does not know fail clearly or keep the exported graph.
 
@@ -20,7 +20,7 @@ import pytest
 from conftest import make_image
 from test_static_kv import _greedy
 
-from apet.contracts.io import LLM_DECODE
+from apet.contracts.io import LLM_DECODE, LLM_PREFILL
 from apet.errors import BackendError
 from apet.manifest import read_manifest
 from apet.runtime.backends.ort_gqa import NotRewritable, load_rewritten
@@ -40,15 +40,17 @@ def _caches(pipeline: Pipeline) -> list[np.ndarray]:
     return [value.numpy() for value in static.caches[static.batch]]
 
 
-def test_gqa_decode_equals_the_exported_graph_and_torch(llava_static_op, tiny_adapter) -> None:
-    """Batch 1 (no padding): every step through GroupQueryAttention, both cache groups written where the exported
-    graph writes them."""
+def test_gqa_equals_the_exported_graphs_and_torch(llava_static_op, tiny_adapter) -> None:
+    """Batch 1 (no padding): the prefill and every step through GroupQueryAttention, both cache groups written where
+    the exported graphs write them."""
     image = [make_image(1, (300, 200))]
     gqa_pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
     graph_pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph")
     gqa, graph = (_greedy(p, image, [PROMPT], STEPS) for p in (gqa_pipeline, graph_pipeline))
     reference = _greedy(Pipeline.load(llava_static_op, backend="torch", adapter=tiny_adapter), image, [PROMPT], STEPS)
-    assert gqa_pipeline.backend.decode_attention() == "gqa" and list(gqa_pipeline.backend.static.steps) == [(1, True)]
+    static = gqa_pipeline.backend.static
+    assert gqa_pipeline.backend.decode_attention() == "gqa" and list(static.steps) == [(1, True)]
+    assert static.gqa_prompt is not None and static.exported_prefill is None  # the prompt took the rewritten graph
     assert graph_pipeline.backend.decode_attention() == "graph"
     for other in (graph, reference):
         assert gqa["tokens"] == other["tokens"]
@@ -67,7 +69,7 @@ def test_left_padded_batches_take_the_exported_graph(llava_static_op) -> None:
     pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
     padded = _greedy(pipeline, images, prompts, 4)
     graph = _greedy(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph"), images, prompts, 4)
-    assert list(pipeline.backend.static.steps) == [(2, False)]
+    assert list(pipeline.backend.static.steps) == [(2, False)] and pipeline.backend.static.exported_prefill is not None
     assert padded["tokens"] == graph["tokens"]
     np.testing.assert_array_equal(padded["logits"], graph["logits"])
 
@@ -117,19 +119,29 @@ def test_external_weights_are_read_in_place_from_a_read_only_symlinked_artifact(
     assert _digest(real) == before and sorted(os.listdir(real)) == sorted(before)
 
 
-def test_the_rewrite_replaces_writes_masks_and_attention(llava_static_op) -> None:
+def test_the_rewrite_replaces_writes_masks_transposes_and_attention(llava_static_op) -> None:
+    """Per layer: the cache writes, their index arithmetic, the masks, the head-major transposes and the attention
+    become one GroupQueryAttention between the projections (a prefill layer: 88 nodes -> 30)."""
     manifest = read_manifest(llava_static_op)
     spec = manifest.model.decoder
-    rewritten = load_rewritten(llava_static_op / manifest.graphs[LLM_DECODE].file, spec, manifest.cache_layout,
-                               manifest.max_context)
-    onnx.checker.check_model(rewritten.model)
-    ops = [n.op_type for n in rewritten.model.graph.node]
-    assert ops.count("GroupQueryAttention") == spec.num_layers
-    assert not {"Attention", "ScatterElements", "Where", "Expand"} & set(ops)
-    inputs = [i.name for i in rewritten.model.graph.input]
-    assert "attention_mask" not in inputs and "cache_position" not in inputs
-    assert rewritten.groups == 2 and rewritten.capacities == (manifest.max_context, manifest.max_context - 24)
+    for graph, prompt in ((LLM_DECODE, False), (LLM_PREFILL, True)):
+        path = llava_static_op / manifest.graphs[graph].file
+        rewritten = load_rewritten(path, spec, manifest.cache_layout, manifest.max_context, prompt)
+        onnx.checker.check_model(rewritten.model)
+        ops = [n.op_type for n in rewritten.model.graph.node]
+        assert ops.count("GroupQueryAttention") == spec.num_layers
+        layer = [n.op_type for n in rewritten.model.graph.node if n.name.startswith("/layers.1/")]
+        assert not {"Attention", "ScatterElements", "Where", "Expand", "Transpose", "Shape", "Range"} & set(layer)
+        assert layer.count("MatMul") == 7 and layer.count("RotaryEmbedding") == 2
+        exported = [n for n in onnx.load(str(path), load_external_data=False).graph.node
+                    if n.name.startswith("/layers.1/")]
+        assert len(layer) < 0.4 * len(exported)
+        inputs = [i.name for i in rewritten.model.graph.input]
+        assert "attention_mask" not in inputs and "cache_position" not in inputs
+        assert rewritten.groups == 2 and rewritten.capacities == (manifest.max_context, manifest.max_context - 24)
     assert rewritten.seqlens((30, 6), 2)["gqa_seqlens_k.1"].tolist() == [6, 6]
+    prompt_feeds = rewritten.prompt((136, 112), 1)
+    assert prompt_feeds["gqa_seqlens_k.0"].tolist() == [135] and int(prompt_feeds["gqa_total_length.1"]) == 112
 
 
 def test_graphs_the_rewrite_does_not_know(llava_static) -> None:

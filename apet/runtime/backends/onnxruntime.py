@@ -186,7 +186,8 @@ class OnnxRuntimeBackend(Backend):
         return self._run(self.table[token_ids][:, None], positions, attention_mask)
 
     def decode_attention(self) -> str | None:
-        """How a static-KV decode step attends (``gqa`` | ``graph``, :mod:`.ort_static`); None for the dynamic form."""
+        """How the static-KV graphs attend (``gqa`` | ``graph``, :mod:`.ort_static`; a left-padded batch takes the
+        exported graphs either way); None for the dynamic form."""
         if self.static is None:
             return None
         return "gqa" if self.static.gqa is not None else "graph"

@@ -1,26 +1,32 @@
-"""The static-KV decode graph (``llm_decode.onnx``, op attention) rewritten in memory for ONNX Runtime's
-``GroupQueryAttention`` (com.microsoft): one node per layer that writes the new key/value into the cache buffer in
-place and attends over each row's written span only.
+"""The static-KV graphs (``llm_decode.onnx`` and ``llm_prefill.onnx``, op attention) rewritten in memory for ONNX
+Runtime's ``GroupQueryAttention`` (com.microsoft): one node per layer that writes the new keys/values into the cache
+buffer in place and attends over each row's written span only (the prompt causally, at prefill).
 
 Why: the exported decode step writes the cache with two ``ScatterElements`` (plus the index arithmetic) and runs the
 standard ``Attention`` op over every cache position under a validity mask; ONNX Runtime's CUDA kernel for that op
 reads all C positions (0.62 ms of a 6.4 ms LLaVA-7B step at C = 512, docs/benchmarks.md). ``GroupQueryAttention``
 with a shared past/present buffer reads ``seqlens_k + 1`` positions per row (flash decoding) and needs no mask, no
-scatter and no index nodes. It is a contrib op: TensorRT does not parse it, so the artifact keeps the standard graph
-and only the ONNX Runtime backend rewrites it when it loads the session (nothing is written next to the artifact,
-which may sit on a read-only mount).
+scatter and no index nodes. At prefill it replaces the same scatters, their index arithmetic (a few dozen nodes per
+layer that ONNX Runtime runs on the host: the prompt length is dynamic) and the head-major transposes around the
+attention, where the prefill's time is host time (docs/benchmarks.md). It is a contrib op: TensorRT does not parse
+it, so the artifact keeps the standard graphs and only the ONNX Runtime backend rewrites them when it loads its
+sessions (nothing is written next to the artifact, which may sit on a read-only mount).
 
 What it assumes, checked here or by the caller:
 - the op attention form (``apet-export --attention op``): per layer one ``Attention`` whose key/value inputs are the
-  ``ScatterElements`` writes of ``past_key.i`` / ``past_value.i`` (:class:`apet.export.decoder.StaticDecodeGraph`);
+  ``ScatterElements`` writes of ``past_key.i`` / ``past_value.i`` (decode:
+  :class:`apet.export.decoder.StaticDecodeGraph`) or the tensors those write (prefill:
+  :class:`apet.export.decoder.DecoderGraph` with ``static=True``), q and k rotated by a 4-D ``RotaryEmbedding`` of a
+  head-major transpose, the output transposed back and reshaped to [B, T, N·D];
 - the rows have no left padding (every cache position up to the one written is valid), so the valid span of a row
   is the prefix ``0..seqlens_k``: the caller uses the exported graph for a batch with padded rows;
 - layers of cache group g (:class:`apet.contracts.cache.CacheLayout`: the layers ApET's stage 2 shortened are group
-  1) write at ``seqlens_k.g`` = the group's length so far, which is where the exported graph writes too.
+  1) write at ``seqlens_k.g`` = the group's length so far, which is where the exported graph writes too; a prefill
+  writes the group's prompt at 0..T_g-1 (T_1 = T - R after stage 2).
 
 The rotary embedding stays where the export put it (on q and k before the write, at the group's positions), so
-M-RoPE and the shifted positions of stage 2 are untouched; for one query token the [B, N, 1, D] head layout and the
-[B, 1, N·D] layout GroupQueryAttention takes are the same bytes (a Reshape, no copy).
+M-RoPE and the shifted positions of stage 2 are untouched; it rotates in token layout [B, T, N·D] (a 3-D
+``RotaryEmbedding`` with ``num_heads``), so no transpose is left around the attention.
 """
 
 from __future__ import annotations
@@ -52,16 +58,22 @@ def total_name(group: int) -> str:
 
 
 class NotRewritable(ValueError):
-    """The decode graph is not the form the rewrite knows (the caller keeps the exported graph)."""
+    """The graph is not the form the rewrite knows (the caller keeps the exported graph)."""
 
 
 @dataclass(frozen=True)
-class GqaDecode:
-    """The rewritten decode graph and what its caller feeds it."""
+class GqaGraph:
+    """A rewritten graph (decode step or prefill) and what its caller feeds it."""
 
     model: onnx.ModelProto
     groups: int  # cache groups (2 when stage 2 shortened the later layers)
-    capacities: tuple[int, ...]  # per group: cache positions (the constant total_sequence_length input)
+    capacities: tuple[int, ...]  # per group: cache positions (the decode step's constant total_sequence_length)
+
+    def prompt(self, lengths: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
+        """A prefill's inputs: per group g, a prompt of ``lengths[g]`` positions written at 0..lengths[g]-1."""
+        feeds = self.seqlens(tuple(length - 1 for length in lengths), batch)
+        feeds.update({total_name(group): np.array(length, dtype=np.int32) for group, length in enumerate(lengths)})
+        return feeds
 
     def seqlens(self, lengths: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
         """Per group g with ``lengths[g]`` positions written so far (where this step writes): seqlens_k [B]."""
@@ -102,21 +114,76 @@ def _check_attention(node: onnx.NodeProto, head_dim: int) -> float | None:
     return None if scale is None or abs(scale - default) <= 1e-6 * default else scale
 
 
-def _write_of(producers: dict[str, onnx.NodeProto], tensor: str, buffer: str) -> onnx.NodeProto:
-    node = producers.get(tensor)
-    if node is None or node.op_type != "ScatterElements" or node.input[0] != buffer:
+def _write_of(graph: onnx.GraphProto, tensor: str, buffer: str, prompt: bool) -> onnx.NodeProto:
+    """The one ``ScatterElements`` that writes ``buffer``; the attention reads what it wrote (decode: the whole
+    buffer) or what it writes (prefill: the prompt's keys/values)."""
+    writes = [n for n in graph.node if n.op_type == "ScatterElements" and n.input[0] == buffer]
+    if len(writes) != 1 or tensor != (writes[0].input[2] if prompt else writes[0].output[0]):
         raise NotRewritable(f"the attention's input {tensor} is not the in-place write of {buffer}")
-    return node
+    return writes[0]
 
 
 def _constant(name: str, values: list[int]) -> TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def rewrite_decode(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout,
-                   max_context: int) -> GqaDecode:
-    """``model`` (the decode graph, weights left external) -> the same step with one GroupQueryAttention per
-    layer; raises :class:`NotRewritable` where the graph is not the op attention form of the static decode."""
+def _perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+
+
+def _heads_first(producers: dict[str, onnx.NodeProto], tensor: str) -> str | None:
+    """The [B, 1, N, D] tensor that ``tensor`` ([B, N, 1, D]) is the head-major transpose of, if it is one."""
+    node = producers.get(tensor)
+    return node.input[0] if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3] else None
+
+
+class _LayerRewrite:
+    """One layer's replacement nodes, in token layout [B, 1, heads·D] end to end: q and k rotated by a 3-D
+    ``RotaryEmbedding`` (``num_heads`` set: the same cos/sin, the same attributes), v as projected, the output handed
+    to the projection without the head-major round trip. Where the graph differs from that chain, the head-major
+    tensors are reshaped instead (the same bytes for one token)."""
+
+    def __init__(self, producers: dict[str, onnx.NodeProto], prefix: str) -> None:
+        self.producers, self.prefix = producers, prefix
+        self.nodes: list[onnx.NodeProto] = []
+
+    def flat(self, role: str, tensor: str, heads: int, prompt: bool) -> str:
+        """``tensor`` (head-major, after rotary for q/k) as [B, T, heads·D]."""
+        out = f"{self.prefix}{role}"
+        rotary = self.producers.get(tensor)
+        if rotary is not None and rotary.op_type == "RotaryEmbedding" and len(rotary.input) == 3:
+            tokens = _heads_first(self.producers, rotary.input[0])
+            if tokens is not None:  # rotate in token layout
+                attributes = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
+                self.nodes.append(helper.make_node("RotaryEmbedding", [self._merged(tokens, out), *rotary.input[1:]],
+                                                   [out], name=f"{out}_rotary", **{**attributes, "num_heads": heads}))
+                return out
+        tokens = _heads_first(self.producers, tensor) if rotary is None or rotary.op_type != "RotaryEmbedding" \
+            else None
+        if tokens is None and prompt:  # [B, N, T, D] -> [B, T, N·D] is a copy for T > 1: not this chain
+            raise NotRewritable(f"{tensor}: not a head-major transpose or its rotation")
+        if tokens is None:  # one token: [B, N, 1, D] and [B, 1, N·D] are the same bytes
+            self.nodes.append(helper.make_node("Reshape", [tensor, "gqa/to_tokens"], [out], name=out))
+            return out
+        return self._merged(tokens, out)
+
+    def _merged(self, tokens: str, out: str) -> str:
+        """``tokens`` [B, T, heads, D] as [B, T, heads·D]: the projection it was split from where it is one (so the
+        split's shape arithmetic dies with it), else a Reshape."""
+        split = self.producers.get(tokens)
+        source = self.producers.get(split.input[0]) if split is not None and split.op_type == "Reshape" else None
+        if source is not None and source.op_type == "MatMul":  # q/k/v_proj's [B, T, heads·D]
+            return split.input[0]
+        self.nodes.append(helper.make_node("Reshape", [tokens, "gqa/to_tokens"], [out + "_tokens"],
+                                           name=f"{out}_tokens"))
+        return out + "_tokens"
+
+
+def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_context: int,
+            prompt: bool = False) -> GqaGraph:
+    """``model`` (the decode graph, or with ``prompt`` the prefill graph; weights left external) -> the same graph
+    with one GroupQueryAttention per layer; raises :class:`NotRewritable` where it is not the op attention form of
+    the static KV cache."""
     graph = model.graph
     producers = _producer_map(graph)
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -127,41 +194,50 @@ def rewrite_decode(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayou
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(Attention) -> the nodes that take its place
     removed: set[int] = set()
-    graph.initializer.extend([_constant("gqa/to_tokens", [0, 1, -1]),
+    graph.initializer.extend([_constant("gqa/to_tokens", [0, 0, -1]),
                               _constant("gqa/to_heads", [0, spec.num_heads, 1, spec.head_dim]),
-                              _constant("gqa/to_tokens_heads", [0, 1, spec.num_heads, spec.head_dim])])
+                              _constant("gqa/to_tokens_heads", [0, 0, spec.num_heads, spec.head_dim])])
     pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
     for layer in range(spec.num_layers):
         attention = _attention_of(graph, layer)
         scale = _check_attention(attention, spec.head_dim)
-        write_k = _write_of(producers, attention.input[1], pasts[2 * layer])
-        write_v = _write_of(producers, attention.input[2], pasts[2 * layer + 1])
+        write_k = _write_of(graph, attention.input[1], pasts[2 * layer], prompt)
+        write_v = _write_of(graph, attention.input[2], pasts[2 * layer + 1], prompt)
         if (write_k.output[0], write_v.output[0]) != (presents[2 * layer], presents[2 * layer + 1]):
             raise NotRewritable(f"layer {layer}: the cache writes are not the graph's present outputs")
         group = 1 if layout.shortened(layer) else 0
         prefix = f"/layers.{layer}/gqa/"
-        nodes, flat = [], {}
-        for role, tensor in (("q", attention.input[0]), ("k", write_k.input[2]), ("v", write_v.input[2])):
-            flat[role] = f"{prefix}{role}"
-            nodes.append(helper.make_node("Reshape", [tensor, "gqa/to_tokens"], [flat[role]], name=f"{prefix}{role}"))
+        rewrite = _LayerRewrite(producers, prefix)
+        query = rewrite.flat("q", attention.input[0], spec.num_heads, prompt)
+        key = rewrite.flat("k", write_k.input[2], spec.num_kv_heads, prompt)
+        value = rewrite.flat("v", write_v.input[2], spec.num_kv_heads, prompt)
+        nodes = rewrite.nodes
         extra = {} if scale is None else {"scale": scale}
         nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [flat["q"], flat["k"], flat["v"], pasts[2 * layer], pasts[2 * layer + 1], seqlens_name(group),
-             total_name(group)],
+            [query, key, value, pasts[2 * layer], pasts[2 * layer + 1], seqlens_name(group), total_name(group)],
             [f"{prefix}out", presents[2 * layer], presents[2 * layer + 1]],
             name=f"{prefix}GroupQueryAttention", domain=CONTRIB_DOMAIN,
             num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, **extra))
-        after = consumers.get(attention.output[0], [])
-        if len(after) == 1 and after[0].op_type == "Transpose" and \
-                [list(helper.get_attribute_value(a)) for a in after[0].attribute if a.name == "perm"] == [[0, 2, 1, 3]]:
-            # the heads back to [B, 1, N, D]: the same bytes as the kernel's [B, 1, N*D]
-            nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_tokens_heads"], [after[0].output[0]],
-                                          name=f"{prefix}tokens"))
-            removed.add(id(after[0]))
-        else:
+        if not prompt:  # the output as the graph had it, for shape arithmetic that reads it (folded at a fixed batch)
             nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_heads"], [attention.output[0]],
                                           name=f"{prefix}heads"))
+        for after in consumers.get(attention.output[0], []):
+            if after.op_type == "Transpose" and _perm(after) == [0, 2, 1, 3]:
+                # back to [B, T, N, D]: the kernel's [B, T, N*D] is those bytes already, no transpose kernel
+                merged = [n for n in consumers.get(after.output[0], []) if n.op_type == "Reshape"]
+                if merged and len(merged) == len(consumers[after.output[0]]):
+                    # each [B, T, N, D] -> [B, T, N·D] is the kernel's output itself (the heads merged)
+                    for reshape in merged:
+                        nodes.append(helper.make_node("Identity", [f"{prefix}out"], [reshape.output[0]],
+                                                      name=f"{reshape.name}/gqa"))
+                        removed.add(id(reshape))
+                else:
+                    nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_tokens_heads"],
+                                                  [after.output[0]], name=f"{prefix}tokens"))
+                removed.add(id(after))
+            elif prompt and after.op_type != "Shape":
+                raise NotRewritable(f"{attention.name}: its output feeds {after.op_type} {after.name}")
         replaced[id(attention)] = nodes
         removed.update(id(n) for n in (write_k, write_v))
     # each layer's new nodes take its Attention's place: their inputs come before it, their consumers after
@@ -174,18 +250,25 @@ def rewrite_decode(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayou
         graph.input.append(seqlens)
         graph.input.append(helper.make_tensor_value_info(total_name(group), TensorProto.INT32, []))
     _drop_dead(graph)
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        missing = [name for name in node.input if name not in defined]
+        if missing:
+            raise NotRewritable(f"{node.name} still reads {missing[0]}, which the rewrite replaced")
+        defined.update(node.output)
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     capacities = tuple(layout.capacity(layer, max_context) for layer in
                        ([0] if groups == 1 else [0, layout.stage2_layer]))
-    return GqaDecode(model, groups, capacities)
+    return GqaGraph(model, groups, capacities)
 
 
 SMALL_TENSOR_BYTES = 4096  # external tensors up to this size are read into the rewritten graph
 
 
-def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_context: int) -> GqaDecode:
-    """The decode graph at ``path`` (structure only: its external weights stay where they are) rewritten.
+def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_context: int,
+                   prompt: bool = False) -> GqaGraph:
+    """The graph at ``path`` (structure only: its external weights stay where they are) rewritten.
 
     Small external tensors are read in: a graph given to ONNX Runtime as bytes cannot read external data while it
     infers shapes, and a shape constant saved externally (any tool's size threshold of 0) would fail there."""
@@ -195,7 +278,7 @@ def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_conte
             load_external_data_for_tensor(tensor, str(path.parent))
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
-    return rewrite_decode(model, spec, layout, max_context)
+    return rewrite(model, spec, layout, max_context, prompt)
 
 
 def _external_length(tensor: TensorProto) -> int:

@@ -14,11 +14,11 @@ ONNX Runtime folds every shape computation to a constant (nothing left on the CP
 bindings are made once. Prefill varies with the prompt length and runs in its own session without CUDA graphs.
 Each session holds its own copy of the LLM weights (prefill, and decode per batch size with CUDA graphs).
 
-Decode attention (``decode_attention``): ``graph`` runs the exported decode graph; ``gqa`` runs it rewritten in memory
-for ONNX Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in
-one node per layer, instead of two scatters and an attention over all C positions); ``auto`` takes ``gqa`` on the
-CUDA execution provider for an fp16/bf16 op-attention artifact and ``graph`` otherwise. A batch with left-padded rows
-decodes through the exported graph either way (the rewritten step attends over a prefix of the cache).
+Attention (``decode_attention``): ``graph`` runs the exported graphs; ``gqa`` runs both rewritten in memory for ONNX
+Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in one node
+per layer, instead of two scatters, their index arithmetic and an attention over all C positions); ``auto`` takes
+``gqa`` on the CUDA execution provider for an fp16/bf16 op-attention artifact and ``graph`` otherwise. A batch with
+left-padded rows runs the exported graphs either way (the rewritten ones attend over a prefix of the cache).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from apet.contracts.io import (
 )
 from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
-from apet.runtime.backends.ort_gqa import GqaDecode, NotRewritable, load_rewritten
+from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
 from apet.runtime.backends.ort_options import session_options
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,16 @@ class StaticKV:
         self.manifest, self.setup, self.dtype = manifest, setup, dtype
         self.num_layers, self.max_context = spec.num_layers, manifest.max_context
         self.layout = manifest.cache_layout
-        self.prefill_session = setup.session(artifact_dir / manifest.graphs[LLM_PREFILL].file)
+        self.prefill_path = artifact_dir / manifest.graphs[LLM_PREFILL].file
         self.decode_path = artifact_dir / manifest.graphs[LLM_DECODE].file
         self.weights_dir = artifact_dir
-        self.gqa = self._rewritten(manifest, setup, dtype)
+        self.gqa = self._rewritten(self.decode_path, setup, dtype)
         self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
+        self.gqa_prompt = self._rewritten(self.prefill_path, setup, dtype, prompt=True) if self.gqa else None
+        # the prefill session (rewritten where decode is); the exported one only for left-padded batches then
+        self.prefill_session = setup.session(self.gqa_prompt.model.SerializeToString(), None, artifact_dir) \
+            if self.gqa_prompt is not None else setup.session(self.prefill_path)
+        self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch (no CUDA graphs)
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
         self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
@@ -132,9 +137,10 @@ class StaticKV:
         self.length = 0  # positions of group 0 written so far (the full sequence)
         self.stage2_index: np.ndarray | None = None
 
-    def _rewritten(self, manifest: Manifest, setup: SessionSetup, dtype: Any) -> GqaDecode | None:
-        """The GroupQueryAttention decode graph where ``decode_attention`` asks for it and it applies."""
-        wanted = setup.decode_attention
+    def _rewritten(self, path: Path, setup: SessionSetup, dtype: Any, prompt: bool = False) -> GqaGraph | None:
+        """The GroupQueryAttention form of the graph at ``path`` where ``decode_attention`` asks for it and it
+        applies."""
+        manifest, wanted = self.manifest, setup.decode_attention
         if wanted not in DECODE_ATTENTION:
             raise BackendError(f"unknown decode attention {wanted!r}",
                                f"pass {option('decode_attention', '|'.join(DECODE_ATTENTION))}")
@@ -145,15 +151,15 @@ class StaticKV:
             reason = f"the artifact's attention form is {manifest.attention!r}"
         else:
             try:
-                return load_rewritten(self.decode_path, manifest.model.decoder, manifest.cache_layout,
-                                      manifest.max_context)
+                return load_rewritten(path, manifest.model.decoder, manifest.cache_layout, manifest.max_context,
+                                      prompt)
             except NotRewritable as err:
                 reason = str(err)
         if wanted == "gqa":
-            raise BackendError(f"GroupQueryAttention decode does not apply: {reason}",
+            raise BackendError(f"GroupQueryAttention does not apply to {path.name}: {reason}",
                                f"re-export with apet-export --attention op --kv-cache static, or pass "
                                f"{option('decode_attention', 'graph')}")
-        log.info("decode runs the exported graph (%s)", reason)
+        log.info("%s runs as exported (%s)", path.name, reason)
         return None
 
     def _caches(self, batch: int) -> list:
@@ -168,17 +174,28 @@ class StaticKV:
 
     def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
         """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
-        binding = self.prefill_session.io_binding()
+        session = self.prefill_session
+        if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
+            groups = [0] if self.gqa_prompt.groups == 1 else [0, self.layout.stage2_layer]
+            feeds = {**feeds, **self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
+                                                                 for layer in groups), batch)}
+        elif self.gqa_prompt is not None:  # left-padded rows: the exported graph
+            if self.exported_prefill is None:
+                self.exported_prefill = self.setup.session(self.prefill_path)
+            session = self.exported_prefill
+        binding = session.io_binding()
+        wanted = {i.name for i in session.get_inputs()}
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        outputs = [o.name for o in self.prefill_session.get_outputs() if not o.name.startswith("present_")]
+            if name in wanted:  # the rewritten graph reads no mask where it reads no padding
+                binding.bind_cpu_input(name, value)
+        outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
         for name in outputs:  # bound first: get_outputs() lists them in binding order
             binding.bind_output(name, "cpu")
         for past, present, cache in zip(past_names(self.num_layers), present_names(self.num_layers),
                                         self._caches(batch)):
             binding.bind_ortvalue_input(past, cache)
             binding.bind_ortvalue_output(present, cache)
-        self.prefill_session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         values = dict(zip(outputs, binding.get_outputs()))
         self.stage2_index = values[STAGE2_INDEX].numpy() if STAGE2_INDEX in values else None
         self.batch, self.length = batch, length
