@@ -21,8 +21,7 @@ import torch
 
 
 def main() -> None:
-    from apet.adapters.llava.adapter import LlavaAdapter
-    from apet.adapters.llava.shapes import shapes_config
+    from apet.adapters.llava.shapes import shallow_shapes_adapter
     from apet.bench.ort_path import ort_run
     from apet.bench.run import _plan
     from apet.bench.stages import Request
@@ -39,11 +38,8 @@ def main() -> None:
     parser.add_argument("--forms", default="pattern,op", help="one form per call at full depth (export ~5 min each)")
     args = parser.parse_args()
 
-    config = shapes_config("llava-shapes")
-    config.text_config.num_hidden_layers = args.layers
-    config.vision_config.num_hidden_layers = args.vision_layers
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    adapter = LlavaAdapter.random_init(config, dtype=dtype, device=args.device)
+    adapter = shallow_shapes_adapter(args.layers, args.vision_layers, dtype, args.device)
     plan = _plan(adapter, args.ratio, args.stages)
     request = Request(batch=1, prompt_tokens=40, new_tokens=args.steps)
     max_context = 40 + adapter.spec.n_tokens + args.steps + 64

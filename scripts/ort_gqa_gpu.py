@@ -29,8 +29,7 @@ def _kernels_module():
 
 
 def main() -> int:
-    from apet.adapters.llava.adapter import LlavaAdapter
-    from apet.adapters.llava.shapes import shapes_config
+    from apet.adapters.llava.shapes import shallow_shapes_adapter
     from apet.atomic import write_atomic
     from apet.bench.ort_path import export_for_bench, ort_run
     from apet.bench.run import _plan
@@ -44,11 +43,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    config = shapes_config("llava-shapes")
-    config.text_config.num_hidden_layers = args.layers
-    config.vision_config.num_hidden_layers = args.vision_layers
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
-    adapter = LlavaAdapter.random_init(config, dtype=dtype, device=args.device)
+    adapter = shallow_shapes_adapter(args.layers, args.vision_layers, dtype, args.device)
     plan = _plan(adapter, 0.11, 2)
     request = Request(batch=1, prompt_tokens=40, new_tokens=32)
     kernels = _kernels_module()
