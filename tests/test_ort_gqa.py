@@ -162,3 +162,35 @@ def test_graphs_the_rewrite_does_not_know(llava_static) -> None:
 @pytest.fixture(scope="module")
 def llava_static(artifact_factory) -> Path:
     return artifact_factory(ratio=0.11, stages=2, kv_cache="static")
+
+
+def test_the_one_token_fallback_computes_the_same_step(llava_static_op, monkeypatch) -> None:
+    """Where the rotary chain is not the exported one, a decode step reshapes the head-major tensors ([B, N, 1, D]
+    and [B, 1, N·D] are the same bytes): the same logits as the token-layout rewrite."""
+    import onnxruntime as ort
+
+    from apet.runtime.backends import ort_gqa
+
+    manifest = read_manifest(llava_static_op)
+    spec, layout, context = manifest.model.decoder, manifest.cache_layout, manifest.max_context
+    path = llava_static_op / manifest.graphs[LLM_DECODE].file
+    token_layout = load_rewritten(path, spec, layout, context)
+    monkeypatch.setattr(ort_gqa, "_heads_first", lambda producers, tensor: None)
+    fallback = load_rewritten(path, spec, layout, context)
+    assert sum(n.op_type == "Transpose" for n in fallback.model.graph.node) > 0
+    rng, written = np.random.default_rng(0), 60
+    feeds = {"inputs_embeds": rng.standard_normal((1, 1, spec.hidden_size)).astype(np.float32),
+             "position_ids": np.array([[written]])}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            cache = np.zeros((1, spec.num_kv_heads, layout.capacity(i, context), spec.head_dim), np.float32)
+            cache[:, :, :layout.past_length(i, written)] = rng.standard_normal(
+                (1, spec.num_kv_heads, layout.past_length(i, written), spec.head_dim))
+            feeds[f"past_{kind}.{i}"] = cache
+    lengths = (written, layout.past_length(layout.stage2_layer, written))
+    logits = []
+    for graph in (token_layout, fallback):
+        session = ort.InferenceSession(graph.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        logits.append(session.run(["logits"], {**{k: v.copy() for k, v in feeds.items()},
+                                               **graph.seqlens(lengths, 1), **graph.totals()})[0])
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, rtol=0)

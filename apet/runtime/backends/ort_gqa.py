@@ -132,13 +132,13 @@ def _perm(node: onnx.NodeProto) -> list[int] | None:
 
 
 def _heads_first(producers: dict[str, onnx.NodeProto], tensor: str) -> str | None:
-    """The [B, 1, N, D] tensor that ``tensor`` ([B, N, 1, D]) is the head-major transpose of, if it is one."""
+    """The [B, T, N, D] tensor that ``tensor`` ([B, N, T, D]) is the head-major transpose of, if it is one."""
     node = producers.get(tensor)
     return node.input[0] if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3] else None
 
 
 class _LayerRewrite:
-    """One layer's replacement nodes, in token layout [B, 1, heads·D] end to end: q and k rotated by a 3-D
+    """One layer's replacement nodes, in token layout [B, T, heads·D] end to end: q and k rotated by a 3-D
     ``RotaryEmbedding`` (``num_heads`` set: the same cos/sin, the same attributes), v as projected, the output handed
     to the projection without the head-major round trip. Where the graph differs from that chain, the head-major
     tensors are reshaped instead (the same bytes for one token)."""
@@ -163,7 +163,7 @@ class _LayerRewrite:
         if tokens is None and prompt:  # [B, N, T, D] -> [B, T, N·D] is a copy for T > 1: not this chain
             raise NotRewritable(f"{tensor}: not a head-major transpose or its rotation")
         if tokens is None:  # one token: [B, N, 1, D] and [B, 1, N·D] are the same bytes
-            self.nodes.append(helper.make_node("Reshape", [tensor, "gqa/to_tokens"], [out], name=out))
+            self.nodes.append(helper.make_node("Reshape", [tensor, "gqa/one_token"], [out], name=out))
             return out
         return self._merged(tokens, out)
 
@@ -194,7 +194,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(Attention) -> the nodes that take its place
     removed: set[int] = set()
-    graph.initializer.extend([_constant("gqa/to_tokens", [0, 0, -1]),
+    graph.initializer.extend([_constant("gqa/to_tokens", [0, 0, -1]), _constant("gqa/one_token", [0, 1, -1]),
                               _constant("gqa/to_heads", [0, spec.num_heads, 1, spec.head_dim]),
                               _constant("gqa/to_tokens_heads", [0, 0, spec.num_heads, spec.head_dim])])
     pasts, presents = past_names(spec.num_layers), present_names(spec.num_layers)
