@@ -21,22 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from apet.atomic import write_atomic  # noqa: E402
 
 
-def greedy(pipeline, images, prompts, steps: int) -> dict:
-    backend, processor = pipeline.backend, pipeline.processor
-    inputs = processor.vision_inputs(images)
-    visual = backend.encode(inputs)
-    layout = processor.layout(prompts, inputs, visual.keep_index, steps)
-    logits, mask, tokens = [backend.prefill(layout, visual)], layout.attention_mask, []
-    for _ in range(steps):
-        token = logits[-1].argmax(-1)
-        tokens.append(token.tolist())
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-        logits.append(backend.decode(token.astype(np.int64), mask, processor.decode_positions(layout, mask)))
-    return {"tokens": tokens, "logits": np.stack(logits), "keep": np.asarray(visual.keep_index)}
-
-
 def main() -> int:
     from conftest import make_image
+    from test_static_kv import _greedy as greedy  # the tests' prefill + greedy decode through a backend
 
     from apet.export.artifact import ExportConfig, export_artifact
     from apet.runtime.pipeline import Pipeline

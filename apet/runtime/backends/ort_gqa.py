@@ -66,8 +66,12 @@ class GqaGraph:
     """A rewritten graph (decode step or prefill) and what its caller feeds it."""
 
     model: onnx.ModelProto
-    groups: int  # cache groups (2 when stage 2 shortened the later layers)
+    group_layers: tuple[int, ...]  # the first layer of each cache group (two when stage 2 shortened the later ones)
     capacities: tuple[int, ...]  # per group: cache positions (the decode step's constant total_sequence_length)
+
+    @property
+    def groups(self) -> int:
+        return len(self.group_layers)
 
     def prompt(self, lengths: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
         """A prefill's inputs: per group g, a prompt of ``lengths[g]`` positions written at 0..lengths[g]-1."""
@@ -190,7 +194,8 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    groups = 2 if any(layout.shortened(i) for i in range(spec.num_layers)) else 1
+    group_layers = (0,) if layout.stage2_layer is None or layout.stage2_layer >= spec.num_layers \
+        else (0, layout.stage2_layer)
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     replaced: dict[int, list[onnx.NodeProto]] = {}  # id(Attention) -> the nodes that take its place
     removed: set[int] = set()
@@ -244,7 +249,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     ordered = [new for node in graph.node if id(node) not in removed for new in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(ordered)
-    for group in range(groups):
+    for group in range(len(group_layers)):
         seqlens = helper.make_tensor_value_info(seqlens_name(group), TensorProto.INT32, [None])
         seqlens.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
         graph.input.append(seqlens)
@@ -258,9 +263,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
         defined.update(node.output)
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
-    capacities = tuple(layout.capacity(layer, max_context) for layer in
-                       ([0] if groups == 1 else [0, layout.stage2_layer]))
-    return GqaGraph(model, groups, capacities)
+    return GqaGraph(model, group_layers, tuple(layout.capacity(layer, max_context) for layer in group_layers))
 
 
 SMALL_TENSOR_BYTES = 4096  # external tensors up to this size are read into the rewritten graph

@@ -1,6 +1,7 @@
-"""ONNX Runtime runs at fixed shapes with every input and output bound once to a device buffer, so the CUDA execution
-provider can replay them as a CUDA graph (``enable_cuda_graph``: it captures after its warm-up runs and from then on
-replays the launches at the same addresses). The vision graph takes it where the artifact fixes every dim but the
+"""The vision graph as a CUDA graph: a fixed-batch session whose inputs and outputs are bound once to device buffers
+(:class:`apet.runtime.backends.ort_static.FixedRun`, as the static decode step), so the CUDA execution provider
+replays it (``enable_cuda_graph``: it captures after its warm-up runs and from then on replays the launches at the
+same addresses). It applies where the artifact fixes every dim but the
 batch (LLaVA-1.5: one 336² image per row, ApET's budget K): its ~800 launches per image become one, which is most of
 the vision run's host time (docs/benchmarks.md, "ONNX Runtime CUDA on the static-KV form").
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from apet.runtime.backends.ort_static import SessionSetup
+from apet.runtime.backends.ort_static import FixedRun, SessionSetup
 
 log = logging.getLogger(__name__)
 BATCH_DIM = "batch"  # the one symbolic dim a graphed session fixes (a free-dimension override)
@@ -30,28 +31,6 @@ def fixed_shapes(specs: list[dict], batch: int) -> dict[str, tuple[tuple[int, ..
     return shapes
 
 
-class FixedRun:
-    """One session at fixed shapes: inputs refilled in place, outputs read back from their bound buffers."""
-
-    def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
-                 outputs: dict[str, tuple[tuple, Any]]) -> None:
-        new = setup.ort.OrtValue.ortvalue_from_shape_and_type
-        self.session = session
-        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
-        self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
-        self.binding = session.io_binding()
-        for name, value in self.inputs.items():
-            self.binding.bind_ortvalue_input(name, value)
-        for name, value in self.outputs.items():
-            self.binding.bind_ortvalue_output(name, value)
-
-    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, array in arrays.items():
-            self.inputs[name].update_inplace(np.ascontiguousarray(array))
-        self.session.run_with_iobinding(self.binding)
-        return {name: value.numpy() for name, value in self.outputs.items()}
-
-
 class GraphedVision:
     """The vision graph per batch size as a CUDA-graph session (:class:`FixedRun`). A batch whose session ONNX
     Runtime refuses to capture (a node it would place on the CPU) is remembered and runs ungraphed."""
@@ -63,7 +42,7 @@ class GraphedVision:
     @classmethod
     def of(cls, path: Path, graph_spec: Any, setup: SessionSetup) -> "GraphedVision | None":
         """Where it applies: CUDA graphs asked for on the CUDA execution provider, every dim fixed but the batch."""
-        if not (setup.cuda_graphs and setup.device_type == "cuda"):
+        if not setup.graphs:
             return None
         if fixed_shapes(graph_spec.inputs, 1) is None or fixed_shapes(graph_spec.outputs, 1) is None:
             log.info("vision runs without a CUDA graph: its inputs or outputs have dims besides the batch")

@@ -59,6 +59,11 @@ class SessionSetup:
     cuda_graphs: bool
     decode_attention: str = "auto"  # auto | gqa | graph (module docstring)
 
+    @property
+    def graphs(self) -> bool:
+        """Fixed-shape sessions are replayed as CUDA graphs (asked for, on the CUDA execution provider)."""
+        return self.cuda_graphs and self.device_type == "cuda"
+
     def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None) -> Any:
         """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
         with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
@@ -72,7 +77,7 @@ class SessionSetup:
             return self.ort.InferenceSession(source, options, providers=self.providers)
         options.add_free_dimension_override_by_name("batch", batch)
         providers = self.providers
-        if self.cuda_graphs and self.device_type == "cuda":
+        if self.graphs:
             providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
                          for name, opts in _with_options(self.providers)]
         return self.ort.InferenceSession(source, options, providers=providers)
@@ -82,33 +87,34 @@ def _with_options(providers: list) -> list[tuple[str, dict]]:
     return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in providers]
 
 
-class DecodeStep:
-    """One decode session at a fixed batch with its bindings made once: device inputs refilled in place, the caches
-    as input and output, the logits on the device (CUDA graph replays need every address unchanged)."""
+class FixedRun:
+    """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
+    device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
+    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back."""
 
-    def __init__(self, session: Any, setup: SessionSetup, caches: list, shapes: dict[str, tuple[tuple, Any]],
-                 logits_shape: tuple, dtype: Any, num_layers: int,
+    def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
+                 outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
                  host_constants: dict[str, np.ndarray] | None = None) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session = session
-        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in shapes.items()}
-        # inputs the kernels read on the host (GroupQueryAttention's total length): bound once, in host memory
-        self.host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in
-                     (host_constants or {}).items()}
-        self.logits = new(list(logits_shape), dtype, setup.device_type, 0)
+        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
+        self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
+        host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in (host_constants or {}).items()}
         self.binding = session.io_binding()
-        for name, value in {**self.inputs, **self.host}.items():
+        for name, value in {**self.inputs, **host}.items():
             self.binding.bind_ortvalue_input(name, value)
-        for past, present, cache in zip(past_names(num_layers), present_names(num_layers), caches):
-            self.binding.bind_ortvalue_input(past, cache)
-            self.binding.bind_ortvalue_output(present, cache)
-        self.binding.bind_ortvalue_output(LOGITS, self.logits)
+        for input_name, (output_name, buffer) in (in_place or {}).items():
+            self.binding.bind_ortvalue_input(input_name, buffer)
+            self.binding.bind_ortvalue_output(output_name, buffer)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self._host = host  # kept alive: bound by address
 
-    def __call__(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, array in arrays.items():
             self.inputs[name].update_inplace(np.ascontiguousarray(array))
         self.session.run_with_iobinding(self.binding)
-        return self.logits.numpy()[:, -1].astype(np.float32)
+        return {name: value.numpy() for name, value in self.outputs.items()}
 
 
 class StaticKV:
@@ -132,7 +138,7 @@ class StaticKV:
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch (no CUDA graphs)
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
         self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
-        self.steps: dict[tuple[int, bool], DecodeStep] = {}  # (batch, gqa?) -> its bound step
+        self.steps: dict[tuple[int, bool], FixedRun] = {}  # (batch, gqa?) -> its bound step
         self.batch = 0
         self.length = 0  # positions of group 0 written so far (the full sequence)
         self.stage2_index: np.ndarray | None = None
@@ -176,9 +182,8 @@ class StaticKV:
         """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
         session = self.prefill_session
         if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
-            groups = [0] if self.gqa_prompt.groups == 1 else [0, self.layout.stage2_layer]
             feeds = {**feeds, **self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
-                                                                 for layer in groups), batch)}
+                                                                 for layer in self.gqa_prompt.group_layers), batch)}
         elif self.gqa_prompt is not None:  # left-padded rows: the exported graph
             if self.exported_prefill is None:
                 self.exported_prefill = self.setup.session(self.prefill_path)
@@ -214,22 +219,20 @@ class StaticKV:
                   "position_ids": positions.astype(np.int64, copy=False)}
         gqa = self.gqa is not None and bool(np.all(attention_mask))  # no left padding: each row's span is a prefix
         if gqa:
-            groups = [0] if self.gqa.groups == 1 else [0, self.layout.stage2_layer]
-            lengths = tuple(self.layout.past_length(layer, self.length) for layer in groups)
+            lengths = tuple(self.layout.past_length(layer, self.length) for layer in self.gqa.group_layers)
             arrays.update(self.gqa.seqlens(lengths, batch))
         else:
             valid = np.zeros((batch, self.max_context), dtype=np.int64)
             valid[:, :total] = attention_mask
             arrays.update({"attention_mask": valid, CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
-        logits = self._step(batch, gqa)(arrays)
+        logits = self._step(batch, gqa)(arrays)[LOGITS]
         self.length = total
-        return logits
+        return logits[:, -1].astype(np.float32)
 
-    def _step(self, batch: int, gqa: bool) -> DecodeStep:
+    def _step(self, batch: int, gqa: bool) -> FixedRun:
         if (batch, gqa) not in self.steps:
             model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
-            graphs = self.setup.cuda_graphs and self.setup.device_type == "cuda"
-            if graphs:
+            if self.setup.graphs:
                 session = self.setup.session(model, batch, weights)
             else:
                 if gqa not in self.shared:
@@ -247,8 +250,10 @@ class StaticKV:
                                CACHE_POSITION: ((1,), np.int64)})
             logits = next(o for o in session.get_outputs() if o.name == LOGITS)  # [B, 1, V] as the graph says
             kind = np.float16 if "float16" in logits.type else np.float32
-            self.steps[batch, gqa] = DecodeStep(session, self.setup, self._caches(batch), shapes,
-                                                (batch, 1, int(logits.shape[-1])), kind, self.num_layers, constants)
+            in_place = {past: (present, cache) for past, present, cache in
+                        zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
+            self.steps[batch, gqa] = FixedRun(session, self.setup, shapes,
+                                              {LOGITS: ((batch, 1, int(logits.shape[-1])), kind)}, in_place, constants)
         return self.steps[batch, gqa]
 
     def cache_lengths(self) -> list[int]:
