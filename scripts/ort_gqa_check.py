@@ -1,6 +1,9 @@
 """ONNX Runtime CUDA's GroupQueryAttention decode and CUDA-graph vision against the exported graphs, on a tiny fp16
 artifact (static KV, op attention, ApET's two stages): greedy tokens, the largest logit difference per step and
-which path ran, batch 1 (GroupQueryAttention) and batch 2 with left padding (the exported graph). The CPU tests
+which path ran, batch 1 (GroupQueryAttention) and batch 2 with left padding (the exported graph). Batch 1 then runs
+three more times on the same pipeline: the prompt's CUDA graph (apet/runtime/backends/ort_prompt_graphs.py) is bound,
+captured and replayed, and each run must equal the first. Where ONNX Runtime refuses CUDA graphs for the prefill, the
+nodes it copies between host and device are listed (optimized graph). The CPU tests
 (tests/test_ort_gqa.py) check the same with ONNX Runtime's CPU kernels; this runs the CUDA ones.
 
     python scripts/ort_gqa_check.py --out ort_gqa_check.json
@@ -48,11 +51,17 @@ def main() -> int:
                 pipeline = Pipeline.load(artifact, backend="onnxruntime", device=args.device,
                                          decode_attention=form)
                 runs[form] = greedy(pipeline, images[:batch], prompts[:batch], args.steps)
+                if form == "gqa":
+                    gqa_pipeline = pipeline
                 static = pipeline.backend.static
                 runs[form]["paths"] = {"decode": sorted(str(k) for k in static.steps),
                                        "prefill_rewritten": static.gqa_prompt is not None
                                        and static.exported_prefill is None,
                                        "vision_cuda_graph": pipeline.backend.vision_graphed()}
+            if batch == 1:
+                result["prompt_graphs"] = _prompt_graphs(gqa_pipeline, runs["gqa"], images[:1], prompts[:1],
+                                                         args.steps, greedy)
+                print(f"prompt graphs: {json.dumps(result['prompt_graphs'])}")
             gqa, graph = runs["gqa"], runs["graph"]
             diffs = np.abs(gqa["logits"] - graph["logits"]).max(axis=(1, 2))
             result[f"batch{batch}"] = {
@@ -65,9 +74,55 @@ def main() -> int:
     write_atomic(args.out, json.dumps(result, indent=1).encode())
     first = result["batch1"]  # the rewritten graphs must agree with the exported ones before any timing is trusted
     agree = first["keep_equal"] and first["max_abs_logit_diff_by_step"][0] <= 0.02 * first["logit_scale"] and \
-        first["paths"]["gqa"]["prefill_rewritten"]
+        first["paths"]["gqa"]["prefill_rewritten"] and result["prompt_graphs"]["repeats_equal"]
     print("rewritten graphs agree with the exported ones" if agree else "REWRITTEN GRAPHS DISAGREE")
     return 0 if agree else 1
+
+
+def _prompt_graphs(pipeline, first: dict, images: list, prompts: list, steps: int, greedy) -> dict:
+    """Three more prefills of the same prompt (bound, captured, replayed), each against the first run."""
+    static = pipeline.backend.static
+    repeats = [greedy(pipeline, images, prompts, steps) for _ in range(3)]
+    equal = [run["tokens"] == first["tokens"] and bool(np.array_equal(run["logits"], first["logits"]))
+             for run in repeats]
+    report = {"enabled": static.prompt_graphs is not None, "repeats_equal": all(equal), "each": equal,
+              "max_abs_logit_diff": [float(np.abs(run["logits"] - first["logits"]).max()) for run in repeats]}
+    if static.prompt_graphs is not None:
+        report["bound_shapes"] = len(static.prompt_graphs.runs)
+        report["failed_shapes"] = sum(run is None for run in static.prompt_graphs.runs.values())
+    elif pipeline.backend.device_type == "cuda":
+        report["memcpy_nodes"] = _memcpy_nodes(static)
+    return report
+
+
+def _memcpy_nodes(static) -> list[str]:
+    """Where ONNX Runtime copies between host and device in the rewritten prefill (why it refused CUDA graphs)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(static.weights_dir))
+        if static.prompt_initializers:  # the [out, in] weight copies (ort_weights.py)
+            options.add_external_initializers(list(static.prompt_initializers),
+                                              list(static.prompt_initializers.values()))
+        ort.InferenceSession(static.gqa_prompt.model.SerializeToString(), options,
+                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found = []
+    for node in graph.node:
+        if node.op_type.startswith("Memcpy"):
+            source = producers.get(node.input[0])
+            found.append(f"{node.op_type}: {source.op_type + ' ' + source.name if source else node.input[0]} -> "
+                         + ", ".join(f"{c.op_type} {c.name}" for c in consumers.get(node.output[0], [])))
+    return found
 
 
 if __name__ == "__main__":

@@ -194,3 +194,163 @@ def test_the_one_token_fallback_computes_the_same_step(llava_static_op, monkeypa
         logits.append(session.run(["logits"], {**{k: v.copy() for k, v in feeds.items()},
                                                **graph.seqlens(lengths, 1), **graph.totals()})[0])
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def test_bound_prompt_runs_equal_fresh_bindings(llava_static_op) -> None:
+    """The prefill bound once per prompt shape (apet/runtime/backends/ort_prompt_graphs.py: on CUDA each shape is
+    captured as its own graph): inputs refilled in place, the caches written in place, the same logits, stage-2
+    indices and caches as fresh bindings; a new length takes its own binding, past the limit none; host inputs are
+    part of the shape. On the CPU the runs are bound but not captured."""
+    from apet.runtime.backends.ort_prompt_graphs import PromptGraphs, shape_key
+
+    other_image = [make_image(3, (200, 300))]
+    fresh = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    bound = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    assert bound.backend.static.prompt_graphs is None  # CPU: no CUDA graphs to capture
+    static = bound.backend.static
+    static.prompt_graphs = graphs = PromptGraphs(static.prefill_session, static.setup, limit=2)
+    cases = [([make_image(1, (300, 200))], PROMPT), (other_image, PROMPT), (other_image, "Describe it."),
+             (other_image, "What color is the largest object in this image?")]
+    for images, prompt in cases:
+        mine, theirs = (_greedy(p, images, [prompt], 3) for p in (bound, fresh))
+        assert mine["tokens"] == theirs["tokens"]
+        np.testing.assert_array_equal(mine["logits"], theirs["logits"])
+        np.testing.assert_array_equal(mine["stage2"], theirs["stage2"])
+        for a, b in zip(_caches(bound), _caches(fresh)):
+            np.testing.assert_array_equal(a, b)
+    assert len(graphs.runs) == 2 and all(run is not None for run in graphs.runs.values())  # the limit
+    shapes = {shape for key in graphs.runs for name, shape, _ in key[0] if name == "inputs_embeds"}
+    assert len(shapes) == 2  # one binding per prompt length, reused by the second image at the first length
+    device, host = {"x": np.zeros((1, 4), np.float16)}, {"gqa_total_length.0": np.array(7, np.int32)}
+    assert shape_key(device, host) != shape_key(device, {"gqa_total_length.0": np.array(8, np.int32)})
+    assert shape_key(device, host) == shape_key({"x": np.ones((1, 4), np.float16)}, host)
+
+
+def test_gemm_weights_transposed_in_memory(llava_static_op) -> None:
+    """apet/runtime/backends/ort_weights.py: every MatMul over a constant weight becomes FusedMatMul(transB=1) over
+    an [out, in] copy; the same tokens and logits as the weights as exported; a session not handed the copies fails
+    instead of reading the untransposed bytes."""
+    import onnxruntime as ort
+
+    from apet.runtime.backends.ort_weights import IN_MEMORY, SUFFIX
+
+    images = [make_image(1, (300, 200))]
+    out_in = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    exported = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", weight_layout="exported")
+    assert (out_in.backend.weight_layout(), exported.backend.weight_layout()) == ("out_in", "exported")
+    mine, theirs = (_greedy(p, images, [PROMPT], STEPS) for p in (out_in, exported))
+    assert mine["tokens"] == theirs["tokens"]
+    np.testing.assert_allclose(mine["logits"], theirs["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(mine["stage2"], theirs["stage2"])
+
+    static = out_in.backend.static
+    spec = read_manifest(llava_static_op).model.decoder
+    for graph in (static.gqa.model.graph, static.gqa_prompt.model.graph):
+        initializers = {t.name: t for t in graph.initializer}
+        fused = [n for n in graph.node if n.op_type == "FusedMatMul"]
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+        assert len(fused) == 7 * spec.num_layers + 1  # q, k, v, o, gate, up, down per layer; the LM head
+        for node in fused:
+            assert node.input[1].endswith(SUFFIX) and helper_attr(node, "transB") == 1
+            placeholder = initializers[node.input[1]]
+            assert {e.key: e.value for e in placeholder.external_data}["location"] == IN_MEMORY
+        assert not any(name + SUFFIX in initializers for name in initializers if not name.endswith(SUFFIX))
+    assert exported.backend.static.transposed is None and len(static.held) == 2 * (7 * spec.num_layers + 1)
+    with pytest.raises(Exception, match=IN_MEMORY):
+        ort.InferenceSession(static.gqa_model, providers=["CPUExecutionProvider"])
+
+
+def helper_attr(node: onnx.NodeProto, name: str) -> int:
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_transposed_copies_of_external_weights(tmp_path) -> None:
+    """Weights read from their file at their offset, one copy per stored weight whatever each graph names it; the
+    rewritten MatMul computes x @ W (float64 reference)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from apet.runtime.backends.ort_weights import TransposedWeights, transpose_matmul_weights
+
+    rng = np.random.default_rng(3)
+    first, second = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
+    (tmp_path / "w.data").write_bytes(b"\0" * 64 + first.tobytes() + second.tobytes())
+
+    def graph(name: str) -> onnx.ModelProto:
+        weight = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[8, 5], data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "w.data"), ("offset", str(64 + first.nbytes)), ("length", "160")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+        nodes = [helper.make_node("MatMul", ["x", name], ["y"])]
+        return helper.make_model(helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])], [weight]),
+            opset_imports=[helper.make_opsetid("", 17)])
+
+    weights = TransposedWeights(tmp_path)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    for name in ("a", "b"):
+        model = graph(name)
+        copies = transpose_matmul_weights(model, weights)
+        assert list(copies) == [f"{name}/out_in"] and [t.name for t in model.graph.initializer] == [f"{name}/out_in"]
+        options = ort.SessionOptions()
+        options.add_external_initializers(list(copies), [ort.OrtValue.ortvalue_from_numpy(a) for a in copies.values()])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        expected = x.astype(np.float64) @ second.astype(np.float64)
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=1e-5, rtol=0)
+    assert len(weights.arrays) == 1
+
+
+def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
+    """apet/runtime/backends/ort_device_shapes.py on the rewritten prefill (ApET's stage 2 clamps the image span to
+    the prompt's length): under the model of ONNX Runtime's CPU placement no kernel reads a host-computed value as
+    data afterwards, and every output is bit-equal before and after; a hand-made graph shows the model itself."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from apet.runtime.backends.ort_device_shapes import host_reads, to_device
+
+    manifest = read_manifest(llava_static_op)
+    spec, layout, context = manifest.model.decoder, manifest.cache_layout, manifest.max_context
+    graph = load_rewritten(llava_static_op / manifest.graphs[LLM_PREFILL].file, spec, layout, context, prompt=True)
+    host = frozenset(graph.totals())
+    before = onnx.ModelProto()
+    before.CopyFrom(graph.model)
+    reads = host_reads(graph.model, host)
+    assert reads and all(graph.model.graph.node[i].name.startswith("/apet_stage2/") for i, _ in reads)
+    assert to_device(graph.model, host) > 0 and host_reads(graph.model, host) == []
+    rng, length = np.random.default_rng(0), 70
+    feeds = {"inputs_embeds": rng.standard_normal((1, length, spec.hidden_size)).astype(np.float32),
+             "position_ids": np.arange(length)[None], "image_start": np.array([5]),
+             **graph.prompt(tuple(layout.present_length(layer, 0, length) for layer in graph.group_layers), 1)}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{i}"] = np.zeros((1, spec.num_kv_heads, layout.capacity(i, context), spec.head_dim),
+                                                 np.float32)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(llava_static_op))
+    outputs = [ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+               .run(None, {k: v.copy() for k, v in feeds.items()}) for model in (before, graph.model)]
+    for mine, theirs in zip(*outputs):
+        np.testing.assert_array_equal(mine, theirs)
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+             helper.make_node("Sub", ["length", "two"], ["last"]),
+             helper.make_node("Abs", ["start"], ["begin"]),  # a device tensor (a graph input would go to the host)
+             helper.make_node("Min", ["begin", "last"], ["clamped"]),  # data: read on the device
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]  # a host input of Reshape: no copy
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "n"]),
+                     helper.make_tensor_value_info("start", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info(n, t, None) for n, t in (("clamped", TensorProto.INT64),
+                                                                 ("y", TensorProto.FLOAT))],
+        [onnx.numpy_helper.from_array(np.array(1), "one"), onnx.numpy_helper.from_array(np.array(2), "two")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert host_reads(model) == [(4, 1)]
+    to_device(model)
+    assert host_reads(model) == []
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for start, n in ((9, 6), (1, 6), (3, 1)):
+        clamped, _ = session.run(None, {"x": np.zeros((2, n), np.float32), "start": np.array(start)})
+        assert int(clamped) == min(start, n - 2)  # n - 2 = -1 for the last: negative values too

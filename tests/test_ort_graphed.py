@@ -11,7 +11,7 @@ from conftest import make_image
 from apet.manifest import read_manifest
 from apet.runtime.backends.ort_graphed import GraphedVision, fixed_shapes
 from apet.runtime.backends.ort_options import session_options
-from apet.runtime.backends.ort_static import SessionSetup
+from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.pipeline import Pipeline
 
 

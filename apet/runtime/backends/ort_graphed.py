@@ -1,5 +1,5 @@
 """The vision graph as a CUDA graph: a fixed-batch session whose inputs and outputs are bound once to device buffers
-(:class:`apet.runtime.backends.ort_static.FixedRun`, as the static decode step), so the CUDA execution provider
+(:class:`apet.runtime.backends.ort_session.FixedRun`, as the static decode step), so the CUDA execution provider
 replays it (``enable_cuda_graph``: it captures after its warm-up runs and from then on replays the launches at the
 same addresses). It applies where the artifact fixes every dim but the
 batch (LLaVA-1.5: one 336² image per row, ApET's budget K): its ~800 launches per image become one, which is most of
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from apet.runtime.backends.ort_static import FixedRun, SessionSetup
+from apet.runtime.backends.ort_session import FixedRun, SessionSetup
 
 log = logging.getLogger(__name__)
 BATCH_DIM = "batch"  # the one symbolic dim a graphed session fixes (a free-dimension override)

@@ -11,7 +11,8 @@ that is read back: the only host transfer of a step besides its few input bytes.
 CUDA graphs (ONNX Runtime's ``enable_cuda_graph``) need every bound address and every shape fixed from the
 capturing run on: the decode session of a batch size has its ``batch`` dim fixed by a free-dimension override, so
 ONNX Runtime folds every shape computation to a constant (nothing left on the CPU, no Memcpy nodes), and its
-bindings are made once. Prefill varies with the prompt length and runs in its own session without CUDA graphs.
+bindings are made once. Prefill varies with the prompt length and runs in its own session; in the rewritten form
+that session holds one CUDA graph per prompt shape (:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it.
 Each session holds its own copy of the LLM weights (prefill, and decode per batch size with CUDA graphs).
 
 Attention (``decode_attention``): ``graph`` runs the exported graphs; ``gqa`` runs both rewritten in memory for ONNX
@@ -24,7 +25,6 @@ left-padded rows runs the exported graphs either way (the rewritten ones attend 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,84 +37,19 @@ from apet.contracts.io import (
     LLM_PREFILL,
     LOGITS,
     STAGE2_INDEX,
+    WEIGHT_LAYOUTS,
     past_names,
     present_names,
 )
 from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
+from apet.runtime.backends.ort_device_shapes import to_device
 from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
-from apet.runtime.backends.ort_options import session_options
+from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
+from apet.runtime.backends.ort_session import FixedRun, SessionSetup
+from apet.runtime.backends.ort_weights import TransposedWeights, transpose_matmul_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SessionSetup:
-    """What every session of one backend shares: the onnxruntime module, options, providers, device."""
-
-    ort: Any
-    options: Any
-    providers: list
-    device_type: str  # "cuda" | "cpu": where caches and bound inputs live
-    cuda_graphs: bool
-    decode_attention: str = "auto"  # auto | gqa | graph (module docstring)
-
-    @property
-    def graphs(self) -> bool:
-        """Fixed-shape sessions are replayed as CUDA graphs (asked for, on the CUDA execution provider)."""
-        return self.cuda_graphs and self.device_type == "cuda"
-
-    def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None) -> Any:
-        """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
-        with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested)."""
-        source = model if isinstance(model, bytes) else str(model)
-        if batch is None and weights_dir is None:
-            return self.ort.InferenceSession(source, self.options, providers=self.providers)
-        options = session_options(self.ort, self.options.intra_op_num_threads)
-        if weights_dir is not None:  # a graph rewritten in memory reads the artifact's weight files where they are
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
-        if batch is None:
-            return self.ort.InferenceSession(source, options, providers=self.providers)
-        options.add_free_dimension_override_by_name("batch", batch)
-        providers = self.providers
-        if self.graphs:
-            providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
-                         for name, opts in _with_options(self.providers)]
-        return self.ort.InferenceSession(source, options, providers=providers)
-
-
-def _with_options(providers: list) -> list[tuple[str, dict]]:
-    return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in providers]
-
-
-class FixedRun:
-    """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
-    device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
-    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back."""
-
-    def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
-                 outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
-                 host_constants: dict[str, np.ndarray] | None = None) -> None:
-        new = setup.ort.OrtValue.ortvalue_from_shape_and_type
-        self.session = session
-        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
-        self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
-        host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in (host_constants or {}).items()}
-        self.binding = session.io_binding()
-        for name, value in {**self.inputs, **host}.items():
-            self.binding.bind_ortvalue_input(name, value)
-        for input_name, (output_name, buffer) in (in_place or {}).items():
-            self.binding.bind_ortvalue_input(input_name, buffer)
-            self.binding.bind_ortvalue_output(output_name, buffer)
-        for name, value in self.outputs.items():
-            self.binding.bind_ortvalue_output(name, value)
-        self._host = host  # kept alive: bound by address
-
-    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, array in arrays.items():
-            self.inputs[name].update_inplace(np.ascontiguousarray(array))
-        self.session.run_with_iobinding(self.binding)
-        return {name: value.numpy() for name, value in self.outputs.items()}
 
 
 class StaticKV:
@@ -128,12 +63,28 @@ class StaticKV:
         self.prefill_path = artifact_dir / manifest.graphs[LLM_PREFILL].file
         self.decode_path = artifact_dir / manifest.graphs[LLM_DECODE].file
         self.weights_dir = artifact_dir
+        if setup.weight_layout not in WEIGHT_LAYOUTS:
+            raise BackendError(f"unknown weight layout {setup.weight_layout!r}",
+                               f"pass {option('weight_layout', '|'.join(WEIGHT_LAYOUTS))}")
         self.gqa = self._rewritten(self.decode_path, setup, dtype)
-        self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
         self.gqa_prompt = self._rewritten(self.prefill_path, setup, dtype, prompt=True) if self.gqa else None
+        # the rewritten graphs' GEMM weights as [out, in] copies (ort_weights.py), one per stored weight
+        self.transposed = TransposedWeights(artifact_dir) \
+            if self.gqa is not None and setup.weight_layout == "out_in" else None
+        self.held: list[np.ndarray] = []
+        self.gqa_initializers = self._transposed(self.gqa)
+        self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
         # the prefill session (rewritten where decode is); the exported one only for left-padded batches then
-        self.prefill_session = setup.session(self.gqa_prompt.model.SerializeToString(), None, artifact_dir) \
-            if self.gqa_prompt is not None else setup.session(self.prefill_path)
+        self.prompt_graphs: PromptGraphs | None = None
+        self.prompt_initializers: dict[str, object] | None = None
+        if self.gqa_prompt is not None:
+            if setup.graphs:  # shape values read as data reach the device without copies (CUDA graphs allow none)
+                to_device(self.gqa_prompt.model, frozenset(self.gqa_prompt.totals()))
+            self.prompt_initializers = self._transposed(self.gqa_prompt)  # rewrites the graph: before serializing
+            self.prefill_session = self._prompt_session(self.gqa_prompt.model.SerializeToString(), artifact_dir,
+                                                        self.prompt_initializers)
+        else:
+            self.prefill_session = setup.session(self.prefill_path)
         self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch (no CUDA graphs)
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
@@ -168,6 +119,27 @@ class StaticKV:
         log.info("%s runs as exported (%s)", path.name, reason)
         return None
 
+    def _transposed(self, graph: GqaGraph | None) -> dict[str, object] | None:
+        """Rewrite ``graph``'s GEMMs over [out, in] copies (where asked for); the OrtValues its session takes."""
+        if graph is None or self.transposed is None:
+            return None
+        copies = transpose_matmul_weights(graph.model, self.transposed)
+        self.held.extend(copies.values())  # alive as long as the sessions (ort_weights.py)
+        return {name: self.setup.ort.OrtValue.ortvalue_from_numpy(array) for name, array in copies.items()}
+
+    def _prompt_session(self, model: bytes, weights_dir: Path, initializers: dict[str, object] | None) -> object:
+        """The rewritten prefill's session: with a CUDA graph per prompt shape where CUDA graphs are asked for and
+        ONNX Runtime accepts them (it refuses a session whose shape computations copy between host and device)."""
+        if self.setup.graphs:
+            try:
+                session = self.setup.session(model, None, weights_dir, shape_graphs=True, initializers=initializers)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
+                log.warning("the prefill runs without CUDA graphs: %s", str(err).splitlines()[0])
+            else:
+                self.prompt_graphs = PromptGraphs(session, self.setup)
+                return session
+        return self.setup.session(model, None, weights_dir, initializers=initializers)
+
     def _caches(self, batch: int) -> list:
         if batch not in self.caches:
             # zeros, not uninitialised memory: masked positions are still multiplied by zero weights (NaN * 0)
@@ -180,31 +152,46 @@ class StaticKV:
 
     def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
         """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
-        session = self.prefill_session
+        session, host = self.prefill_session, {}
         if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
-            feeds = {**feeds, **self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
-                                                                 for layer in self.gqa_prompt.group_layers), batch)}
+            prompt = self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
+                                                  for layer in self.gqa_prompt.group_layers), batch)
+            host = {name: value for name, value in prompt.items() if name in self.gqa_prompt.totals()}
+            feeds = {**feeds, **prompt}
         elif self.gqa_prompt is not None:  # left-padded rows: the exported graph
             if self.exported_prefill is None:
                 self.exported_prefill = self.setup.session(self.prefill_path)
             session = self.exported_prefill
+        wanted = {i.name for i in session.get_inputs()}  # the rewritten graph reads no mask where it reads no padding
+        device = {name: value for name, value in feeds.items() if name in wanted and name not in host}
+        in_place = {past: (present, cache) for past, present, cache in
+                    zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
+        graphs = self.prompt_graphs if session is self.prefill_session else None
+        values = graphs.run(device, host) if graphs is not None else None
+        if values is None:
+            values = self._run_uncaptured(session, {**device, **host}, in_place,
+                                          graphs.uncaptured if graphs is not None else None)
+            if graphs is not None:
+                graphs.add(device, host, values, in_place)
+        self.stage2_index = values.get(STAGE2_INDEX)
+        self.batch, self.length = batch, length
+        return values[LOGITS][:, -1].astype(np.float32)
+
+    @staticmethod
+    def _run_uncaptured(session: object, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, object]],
+                        run_options: object = None) -> dict[str, np.ndarray]:
+        """One run with fresh bindings: host inputs, the caches written in place, the other outputs read back."""
         binding = session.io_binding()
-        wanted = {i.name for i in session.get_inputs()}
         for name, value in feeds.items():
-            if name in wanted:  # the rewritten graph reads no mask where it reads no padding
-                binding.bind_cpu_input(name, value)
+            binding.bind_cpu_input(name, value)
         outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
         for name in outputs:  # bound first: get_outputs() lists them in binding order
             binding.bind_output(name, "cpu")
-        for past, present, cache in zip(past_names(self.num_layers), present_names(self.num_layers),
-                                        self._caches(batch)):
+        for past, (present, cache) in in_place.items():
             binding.bind_ortvalue_input(past, cache)
             binding.bind_ortvalue_output(present, cache)
-        session.run_with_iobinding(binding)
-        values = dict(zip(outputs, binding.get_outputs()))
-        self.stage2_index = values[STAGE2_INDEX].numpy() if STAGE2_INDEX in values else None
-        self.batch, self.length = batch, length
-        return values[LOGITS].numpy()[:, -1].astype(np.float32)
+        session.run_with_iobinding(binding, run_options)
+        return {name: value.numpy() for name, value in zip(outputs, binding.get_outputs())}
 
     def decode(self, embeds: np.ndarray, positions: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """One token per row: embeddings [B, 1, H], positions, the full mask [B, P+1] -> logits [B, V]."""
@@ -232,11 +219,12 @@ class StaticKV:
     def _step(self, batch: int, gqa: bool) -> FixedRun:
         if (batch, gqa) not in self.steps:
             model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
+            initializers = self.gqa_initializers if gqa else None
             if self.setup.graphs:
-                session = self.setup.session(model, batch, weights)
+                session = self.setup.session(model, batch, weights, initializers=initializers)
             else:
                 if gqa not in self.shared:
-                    self.shared[gqa] = self.setup.session(model, None, weights)
+                    self.shared[gqa] = self.setup.session(model, None, weights, initializers=initializers)
                 session = self.shared[gqa]
             spec = self.manifest.model.decoder
             position = (batch, 1) if spec.position_rank == 1 else (spec.position_rank, batch, 1)

@@ -1,0 +1,200 @@
+"""Shape-derived values that a CUDA kernel reads as data, given to it on the device without a host-to-device copy,
+so ONNX Runtime can capture the session as CUDA graphs (:mod:`.ort_prompt_graphs`).
+
+ONNX Runtime's CUDA execution provider puts shape arithmetic on the CPU: a consumer of a CPU tensor (``Shape``'s
+output) whose every input is a CPU tensor, a small initializer or a graph input, and so on downstream
+(``GetCpuPreferredNodes``, onnxruntime/core/framework/fallback_cpu_capability.cc). Where a CUDA kernel then reads
+such a value as data, not as one of its host inputs, ONNX Runtime inserts a ``MemcpyFromHost``, and a session with a
+copy node cannot use CUDA graphs. ApET's stage 2 does this in the prefill: it clamps the image span to the prompt's
+length and builds its index ranges from it.
+
+The rewrite gives each such value (an integer tensor of at most :data:`MAX_ELEMENTS` elements) a device twin
+computed from host inputs the kernels are built to read: per element ``e``, ``ConstantOfShape(max(e, 0))`` and
+``ConstantOfShape(max(-e, 0))`` write that many ones on the device (their shape input is a host input), and the
+difference of their sums is ``e``. Exact for |e| < 2^24; a few tiny kernels per value, inside the captured graph.
+:func:`host_reads` models ONNX Runtime's placement to find them (the tests check it; the GPU run checks ORT).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MAX_ELEMENTS = 4  # larger shape-derived tensors read as data are left alone (none in the exported graphs)
+SMALL_INITIALIZER = 100  # ONNX Runtime's kSmallInitializerThreshold (elements)
+CPU_OUTPUTS = {"Shape": (0,), "Size": (0,)}  # CUDA kernels whose output lives on the host
+# the inputs CUDA kernels read on the host (their kernel definitions' OrtMemTypeCPUInput)
+CPU_INPUTS = {
+    "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Range": (0, 1, 2), "TopK": (1,), "Tile": (1,),
+    "ConstantOfShape": (0,), "Unsqueeze": (1,), "Squeeze": (1,), "ReduceSum": (1,), "ReduceMean": (1,),
+    "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceSumSquare": (1,), "Clip": (1, 2),
+    "Pad": (1, 2, 3), "Split": (1,), "CumSum": (1,), "Resize": (1, 2, 3), "Trilu": (1,), "OneHot": (1,),
+    "GroupQueryAttention": (6,),
+}
+_HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_INTEGER = (TensorProto.INT64, TensorProto.INT32)
+
+
+def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    return {v.name: v.type for v in (*graph.value_info, *graph.input, *graph.output)}
+
+
+def _elem(types: dict[str, onnx.TypeProto], name: str) -> int | None:
+    kind = types.get(name)
+    return kind.tensor_type.elem_type if kind is not None and kind.HasField("tensor_type") else None
+
+
+def _static_size(types: dict[str, onnx.TypeProto], name: str) -> int | None:
+    kind = types.get(name)
+    if kind is None or not kind.tensor_type.HasField("shape"):
+        return None
+    size = 1
+    for dim in kind.tensor_type.shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        size *= dim.dim_value
+    return size
+
+
+def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset(),
+               types: dict[str, onnx.TypeProto] | None = None) -> list[tuple[int, int]]:
+    """(node index, input index) of every input a CUDA kernel reads as data from a tensor ONNX Runtime computes on
+    the CPU (where it would insert a copy), and of every device input a node placed on the CPU reads (copied to the
+    host before the run). ``host_inputs``: graph inputs bound on the host."""
+    graph = model.graph
+    types = _types(model) if types is None else types
+    small = {t.name for t in graph.initializer if _numel(t) <= SMALL_INITIALIZER}
+    small.update(node.output[0] for node in graph.node if node.op_type == "Constant")  # ORT loads them as such
+    inputs = {i.name for i in graph.input}
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    cpu_tensors = set(host_inputs)
+    queue: list[int] = []
+    for index, node in enumerate(graph.node):
+        for slot in CPU_OUTPUTS.get(node.op_type, ()):
+            cpu_tensors.add(node.output[slot])
+            queue.extend(consumers.get(node.output[slot], []))
+    queue.extend(i for name in host_inputs for i in consumers.get(name, []))
+    heapq.heapify(queue)  # node order is topological: ONNX Runtime visits candidates in that order too
+    visited: set[int] = set()
+    cpu_nodes: set[int] = set()
+    while queue:
+        index = heapq.heappop(queue)
+        if index in visited:
+            continue
+        visited.add(index)
+        node = graph.node[index]
+        if node.domain not in ("", "ai.onnx") and node.op_type not in CPU_INPUTS:
+            continue  # contrib kernels stay on the device
+        on_cpu = True
+        for slot, name in enumerate(node.input):
+            if not name:
+                continue
+            if _elem(types, name) in _HALF:
+                on_cpu = False
+            elif name in small or name in inputs:
+                continue
+            elif name not in cpu_tensors or slot in CPU_INPUTS.get(node.op_type, ()):
+                on_cpu = False
+            if not on_cpu:
+                break
+        if on_cpu:
+            cpu_nodes.add(index)
+            for name in node.output:
+                cpu_tensors.add(name)
+                for consumer in consumers.get(name, []):
+                    heapq.heappush(queue, consumer)
+    reads = []
+    for index, node in enumerate(graph.node):
+        if index in cpu_nodes:  # a device input read on the host: ONNX Runtime copies it before the run
+            reads.extend((index, slot) for slot, name in enumerate(node.input)
+                         if name in inputs and name not in host_inputs)
+            continue
+        if node.op_type in CPU_OUTPUTS:
+            continue
+        for slot, name in enumerate(node.input):
+            if name in cpu_tensors and name not in host_inputs and slot not in CPU_INPUTS.get(node.op_type, ()):
+                reads.append((index, slot))
+    return reads
+
+
+def _numel(tensor: TensorProto) -> int:
+    size = 1
+    for dim in tensor.dims:
+        size *= dim
+    return size
+
+
+def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()) -> int:
+    """Rewrite ``model`` in place (module docstring); returns how many host values now have a device twin. Values
+    it cannot twin (not integer, unknown or larger size) are left as they are (ONNX Runtime then copies them)."""
+    graph = model.graph
+    types = _types(model)
+    reads = host_reads(model, host_inputs, types)
+    twins: dict[str, str] = {}
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    constants = {"device_shapes/flat": [-1], "device_shapes/axis0": [0], "device_shapes/zero": [0]}
+    for index, slot in reads:
+        node = graph.node[index]
+        name = node.input[slot]
+        kind, size = _elem(types, name), _static_size(types, name)
+        if kind not in _INTEGER or size is None or size > MAX_ELEMENTS:
+            continue
+        if name not in twins:
+            twins[name], nodes = _twin(name, kind, size, types)
+            inserted.setdefault(index, []).extend(nodes)
+        node.input[slot] = twins[name]
+    if not twins:
+        return 0
+    ordered = [new for i, node in enumerate(graph.node) for new in (*inserted.get(i, []), node)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k)
+                             for k, v in constants.items())
+    return len(twins)
+
+
+def _twin(name: str, kind: int, size: int, types: dict[str, onnx.TypeProto]) -> tuple[str, list[onnx.NodeProto]]:
+    """Nodes computing ``name``'s values on the device from host inputs only; its shape as ``name``'s."""
+    prefix = f"{name}/device"
+    nodes = [helper.make_node("Reshape", [name, "device_shapes/flat"], [f"{prefix}/flat"])]
+    parts = []
+    for k in range(size):
+        element = f"{prefix}/{k}"
+        start, end = f"{prefix}/start{k}", f"{prefix}/end{k}"
+        nodes += [helper.make_node("Constant", [], [start], value=helper.make_tensor(start, TensorProto.INT64,
+                                                                                      [1], [k])),
+                  helper.make_node("Constant", [], [end], value=helper.make_tensor(end, TensorProto.INT64,
+                                                                                  [1], [k + 1])),
+                  helper.make_node("Slice", [f"{prefix}/flat", start, end], [element])]
+        sums = []
+        for sign, source in (("pos", element), ("neg", f"{element}/negated")):
+            if sign == "neg":
+                nodes.append(helper.make_node("Neg", [element], [source]))
+            count = f"{element}/{sign}"
+            nodes += [helper.make_node("Max", [source, "device_shapes/zero"], [count]),
+                      helper.make_node("ConstantOfShape", [count], [f"{count}/ones"],
+                                       value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+                      helper.make_node("ReduceSum", [f"{count}/ones", "device_shapes/axis0"], [f"{count}/sum"],
+                                       keepdims=1)]
+            sums.append(f"{count}/sum")
+        nodes.append(helper.make_node("Sub", sums, [f"{element}/value"]))
+        parts.append(f"{element}/value")
+    joined = parts[0]
+    if len(parts) > 1:
+        joined = f"{prefix}/joined"
+        nodes.append(helper.make_node("Concat", parts, [joined], axis=0))
+    nodes.append(helper.make_node("Cast", [joined], [f"{prefix}/cast"], to=kind))
+    shape = [d.dim_value for d in types[name].tensor_type.shape.dim]
+    shape_name = f"{prefix}/shape"
+    nodes.append(helper.make_node("Constant", [], [shape_name],
+                                  value=helper.make_tensor(shape_name, TensorProto.INT64, [len(shape)], shape)))
+    nodes.append(helper.make_node("Reshape", [f"{prefix}/cast", shape_name], [f"{prefix}/value"]))
+    return f"{prefix}/value", nodes

@@ -1,0 +1,103 @@
+"""ONNX Runtime sessions of one backend and runs bound once (the pieces every CUDA-graph path shares: the static
+decode step, the graphed vision, the prompt graphs).
+
+CUDA graphs (ONNX Runtime's ``enable_cuda_graph``) need every bound address and every shape fixed from the capturing
+run on. A session whose shapes are fixed by a free-dimension override (``batch``) holds one graph; a session whose
+shapes stay free holds one graph per ``gpu_graph_id`` (a run option), each captured at the shapes of its first runs,
+and ONNX Runtime accepts it only where its shape computations need no copies between host and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apet.runtime.backends.ort_options import session_options
+
+GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option: which of a session's CUDA graphs a run captures or replays
+UNCAPTURED = "-1"  # its value for a run that neither captures nor replays
+
+
+@dataclass(frozen=True)
+class SessionSetup:
+    """What every session of one backend shares: the onnxruntime module, options, providers, device."""
+
+    ort: Any
+    options: Any
+    providers: list
+    device_type: str  # "cuda" | "cpu": where caches and bound inputs live
+    cuda_graphs: bool
+    decode_attention: str = "auto"  # auto | gqa | graph (apet.runtime.backends.ort_static)
+    weight_layout: str = "out_in"  # out_in | exported: the rewritten graphs' GEMM weights (.ort_weights)
+
+    @property
+    def graphs(self) -> bool:
+        """Fixed-shape sessions are replayed as CUDA graphs (asked for, on the CUDA execution provider)."""
+        return self.cuda_graphs and self.device_type == "cuda"
+
+    def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None,
+                shape_graphs: bool = False, initializers: dict[str, Any] | None = None) -> Any:
+        """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
+        with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested); with ``shape_graphs`` CUDA
+        graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`);
+        ``initializers``: host OrtValues by name for the graph's in-memory placeholders (.ort_weights)."""
+        source = model if isinstance(model, bytes) else str(model)
+        capture = self.graphs and (batch is not None or shape_graphs)
+        if batch is None and weights_dir is None and not capture and not initializers:
+            return self.ort.InferenceSession(source, self.options, providers=self.providers)
+        options = session_options(self.ort, self.options.intra_op_num_threads)
+        if weights_dir is not None:  # a graph rewritten in memory reads the artifact's weight files where they are
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+        if initializers:
+            options.add_external_initializers(list(initializers), list(initializers.values()))
+        if batch is not None:
+            options.add_free_dimension_override_by_name("batch", batch)
+        providers = self.providers
+        if capture:
+            providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
+                         for name, opts in _with_options(self.providers)]
+        return self.ort.InferenceSession(source, options, providers=providers)
+
+    def run_options(self, graph_id: str) -> Any:
+        """Run options that pick the session's CUDA graph ``graph_id`` (:data:`UNCAPTURED`: none)."""
+        options = self.ort.RunOptions()
+        options.add_run_config_entry(GRAPH_ID, graph_id)
+        return options
+
+
+def _with_options(providers: list) -> list[tuple[str, dict]]:
+    return [(p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in providers]
+
+
+class FixedRun:
+    """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
+    device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
+    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back.
+    ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`)."""
+
+    def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
+                 outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
+                 host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None) -> None:
+        new = setup.ort.OrtValue.ortvalue_from_shape_and_type
+        self.session, self.run_options = session, run_options
+        self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
+        self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
+        host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in (host_constants or {}).items()}
+        self.binding = session.io_binding()
+        for name, value in {**self.inputs, **host}.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for input_name, (output_name, buffer) in (in_place or {}).items():
+            self.binding.bind_ortvalue_input(input_name, buffer)
+            self.binding.bind_ortvalue_output(output_name, buffer)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self._host = host  # kept alive: bound by address
+
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in arrays.items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(array))
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return {name: value.numpy() for name, value in self.outputs.items()}
