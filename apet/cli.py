@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from apet.contracts.io import DECODE_ATTENTION, KV_CACHE_FORMS, WEIGHT_LAYOUTS, llm_graphs
+from apet.contracts.io import DECODE_ATTENTION, KV_CACHE_FORMS, llm_graphs
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
@@ -346,9 +346,6 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime's static-KV decode without CUDA graphs (the torch path keeps them)")
     p.add_argument("--ort-decode-attention", default="auto", choices=DECODE_ATTENTION,
                    help="ONNX Runtime's static-KV decode attention (see apet-run --decode-attention)")
-    p.add_argument("--ort-weight-layout", default="out_in", choices=WEIGHT_LAYOUTS,
-                   help="the GEMM weights of ONNX Runtime's rewritten static-KV graphs: out_in (transposed copies "
-                        "in memory, cuBLAS's one-row kernels) or exported (as the artifact stores them)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -421,7 +418,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
                       ort_cuda_graphs=not args.no_ort_cuda_graphs, ort_decode_attention=args.ort_decode_attention,
-                      ort_weight_layout=args.ort_weight_layout,
                       layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())

@@ -26,10 +26,9 @@
 #                   call runs out of time: towers --towers qwen25, then towers --towers qwen3,llava,next --no-parity
 #   ortstatic-export DIR  the LLaVA-1.5-7B-shape artifact at 0.11 in the static-KV form (fp16, op attention, batch 1,
 #                   512 cache positions) into /tmp/DIR, kept for ortstatic (a 7B export of two LLM graphs takes minutes)
-#   ortstatic [DIR] [nocg|graph|exported|-] [RUN]  ONNX Runtime CUDA on the static-KV form (IO binding; decode as a
-#                   CUDA graph through GroupQueryAttention over [out, in] weight copies; the prompt and the vision as
-#                   CUDA graphs; nocg: no CUDA graphs; graph: the exported decode graph; exported: the weights as
-#                   exported; -: the default) -> $OUT/ortstatic[_FORM][_RUN].json
+#   ortstatic [DIR] [nocg|graph|-] [RUN]  ONNX Runtime CUDA on the static-KV form (IO binding; decode as a CUDA graph
+#                   through GroupQueryAttention; the prompt and the vision as CUDA graphs; nocg: no CUDA graphs; graph:
+#                   the exported decode graph; -: the default) -> $OUT/ortstatic[_FORM][_RUN].json
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -134,7 +133,7 @@ case "$stage" in
     echo "ortstatic-export $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"; ls -la "/tmp/$1"; df -h /tmp | tail -1
     echo "$((SECONDS - start))" > "/tmp/$1.done"
     ;;
-  ortstatic)  # ortstatic [DIR] [nocg|graph|exported|-] [RUN]
+  ortstatic)  # ortstatic [DIR] [nocg|graph|-] [RUN]
     extra=() name=ortstatic
     if [ -n "${1:-}" ]; then
       extra+=(--ort-artifact "/tmp/$1")
@@ -144,7 +143,6 @@ case "$stage" in
     fi
     if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
     if [ "${2:-}" = "graph" ]; then extra+=(--ort-decode-attention graph); name=ortstatic_graph; fi
-    if [ "${2:-}" = "exported" ]; then extra+=(--ort-weight-layout exported); name=ortstatic_exported; fi
     if [ -n "${3:-}" ]; then name="${name}_$3"; fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"

@@ -105,9 +105,6 @@ def _memcpy_nodes(static) -> list[str]:
         options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(static.weights_dir))
-        if static.prompt_initializers:  # the [out, in] weight copies (ort_weights.py)
-            options.add_external_initializers(list(static.prompt_initializers),
-                                              list(static.prompt_initializers.values()))
         ort.InferenceSession(static.gqa_prompt.model.SerializeToString(), options,
                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph

@@ -1,8 +1,9 @@
 """ONNX Runtime CUDA on the static-KV form at LLaVA-1.5-7B widths with fewer LLM layers (a 7B export takes ~8
-minutes; a few layers take one): the exported graphs against their GroupQueryAttention rewrite
-(apet/runtime/backends/ort_gqa.py), per phase (vision, prefill, decode step: wall and GPU-busy ms, kernel counts,
-scripts/ort_gpu_kernels.py) and end to end (TTFT, decode, parity with the torch reference, apet.bench.ort_path).
-Per-layer costs scale to the 32 layers of the full model; the vision tower is full depth.
+minutes; a few layers take one), against the torch path (CUDA graphs, no compile) of the same model in the same
+process: the exported graphs and their GroupQueryAttention rewrite (apet/runtime/backends/ort_gqa.py, with the prompt
+as CUDA graphs), end to end (TTFT, decode, parity with the torch reference, apet.bench.ort_path) and, with --kernels,
+per phase (vision, prefill, decode step: wall and GPU-busy ms, kernel counts, scripts/ort_gpu_kernels.py). Per-layer
+costs scale to the 32 layers of the full model; the vision tower is full depth.
 
     python scripts/ort_gqa_gpu.py --layers 8 --out ort_gqa_gpu.json
 """
@@ -33,7 +34,7 @@ def main() -> int:
     from apet.atomic import write_atomic
     from apet.bench.ort_path import export_for_bench, ort_run
     from apet.bench.run import _plan
-    from apet.bench.stages import Request
+    from apet.bench.stages import ApetPath, Request, summarize_generation
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8, help="LLM layers (Vicuna-7B has 32)")
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--max-context", type=int, default=512)
     parser.add_argument("--device", default="cuda", help="cuda; cpu (with --dtype fp32) checks the script")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    parser.add_argument("--kernels", action="store_true", help="also each form's per-phase kernel profile")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -53,14 +55,24 @@ def main() -> int:
         artifact, export_s = export_for_bench(adapter, plan, Path(scratch) / "art", 1, args.max_context, "op",
                                               "static")
         report["export_s"] = round(export_s, 1)
-        for form in ("graph", "gqa"):
-            phases = kernels.run(artifact, True, 5, 16, form)
+        path = ApetPath(adapter, plan, request, graphs=args.device == "cuda", compile=False,
+                        max_context=args.max_context)
+        path.generate()  # warm-up and capture
+        torch_run = summarize_generation([path.generate()[1] for _ in range(10)])
+        del path
+        report["torch"] = torch_run
+        print(f"torch TTFT {torch_run['ttft']['median_ms']:.2f} ms, decode "
+              f"{torch_run['decode_per_token']['median_ms']:.2f} ms")
+        for name in ("graph", "gqa"):
             run = ort_run(adapter, plan, request, args.max_context, 10, attention="op", kv_cache="static",
-                          artifact=artifact, decode_attention=form)
-            report["forms"][form] = {"phases": phases["phases"], "run": run}
-            walls = {name: phase["wall_ms_median"] for name, phase in phases["phases"].items()}
-            print(f"{form:5s} TTFT {run['ttft']['median_ms']:.2f} ms, decode {run['decode_per_token']['median_ms']:.2f}"
-                  f" ms, phases (profiled wall) {walls}, greedy {run['parity']['greedy_equal_steps']}/32 vs torch")
+                          artifact=artifact, decode_attention=name)
+            report["forms"][name] = {"run": run}
+            if args.kernels:
+                report["forms"][name]["phases"] = kernels.run(artifact, True, 5, 16, name)["phases"]
+            ttft, decode = run["ttft"]["median_ms"], run["decode_per_token"]["median_ms"]
+            print(f"{name:12s} TTFT {ttft:.2f} ms ({ttft / torch_run['ttft']['median_ms']:.2f}x torch), decode "
+                  f"{decode:.2f} ms ({decode / torch_run['decode_per_token']['median_ms']:.2f}x), prompt graph "
+                  f"{run['prompt_cuda_graph']}, greedy {run['parity']['greedy_equal_steps']}/32 vs torch")
     write_atomic(args.out, json.dumps(report, indent=1).encode())
     return 0
 

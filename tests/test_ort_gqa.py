@@ -226,81 +226,6 @@ def test_bound_prompt_runs_equal_fresh_bindings(llava_static_op) -> None:
     assert shape_key(device, host) == shape_key({"x": np.ones((1, 4), np.float16)}, host)
 
 
-def test_gemm_weights_transposed_in_memory(llava_static_op) -> None:
-    """apet/runtime/backends/ort_weights.py: every MatMul over a constant weight becomes FusedMatMul(transB=1) over
-    an [out, in] copy; the same tokens and logits as the weights as exported; a session not handed the copies fails
-    instead of reading the untransposed bytes."""
-    import onnxruntime as ort
-
-    from apet.runtime.backends.ort_weights import IN_MEMORY, SUFFIX
-
-    images = [make_image(1, (300, 200))]
-    out_in = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
-    exported = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", weight_layout="exported")
-    assert (out_in.backend.weight_layout(), exported.backend.weight_layout()) == ("out_in", "exported")
-    mine, theirs = (_greedy(p, images, [PROMPT], STEPS) for p in (out_in, exported))
-    assert mine["tokens"] == theirs["tokens"]
-    np.testing.assert_allclose(mine["logits"], theirs["logits"], atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(mine["stage2"], theirs["stage2"])
-
-    static = out_in.backend.static
-    spec = read_manifest(llava_static_op).model.decoder
-    for graph in (static.gqa.model.graph, static.gqa_prompt.model.graph):
-        initializers = {t.name: t for t in graph.initializer}
-        fused = [n for n in graph.node if n.op_type == "FusedMatMul"]
-        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
-        assert len(fused) == 7 * spec.num_layers + 1  # q, k, v, o, gate, up, down per layer; the LM head
-        for node in fused:
-            assert node.input[1].endswith(SUFFIX) and helper_attr(node, "transB") == 1
-            placeholder = initializers[node.input[1]]
-            assert {e.key: e.value for e in placeholder.external_data}["location"] == IN_MEMORY
-        assert not any(name + SUFFIX in initializers for name in initializers if not name.endswith(SUFFIX))
-    assert exported.backend.static.transposed is None and len(static.held) == 2 * (7 * spec.num_layers + 1)
-    with pytest.raises(Exception, match=IN_MEMORY):
-        ort.InferenceSession(static.gqa_model, providers=["CPUExecutionProvider"])
-
-
-def helper_attr(node: onnx.NodeProto, name: str) -> int:
-    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
-
-
-def test_transposed_copies_of_external_weights(tmp_path) -> None:
-    """Weights read from their file at their offset, one copy per stored weight whatever each graph names it; the
-    rewritten MatMul computes x @ W (float64 reference)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from apet.runtime.backends.ort_weights import TransposedWeights, transpose_matmul_weights
-
-    rng = np.random.default_rng(3)
-    first, second = rng.standard_normal((8, 5)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
-    (tmp_path / "w.data").write_bytes(b"\0" * 64 + first.tobytes() + second.tobytes())
-
-    def graph(name: str) -> onnx.ModelProto:
-        weight = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[8, 5], data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", "w.data"), ("offset", str(64 + first.nbytes)), ("length", "160")):
-            entry = weight.external_data.add()
-            entry.key, entry.value = key, value
-        nodes = [helper.make_node("MatMul", ["x", name], ["y"])]
-        return helper.make_model(helper.make_graph(
-            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5])], [weight]),
-            opset_imports=[helper.make_opsetid("", 17)])
-
-    weights = TransposedWeights(tmp_path)
-    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
-    for name in ("a", "b"):
-        model = graph(name)
-        copies = transpose_matmul_weights(model, weights)
-        assert list(copies) == [f"{name}/out_in"] and [t.name for t in model.graph.initializer] == [f"{name}/out_in"]
-        options = ort.SessionOptions()
-        options.add_external_initializers(list(copies), [ort.OrtValue.ortvalue_from_numpy(a) for a in copies.values()])
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        expected = x.astype(np.float64) @ second.astype(np.float64)
-        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=1e-5, rtol=0)
-    assert len(weights.arrays) == 1
-
-
 def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
     """apet/runtime/backends/ort_device_shapes.py on the rewritten prefill (ApET's stage 2 clamps the image span to
     the prompt's length): under the model of ONNX Runtime's CPU placement no kernel reads a host-computed value as
@@ -354,3 +279,42 @@ def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
     for start, n in ((9, 6), (1, 6), (3, 1)):
         clamped, _ = session.run(None, {"x": np.zeros((2, n), np.float32), "start": np.array(start)})
         assert int(clamped) == min(start, n - 2)  # n - 2 = -1 for the last: negative values too
+
+
+def test_expand_shapes_of_constants_stay_on_the_host(tmp_path) -> None:
+    """The torch exporter's expand(..., -1) (rotary embeddings in older transformers: on the H200 ONNX Runtime
+    copied its Where back to Expand's host input, ort_gqa_check_3.json): ConstantOfShape(Shape(t)) of a static t is
+    folded, so the shape arithmetic stays on the host; the same values at other batch and sequence sizes."""
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    from apet.runtime.backends.ort_device_shapes import host_reads, to_device
+
+    class Expanding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("inv", torch.arange(4).float())
+
+        def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            freqs = self.inv[None, :, None].expand(positions.shape[0], -1, 1)
+            return (freqs @ positions[:, None, :].float()).transpose(1, 2) + x
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Expanding(), (torch.zeros(2, 5, 4), torch.zeros(2, 5, dtype=torch.long)), buffer,
+                      input_names=["x", "positions"], opset_version=17, dynamo=False,
+                      dynamic_axes={"x": {0: "b", 1: "s"}, "positions": {0: "b", 1: "s"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    before = model.SerializeToString()
+    reads = host_reads(model)
+    assert any(model.graph.node[i].op_type == "Expand" and slot == 1 for i, slot in reads)
+    to_device(model)
+    assert host_reads(model) == [] and not any(n.op_type == "ConstantOfShape" for n in model.graph.node)
+    rng = np.random.default_rng(1)
+    for batch, length in ((2, 5), (3, 9)):
+        feeds = {"x": rng.standard_normal((batch, length, 4)).astype(np.float32),
+                 "positions": np.arange(batch * length).reshape(batch, length)}
+        outputs = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                   for m in (before, model.SerializeToString())]
+        np.testing.assert_array_equal(*outputs)

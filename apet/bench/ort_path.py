@@ -62,8 +62,7 @@ def _sync() -> None:
 def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
             repeats: int, parity_steps: int = 32, workdir: Path | None = None,
             attention: str = "pattern", kv_cache: str = "dynamic", cuda_graphs: bool = True,
-            artifact: Path | None = None, decode_attention: str = "auto",
-            weight_layout: str = "out_in") -> dict[str, Any]:
+            artifact: Path | None = None, decode_attention: str = "auto") -> dict[str, Any]:
     """Export (``attention``: pattern | op graphs; ``kv_cache``: dynamic | static LLM form), then TTFT / decode
     timings of ONNX Runtime (``cuda_graphs``: the static form's decode replayed as a CUDA graph) and its parity
     with the torch reference; the greedy tokens are kept so two runs of different forms can be compared.
@@ -84,7 +83,7 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
         # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
         backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs,
-                               decode_attention=decode_attention, weight_layout=weight_layout)
+                               decode_attention=decode_attention)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
         def first_token():
@@ -117,7 +116,7 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
     return {"attention": attention, "kv_cache": kv_cache, "max_context": max_context,
             "cuda_graphs": cuda_graphs and kv_cache == "static" and device == "cuda",
             "decode_attention": backend.decode_attention(), "vision_cuda_graph": backend.vision_graphed(),
-            "prompt_cuda_graph": backend.prompt_graphed(), "weight_layout": backend.weight_layout(),
+            "prompt_cuda_graph": backend.prompt_graphed(),
             "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
             "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}

@@ -45,9 +45,6 @@ KV_CACHE_FORMS = ("dynamic", "static")  # dynamic: llm.onnx grows the cache by c
 # how ONNX Runtime runs a static-KV decode step: the exported graph, or rewritten for its GroupQueryAttention
 # (apet/runtime/backends/ort_gqa.py); auto picks per device and artifact (apet/runtime/backends/ort_static.py)
 DECODE_ATTENTION = ("auto", "gqa", "graph")
-# the GEMM weights of those rewritten graphs: [out, in] copies made in memory (apet/runtime/backends/ort_weights.py),
-# or as the artifact stores them ([in, out])
-WEIGHT_LAYOUTS = ("out_in", "exported")
 CACHE_POSITION = "cache_position"  # [1] int64: the cache position a decode step writes (group 0; see CacheLayout)
 LLM_PREFILL, LLM_DECODE = "llm_prefill", "llm_decode"  # the static form's two graphs (manifest keys; files .onnx)
 

@@ -49,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True,
-                 decode_attention: str = "auto", weight_layout: str = "out_in") -> None:
+                 decode_attention: str = "auto") -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -88,7 +88,7 @@ class OnnxRuntimeBackend(Backend):
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
                                                                          self.device_type, cuda_graphs,
-                                                                         decode_attention, weight_layout),
+                                                                         decode_attention),
                                np.float16 if manifest.dtype == "fp16" else np.float32) \
             if manifest.kv_cache == "static" else None
         self.llm = self.static.prefill_session if self.static is not None else \
@@ -197,13 +197,6 @@ class OnnxRuntimeBackend(Backend):
         """Whether the vision graph runs as a CUDA graph (:mod:`.ort_graphed`) for the batch sizes seen so far."""
         runs = self.graphed_vision.runs if self.graphed_vision is not None else {}
         return bool(runs) and all(run is not None for run in runs.values())
-
-    def weight_layout(self) -> str | None:
-        """The rewritten graphs' GEMM weights (``out_in`` | ``exported``, :mod:`.ort_weights`); None where the
-        graphs run as exported."""
-        if self.static is None or self.static.gqa is None:
-            return None
-        return "out_in" if self.static.transposed is not None else "exported"
 
     def prompt_graphed(self) -> bool:
         """Whether the prefill holds a CUDA graph for a prompt shape seen so far (:mod:`.ort_prompt_graphs`)."""

@@ -1,5 +1,5 @@
-"""Shape-derived values that a CUDA kernel reads as data, given to it on the device without a host-to-device copy,
-so ONNX Runtime can capture the session as CUDA graphs (:mod:`.ort_prompt_graphs`).
+"""Shape-derived values that a CUDA kernel reads as data, given to it on the device without a host-to-device copy, so
+ONNX Runtime can capture the session as CUDA graphs (:mod:`.ort_prompt_graphs`).
 
 ONNX Runtime's CUDA execution provider puts shape arithmetic on the CPU: a consumer of a CPU tensor (``Shape``'s
 output) whose every input is a CPU tensor, a small initializer or a graph input, and so on downstream
@@ -8,11 +8,14 @@ such a value as data, not as one of its host inputs, ONNX Runtime inserts a ``Me
 copy node cannot use CUDA graphs. ApET's stage 2 does this in the prefill: it clamps the image span to the prompt's
 length and builds its index ranges from it.
 
-The rewrite gives each such value (an integer tensor of at most :data:`MAX_ELEMENTS` elements) a device twin
-computed from host inputs the kernels are built to read: per element ``e``, ``ConstantOfShape(max(e, 0))`` and
-``ConstantOfShape(max(-e, 0))`` write that many ones on the device (their shape input is a host input), and the
-difference of their sums is ``e``. Exact for |e| < 2^24; a few tiny kernels per value, inside the captured graph.
-:func:`host_reads` models ONNX Runtime's placement to find them (the tests check it; the GPU run checks ORT).
+First, ``ConstantOfShape(Shape(t))`` of a statically shaped ``t`` becomes the constant it is (the torch exporter's
+``expand(..., -1)`` pattern: ONNX Runtime runs ``ConstantOfShape`` on the device, so the shape arithmetic after it
+would be copied back to ``Expand``'s host input). Then the rewrite gives each value (an integer tensor of at most
+:data:`MAX_ELEMENTS` elements) a device twin computed from host inputs the kernels are built to read: per element
+``e``, ``ConstantOfShape(max(e, 0))`` and ``ConstantOfShape(max(-e, 0))`` write that many ones on the device (their
+shape input is a host input), and the difference of their sums is ``e``. Exact for |e| < 2^24; a few tiny kernels
+per value, inside the captured graph. :func:`host_reads` models ONNX Runtime's placement to find them (the tests
+check it; the GPU run checks ORT).
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
     types = _types(model) if types is None else types
     small = {t.name for t in graph.initializer if _numel(t) <= SMALL_INITIALIZER}
     small.update(node.output[0] for node in graph.node if node.op_type == "Constant")  # ORT loads them as such
+    for node in graph.node:  # ONNX Runtime folds nodes of constants before it places nodes (small: shape values)
+        if node.input and all(name in small for name in node.input if name):
+            small.update(node.output)
     inputs = {i.name for i in graph.input}
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.node):
@@ -117,11 +123,14 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
             reads.extend((index, slot) for slot, name in enumerate(node.input)
                          if name in inputs and name not in host_inputs)
             continue
-        if node.op_type in CPU_OUTPUTS:
+        if node.op_type in CPU_OUTPUTS or all(name in small for name in node.output):
             continue
         for slot, name in enumerate(node.input):
-            if name in cpu_tensors and name not in host_inputs and slot not in CPU_INPUTS.get(node.op_type, ()):
-                reads.append((index, slot))
+            host_slot = slot in CPU_INPUTS.get(node.op_type, ())
+            if name in cpu_tensors and name not in host_inputs and not host_slot:
+                reads.append((index, slot))  # a host value read as data: MemcpyFromHost
+            elif host_slot and name and name not in cpu_tensors and name not in small and name not in inputs:
+                reads.append((index, slot))  # a device value read on the host: MemcpyToHost
     return reads
 
 
@@ -137,6 +146,7 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
     it cannot twin (not integer, unknown or larger size) are left as they are (ONNX Runtime then copies them)."""
     graph = model.graph
     types = _types(model)
+    _fold_static_fills(graph, types)
     reads = host_reads(model, host_inputs, types)
     twins: dict[str, str] = {}
     inserted: dict[int, list[onnx.NodeProto]] = {}
@@ -159,6 +169,29 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
     graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k)
                              for k, v in constants.items())
     return len(twins)
+
+
+def _fold_static_fills(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
+    """``ConstantOfShape(Shape(t))`` of a ``t`` whose shape is static -> that constant (an initializer). The torch
+    exporter writes it for ``expand(..., -1, ...)``; ONNX Runtime runs ``ConstantOfShape`` on the device, so the
+    shape arithmetic it feeds (``Equal``, ``Where``) would run there and be copied back to ``Expand``'s host input."""
+    producers = {out: node for node in graph.node for out in node.output}
+    folded = []
+    for node in graph.node:
+        shape_node = producers.get(node.input[0]) if node.op_type == "ConstantOfShape" else None
+        if shape_node is None or shape_node.op_type != "Shape" or shape_node.attribute:
+            continue
+        source = types.get(shape_node.input[0])
+        size = _static_size(types, shape_node.input[0])
+        if source is None or size is None:
+            continue
+        dims = [d.dim_value for d in source.tensor_type.shape.dim]
+        value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "value"), None)
+        fill = numpy_helper.to_array(value).reshape(-1)[0] if value is not None else np.float32(0)
+        folded.append((node, numpy_helper.from_array(np.full(dims, fill, dtype=fill.dtype), node.output[0])))
+    for node, constant in folded:
+        graph.node.remove(node)
+        graph.initializer.append(constant)
 
 
 def _twin(name: str, kind: int, size: int, types: dict[str, onnx.TypeProto]) -> tuple[str, list[onnx.NodeProto]]:

@@ -31,7 +31,6 @@ class SessionSetup:
     device_type: str  # "cuda" | "cpu": where caches and bound inputs live
     cuda_graphs: bool
     decode_attention: str = "auto"  # auto | gqa | graph (apet.runtime.backends.ort_static)
-    weight_layout: str = "out_in"  # out_in | exported: the rewritten graphs' GEMM weights (.ort_weights)
 
     @property
     def graphs(self) -> bool:
@@ -39,20 +38,17 @@ class SessionSetup:
         return self.cuda_graphs and self.device_type == "cuda"
 
     def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None,
-                shape_graphs: bool = False, initializers: dict[str, Any] | None = None) -> Any:
+                shape_graphs: bool = False) -> Any:
         """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
         with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested); with ``shape_graphs`` CUDA
-        graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`);
-        ``initializers``: host OrtValues by name for the graph's in-memory placeholders (.ort_weights)."""
+        graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`)."""
         source = model if isinstance(model, bytes) else str(model)
         capture = self.graphs and (batch is not None or shape_graphs)
-        if batch is None and weights_dir is None and not capture and not initializers:
+        if batch is None and weights_dir is None and not capture:
             return self.ort.InferenceSession(source, self.options, providers=self.providers)
         options = session_options(self.ort, self.options.intra_op_num_threads)
         if weights_dir is not None:  # a graph rewritten in memory reads the artifact's weight files where they are
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
-        if initializers:
-            options.add_external_initializers(list(initializers), list(initializers.values()))
         if batch is not None:
             options.add_free_dimension_override_by_name("batch", batch)
         providers = self.providers

@@ -37,7 +37,6 @@ from apet.contracts.io import (
     LLM_PREFILL,
     LOGITS,
     STAGE2_INDEX,
-    WEIGHT_LAYOUTS,
     past_names,
     present_names,
 )
@@ -47,7 +46,6 @@ from apet.runtime.backends.ort_device_shapes import to_device
 from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, SessionSetup
-from apet.runtime.backends.ort_weights import TransposedWeights, transpose_matmul_weights
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +61,15 @@ class StaticKV:
         self.prefill_path = artifact_dir / manifest.graphs[LLM_PREFILL].file
         self.decode_path = artifact_dir / manifest.graphs[LLM_DECODE].file
         self.weights_dir = artifact_dir
-        if setup.weight_layout not in WEIGHT_LAYOUTS:
-            raise BackendError(f"unknown weight layout {setup.weight_layout!r}",
-                               f"pass {option('weight_layout', '|'.join(WEIGHT_LAYOUTS))}")
         self.gqa = self._rewritten(self.decode_path, setup, dtype)
         self.gqa_prompt = self._rewritten(self.prefill_path, setup, dtype, prompt=True) if self.gqa else None
-        # the rewritten graphs' GEMM weights as [out, in] copies (ort_weights.py), one per stored weight
-        self.transposed = TransposedWeights(artifact_dir) \
-            if self.gqa is not None and setup.weight_layout == "out_in" else None
-        self.held: list[np.ndarray] = []
-        self.gqa_initializers = self._transposed(self.gqa)
         self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
         # the prefill session (rewritten where decode is); the exported one only for left-padded batches then
         self.prompt_graphs: PromptGraphs | None = None
-        self.prompt_initializers: dict[str, object] | None = None
         if self.gqa_prompt is not None:
             if setup.graphs:  # shape values read as data reach the device without copies (CUDA graphs allow none)
                 to_device(self.gqa_prompt.model, frozenset(self.gqa_prompt.totals()))
-            self.prompt_initializers = self._transposed(self.gqa_prompt)  # rewrites the graph: before serializing
-            self.prefill_session = self._prompt_session(self.gqa_prompt.model.SerializeToString(), artifact_dir,
-                                                        self.prompt_initializers)
+            self.prefill_session = self._prompt_session(self.gqa_prompt.model.SerializeToString(), artifact_dir)
         else:
             self.prefill_session = setup.session(self.prefill_path)
         self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
@@ -119,26 +106,18 @@ class StaticKV:
         log.info("%s runs as exported (%s)", path.name, reason)
         return None
 
-    def _transposed(self, graph: GqaGraph | None) -> dict[str, object] | None:
-        """Rewrite ``graph``'s GEMMs over [out, in] copies (where asked for); the OrtValues its session takes."""
-        if graph is None or self.transposed is None:
-            return None
-        copies = transpose_matmul_weights(graph.model, self.transposed)
-        self.held.extend(copies.values())  # alive as long as the sessions (ort_weights.py)
-        return {name: self.setup.ort.OrtValue.ortvalue_from_numpy(array) for name, array in copies.items()}
-
-    def _prompt_session(self, model: bytes, weights_dir: Path, initializers: dict[str, object] | None) -> object:
+    def _prompt_session(self, model: bytes, weights_dir: Path) -> object:
         """The rewritten prefill's session: with a CUDA graph per prompt shape where CUDA graphs are asked for and
         ONNX Runtime accepts them (it refuses a session whose shape computations copy between host and device)."""
         if self.setup.graphs:
             try:
-                session = self.setup.session(model, None, weights_dir, shape_graphs=True, initializers=initializers)
+                session = self.setup.session(model, None, weights_dir, shape_graphs=True)
             except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
                 log.warning("the prefill runs without CUDA graphs: %s", str(err).splitlines()[0])
             else:
                 self.prompt_graphs = PromptGraphs(session, self.setup)
                 return session
-        return self.setup.session(model, None, weights_dir, initializers=initializers)
+        return self.setup.session(model, None, weights_dir)
 
     def _caches(self, batch: int) -> list:
         if batch not in self.caches:
@@ -219,12 +198,11 @@ class StaticKV:
     def _step(self, batch: int, gqa: bool) -> FixedRun:
         if (batch, gqa) not in self.steps:
             model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
-            initializers = self.gqa_initializers if gqa else None
             if self.setup.graphs:
-                session = self.setup.session(model, batch, weights, initializers=initializers)
+                session = self.setup.session(model, batch, weights)
             else:
                 if gqa not in self.shared:
-                    self.shared[gqa] = self.setup.session(model, None, weights, initializers=initializers)
+                    self.shared[gqa] = self.setup.session(model, None, weights)
                 session = self.shared[gqa]
             spec = self.manifest.model.decoder
             position = (batch, 1) if spec.position_rank == 1 else (spec.position_rank, batch, 1)
