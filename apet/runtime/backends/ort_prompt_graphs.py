@@ -1,8 +1,8 @@
 """The rewritten prefill (GroupQueryAttention over the prompt, :mod:`.ort_gqa`) replayed as CUDA graphs: one per
 prompt shape, all in the one prefill session.
 
-Why: ONNX Runtime launches the prefill's ~1,200 kernels one by one from the host, 12.7 ms wall for 6.9 ms of GPU work
-at LLaVA-1.5-7B shapes (docs/benchmarks.md, "GroupQueryAttention decode and a CUDA-graph vision session"). Its length
+Why: ONNX Runtime launches the rewritten prefill's ~900 kernels one by one from the host, 9.3 ms wall for 6.5 ms of
+GPU work at LLaVA-1.5-7B shapes (docs/benchmarks.md, "The prompt rewritten too, its CUDA graph refused"). Its length
 follows the prompt, so it cannot be a fixed-shape session like the decode step (each such session holds its own copy
 of the weights); ONNX Runtime instead keeps several graphs in one session, each picked by a ``gpu_graph_id`` and valid
 at the shapes it was captured at. The torch path does the same per padded length (``bucket``); here a shape is the
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from apet.runtime.backends.ort_session import FixedRun, SessionSetup
+from apet.runtime.backends.ort_session import UNCAPTURED, FixedRun, SessionSetup
 
 log = logging.getLogger(__name__)
 MAX_PROMPT_GRAPHS = 8  # graphs per session: each keeps its bound inputs and ONNX Runtime's captured launches
@@ -39,7 +39,7 @@ class PromptGraphs:
     def __init__(self, session: Any, setup: SessionSetup, limit: int = MAX_PROMPT_GRAPHS) -> None:
         self.session, self.setup, self.limit = session, setup, limit
         self.runs: dict[tuple, FixedRun | None] = {}  # None: ONNX Runtime failed to capture this shape
-        self.uncaptured = setup.run_options("-1")
+        self.uncaptured = setup.run_options(UNCAPTURED)
 
     def run(self, device: dict[str, np.ndarray], host: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The outputs by name, or None where this shape has no graph (run it uncaptured, then :meth:`add`)."""
@@ -61,7 +61,7 @@ class PromptGraphs:
         key = shape_key(device, host)
         if key in self.runs or len(self.runs) >= self.limit:
             return
-        graph_id = str(len(self.runs) + 1)  # 0 is ONNX Runtime's own default, -1 "uncaptured"
+        graph_id = str(len(self.runs) + 1)  # 0 is ONNX Runtime's own default
         self.runs[key] = FixedRun(self.session, self.setup,
                                   {name: (value.shape, value.dtype.type) for name, value in device.items()},
                                   {name: (value.shape, value.dtype.type) for name, value in outputs.items()},
