@@ -73,6 +73,11 @@ class GqaGraph:
     def groups(self) -> int:
         return len(self.group_layers)
 
+    @property
+    def host_inputs(self) -> frozenset[str]:
+        """The inputs ONNX Runtime reads on the host (each group's total length): bound in host memory."""
+        return frozenset(total_name(group) for group in range(self.groups))
+
     def prompt(self, lengths: tuple[int, ...], batch: int) -> dict[str, np.ndarray]:
         """A prefill's inputs: per group g, a prompt of ``lengths[g]`` positions written at 0..lengths[g]-1."""
         feeds = self.seqlens(tuple(length - 1 for length in lengths), batch)

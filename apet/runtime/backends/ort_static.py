@@ -68,7 +68,7 @@ class StaticKV:
         self.prompt_graphs: PromptGraphs | None = None
         if self.gqa_prompt is not None:
             if setup.graphs:  # shape values read as data reach the device without copies (CUDA graphs allow none)
-                to_device(self.gqa_prompt.model, frozenset(self.gqa_prompt.totals()))
+                to_device(self.gqa_prompt.model, self.gqa_prompt.host_inputs)
             self.prefill_session = self._prompt_session(self.gqa_prompt.model.SerializeToString(), artifact_dir)
         else:
             self.prefill_session = setup.session(self.prefill_path)
@@ -129,13 +129,18 @@ class StaticKV:
                                   for i in range(self.num_layers) for _ in range(2)]
         return self.caches[batch]
 
+    def _in_place(self, batch: int) -> dict[str, tuple[str, object]]:
+        """Each past input -> (its present output, the cache buffer bound as both): the caches written in place."""
+        return {past: (present, cache) for past, present, cache in
+                zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
+
     def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
         """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
         session, host = self.prefill_session, {}
         if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
             prompt = self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
                                                   for layer in self.gqa_prompt.group_layers), batch)
-            host = {name: value for name, value in prompt.items() if name in self.gqa_prompt.totals()}
+            host = {name: value for name, value in prompt.items() if name in self.gqa_prompt.host_inputs}
             feeds = {**feeds, **prompt}
         elif self.gqa_prompt is not None:  # left-padded rows: the exported graph
             if self.exported_prefill is None:
@@ -143,8 +148,7 @@ class StaticKV:
             session = self.exported_prefill
         wanted = {i.name for i in session.get_inputs()}  # the rewritten graph reads no mask where it reads no padding
         device = {name: value for name, value in feeds.items() if name in wanted and name not in host}
-        in_place = {past: (present, cache) for past, present, cache in
-                    zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
+        in_place = self._in_place(batch)
         graphs = self.prompt_graphs if session is self.prefill_session else None
         values = graphs.run(device, host) if graphs is not None else None
         if values is None:
@@ -216,10 +220,9 @@ class StaticKV:
                                CACHE_POSITION: ((1,), np.int64)})
             logits = next(o for o in session.get_outputs() if o.name == LOGITS)  # [B, 1, V] as the graph says
             kind = np.float16 if "float16" in logits.type else np.float32
-            in_place = {past: (present, cache) for past, present, cache in
-                        zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
             self.steps[batch, gqa] = FixedRun(session, self.setup, shapes,
-                                              {LOGITS: ((batch, 1, int(logits.shape[-1])), kind)}, in_place, constants)
+                                              {LOGITS: ((batch, 1, int(logits.shape[-1])), kind)},
+                                              self._in_place(batch), constants)
         return self.steps[batch, gqa]
 
     def cache_lengths(self) -> list[int]:
