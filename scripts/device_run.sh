@@ -31,6 +31,8 @@
 #                   the exported decode graph; -: the default) -> $OUT/ortstatic[_FORM][_RUN].json
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
+#   ortvision DIR   the graphed vision session of /tmp/DIR made four ways (token-layout attention, MatMulAddFusion
+#                   left out; scripts/ort_vision_variants.py): wall and GPU-busy ms, kernels, outputs -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
 #                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
@@ -44,6 +46,12 @@ set -uo pipefail
 export PYTHONPATH="/tmp/ortgpu:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 APET_CACHE=/tmp/apet-cache
 OUT="${OUT:-results/device}"
 mkdir -p "$OUT"
+wait_export() {  # DIR SECONDS: an export started in the background (ortstatic-export): wait for its marker
+  local waited=0
+  while [ -e "/tmp/$1.started" ] && [ ! -e "/tmp/$1.done" ] && [ "$waited" -lt "$2" ]; do sleep 5; waited=$((waited + 5)); done
+  [ -e "/tmp/$1.done" ] && echo "export of $1 took $(cat "/tmp/$1.done") s (waited $waited s)"
+  return 0
+}
 stage="${1:-checks}"
 shift || true
 case "$stage" in
@@ -137,9 +145,7 @@ case "$stage" in
     extra=() name=ortstatic
     if [ -n "${1:-}" ]; then
       extra+=(--ort-artifact "/tmp/$1")
-      waited=0  # an export started in the background: wait for its marker, at most 8 minutes
-      while [ -e "/tmp/$1.started" ] && [ ! -e "/tmp/$1.done" ] && [ "$waited" -lt 480 ]; do sleep 5; waited=$((waited + 5)); done
-      [ -e "/tmp/$1.done" ] && echo "export of $1 took $(cat "/tmp/$1.done") s (waited $waited s)"
+      wait_export "$1" 480
     fi
     if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
     if [ "${2:-}" = "graph" ]; then extra+=(--ort-decode-attention graph); name=ortstatic_graph; fi
@@ -152,6 +158,11 @@ case "$stage" in
     cp "/tmp/bench-$name/results.json" "$OUT/$name.json" 2>/dev/null
     python3 scripts/ort_static_summary.py "/tmp/bench-$name/results.json" --out "$OUT/${name}_summary.json" 2>&1 \
       || echo "no results: see the bench output above"
+    ;;
+  ortvision)  # ortvision DIR: the graphed vision session's forms (scripts/ort_vision_variants.py), after the export
+    wait_export "$1" 540
+    python3 scripts/ort_vision_variants.py "/tmp/$1" --out "$OUT/ort_vision_variants.json" 2>&1 | grep -v USDT \
+      | tail -45
     ;;
   ortkernels)  # ortkernels DIR [SUFFIX [ARGS...]]: one profile per call ($OUT/ort_kernels_SUFFIX.json)
     dir="$1" suffix="${2:-cg}"; shift 2 || shift $#

@@ -175,7 +175,7 @@ def test_the_one_token_fallback_computes_the_same_step(llava_static_op, monkeypa
     spec, layout, context = manifest.model.decoder, manifest.cache_layout, manifest.max_context
     path = llava_static_op / manifest.graphs[LLM_DECODE].file
     token_layout = load_rewritten(path, spec, layout, context)
-    monkeypatch.setattr(ort_gqa, "_heads_first", lambda producers, tensor: None)
+    monkeypatch.setattr(ort_gqa, "heads_first", lambda producers, tensor: None)
     fallback = load_rewritten(path, spec, layout, context)
     assert sum(n.op_type == "Transpose" for n in fallback.model.graph.node) > 0
     rng, written = np.random.default_rng(0), 60

@@ -48,3 +48,45 @@ def test_graphed_vision_applies_only_to_fixed_shapes_on_cuda(artifact_factory, q
     for setup in (_setup(True, "cpu"), _setup(False, "cuda")):
         assert GraphedVision.of(artifact_factory() / llava.file, llava, setup) is None
     assert GraphedVision.of(qwen_artifact_factory() / qwen.file, qwen, _setup(True, "cuda")) is None
+
+
+def test_token_layout_attention_is_bit_identical(artifact_factory) -> None:
+    """The vision graph's attention fed in token layout (apet/runtime/backends/ort_vision.py): every layer's
+    Attention rewritten, the head-major transposes gone, the same bytes out; and the graphed session built from
+    it, with a graph transformer left out, gives the exported session's outputs."""
+    import collections
+
+    import onnx
+
+    from apet.runtime.backends.ort_graphed import VisionSessionForm
+    from apet.runtime.backends.ort_vision import token_layout_attention
+
+    artifact = artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+    spec = read_manifest(artifact).graphs["vision"]
+    model = onnx.load(str(artifact / spec.file))
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    attention = before["Attention"]
+    assert attention >= 2 and token_layout_attention(model) == attention
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert after["Attention"] == attention and before["Transpose"] - after["Transpose"] == 4 * attention
+    for node in model.graph.node:
+        if node.op_type == "Attention":
+            heads = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert heads["q_num_heads"] == heads["kv_num_heads"] > 1
+    assert token_layout_attention(model) == 0  # rewritten nodes are left alone
+    onnx.checker.check_model(model)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, *spec.inputs[0]["shape"][2:])).astype(np.float32)
+    exported = ort.InferenceSession(str(artifact / spec.file), providers=["CPUExecutionProvider"])
+    expected = exported.run(None, {"pixel_values": pixels})
+    rewritten = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for got, want in zip(rewritten.run(None, {"pixel_values": pixels}), expected):
+        np.testing.assert_array_equal(got, want)
+    form = VisionSessionForm(token_layout=True, disabled_optimizers=("MatMulAddFusion",))
+    graphed = GraphedVision(artifact / spec.file, spec, _setup(False), form)
+    outputs = graphed({"pixel_values": pixels})
+    assert isinstance(graphed._model, bytes)  # the rewritten graph, not the file
+    for name, want in zip([o["name"] for o in spec.outputs], expected):
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(outputs[name], want, atol=1e-5, rtol=0)
+        else:
+            np.testing.assert_array_equal(outputs[name], want)

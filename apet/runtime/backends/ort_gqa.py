@@ -42,6 +42,7 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 from apet.contracts.cache import CacheLayout
 from apet.contracts.io import past_names, present_names
 from apet.contracts.specs import DecoderSpec
+from apet.runtime.backends.ort_graph_edit import HEADS_MAJOR, consumer_map, drop_dead, heads_first, perm, producer_map
 
 CONTRIB_DOMAIN = "com.microsoft"
 
@@ -94,10 +95,6 @@ class GqaGraph:
         return {total_name(group): np.array(capacity, dtype=np.int32) for group, capacity in enumerate(self.capacities)}
 
 
-def _producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {output: node for node in graph.node for output in node.output if output}
-
-
 def _attention_of(graph: onnx.GraphProto, layer: int) -> onnx.NodeProto:
     prefix = f"/layers.{layer}/"
     found = [n for n in graph.node if n.op_type == "Attention" and n.name.startswith(prefix)]
@@ -136,16 +133,6 @@ def _constant(name: str, values: list[int]) -> TensorProto:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def _perm(node: onnx.NodeProto) -> list[int] | None:
-    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
-
-
-def _heads_first(producers: dict[str, onnx.NodeProto], tensor: str) -> str | None:
-    """The [B, T, N, D] tensor that ``tensor`` ([B, N, T, D]) is the head-major transpose of, if it is one."""
-    node = producers.get(tensor)
-    return node.input[0] if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3] else None
-
-
 class _LayerRewrite:
     """One layer's replacement nodes, in token layout [B, T, heads·D] end to end: q and k rotated by a 3-D
     ``RotaryEmbedding`` (``num_heads`` set: the same cos/sin, the same attributes), v as projected, the output handed
@@ -161,13 +148,13 @@ class _LayerRewrite:
         out = f"{self.prefix}{role}"
         rotary = self.producers.get(tensor)
         if rotary is not None and rotary.op_type == "RotaryEmbedding" and len(rotary.input) == 3:
-            tokens = _heads_first(self.producers, rotary.input[0])
+            tokens = heads_first(self.producers, rotary.input[0])
             if tokens is not None:  # rotate in token layout
                 attributes = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
                 self.nodes.append(helper.make_node("RotaryEmbedding", [self._merged(tokens, out), *rotary.input[1:]],
                                                    [out], name=f"{out}_rotary", **{**attributes, "num_heads": heads}))
                 return out
-        tokens = _heads_first(self.producers, tensor) if rotary is None or rotary.op_type != "RotaryEmbedding" \
+        tokens = heads_first(self.producers, tensor) if rotary is None or rotary.op_type != "RotaryEmbedding" \
             else None
         if tokens is None and prompt:  # [B, N, T, D] -> [B, T, N·D] is a copy for T > 1: not this chain
             raise NotRewritable(f"{tensor}: not a head-major transpose or its rotation")
@@ -194,11 +181,8 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     with one GroupQueryAttention per layer; raises :class:`NotRewritable` where it is not the op attention form of
     the static KV cache."""
     graph = model.graph
-    producers = _producer_map(graph)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers = producer_map(graph)
+    consumers = consumer_map(graph)
     group_layers = (0,) if layout.stage2_layer is None or layout.stage2_layer >= spec.num_layers \
         else (0, layout.stage2_layer)
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
@@ -233,7 +217,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
             nodes.append(helper.make_node("Reshape", [f"{prefix}out", "gqa/to_heads"], [attention.output[0]],
                                           name=f"{prefix}heads"))
         for after in consumers.get(attention.output[0], []):
-            if after.op_type == "Transpose" and _perm(after) == [0, 2, 1, 3]:
+            if after.op_type == "Transpose" and perm(after) == HEADS_MAJOR:
                 # back to [B, T, N, D]: the kernel's [B, T, N*D] is those bytes already, no transpose kernel
                 merged = [n for n in consumers.get(after.output[0], []) if n.op_type == "Reshape"]
                 if merged and len(merged) == len(consumers[after.output[0]]):
@@ -259,7 +243,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
         seqlens.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
         graph.input.append(seqlens)
         graph.input.append(helper.make_tensor_value_info(total_name(group), TensorProto.INT32, []))
-    _drop_dead(graph)
+    drop_dead(graph)
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
         missing = [name for name in node.input if name not in defined]
@@ -292,22 +276,3 @@ def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_conte
 def _external_length(tensor: TensorProto) -> int:
     entries = {entry.key: entry.value for entry in tensor.external_data}
     return int(entries.get("length", SMALL_TENSOR_BYTES + 1))
-
-
-def _drop_dead(graph: onnx.GraphProto) -> None:
-    """Remove the nodes, inputs and initializers no output depends on any more (the validity mask, the scatter
-    indices, ``attention_mask`` and ``cache_position``)."""
-    needed = {o.name for o in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)

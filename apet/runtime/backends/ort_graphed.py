@@ -9,12 +9,14 @@ the vision run's host time (docs/benchmarks.md, "ONNX Runtime CUDA on the static
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from apet.runtime.backends.ort_session import FixedRun, SessionSetup
+from apet.runtime.backends.ort_vision import load_token_layout
 
 log = logging.getLogger(__name__)
 BATCH_DIM = "batch"  # the one symbolic dim a graphed session fixes (a free-dimension override)
@@ -31,23 +33,35 @@ def fixed_shapes(specs: list[dict], batch: int) -> dict[str, tuple[tuple[int, ..
     return shapes
 
 
+@dataclass(frozen=True)
+class VisionSessionForm:
+    """How the graphed vision session is made: its attention in token layout (:mod:`.ort_vision`, exact) and the
+    ONNX Runtime graph transformers left out (their names, as ONNX Runtime spells them)."""
+
+    token_layout: bool = True
+    disabled_optimizers: tuple[str, ...] = ()
+
+
 class GraphedVision:
     """The vision graph per batch size as a CUDA-graph session (:class:`FixedRun`). A batch whose session ONNX
     Runtime refuses to capture (a node it would place on the CPU) is remembered and runs ungraphed."""
 
-    def __init__(self, path: Path, graph_spec: Any, setup: SessionSetup) -> None:
-        self.path, self.spec, self.setup = path, graph_spec, setup
+    def __init__(self, path: Path, graph_spec: Any, setup: SessionSetup,
+                 form: VisionSessionForm = VisionSessionForm()) -> None:
+        self.path, self.spec, self.setup, self.form = path, graph_spec, setup, form
         self.runs: dict[int, FixedRun | None] = {}
+        self._model: Path | bytes | None = None  # the graph the sessions load, rewritten on first use
 
     @classmethod
-    def of(cls, path: Path, graph_spec: Any, setup: SessionSetup) -> "GraphedVision | None":
+    def of(cls, path: Path, graph_spec: Any, setup: SessionSetup,
+           form: VisionSessionForm = VisionSessionForm()) -> "GraphedVision | None":
         """Where it applies: CUDA graphs asked for on the CUDA execution provider, every dim fixed but the batch."""
         if not setup.graphs:
             return None
         if fixed_shapes(graph_spec.inputs, 1) is None or fixed_shapes(graph_spec.outputs, 1) is None:
             log.info("vision runs without a CUDA graph: its inputs or outputs have dims besides the batch")
             return None
-        return cls(path, graph_spec, setup)
+        return cls(path, graph_spec, setup, form)
 
     def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """The vision outputs by name, or None where this batch size cannot be graphed (run it ungraphed)."""
@@ -58,8 +72,10 @@ class GraphedVision:
         return None if run is None else run(feed)
 
     def _run(self, batch: int) -> FixedRun | None:
+        if self._model is None:
+            self._model = (load_token_layout(self.path) if self.form.token_layout else None) or self.path
         try:
-            session = self.setup.session(self.path, batch)
+            session = self.setup.session(self._model, batch, disabled_optimizers=self.form.disabled_optimizers)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail
             log.warning("vision at batch %d runs without a CUDA graph: %s", batch, str(err).splitlines()[0])
             return None

@@ -38,14 +38,16 @@ class SessionSetup:
         return self.cuda_graphs and self.device_type == "cuda"
 
     def session(self, model: Path | bytes, batch: int | None = None, weights_dir: Path | None = None,
-                shape_graphs: bool = False) -> Any:
+                shape_graphs: bool = False, disabled_optimizers: tuple[str, ...] = ()) -> Any:
         """A session of ``model`` (a file, or a serialized graph whose external weights lie in ``weights_dir``);
         with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested); with ``shape_graphs`` CUDA
-        graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`)."""
+        graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`);
+        ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out."""
         source = model if isinstance(model, bytes) else str(model)
         capture = self.graphs and (batch is not None or shape_graphs)
+        extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
         if batch is None and weights_dir is None and not capture:
-            return self.ort.InferenceSession(source, self.options, providers=self.providers)
+            return self.ort.InferenceSession(source, self.options, providers=self.providers, **extra)
         options = session_options(self.ort, self.options.intra_op_num_threads)
         if weights_dir is not None:  # a graph rewritten in memory reads the artifact's weight files where they are
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
@@ -55,7 +57,7 @@ class SessionSetup:
         if capture:
             providers = [(name, {**opts, "enable_cuda_graph": "1"}) if isinstance(name, str) else (name, opts)
                          for name, opts in _with_options(self.providers)]
-        return self.ort.InferenceSession(source, options, providers=providers)
+        return self.ort.InferenceSession(source, options, providers=providers, **extra)
 
     def run_options(self, graph_id: str) -> Any:
         """Run options that pick the session's CUDA graph ``graph_id`` (:data:`UNCAPTURED`: none)."""

@@ -1,0 +1,50 @@
+"""What the in-memory rewrites of exported graphs for ONNX Runtime share (:mod:`.ort_gqa`, :mod:`.ort_vision`):
+who produces and who reads a tensor, the head-major transpose the exporter puts around attention, and the sweep
+that drops what no output needs any more."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+HEADS_MAJOR = [0, 2, 1, 3]  # [B, T, N, D] <-> [B, N, T, D]
+
+
+def producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in graph.node for output in node.output if output}
+
+
+def consumer_map(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def perm(node: onnx.NodeProto) -> list[int] | None:
+    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+
+
+def heads_first(producers: dict[str, onnx.NodeProto], tensor: str) -> str | None:
+    """The [B, T, N, D] tensor that ``tensor`` ([B, N, T, D]) is the head-major transpose of, if it is one."""
+    node = producers.get(tensor)
+    return node.input[0] if node is not None and node.op_type == "Transpose" and perm(node) == HEADS_MAJOR else None
+
+
+def drop_dead(graph: onnx.GraphProto) -> None:
+    """Remove the nodes, inputs and initializers no output depends on any more."""
+    needed = {o.name for o in graph.output}
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
