@@ -1,9 +1,11 @@
 """The graphed vision session of one exported artifact in ONNX Runtime CUDA, made several ways
-(:class:`apet.runtime.backends.ort_graphed.VisionSessionForm`): as exported, its attention in token layout
-(:mod:`apet.runtime.backends.ort_vision`), and either one with ONNX Runtime's ``MatMulAddFusion`` left out (that
-fusion turns each projection and its bias into a ``Gemm`` whose CUDA kernel first broadcasts the bias into the output,
-one extra pass per projection). Per form: wall ms per image (no profiler), then GPU-busy ms, kernel counts and top
-kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported form's.
+(:class:`apet.runtime.backends.ort_graphed.VisionSessionForm`): as exported (pixels cast to float16 on the host),
+its attention in token layout (:mod:`apet.runtime.backends.ort_vision`), that with ONNX Runtime's
+``MatMulAddFusion`` left out (the fusion turns each projection and its bias into a ``Gemm`` whose CUDA kernel first
+broadcasts the bias into the output, one extra pass per projection), and the default (both, and the float32 pixels
+cast on the device). Per form: wall ms per image from the processor's float32 pixels (no profiler), then GPU-busy
+ms, kernel counts and top kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported
+form's.
 
     python scripts/ort_vision_variants.py ARTIFACT --out ort_vision_variants.json
 
@@ -17,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,10 @@ FUSION = "MatMulAddFusion"
 def forms() -> dict[str, Any]:
     from apet.runtime.backends.ort_graphed import VisionSessionForm
 
-    return {"exported": VisionSessionForm(False, ()), "token_layout": VisionSessionForm(True, ()),
-            "exported_no_gemm": VisionSessionForm(False, (FUSION,)),
-            "token_layout_no_gemm": VisionSessionForm(True, (FUSION,))}
+    plain = VisionSessionForm(token_layout=False, cast_inputs=False, disabled_optimizers=())
+    return {"exported": plain, "token_layout": replace(plain, token_layout=True),
+            "token_layout_no_gemm": replace(plain, token_layout=True, disabled_optimizers=(FUSION,)),
+            "default": VisionSessionForm()}
 
 
 def time_calls(call: Any, repeats: int) -> dict[str, float]:
@@ -62,8 +66,8 @@ def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     setup = SessionSetup(ort, session_options(ort), providers, "cuda" if cuda else "cpu", cuda)
     rng = np.random.default_rng(0)
-    feed = {name: rng.standard_normal(shape).astype(kind)
-            for name, (shape, kind) in fixed_shapes(spec.inputs, 1).items()}
+    feed = {name: rng.standard_normal(shape).astype(np.float32 if np.dtype(kind).kind == "f" else kind)
+            for name, (shape, kind) in fixed_shapes(spec.inputs, 1).items()}  # float32, as the processor gives
     results: dict[str, Any] = {}
     reference: dict[str, np.ndarray] | None = None
     for name, form in forms().items():

@@ -139,6 +139,9 @@ def test_the_rewrite_replaces_writes_masks_transposes_and_attention(llava_static
         inputs = [i.name for i in rewritten.model.graph.input]
         assert "attention_mask" not in inputs and "cache_position" not in inputs
         assert rewritten.groups == 2 and rewritten.capacities == (manifest.max_context, manifest.max_context - 24)
+        logits = next(o for o in rewritten.model.graph.output if o.name == "logits")
+        assert logits.type.tensor_type.shape.dim[1].dim_value == 1  # the prompt's last row only, gathered on device
+        assert ("gqa/logits_last_row" in [n.name for n in rewritten.model.graph.node]) == prompt
     assert rewritten.seqlens((30, 6), 2)["gqa_seqlens_k.1"].tolist() == [6, 6]
     prompt_feeds = rewritten.prompt((136, 112), 1)
     assert prompt_feeds["gqa_seqlens_k.0"].tolist() == [135] and int(prompt_feeds["gqa_total_length.1"]) == 112

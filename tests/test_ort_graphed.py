@@ -90,3 +90,31 @@ def test_token_layout_attention_is_bit_identical(artifact_factory) -> None:
             np.testing.assert_allclose(outputs[name], want, atol=1e-5, rtol=0)
         else:
             np.testing.assert_array_equal(outputs[name], want)
+
+
+def test_float16_inputs_cast_on_the_device_round_as_numpy_does() -> None:
+    """apet/runtime/backends/ort_vision.py takes a float16 input as float32 and casts it in the graph: ONNX Runtime's
+    Cast rounds as numpy's astype does (ties to even, overflow to inf, subnormals), bit for bit."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from apet.runtime.backends.ort_vision import float_inputs_cast_on_device
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["pixels", "one"], ["y"])], "g",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT16, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None])],
+        [onnx.numpy_helper.from_array(np.array([1.0], np.float16), "one")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert float_inputs_cast_on_device(model) == {"pixels"}
+    onnx.checker.check_model(model)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.node[0].op_type == "Cast"
+    values = np.array([0.1, 1 / 3, -2.5, 65504, 65519.99, 65520, 7e4, -7e4, 1e-8, 2.9802322e-8, 6e-8, 1 + 2 ** -11,
+                       1 + 3 * 2 ** -11, 2049.0, 2051.0, -0.0, 0.0], np.float32)
+    values = np.concatenate([values, np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 300])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"pixels": values})
+    with np.errstate(over="ignore"):  # 65520 and beyond round to inf, as they should
+        expected = values.astype(np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))

@@ -105,11 +105,11 @@ class OnnxRuntimeBackend(Backend):
         self.stage2_index: np.ndarray | None = None
 
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
-        feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
-        if self.graphed_vision is not None:
-            outputs = self.graphed_vision(feed)
+        if self.graphed_vision is not None:  # it types the arrays itself (float inputs may be cast on the device)
+            outputs = self.graphed_vision(arrays)
             if outputs is not None:
                 return VisionOutput.of(outputs)
+        feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
         if self.vision is None:  # this batch size could not be graphed
             self.vision = self._vision_session()
         names = [o.name for o in self.vision.get_outputs()]

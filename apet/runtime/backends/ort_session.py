@@ -82,6 +82,7 @@ class FixedRun:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session, self.run_options = session, run_options
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
+        self.input_types = {name: np.dtype(kind) for name, (_, kind) in inputs.items()}
         self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
         host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in (host_constants or {}).items()}
         self.binding = session.io_binding()
