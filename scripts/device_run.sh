@@ -32,7 +32,8 @@
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
 #   ortvision DIR   the graphed vision session of /tmp/DIR made four ways (token-layout attention, MatMulAddFusion
-#                   left out; scripts/ort_vision_variants.py): wall and GPU-busy ms, kernels, outputs -> $OUT
+#                   left out, pixels cast on the device; scripts/ort_vision_variants.py): wall and GPU-busy ms,
+#                   kernels, outputs -> $OUT; then scripts/ort_ttft_parts.py /tmp/DIR (vision and prefill apart)
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
 #                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
@@ -163,6 +164,7 @@ case "$stage" in
     wait_export "$1" 540
     python3 scripts/ort_vision_variants.py "/tmp/$1" --out "$OUT/ort_vision_variants.json" 2>&1 | grep -v USDT \
       | tail -45
+    python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" 2>&1 | grep -v "W:onnxruntime" | tail -3
     ;;
   ortkernels)  # ortkernels DIR [SUFFIX [ARGS...]]: one profile per call ($OUT/ort_kernels_SUFFIX.json)
     dir="$1" suffix="${2:-cg}"; shift 2 || shift $#
