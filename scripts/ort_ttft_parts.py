@@ -11,32 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from apet.atomic import write_atomic
+from apet.bench.timing import time_call
 
 
 def _timed(call: Any, repeats: int) -> dict[str, float]:
-    walls = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        walls.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": round(float(np.median(walls)), 4), "p10_ms": round(float(np.percentile(walls, 10)), 4),
-            "p90_ms": round(float(np.percentile(walls, 90)), 4)}
+    """Host wall clock over ``repeats`` calls (each ONNX Runtime run returns synchronized)."""
+    return time_call(call, device="cpu", warmup=0, repeats=repeats).to_json()
 
 
 def parts(artifact: Path, cuda_graphs: bool, repeats: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
     from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     manifest = read_manifest(artifact)
-    backend = OnnxRuntimeBackend(artifact, manifest, "cuda", cuda_graphs=cuda_graphs)
+    device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs)
     _, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, 8)
     visual = backend.encode(inputs)
     layout = make_layout(visual.keep_index)
