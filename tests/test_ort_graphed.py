@@ -118,3 +118,36 @@ def test_float16_inputs_cast_on_the_device_round_as_numpy_does() -> None:
     with np.errstate(over="ignore"):  # 65520 and beyond round to inf, as they should
         expected = values.astype(np.float16)
     np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
+
+
+def test_graphed_vision_sends_float_pixels_for_the_device_to_cast(tmp_path) -> None:
+    """GraphedVision over a float16 graph with ``cast_inputs``: it binds float32, sends the processor's float32
+    pixels as they are and rounds float64 ones to float16 first, so every path gives numpy's float16 values."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from apet.manifest import GraphEntry
+    from apet.runtime.backends.ort_graphed import VisionSessionForm
+
+    path = tmp_path / "vision.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("Mul", ["pixel_values", "one"], ["out"])], "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT16, ["batch", 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["batch", 64])],
+        [onnx.numpy_helper.from_array(np.array([1.0], np.float16), "one")]),
+        opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    spec = GraphEntry(file=path.name, inputs=[{"name": "pixel_values", "shape": ["batch", 64], "dtype": "float16"}],
+                      outputs=[{"name": "out", "shape": ["batch", 64], "dtype": "float16"}])
+    form = VisionSessionForm(token_layout=False, cast_inputs=True, disabled_optimizers=())
+    graphed = GraphedVision(path, spec, _setup(False), form)
+    pixels = np.random.default_rng(0).standard_normal((2, 64)) * 100 + 1 / 3  # float64
+    pixels[:, :4] = 1 + 2 ** -11 + 2 ** -40  # float16 rounds it up; through float32 it is a tie and rounds down
+    assert pixels.astype(np.float32).astype(np.float16)[0, 0] != pixels.astype(np.float16)[0, 0]
+    for array in (pixels, pixels.astype(np.float32)):
+        out = graphed({"pixel_values": array})["out"]
+        assert graphed.runs[2].input_types["pixel_values"] == np.float32
+        np.testing.assert_array_equal(out.view(np.uint16), array.astype(np.float16).view(np.uint16))
+    assert graphed._float32_inputs == {"pixel_values"} and isinstance(graphed._model, bytes)
+    plain = GraphedVision(path, spec, _setup(False), VisionSessionForm(token_layout=False, cast_inputs=False))
+    np.testing.assert_array_equal(plain({"pixel_values": pixels})["out"], pixels.astype(np.float16))
+    assert plain.runs[2].input_types["pixel_values"] == np.float16 and plain._model == path
