@@ -2,10 +2,10 @@
 (:class:`apet.runtime.backends.ort_graphed.VisionSessionForm`): as exported (pixels cast to float16 on the host),
 its attention in token layout (:mod:`apet.runtime.backends.ort_vision`), that with ONNX Runtime's
 ``MatMulAddFusion`` left out (the fusion turns each projection and its bias into a ``Gemm`` whose CUDA kernel first
-broadcasts the bias into the output, one extra pass per projection), and the default (both, and the float32 pixels
-cast on the device). Per form: wall ms per image from the processor's float32 pixels (no profiler), then GPU-busy
-ms, kernel counts and top kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported
-form's.
+broadcasts the bias into the output, one extra pass per projection), the default (both, and the float32 pixels
+cast on the device), and the default with each residual sum and its LayerNorm as one ``SkipLayerNormalization``.
+Per form: wall ms per image from the processor's float32 pixels (no profiler), then GPU-busy ms, kernel counts and
+top kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported form's.
 
     python scripts/ort_vision_variants.py ARTIFACT --out ort_vision_variants.json
 
@@ -41,7 +41,8 @@ def forms() -> dict[str, Any]:
     plain = VisionSessionForm(token_layout=False, cast_inputs=False, disabled_optimizers=())
     return {"exported": plain, "token_layout": replace(plain, token_layout=True),
             "token_layout_no_gemm": replace(plain, token_layout=True, disabled_optimizers=(FUSION,)),
-            "default": VisionSessionForm()}
+            "default": VisionSessionForm(),
+            "default_skip_norms": VisionSessionForm(skip_layer_norms=True)}
 
 
 def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:

@@ -151,3 +151,35 @@ def test_graphed_vision_sends_float_pixels_for_the_device_to_cast(tmp_path) -> N
     plain = GraphedVision(path, spec, _setup(False), VisionSessionForm(token_layout=False, cast_inputs=False))
     np.testing.assert_array_equal(plain({"pixel_values": pixels})["out"], pixels.astype(np.float16))
     assert plain.runs[2].input_types["pixel_values"] == np.float16 and plain._model == path
+
+
+def test_skip_layer_norms_fold_bias_and_residual_into_the_norm(artifact_factory) -> None:
+    """apet/runtime/backends/ort_vision.py ``skip_layer_norms`` on the tiny CLIP tower: every LayerNorm of a residual
+    sum (two per layer, less layer 0's first) becomes one SkipLayerNormalization, the sums go on through its fourth
+    output, and the outputs stay within float rounding with the kept indices equal."""
+    import collections
+
+    import onnx
+
+    from apet.runtime.backends.ort_vision import skip_layer_norms, token_layout_attention
+
+    artifact = artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+    spec = read_manifest(artifact).graphs["vision"]
+    model = onnx.load(str(artifact / spec.file))
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    layers = before["Attention"]
+    token_layout_attention(model)
+    assert skip_layer_norms(model) == 2 * layers - 1
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert after["SkipLayerNormalization"] == 2 * layers - 1
+    assert before["Add"] - after["Add"] == 2 * (2 * layers - 1)  # the bias and the residual add of each
+    assert before["LayerNormalization"] - after["LayerNormalization"] == 2 * layers - 1
+    onnx.checker.check_model(model)
+    assert skip_layer_norms(model) == 0
+    pixels = np.random.default_rng(1).standard_normal((2, 3, *spec.inputs[0]["shape"][2:])).astype(np.float32)
+    expected = ort.InferenceSession(str(artifact / spec.file), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": pixels})
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": pixels})
+    np.testing.assert_allclose(got[0], expected[0], atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(got[1], expected[1])
