@@ -33,7 +33,8 @@
 #                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
 #   ortvision DIR   the graphed vision session of /tmp/DIR made four ways (token-layout attention, MatMulAddFusion
 #                   left out, pixels cast on the device; scripts/ort_vision_variants.py): wall and GPU-busy ms,
-#                   kernels, outputs -> $OUT; then scripts/ort_ttft_parts.py /tmp/DIR (vision and prefill apart)
+#                   kernels, outputs -> $OUT; then scripts/ort_ttft_parts.py /tmp/DIR (vision, prefill and a
+#                   decode step apart; CUDA graphs, CUDA graphs + fused residual norms, no CUDA graphs)
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
 #                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then

@@ -1,5 +1,6 @@
-"""Where ONNX Runtime CUDA's time to first token goes on one exported artifact: the vision encode and the prefill
-timed apart (no profiler), with CUDA graphs (vision, prompt, decode) and without, in one process.
+"""Where ONNX Runtime CUDA's time to first token goes on one exported artifact: the vision encode, the prefill and
+a decode step timed apart (no profiler), with CUDA graphs (vision, prompt, decode), with them and the residual norms
+fused (``fuse_norms``: apet/runtime/backends/ort_norms.py), and without CUDA graphs, in one process.
 
     python scripts/ort_ttft_parts.py ARTIFACT --out ort_ttft_parts.json
 
@@ -9,6 +10,7 @@ Issue 28: the TTFT ratio against the torch path.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -23,7 +25,8 @@ def _timed(call: Any, repeats: int) -> dict[str, float]:
     return time_call(call, device="cpu", warmup=0, repeats=repeats).to_json()
 
 
-def parts(artifact: Path, cuda_graphs: bool, repeats: int) -> dict[str, Any]:
+def parts(artifact: Path, cuda_graphs: bool, repeats: int, fuse_norms: bool = False) -> dict[str, Any]:
+    import numpy as np
     import onnxruntime as ort
 
     from apet.bench.ort_profile import artifact_request
@@ -32,23 +35,34 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int) -> dict[str, Any]:
 
     manifest = read_manifest(artifact)
     device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs)
-    _, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, 8)
+    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, fuse_norms=fuse_norms)
+    processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, repeats + 8)
     visual = backend.encode(inputs)
     layout = make_layout(visual.keep_index)
+    state: dict[str, Any] = {}
 
     def first_token() -> None:
         seen = backend.encode(inputs)
-        backend.prefill(make_layout(seen.keep_index), seen)
+        state["logits"] = backend.prefill(make_layout(seen.keep_index), seen)
+        state["mask"] = layout.attention_mask
 
-    for _ in range(4):
+    def decode_step() -> None:  # greedy, one position further each call (the static cache holds them)
+        state["mask"] = np.concatenate([state["mask"], np.ones_like(state["mask"][:, :1])], axis=1)
+        state["logits"] = backend.decode(state["logits"].argmax(-1).astype(np.int64), state["mask"],
+                                         processor.decode_positions(layout, state["mask"]))
+
+    for _ in range(4):  # warm-up: kernels, the decode session, the CUDA-graph captures
         first_token()
-    result = {"cuda_graphs": cuda_graphs, "vision_graphed": backend.vision_graphed(),
+        for _ in range(3):
+            decode_step()
+    result = {"cuda_graphs": cuda_graphs, "fuse_norms": fuse_norms, "vision_graphed": backend.vision_graphed(),
               "prompt_graphed": backend.prompt_graphed(),
               "vision": _timed(lambda: backend.encode(inputs), repeats),
               "layout": _timed(lambda: make_layout(visual.keep_index), repeats),
               "prefill": _timed(lambda: backend.prefill(layout, visual), repeats),
               "vision_and_prefill": _timed(first_token, repeats)}
+    first_token()
+    result["decode_step"] = _timed(decode_step, repeats)
     return result
 
 
@@ -58,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    runs = [parts(args.artifact, graphs, args.repeats) for graphs in (True, False)]
+    runs = []
+    for graphs, fuse in ((True, False), (True, True), (False, False)):
+        runs.append(parts(args.artifact, graphs, args.repeats, fuse))
+        gc.collect()  # the previous backend's sessions and device buffers go before the next one's
     for run in runs:
         print(json.dumps(run))
     write_atomic(args.out, json.dumps({"artifact": str(args.artifact), "runs": runs}, indent=1).encode())

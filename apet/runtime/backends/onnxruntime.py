@@ -49,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True,
-                 decode_attention: str = "auto") -> None:
+                 decode_attention: str = "auto", fuse_norms: bool = False) -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -88,7 +88,7 @@ class OnnxRuntimeBackend(Backend):
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
                                                                          self.device_type, cuda_graphs,
-                                                                         decode_attention),
+                                                                         decode_attention, fuse_norms),
                                np.float16 if manifest.dtype == "fp16" else np.float32) \
             if manifest.kv_cache == "static" else None
         self.llm = self.static.prefill_session if self.static is not None else \

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from apet.contracts.cache import CacheLayout
-from apet.contracts.io import LOGITS, past_names, present_names
+from apet.contracts.io import past_names, present_names
 from apet.contracts.specs import DecoderSpec
 from apet.runtime.backends.ort_graph_edit import HEADS_MAJOR, consumer_map, drop_dead, heads_first, perm, producer_map
 
@@ -243,8 +243,6 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
         seqlens.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
         graph.input.append(seqlens)
         graph.input.append(helper.make_tensor_value_info(total_name(group), TensorProto.INT32, []))
-    if prompt:
-        _last_row_logits(graph)
     drop_dead(graph)
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     for node in graph.node:
@@ -255,27 +253,6 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return GqaGraph(model, group_layers, tuple(layout.capacity(layer, max_context) for layer in group_layers))
-
-
-def _last_row_logits(graph: onnx.GraphProto) -> None:
-    """The prefill's logits output as its last row only, [B, 1, V]: the caller reads nothing else (the rewritten
-    prefill runs unpadded rows, so every row's last token is at T - 1), and a prompt of T tokens would otherwise copy
-    T·V values to the host on every prefill (8.7 MB at T = 136 for LLaVA-7B). The row is gathered from the full
-    logits on the device: the same values."""
-    output = next((o for o in graph.output if o.name == LOGITS), None)
-    if output is None:
-        raise NotRewritable(f"the prefill graph has no {LOGITS} output")
-    every_row = f"{LOGITS}/every_row"
-    for node in graph.node:
-        node.output[:] = [every_row if name == LOGITS else name for name in node.output]
-        node.input[:] = [every_row if name == LOGITS else name for name in node.input]
-    graph.initializer.append(_constant("gqa/last_row", [-1]))
-    graph.node.append(helper.make_node("Gather", [every_row, "gqa/last_row"], [LOGITS], name="gqa/logits_last_row",
-                                       axis=1))
-    dims = output.type.tensor_type.shape.dim
-    if len(dims) == 3:
-        dims[1].Clear()
-        dims[1].dim_value = 1
 
 
 SMALL_TENSOR_BYTES = 4096  # external tensors up to this size are read into the rewritten graph

@@ -44,6 +44,7 @@ from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_device_shapes import to_device
 from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
+from apet.runtime.backends.ort_norms import fuse_residual_norms
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, SessionSetup
 
@@ -95,10 +96,15 @@ class StaticKV:
             reason = f"the artifact's attention form is {manifest.attention!r}"
         else:
             try:
-                return load_rewritten(path, manifest.model.decoder, manifest.cache_layout, manifest.max_context,
-                                      prompt)
+                graph = load_rewritten(path, manifest.model.decoder, manifest.cache_layout, manifest.max_context,
+                                       prompt)
             except NotRewritable as err:
                 reason = str(err)
+            else:
+                if setup.fuse_norms:
+                    log.info("%s: %d residual sums and their norms fused", path.name,
+                             fuse_residual_norms(graph.model))
+                return graph
         if wanted == "gqa":
             raise BackendError(f"GroupQueryAttention does not apply to {path.name}: {reason}",
                                f"re-export with apet-export --attention op --kv-cache static, or pass "
