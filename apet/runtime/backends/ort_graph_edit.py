@@ -4,8 +4,9 @@ that drops what no output needs any more."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 HEADS_MAJOR = [0, 2, 1, 3]  # [B, T, N, D] <-> [B, N, T, D]
 
@@ -20,6 +21,17 @@ def consumer_map(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     return consumers
+
+
+def constant_values(graph: onnx.GraphProto, max_elements: int = 8) -> dict[str, np.ndarray]:
+    """The values of the graph's small constants (initializers stored inline, ``Constant`` nodes): the shapes,
+    axes and scalars a rewrite reads to recognise a pattern."""
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if int(np.prod(t.dims)) <= max_elements and t.data_location != TensorProto.EXTERNAL}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
 def perm(node: onnx.NodeProto) -> list[int] | None:

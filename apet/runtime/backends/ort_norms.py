@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from apet.runtime.backends.ort_graph_edit import consumer_map, producer_map
+from apet.runtime.backends.ort_graph_edit import constant_values, consumer_map, producer_map
 
 CONTRIB_DOMAIN = "com.microsoft"
 
@@ -29,21 +29,12 @@ def _scalar(constants: dict[str, np.ndarray], name: str) -> float | None:
     return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) <= 1
-              and t.data_location != TensorProto.EXTERNAL}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
 class _Match:
     """One RMSNorm of a residual sum, found from its weight ``Mul`` back to the sum."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.producers, self.consumers = producer_map(graph), consumer_map(graph)
-        self.constants = _constants(graph)
+        self.constants = constant_values(graph)
         self.initializers = {t.name: list(t.dims) for t in graph.initializer}
 
     def _parent(self, name: str, op_type: str) -> onnx.NodeProto | None:

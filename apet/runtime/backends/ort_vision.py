@@ -17,20 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from apet.runtime.backends.ort_graph_edit import HEADS_MAJOR, consumer_map, drop_dead, heads_first, perm, producer_map
+from apet.runtime.backends.ort_graph_edit import (
+    HEADS_MAJOR,
+    constant_values,
+    consumer_map,
+    drop_dead,
+    heads_first,
+    perm,
+    producer_map,
+)
 
 log = logging.getLogger(__name__)
 ONNX_DOMAINS = ("", "ai.onnx")
-
-
-def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer if len(t.dims) <= 1}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
 
 
 def _split_shape(producers: dict[str, onnx.NodeProto], constants: dict[str, np.ndarray],
@@ -68,7 +68,7 @@ def token_layout_attention(model: onnx.ModelProto) -> int:
     """Rewrite ``model`` in place (see the module's docstring); returns how many Attention nodes now read token
     layout. A node whose inputs or output take another path stays as it is."""
     graph = model.graph
-    producers, consumers, constants = producer_map(graph), consumer_map(graph), _constants(graph)
+    producers, consumers, constants = producer_map(graph), consumer_map(graph), constant_values(graph)
     dims = {t.name: list(t.dims) for t in graph.initializer}
     removed: set[int] = set()
     rewritten = 0
