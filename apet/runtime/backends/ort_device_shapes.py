@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from apet.runtime.backends.ort_graph_edit import producer_map
+
 MAX_ELEMENTS = 4  # larger shape-derived tensors read as data are left alone (none in the exported graphs)
 SMALL_INITIALIZER = 100  # ONNX Runtime's kSmallInitializerThreshold (elements)
 CPU_OUTPUTS = {"Shape": (0,), "Size": (0,)}  # CUDA kernels whose output lives on the host
@@ -175,7 +177,7 @@ def _fold_static_fills(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto])
     """``ConstantOfShape(Shape(t))`` of a ``t`` whose shape is static -> that constant (an initializer). The torch
     exporter writes it for ``expand(..., -1, ...)``; ONNX Runtime runs ``ConstantOfShape`` on the device, so the
     shape arithmetic it feeds (``Equal``, ``Where``) would run there and be copied back to ``Expand``'s host input."""
-    producers = {out: node for node in graph.node for out in node.output}
+    producers = producer_map(graph)
     folded = []
     for node in graph.node:
         shape_node = producers.get(node.input[0]) if node.op_type == "ConstantOfShape" else None

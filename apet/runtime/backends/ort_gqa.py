@@ -42,9 +42,16 @@ from onnx.external_data_helper import load_external_data_for_tensor, uses_extern
 from apet.contracts.cache import CacheLayout
 from apet.contracts.io import past_names, present_names
 from apet.contracts.specs import DecoderSpec
-from apet.runtime.backends.ort_graph_edit import HEADS_MAJOR, consumer_map, drop_dead, heads_first, perm, producer_map
-
-CONTRIB_DOMAIN = "com.microsoft"
+from apet.runtime.backends.ort_graph_edit import (
+    CONTRIB_DOMAIN,
+    HEADS_MAJOR,
+    consumer_map,
+    drop_dead,
+    heads_first,
+    perm,
+    producer_map,
+    use_contrib_domain,
+)
 
 
 def seqlens_name(group: int) -> str:
@@ -250,8 +257,7 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
         if missing:
             raise NotRewritable(f"{node.name} still reads {missing[0]}, which the rewrite replaced")
         defined.update(node.output)
-    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    use_contrib_domain(model)
     return GqaGraph(model, group_layers, tuple(layout.capacity(layer, max_context) for layer in group_layers))
 
 

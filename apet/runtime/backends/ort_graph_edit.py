@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 HEADS_MAJOR = [0, 2, 1, 3]  # [B, T, N, D] <-> [B, N, T, D]
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, SkipLayerNormalization, ...)
 
 
 def producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -32,6 +33,25 @@ def constant_values(graph: onnx.GraphProto, max_elements: int = 8) -> dict[str, 
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return values
+
+
+def initializer_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Each initializer's dims (known without its data, which may be external)."""
+    return {t.name: list(t.dims) for t in graph.initializer}
+
+
+def replace_nodes(graph: onnx.GraphProto, replaced: dict[int, onnx.NodeProto], removed: set[int]) -> None:
+    """The graph's nodes with each one keyed by ``id`` in ``replaced`` swapped for its replacement in place (its
+    position keeps the order topological) and those in ``removed`` dropped."""
+    kept = [replaced.get(id(node), node) for node in graph.node if id(node) not in removed]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def use_contrib_domain(model: onnx.ModelProto) -> None:
+    """Import ONNX Runtime's contrib domain, once."""
+    if not any(opset.domain == CONTRIB_DOMAIN for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
 
 
 def perm(node: onnx.NodeProto) -> list[int] | None:

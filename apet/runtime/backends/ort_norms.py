@@ -19,9 +19,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from apet.runtime.backends.ort_graph_edit import constant_values, consumer_map, producer_map
-
-CONTRIB_DOMAIN = "com.microsoft"
+from apet.runtime.backends.ort_graph_edit import (
+    CONTRIB_DOMAIN,
+    constant_values,
+    consumer_map,
+    initializer_dims,
+    producer_map,
+    replace_nodes,
+    use_contrib_domain,
+)
 
 
 def _scalar(constants: dict[str, np.ndarray], name: str) -> float | None:
@@ -35,7 +41,7 @@ class _Match:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.producers, self.consumers = producer_map(graph), consumer_map(graph)
         self.constants = constant_values(graph)
-        self.initializers = {t.name: list(t.dims) for t in graph.initializer}
+        self.initializers = initializer_dims(graph)
 
     def _parent(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producers.get(name)
@@ -128,9 +134,6 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
     if not replaced:
         return 0
     # the fused node takes the residual Add's place: its inputs exist there, and the sum's readers come after it
-    kept = [replaced.get(id(node), node) for node in graph.node if id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(kept)
-    if not any(opset.domain == CONTRIB_DOMAIN for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    replace_nodes(graph, replaced, removed)
+    use_contrib_domain(model)
     return len(replaced)

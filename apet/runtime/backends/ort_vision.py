@@ -20,13 +20,17 @@ import onnx
 from onnx import TensorProto, helper
 
 from apet.runtime.backends.ort_graph_edit import (
+    CONTRIB_DOMAIN,
     HEADS_MAJOR,
     constant_values,
     consumer_map,
     drop_dead,
     heads_first,
+    initializer_dims,
     perm,
     producer_map,
+    replace_nodes,
+    use_contrib_domain,
 )
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,7 @@ def token_layout_attention(model: onnx.ModelProto) -> int:
     layout. A node whose inputs or output take another path stays as it is."""
     graph = model.graph
     producers, consumers, constants = producer_map(graph), consumer_map(graph), constant_values(graph)
-    dims = {t.name: list(t.dims) for t in graph.initializer}
+    dims = initializer_dims(graph)
     removed: set[int] = set()
     rewritten = 0
     for node in graph.node:
@@ -99,9 +103,7 @@ def token_layout_attention(model: onnx.ModelProto) -> int:
         node.output[0] = merged[0].output[0]  # what the projection after it reads: [B, T, N·D]
         removed.update((id(back[0]), id(merged[0])))
         rewritten += 1
-    kept = [node for node in graph.node if id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(kept)
+    replace_nodes(graph, {}, removed)
     drop_dead(graph)
     return rewritten
 
@@ -115,7 +117,7 @@ def skip_layer_norms(model: onnx.ModelProto) -> int:
     float16 rounding, not bit-identical (measured on the GPU before it is a default: :class:`VisionSessionForm`)."""
     graph = model.graph
     producers, consumers = producer_map(graph), consumer_map(graph)
-    dims = {t.name: list(t.dims) for t in graph.initializer}
+    dims = initializer_dims(graph)
     replaced: dict[int, onnx.NodeProto] = {}
     removed: set[int] = set()
     for norm in graph.node:
@@ -144,15 +146,12 @@ def skip_layer_norms(model: onnx.ModelProto) -> int:
         outputs = [norm.output[0], "", "", residual.output[0] if later else ""]
         replaced[id(norm)] = helper.make_node(
             "SkipLayerNormalization", [projection, skip, norm.input[1], norm.input[2], bias], outputs,
-            name=f"{norm.name}/skip", domain="com.microsoft", epsilon=float(attributes.get("epsilon", 1e-5)))
+            name=f"{norm.name}/skip", domain=CONTRIB_DOMAIN, epsilon=float(attributes.get("epsilon", 1e-5)))
         removed.update((id(residual), id(biased)))
     if not replaced:
         return 0
-    kept = [replaced.get(id(node), node) for node in graph.node if id(node) not in removed]
-    del graph.node[:]
-    graph.node.extend(kept)
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(graph, replaced, removed)
+    use_contrib_domain(model)
     return len(replaced)
 
 
