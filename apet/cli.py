@@ -15,6 +15,7 @@ from apet.errors import COMMAND_LINE, UsageError, guarded
 from apet.extras import extra_error
 from apet.models.registry import family_of
 from apet.quiet import quiet_third_party
+from apet.runtime.backends.ort_options import GRAPH_REWRITES
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +236,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="onnxruntime, --kv-cache static artifact: gqa rewrites the decode step for ONNX Runtime's "
                         "GroupQueryAttention (attends over each row's written span; needs --attention op), graph "
                         "runs the exported graph; auto: gqa on CUDA for fp16 op-attention artifacts")
+    p.add_argument("--ort-rewrites", default="default",
+                   help="onnxruntime on CUDA with CUDA graphs: the optional in-memory graph rewrites, a comma list of "
+                        f"{', '.join(GRAPH_REWRITES)}; default: what the H200 measured to pay off; none")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
@@ -256,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pipeline = Pipeline.load(args.artifact, backend=args.backend, device=args.device, checkpoint=args.checkpoint,
                              profile_apet=args.stats or args.json, cuda_graphs=not args.no_cuda_graphs,
-                             decode_attention=args.decode_attention)
+                             decode_attention=args.decode_attention, ort_rewrites=args.ort_rewrites)
     stream = None if args.json else (lambda row, delta: print(delta, end="", flush=True))
     result = pipeline.generate(image, args.prompt, video=args.video, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
@@ -346,6 +350,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime's static-KV decode without CUDA graphs (the torch path keeps them)")
     p.add_argument("--ort-decode-attention", default="auto", choices=DECODE_ATTENTION,
                    help="ONNX Runtime's static-KV decode attention (see apet-run --decode-attention)")
+    p.add_argument("--ort-rewrites", default="default", help="ONNX Runtime's optional graph rewrites (see apet-run "
+                   "--ort-rewrites)")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -418,6 +424,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
                       ort_cuda_graphs=not args.no_ort_cuda_graphs, ort_decode_attention=args.ort_decode_attention,
+                      ort_rewrites=args.ort_rewrites,
                       layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())

@@ -26,15 +26,17 @@
 #                   call runs out of time: towers --towers qwen25, then towers --towers qwen3,llava,next --no-parity
 #   ortstatic-export DIR  the LLaVA-1.5-7B-shape artifact at 0.11 in the static-KV form (fp16, op attention, batch 1,
 #                   512 cache positions) into /tmp/DIR, kept for ortstatic (a 7B export of two LLM graphs takes minutes)
-#   ortstatic [DIR] [nocg|graph|-] [RUN]  ONNX Runtime CUDA on the static-KV form (IO binding; decode as a CUDA graph
+#   ortstatic [DIR] [nocg|graph|-] [RUN [REWRITES]]  ONNX Runtime CUDA on the static-KV form (IO binding; decode as a CUDA graph
 #                   through GroupQueryAttention; the prompt and the vision as CUDA graphs; nocg: no CUDA graphs; graph:
 #                   the exported decode graph; -: the default) -> $OUT/ortstatic[_FORM][_RUN].json
 #                   vs the torch path without --compile, one run: summary table + $OUT/ortstatic_summary.json. With DIR
-#                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes)
-#   ortvision DIR   the graphed vision session of /tmp/DIR made four ways (token-layout attention, MatMulAddFusion
-#                   left out, pixels cast on the device; scripts/ort_vision_variants.py): wall and GPU-busy ms,
-#                   kernels, outputs -> $OUT; then scripts/ort_ttft_parts.py /tmp/DIR (vision, prefill and a
-#                   decode step apart; CUDA graphs, CUDA graphs + fused residual norms, no CUDA graphs)
+#                   it runs /tmp/DIR from ortstatic-export; without, it exports inside the bench (may pass 10 minutes);
+#                   REWRITES: apet-bench --ort-rewrites (a comma list, none or default)
+#   ortvision DIR   the graphed vision session of /tmp/DIR made several ways (token-layout attention, MatMulAddFusion
+#                   left out, pixels cast on the device, skip norms, packed projections;
+#                   scripts/ort_vision_variants.py): wall and GPU-busy ms, kernels, outputs -> $OUT; then
+#                   scripts/ort_ttft_parts.py /tmp/DIR (vision, prefill and a decode step apart; CUDA graphs with each
+#                   set of the optional rewrites, no CUDA graphs)
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
 #                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
@@ -152,6 +154,7 @@ case "$stage" in
     if [ "${2:-}" = "nocg" ]; then extra+=(--no-ort-cuda-graphs); name=ortstatic_nocg; fi
     if [ "${2:-}" = "graph" ]; then extra+=(--ort-decode-attention graph); name=ortstatic_graph; fi
     if [ -n "${3:-}" ]; then name="${name}_$3"; fi
+    if [ -n "${4:-}" ]; then extra+=(--ort-rewrites "$4"); fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
     python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 --new-tokens 32 \
@@ -165,7 +168,7 @@ case "$stage" in
     wait_export "$1" 540
     python3 scripts/ort_vision_variants.py "/tmp/$1" --out "$OUT/ort_vision_variants.json" 2>&1 | grep -v USDT \
       | tail -45
-    python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" 2>&1 | grep -v "W:onnxruntime" | tail -3
+    python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" 2>&1 | grep -v "W:onnxruntime" | tail -7
     ;;
   ortkernels)  # ortkernels DIR [SUFFIX [ARGS...]]: one profile per call ($OUT/ort_kernels_SUFFIX.json)
     dir="$1" suffix="${2:-cg}"; shift 2 || shift $#

@@ -74,7 +74,7 @@ def summarize_trace(events: list[dict[str, Any]], walls: list[float], top: int =
 
 
 def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
-        decode_attention: str = "auto") -> dict[str, Any]:
+        decode_attention: str = "auto", rewrites: str = "default") -> dict[str, Any]:
     from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -82,7 +82,7 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     manifest = read_manifest(artifact)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs,
-                                 decode_attention=decode_attention)
+                                 decode_attention=decode_attention, rewrites=rewrites)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
     state: dict[str, Any] = {}
 
@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="the static form's decode without CUDA graphs")
     parser.add_argument("--decode-attention", default="auto", choices=("auto", "gqa", "graph"),
                         help="the static form's decode attention (apet-run --decode-attention)")
+    parser.add_argument("--rewrites", default="default", help="the optional graph rewrites (apet-run --ort-rewrites)")
     parser.add_argument("--calls", type=int, default=5, help="profiled vision and prefill calls")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run(args.artifact, not args.no_cuda_graphs, args.calls, args.decode_steps, args.decode_attention)
+    result = run(args.artifact, not args.no_cuda_graphs, args.calls, args.decode_steps, args.decode_attention,
+                 args.rewrites)
     write_atomic(args.out, json.dumps(result, indent=1).encode())
     for name, phase in result["phases"].items():
         log.info("%-12s wall %.3f ms | GPU busy %.3f ms | counts %s", name, phase["wall_ms_median"],

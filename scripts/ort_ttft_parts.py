@@ -1,6 +1,7 @@
 """Where ONNX Runtime CUDA's time to first token goes on one exported artifact: the vision encode, the prefill and
-a decode step timed apart (no profiler), with CUDA graphs (vision, prompt, decode), with them and the residual norms
-fused (``fuse_norms``: apet/runtime/backends/ort_norms.py), and without CUDA graphs, in one process.
+a decode step timed apart (no profiler), with CUDA graphs (vision, prompt, decode) and each set of the optional
+graph rewrites (apet/runtime/backends/ort_options.py ``GRAPH_REWRITES``: none, each alone, all), and without CUDA
+graphs, in one process.
 
     python scripts/ort_ttft_parts.py ARTIFACT --out ort_ttft_parts.json
 
@@ -25,7 +26,7 @@ def _timed(call: Any, repeats: int) -> dict[str, float]:
     return time_call(call, device="cpu", warmup=0, repeats=repeats).to_json()
 
 
-def parts(artifact: Path, cuda_graphs: bool, repeats: int, fuse_norms: bool = False) -> dict[str, Any]:
+def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, ...] = ()) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -35,7 +36,7 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, fuse_norms: bool = Fa
 
     manifest = read_manifest(artifact)
     device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, fuse_norms=fuse_norms)
+    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, rewrites=rewrites)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, repeats + 8)
     visual = backend.encode(inputs)
     layout = make_layout(visual.keep_index)
@@ -55,7 +56,8 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, fuse_norms: bool = Fa
         first_token()
         for _ in range(3):
             decode_step()
-    result = {"cuda_graphs": cuda_graphs, "fuse_norms": fuse_norms, "vision_graphed": backend.vision_graphed(),
+    result = {"cuda_graphs": cuda_graphs, "rewrites": sorted(backend.rewrites),
+              "vision_graphed": backend.vision_graphed(),
               "prompt_graphed": backend.prompt_graphed(),
               "vision": _timed(lambda: backend.encode(inputs), repeats),
               "layout": _timed(lambda: make_layout(visual.keep_index), repeats),
@@ -71,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sets", default="", help="semicolon-separated rewrite sets to time with CUDA graphs "
+                        "(default: none, each alone, all)")
     args = parser.parse_args(argv)
+    from apet.runtime.backends.ort_options import GRAPH_REWRITES
+
+    sets = [tuple(s.split(",")) if s not in ("", "none") else () for s in args.sets.split(";")] if args.sets \
+        else [(), *((name,) for name in GRAPH_REWRITES), tuple(GRAPH_REWRITES)]
     runs = []
-    for graphs, fuse in ((True, False), (True, True), (False, False)):
-        runs.append(parts(args.artifact, graphs, args.repeats, fuse))
+    for graphs, rewrites in [*((True, chosen) for chosen in sets), (False, ())]:
+        runs.append(parts(args.artifact, graphs, args.repeats, rewrites))
         gc.collect()  # the previous backend's sessions and device buffers go before the next one's
     for run in runs:
         print(json.dumps(run))

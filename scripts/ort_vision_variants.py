@@ -3,7 +3,8 @@
 its attention in token layout (:mod:`apet.runtime.backends.ort_vision`), that with ONNX Runtime's
 ``MatMulAddFusion`` left out (the fusion turns each projection and its bias into a ``Gemm`` whose CUDA kernel first
 broadcasts the bias into the output, one extra pass per projection), the default (both, and the float32 pixels
-cast on the device), and the default with each residual sum and its LayerNorm as one ``SkipLayerNormalization``.
+cast on the device), and the default with each residual sum and its LayerNorm as one ``SkipLayerNormalization``,
+with the q/k/v projections packed into one (:mod:`apet.runtime.backends.ort_pack`), and with both.
 Per form: wall ms per image from the processor's float32 pixels (no profiler), then GPU-busy ms, kernel counts and
 top kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported form's.
 
@@ -39,10 +40,11 @@ def forms() -> dict[str, Any]:
     from apet.runtime.backends.ort_graphed import VisionSessionForm
 
     plain = VisionSessionForm(token_layout=False, cast_inputs=False, disabled_optimizers=())
-    return {"exported": plain, "token_layout": replace(plain, token_layout=True),
-            "token_layout_no_gemm": replace(plain, token_layout=True, disabled_optimizers=(FUSION,)),
+    return {"exported": plain, "token_layout_no_gemm": replace(plain, token_layout=True, disabled_optimizers=(FUSION,)),
             "default": VisionSessionForm(),
-            "default_skip_norms": VisionSessionForm(skip_layer_norms=True)}
+            "default_skip_norms": VisionSessionForm(skip_layer_norms=True),
+            "default_packed": VisionSessionForm(pack_projections=True),
+            "default_skip_norms_packed": VisionSessionForm(skip_layer_norms=True, pack_projections=True)}
 
 
 def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:

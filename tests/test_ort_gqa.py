@@ -8,6 +8,7 @@ ONNX Runtime's CPU kernel of the contrib op runs here; the CUDA kernel (flash de
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import shutil
@@ -320,23 +321,37 @@ def test_expand_shapes_of_constants_stay_on_the_host(tmp_path) -> None:
         np.testing.assert_array_equal(*outputs)
 
 
-def test_fused_residual_norms_compute_the_same_steps(llava_static_op) -> None:
-    """apet/runtime/backends/ort_norms.py on both rewritten graphs (``fuse_norms``): every residual sum and the
-    RMSNorm after it become one SkipSimplifiedLayerNormalization (not the first layer's input norm, nor the one after
-    ApET's stage 2, nor the prefill's final norm of the last row: none reads a sum), and prefill plus greedy steps
-    give the unfused graphs' tokens, logits and stage-2 indices."""
+@pytest.mark.parametrize("rewrite", ["fuse-norms", "pack-projections"])
+def test_optional_rewrites_compute_the_same_steps(llava_static_op, rewrite) -> None:
+    """The optional rewrites of both GroupQueryAttention graphs (apet/runtime/backends/ort_options.py): prefill plus
+    greedy steps give the unrewritten graphs' tokens, logits and stage-2 indices, and each rewrote what it names.
+
+    - ``fuse-norms`` (ort_norms.py): every residual sum and the RMSNorm after it become one
+      SkipSimplifiedLayerNormalization (not the first layer's input norm, nor the one after ApET's stage 2, nor the
+      prefill's final norm of the last row: none reads a sum);
+    - ``pack-projections`` (ort_pack.py): each layer's q/k/v and its gate/up are one MatMul and a Split each."""
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     manifest = read_manifest(llava_static_op)
     layers = manifest.model.decoder.num_layers
     image = [make_image(1, (300, 200))]
-    runs = {}
-    for fuse in (False, True):
-        backend = OnnxRuntimeBackend(llava_static_op, manifest, decode_attention="gqa", fuse_norms=fuse)
-        runs[fuse] = _greedy(Pipeline(llava_static_op, manifest, backend), image, [PROMPT], STEPS)
-        fused = {name: sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.model.graph.node)
-                 for name, graph in (("decode", backend.static.gqa), ("prefill", backend.static.gqa_prompt))}
-        assert fused == ({"decode": 2 * layers, "prefill": 2 * layers - 2} if fuse else {"decode": 0, "prefill": 0})
+    runs, counts = {}, {}
+    for chosen in ((), (rewrite,)):
+        backend = OnnxRuntimeBackend(llava_static_op, manifest, decode_attention="gqa", rewrites=chosen)
+        assert backend.rewrites == frozenset(chosen)
+        runs[bool(chosen)] = _greedy(Pipeline(llava_static_op, manifest, backend), image, [PROMPT], STEPS)
+        graphs = {"decode": backend.static.gqa.model.graph, "prefill": backend.static.gqa_prompt.model.graph}
+        counts[bool(chosen)] = {name: collections.Counter(n.op_type for n in graph.node)
+                                for name, graph in graphs.items()}
+    before, after = counts[False], counts[True]
+    if rewrite == "fuse-norms":
+        assert {name: c["SkipSimplifiedLayerNormalization"] for name, c in after.items()} == \
+            {"decode": 2 * layers, "prefill": 2 * layers - 2}
+    else:  # 7 projections per layer -> 3 (q/k/v, gate/up, o and down alone); the lm head stays
+        for name in ("decode", "prefill"):
+            assert after[name]["Split"] - before[name]["Split"] == 2 * layers
+            assert before[name]["MatMul"] - after[name]["MatMul"] == 3 * layers
+    assert all(c["SkipSimplifiedLayerNormalization"] == 0 for c in before.values())
     assert runs[True]["tokens"] == runs[False]["tokens"]
     np.testing.assert_allclose(runs[True]["logits"], runs[False]["logits"], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(runs[True]["stage2"], runs[False]["stage2"])

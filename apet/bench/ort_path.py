@@ -62,7 +62,8 @@ def _sync() -> None:
 def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
             repeats: int, parity_steps: int = 32, workdir: Path | None = None,
             attention: str = "pattern", kv_cache: str = "dynamic", cuda_graphs: bool = True,
-            artifact: Path | None = None, decode_attention: str = "auto") -> dict[str, Any]:
+            artifact: Path | None = None, decode_attention: str = "auto",
+            rewrites: str = "default") -> dict[str, Any]:
     """Export (``attention``: pattern | op graphs; ``kv_cache``: dynamic | static LLM form), then TTFT / decode
     timings of ONNX Runtime (``cuda_graphs``: the static form's decode replayed as a CUDA graph) and its parity
     with the torch reference; the greedy tokens are kept so two runs of different forms can be compared.
@@ -83,7 +84,7 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
         # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
         backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs,
-                               decode_attention=decode_attention)
+                               decode_attention=decode_attention, ort_rewrites=rewrites)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
         def first_token():
@@ -115,7 +116,8 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
     return {"attention": attention, "kv_cache": kv_cache, "max_context": max_context,
             "cuda_graphs": cuda_graphs and kv_cache == "static" and device == "cuda",
-            "decode_attention": backend.decode_attention(), "vision_cuda_graph": backend.vision_graphed(),
+            "decode_attention": backend.decode_attention(), "rewrites": sorted(backend.rewrites),
+            "vision_cuda_graph": backend.vision_graphed(),
             "prompt_cuda_graph": backend.prompt_graphed(),
             "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,

@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,8 @@ from apet.runtime.backends.base import (
     no_injected,
     splice_numpy,
 )
-from apet.runtime.backends.ort_graphed import GraphedVision
-from apet.runtime.backends.ort_options import session_options
+from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm
+from apet.runtime.backends.ort_options import graph_rewrites, session_options
 from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.backends.ort_static import StaticKV
 
@@ -49,7 +50,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True,
-                 decode_attention: str = "auto", fuse_norms: bool = False) -> None:
+                 decode_attention: str = "auto", rewrites: str | Iterable[str] | None = None) -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -63,6 +64,11 @@ class OnnxRuntimeBackend(Backend):
         if wanted not in ort.get_available_providers():
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
                                f"pip install onnxruntime-gpu for CUDA, or pass {option('device', 'cpu')}")
+        try:
+            self.rewrites = graph_rewrites(rewrites)
+        except ValueError as err:
+            raise BackendError(str(err), f"pass {option('ort_rewrites', 'default')} or a comma list of the known "
+                                         "names") from None
         options = session_options(ort, threads or 0)
         # ApET's float32 math must not run in TF32 (as coarse as fp16); the CUDA EP enables it by default
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
@@ -82,13 +88,14 @@ class OnnxRuntimeBackend(Backend):
         # the vision graph as a CUDA graph where its shapes are fixed (not while profiling: that reads node times)
         self.graphed_vision = None if self._profile_dir is not None or profile_dir is not None else \
             GraphedVision.of(vision_path, manifest.graphs["vision"],
-                             SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs))
+                             SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs),
+                             VisionSessionForm.of(self.rewrites))
         self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
         self.vision = None if self.graphed_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
                                                                          self.device_type, cuda_graphs,
-                                                                         decode_attention, fuse_norms),
+                                                                         decode_attention, self.rewrites),
                                np.float16 if manifest.dtype == "fp16" else np.float32) \
             if manifest.kv_cache == "static" else None
         self.llm = self.static.prefill_session if self.static is not None else \

@@ -45,8 +45,14 @@ class VisionSessionForm:
     token_layout: bool = True
     cast_inputs: bool = True
     disabled_optimizers: tuple[str, ...] = ("MatMulAddFusion",)
-    skip_layer_norms: bool = False  # residual + bias + LayerNorm as one node (ort_vision.skip_layer_norms): not yet
-    # measured on a GPU, so off
+    skip_layer_norms: bool = False  # residual + bias + LayerNorm as one node (ort_vision.skip_layer_norms)
+    pack_projections: bool = False  # q/k/v and their biases as one MatMul, one Add, a Split (ort_pack)
+
+    @classmethod
+    def of(cls, rewrites: frozenset[str]) -> "VisionSessionForm":
+        """The form with the optional rewrites named in ``rewrites`` (:data:`.ort_options.GRAPH_REWRITES`)."""
+        return cls(skip_layer_norms="vision-skip-norms" in rewrites,
+                   pack_projections="pack-projections" in rewrites)
 
 
 class GraphedVision:
@@ -93,8 +99,9 @@ class GraphedVision:
 
     def _run(self, batch: int) -> FixedRun | None:
         if self._model is None:
-            self._model, self._float32_inputs = load_for_graphs(self.path, self.form.token_layout,
-                                                                self.form.cast_inputs, self.form.skip_layer_norms)
+            self._model, self._float32_inputs = load_for_graphs(
+                self.path, self.form.token_layout, self.form.cast_inputs, self.form.skip_layer_norms,
+                self.form.pack_projections)
         try:
             session = self.setup.session(self._model, batch, disabled_optimizers=self.form.disabled_optimizers)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail

@@ -4,6 +4,7 @@ backend, the static-KV form's per-batch decode sessions and the profiled ones ar
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +24,30 @@ def session_options(ort: Any, threads: int = 0, profile_prefix: Path | None = No
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
     return options
+
+
+# The in-memory graph rewrites of the CUDA-graph sessions that are optional (each changes float16 roundings, none the
+# math; docs/architecture.md): name -> what it does. The bit-identical ones (token layout, the device cast, the
+# GroupQueryAttention form) are not optional.
+GRAPH_REWRITES = {
+    "fuse-norms": "each residual sum and the RMSNorm after it as one node, in the rewritten LLM graphs (ort_norms)",
+    "pack-projections": "projections that read one activation (q/k/v, gate/up) as one MatMul and a Split, in the "
+                        "rewritten LLM graphs and the graphed vision (ort_pack)",
+    "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
+}
+DEFAULT_REWRITES: frozenset[str] = frozenset()  # what the H200 measured to pay off (docs/benchmarks.md)
+
+
+def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
+    """``names`` (a comma list or names; None or "default": :data:`DEFAULT_REWRITES`; "none" or "": none) -> the
+    set, or a ValueError naming the unknown one and the known ones."""
+    if names is None or names == "default":
+        return DEFAULT_REWRITES
+    if isinstance(names, str):
+        names = [] if names == "none" else [name.strip() for name in names.split(",") if name.strip()]
+    chosen = frozenset(names)
+    unknown = sorted(chosen - set(GRAPH_REWRITES))
+    if unknown:
+        raise ValueError(f"unknown ONNX Runtime graph rewrite {unknown[0]!r} (known: {', '.join(GRAPH_REWRITES)}; "
+                         "or default, none)")
+    return chosen

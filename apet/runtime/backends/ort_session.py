@@ -31,7 +31,7 @@ class SessionSetup:
     device_type: str  # "cuda" | "cpu": where caches and bound inputs live
     cuda_graphs: bool
     decode_attention: str = "auto"  # auto | gqa | graph (apet.runtime.backends.ort_static)
-    fuse_norms: bool = False  # residual + RMSNorm as one node in the rewritten LLM graphs (ort_norms): not measured
+    rewrites: frozenset[str] = frozenset()  # the optional graph rewrites (ort_options.GRAPH_REWRITES)
 
     @property
     def graphs(self) -> bool:

@@ -45,6 +45,7 @@ from apet.manifest import Manifest
 from apet.runtime.backends.ort_device_shapes import to_device
 from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
 from apet.runtime.backends.ort_norms import fuse_residual_norms
+from apet.runtime.backends.ort_pack import pack_sibling_projections
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, SessionSetup
 
@@ -101,9 +102,11 @@ class StaticKV:
             except NotRewritable as err:
                 reason = str(err)
             else:
-                if setup.fuse_norms:
+                if "fuse-norms" in setup.rewrites:
                     log.info("%s: %d residual sums and their norms fused", path.name,
                              fuse_residual_norms(graph.model))
+                if "pack-projections" in setup.rewrites:
+                    log.info("%s: %d projection groups packed", path.name, pack_sibling_projections(graph.model))
                 return graph
         if wanted == "gqa":
             raise BackendError(f"GroupQueryAttention does not apply to {path.name}: {reason}",

@@ -32,6 +32,7 @@ from apet.runtime.backends.ort_graph_edit import (
     replace_nodes,
     use_contrib_domain,
 )
+from apet.runtime.backends.ort_pack import pack_sibling_projections
 
 log = logging.getLogger(__name__)
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -171,18 +172,19 @@ def float_inputs_cast_on_device(model: onnx.ModelProto) -> frozenset[str]:
     return cast
 
 
-def load_for_graphs(path: Path, token_layout: bool, cast_inputs: bool,
-                    skip_norms: bool = False) -> tuple[Path | bytes, frozenset[str]]:
+def load_for_graphs(path: Path, token_layout: bool, cast_inputs: bool, skip_norms: bool = False,
+                    pack: bool = False) -> tuple[Path | bytes, frozenset[str]]:
     """The vision graph at ``path`` as the graphed session loads it: rewritten and serialized where a rewrite
     applies (else the path itself), and the names of the inputs it now takes as float32. The serialized graph
     carries the vision weights (the export writes them inline: ~0.6 GB for CLIP-L/336), held in host memory for the
     sessions of later batch sizes."""
-    if not token_layout and not cast_inputs and not skip_norms:
+    if not token_layout and not cast_inputs and not skip_norms and not pack:
         return path, frozenset()
     model = onnx.load(str(path))
     count = token_layout_attention(model) if token_layout else 0
     norms = skip_layer_norms(model) if skip_norms else 0
+    packed = pack_sibling_projections(model) if pack else 0  # after both: they match the projections one by one
     cast = float_inputs_cast_on_device(model) if cast_inputs else frozenset()
-    log.info("vision: %d attention nodes read token layout, %d norms add their residual; inputs cast on the "
-             "device: %s", count, norms, sorted(cast))
-    return (model.SerializeToString() if count or norms or cast else path), cast
+    log.info("vision: %d attention nodes read token layout, %d norms add their residual, %d projection groups "
+             "packed; inputs cast on the device: %s", count, norms, packed, sorted(cast))
+    return (model.SerializeToString() if count or norms or packed or cast else path), cast
