@@ -75,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sets", default="", help="semicolon-separated rewrite sets to time with CUDA graphs "
                         "(default: none, each alone, all)")
+    parser.add_argument("--no-ungraphed", action="store_true", help="leave out the run without CUDA graphs")
     args = parser.parse_args(argv)
     from apet.runtime.backends.ort_options import GRAPH_REWRITES
 
     sets = [tuple(s.split(",")) if s not in ("", "none") else () for s in args.sets.split(";")] if args.sets \
         else [(), *((name,) for name in GRAPH_REWRITES), tuple(GRAPH_REWRITES)]
     runs = []
-    for graphs, rewrites in [*((True, chosen) for chosen in sets), (False, ())]:
+    for graphs, rewrites in [*((True, chosen) for chosen in sets), *([] if args.no_ungraphed else [(False, ())])]:
         runs.append(parts(args.artifact, graphs, args.repeats, rewrites))
         gc.collect()  # the previous backend's sessions and device buffers go before the next one's
     for run in runs:
