@@ -195,3 +195,26 @@ def internvl_artifact_factory(tmp_path_factory: pytest.TempPathFactory, tiny_int
     """export_internvl(**ExportConfig options) -> tiny InternVL artifact dir (fp32, batch 2), cached per option set."""
     return _cached_exports(tmp_path_factory.mktemp("internvl_artifacts"), tiny_internvl_checkpoint, dtype="fp32",
                            max_batch=2)
+
+
+def distinct_norm_and_bias_parameters(model, seed: int = 0) -> int:
+    """Give every LayerNorm's scale and shift and every 1-D constant an ``Add`` reads (the biases) its own random
+    values, in place; returns how many. A tiny checkpoint's norms are ones and its biases zeros, which the exporter
+    stores once under one name: a graph rewrite that wires the wrong layer's parameters would compute the same
+    values there, and here it does not."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    types = {t.name: numpy_helper.to_array(t).dtype for t in model.graph.initializer if len(t.dims) == 1}
+    count = 0
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            norm = node.op_type == "LayerNormalization" and index > 0
+            bias = node.op_type == "Add" and len(dims.get(name, ())) == 1
+            if name in types and (norm or bias):
+                values = rng.standard_normal(dims[name]) * 0.5 + (1.0 if norm and index == 1 else 0.0)
+                node.input[index] = f"{name}/distinct.{count}"
+                model.graph.initializer.append(numpy_helper.from_array(values.astype(types[name]), node.input[index]))
+                count += 1
+    return count

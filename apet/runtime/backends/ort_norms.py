@@ -10,7 +10,8 @@ one too: ``x = a + b``, ``Cast(x)`` to float32 where the model upcasts, ``x² �
 back, ``· × weight``.
 
 The sum is formed once in the kernel rather than rounded to float16 before the norm reads it: values within float16
-rounding, not bit-identical. Off until the GPU has measured it (``SessionSetup.fuse_norms``).
+rounding, not bit-identical. The optional rewrite ``fuse-norms`` (:data:`.ort_options.GRAPH_REWRITES`), on by default:
+0.3 ms less per decode step at LLaVA-1.5-7B shapes on the H200, ApET's indices unchanged (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ GRAPH_REWRITES = {
                         "rewritten LLM graphs and the graphed vision (ort_pack)",
     "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
 }
-DEFAULT_REWRITES: frozenset[str] = frozenset()  # what the H200 measured to pay off (docs/benchmarks.md)
+DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections"})  # what the H200 measured to pay
+# off with the same kept indices (docs/benchmarks.md, h200-rewrites/)
 
 
 def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:

@@ -115,7 +115,8 @@ def skip_layer_norms(model: onnx.ModelProto) -> int:
     kernel, handing the sum on through its fourth output where later nodes read it; returns how many. Why: in a
     replayed CUDA graph every node costs its launch gap, and a pre-norm encoder layer has two such sums (CLIP-L/336:
     46 of them, 92 kernels fewer). The sum is formed in one step instead of two float16 roundings: values within
-    float16 rounding, not bit-identical (measured on the GPU before it is a default: :class:`VisionSessionForm`)."""
+    float16 rounding, not bit-identical. Off by default (the optional rewrite ``vision-skip-norms``): exact in float32,
+    but ONNX Runtime's float16 CUDA kernel changed ApET's kept indices at LLaVA-1.5-7B shapes (docs/benchmarks.md)."""
     graph = model.graph
     producers, consumers = producer_map(graph), consumer_map(graph)
     dims = initializer_dims(graph)
