@@ -34,6 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--device", default="cuda", help="cuda; cpu checks the script (fp32: CPU has no fp16 here)")
+    parser.add_argument("--rewrites", default="default", help="the optional rewrites (apet-run --ort-rewrites)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
@@ -49,7 +50,7 @@ def main() -> int:
             runs = {}
             for form in ("gqa", "graph"):
                 pipeline = Pipeline.load(artifact, backend="onnxruntime", device=args.device,
-                                         decode_attention=form)
+                                         decode_attention=form, ort_rewrites=args.rewrites)
                 runs[form] = greedy(pipeline, images[:batch], prompts[:batch], args.steps)
                 if form == "gqa":
                     gqa_pipeline = pipeline

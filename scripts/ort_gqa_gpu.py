@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda; cpu (with --dtype fp32) checks the script")
     parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     parser.add_argument("--kernels", action="store_true", help="also each form's per-phase kernel profile")
+    parser.add_argument("--sets", default="", help="semicolon-separated optional-rewrite sets (apet-run "
+                        "--ort-rewrites) to run through GroupQueryAttention instead of the two forms")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
@@ -63,12 +65,14 @@ def main() -> int:
         report["torch"] = torch_run
         print(f"torch TTFT {torch_run['ttft']['median_ms']:.2f} ms, decode "
               f"{torch_run['decode_per_token']['median_ms']:.2f} ms")
-        for name in ("graph", "gqa"):
+        runs = [(f"gqa[{s}]", "gqa", s) for s in args.sets.split(";")] if args.sets else \
+            [("graph", "graph", "default"), ("gqa", "gqa", "default")]
+        for name, form, rewrites in runs:
             run = ort_run(adapter, plan, request, args.max_context, 10, attention="op", kv_cache="static",
-                          artifact=artifact, decode_attention=name)
+                          artifact=artifact, decode_attention=form, rewrites=rewrites)
             report["forms"][name] = {"run": run}
             if args.kernels:
-                report["forms"][name]["phases"] = kernels.run(artifact, True, 5, 16, name)["phases"]
+                report["forms"][name]["phases"] = kernels.run(artifact, True, 5, 16, form, rewrites)["phases"]
             ttft, decode = run["ttft"]["median_ms"], run["decode_per_token"]["median_ms"]
             print(f"{name:12s} TTFT {ttft:.2f} ms ({ttft / torch_run['ttft']['median_ms']:.2f}x torch), decode "
                   f"{decode:.2f} ms ({decode / torch_run['decode_per_token']['median_ms']:.2f}x), prompt graph "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import make_image
 from test_static_kv import _greedy
@@ -321,7 +322,7 @@ def test_expand_shapes_of_constants_stay_on_the_host(tmp_path) -> None:
         np.testing.assert_array_equal(*outputs)
 
 
-@pytest.mark.parametrize("rewrite", ["fuse-norms", "pack-projections"])
+@pytest.mark.parametrize("rewrite", ["fuse-norms", "pack-projections", "gqa-rotary", "gqa-rotary,pack-projections"])
 def test_optional_rewrites_compute_the_same_steps(llava_static_op, rewrite) -> None:
     """The optional rewrites of both GroupQueryAttention graphs (apet/runtime/backends/ort_options.py): prefill plus
     greedy steps give the unrewritten graphs' tokens, logits and stage-2 indices, and each rewrote what it names.
@@ -329,14 +330,17 @@ def test_optional_rewrites_compute_the_same_steps(llava_static_op, rewrite) -> N
     - ``fuse-norms`` (ort_norms.py): every residual sum and the RMSNorm after it become one
       SkipSimplifiedLayerNormalization (not the first layer's input norm, nor the one after ApET's stage 2, nor the
       prefill's final norm of the last row: none reads a sum);
-    - ``pack-projections`` (ort_pack.py): each layer's q/k/v and its gate/up are one MatMul and a Split each."""
+    - ``pack-projections`` (ort_pack.py): each layer's q/k/v and its gate/up are one MatMul and a Split each;
+    - ``gqa-rotary`` (ort_rotary.py): GroupQueryAttention rotates q and k from cos/sin tables at the positions the
+      graph rotated them at (both cache groups: the layers after ApET's stage 2 at their shifted positions), no
+      RotaryEmbedding left; with ``pack-projections`` it reads q/k/v packed (no split for them)."""
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     manifest = read_manifest(llava_static_op)
     layers = manifest.model.decoder.num_layers
     image = [make_image(1, (300, 200))]
     runs, counts = {}, {}
-    for chosen in ((), (rewrite,)):
+    for chosen in ((), tuple(rewrite.split(","))):
         backend = OnnxRuntimeBackend(llava_static_op, manifest, decode_attention="gqa", rewrites=chosen)
         assert backend.rewrites == frozenset(chosen)
         runs[bool(chosen)] = _greedy(Pipeline(llava_static_op, manifest, backend), image, [PROMPT], STEPS)
@@ -347,11 +351,37 @@ def test_optional_rewrites_compute_the_same_steps(llava_static_op, rewrite) -> N
     if rewrite == "fuse-norms":
         assert {name: c["SkipSimplifiedLayerNormalization"] for name, c in after.items()} == \
             {"decode": 2 * layers, "prefill": 2 * layers - 2}
-    else:  # 7 projections per layer -> 3 (q/k/v, gate/up, o and down alone); the lm head stays
-        for name in ("decode", "prefill"):
-            assert after[name]["Split"] - before[name]["Split"] == 2 * layers
+    for name in ("decode", "prefill"):
+        if "pack-projections" in rewrite:  # 7 projections per layer -> 3 (q/k/v, gate/up; o and down alone)
             assert before[name]["MatMul"] - after[name]["MatMul"] == 3 * layers
+            # a split after q/k/v and one after gate/up; none after q/k/v where the attention reads them packed
+            assert after[name]["Split"] - before[name]["Split"] == (1 if "gqa-rotary" in rewrite else 2) * layers
+        if "gqa-rotary" in rewrite:
+            assert (before[name]["RotaryEmbedding"], after[name]["RotaryEmbedding"]) == (2 * layers, 0)
     assert all(c["SkipSimplifiedLayerNormalization"] == 0 for c in before.values())
     assert runs[True]["tokens"] == runs[False]["tokens"]
     np.testing.assert_allclose(runs[True]["logits"], runs[False]["logits"], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(runs[True]["stage2"], runs[False]["stage2"])
+
+
+def test_rotary_tables_hold_the_graphs_own_cos_and_sin(llava_static_op) -> None:
+    """apet/runtime/backends/ort_rotary.py: the table of each rotary input, read at the positions the graph was fed,
+    equals the cos/sin the exported graph computes from them (a uniform shift of the positions would leave the
+    greedy tokens of the test above unchanged: rotary attention sees only differences of positions)."""
+    from apet.runtime.backends.ort_graph_edit import producer_map
+    from apet.runtime.backends.ort_rotary import RotaryChains
+
+    manifest = read_manifest(llava_static_op)
+    model = onnx.load(str(llava_static_op / manifest.graphs[LLM_PREFILL].file), load_external_data=False)
+    rotary = next(n for n in model.graph.node if n.op_type == "RotaryEmbedding" and n.name.startswith("/layers.0/"))
+    chains = RotaryChains(model.graph, producer_map(model.graph))
+    tables = [chains.table(name, manifest.max_context) for name in rotary.input[1:]]
+    assert all(t is not None and t.positions == "position_ids" for t in tables)
+    assert tables[0].table.shape == (manifest.max_context, manifest.model.decoder.head_dim // 2)
+    graph = onnx.utils.Extractor(model).extract_model(["position_ids"], list(rotary.input[1:]))
+    positions = np.array([[0, 1, 2, 7, 8, 40], [3, 4, 5, 6, 200, 255]], dtype=np.int64)
+    cos, sin = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"position_ids": positions})
+    np.testing.assert_allclose(tables[0].table[positions], cos, rtol=0, atol=2e-7)
+    np.testing.assert_allclose(tables[1].table[positions], sin, rtol=0, atol=2e-7)
+    assert chains.table(rotary.input[0], manifest.max_context) is None  # not a rotary input: no table

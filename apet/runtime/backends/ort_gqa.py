@@ -31,6 +31,7 @@ M-RoPE and the shifted positions of stage 2 are untouched; it rotates in token l
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ from apet.runtime.backends.ort_graph_edit import (
     producer_map,
     use_contrib_domain,
 )
+from apet.runtime.backends.ort_rotary import RotaryChains
+
+log = logging.getLogger(__name__)
 
 
 def seqlens_name(group: int) -> str:
@@ -146,16 +150,21 @@ class _LayerRewrite:
     to the projection without the head-major round trip. Where the graph differs from that chain, the head-major
     tensors are reshaped instead (the same bytes for one token)."""
 
-    def __init__(self, producers: dict[str, onnx.NodeProto], prefix: str) -> None:
-        self.producers, self.prefix = producers, prefix
+    def __init__(self, producers: dict[str, onnx.NodeProto], prefix: str, rotary_inside: bool = False) -> None:
+        self.producers, self.prefix, self.rotary_inside = producers, prefix, rotary_inside
         self.nodes: list[onnx.NodeProto] = []
+        self.rotaries: list[onnx.NodeProto] = []  # with rotary_inside: the q/k rotations left to the attention
 
     def flat(self, role: str, tensor: str, heads: int, prompt: bool) -> str:
-        """``tensor`` (head-major, after rotary for q/k) as [B, T, heads·D]."""
+        """``tensor`` (head-major, after rotary for q/k) as [B, T, heads·D] (unrotated where the rotation is left to
+        the attention: ``rotary_inside``)."""
         out = f"{self.prefix}{role}"
         rotary = self.producers.get(tensor)
         if rotary is not None and rotary.op_type == "RotaryEmbedding" and len(rotary.input) == 3:
             tokens = heads_first(self.producers, rotary.input[0])
+            if tokens is not None and self.rotary_inside:
+                self.rotaries.append(rotary)
+                return self._merged(tokens, out)
             if tokens is not None:  # rotate in token layout
                 attributes = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
                 self.nodes.append(helper.make_node("RotaryEmbedding", [self._merged(tokens, out), *rotary.input[1:]],
@@ -183,12 +192,14 @@ class _LayerRewrite:
 
 
 def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_context: int,
-            prompt: bool = False) -> GqaGraph:
+            prompt: bool = False, rotary_inside: bool = False) -> GqaGraph:
     """``model`` (the decode graph, or with ``prompt`` the prefill graph; weights left external) -> the same graph
     with one GroupQueryAttention per layer; raises :class:`NotRewritable` where it is not the op attention form of
-    the static KV cache."""
+    the static KV cache. With ``rotary_inside`` the attention also rotates q and k (:func:`_rotary_inputs`)."""
     graph = model.graph
     producers = producer_map(graph)
+    chains = RotaryChains(graph, producers) if rotary_inside else None
+    tables: dict[str, tuple[str, str]] = {}  # cos/sin tensor -> (its table's initializer, the positions)
     consumers = consumer_map(graph)
     group_layers = (0,) if layout.stage2_layer is None or layout.stage2_layer >= spec.num_layers \
         else (0, layout.stage2_layer)
@@ -208,15 +219,20 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
             raise NotRewritable(f"layer {layer}: the cache writes are not the graph's present outputs")
         group = 1 if layout.shortened(layer) else 0
         prefix = f"/layers.{layer}/gqa/"
-        rewrite = _LayerRewrite(producers, prefix)
+        rewrite = _LayerRewrite(producers, prefix, rotary_inside)
         query = rewrite.flat("q", attention.input[0], spec.num_heads, prompt)
         key = rewrite.flat("k", write_k.input[2], spec.num_kv_heads, prompt)
         value = rewrite.flat("v", write_v.input[2], spec.num_kv_heads, prompt)
         nodes = rewrite.nodes
-        extra = {} if scale is None else {"scale": scale}
+        extra: dict[str, object] = {} if scale is None else {"scale": scale}
+        rotary: list[str] = []
+        if chains is not None:
+            rotary, interleaved = _rotary_inputs(graph, chains, tables, rewrite.rotaries, spec.head_dim, max_context)
+            extra.update(do_rotary=1, rotary_interleaved=interleaved)
         nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [query, key, value, pasts[2 * layer], pasts[2 * layer + 1], seqlens_name(group), total_name(group)],
+            [query, key, value, pasts[2 * layer], pasts[2 * layer + 1], seqlens_name(group), total_name(group),
+             *rotary],
             [f"{prefix}out", presents[2 * layer], presents[2 * layer + 1]],
             name=f"{prefix}GroupQueryAttention", domain=CONTRIB_DOMAIN,
             num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, **extra))
@@ -261,22 +277,82 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
     return GqaGraph(model, group_layers, tuple(layout.capacity(layer, max_context) for layer in group_layers))
 
 
+def _rotary_inputs(graph: onnx.GraphProto, chains: RotaryChains, tables: dict[str, tuple[str, str]],
+                   rotaries: list[onnx.NodeProto], head_dim: int, capacity: int) -> tuple[list[str], int]:
+    """The cos/sin tables and positions GroupQueryAttention rotates q and k with, in place of the two
+    ``RotaryEmbedding`` nodes of one layer (each table an initializer, once per cos/sin tensor), and the
+    interleaving; raises :class:`NotRewritable` where the two differ or their chain is not the table form
+    (:mod:`.ort_rotary`)."""
+    if len(rotaries) != 2 or list(rotaries[0].input[1:]) != list(rotaries[1].input[1:]):
+        raise NotRewritable("q and k are not rotated by the same cos/sin (the rotary stays outside the attention)")
+    attributes = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in rotaries]
+    if attributes[0].get("interleaved", 0) != attributes[1].get("interleaved", 0) or \
+            any(a.get("rotary_embedding_dim", 0) not in (0, head_dim) for a in attributes):
+        raise NotRewritable("a partial or mixed rotary embedding (the rotary stays outside the attention)")
+    found = []
+    for name in rotaries[0].input[1:]:
+        if name not in tables:
+            table = chains.table(name, capacity)
+            if table is None:
+                raise NotRewritable(f"{name}: not the rotary chain a table replaces")
+            tables[name] = (f"gqa/rotary_table.{len(tables)}", table.positions)
+            graph.initializer.append(numpy_helper.from_array(table.table, tables[name][0]))
+        found.append(tables[name])
+    (cos, positions), (sin, sin_positions) = found
+    if positions != sin_positions:
+        raise NotRewritable("cos and sin are computed from different positions")
+    return [cos, sin, positions], int(attributes[0].get("interleaved", 0))
+
+
+def feed_packed_qkv(model: onnx.ModelProto) -> int:
+    """Where a GroupQueryAttention that rotates q and k itself reads the three outputs of one ``Split`` of a
+    packed projection (:mod:`.ort_pack`), in order and read by nothing else, it reads the packed tensor instead
+    (its packed-QKV input form; key and value left empty) and the split goes; returns how many. Rewrites ``model``
+    in place."""
+    graph = model.graph
+    producers, consumers = producer_map(graph), consumer_map(graph)
+    fed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or not any(a.name == "do_rotary" and a.i for a in node.attribute):
+            continue
+        split = producers.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]) \
+                or any(consumers.get(name, []) != [node] for name in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        fed += 1
+    if fed:
+        drop_dead(graph)
+    return fed
+
+
 SMALL_TENSOR_BYTES = 4096  # external tensors up to this size are read into the rewritten graph
 
 
 def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_context: int,
-                   prompt: bool = False) -> GqaGraph:
-    """The graph at ``path`` (structure only: its external weights stay where they are) rewritten.
+                   prompt: bool = False, rotary_inside: bool = False) -> GqaGraph:
+    """The graph at ``path`` (structure only: its external weights stay where they are) rewritten; with
+    ``rotary_inside`` the attention rotates q and k where the graph's rotary is the table form, else the rotary
+    nodes stay.
 
     Small external tensors are read in: a graph given to ONNX Runtime as bytes cannot read external data while it
     infers shapes, and a shape constant saved externally (any tool's size threshold of 0) would fail there."""
+    if rotary_inside:
+        try:
+            return rewrite(_structure(path), spec, layout, max_context, prompt, rotary_inside=True)
+        except NotRewritable as err:
+            log.info("%s: the rotary embedding stays outside the attention: %s", path.name, err)
+    return rewrite(_structure(path), spec, layout, max_context, prompt)
+
+
+def _structure(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         if uses_external_data(tensor) and _external_length(tensor) <= SMALL_TENSOR_BYTES:
             load_external_data_for_tensor(tensor, str(path.parent))
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
-    return rewrite(model, spec, layout, max_context, prompt)
+    return model
 
 
 def _external_length(tensor: TensorProto) -> int:

@@ -34,6 +34,8 @@ GRAPH_REWRITES = {
     "pack-projections": "projections that read one activation (q/k/v, gate/up) as one MatMul and a Split, in the "
                         "rewritten LLM graphs and the graphed vision (ort_pack)",
     "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
+    "gqa-rotary": "q and k rotated inside GroupQueryAttention from a cos/sin table, and with pack-projections fed "
+                  "to it packed (ort_gqa, ort_rotary)",
 }
 DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections"})  # what the H200 measured to pay
 # off with the same kept indices (docs/benchmarks.md, h200-rewrites/)

@@ -43,7 +43,7 @@ from apet.contracts.io import (
 from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_device_shapes import to_device
-from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, load_rewritten
+from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, feed_packed_qkv, load_rewritten
 from apet.runtime.backends.ort_norms import fuse_residual_norms
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
@@ -98,7 +98,7 @@ class StaticKV:
         else:
             try:
                 graph = load_rewritten(path, manifest.model.decoder, manifest.cache_layout, manifest.max_context,
-                                       prompt)
+                                       prompt, rotary_inside="gqa-rotary" in setup.rewrites)
             except NotRewritable as err:
                 reason = str(err)
             else:
@@ -106,7 +106,8 @@ class StaticKV:
                     log.info("%s: %d residual sums and their norms fused", path.name,
                              fuse_residual_norms(graph.model))
                 if "pack-projections" in setup.rewrites:
-                    log.info("%s: %d projection groups packed", path.name, pack_sibling_projections(graph.model))
+                    log.info("%s: %d projection groups packed, %d attentions read q/k/v packed", path.name,
+                             pack_sibling_projections(graph.model), feed_packed_qkv(graph.model))
                 return graph
         if wanted == "gqa":
             raise BackendError(f"GroupQueryAttention does not apply to {path.name}: {reason}",
