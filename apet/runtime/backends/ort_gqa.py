@@ -26,7 +26,9 @@ What it assumes, checked here or by the caller:
 
 The rotary embedding stays where the export put it (on q and k before the write, at the group's positions), so
 M-RoPE and the shifted positions of stage 2 are untouched; it rotates in token layout [B, T, N·D] (a 3-D
-``RotaryEmbedding`` with ``num_heads``), so no transpose is left around the attention.
+``RotaryEmbedding`` with ``num_heads``), so no transpose is left around the attention. With ``rotary_inside`` (the
+optional rewrite ``gqa-rotary``) the attention rotates q and k itself from position-indexed tables
+(:mod:`.ort_rotary`) at the same positions, where the export's rotary chain is the one a table replaces.
 """
 
 from __future__ import annotations
