@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from apet.runtime.backends.ort_graph_edit import producer_map
+from apet.runtime.backends.ort_graph_edit import ONNX_DOMAINS, producer_map
 
 MAX_ELEMENTS = 4  # larger shape-derived tensors read as data are left alone (none in the exported graphs)
 SMALL_INITIALIZER = 100  # ONNX Runtime's kSmallInitializerThreshold (elements)
@@ -99,7 +99,7 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
             continue
         visited.add(index)
         node = graph.node[index]
-        if node.domain not in ("", "ai.onnx") and node.op_type not in CPU_INPUTS:
+        if node.domain not in ONNX_DOMAINS and node.op_type not in CPU_INPUTS:
             continue  # contrib kernels stay on the device
         on_cpu = True
         for slot, name in enumerate(node.input):

@@ -48,6 +48,7 @@ from apet.contracts.specs import DecoderSpec
 from apet.runtime.backends.ort_graph_edit import (
     CONTRIB_DOMAIN,
     HEADS_MAJOR,
+    attributes,
     consumer_map,
     drop_dead,
     heads_first,
@@ -168,9 +169,9 @@ class _LayerRewrite:
                 self.rotaries.append(rotary)
                 return self._merged(tokens, out)
             if tokens is not None:  # rotate in token layout
-                attributes = {a.name: helper.get_attribute_value(a) for a in rotary.attribute}
                 self.nodes.append(helper.make_node("RotaryEmbedding", [self._merged(tokens, out), *rotary.input[1:]],
-                                                   [out], name=f"{out}_rotary", **{**attributes, "num_heads": heads}))
+                                                   [out], name=f"{out}_rotary",
+                                                   **{**attributes(rotary), "num_heads": heads}))
                 return out
         tokens = heads_first(self.producers, tensor) if rotary is None or rotary.op_type != "RotaryEmbedding" \
             else None
@@ -280,21 +281,21 @@ def rewrite(model: onnx.ModelProto, spec: DecoderSpec, layout: CacheLayout, max_
 
 
 def _rotary_inputs(graph: onnx.GraphProto, chains: RotaryChains, tables: dict[str, tuple[str, str]],
-                   rotaries: list[onnx.NodeProto], head_dim: int, capacity: int) -> tuple[list[str], int]:
+                   rotaries: list[onnx.NodeProto], head_dim: int, max_context: int) -> tuple[list[str], int]:
     """The cos/sin tables and positions GroupQueryAttention rotates q and k with, in place of the two
     ``RotaryEmbedding`` nodes of one layer (each table an initializer, once per cos/sin tensor), and the
-    interleaving; raises :class:`NotRewritable` where the two differ or their chain is not the table form
-    (:mod:`.ort_rotary`)."""
+    interleaving (tables over the positions below ``max_context``); raises :class:`NotRewritable` where the two
+    differ or their chain is not the table form (:mod:`.ort_rotary`)."""
     if len(rotaries) != 2 or list(rotaries[0].input[1:]) != list(rotaries[1].input[1:]):
         raise NotRewritable("q and k are not rotated by the same cos/sin (the rotary stays outside the attention)")
-    attributes = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in rotaries]
-    if attributes[0].get("interleaved", 0) != attributes[1].get("interleaved", 0) or \
-            any(a.get("rotary_embedding_dim", 0) not in (0, head_dim) for a in attributes):
+    given = [attributes(node) for node in rotaries]
+    if given[0].get("interleaved", 0) != given[1].get("interleaved", 0) or \
+            any(a.get("rotary_embedding_dim", 0) not in (0, head_dim) for a in given):
         raise NotRewritable("a partial or mixed rotary embedding (the rotary stays outside the attention)")
     found = []
     for name in rotaries[0].input[1:]:
         if name not in tables:
-            table = chains.table(name, capacity)
+            table = chains.table(name, max_context)
             if table is None:
                 raise NotRewritable(f"{name}: not the rotary chain a table replaces")
             tables[name] = (f"gqa/rotary_table.{len(tables)}", table.positions)
@@ -303,7 +304,7 @@ def _rotary_inputs(graph: onnx.GraphProto, chains: RotaryChains, tables: dict[st
     (cos, positions), (sin, sin_positions) = found
     if positions != sin_positions:
         raise NotRewritable("cos and sin are computed from different positions")
-    return [cos, sin, positions], int(attributes[0].get("interleaved", 0))
+    return [cos, sin, positions], int(given[0].get("interleaved", 0))
 
 
 def feed_packed_qkv(model: onnx.ModelProto) -> int:
@@ -315,7 +316,7 @@ def feed_packed_qkv(model: onnx.ModelProto) -> int:
     producers, consumers = producer_map(graph), consumer_map(graph)
     fed = 0
     for node in graph.node:
-        if node.op_type != "GroupQueryAttention" or not any(a.name == "do_rotary" and a.i for a in node.attribute):
+        if node.op_type != "GroupQueryAttention" or not attributes(node).get("do_rotary"):
             continue
         split = producers.get(node.input[0])
         if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]) \

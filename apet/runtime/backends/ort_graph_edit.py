@@ -10,6 +10,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 HEADS_MAJOR = [0, 2, 1, 3]  # [B, T, N, D] <-> [B, N, T, D]
 CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (GroupQueryAttention, SkipLayerNormalization, ...)
+ONNX_DOMAINS = ("", "ai.onnx")  # the names of the standard domain
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, object]:
+    """A node's attributes by name, as values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def producer_map(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:

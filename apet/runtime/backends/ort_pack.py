@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from apet.runtime.backends.ort_graph_edit import consumer_map, initializer_dims
+from apet.runtime.backends.ort_graph_edit import ONNX_DOMAINS, consumer_map, initializer_dims
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ class _Sibling:
 
 
 def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 0)
 
 
-def _siblings(graph: onnx.GraphProto) -> dict[str, list[_Sibling]]:
+def _siblings(graph: onnx.GraphProto, dims: dict[str, list[int]],
+              types: dict[str, int]) -> dict[str, list[_Sibling]]:
     """Per activation, the MatMuls that read it with a 2-D initializer as weights (in graph order)."""
-    dims, consumers = initializer_dims(graph), consumer_map(graph)
-    types = {t.name: t.data_type for t in graph.initializer}
+    consumers = consumer_map(graph)
     groups: dict[str, list[_Sibling]] = {}
     for node in graph.node:
         if node.op_type != "MatMul" or len(dims.get(node.input[1], ())) != 2 or node.input[0] in dims:
@@ -78,7 +78,8 @@ def pack_sibling_projections(model: onnx.ModelProto, min_siblings: int = 2) -> i
     removed: set[int] = set()
     extra: list[tuple[int, list[onnx.NodeProto]]] = []  # (id of the first sibling, the nodes placed before it)
     packed = 0
-    groups = _siblings(graph)  # held while ids are compared: a node's wrapper lives as long as a reference to it
+    # held while ids are compared: a node's wrapper lives as long as a reference to it
+    groups = _siblings(graph, dims, types)
     for activation, group in groups.items():
         group = _packable(group, dims, types)
         if len(group) < min_siblings:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from apet.runtime.backends.ort_graph_edit import constant_values
+from apet.runtime.backends.ort_graph_edit import attributes, constant_values
 
-_FLOAT_TYPES = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32, TensorProto.BFLOAT16: None}
+_FLOAT_TYPES = {TensorProto.FLOAT16: np.float16, TensorProto.FLOAT: np.float32}  # the tables numpy can hold
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,6 @@ class RotaryTable:
 
     positions: str  # int64 [B, T]
     table: np.ndarray  # [capacity, D/2] in the graph's dtype
-
-
-def _attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 class RotaryChains:
@@ -56,14 +52,14 @@ class RotaryChains:
         dtype, source = np.float32, half.input[0]
         cast = self._node(source, "Cast")
         if cast is not None:
-            dtype = _FLOAT_TYPES.get(int(_attribute(cast, "to")), None)
+            dtype = _FLOAT_TYPES.get(int(attributes(cast)["to"]))
             source = cast.input[0]
         wave = self.producers.get(source)
         if dtype is None or wave is None or wave.op_type not in ("Cos", "Sin"):
             return None
         doubled = self._node(wave.input[0], "Concat")
         if doubled is None or len(doubled.input) != 2 or doubled.input[0] != doubled.input[1] \
-                or _attribute(doubled, "axis") not in (-1, 2):
+                or attributes(doubled).get("axis") not in (-1, 2):
             return None
         product = self._node(doubled.input[0], "Mul")
         if product is None:
@@ -74,7 +70,7 @@ class RotaryChains:
             return None
         inv_freq = np.asarray(self.constants[frequencies[0]], dtype=np.float32).reshape(-1)
         to_float = self._node(angles[0], "Cast")
-        if to_float is None or int(_attribute(to_float, "to")) != TensorProto.FLOAT:
+        if to_float is None or attributes(to_float)["to"] != TensorProto.FLOAT:
             return None
         expand = self._node(to_float.input[0], "Unsqueeze")
         axes = self.constants.get(expand.input[1]) if expand is not None and len(expand.input) > 1 else None

@@ -22,6 +22,8 @@ from onnx import TensorProto, helper
 from apet.runtime.backends.ort_graph_edit import (
     CONTRIB_DOMAIN,
     HEADS_MAJOR,
+    ONNX_DOMAINS,
+    attributes,
     constant_values,
     consumer_map,
     drop_dead,
@@ -35,7 +37,6 @@ from apet.runtime.backends.ort_graph_edit import (
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 
 log = logging.getLogger(__name__)
-ONNX_DOMAINS = ("", "ai.onnx")
 
 
 def _split_shape(producers: dict[str, onnx.NodeProto], constants: dict[str, np.ndarray],
@@ -123,9 +124,8 @@ def skip_layer_norms(model: onnx.ModelProto) -> int:
     replaced: dict[int, onnx.NodeProto] = {}
     removed: set[int] = set()
     for norm in graph.node:
-        attributes = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
         if norm.op_type != "LayerNormalization" or norm.domain not in ONNX_DOMAINS or len(norm.input) != 3 \
-                or attributes.get("axis", -1) != -1 or any(norm.output[1:]):
+                or attributes(norm).get("axis", -1) != -1 or any(norm.output[1:]):
             continue
         residual = producers.get(norm.input[0])
         if residual is None or residual.op_type != "Add":
@@ -148,7 +148,7 @@ def skip_layer_norms(model: onnx.ModelProto) -> int:
         outputs = [norm.output[0], "", "", residual.output[0] if later else ""]
         replaced[id(norm)] = helper.make_node(
             "SkipLayerNormalization", [projection, skip, norm.input[1], norm.input[2], bias], outputs,
-            name=f"{norm.name}/skip", domain=CONTRIB_DOMAIN, epsilon=float(attributes.get("epsilon", 1e-5)))
+            name=f"{norm.name}/skip", domain=CONTRIB_DOMAIN, epsilon=float(attributes(norm).get("epsilon", 1e-5)))
         removed.update((id(residual), id(biased)))
     if not replaced:
         return 0
