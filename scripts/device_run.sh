@@ -37,6 +37,8 @@
 #                   scripts/ort_vision_variants.py): wall and GPU-busy ms, kernels, outputs -> $OUT; then
 #                   scripts/ort_ttft_parts.py /tmp/DIR (vision, prefill and a decode step apart; CUDA graphs with each
 #                   set of the optional rewrites)
+#   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
+#                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
 #                   wall vs GPU-busy ms, kernel counts, top kernels per phase; ARGS e.g. --decode-attention graph)
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
@@ -169,8 +171,11 @@ case "$stage" in
     python3 scripts/ort_vision_variants.py "/tmp/$1" --out "$OUT/ort_vision_variants.json" 2>&1 | grep -v USDT \
       | tail -45
     python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" --no-ungraphed \
-      --sets "none;fuse-norms;pack-projections;fuse-norms,pack-projections,vision-skip-norms" 2>&1 \
+      --sets "${2:-default;default,gqa-rotary;default,gqa-rotary,strict-norms;default,gqa-rotary,vision-skip-norms,strict-norms}" 2>&1 \
       | grep -v "W:onnxruntime" | tail -5
+    ;;
+  norms)
+    python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"
     ;;
   ortkernels)  # ortkernels DIR [SUFFIX [ARGS...]]: one profile per call ($OUT/ort_kernels_SUFFIX.json)
     dir="$1" suffix="${2:-cg}"; shift 2 || shift $#

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from apet.errors import BackendError
 from apet.manifest import read_manifest
-from apet.runtime.backends.ort_options import DEFAULT_REWRITES, GRAPH_REWRITES, graph_rewrites
+from apet.runtime.backends.ort_options import DEFAULT_REWRITES, GRAPH_REWRITES, cuda_provider, graph_rewrites
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 
 RNG = np.random.default_rng(7)
@@ -121,8 +121,17 @@ def test_rewrite_names_are_checked() -> None:
     assert graph_rewrites("none") == graph_rewrites("") == frozenset()
     assert graph_rewrites("fuse-norms, pack-projections") == {"fuse-norms", "pack-projections"}
     assert graph_rewrites(list(GRAPH_REWRITES)) == set(GRAPH_REWRITES)
+    assert graph_rewrites("default,gqa-rotary") == graph_rewrites(["gqa-rotary", "default"]) == \
+        DEFAULT_REWRITES | {"gqa-rotary"}
     with pytest.raises(ValueError, match="unknown ONNX Runtime graph rewrite 'pack'.*known: fuse-norms"):
         graph_rewrites("pack")
+
+
+def test_strict_norms_is_a_cuda_provider_option() -> None:
+    """strict-norms changes no graph: it is the CUDA provider's strict SkipLayerNorm mode; TF32 stays off always."""
+    assert cuda_provider() == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert cuda_provider(graph_rewrites("default,strict-norms"))[1] == \
+        {"use_tf32": "0", "enable_skip_layer_norm_strict_mode": "1"}
 
 
 def test_an_unknown_rewrite_fails_before_any_session(artifact_factory) -> None:

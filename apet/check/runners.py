@@ -34,6 +34,7 @@ from apet.extras import import_extra
 from apet.manifest import Manifest
 from apet.models.family import VisionInputs
 from apet.runtime.backends.base import injected_inputs, load_embedding_table, no_injected, splice_numpy
+from apet.runtime.backends.ort_options import cuda_provider
 
 NODE_PREFIX = "node:"  # per-layer outputs: "node:<graph>:<tensor>"
 SPAN_START = "request:image_start"  # where each row's image span starts: facts of the request, not compared
@@ -132,8 +133,7 @@ def make_onnxrt_runner(artifact: Path, manifest: Manifest, request: Request, dev
             model = polygraphy("backend.onnx").ModifyOutputs(model, outputs=marked)()
             options = ort.SessionOptions()
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-            # as the ORT backend: ApET's float32 math must not run in TF32 on CUDA
-            providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
+            providers = [cuda_provider(), "CPUExecutionProvider"] \
                 if self.device.startswith("cuda") else ["CPUExecutionProvider"]
             if external_locations(model):
                 # weights in files beside the graph (a 7B llm.onnx: 13 GB, over the 2 GB protobuf limit): the

@@ -40,7 +40,7 @@ from apet.runtime.backends.base import (
     splice_numpy,
 )
 from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm
-from apet.runtime.backends.ort_options import graph_rewrites, session_options
+from apet.runtime.backends.ort_options import cuda_provider, graph_rewrites, session_options
 from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.backends.ort_static import StaticKV
 
@@ -70,8 +70,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(str(err), f"pass {option('ort_rewrites', 'default')} or a comma list of the known "
                                          "names") from None
         options = session_options(ort, threads or 0)
-        # ApET's float32 math must not run in TF32 (as coarse as fp16); the CUDA EP enables it by default
-        providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] \
+        providers = [cuda_provider(self.rewrites), "CPUExecutionProvider"] \
             if wanted == "CUDAExecutionProvider" else [wanted]
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
         self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None

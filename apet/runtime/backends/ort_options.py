@@ -28,7 +28,9 @@ def session_options(ort: Any, threads: int = 0, profile_prefix: Path | None = No
 
 # The in-memory graph rewrites of the CUDA-graph sessions that are optional (each changes float16 roundings, none the
 # math; docs/architecture.md): name -> what it does. The bit-identical ones (token layout, the device cast, the
-# GroupQueryAttention form) are not optional.
+# GroupQueryAttention form) are not optional. ``strict-norms`` changes no graph: it is the CUDA execution provider's
+# option for the fused norms the two norm rewrites make.
+STRICT_NORMS = "strict-norms"
 GRAPH_REWRITES = {
     "fuse-norms": "each residual sum and the RMSNorm after it as one node, in the rewritten LLM graphs (ort_norms)",
     "pack-projections": "projections that read one activation (q/k/v, gate/up) as one MatMul and a Split, in the "
@@ -36,19 +38,31 @@ GRAPH_REWRITES = {
     "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
     "gqa-rotary": "q and k rotated inside GroupQueryAttention from a cos/sin table, and with pack-projections fed "
                   "to it packed (ort_gqa, ort_rotary)",
+    STRICT_NORMS: "the fused norms (fuse-norms, vision-skip-norms) take their mean and variance in float32 with "
+                  "Welford's method, as LayerNormalization does (ONNX Runtime's strict SkipLayerNorm mode)",
 }
 DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections"})  # what the H200 measured to pay
 # off with the same kept indices (docs/benchmarks.md, h200-rewrites/)
 
 
+def cuda_provider(rewrites: frozenset[str] = frozenset()) -> tuple[str, dict[str, str]]:
+    """The CUDA execution provider with apet's options: ApET's float32 math must not run in TF32 (as coarse as
+    fp16; the provider enables it by default), and :data:`STRICT_NORMS` where chosen."""
+    options = {"use_tf32": "0"}
+    if STRICT_NORMS in rewrites:
+        options["enable_skip_layer_norm_strict_mode"] = "1"
+    return "CUDAExecutionProvider", options
+
+
 def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
-    """``names`` (a comma list or names; None or "default": :data:`DEFAULT_REWRITES`; "none" or "": none) -> the
-    set, or a ValueError naming the unknown one and the known ones."""
-    if names is None or names == "default":
+    """``names`` (a comma list or names; None or "default": :data:`DEFAULT_REWRITES`, also as one name of a list, as in
+    "default,gqa-rotary"; "none" or "": none) -> the set, or a ValueError naming the unknown one and the known ones."""
+    if names is None:
         return DEFAULT_REWRITES
     if isinstance(names, str):
         names = [] if names == "none" else [name.strip() for name in names.split(",") if name.strip()]
-    chosen = frozenset(names)
+    named = frozenset(names)
+    chosen = (named - {"default"}) | (DEFAULT_REWRITES if "default" in named else frozenset())
     unknown = sorted(chosen - set(GRAPH_REWRITES))
     if unknown:
         raise ValueError(f"unknown ONNX Runtime graph rewrite {unknown[0]!r} (known: {', '.join(GRAPH_REWRITES)}; "
