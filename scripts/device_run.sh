@@ -171,7 +171,7 @@ case "$stage" in
     python3 scripts/ort_vision_variants.py "/tmp/$1" --out "$OUT/ort_vision_variants.json" 2>&1 | grep -v USDT \
       | tail -45
     python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" --no-ungraphed \
-      --sets "${2:-default;default,gqa-rotary;default,gqa-rotary,strict-norms;default,gqa-rotary,vision-skip-norms,strict-norms}" 2>&1 \
+      --sets "${2:-none;default;default,vision-skip-norms}" 2>&1 \
       | grep -v "W:onnxruntime" | tail -5
     ;;
   norms)

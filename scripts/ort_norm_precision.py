@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from apet.atomic import write_atomic  # noqa: E402
+from apet.runtime.backends.ort_options import STRICT_NORM_OPTION  # noqa: E402
 
 log = logging.getLogger("ort_norm_precision")
 EPS = 1e-5
@@ -106,7 +107,7 @@ def measure(device: str) -> dict[str, Any]:
     for strict in (False, True):
         provider: Any = "CPUExecutionProvider"
         if device == "cuda":
-            provider = ("CUDAExecutionProvider", {"enable_skip_layer_norm_strict_mode": "1" if strict else "0"})
+            provider = ("CUDAExecutionProvider", {STRICT_NORM_OPTION: "1" if strict else "0"})
         mode = "strict" if strict else "default"
         for kind, cases, hidden, rows in (("rms", RMS_CASES, 4096, 136), ("ln", LN_CASES, 1024, 577)):
             gamma = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float16)

@@ -5,7 +5,7 @@ its attention in token layout (:mod:`apet.runtime.backends.ort_vision`), that wi
 broadcasts the bias into the output, one extra pass per projection), the default (both, and the float32 pixels
 cast on the device), and the default with each residual sum and its LayerNorm as one ``SkipLayerNormalization``,
 with the q/k/v projections packed into one (:mod:`apet.runtime.backends.ort_pack`), with both, and with both under
-ONNX Runtime's strict SkipLayerNorm mode (the optional ``strict-norms``: float32 Welford statistics).
+ONNX Runtime's strict SkipLayerNorm mode (float32 Welford statistics; apet turns it on for releases before 1.31).
 Per form: wall ms per image from the processor's float32 pixels (no profiler), then GPU-busy ms, kernel counts and
 top kernels under CUPTI (scripts/ort_gpu_kernels.py), and the outputs against the exported form's.
 
@@ -37,21 +37,19 @@ log = logging.getLogger("ort_vision_variants")
 FUSION = "MatMulAddFusion"
 
 
-def forms() -> dict[str, tuple[Any, frozenset[str]]]:
-    """name -> (the session's form, the optional rewrites its CUDA provider is made with)."""
+def forms() -> dict[str, tuple[Any, bool]]:
+    """name -> (the session's form, whether its CUDA provider runs the fused norms in strict mode)."""
     from apet.runtime.backends.ort_graphed import VisionSessionForm
-    from apet.runtime.backends.ort_options import STRICT_NORMS
 
     plain = VisionSessionForm(token_layout=False, cast_inputs=False, disabled_optimizers=())
     both = VisionSessionForm(skip_layer_norms=True, pack_projections=True)
-    none: frozenset[str] = frozenset()
-    return {"exported": (plain, none),
-            "token_layout_no_gemm": (replace(plain, token_layout=True, disabled_optimizers=(FUSION,)), none),
-            "default": (VisionSessionForm(), none),
-            "default_skip_norms": (VisionSessionForm(skip_layer_norms=True), none),
-            "default_packed": (VisionSessionForm(pack_projections=True), none),
-            "default_skip_norms_packed": (both, none),
-            "default_skip_norms_packed_strict": (both, frozenset({STRICT_NORMS}))}
+    return {"exported": (plain, False),
+            "token_layout_no_gemm": (replace(plain, token_layout=True, disabled_optimizers=(FUSION,)), False),
+            "default": (VisionSessionForm(), False),
+            "default_skip_norms": (VisionSessionForm(skip_layer_norms=True), False),
+            "default_packed": (VisionSessionForm(pack_projections=True), False),
+            "default_skip_norms_packed": (both, False),
+            "default_skip_norms_packed_strict": (both, True)}
 
 
 def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:
@@ -59,7 +57,7 @@ def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:
 
     from apet.manifest import read_manifest
     from apet.runtime.backends.ort_graphed import GraphedVision, fixed_shapes
-    from apet.runtime.backends.ort_options import cuda_provider, session_options
+    from apet.runtime.backends.ort_options import STRICT_NORM_OPTION, cuda_provider, session_options
     from apet.runtime.backends.ort_session import SessionSetup
 
     spec = read_manifest(artifact).graphs["vision"]
@@ -70,8 +68,10 @@ def run(artifact: Path, repeats: int, calls: int) -> dict[str, Any]:
             for name, (shape, kind) in fixed_shapes(spec.inputs, 1).items()}  # float32, as the processor gives
     results: dict[str, Any] = {}
     reference: dict[str, np.ndarray] | None = None
-    for name, (form, rewrites) in forms().items():
-        setup = SessionSetup(ort, session_options(ort), [cuda_provider(rewrites)] if cuda else providers,
+    for name, (form, strict) in forms().items():
+        provider, options = cuda_provider()
+        cuda_providers = [(provider, {**options, STRICT_NORM_OPTION: "1" if strict else "0"})]
+        setup = SessionSetup(ort, session_options(ort), cuda_providers if cuda else providers,
                              "cuda" if cuda else "cpu", cuda)
         started = time.perf_counter()
         graphed = GraphedVision(artifact / spec.file, spec, setup, form)

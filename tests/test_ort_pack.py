@@ -16,7 +16,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from apet.errors import BackendError
 from apet.manifest import read_manifest
-from apet.runtime.backends.ort_options import DEFAULT_REWRITES, GRAPH_REWRITES, cuda_provider, graph_rewrites
+from apet.runtime.backends.ort_options import (
+    DEFAULT_REWRITES,
+    GRAPH_REWRITES,
+    STRICT_NORM_OPTION,
+    cuda_provider,
+    graph_rewrites,
+)
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 
 RNG = np.random.default_rng(7)
@@ -121,17 +127,23 @@ def test_rewrite_names_are_checked() -> None:
     assert graph_rewrites("none") == graph_rewrites("") == frozenset()
     assert graph_rewrites("fuse-norms, pack-projections") == {"fuse-norms", "pack-projections"}
     assert graph_rewrites(list(GRAPH_REWRITES)) == set(GRAPH_REWRITES)
-    assert graph_rewrites("default,gqa-rotary") == graph_rewrites(["gqa-rotary", "default"]) == \
-        DEFAULT_REWRITES | {"gqa-rotary"}
+    assert graph_rewrites("default,vision-skip-norms") == graph_rewrites(["vision-skip-norms", "default"]) == \
+        DEFAULT_REWRITES | {"vision-skip-norms"}
     with pytest.raises(ValueError, match="unknown ONNX Runtime graph rewrite 'pack'.*known: fuse-norms"):
         graph_rewrites("pack")
 
 
-def test_strict_norms_is_a_cuda_provider_option() -> None:
-    """strict-norms changes no graph: it is the CUDA provider's strict SkipLayerNorm mode; TF32 stays off always."""
+def test_fused_norms_are_strict_on_releases_that_took_float16_statistics() -> None:
+    """The CUDA provider keeps TF32 off always; the fused norms run in its strict (float32) mode on an ONNX Runtime
+    older than the one measured to take their statistics in float32, and where the version does not parse."""
     assert cuda_provider() == ("CUDAExecutionProvider", {"use_tf32": "0"})
-    assert cuda_provider(graph_rewrites("default,strict-norms"))[1] == \
-        {"use_tf32": "0", "enable_skip_layer_norm_strict_mode": "1"}
+    assert cuda_provider(DEFAULT_REWRITES, "1.31.1")[1] == {"use_tf32": "0"}
+    assert cuda_provider(DEFAULT_REWRITES, "1.32.0")[1] == {"use_tf32": "0"}
+    strict = {"use_tf32": "0", STRICT_NORM_OPTION: "1"}
+    assert cuda_provider(DEFAULT_REWRITES, "1.24.2")[1] == strict
+    assert cuda_provider(frozenset({"vision-skip-norms"}), "1.20.0")[1] == strict
+    assert cuda_provider(DEFAULT_REWRITES, "nightly")[1] == strict
+    assert cuda_provider(frozenset({"pack-projections"}), "1.20.0")[1] == {"use_tf32": "0"}  # no fused norm
 
 
 def test_an_unknown_rewrite_fails_before_any_session(artifact_factory) -> None:

@@ -70,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(str(err), f"pass {option('ort_rewrites', 'default')} or a comma list of the known "
                                          "names") from None
         options = session_options(ort, threads or 0)
-        providers = [cuda_provider(self.rewrites), "CPUExecutionProvider"] \
+        providers = [cuda_provider(self.rewrites, ort.__version__), "CPUExecutionProvider"] \
             if wanted == "CUDAExecutionProvider" else [wanted]
         self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
         self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None

@@ -28,9 +28,7 @@ def session_options(ort: Any, threads: int = 0, profile_prefix: Path | None = No
 
 # The in-memory graph rewrites of the CUDA-graph sessions that are optional (each changes float16 roundings, none the
 # math; docs/architecture.md): name -> what it does. The bit-identical ones (token layout, the device cast, the
-# GroupQueryAttention form) are not optional. ``strict-norms`` changes no graph: it is the CUDA execution provider's
-# option for the fused norms the two norm rewrites make.
-STRICT_NORMS = "strict-norms"
+# GroupQueryAttention form) are not optional.
 GRAPH_REWRITES = {
     "fuse-norms": "each residual sum and the RMSNorm after it as one node, in the rewritten LLM graphs (ort_norms)",
     "pack-projections": "projections that read one activation (q/k/v, gate/up) as one MatMul and a Split, in the "
@@ -38,20 +36,33 @@ GRAPH_REWRITES = {
     "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
     "gqa-rotary": "q and k rotated inside GroupQueryAttention from a cos/sin table, and with pack-projections fed "
                   "to it packed (ort_gqa, ort_rotary)",
-    STRICT_NORMS: "the fused norms (fuse-norms, vision-skip-norms) take their mean and variance in float32 with "
-                  "Welford's method, as LayerNormalization does (ONNX Runtime's strict SkipLayerNorm mode)",
 }
-DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections"})  # what the H200 measured to pay
-# off with the same kept indices (docs/benchmarks.md, h200-rewrites/)
+DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections", "gqa-rotary"})  # what the H200
+# measured to pay off with the same kept indices (docs/benchmarks.md: h200-rewrites/, h200-gqa-rotary/)
+FUSED_NORMS = frozenset({"fuse-norms", "vision-skip-norms"})  # the rewrites that make Skip(Simplified)LayerNorm nodes
+# ONNX Runtime 1.31.1's CUDA kernels of those nodes take mean and variance in float32, as precise as the nodes they
+# replace (scripts/ort_norm_precision.py on the H200); older releases took them in float16 unless told otherwise
+FLOAT32_NORM_STATISTICS_SINCE = (1, 31)
+STRICT_NORM_OPTION = "enable_skip_layer_norm_strict_mode"  # the CUDA provider's float32 (Welford) fused norms
 
 
-def cuda_provider(rewrites: frozenset[str] = frozenset()) -> tuple[str, dict[str, str]]:
+def cuda_provider(rewrites: frozenset[str] = frozenset(), onnxruntime_version: str = "") -> tuple[str, dict[str, str]]:
     """The CUDA execution provider with apet's options: ApET's float32 math must not run in TF32 (as coarse as
-    fp16; the provider enables it by default), and :data:`STRICT_NORMS` where chosen."""
+    fp16; the provider enables it by default), and the fused norms of ``rewrites`` in strict mode on an ONNX Runtime
+    older than :data:`FLOAT32_NORM_STATISTICS_SINCE` (or of a version that does not parse), so no release computes
+    them less precisely than the nodes they replace."""
     options = {"use_tf32": "0"}
-    if STRICT_NORMS in rewrites:
-        options["enable_skip_layer_norm_strict_mode"] = "1"
+    if rewrites & FUSED_NORMS and _release(onnxruntime_version) < FLOAT32_NORM_STATISTICS_SINCE:
+        options[STRICT_NORM_OPTION] = "1"
     return "CUDAExecutionProvider", options
+
+
+def _release(version: str) -> tuple[int, int]:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
 
 
 def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
