@@ -239,7 +239,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-rewrites", default="default",
                    help="onnxruntime: the optional in-memory rewrites of the GroupQueryAttention LLM graphs and the "
                         f"CUDA-graph vision session, a comma list of {', '.join(GRAPH_REWRITES)}; default: "
-                        "what the H200 measured to pay off (docs/architecture.md); none")
+                        "what the H200 measured to pay off (docs/architecture.md), also inside a list, as in "
+                        "default,vision-skip-norms; none")
     p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (with --temperature)")
