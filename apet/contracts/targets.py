@@ -87,7 +87,8 @@ def resolve_form(target: str | None = None, attention: str | None = None, opset:
     return ExportForm(name, attention, opset)
 
 
-def _version(text: str) -> tuple[int, ...]:
+def release(text: str) -> tuple[int, ...]:
+    """A version string's (major, minor), as builders and runtimes are compared; (0,) where it has no number."""
     return tuple(int(x) for x in re.findall(r"\d+", text)[:2]) or (0,)
 
 
@@ -95,7 +96,7 @@ def builder_problem(form: ExportForm, kind: str, version: str) -> str | None:
     """Why builder ``kind`` ``version`` cannot parse an artifact of ``form``; None when it can, or when only
     parsing can tell (then the parser's error names --target)."""
     first = OP_FORM_BUILDERS.get(kind)
-    if form.uses_attention_op and first is not None and _version(version) < first:
+    if form.uses_attention_op and first is not None and release(version) < first:
         return (f"{kind} {version} cannot parse the ONNX Attention / RotaryEmbedding ops of this artifact "
                 f"(it needs {kind} >= {'.'.join(map(str, first))})")
     return None

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from apet.contracts.targets import release
+
 
 def session_options(ort: Any, threads: int = 0, profile_prefix: Path | None = None) -> Any:
     """``SessionOptions`` with ``threads`` intra-op threads (0: ONNX Runtime's default) and, with
@@ -52,17 +54,9 @@ def cuda_provider(rewrites: frozenset[str] = frozenset(), onnxruntime_version: s
     older than :data:`FLOAT32_NORM_STATISTICS_SINCE` (or of a version that does not parse), so no release computes
     them less precisely than the nodes they replace."""
     options = {"use_tf32": "0"}
-    if rewrites & FUSED_NORMS and _release(onnxruntime_version) < FLOAT32_NORM_STATISTICS_SINCE:
+    if rewrites & FUSED_NORMS and release(onnxruntime_version) < FLOAT32_NORM_STATISTICS_SINCE:
         options[STRICT_NORM_OPTION] = "1"
     return "CUDAExecutionProvider", options
-
-
-def _release(version: str) -> tuple[int, int]:
-    parts = version.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return (0, 0)
 
 
 def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
