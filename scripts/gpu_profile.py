@@ -2,7 +2,10 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile]``. For every stage of the apet path (vision tower,
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas]`` (``sdpa``: decode attends through
+SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is cuBLAS, not
+:mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35).
+For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
 summed device time (time between kernels = launch gaps), and the top kernels. The profile summaries in
@@ -27,15 +30,19 @@ from gpu_variants import kernel_profile  # noqa: E402
 from apet.bench.run import _plan, measure_ceilings, stage_costs  # noqa: E402
 from apet.bench.stages import ApetPath, Request  # noqa: E402
 from apet.bench.timing import time_call  # noqa: E402
+from apet.kernels import decode_attention, gemv  # noqa: E402
 from apet.models.registry import load_adapter  # noqa: E402
 
 
 def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
-                            "compile": False}
+                            "compile": False, "decode_attention": True, "gemv": True}
     for part in parts:
-        if "x" in part and part[0].isdigit():
+        if part in ("compile", "sdpa", "cublas"):
+            case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
+                         "cublas": {"gemv": False}}[part])
+        elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
         elif part.startswith("b"):
@@ -44,8 +51,6 @@ def parse_case(text: str) -> dict[str, Any]:
             case["ratio"] = float(part[1:])
         elif part.startswith("s"):
             case["stages"] = int(part[1:])
-        elif part == "compile":
-            case["compile"] = True
     return case
 
 
@@ -102,6 +107,7 @@ def main() -> None:
             adapters.clear()
             torch.cuda.empty_cache()
             adapters[case["model"]] = load_adapter(case["model"], dtype=torch.float16, device="cuda")
+        decode_attention.ENABLED["value"], gemv.ENABLED["value"] = case["decode_attention"], case["gemv"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

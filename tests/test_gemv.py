@@ -28,6 +28,8 @@ def check(device: str, cases=CASES) -> None:
         b = torch.randn(n, generator=generator).half().to(device) if has_bias else None
         want = x.double() @ w.double().T + (b.double() if b is not None else 0)
         for config in gemv.CONFIGS:
+            if not config.fits(rows):  # the rows form takes one row of x
+                continue
             got = gemv.kernel_matmul(x, w, b, config).double()
             # fp32 accumulation, one fp16 rounding of the output
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
@@ -40,6 +42,10 @@ def test_kernel_on_the_gpu() -> None:
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     w = torch.randn(11008, 4096, device="cuda", dtype=torch.float16)
     torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w), rtol=2e-3, atol=5e-2)
+    compiled = torch.compile(lambda a: gemv.linear(a, w), dynamic=False)  # through apet::skinny_linear
+    torch.testing.assert_close(compiled(x), F.linear(x, w), rtol=2e-3, atol=5e-2)
+    picked = gemv.choice(x, w, None)
+    assert picked is gemv.CUBLAS or torch.equal(compiled(x), gemv.kernel_matmul(x, w, None, picked))
 
 
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
@@ -58,3 +64,5 @@ def test_plain_linear_off_the_gpu_and_for_wide_inputs() -> None:
     x, w, b = torch.randn(2, 3, 64), torch.randn(32, 64), torch.randn(32)
     assert torch.equal(gemv.linear(x, w, b), F.linear(x, w, b))  # CPU: exactly F.linear
     assert not gemv._eligible(torch.randn(40, 64), w)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.kernel_matmul(torch.randn(2, 64), w, None, gemv.Config(8, 64, 4, 2, "rows"))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
+from apet.kernels import decode_attention
 from apet.kernels.varlen import flash_varlen_available, is_left_padded, left_pad_segments, packed_causal_attention
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import HeadLayout, additive_mask, repeat_kv, stage2_rebuild
@@ -26,7 +27,11 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
 
     Each kv head's ``groups`` query heads become rows of one query block, so the cache is read once. ``repeat_kv``
     would first copy the whole static buffer ``groups`` times (7x for Qwen2.5-VL-7B), every layer, every step.
-    Same dot products and softmax: the mask [B, 1, 1, T] is per row and key, identical for every head."""
+    Same dot products and softmax: the mask [B, 1, 1, T] is per row and key, identical for every head. On the GPU
+    (fp16/bf16/fp32, power-of-two head size) the Triton flash-decoding kernel computes the same
+    (:mod:`apet.kernels.decode_attention`): SDPA ran it as a 64-row prefill tile."""
+    if decode_attention.available(q, keys):
+        return decode_attention.decode_attention(q, keys, values, bias)
     batch, heads, _, dim = q.shape
     folded = q.reshape(batch, heads // groups, groups, dim)
     return F.scaled_dot_product_attention(folded, keys, values, attn_mask=bias).reshape(batch, heads, 1, dim)
