@@ -55,7 +55,7 @@ def main() -> None:
             cublas = timer.ms(lambda: F.linear(x, w, b))
             configs, errors = {}, {}
             for config in candidates:
-                if not config.fits(rows):
+                if config.form == "rows" and rows != 1:  # the sweep times the dot form at one row too
                     continue
                 try:
                     got = gemv.kernel_matmul(x, w, b, config)

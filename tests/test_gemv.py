@@ -28,7 +28,7 @@ def check(device: str, cases=CASES) -> None:
         b = torch.randn(n, generator=generator).half().to(device) if has_bias else None
         want = x.double() @ w.double().T + (b.double() if b is not None else 0)
         for config in gemv.CONFIGS:
-            if not config.fits(rows):  # the rows form takes one row of x
+            if config.form == "rows" and rows != 1:  # the rows form takes one row of x; dot takes any
                 continue
             got = gemv.kernel_matmul(x, w, b, config).double()
             # fp32 accumulation, one fp16 rounding of the output
@@ -64,5 +64,7 @@ def test_plain_linear_off_the_gpu_and_for_wide_inputs() -> None:
     x, w, b = torch.randn(2, 3, 64), torch.randn(32, 64), torch.randn(32)
     assert torch.equal(gemv.linear(x, w, b), F.linear(x, w, b))  # CPU: exactly F.linear
     assert not gemv._eligible(torch.randn(40, 64), w)
+    assert [c.fits(1) for c in gemv.CONFIGS] == [c.form == "rows" for c in gemv.CONFIGS]
+    assert [c.fits(4) for c in gemv.CONFIGS] == [c.form == "dot" for c in gemv.CONFIGS]
     with pytest.raises(ValueError, match="one row"):
         gemv.kernel_matmul(torch.randn(2, 64), w, None, gemv.Config(8, 64, 4, 2, "rows"))
