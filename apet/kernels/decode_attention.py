@@ -10,6 +10,7 @@ softmax partials. Same arithmetic as FlashAttention: scores in float32 with scal
 with the values, float32 accumulation, one rounding of the output.
 
 Under ``torch.compile`` it is the custom op ``apet::decode_attention`` (opaque to Inductor, as SDPA's kernel is).
+``APET_DECODE_ATTENTION=0`` in the environment keeps SDPA (to compare: ``scripts/gpu_profile.py``'s ``sdpa`` flag).
 """
 
 from __future__ import annotations
