@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +14,7 @@ import numpy as np
 import numpy_reference as ref
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 from apet.compression import FUSED, compress_with
 from apet.contracts.compression import CompressionConfig
@@ -116,12 +115,8 @@ def test_stage_kernels_under_cuda_graph_capture() -> None:
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (the tests above) instead")
 def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
-    script = tmp_path / "run.py"
-    script.write_text("import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n")
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(tmp_path, "import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n",
+                    timeout=900)
 
 
 def test_compress_with_keeps_the_torch_ops_off_the_gpu() -> None:

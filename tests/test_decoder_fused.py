@@ -5,13 +5,11 @@ kernels on CPU (a subprocess: the interpreter is chosen when the kernels are def
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 triton_missing = importlib.util.find_spec("triton") is None
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run compiled on a CUDA GPU")
@@ -99,10 +97,5 @@ def test_kernels_on_gpu() -> None:
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead")
 def test_kernels_and_decoder_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    script = tmp_path / "run.py"
-    script.write_text("import test_decoder_fused as t\nt.check_kernels('cpu')\n"
-                      f"t.check_decoder({str(tiny_checkpoint)!r})\n")
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(tmp_path, "import test_decoder_fused as t\nt.check_kernels('cpu')\n"
+                    f"t.check_decoder({str(tiny_checkpoint)!r})\n")

@@ -4,14 +4,12 @@ interpreter elsewhere), and the dispatcher's promise: F.linear wherever the kern
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 from apet.kernels import gemv
 
@@ -51,12 +49,7 @@ def test_kernel_on_the_gpu() -> None:
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernel instead")
 def test_kernel_in_the_triton_interpreter(tmp_path: Path) -> None:
-    script = tmp_path / "run.py"
-    script.write_text("import test_gemv as t\nt.check('cpu', t.CASES[:3])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                                                  os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_interpreted(tmp_path, "import test_gemv as t\nt.check('cpu', t.CASES[:3])\n")
 
 
 def test_plain_linear_off_the_gpu_and_for_wide_inputs() -> None:

@@ -53,8 +53,8 @@ if triton is not None:
 
     @triton.jit
     def _partial(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ptr, l_ptr, span, chunk, kv_heads, scale,
-                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                 stride_bias, GROUPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                 stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                 stride_vt, stride_bias, GROUPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  SPLITS: tl.constexpr, IEEE: tl.constexpr):
         pair = tl.program_id(0)  # b * kv_heads + kv head
         part = tl.program_id(1)
@@ -63,8 +63,8 @@ if triton is not None:
         rows = tl.arange(0, ROWS)
         dims = tl.arange(0, D)
         row_ok = rows < GROUPS
-        q = tl.load(q_ptr + b * stride_qb + (head * GROUPS + rows)[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        heads = (head * GROUPS + rows)[:, None]
+        q = tl.load(q_ptr + b * stride_qb + heads * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
         keys = k_ptr + b * stride_kb + head * stride_kh
         values = v_ptr + b * stride_vb + head * stride_vh
         m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -95,8 +95,8 @@ if triton is not None:
             m = m_new
         if SPLITS == 1:  # the whole span in this program: the output, normalised
             out = acc / total[:, None]
-            tl.store(out_ptr + b * stride_qb + (head * GROUPS + rows)[:, None] * stride_qh + dims[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptr + b * stride_ob + heads * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
         else:  # this part's softmax partials, combined by _combine
             slot = (pair * SPLITS + part) * ROWS + rows
             tl.store(m_ptr + slot, m)
@@ -150,15 +150,15 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.
     scale = dim ** -0.5
     if splits == 1:
         _partial[(pairs, 1)](q3, keys, values, bias2, out, out, out, span, chunk, kv_heads, scale, q3.stride(0),
-                             q3.stride(1), *strides, bias_stride, GROUPS=groups, ROWS=rows, D=dim, BLOCK=BLOCK_T,
-                             SPLITS=1, IEEE=ieee, num_warps=4)
+                             q3.stride(1), out.stride(0), out.stride(1), *strides, bias_stride, GROUPS=groups,
+                             ROWS=rows, D=dim, BLOCK=BLOCK_T, SPLITS=1, IEEE=ieee, num_warps=4)
         return out.view(batch, heads, 1, dim)
     partial = torch.empty(pairs * splits * rows, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(pairs * splits * rows, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
     _partial[(pairs, splits)](q3, keys, values, bias2, partial, m, total, span, chunk, kv_heads, scale,
-                              q3.stride(0), q3.stride(1), *strides, bias_stride, GROUPS=groups, ROWS=rows, D=dim,
-                              BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, num_warps=4)
+                              q3.stride(0), q3.stride(1), 0, 0, *strides, bias_stride, GROUPS=groups, ROWS=rows,
+                              D=dim, BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, num_warps=4)  # out: the parts' own
     _combine[(pairs, groups)](partial, m, total, out, kv_heads, out.stride(0), out.stride(1), GROUPS=groups,
                               ROWS=rows, D=dim, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
                               num_warps=4)
