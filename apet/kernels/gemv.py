@@ -148,15 +148,6 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
-_timers: dict[torch.device, ColdTimer] = {}
-
-
-def _timer(device: torch.device) -> ColdTimer:
-    if device not in _timers:
-        _timers[device] = ColdTimer(device)
-    return _timers[device]
-
-
 def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:
     """The fastest of cuBLAS and the kernel's configurations for this shape, measured once per shape on the device
     (cold L2, inside a CUDA graph)."""
@@ -165,7 +156,7 @@ def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         return _choices[key]
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: cuBLAS until measured
         return CUBLAS
-    timer = _timer(x2.device)
+    timer = ColdTimer(x2.device)  # its flush buffer (twice the L2) lives only while this shape is timed
     timings = {CUBLAS: timer.ms(lambda: F.linear(x2, weight, bias))}
     for config in CONFIGS:
         if not config.fits(x2.shape[0]):
