@@ -64,6 +64,7 @@ CONFIGS = (Config(32, 128, 4, 4), Config(32, 256, 4, 4), Config(32, 512, 4, 4), 
 CUBLAS = None  # the choice that means F.linear
 
 _choices: dict[tuple, Config | None] = {}
+_kernel_choices: dict[tuple, Config | None] = {}  # the fastest configuration of the kernel, cuBLAS aside
 ENABLED = {"value": os.environ.get("APET_GEMV", "1") != "0"}
 
 
@@ -148,10 +149,14 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
+def _shape_key(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return (tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
+
+
 def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:
     """The fastest of cuBLAS and the kernel's configurations for this shape, measured once per shape on the device
     (cold L2, inside a CUDA graph)."""
-    key = (tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
+    key = _shape_key(x2, weight, bias)
     if key in _choices:
         return _choices[key]
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: cuBLAS until measured
@@ -166,10 +171,22 @@ def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         except Exception as exc:  # a configuration that does not compile on this GPU is not a candidate
             log.debug("skinny matmul %s failed: %s", config, exc)
     best = min(timings, key=timings.get)
+    kernels = [config for config in timings if config is not CUBLAS]
+    _kernel_choices[key] = min(kernels, key=timings.get) if kernels else None
     log.debug("skinny matmul %s x %s: %s (%.1f us; cuBLAS %.1f us)", tuple(x2.shape), tuple(weight.shape), best,
               timings[best] * 1e3, timings[CUBLAS] * 1e3)
     _choices[key] = best
     return best
+
+
+def kernel_choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:
+    """The fastest configuration of the kernel for this shape even where cuBLAS won (the fused kernels of
+    :mod:`apet.kernels.fused_gemv` stream the same weight rows, and save launches cuBLAS cannot); None inside a
+    capture before the shape was timed, or where no configuration compiled."""
+    key = _shape_key(x2, weight, bias)
+    if key not in _kernel_choices:
+        choice(x2, weight, bias)
+    return _kernel_choices.get(key)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

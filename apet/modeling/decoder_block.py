@@ -25,19 +25,17 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 
 
 class FusedProjections(Protocol):
-    """A layer's projections fused for the GPU fast path (:class:`apet.runtime.fusion.FusedLayer`)."""
+    """A layer's projections fused for the GPU fast path (:class:`apet.runtime.fusion.FusedLayer`): the input norm
+    and q/k/v projections as one packed output, and everything after attention."""
 
-    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+    def project_qkv(self, h: torch.Tensor) -> torch.Tensor: ...
 
-    def mlp(self, h: torch.Tensor) -> torch.Tensor: ...
-
-    def out(self, h: torch.Tensor) -> torch.Tensor: ...
-
-    def norm(self, name: str, h: torch.Tensor,
-             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def qkv_rotated(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+    def qkv_rotated(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
+
+    def split_qkv(self, projected: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor: ...
 
 
 def has_qk_norm(layer: nn.Module) -> bool:
@@ -66,14 +64,14 @@ class DecoderBlock:
         """Input norm, projections, q/k norm and rotary: q [B, heads, T, d], k and v [B, kv_heads, T, d]."""
         attn = self.layer.self_attn
         if self.fused is not None:
-            normed = self.fused.norm("input", h)[1]
+            projected = self.fused.project_qkv(h)
             if not self.qk_norm and rotate is apply_rotary:
                 layout = self.layout
-                done = self.fused.qkv_rotated(normed, cos, sin, layout.num_heads, layout.num_kv_heads,
+                done = self.fused.qkv_rotated(projected, cos, sin, layout.num_heads, layout.num_kv_heads,
                                               layout.head_dim)
                 if done is not None:
                     return done
-            q, k, v = self.fused.qkv(normed)
+            q, k, v = self.fused.split_qkv(projected)
         else:
             normed = self.layer.input_layernorm(h)
             q, k, v = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
@@ -82,9 +80,8 @@ class DecoderBlock:
 
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Output projection and residual, then the MLP half of the layer."""
-        if self.fused is not None:  # residual add + post-attention norm in one kernel on the GPU
-            h, normed = self.fused.norm("post", h, self.fused.out(merge_heads(attended)))
-            return h + self.fused.mlp(normed)
+        if self.fused is not None:  # the residual adds and the post-attention norm fused on the GPU
+            return self.fused.finish(h, merge_heads(attended))
         h = h + self.layer.self_attn.o_proj(merge_heads(attended))
         return h + self.layer.mlp(self.layer.post_attention_layernorm(h))
 

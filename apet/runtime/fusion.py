@@ -5,7 +5,8 @@ q/k/v become one matmul and gate/up another: at decode (batch 1) each projection
 memory-bound GEMV, so fewer, larger ones run closer to peak bandwidth and launch fewer
 kernels. The fused weight is built once and the original ``nn.Linear`` weights are
 re-pointed at slices of it, so no weight memory is duplicated and the HF modules (used by
-the reference path) keep working.
+the reference path) keep working. At one row (a batch-1 decode step) the norms, silu·mul and the residual adds
+fold into the projections' kernels too (:mod:`apet.kernels.fused_gemv`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from apet.kernels import activations, decoder_fused
+from apet.kernels import activations, decoder_fused, fused_gemv
 from apet.kernels.gemv import linear
 from apet.modeling.fast_path import concat_linears
 
@@ -23,15 +24,22 @@ from apet.modeling.fast_path import concat_linears
 KERNELS: dict = {"enabled": True}
 
 
-def _fused(linears: list[nn.Module]) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
-    """One call computing the concatenated outputs: float weights concatenated, or (weight-only quantized
-    layers, :mod:`apet.quant`) one QuantLinear over the concatenated integer weights."""
+def _fused(linears: list[nn.Module]) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int],
+                                               tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """One call computing the concatenated outputs, the sizes, and (float layers) the concatenated weight and bias:
+    float weights concatenated, or (weight-only quantized layers, :mod:`apet.quant`) one QuantLinear over the
+    concatenated integer weights."""
     if all(isinstance(lin, nn.Linear) for lin in linears):
         weight, bias, sizes = concat_linears(linears)
-        return (lambda h: linear(h, weight, bias)), sizes
+        return (lambda h: linear(h, weight, bias)), sizes, (weight, bias)
     from apet.quant.qlinear import concat_outputs
 
-    return concat_outputs(list(linears)), [lin.out_features for lin in linears]
+    return concat_outputs(list(linears)), [lin.out_features for lin in linears], None
+
+
+def _float_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of a plain ``nn.Linear`` without bias (what the residual-fused kernel takes), else None."""
+    return module.weight if type(module) is nn.Linear and module.bias is None else None
 
 
 def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -43,13 +51,15 @@ def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 
 
 class FusedLayer:
-    """One decoder layer's fused projections; ``qkv(h)``, ``out(h)`` and ``mlp(h)`` equal the unfused modules,
-    ``norm`` and ``qkv_rotated`` the HF norms and rotary (Triton kernels on the GPU, the HF modules elsewhere)."""
+    """One decoder layer's fused projections (:class:`apet.modeling.decoder_block.FusedProjections`):
+    ``project_qkv`` is the input norm and the q/k/v projections, ``finish`` the rest of the layer after attention;
+    they equal the HF modules (Triton kernels on the GPU, the HF modules elsewhere)."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_call, self.qkv_sizes = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate_up_call, self.gate_up_sizes = _fused([mlp.gate_proj, mlp.up_proj])
+        self.qkv_call, self.qkv_sizes, self.qkv_weights = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_call, self.gate_up_sizes, self.gate_up_weights = _fused([mlp.gate_proj, mlp.up_proj])
+        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
         self.down, self.act = skinny_projection(mlp.down_proj), mlp.act_fn
         # gate and up of equal width with SiLU: apet.kernels.activations.silu_mul applies
         self.silu = activations.is_silu(self.act) and self.gate_up_sizes[0] == self.gate_up_sizes[1]
@@ -73,13 +83,43 @@ class FusedLayer:
         h = h if delta is None else h + delta
         return h, self.norms[name](h)
 
-    def qkv_rotated(self, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+    def project_qkv(self, h: torch.Tensor) -> torch.Tensor:
+        """The input norm and the packed q/k/v projection [..., (H + 2 Hkv)·d]: one kernel at one row."""
+        found = self.norm_weights["input"]
+        if self._fold(h, found, self.qkv_weights):
+            return fused_gemv.norm_linear(h, *found, *self.qkv_weights)
+        return self.qkv_call(self.norm("input", h)[1])
+
+    def qkv_rotated(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """q [B, H, T, d], k and v [B, Hkv, T, d] with q and k rotated (rotate-half), projection and rotary in two
-        kernels; None where the rotary kernel does not run (the caller rotates)."""
-        if not self._kernels(normed, "input") or cos.shape[-1] != head_dim or head_dim & (head_dim - 1):
+        """q [B, H, T, d], k and v [B, Hkv, T, d] of the packed projection with q and k rotated (rotate-half) in one
+        kernel; None where the rotary kernel does not run (the caller rotates)."""
+        if not self._kernels(projected, "input") or cos.shape[-1] != head_dim or head_dim & (head_dim - 1):
             return None
-        return decoder_fused.rotary(self.qkv_call(normed), cos, sin, heads, kv_heads, head_dim)
+        return decoder_fused.rotary(projected, cos, sin, heads, kv_heads, head_dim)
+
+    def split_qkv(self, projected: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return projected.split(self.qkv_sizes, dim=-1)
+
+    def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """o projection + residual, post-attention norm, MLP + residual, for the merged attention output
+        [..., H·d]: three kernels at one row (o+residual, norm+gate/up+silu·mul, down+residual), else the residual
+        add and norm in one kernel around the projections."""
+        o_weight, down_weight = _float_weight(self.o_proj), _float_weight(self.down_proj)
+        found = self.norm_weights["post"]
+        if (self.silu and o_weight is not None and down_weight is not None and fused_gemv.applies(attended, o_weight)
+                and self._fold(h, found, self.gate_up_weights) and self.gate_up_weights[1] is None):
+            h = fused_gemv.linear_residual(attended, o_weight, h)
+            return fused_gemv.linear_residual(fused_gemv.norm_gate_up_silu(h, *found, self.gate_up_weights[0]),
+                                              down_weight, h)
+        h, normed = self.norm("post", h, self.out(attended))
+        return h + self.mlp(normed)
+
+    def _fold(self, h: torch.Tensor, norm: tuple[torch.Tensor, float] | None,
+              weights: tuple[torch.Tensor, torch.Tensor | None] | None) -> bool:
+        """Whether a norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: one row)."""
+        return (KERNELS["enabled"] and norm is not None and weights is not None and norm[0].dtype == h.dtype
+                and fused_gemv.applies(h, weights[0]))
 
     def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.qkv_call(h).split(self.qkv_sizes, dim=-1)

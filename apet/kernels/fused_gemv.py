@@ -1,0 +1,228 @@
+"""A decode layer's one-row matmuls with their neighbours folded in: RMSNorm before a projection, silu(gate)·up after
+the gate/up projection, the residual add after the o and down projections.
+
+Why: at batch 1 a decode layer was ~12 kernels around 4 weight reads (norm, q/k/v, rotary, two cache writes, two
+attention kernels, o, norm, gate/up, silu·mul, down, residual add), and on the H200 every kernel boundary costs
+0.2–1.2 µs of idle GPU besides the small kernels' own time (docs/benchmarks.md, "Decode's matmuls timed as decode runs
+them"). Each fold here removes a kernel and a round trip of the activation through memory: a layer becomes norm+q/k/v,
+rotary, cache writes, attention, o+residual, norm+gate/up+silu·mul, down+residual.
+
+Each program of the rows form (:mod:`apet.kernels.gemv`) already reads all of x, so it can normalise x itself:
+it sums x² over the whole row first (x is a few KB, in L2), then streams its weight rows. Same roundings as the
+unfused fast path: the norm is :func:`apet.kernels.decoder_fused.add_rms_norm`'s (float32 statistics, the normalised
+row rounded to the input dtype, then the weight product rounded), silu·mul is
+:func:`apet.kernels.activations.silu_mul`'s (gate and up rounded as the projection stores them, then one float32
+pass), and the residual add is torch's (the projection rounded, then the sum rounded). Results equal the unfused
+kernels' up to the order of the norm's float32 sum (``tests/test_fused_gemv.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from apet.kernels import activations, decoder_fused, gemv
+
+try:  # Triton ships with CUDA builds of torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+ENABLED = {"value": os.environ.get("APET_FUSED_GEMV", "1") != "0"}  # 0: the norms and adds stay their own kernels
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_row_gemv(x_ptr, norm_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, up_rows, stride_wn, eps,
+                        NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
+                        EVEN_K: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STAGES: tl.constexpr):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        inv = 1.0
+        if NORM:  # the row's RMS first: every program reads all of x anyway
+            cols = tl.arange(0, KPAD)
+            whole = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / K + eps)
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            k = k0 + rk
+            if EVEN_K:
+                x = tl.load(x_ptr + k)
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = k < K
+                x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:  # normalised and rounded, then times the norm's weight and rounded: as the norm kernel stores it
+                x = (x.to(tl.float32) * inv).to(x.dtype)
+                scale = tl.load(norm_ptr + k, mask=k < K, other=0.0)
+                x = (scale.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if SILU:  # the up row paired with each gate row, ``up_rows`` further down the packed weight
+                if EVEN_K:
+                    up = tl.load(w_rows + up_rows * stride_wn + k[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    up = tl.load(w_rows + up_rows * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
+                                 other=0.0)
+                acc_up += up.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SILU:  # gate and up rounded as the projection would store them, then silu(gate)·up in float32
+            up_y = tl.sum(acc_up, axis=1)
+            if HAS_BIAS:
+                up_y += tl.load(b_ptr + up_rows + rn, mask=n_ok, other=0.0).to(tl.float32)
+            gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = gate / (1.0 + tl.exp(-gate)) * up_y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        if RESIDUAL:  # the projection rounded, then the sum rounded: torch's ``residual + proj(x)``
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_features: int, *,
+            norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
+            up_rows: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One row of x [..., K] through the fused kernel; ``up_rows`` > 0: silu(rows n)·(rows n + up_rows)."""
+    depth = int(x.shape[-1])
+    x1 = x.reshape(depth)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    block_n = max(1, config.block_n // 2) if up_rows else config.block_n  # a gate row and an up row per row
+    norm_weight, eps = norm if norm is not None else (weight, 0.0)
+    _fused_row_gemv[(triton.cdiv(out_features, block_n),)](
+        x1, norm_weight, weight, bias if bias is not None else weight,
+        residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
+        weight.stride(0), eps, NORM=norm is not None, HAS_BIAS=bias is not None, SILU=up_rows > 0,
+        RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth),
+        BLOCK_N=block_n, BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+    return y
+
+
+def norm_linear_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                       bias: torch.Tensor | None, config: gemv.Config) -> torch.Tensor:
+    """RMSNorm(x) @ weightᵀ (+ bias) for one row of x: the input norm and the packed q/k/v projection."""
+    return _launch(x, weight, config, int(weight.shape[0]), norm=(norm_weight, eps), bias=bias)
+
+
+def norm_gate_up_silu_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                             config: gemv.Config) -> torch.Tensor:
+    """silu(gate)·up of RMSNorm(x) for one row, ``weight`` the packed [gate; up] rows (equal halves)."""
+    half = int(weight.shape[0]) // 2
+    return _launch(x, weight, config, half, norm=(norm_weight, eps), up_rows=half)
+
+
+def linear_residual_kernel(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                           config: gemv.Config) -> torch.Tensor:
+    """residual + x @ weightᵀ for one row (the o and down projections)."""
+    return _launch(x, weight, config, int(weight.shape[0]), residual=residual)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One row of a CUDA fp16/bf16 activation against a float weight of its dtype, the kernels enabled, not while
+    exporting (Triton's interpreter on CPU: ``TRITON_INTERPRET=1``, float32 too, for the tests)."""
+    interpreted = not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if interpreted else (torch.float16, torch.bfloat16)
+    return (ENABLED["value"] and gemv.ENABLED["value"] and triton is not None and (x.is_cuda or interpreted)
+            and x.numel() == x.shape[-1] and x.dtype in dtypes and weight.dtype == x.dtype
+            and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
+
+
+def _config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> gemv.Config | None:
+    """The rows-form configuration the skinny-matmul timing found fastest for this projection (the fused kernel
+    streams the same weight rows); None inside a capture before the shape was timed. Off the GPU (the interpreter)
+    nothing is timed: the first rows configuration."""
+    if not x.is_cuda:
+        return next(config for config in gemv.CONFIGS if config.fits(1))
+    return gemv.kernel_choice(x.reshape(1, x.shape[-1]), weight, bias)
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """RMSNorm(x) @ weightᵀ (+ bias) where :func:`applies` holds: one kernel once the shape is timed, the norm
+    kernel and the projection before. Under ``torch.compile`` the custom op ``apet::norm_linear``."""
+    if torch.compiler.is_compiling():
+        return _norm_linear_op(x, norm_weight, eps, weight, bias)
+    return _norm_linear(x, norm_weight, eps, weight, bias)
+
+
+def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up of RMSNorm(x) @ [gate; up]ᵀ where :func:`applies` holds (``apet::norm_gate_up_silu``
+    compiled)."""
+    if torch.compiler.is_compiling():
+        return _norm_gate_up_silu_op(x, norm_weight, eps, weight)
+    return _norm_gate_up_silu(x, norm_weight, eps, weight)
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ weightᵀ where :func:`applies` holds (``apet::linear_residual`` compiled)."""
+    if torch.compiler.is_compiling():
+        return _linear_residual_op(x, weight, residual)
+    return _linear_residual(x, weight, residual)
+
+
+def _normed(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return decoder_fused.add_rms_norm(x, norm_weight, eps)[1]
+
+
+def _norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    config = _config(x, weight, bias)
+    if config is None:  # captured before timing: the unfused kernels (the projection then on cuBLAS)
+        return gemv.linear(_normed(x, norm_weight, eps), weight, bias)
+    return norm_linear_kernel(x, norm_weight, eps, weight, bias, config)
+
+
+def _norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    config = _config(x, weight, None)
+    if config is None:
+        return activations.silu_mul(gemv.linear(_normed(x, norm_weight, eps), weight))
+    return norm_gate_up_silu_kernel(x, norm_weight, eps, weight, config)
+
+
+def _linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    config = _config(x, weight, None)
+    if config is None:
+        return residual + gemv.linear(x, weight)
+    return linear_residual_kernel(x, weight, residual, config)
+
+
+@torch.library.custom_op("apet::norm_linear", mutates_args=())
+def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    return _norm_linear(x, norm_weight, eps, weight, bias)
+
+
+@_norm_linear_op.register_fake
+def _(x, norm_weight, eps, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("apet::norm_gate_up_silu", mutates_args=())
+def _norm_gate_up_silu_op(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                          weight: torch.Tensor) -> torch.Tensor:
+    return _norm_gate_up_silu(x, norm_weight, eps, weight)
+
+
+@_norm_gate_up_silu_op.register_fake
+def _(x, norm_weight, eps, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+
+@torch.library.custom_op("apet::linear_residual", mutates_args=())
+def _linear_residual_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    return _linear_residual(x, weight, residual)
+
+
+@_linear_residual_op.register_fake
+def _(x, weight, residual):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

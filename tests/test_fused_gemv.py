@@ -1,0 +1,201 @@
+"""apet/kernels/fused_gemv.py: the one-row projections with the norm, silu·mul and residual add folded in, against a
+float64 computation of the Hugging Face formulas and against the unfused kernels; a Llama decoder layer through
+FusedLayer (project_qkv, finish) against its Hugging Face modules, the fused kernels counted. Triton's interpreter
+runs them on CPU (a subprocess); a GPU runs them compiled, and under torch.compile as the custom ops."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from triton_interpreter import run_interpreted
+
+triton_missing = importlib.util.find_spec("triton") is None
+EPS = 1e-5
+# (in features, out features): K neither a multiple of the tiles nor a power of two, a ragged N; K a tile multiple
+SHAPES = [(200, 40), (1024, 24)]
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Llama's RMSNorm as Hugging Face computes it: float32 statistics, rounded, then the weight product rounded."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(x.shape[-1], eps=EPS).to(x.device, x.dtype)
+    norm.weight.data = weight
+    return norm(x)
+
+
+def _tolerance(dtype: torch.dtype, want: torch.Tensor) -> dict:
+    scale = float(want.abs().max())
+    return dict(rtol=1e-5, atol=1e-5 * scale) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3 * scale)
+
+
+def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int = 2) -> None:
+    from apet.kernels import activations, decoder_fused, fused_gemv, gemv
+
+    rows_configs = [config for config in gemv.CONFIGS if config.fits(1)][:configs]
+    for case, (depth, width) in enumerate(SHAPES):
+        generator = torch.Generator().manual_seed(case)
+
+        def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
+
+        x, scale, weight, bias = rand(1, 1, depth, scale=3.0), rand(depth), rand(width, depth), rand(width)
+        packed, residual = rand(2 * width, depth), rand(1, 1, width)
+        normed = _rms_norm(x, scale)
+        want_linear = normed.double() @ weight.double().T + bias.double()
+        gate, up = (normed.double() @ packed.double().T).to(dtype).double().split(width, dim=-1)
+        want_silu = gate / (1 + torch.exp(-gate)) * up
+        want_residual = residual.double() + (x.double() @ weight.double().T).to(dtype).double()
+        for config in rows_configs:
+            got = fused_gemv.norm_linear_kernel(x, scale, EPS, weight, bias, config)
+            assert got.shape == (1, 1, width) and got.dtype == dtype
+            torch.testing.assert_close(got.double(), want_linear, **_tolerance(dtype, want_linear))
+            unfused = gemv.kernel_matmul(decoder_fused.add_rms_norm(x, scale, EPS)[1].reshape(1, depth), weight, bias,
+                                         config)
+            torch.testing.assert_close(got.reshape(1, width), unfused, **_tolerance(dtype, want_linear))
+            got = fused_gemv.norm_gate_up_silu_kernel(x, scale, EPS, packed, config)
+            assert got.shape == (1, 1, width)
+            torch.testing.assert_close(got.double(), want_silu, **_tolerance(dtype, want_silu))
+            unfused = activations.silu_mul(gemv.kernel_matmul(normed.reshape(1, depth), packed, None, config))
+            torch.testing.assert_close(got.reshape(1, width), unfused, **_tolerance(dtype, want_silu))
+            got = fused_gemv.linear_residual_kernel(x, weight, residual, config)
+            torch.testing.assert_close(got.double(), want_residual, **_tolerance(dtype, want_residual))
+
+
+def _layer(dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                         rms_norm_eps=EPS, hidden_act="silu")
+    layer = LlamaDecoderLayer(config, 0)
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        norm.weight.data = torch.randn(64)  # not all ones: the norm's weight must be applied
+    return layer.to(device, dtype).eval()
+
+
+def check_layer(device: str, dtype: torch.dtype) -> None:
+    """FusedLayer at one row: the input norm + q/k/v and everything after attention equal the HF modules, through
+    the fused kernels (counted); two rows take the unfused kernels and agree too."""
+    from apet.kernels import fused_gemv
+    from apet.runtime.fusion import FusedLayer
+
+    layer = _layer(dtype, device)
+    fused = FusedLayer(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    launches = []
+    original = fused_gemv._launch
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs)
+        return original(*args, **kwargs)
+
+    fused_gemv._launch = counted
+    try:
+        with torch.no_grad():
+            for rows in (1, 2):
+                generator = torch.Generator().manual_seed(rows)
+                h = (torch.randn(1, rows, 64, generator=generator) * 2).to(device, dtype)
+                attended = torch.randn(1, rows, 64, generator=generator).to(device, dtype)
+                normed = layer.input_layernorm(h)
+                want = torch.cat([attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)], dim=-1)
+                got = fused.project_qkv(h)
+                torch.testing.assert_close(got.double(), want.double(), **_tolerance(dtype, want.double()))
+                h1 = h + attn.o_proj(attended)
+                want = h1 + mlp(layer.post_attention_layernorm(h1))
+                got = fused.finish(h, attended)
+                torch.testing.assert_close(got.double(), want.double(), **_tolerance(dtype, want.double()))
+                if rows == 1:  # norm+q/k/v, o+residual, norm+gate/up+silu·mul, down+residual
+                    assert len(launches) == 4, launches
+                    assert [bool(call.get("norm")) for call in launches] == [True, False, True, False]
+                    assert launches[2]["up_rows"] == 96 and launches[3]["residual"] is not None
+        assert len(launches) == 4  # two rows: none fused
+    finally:
+        fused_gemv._launch = original
+
+
+def check_decoder_one_row(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """The static decoder's batch-1 decode steps with the fused kernels (4 per layer and step, and the final norm
+    with the LM head) equal it without fusion; its prefill (many rows) folds only the final norm of its last row."""
+    from apet.adapters.llava.adapter import LlavaAdapter
+    from apet.kernels import fused_gemv
+    from apet.runtime.static_decoder import StaticDecoder
+
+    adapter = LlavaAdapter.load(Path(checkpoint), dtype=dtype, device=device)
+    hidden, layers = adapter.spec.decoder.hidden_size, adapter.spec.decoder.num_layers
+    embeds = torch.randn(1, 9, hidden, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    mask = torch.ones(1, 9, dtype=torch.long, device=device)
+    positions = torch.arange(9, device=device)[None]
+    launches = []
+    original = fused_gemv._launch
+    fused_gemv._launch = lambda *args, **kwargs: launches.append(1) or original(*args, **kwargs)
+    try:
+        outs = []
+        for fuse in (False, True):
+            decoder = StaticDecoder(adapter, None, max_batch=1, max_context=32, fuse=fuse)
+            steps = [decoder.prefill(embeds, mask, positions, None)]
+            assert len(launches) == (1 if fuse else 0)
+            for i in range(2):
+                step = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(20 + i)).to(device, dtype)
+                steps.append(decoder.decode(step, positions[:, -1:] + 1 + i, decoder.span(9 + i)))
+            outs.append(steps)
+    finally:
+        fused_gemv._launch = original
+    assert len(launches) == 1 + (4 * layers + 1) * 2
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got.double(), want.double(), **_tolerance(dtype, want.double()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the compiled kernels need a CUDA GPU (the interpreter test below covers them on CPU)")
+def test_fused_kernels_on_the_gpu(tiny_checkpoint: Path) -> None:
+    from apet.kernels import fused_gemv
+    from apet.runtime.fusion import FusedLayer
+
+    check_kernels("cuda", torch.float16, configs=5)
+    check_kernels("cuda", torch.bfloat16, configs=5)
+    check_layer("cuda", torch.float16)
+    check_decoder_one_row(str(tiny_checkpoint), "cuda", torch.float16)
+    layer = _layer(torch.float16, "cuda")
+    fused = FusedLayer(layer)
+    h = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
+    attended = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
+    eager = (fused.project_qkv(h), fused.finish(h, attended))
+    compiled = torch.compile(lambda a, b: (fused.project_qkv(a), fused.finish(a, b)), dynamic=False)(h, attended)
+    for got, want in zip(compiled, eager):  # the custom ops run the same kernels with the same configurations
+        assert torch.equal(got, want)
+    assert fused_gemv.applies(h, layer.mlp.down_proj.weight) and not fused_gemv.applies(h.expand(1, 2, 64),
+                                                                                          layer.mlp.down_proj.weight)
+
+
+@pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead")
+def test_fused_kernels_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    run_interpreted(tmp_path, "import torch, test_fused_gemv as t\n"
+                    "t.check_kernels('cpu', torch.float16)\nt.check_kernels('cpu', torch.float32, configs=1)\n"
+                    "t.check_layer('cpu', torch.float32)\nt.check_layer('cpu', torch.float16)\n"
+                    f"t.check_decoder_one_row({str(tiny_checkpoint)!r})\n")
+
+
+def test_nothing_folds_off_the_gpu_without_the_interpreter(monkeypatch) -> None:
+    """On CPU (no interpreter) the fused layer is the unfused modules' computation exactly."""
+    from apet.kernels import fused_gemv
+    from apet.runtime.fusion import FusedLayer
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = _layer(torch.float32, "cpu")
+    fused = FusedLayer(layer)
+    h, attended = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    assert not fused_gemv.applies(h, layer.mlp.down_proj.weight)
+    with torch.no_grad():
+        h1 = h + layer.self_attn.o_proj(attended)
+        assert torch.equal(fused.finish(h, attended), h1 + layer.mlp(layer.post_attention_layernorm(h1)))
+        normed = layer.input_layernorm(h)
+        want = torch.cat([F.linear(normed, p.weight) for p in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                                 layer.self_attn.v_proj)], dim=-1)
+        torch.testing.assert_close(fused.project_qkv(h), want, rtol=0, atol=1e-6)
