@@ -2,9 +2,11 @@
 models, rows 1 and 4 (run by hand on a CUDA machine, or ``scripts/device_run.sh gemv``): device µs with a cold L2
 inside a CUDA graph (apet.kernels.device_timing, as a decode step runs them), TB/s of weight read, the dispatcher's
 pick among ``gemv.CONFIGS``, and with ``--sweep`` a wider grid of configurations of both forms (what CONFIGS is
-chosen from).
+chosen from). With ``--fused``: each one-row projection of a decode layer alone, with its neighbour as its own
+kernel, and folded in (apet.kernels.fused_gemv), and one layer's four projections in a row those three ways and
+folded with programmatic dependent launch.
 
-  python scripts/gpu_gemv.py --out gemv.json [--sweep]
+  python scripts/gpu_gemv.py --out gemv.json [--sweep | --fused]
 """
 
 from __future__ import annotations
@@ -36,13 +38,96 @@ def sweep_configs() -> list[gemv.Config]:
     return [c for c in dot + rows if c not in gemv.CONFIGS]
 
 
+def fused(out: Path, timer: ColdTimer) -> None:
+    """Per model: the layer's projections plain, unfused (neighbour as its own kernel) and folded; then the layer."""
+    from apet.kernels import activations, decoder_fused, fused_gemv
+
+    report = []
+    for model in ("llava", "qwen"):
+        dims = {name.split(".")[1]: (n, k, bias) for name, n, k, bias in SHAPES if name.startswith(model)}
+        hidden = dims["o"][1]
+
+        def make(n: int, k: int) -> torch.Tensor:
+            return torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+
+        w = {name: make(n, k) for name, (n, k, _) in dims.items()}
+        qkv_bias = torch.randn(dims["qkv"][0], device="cuda", dtype=torch.float16) if dims["qkv"][2] else None
+        h = torch.randn(1, 1, hidden, device="cuda", dtype=torch.float16)
+        act = torch.randn(1, 1, dims["down"][1], device="cuda", dtype=torch.float16)
+        scale = torch.rand(hidden, device="cuda", dtype=torch.float16) + 0.5
+        cfg = {name: fused_gemv._config(h if name != "down" else act, w[name], qkv_bias if name == "qkv" else None)
+               for name in w}
+        plain = gemv.kernel_matmul
+        h2, act2 = h.reshape(1, hidden), act.reshape(1, -1)
+        variants = {
+            "qkv": (lambda: plain(h2, w["qkv"], qkv_bias, cfg["qkv"]),
+                    lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["qkv"], qkv_bias, cfg["qkv"]),
+                    lambda: fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["qkv"], qkv_bias, cfg["qkv"])),
+            "o": (lambda: plain(h2, w["o"], None, cfg["o"]), lambda: h2 + plain(h2, w["o"], None, cfg["o"]),
+                  lambda: fused_gemv.linear_residual_kernel(h, w["o"], h, cfg["o"])),
+            "gate_up": (lambda: plain(h2, w["gate_up"], None, cfg["gate_up"]),
+                        lambda: activations.silu_mul(plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1],
+                                                           w["gate_up"], None, cfg["gate_up"])),
+                        lambda: fused_gemv.norm_gate_up_silu_kernel(h, scale, 1e-5, w["gate_up"], cfg["gate_up"])),
+            "down": (lambda: plain(act2, w["down"], None, cfg["down"]),
+                     lambda: h2 + plain(act2, w["down"], None, cfg["down"]),
+                     lambda: fused_gemv.linear_residual_kernel(act, w["down"], h, cfg["down"])),
+            "head": (lambda: plain(h2, w["head"], None, cfg["head"]),
+                     lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["head"], None, cfg["head"]),
+                     lambda: fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["head"], None, cfg["head"])),
+        }
+        for name, (alone, unfused, folded) in variants.items():
+            times = {label: round(timer.ms(call) * 1e3, 2) for label, call in
+                     (("plain", alone), ("unfused", unfused), ("folded", folded))}
+            report.append({"model": model, "projection": name, "config": str(cfg[name]), **times})
+            print(model, name, cfg[name], times, flush=True)
+
+        def layer_unfused() -> torch.Tensor:
+            normed = decoder_fused.add_rms_norm(h2, scale, 1e-5)[1]
+            plain(normed, w["qkv"], qkv_bias, cfg["qkv"])
+            h1, normed = decoder_fused.add_rms_norm(h2, scale, 1e-5, plain(h2, w["o"], None, cfg["o"]))
+            mid = activations.silu_mul(plain(normed, w["gate_up"], None, cfg["gate_up"]))
+            return h1 + plain(mid, w["down"], None, cfg["down"])
+
+        def layer_folded() -> torch.Tensor:
+            fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["qkv"], qkv_bias, cfg["qkv"])
+            h1 = fused_gemv.linear_residual_kernel(h, w["o"], h, cfg["o"])
+            mid = fused_gemv.norm_gate_up_silu_kernel(h1, scale, 1e-5, w["gate_up"], cfg["gate_up"])
+            return fused_gemv.linear_residual_kernel(mid, w["down"], h1, cfg["down"])
+
+        times = {"unfused": timer.ms(layer_unfused), "folded": timer.ms(layer_folded)}
+        fused_gemv.PDL["value"] = True
+        try:
+            times["folded_pdl"] = timer.ms(layer_folded)
+        except Exception as exc:  # a Triton or driver without programmatic dependent launch
+            print("pdl failed", str(exc)[:300], flush=True)
+        finally:
+            fused_gemv.PDL["value"] = False
+        row = {"model": model, "projection": "layer", **{k: round(v * 1e3, 2) for k, v in times.items()}}
+        report.append(row)
+        print(row, flush=True)
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "triton": triton_version(), "timing": "cold L2, CUDA graph of 20 calls, best of 3",
+                                   "rows": report}, indent=1))
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="also time the wider grid of configurations")
+    parser.add_argument("--fused", action="store_true", help="time the folded one-row projections instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     timer = ColdTimer(torch.device("cuda"))
+    if args.fused:
+        fused(args.out, timer)
+        return
     candidates = list(gemv.CONFIGS) + (sweep_configs() if args.sweep else [])
     rows_out = []
     start = time.perf_counter()

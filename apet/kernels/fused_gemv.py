@@ -32,48 +32,70 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 ENABLED = {"value": os.environ.get("APET_FUSED_GEMV", "1") != "0"}  # 0: the norms and adds stay their own kernels
+# 1: launched as programmatic dependents (Hopper and later): a kernel loads its first weight tile while the previous
+# kernel finishes, and waits for it (griddepcontrol) before touching activations
+PDL = {"value": os.environ.get("APET_PDL", "0") == "1"}
 
 
 if triton is not None:
 
     @triton.jit
+    def _weights(w_rows, up_offset, k, K, n_ok, SILU: tl.constexpr, EVEN_K: tl.constexpr):
+        """A tile of the program's weight rows (and of the paired up rows)."""
+        mask = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+        w = tl.load(w_rows + k[None, :], mask=mask, other=0.0)
+        up = w
+        if SILU:
+            up = tl.load(w_rows + up_offset + k[None, :], mask=mask, other=0.0)
+        return w, up
+
+    @triton.jit
+    def _activation(x_ptr, norm_ptr, k, K, inv, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        """A chunk of x; with NORM normalised and rounded, then times the norm's weight and rounded, as the norm
+        kernel stores it."""
+        if EVEN_K:
+            x = tl.load(x_ptr + k)
+        else:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        if NORM:
+            x = (x.to(tl.float32) * inv).to(x.dtype)
+            scale = tl.load(norm_ptr + k, mask=k < K, other=0.0)
+            x = (scale.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
     def _fused_row_gemv(x_ptr, norm_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, up_rows, stride_wn, eps,
                         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
                         EVEN_K: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        STAGES: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        up_offset = up_rows * stride_wn
+        # the first weight tile depends on no earlier kernel: its loads are in flight during the norm (and, launched
+        # dependent, while the previous kernel finishes)
+        w, up = _weights(w_rows, up_offset, rk, K, n_ok, SILU, EVEN_K)
+        if PDL:  # x, the residual and the output buffer belong to earlier kernels: wait for them to finish
+            tl.extra.cuda.gdc_wait()
         inv = 1.0
         if NORM:  # the row's RMS first: every program reads all of x anyway
             cols = tl.arange(0, KPAD)
             whole = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             inv = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / K + eps)
-        w_rows = w_ptr + rn[:, None] * stride_wn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = _activation(x_ptr, norm_ptr, rk, K, inv, NORM, EVEN_K).to(tl.float32)[None, :]
+        acc = w.to(tl.float32) * x
+        acc_up = up.to(tl.float32) * x
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
             k = k0 + rk
-            if EVEN_K:
-                x = tl.load(x_ptr + k)
-                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = k < K
-                x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:  # normalised and rounded, then times the norm's weight and rounded: as the norm kernel stores it
-                x = (x.to(tl.float32) * inv).to(x.dtype)
-                scale = tl.load(norm_ptr + k, mask=k < K, other=0.0)
-                x = (scale.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            if SILU:  # the up row paired with each gate row, ``up_rows`` further down the packed weight
-                if EVEN_K:
-                    up = tl.load(w_rows + up_rows * stride_wn + k[None, :], mask=n_ok[:, None], other=0.0)
-                else:
-                    up = tl.load(w_rows + up_rows * stride_wn + k[None, :], mask=n_ok[:, None] & (k < K)[None, :],
-                                 other=0.0)
-                acc_up += up.to(tl.float32) * x.to(tl.float32)[None, :]
+            w, up = _weights(w_rows, up_offset, k, K, n_ok, SILU, EVEN_K)
+            x = _activation(x_ptr, norm_ptr, k, K, inv, NORM, EVEN_K).to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * x
+            if SILU:
+                acc_up += up.to(tl.float32) * x
+        if PDL:  # the next kernel may start loading its weights
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -99,13 +121,20 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_feat
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
     block_n = max(1, config.block_n // 2) if up_rows else config.block_n  # a gate row and an up row per row
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
+    pdl = PDL["value"] and _dependent_launch(x.device)
     _fused_row_gemv[(triton.cdiv(out_features, block_n),)](
         x1, norm_weight, weight, bias if bias is not None else weight,
         residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
         weight.stride(0), eps, NORM=norm is not None, HAS_BIAS=bias is not None, SILU=up_rows > 0,
         RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth),
-        BLOCK_N=block_n, BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+        BLOCK_N=block_n, BLOCK_K=config.block_k, STAGES=config.stages, PDL=pdl, num_warps=config.warps,
+        **({"launch_pdl": True} if pdl else {}))
     return y
+
+
+def _dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch needs a CUDA device of compute capability 9 or later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def norm_linear_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
