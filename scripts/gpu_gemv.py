@@ -55,39 +55,47 @@ def fused(out: Path, timer: ColdTimer) -> None:
         h = torch.randn(1, 1, hidden, device="cuda", dtype=torch.float16)
         act = torch.randn(1, 1, dims["down"][1], device="cuda", dtype=torch.float16)
         scale = torch.rand(hidden, device="cuda", dtype=torch.float16) + 0.5
-        cfg = {name: fused_gemv._config(h if name != "down" else act, w[name], qkv_bias if name == "qkv" else None)
-               for name in w}
         plain = gemv.kernel_matmul
         h2, act2 = h.reshape(1, hidden), act.reshape(1, -1)
-        variants = {
-            "qkv": (lambda: plain(h2, w["qkv"], qkv_bias, cfg["qkv"]),
-                    lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["qkv"], qkv_bias, cfg["qkv"]),
-                    lambda: fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["qkv"], qkv_bias, cfg["qkv"])),
-            "o": (lambda: plain(h2, w["o"], None, cfg["o"]), lambda: h2 + plain(h2, w["o"], None, cfg["o"]),
-                  lambda: fused_gemv.linear_residual_kernel(h, w["o"], h, cfg["o"])),
-            "gate_up": (lambda: plain(h2, w["gate_up"], None, cfg["gate_up"]),
-                        lambda: activations.silu_mul(plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1],
-                                                           w["gate_up"], None, cfg["gate_up"])),
-                        lambda: fused_gemv.norm_gate_up_silu_kernel(h, scale, 1e-5, w["gate_up"], cfg["gate_up"])),
-            "down": (lambda: plain(act2, w["down"], None, cfg["down"]),
-                     lambda: h2 + plain(act2, w["down"], None, cfg["down"]),
-                     lambda: fused_gemv.linear_residual_kernel(act, w["down"], h, cfg["down"])),
-            "head": (lambda: plain(h2, w["head"], None, cfg["head"]),
-                     lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["head"], None, cfg["head"]),
-                     lambda: fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["head"], None, cfg["head"])),
+        base = {name: gemv.kernel_choice(h2 if name != "down" else act2, w[name], qkv_bias if name == "qkv" else None)
+                for name in w}
+        eps = 1e-5
+        folded_runs = {
+            "qkv": ("norm", h, qkv_bias, lambda c: fused_gemv.norm_linear_kernel(h, scale, eps, w["qkv"], qkv_bias, c)),
+            "o": ("residual", h, None, lambda c: fused_gemv.linear_residual_kernel(h, w["o"], h, c)),
+            "gate_up": ("silu", h, None,
+                        lambda c: fused_gemv.norm_gate_up_silu_kernel(h, scale, eps, w["gate_up"], c)),
+            "down": ("residual", act, None, lambda c: fused_gemv.linear_residual_kernel(act, w["down"], h, c)),
+            "head": ("norm", h, None, lambda c: fused_gemv.norm_linear_kernel(h, scale, eps, w["head"], None, c)),
         }
-        for name, (alone, unfused, folded) in variants.items():
+        cfg = {name: fused_gemv.folded_choice(kind, x, w[name], b, run)
+               for name, (kind, x, b, run) in folded_runs.items()}
+        variants = {
+            "qkv": (lambda: plain(h2, w["qkv"], qkv_bias, base["qkv"]),
+                    lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["qkv"], qkv_bias, base["qkv"])),
+            "o": (lambda: plain(h2, w["o"], None, base["o"]), lambda: h2 + plain(h2, w["o"], None, base["o"])),
+            "gate_up": (lambda: plain(h2, w["gate_up"], None, base["gate_up"]),
+                        lambda: activations.silu_mul(plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1],
+                                                           w["gate_up"], None, base["gate_up"]))),
+            "down": (lambda: plain(act2, w["down"], None, base["down"]),
+                     lambda: h2 + plain(act2, w["down"], None, base["down"])),
+            "head": (lambda: plain(h2, w["head"], None, base["head"]),
+                     lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["head"], None, base["head"])),
+        }
+        for name, (alone, unfused) in variants.items():
+            run = folded_runs[name][3]
             times = {label: round(timer.ms(call) * 1e3, 2) for label, call in
-                     (("plain", alone), ("unfused", unfused), ("folded", folded))}
-            report.append({"model": model, "projection": name, "config": str(cfg[name]), **times})
+                     (("plain", alone), ("unfused", unfused), ("folded", lambda: run(cfg[name])))}
+            report.append({"model": model, "projection": name, "plain_config": str(base[name]),
+                           "folded_config": str(cfg[name]), **times})
             print(model, name, cfg[name], times, flush=True)
 
         def layer_unfused() -> torch.Tensor:
             normed = decoder_fused.add_rms_norm(h2, scale, 1e-5)[1]
-            plain(normed, w["qkv"], qkv_bias, cfg["qkv"])
-            h1, normed = decoder_fused.add_rms_norm(h2, scale, 1e-5, plain(h2, w["o"], None, cfg["o"]))
-            mid = activations.silu_mul(plain(normed, w["gate_up"], None, cfg["gate_up"]))
-            return h1 + plain(mid, w["down"], None, cfg["down"])
+            plain(normed, w["qkv"], qkv_bias, base["qkv"])
+            h1, normed = decoder_fused.add_rms_norm(h2, scale, 1e-5, plain(h2, w["o"], None, base["o"]))
+            mid = activations.silu_mul(plain(normed, w["gate_up"], None, base["gate_up"]))
+            return h1 + plain(mid, w["down"], None, base["down"])
 
         def layer_folded() -> torch.Tensor:
             fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["qkv"], qkv_bias, cfg["qkv"])

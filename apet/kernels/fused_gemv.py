@@ -18,11 +18,15 @@ kernels' up to the order of the norm's float32 sum (``tests/test_fused_gemv.py``
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+from typing import Callable
 
 import torch
 
 from apet.kernels import activations, decoder_fused, gemv
+from apet.kernels.device_timing import ColdTimer
 
 try:  # Triton ships with CUDA builds of torch
     import triton
@@ -31,6 +35,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
+log = logging.getLogger(__name__)
 ENABLED = {"value": os.environ.get("APET_FUSED_GEMV", "1") != "0"}  # 0: the norms and adds stay their own kernels
 # 1: launched as programmatic dependents (Hopper and later): a kernel loads its first weight tile while the previous
 # kernel finishes, and waits for it (griddepcontrol) before touching activations
@@ -113,21 +118,21 @@ if triton is not None:
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_features: int, *,
             norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
             up_rows: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One row of x [..., K] through the fused kernel; ``up_rows`` > 0: silu(rows n)·(rows n + up_rows)."""
+    """One row of x [..., K] through the fused kernel, ``config.block_n`` outputs per program; ``up_rows`` > 0:
+    silu(rows n)·(rows n + up_rows)."""
     depth = int(x.shape[-1])
     x1 = x.reshape(depth)
     if x1.stride(0) != 1:
         x1 = x1.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
-    block_n = max(1, config.block_n // 2) if up_rows else config.block_n  # a gate row and an up row per row
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
     pdl = PDL["value"] and _dependent_launch(x.device)
-    _fused_row_gemv[(triton.cdiv(out_features, block_n),)](
+    _fused_row_gemv[(triton.cdiv(out_features, config.block_n),)](
         x1, norm_weight, weight, bias if bias is not None else weight,
         residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
         weight.stride(0), eps, NORM=norm is not None, HAS_BIAS=bias is not None, SILU=up_rows > 0,
         RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth),
-        BLOCK_N=block_n, BLOCK_K=config.block_k, STAGES=config.stages, PDL=pdl, num_warps=config.warps,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PDL=pdl, num_warps=config.warps,
         **({"launch_pdl": True} if pdl else {}))
     return y
 
@@ -166,13 +171,45 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
 
 
-def _config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> gemv.Config | None:
-    """The rows-form configuration the skinny-matmul timing found fastest for this projection (the fused kernel
-    streams the same weight rows); None inside a capture before the shape was timed. Off the GPU (the interpreter)
-    nothing is timed: the first rows configuration."""
+MAX_BLOCK_N = 32  # outputs per program tried at most (each holds BLOCK_N x BLOCK_K float32 partial sums)
+_choices: dict[tuple, gemv.Config | None] = {}
+
+
+def _candidates(base: gemv.Config, silu: bool) -> list[gemv.Config]:
+    """The skinny-matmul kernel's pick for the plain projection, with 1, 2 and 4 times its outputs per program (a
+    gate/up program computes a gate and an up row per output: half the plain pick's outputs to start)."""
+    start = max(1, base.block_n // 2) if silu else base.block_n
+    return [dataclasses.replace(base, block_n=n) for n in (start, 2 * start, 4 * start) if n <= MAX_BLOCK_N]
+
+
+def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          run: Callable[[gemv.Config], torch.Tensor]) -> gemv.Config | None:
+    """The fastest configuration of one folded projection, timed once per shape on the device as the skinny-matmul
+    choice is (cold L2, in a CUDA graph: :mod:`apet.kernels.device_timing`).
+
+    Why more outputs per program than the plain kernel: every program re-reads x (and the norm's weight) from L2,
+    and the norm sums all of x first, so the folded kernels pay per program what the plain one does not. None
+    inside a capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first rows
+    configuration."""
     if not x.is_cuda:
         return next(config for config in gemv.CONFIGS if config.fits(1))
-    return gemv.kernel_choice(x.reshape(1, x.shape[-1]), weight, bias)
+    row = x.reshape(1, x.shape[-1])
+    key = (kind, gemv.shape_key(row, weight, bias))
+    if key in _choices:
+        return _choices[key]
+    base = gemv.kernel_choice(row, weight, bias)
+    if base is None or torch.cuda.is_current_stream_capturing():
+        return None
+    timer = ColdTimer(x.device)
+    timings = {}
+    for config in _candidates(base, kind == "silu"):
+        try:
+            timings[config] = timer.ms(lambda c=config: run(c))
+        except Exception as exc:  # a configuration that does not compile on this GPU is not a candidate
+            log.debug("folded %s %s failed: %s", kind, config, exc)
+    _choices[key] = min(timings, key=timings.get) if timings else None
+    log.debug("folded %s %s x %s: %s", kind, tuple(row.shape), tuple(weight.shape), _choices[key])
+    return _choices[key]
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -205,21 +242,21 @@ def _normed(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Ten
 
 def _norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    config = _config(x, weight, bias)
+    config = folded_choice("norm", x, weight, bias, lambda c: norm_linear_kernel(x, norm_weight, eps, weight, bias, c))
     if config is None:  # captured before timing: the unfused kernels (the projection then on cuBLAS)
         return gemv.linear(_normed(x, norm_weight, eps), weight, bias)
     return norm_linear_kernel(x, norm_weight, eps, weight, bias, config)
 
 
 def _norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
-    config = _config(x, weight, None)
+    config = folded_choice("silu", x, weight, None, lambda c: norm_gate_up_silu_kernel(x, norm_weight, eps, weight, c))
     if config is None:
         return activations.silu_mul(gemv.linear(_normed(x, norm_weight, eps), weight))
     return norm_gate_up_silu_kernel(x, norm_weight, eps, weight, config)
 
 
 def _linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    config = _config(x, weight, None)
+    config = folded_choice("residual", x, weight, None, lambda c: linear_residual_kernel(x, weight, residual, c))
     if config is None:
         return residual + gemv.linear(x, weight)
     return linear_residual_kernel(x, weight, residual, config)

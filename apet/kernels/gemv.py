@@ -149,14 +149,15 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.numel() // x.shape[-1] <= MAX_ROWS)
 
 
-def _shape_key(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def shape_key(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a timed choice is valid for: the shapes, the weight's row stride, a bias or not, dtype and device."""
     return (tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
 
 
 def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:
     """The fastest of cuBLAS and the kernel's configurations for this shape, measured once per shape on the device
     (cold L2, inside a CUDA graph)."""
-    key = _shape_key(x2, weight, bias)
+    key = shape_key(x2, weight, bias)
     if key in _choices:
         return _choices[key]
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: cuBLAS until measured
@@ -183,7 +184,7 @@ def kernel_choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """The fastest configuration of the kernel for this shape even where cuBLAS won (the fused kernels of
     :mod:`apet.kernels.fused_gemv` stream the same weight rows, and save launches cuBLAS cannot); None inside a
     capture before the shape was timed, or where no configuration compiled."""
-    key = _shape_key(x2, weight, bias)
+    key = shape_key(x2, weight, bias)
     if key not in _kernel_choices:
         choice(x2, weight, bias)
     return _kernel_choices.get(key)
