@@ -40,8 +40,9 @@ def sweep_configs() -> list[gemv.Config]:
 
 def fused(out: Path, timer: ColdTimer) -> None:
     """Per model: the layer's projections plain, unfused (neighbour as its own kernel) and folded; then the layer."""
-    from apet.kernels import activations, decoder_fused, fused_gemv
+    from apet.kernels import activations, decoder_fused, dependent_launch, fused_gemv
 
+    dependent_launch.ENABLED["value"] = False  # on only for the last layer timing
     report = []
     for model in ("llava", "qwen"):
         dims = {name.split(".")[1]: (n, k, bias) for name, n, k, bias in SHAPES if name.startswith(model)}
@@ -104,13 +105,13 @@ def fused(out: Path, timer: ColdTimer) -> None:
             return fused_gemv.linear_residual_kernel(mid, w["down"], h1, cfg["down"])
 
         times = {"unfused": timer.ms(layer_unfused), "folded": timer.ms(layer_folded)}
-        fused_gemv.PDL["value"] = True
+        dependent_launch.ENABLED["value"] = True
         try:
             times["folded_pdl"] = timer.ms(layer_folded)
         except Exception as exc:  # a Triton or driver without programmatic dependent launch
             print("pdl failed", str(exc)[:300], flush=True)
         finally:
-            fused_gemv.PDL["value"] = False
+            dependent_launch.ENABLED["value"] = False
         row = {"model": model, "projection": "layer", **{k: round(v * 1e3, 2) for k, v in times.items()}}
         report.append(row)
         print(row, flush=True)

@@ -2,11 +2,12 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:pdl]`` (``sdpa``: decode
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl]`` (``sdpa``: decode
 attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is cuBLAS, not
 :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the norms,
 silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
-:mod:`apet.kernels.fused_gemv`; ``pdl``: those folded kernels launched as programmatic dependents).
+:mod:`apet.kernels.fused_gemv`; ``nopdl``: no kernel launched as a programmatic dependent,
+:mod:`apet.kernels.dependent_launch`).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -32,18 +33,18 @@ from gpu_variants import kernel_profile  # noqa: E402
 from apet.bench.run import _plan, measure_ceilings, stage_costs  # noqa: E402
 from apet.bench.stages import ApetPath, Request  # noqa: E402
 from apet.bench.timing import time_call  # noqa: E402
-from apet.kernels import decode_attention, fused_gemv, gemv  # noqa: E402
+from apet.kernels import decode_attention, dependent_launch, fused_gemv, gemv  # noqa: E402
 from apet.models.registry import load_adapter  # noqa: E402
 
 
 def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
-                            "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": False}
+                            "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "pdl"):
+        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl"):
             case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
-                         "cublas": {"gemv": False}, "unfolded": {"fold": False}, "pdl": {"pdl": True}}[part])
+                         "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False}}[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
@@ -110,7 +111,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             adapters[case["model"]] = load_adapter(case["model"], dtype=torch.float16, device="cuda")
         decode_attention.ENABLED["value"], gemv.ENABLED["value"] = case["decode_attention"], case["gemv"]
-        fused_gemv.ENABLED["value"], fused_gemv.PDL["value"] = case["fold"], case["pdl"]
+        fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from apet.kernels import dependent_launch
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs never reach this path
     import triton
     import triton.language as tl
@@ -55,9 +57,11 @@ if triton is not None:
     def _partial(q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ptr, l_ptr, span, chunk, kv_heads, scale,
                  stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                  stride_vt, stride_bias, GROUPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                 SPLITS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         pair = tl.program_id(0)  # b * kv_heads + kv head
         part = tl.program_id(1)
+        if PDL:  # q and the cache are the previous kernels' writes (apet.kernels.dependent_launch)
+            tl.extra.cuda.gdc_wait()
         b = pair // kv_heads
         head = pair % kv_heads
         rows = tl.arange(0, ROWS)
@@ -93,6 +97,8 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m = m_new
+        if PDL:  # the next kernel may start
+            tl.extra.cuda.gdc_launch_dependents()
         if SPLITS == 1:  # the whole span in this program: the output, normalised
             out = acc / total[:, None]
             tl.store(out_ptr + b * stride_ob + heads * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -105,9 +111,12 @@ if triton is not None:
 
     @triton.jit
     def _combine(part_ptr, m_ptr, l_ptr, out_ptr, kv_heads, stride_ob, stride_oh, GROUPS: tl.constexpr,
-                 ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                 ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                 PDL: tl.constexpr):
         pair = tl.program_id(0)
         row = tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         b = pair // kv_heads
         head = pair % kv_heads
         parts = tl.arange(0, SPLITS_PAD)
@@ -117,6 +126,8 @@ if triton is not None:
         m = tl.load(m_ptr + slot, mask=part_ok, other=float("-inf"))
         total = tl.load(l_ptr + slot, mask=part_ok, other=0.0)
         acc = tl.load(part_ptr + slot[:, None] * D + dims[None, :], mask=part_ok[:, None], other=0.0)
+        if PDL:  # the next kernel may load its weights
+            tl.extra.cuda.gdc_launch_dependents()
         top = tl.max(m, axis=0)
         weight = tl.where(part_ok, tl.exp(m - top), 0.0)  # a part with no positions has m = -inf: weight 0
         out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(total * weight, axis=0)
@@ -148,20 +159,23 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.
     ieee = q.dtype == torch.float32
     strides = (keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2))
     scale = dim ** -0.5
+    pdl = dependent_launch.applies(q.device)
+    launch = dependent_launch.launch_options(pdl)
     if splits == 1:
         _partial[(pairs, 1)](q3, keys, values, bias2, out, out, out, span, chunk, kv_heads, scale, q3.stride(0),
                              q3.stride(1), out.stride(0), out.stride(1), *strides, bias_stride, GROUPS=groups,
-                             ROWS=rows, D=dim, BLOCK=BLOCK_T, SPLITS=1, IEEE=ieee, num_warps=4)
+                             ROWS=rows, D=dim, BLOCK=BLOCK_T, SPLITS=1, IEEE=ieee, PDL=pdl, num_warps=4, **launch)
         return out.view(batch, heads, 1, dim)
     partial = torch.empty(pairs * splits * rows, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(pairs * splits * rows, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
     _partial[(pairs, splits)](q3, keys, values, bias2, partial, m, total, span, chunk, kv_heads, scale,
                               q3.stride(0), q3.stride(1), 0, 0, *strides, bias_stride, GROUPS=groups, ROWS=rows,
-                              D=dim, BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, num_warps=4)  # out: the parts' own
+                              D=dim, BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, PDL=pdl, num_warps=4,
+                              **launch)  # out: the parts' own
     _combine[(pairs, groups)](partial, m, total, out, kv_heads, out.stride(0), out.stride(1), GROUPS=groups,
                               ROWS=rows, D=dim, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                              num_warps=4)
+                              PDL=pdl, num_warps=4, **launch)
     return out.view(batch, heads, 1, dim)
 
 

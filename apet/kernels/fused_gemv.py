@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from apet.kernels import activations, decoder_fused, gemv
+from apet.kernels import activations, decoder_fused, dependent_launch, gemv
 from apet.kernels.device_timing import ColdTimer
 
 try:  # Triton ships with CUDA builds of torch
@@ -37,9 +37,6 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 log = logging.getLogger(__name__)
 ENABLED = {"value": os.environ.get("APET_FUSED_GEMV", "1") != "0"}  # 0: the norms and adds stay their own kernels
-# 1: launched as programmatic dependents (Hopper and later): a kernel loads its first weight tile while the previous
-# kernel finishes, and waits for it (griddepcontrol) before touching activations
-PDL = {"value": os.environ.get("APET_PDL", "0") == "1"}
 
 
 if triton is not None:
@@ -126,20 +123,15 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_feat
         x1 = x1.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
-    pdl = PDL["value"] and _dependent_launch(x.device)
+    pdl = dependent_launch.applies(x.device)
     _fused_row_gemv[(triton.cdiv(out_features, config.block_n),)](
         x1, norm_weight, weight, bias if bias is not None else weight,
         residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
         weight.stride(0), eps, NORM=norm is not None, HAS_BIAS=bias is not None, SILU=up_rows > 0,
         RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth),
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PDL=pdl, num_warps=config.warps,
-        **({"launch_pdl": True} if pdl else {}))
+        **dependent_launch.launch_options(pdl))
     return y
-
-
-def _dependent_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch needs a CUDA device of compute capability 9 or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def norm_linear_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
