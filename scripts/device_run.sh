@@ -45,8 +45,8 @@
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
 #   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
-#   gemv [--sweep]  cuBLAS vs apet's skinny-matmul kernels on the 7B decode projections, cold L2 in CUDA graphs
-#                   (scripts/gpu_gemv.py), after the GEMV and decode-attention kernel tests
+#   gemv [--sweep|--fused]  cuBLAS vs apet's skinny-matmul kernels on the 7B decode projections, cold L2 in CUDA
+#                   graphs (scripts/gpu_gemv.py; --fused: the folded one-row projections), after the kernel tests
 #   new-families    apet-bench qwen3-vl-8b-shapes (1024², 2048²) and internvl3.5-8b-shapes (1, 6 and 12 tiles)
 #                   against HF generate in the same run
 set -uo pipefail
@@ -210,7 +210,8 @@ case "$stage" in
     python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
     ;;
   gemv)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py tests/test_decode_attention.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py tests/test_decode_attention.py \
+      tests/test_fused_gemv.py 2>&1 | tail -3
     python3 scripts/gpu_gemv.py --out "$OUT/gemv.json" "$@" 2>&1 | tail -24
     ;;
   qwen-bench)
