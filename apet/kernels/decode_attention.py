@@ -160,22 +160,20 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.
     strides = (keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2))
     scale = dim ** -0.5
     pdl = dependent_launch.applies(q.device)
-    launch = dependent_launch.launch_options(pdl)
+    launch = dependent_launch.launch
     if splits == 1:
-        _partial[(pairs, 1)](q3, keys, values, bias2, out, out, out, span, chunk, kv_heads, scale, q3.stride(0),
-                             q3.stride(1), out.stride(0), out.stride(1), *strides, bias_stride, GROUPS=groups,
-                             ROWS=rows, D=dim, BLOCK=BLOCK_T, SPLITS=1, IEEE=ieee, PDL=pdl, num_warps=4, **launch)
+        launch(_partial, (pairs, 1), q3, keys, values, bias2, out, out, out, span, chunk, kv_heads, scale,
+               q3.stride(0), q3.stride(1), out.stride(0), out.stride(1), *strides, bias_stride, pdl=pdl,
+               GROUPS=groups, ROWS=rows, D=dim, BLOCK=BLOCK_T, SPLITS=1, IEEE=ieee, num_warps=4)
         return out.view(batch, heads, 1, dim)
     partial = torch.empty(pairs * splits * rows, dim, dtype=torch.float32, device=q.device)
     m = torch.empty(pairs * splits * rows, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
-    _partial[(pairs, splits)](q3, keys, values, bias2, partial, m, total, span, chunk, kv_heads, scale,
-                              q3.stride(0), q3.stride(1), 0, 0, *strides, bias_stride, GROUPS=groups, ROWS=rows,
-                              D=dim, BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, PDL=pdl, num_warps=4,
-                              **launch)  # out: the parts' own
-    _combine[(pairs, groups)](partial, m, total, out, kv_heads, out.stride(0), out.stride(1), GROUPS=groups,
-                              ROWS=rows, D=dim, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
-                              PDL=pdl, num_warps=4, **launch)
+    launch(_partial, (pairs, splits), q3, keys, values, bias2, partial, m, total, span, chunk, kv_heads, scale,
+           q3.stride(0), q3.stride(1), 0, 0, *strides, bias_stride, pdl=pdl, GROUPS=groups, ROWS=rows, D=dim,
+           BLOCK=BLOCK_T, SPLITS=splits, IEEE=ieee, num_warps=4)  # out: the parts' own
+    launch(_combine, (pairs, groups), partial, m, total, out, kv_heads, out.stride(0), out.stride(1), pdl=pdl,
+           GROUPS=groups, ROWS=rows, D=dim, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
     return out.view(batch, heads, 1, dim)
 
 

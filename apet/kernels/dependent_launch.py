@@ -11,7 +11,9 @@ one that is not (cuBLAS, Inductor's kernels) runs after the previous kernel as a
 from __future__ import annotations
 
 import functools
+import logging
 import os
+from typing import Any
 
 import torch
 
@@ -20,12 +22,14 @@ try:  # Triton ships with CUDA builds of torch
 except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
+log = logging.getLogger(__name__)
 ENABLED = {"value": os.environ.get("APET_PDL", "1") != "0"}  # 0: every kernel waits for the previous one to end
 
 
 @functools.lru_cache(maxsize=None)
 def _capable(device_index: int) -> bool:
-    has_gdc = tl is not None and hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    has_gdc = hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
     return has_gdc and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
@@ -34,6 +38,15 @@ def applies(device: torch.device) -> bool:
     return ENABLED["value"] and device.type == "cuda" and _capable(device.index or 0)
 
 
-def launch_options(on: bool) -> dict:
-    """The Triton launch keyword for a kernel whose ``PDL`` constexpr is ``on``."""
-    return {"launch_pdl": True} if on else {}
+def launch(kernel: Any, grid: tuple, *args: Any, pdl: bool, **kwargs: Any) -> None:
+    """``kernel[grid](*args, PDL=pdl, **kwargs)``, launched as a dependent where ``pdl``. A Triton that compiles the
+    instructions but does not take the launch option runs every kernel plain from then on (``griddepcontrol.wait``
+    returns at once in a kernel not launched as a dependent)."""
+    if pdl:
+        try:
+            kernel[grid](*args, PDL=True, launch_pdl=True, **kwargs)
+            return
+        except (TypeError, KeyError) as exc:  # this Triton's launcher has no launch_pdl
+            log.warning("programmatic dependent launch is off: %s", exc)
+            ENABLED["value"] = False
+    kernel[grid](*args, PDL=pdl, **kwargs)

@@ -123,14 +123,14 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_feat
         x1 = x1.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
-    pdl = dependent_launch.applies(x.device)
-    _fused_row_gemv[(triton.cdiv(out_features, config.block_n),)](
+    dependent_launch.launch(
+        _fused_row_gemv, (triton.cdiv(out_features, config.block_n),),
         x1, norm_weight, weight, bias if bias is not None else weight,
         residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
-        weight.stride(0), eps, NORM=norm is not None, HAS_BIAS=bias is not None, SILU=up_rows > 0,
-        RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth),
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, PDL=pdl, num_warps=config.warps,
-        **dependent_launch.launch_options(pdl))
+        weight.stride(0), eps, pdl=dependent_launch.applies(x.device), NORM=norm is not None,
+        HAS_BIAS=bias is not None, SILU=up_rows > 0, RESIDUAL=residual is not None,
+        EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
     return y
 
 
