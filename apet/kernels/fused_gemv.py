@@ -175,13 +175,13 @@ def _candidates(base: gemv.Config, silu: bool) -> list[gemv.Config]:
 
 
 def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          run: Callable[[gemv.Config], torch.Tensor]) -> gemv.Config | None:
+                  run: Callable[[gemv.Config], torch.Tensor]) -> gemv.Config | None:
     """The fastest configuration of one folded projection, timed once per shape on the device as the skinny-matmul
     choice is (cold L2, in a CUDA graph: :mod:`apet.kernels.device_timing`).
 
-    Why more outputs per program than the plain kernel: every program re-reads x (and the norm's weight) from L2,
-    and the norm sums all of x first, so the folded kernels pay per program what the plain one does not. None
-    inside a capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first rows
+    Why not the plain projection's pick as it is: every program re-reads x (and the norm's weight), so fewer,
+    larger programs may win; on the H200 Qwen2.5-VL's gate/up did (docs/benchmarks.md, stop 36). None inside a
+    capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first rows
     configuration."""
     if not x.is_cuda:
         return next(config for config in gemv.CONFIGS if config.fits(1))

@@ -50,6 +50,21 @@ def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
     return module
 
 
+def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The final norm and the LM head of the last hidden state: one kernel at one row (a float head after a
+    Llama-style norm, :mod:`apet.kernels.fused_gemv`), else the norm and :func:`skinny_projection`."""
+    project, found = skinny_projection(head), decoder_fused.rms_norm_of(norm)
+    weight = head.weight if type(head) is nn.Linear else None
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        if (KERNELS["enabled"] and found is not None and weight is not None and found[0].dtype == h.dtype
+                and fused_gemv.applies(h, weight)):
+            return fused_gemv.norm_linear(h, *found, weight, head.bias)
+        return project(norm(h))
+
+    return logits
+
+
 class FusedLayer:
     """One decoder layer's fused projections (:class:`apet.modeling.decoder_block.FusedProjections`):
     ``project_qkv`` is the input norm and the q/k/v projections, ``finish`` the rest of the layer after attention;
@@ -120,9 +135,6 @@ class FusedLayer:
         """Whether a norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: one row)."""
         return (KERNELS["enabled"] and norm is not None and weights is not None and norm[0].dtype == h.dtype
                 and fused_gemv.applies(h, weights[0]))
-
-    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.qkv_call(h).split(self.qkv_sizes, dim=-1)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_call(h)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
-from apet.kernels import decode_attention, decoder_fused, fused_gemv
+from apet.kernels import decode_attention
 from apet.kernels.varlen import flash_varlen_available, is_left_padded, left_pad_segments, packed_causal_attention
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import HeadLayout, additive_mask, repeat_kv, stage2_rebuild
@@ -70,7 +69,7 @@ class StaticDecoder:
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
                  max_context: int, fuse: bool = False, prefill_attention: str = "auto") -> None:
-        from apet.runtime.fusion import FusedLayer, skinny_projection
+        from apet.runtime.fusion import FusedLayer, norm_then_head
 
         if prefill_attention not in PREFILL_ATTENTION:
             raise ValueError(f"prefill_attention={prefill_attention!r}: use one of {', '.join(PREFILL_ATTENTION)}")
@@ -84,9 +83,7 @@ class StaticDecoder:
             from apet.quant.kernels import attach_static
 
             self.kernels = attach_static(self.layers, self.fused, self.head, adapter.dtype)
-        self.project_logits = skinny_projection(self.head) if fuse else self.head
-        # at one row the final norm folds into the LM head's kernel (apet.kernels.fused_gemv)
-        self.final_fold = fuse and type(self.head) is nn.Linear and decoder_fused.rms_norm_of(self.norm) is not None
+        self.project_logits = norm_then_head(self.norm, self.head) if fuse else lambda h: self.head(self.norm(h))
         self.layout = HeadLayout.of(adapter)
         self.blocks = decoder_blocks(self.layers, self.layout, adapter.spec.decoder.qk_norm, self.fused)
         self.injected_layers = adapter.spec.decoder.injected_layers
@@ -133,12 +130,7 @@ class StaticDecoder:
         return self.blocks[i](h, cos, sin, attend)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        last = h[:, -1]
-        if self.final_fold:
-            weight, eps = decoder_fused.rms_norm_of(self.norm)
-            if weight.dtype == last.dtype and fused_gemv.applies(last, self.head.weight):
-                return fused_gemv.norm_linear(last, weight, eps, self.head.weight, self.head.bias)
-        return self.project_logits(self.norm(last))
+        return self.project_logits(h[:, -1])
 
     def packs(self, embeds: torch.Tensor, left_padded: bool) -> bool:
         """Whether a prefill of ``embeds`` attends packed (see the class docstring); only a left-padded mask
