@@ -37,6 +37,8 @@
 #                   scripts/ort_vision_variants.py): wall and GPU-busy ms, kernels, outputs -> $OUT; then
 #                   scripts/ort_ttft_parts.py /tmp/DIR (vision, prefill and a decode step apart; CUDA graphs with each
 #                   set of the optional rewrites)
+#   ortfidelity DIR [N]  each ONNX Runtime vision form of /tmp/DIR against the float32 torch path on N random
+#                   images: kept indices, token errors, merges that went another way (scripts/ort_vision_fidelity.py)
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -174,6 +176,11 @@ case "$stage" in
     python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" --no-ungraphed \
       --sets "${2:-none;default;default,vision-skip-norms}" 2>&1 \
       | grep -v "W:onnxruntime" | tail -5
+    ;;
+  ortfidelity)  # ortfidelity DIR: each ORT vision form (default, + vision-skip-norms) against the float32 torch path
+    wait_export "$1" 540
+    python3 scripts/ort_vision_fidelity.py "/tmp/$1" --model llava-shapes --images "${2:-8}" \
+      --out "$OUT/ort_vision_fidelity.json" 2>&1 | grep -v "W:onnxruntime" | tail -5
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"
