@@ -5,7 +5,9 @@ runs them on CPU (a subprocess); a GPU runs them compiled, and under torch.compi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,25 @@ def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int 
             torch.testing.assert_close(got.double(), want_residual, **_tolerance(dtype, want_residual))
 
 
+@contextlib.contextmanager
+def counted_launches() -> Iterator[list[dict]]:
+    """The keyword arguments of every folded-kernel launch made inside the block."""
+    from apet.kernels import fused_gemv
+
+    launches: list[dict] = []
+    original = fused_gemv._launch
+
+    def counted(*args, **kwargs):
+        launches.append(kwargs)
+        return original(*args, **kwargs)
+
+    fused_gemv._launch = counted
+    try:
+        yield launches
+    finally:
+        fused_gemv._launch = original
+
+
 def _layer(dtype: torch.dtype, device: str):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -82,24 +103,15 @@ def _layer(dtype: torch.dtype, device: str):
 def check_layer(device: str, dtype: torch.dtype) -> None:
     """FusedLayer at one row: the input norm + q/k/v and everything after attention equal the HF modules, through
     the fused kernels (counted); two rows take the unfused kernels and agree too."""
-    from apet.kernels import fused_gemv
     from apet.runtime.fusion import FusedLayer
 
     layer = _layer(dtype, device)
     fused = FusedLayer(layer)
     attn, mlp = layer.self_attn, layer.mlp
-    launches = []
-    original = fused_gemv._launch
-
-    def counted(*args, **kwargs):
-        launches.append(kwargs)
-        return original(*args, **kwargs)
-
     with torch.no_grad():  # on a GPU the first call of a shape times its configurations (uncounted here)
         warm = torch.randn(1, 1, 64).to(device, dtype)
         fused.project_qkv(warm), fused.finish(warm, warm)
-    fused_gemv._launch = counted
-    try:
+    with counted_launches() as launches:
         with torch.no_grad():
             for rows in (1, 2):
                 generator = torch.Generator().manual_seed(rows)
@@ -118,15 +130,12 @@ def check_layer(device: str, dtype: torch.dtype) -> None:
                     assert [bool(call.get("norm")) for call in launches] == [True, False, True, False]
                     assert launches[2]["up_rows"] == 96 and launches[3]["residual"] is not None
         assert len(launches) == 4  # two rows: none fused
-    finally:
-        fused_gemv._launch = original
 
 
 def check_decoder_one_row(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """The static decoder's batch-1 decode steps with the fused kernels (4 per layer and step, and the final norm
     with the LM head) equal it without fusion; its prefill (many rows) folds only the final norm of its last row."""
     from apet.adapters.llava.adapter import LlavaAdapter
-    from apet.kernels import fused_gemv
     from apet.runtime.static_decoder import StaticDecoder
 
     adapter = LlavaAdapter.load(Path(checkpoint), dtype=dtype, device=device)
@@ -134,14 +143,11 @@ def check_decoder_one_row(checkpoint: str, device: str = "cpu", dtype: torch.dty
     embeds = torch.randn(1, 9, hidden, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     mask = torch.ones(1, 9, dtype=torch.long, device=device)
     positions = torch.arange(9, device=device)[None]
-    launches = []
-    original = fused_gemv._launch
     if device != "cpu":  # the first call of a shape times its configurations (uncounted here)
         warm = StaticDecoder(adapter, None, max_batch=1, max_context=32, fuse=True)
         warm.prefill(embeds, mask, positions, None)
         warm.decode(embeds[:, :1], positions[:, -1:] + 1, warm.span(9))
-    fused_gemv._launch = lambda *args, **kwargs: launches.append(1) or original(*args, **kwargs)
-    try:
+    with counted_launches() as launches:
         outs = []
         for fuse in (False, True):
             decoder = StaticDecoder(adapter, None, max_batch=1, max_context=32, fuse=fuse)
@@ -151,8 +157,6 @@ def check_decoder_one_row(checkpoint: str, device: str = "cpu", dtype: torch.dty
                 step = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(20 + i)).to(device, dtype)
                 steps.append(decoder.decode(step, positions[:, -1:] + 1 + i, decoder.span(9 + i)))
             outs.append(steps)
-    finally:
-        fused_gemv._launch = original
     assert len(launches) == 1 + (4 * layers + 1) * 2
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got.double(), want.double(), **_tolerance(dtype, want.double()))

@@ -155,12 +155,11 @@ def linear_residual_kernel(x: torch.Tensor, weight: torch.Tensor, residual: torc
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One row of a CUDA fp16/bf16 activation against a float weight of its dtype, the kernels enabled, not while
-    exporting (Triton's interpreter on CPU: ``TRITON_INTERPRET=1``, float32 too, for the tests)."""
-    interpreted = not x.is_cuda and os.environ.get("TRITON_INTERPRET") == "1"
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if interpreted else (torch.float16, torch.bfloat16)
-    return (ENABLED["value"] and gemv.ENABLED["value"] and triton is not None and (x.is_cuda or interpreted)
-            and x.numel() == x.shape[-1] and x.dtype in dtypes and weight.dtype == x.dtype
-            and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
+    exporting (Triton's interpreter on CPU, :func:`apet.kernels.decoder_fused.available`: float32 too, for the
+    tests)."""
+    return (ENABLED["value"] and gemv.ENABLED["value"] and decoder_fused.available(x)
+            and not (x.is_cuda and x.dtype == torch.float32) and x.numel() == x.shape[-1]
+            and weight.dtype == x.dtype and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
 
 
 MAX_BLOCK_N = 32  # outputs per program tried at most (each holds BLOCK_N x BLOCK_K float32 partial sums)

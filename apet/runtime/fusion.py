@@ -74,13 +74,16 @@ class FusedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_call, self.qkv_sizes, self.qkv_weights = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up_call, self.gate_up_sizes, self.gate_up_weights = _fused([mlp.gate_proj, mlp.up_proj])
-        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
         self.down, self.act = skinny_projection(mlp.down_proj), mlp.act_fn
         # gate and up of equal width with SiLU: apet.kernels.activations.silu_mul applies
         self.silu = activations.is_silu(self.act) and self.gate_up_sizes[0] == self.gate_up_sizes[1]
         self.out = skinny_projection(attn.o_proj)
         self.norms = {"input": layer.input_layernorm, "post": layer.post_attention_layernorm}
         self.norm_weights = {name: decoder_fused.rms_norm_of(module) for name, module in self.norms.items()}
+        # what finish folds at one row, known once: float o/down without bias, silu·up of an unbiased gate/up
+        self.o_weight, self.down_weight = _float_weight(attn.o_proj), _float_weight(mlp.down_proj)
+        self.folds_finish = (self.silu and self.o_weight is not None and self.down_weight is not None
+                             and self.gate_up_weights is not None and self.gate_up_weights[1] is None)
 
     def _kernels(self, h: torch.Tensor, name: str) -> bool:
         found = self.norm_weights[name]
@@ -120,13 +123,12 @@ class FusedLayer:
         """o projection + residual, post-attention norm, MLP + residual, for the merged attention output
         [..., H·d]: three kernels at one row (o+residual, norm+gate/up+silu·mul, down+residual), else the residual
         add and norm in one kernel around the projections."""
-        o_weight, down_weight = _float_weight(self.o_proj), _float_weight(self.down_proj)
         found = self.norm_weights["post"]
-        if (self.silu and o_weight is not None and down_weight is not None and fused_gemv.applies(attended, o_weight)
-                and self._fold(h, found, self.gate_up_weights) and self.gate_up_weights[1] is None):
-            h = fused_gemv.linear_residual(attended, o_weight, h)
+        if (self.folds_finish and fused_gemv.applies(attended, self.o_weight)
+                and self._fold(h, found, self.gate_up_weights)):
+            h = fused_gemv.linear_residual(attended, self.o_weight, h)
             return fused_gemv.linear_residual(fused_gemv.norm_gate_up_silu(h, *found, self.gate_up_weights[0]),
-                                              down_weight, h)
+                                              self.down_weight, h)
         h, normed = self.norm("post", h, self.out(attended))
         return h + self.mlp(normed)
 
