@@ -39,6 +39,11 @@
 #                   set of the optional rewrites)
 #   ortfidelity DIR [N]  each ONNX Runtime vision form of /tmp/DIR against the float32 torch path on N random
 #                   images: kept indices, token errors, merges that went another way (scripts/ort_vision_fidelity.py)
+#   splicecheck     the tiny fp16 model's ONNX Runtime CUDA check (scripts/ort_gqa_check.py), with the prompt spliced
+#                   on the device against the host splice (bit-equal)
+#   ortsplice DIR [SETS]  /tmp/DIR's first token apart (scripts/ort_ttft_parts.py; SETS as its --sets, default: the
+#                   default rewrites with the device and the host splice, and + vision-skip-norms), then
+#                   scripts/ort_gpu_kernels.py with both splices (where each phase's wall time goes)
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -181,6 +186,20 @@ case "$stage" in
     wait_export "$1" 540
     python3 scripts/ort_vision_fidelity.py "/tmp/$1" --model llava-shapes --images "${2:-8}" \
       --out "$OUT/ort_vision_fidelity.json" 2>&1 | grep -v "W:onnxruntime" | tail -5
+    ;;
+  splicecheck)  # the tiny fp16 model on ONNX Runtime CUDA: rewritten graphs, prompt graphs, device splice = host splice
+    python3 scripts/ort_gqa_check.py --out "$OUT/ort_gqa_check_splice.json" 2>&1 | grep -v "W:onnxruntime" | tail -6
+    ;;
+  ortsplice)  # ortsplice DIR [SETS]: the first token's parts with the prompt spliced on the device and on the host,
+    # then where each phase's wall time goes around its GPU work (ort_gpu_kernels timeline), both splices
+    wait_export "$1" 540
+    python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" --no-ungraphed \
+      --sets "${2:-default;default/host-splice;default,vision-skip-norms}" 2>&1 | grep -v "W:onnxruntime" \
+      | cut -c1-600 | tail -5
+    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_device_splice.json" 2>&1 | grep -v USDT \
+      | grep -v "W:onnxruntime" | tail -16
+    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --host-splice --out "$OUT/ort_kernels_host_splice.json" 2>&1 \
+      | grep -v USDT | grep -v "W:onnxruntime" | grep "wall\|timeline"
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"

@@ -29,6 +29,7 @@ from apet.atomic import write_atomic
 
 log = logging.getLogger("ort_gpu_kernels")
 GPU_CATEGORIES = {"kernel": "kernels", "gpu_memcpy": "copies", "gpu_memset": "memsets"}
+CALL_MARK = "apet_call"  # the profiler range around each timed call: its GPU events are the ones inside it
 
 
 def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
@@ -40,7 +41,8 @@ def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             start = time.perf_counter()
-            call()
+            with torch.profiler.record_function(CALL_MARK):
+                call()
             walls.append((time.perf_counter() - start) * 1e3)
     with tempfile.TemporaryDirectory() as scratch:
         trace = Path(scratch) / "trace.json"
@@ -70,11 +72,42 @@ def summarize_trace(events: list[dict[str, Any]], walls: list[float], top: int =
             "gpu_busy_ms_per_call": round(gpu_ms, 4),
             "host_ms_per_call": round(wall - gpu_ms, 4),  # wall not covered by GPU work (an upper bound on overlap)
             "count_per_call": {k: round(v / calls, 1) for k, v in counts.items()},
-            "top_kernels_ms_per_call": [[name, round(ms / calls, 4)] for name, ms in ranked]}
+            "top_kernels_ms_per_call": [[name, round(ms / calls, 4)] for name, ms in ranked],
+            "timeline": call_timeline(events)}
+
+
+def call_timeline(events: list[dict[str, Any]], top: int = 8) -> dict[str, Any]:
+    """Where each call's wall time goes around its GPU work (medians over the calls, ms): before the first GPU
+    event (host work, input copies queued), the span from the first GPU event to the last, the idle time inside
+    that span (gaps between kernels, in a CUDA graph's replay too), after the last GPU event (outputs read back, the
+    return); and the largest gaps inside the span with the events around them (summed over the calls)."""
+    marks = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                   if e.get("name") == CALL_MARK and e.get("ph") == "X")
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name", "?"))[:80])
+                 for e in events if str(e.get("cat", "")).lower() in GPU_CATEGORIES and "ts" in e)
+    rows, gaps = [], Counter()
+    for start, end in marks:
+        inside = [g for g in gpu if start <= g[0] < end]
+        if not inside:
+            continue
+        idle, reach = 0.0, inside[0][1]
+        for before, after in zip(inside, inside[1:]):
+            reach = max(reach, before[1])
+            if after[0] > reach:
+                idle += after[0] - reach
+                gaps[f"{before[2]} -> {after[2]}"] += after[0] - reach
+        last = max(g[1] for g in inside)
+        rows.append((inside[0][0] - start, last - inside[0][0], idle, end - last))
+    if not rows:
+        return {}
+    lead, span, idle, tail = (float(np.median([row[i] for row in rows])) / 1e3 for i in range(4))
+    return {"calls": len(rows), "before_gpu_ms": round(lead, 4), "gpu_span_ms": round(span, 4),
+            "idle_in_span_ms": round(idle, 4), "after_gpu_ms": round(tail, 4),
+            "largest_gaps_ms_per_call": [[name, round(us / 1e3 / len(rows), 4)] for name, us in gaps.most_common(top)]}
 
 
 def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
-        decode_attention: str = "auto", rewrites: str = "default") -> dict[str, Any]:
+        decode_attention: str = "auto", rewrites: str = "default", device_splice: bool = True) -> dict[str, Any]:
     from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -82,7 +115,7 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     manifest = read_manifest(artifact)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs,
-                                 decode_attention=decode_attention, rewrites=rewrites)
+                                 decode_attention=decode_attention, rewrites=rewrites, device_splice=device_splice)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
     state: dict[str, Any] = {}
 
@@ -101,8 +134,10 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
         request()
         for _ in range(3):
             decode()
-    phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls),
-              "prefill": profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)}
+    state.pop("visual")  # a held output would be brought to the host by the next encode (ort_splice)
+    phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls)}
+    state["visual"] = backend.encode(inputs)  # encoded last: its rows stay on the device for the prefills
+    phases["prefill"] = profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)
     state["logits"] = backend.prefill(state["layout"], state["visual"])
     state["mask"] = state["layout"].attention_mask
     phases["decode_step"] = profile_phase(decode, decode_steps)
@@ -111,6 +146,7 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     return {"artifact": str(artifact), "kv_cache": manifest.kv_cache, "attention": manifest.attention,
             "cuda_graphs": cuda_graphs, "decode_attention": backend.decode_attention(),
             "vision_cuda_graph": backend.vision_graphed(), "prompt_cuda_graph": backend.prompt_graphed(),
+            "device_splice": backend.device_splice is not None,
             "onnxruntime": ort.__version__, "torch": torch.__version__,
             "device": device, "phases": phases}
 
@@ -122,17 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-attention", default="auto", choices=("auto", "gqa", "graph"),
                         help="the static form's decode attention (apet-run --decode-attention)")
     parser.add_argument("--rewrites", default="default", help="the optional graph rewrites (apet-run --ort-rewrites)")
+    parser.add_argument("--host-splice", action="store_true", help="the prompt spliced on the host (the visual rows "
+                        "copied down and the prompt up; default: on the device, ort_splice)")
     parser.add_argument("--calls", type=int, default=5, help="profiled vision and prefill calls")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args.artifact, not args.no_cuda_graphs, args.calls, args.decode_steps, args.decode_attention,
-                 args.rewrites)
+                 args.rewrites, not args.host_splice)
     write_atomic(args.out, json.dumps(result, indent=1).encode())
     for name, phase in result["phases"].items():
         log.info("%-12s wall %.3f ms | GPU busy %.3f ms | counts %s", name, phase["wall_ms_median"],
                  phase["gpu_busy_ms_per_call"], phase["count_per_call"])
+        log.info("    timeline %s", {k: v for k, v in phase["timeline"].items() if k != "largest_gaps_ms_per_call"})
         for kernel, ms in phase["top_kernels_ms_per_call"][:6]:
             log.info("    %.4f ms  %s", ms, kernel)
     return 0

@@ -229,6 +229,29 @@ def test_ort_gpu_kernels_sums_the_trace_per_call() -> None:
     assert got["host_ms_per_call"] == round(6.0 - 4.7 / 3, 4)
     assert got["count_per_call"] == {"kernels": 1.0, "copies": 0.3}
     assert got["top_kernels_ms_per_call"] == [["b", 1.0], ["a", 0.5]]
+    assert got["timeline"] == {}  # no call ranges in this trace
+
+
+def test_ort_gpu_kernels_splits_each_call_around_its_gpu_work() -> None:
+    """Per call (the profiler range around it): time before the first GPU event, the span of GPU work, the idle
+    time inside it (overlapping events count once), time after the last; gaps named by the events around them."""
+    script = _script("ort_gpu_kernels")
+    mark = script.CALL_MARK
+    events = [{"name": mark, "ph": "X", "ts": 0.0, "dur": 100.0},
+              {"cat": "gpu_memcpy", "name": "HtoD", "ts": 10.0, "dur": 5.0},
+              {"cat": "kernel", "name": "k1", "ts": 20.0, "dur": 30.0},
+              {"cat": "kernel", "name": "k2", "ts": 40.0, "dur": 20.0},  # overlaps k1: no gap
+              {"cat": "kernel", "name": "k3", "ts": 70.0, "dur": 10.0},
+              {"name": mark, "ph": "X", "ts": 200.0, "dur": 50.0},
+              {"cat": "kernel", "name": "k1", "ts": 210.0, "dur": 10.0},
+              {"cat": "kernel", "name": "k2", "ts": 240.0, "dur": 5.0},
+              {"cat": "kernel", "name": "late", "ts": 400.0, "dur": 1.0}]  # outside every call
+    got = script.call_timeline(events)
+    assert got["calls"] == 2
+    # call 1: before 10, span 70, idle 5 + 10, after 20; call 2: before 10, span 35, idle 20, after 5 (µs; medians)
+    assert got["before_gpu_ms"] == 0.01 and got["gpu_span_ms"] == 0.0525 and got["after_gpu_ms"] == 0.0125
+    assert got["idle_in_span_ms"] == 0.0175
+    assert got["largest_gaps_ms_per_call"][0] == ["k1 -> k2", 0.01]  # call 2's 20 µs, over 2 calls
 
 
 def test_ort_gpu_kernels_runs_the_static_form(llava_static: Path) -> None:
