@@ -39,11 +39,9 @@
 #                   set of the optional rewrites)
 #   ortfidelity DIR [N]  each ONNX Runtime vision form of /tmp/DIR against the float32 torch path on N random
 #                   images: kept indices, token errors, merges that went another way (scripts/ort_vision_fidelity.py)
-#   splicecheck     the tiny fp16 model's ONNX Runtime CUDA check (scripts/ort_gqa_check.py), with the prompt spliced
-#                   on the device against the host splice (bit-equal)
-#   ortsplice DIR [SETS]  /tmp/DIR's first token apart (scripts/ort_ttft_parts.py; SETS as its --sets, default: the
-#                   default rewrites with the device and the host splice, and + vision-skip-norms), then
-#                   scripts/ort_gpu_kernels.py with both splices (where each phase's wall time goes)
+#   orttime DIR [SETS]  /tmp/DIR's first token apart (scripts/ort_ttft_parts.py; SETS as its --sets, default: the
+#                   default rewrites, and + vision-skip-norms), then scripts/ort_gpu_kernels.py (each phase's wall
+#                   time before, across and after its GPU work)
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -147,10 +145,13 @@ case "$stage" in
       --out "$OUT/ort_profile_llava7b.json" 2>&1 | tail -40
     ;;
   ortstatic-export)  # may run in the background (setsid) while the wheel's pieces are carried: ortstatic waits
-    # for its marker /tmp/DIR.done (never wait on `pgrep -f`: the calling shell's own command line matches it)
+    # for its marker /tmp/DIR.done (never wait on `pgrep -f`: the calling shell's own command line matches it).
+    # It runs from its own copy of the package: each device call copies the working tree again, and a module
+    # imported lazily mid-copy failed the export once (ImportError, docs/benchmarks.md h200-splice/)
     start=$SECONDS
     rm -f "/tmp/$1.done"; touch "/tmp/$1.started"
-    python3 -m apet.cli export --model llava-shapes --ratio 0.11 --stages 2 --dtype fp16 --attention op \
+    src="/tmp/apet-src-$1"; rm -rf "$src"; mkdir -p "$src"; cp -r apet "$src/"
+    PYTHONPATH="/tmp/ortgpu:$src" python3 -m apet.cli export --model llava-shapes --ratio 0.11 --stages 2 --dtype fp16 --attention op \
       --kv-cache static --max-batch 1 --max-context 512 --device cuda --out "/tmp/$1" --overwrite 2>&1 | tail -5
     echo "ortstatic-export $1: $((SECONDS - start)) s"; du -sh "/tmp/$1"; ls -la "/tmp/$1"; df -h /tmp | tail -1
     echo "$((SECONDS - start))" > "/tmp/$1.done"
@@ -187,19 +188,13 @@ case "$stage" in
     python3 scripts/ort_vision_fidelity.py "/tmp/$1" --model llava-shapes --images "${2:-8}" \
       --out "$OUT/ort_vision_fidelity.json" 2>&1 | grep -v "W:onnxruntime" | tail -5
     ;;
-  splicecheck)  # the tiny fp16 model on ONNX Runtime CUDA: rewritten graphs, prompt graphs, device splice = host splice
-    python3 scripts/ort_gqa_check.py --out "$OUT/ort_gqa_check_splice.json" 2>&1 | grep -v "W:onnxruntime" | tail -6
-    ;;
-  ortsplice)  # ortsplice DIR [SETS]: the first token's parts with the prompt spliced on the device and on the host,
-    # then where each phase's wall time goes around its GPU work (ort_gpu_kernels timeline), both splices
+  orttime)  # orttime DIR [SETS]: the first token's parts (ort_ttft_parts) and where each phase's wall time goes
+    # around its GPU work (ort_gpu_kernels' timeline); prefix ORT_ENABLE_XQA=0 etc. to try a kernel choice
     wait_export "$1" 540
     python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts.json" --no-ungraphed \
-      --sets "${2:-default;default/host-splice;default,vision-skip-norms}" 2>&1 | grep -v "W:onnxruntime" \
-      | cut -c1-600 | tail -5
-    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_device_splice.json" 2>&1 | grep -v USDT \
+      --sets "${2:-default;default,vision-skip-norms}" 2>&1 | grep -v "W:onnxruntime" | cut -c1-600 | tail -5
+    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_timeline.json" 2>&1 | grep -v USDT \
       | grep -v "W:onnxruntime" | tail -16
-    python3 scripts/ort_gpu_kernels.py "/tmp/$1" --host-splice --out "$OUT/ort_kernels_host_splice.json" 2>&1 \
-      | grep -v USDT | grep -v "W:onnxruntime" | grep "wall\|timeline"
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"

@@ -30,6 +30,8 @@ from apet.atomic import write_atomic
 log = logging.getLogger("ort_gpu_kernels")
 GPU_CATEGORIES = {"kernel": "kernels", "gpu_memcpy": "copies", "gpu_memset": "memsets"}
 CALL_MARK = "apet_call"  # the profiler range around each timed call: its GPU events are the ones inside it
+HOST_RANGE = "user_annotation"  # the range on the host's timeline (Kineto copies it onto the GPU's as
+# gpu_user_annotation, spanning exactly the GPU work, which would hide the time before and after it)
 
 
 def profile_phase(call: Callable[[], Any], calls: int) -> dict[str, Any]:
@@ -82,7 +84,7 @@ def call_timeline(events: list[dict[str, Any]], top: int = 8) -> dict[str, Any]:
     that span (gaps between kernels, in a CUDA graph's replay too), after the last GPU event (outputs read back, the
     return); and the largest gaps inside the span with the events around them (summed over the calls)."""
     marks = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                   if e.get("name") == CALL_MARK and e.get("ph") == "X")
+                   if e.get("name") == CALL_MARK and str(e.get("cat", "")).lower() == HOST_RANGE)
     gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), str(e.get("name", "?"))[:80])
                  for e in events if str(e.get("cat", "")).lower() in GPU_CATEGORIES and "ts" in e)
     rows, gaps = [], Counter()
@@ -107,7 +109,7 @@ def call_timeline(events: list[dict[str, Any]], top: int = 8) -> dict[str, Any]:
 
 
 def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
-        decode_attention: str = "auto", rewrites: str = "default", device_splice: bool = True) -> dict[str, Any]:
+        decode_attention: str = "auto", rewrites: str = "default") -> dict[str, Any]:
     from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
@@ -115,7 +117,7 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     manifest = read_manifest(artifact)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs,
-                                 decode_attention=decode_attention, rewrites=rewrites, device_splice=device_splice)
+                                 decode_attention=decode_attention, rewrites=rewrites)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, decode_steps + 4)
     state: dict[str, Any] = {}
 
@@ -134,10 +136,8 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
         request()
         for _ in range(3):
             decode()
-    state.pop("visual")  # a held output would be brought to the host by the next encode (ort_splice)
-    phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls)}
-    state["visual"] = backend.encode(inputs)  # encoded last: its rows stay on the device for the prefills
-    phases["prefill"] = profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)
+    phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls),
+              "prefill": profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)}
     state["logits"] = backend.prefill(state["layout"], state["visual"])
     state["mask"] = state["layout"].attention_mask
     phases["decode_step"] = profile_phase(decode, decode_steps)
@@ -146,7 +146,6 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     return {"artifact": str(artifact), "kv_cache": manifest.kv_cache, "attention": manifest.attention,
             "cuda_graphs": cuda_graphs, "decode_attention": backend.decode_attention(),
             "vision_cuda_graph": backend.vision_graphed(), "prompt_cuda_graph": backend.prompt_graphed(),
-            "device_splice": backend.device_splice is not None,
             "onnxruntime": ort.__version__, "torch": torch.__version__,
             "device": device, "phases": phases}
 
@@ -158,15 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-attention", default="auto", choices=("auto", "gqa", "graph"),
                         help="the static form's decode attention (apet-run --decode-attention)")
     parser.add_argument("--rewrites", default="default", help="the optional graph rewrites (apet-run --ort-rewrites)")
-    parser.add_argument("--host-splice", action="store_true", help="the prompt spliced on the host (the visual rows "
-                        "copied down and the prompt up; default: on the device, ort_splice)")
     parser.add_argument("--calls", type=int, default=5, help="profiled vision and prefill calls")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = run(args.artifact, not args.no_cuda_graphs, args.calls, args.decode_steps, args.decode_attention,
-                 args.rewrites, not args.host_splice)
+                 args.rewrites)
     write_atomic(args.out, json.dumps(result, indent=1).encode())
     for name, phase in result["phases"].items():
         log.info("%-12s wall %.3f ms | GPU busy %.3f ms | counts %s", name, phase["wall_ms_median"],

@@ -26,8 +26,7 @@ def _timed(call: Any, repeats: int) -> dict[str, float]:
     return time_call(call, device="cpu", warmup=0, repeats=repeats).to_json()
 
 
-def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, ...] = (),
-          device_splice: bool = True) -> dict[str, Any]:
+def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, ...] = ()) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -37,10 +36,10 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
 
     manifest = read_manifest(artifact)
     device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, rewrites=rewrites,
-                                 device_splice=device_splice)
+    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, rewrites=rewrites)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, repeats + 8)
-    layout = make_layout(backend.encode(inputs).keep_index)
+    visual = backend.encode(inputs)
+    layout = make_layout(visual.keep_index)
     state: dict[str, Any] = {}
 
     def first_token() -> None:
@@ -60,15 +59,11 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
     result = {"cuda_graphs": cuda_graphs, "rewrites": sorted(backend.rewrites),
               "vision_graphed": backend.vision_graphed(),
               "prompt_graphed": backend.prompt_graphed(),
-              "device_splice": backend.device_splice is not None,
-              "vision": _timed(lambda: backend.encode(inputs), repeats)}
-    # encoded last, so its rows stay on the device for the prefills (a later encode would bring them to the host)
-    visual = backend.encode(inputs)
-    result.update({"layout": _timed(lambda: make_layout(visual.keep_index), repeats),
-                   "prefill": _timed(lambda: backend.prefill(layout, visual), repeats)})
-    visual = None  # let it go before the next encode
-    result.update({"vision_and_prefill": _timed(first_token, repeats),
-                   "inside_first_token": _inside_first_token(backend, inputs, make_layout, repeats)})
+              "vision": _timed(lambda: backend.encode(inputs), repeats),
+              "layout": _timed(lambda: make_layout(visual.keep_index), repeats),
+              "prefill": _timed(lambda: backend.prefill(layout, visual), repeats),
+              "vision_and_prefill": _timed(first_token, repeats),
+              "inside_first_token": _inside_first_token(backend, inputs, make_layout, repeats)}
     first_token()
     result["decode_step"] = _timed(decode_step, repeats)
     return result
@@ -89,21 +84,9 @@ def _inside_first_token(backend: Any, inputs: Any, make_layout: Any, repeats: in
         t2 = time.perf_counter()
         backend.prefill(layout, seen)
         t3 = time.perf_counter()
-        del seen  # before the next encode, as a pipeline holds none
         for name, ms in zip(steps, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)):
             steps[name].append(ms)
     return {f"{name}_median_ms": round(statistics.median(values), 4) for name, values in steps.items()}
-
-
-HOST_SPLICE = "/host-splice"
-
-
-def _rewrite_set(text: str) -> tuple[tuple[str, ...], bool]:
-    """``"default,vision-skip-norms/host-splice"`` -> (the rewrite names, whether the prompt is spliced on the
-    device)."""
-    device_splice = not text.endswith(HOST_SPLICE)
-    text = text.removesuffix(HOST_SPLICE)
-    return (tuple(text.split(",")) if text not in ("", "none") else ()), device_splice
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,18 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sets", default="", help="semicolon-separated rewrite sets to time with CUDA graphs "
-                        f"(default: none, each alone, all); a set ending in {HOST_SPLICE} splices the prompt on the "
-                        "host (ort_splice)")
+                        "(default: none, each alone, all)")
     parser.add_argument("--no-ungraphed", action="store_true", help="leave out the run without CUDA graphs")
     args = parser.parse_args(argv)
     from apet.runtime.backends.ort_options import GRAPH_REWRITES
 
-    sets = [_rewrite_set(chosen) for chosen in args.sets.split(";")] if args.sets \
-        else [((), True), *(((name,), True) for name in GRAPH_REWRITES), (tuple(GRAPH_REWRITES), True)]
+    sets = [tuple(s.split(",")) if s not in ("", "none") else () for s in args.sets.split(";")] if args.sets \
+        else [(), *((name,) for name in GRAPH_REWRITES), tuple(GRAPH_REWRITES)]
     runs = []
-    for graphs, (rewrites, device_splice) in [*((True, chosen) for chosen in sets),
-                                              *([] if args.no_ungraphed else [(False, ((), True))])]:
-        runs.append(parts(args.artifact, graphs, args.repeats, rewrites, device_splice))
+    for graphs, rewrites in [*((True, chosen) for chosen in sets), *([] if args.no_ungraphed else [(False, ())])]:
+        runs.append(parts(args.artifact, graphs, args.repeats, rewrites))
         gc.collect()  # the previous backend's sessions and device buffers go before the next one's
     for run in runs:
         print(json.dumps(run))

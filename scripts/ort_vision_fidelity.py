@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from apet.manifest import read_manifest
     from apet.models.registry import family_of, load_adapter
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from apet.runtime.pipeline import Pipeline
+    from apet.runtime.pipeline import make_backend
 
     manifest = read_manifest(args.artifact)
     family = family_of(manifest)
@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
               for seed in range(args.images)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_adapter(args.model, dtype=torch.float32, device=device)
-    reference = Pipeline.load(args.artifact, backend="torch", device=device, adapter=adapter, torch_mode="reference")
+    # the backend alone: a *-shapes artifact has no tokenizer for a pipeline's processor
+    reference = make_backend("torch", args.artifact, manifest, device, adapter=adapter, torch_mode="reference")
     with torch.no_grad():
-        wanted = [reference.backend.encode(request) for request in inputs]
+        wanted = [reference.encode(request) for request in inputs]
     del reference, adapter
     gc.collect()
     ort_device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"

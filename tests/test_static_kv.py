@@ -237,12 +237,13 @@ def test_ort_gpu_kernels_splits_each_call_around_its_gpu_work() -> None:
     time inside it (overlapping events count once), time after the last; gaps named by the events around them."""
     script = _script("ort_gpu_kernels")
     mark = script.CALL_MARK
-    events = [{"name": mark, "ph": "X", "ts": 0.0, "dur": 100.0},
+    events = [{"name": mark, "ph": "X", "cat": "user_annotation", "ts": 0.0, "dur": 100.0},
+              {"name": mark, "ph": "X", "cat": "gpu_user_annotation", "ts": 10.0, "dur": 70.0},  # not a call
               {"cat": "gpu_memcpy", "name": "HtoD", "ts": 10.0, "dur": 5.0},
               {"cat": "kernel", "name": "k1", "ts": 20.0, "dur": 30.0},
               {"cat": "kernel", "name": "k2", "ts": 40.0, "dur": 20.0},  # overlaps k1: no gap
               {"cat": "kernel", "name": "k3", "ts": 70.0, "dur": 10.0},
-              {"name": mark, "ph": "X", "ts": 200.0, "dur": 50.0},
+              {"name": mark, "ph": "X", "cat": "user_annotation", "ts": 200.0, "dur": 50.0},
               {"cat": "kernel", "name": "k1", "ts": 210.0, "dur": 10.0},
               {"cat": "kernel", "name": "k2", "ts": 240.0, "dur": 5.0},
               {"cat": "kernel", "name": "late", "ts": 400.0, "dur": 1.0}]  # outside every call

@@ -97,8 +97,7 @@ def make_backend(name: str, artifact_dir: Path, manifest: Manifest, device: str 
                                    profile_apet=bool(options.get("profile_apet")),
                                    cuda_graphs=bool(options.get("cuda_graphs", True)),
                                    decode_attention=str(options.get("decode_attention", "auto")),
-                                   rewrites=options.get("ort_rewrites"),
-                                   device_splice=bool(options.get("ort_device_splice", True)))
+                                   rewrites=options.get("ort_rewrites"))
     if name == "torch":  # the host's reference and GPU fast path (apet[export]); imported by name
         return backend_class(name).create(artifact_dir, manifest, device=device, **options)
     return backend_class(name)(artifact_dir, manifest, device=device, **options)

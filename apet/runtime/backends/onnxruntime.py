@@ -25,7 +25,6 @@ from apet.contracts.io import (
     INJECTED_ROWS,
     LOGITS,
     STAGE2_INDEX,
-    VISUAL_EMBEDS,
     past_names,
     present_names,
 )
@@ -43,7 +42,6 @@ from apet.runtime.backends.base import (
 from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm
 from apet.runtime.backends.ort_options import cuda_provider, graph_rewrites, session_options
 from apet.runtime.backends.ort_session import SessionSetup
-from apet.runtime.backends.ort_splice import DeviceSplice, SplicedEmbeds
 from apet.runtime.backends.ort_static import StaticKV
 
 
@@ -52,8 +50,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  profile_apet: bool = False, profile_dir: Path | None = None, cuda_graphs: bool = True,
-                 decode_attention: str = "auto", rewrites: str | Iterable[str] | None = None,
-                 device_splice: bool = True) -> None:
+                 decode_attention: str = "auto", rewrites: str | Iterable[str] | None = None) -> None:
         super().__init__(artifact_dir, manifest)
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
@@ -87,17 +84,11 @@ class OnnxRuntimeBackend(Backend):
             vision_options = _profiling(ort, options, Path(profile_dir) / "vision")
             llm_options = _profiling(ort, options, Path(profile_dir) / "llm")
         vision_path = self.artifact_dir / manifest.graphs["vision"].file
-        # the prompt assembled on the device from visual rows that never left it (ort_splice), where the static-KV
-        # prefill reads a device buffer and the vision graph runs bound (a CUDA graph); the family's per-layer
-        # injected inputs still go through the host
-        splice = device_splice and manifest.kv_cache == "static" and self.device_type == "cuda" \
-            and not manifest.model.decoder.injected_layers
         # the vision graph as a CUDA graph where its shapes are fixed (not while profiling: that reads node times)
         self.graphed_vision = None if self._profile_dir is not None or profile_dir is not None else \
             GraphedVision.of(vision_path, manifest.graphs["vision"],
                              SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs),
-                             VisionSessionForm.of(self.rewrites),
-                             frozenset({VISUAL_EMBEDS}) if splice else frozenset())
+                             VisionSessionForm.of(self.rewrites))
         self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
         self.vision = None if self.graphed_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
@@ -110,8 +101,6 @@ class OnnxRuntimeBackend(Backend):
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.table = load_embedding_table(self.artifact_dir, manifest)
-        self.device_splice = DeviceSplice(self.static.setup, self.table) \
-            if splice and self.graphed_vision is not None and self.table.dtype == self.dtype else None
         self.outputs = [o.name for o in self.llm.get_outputs()]
         self.has_image_start = IMAGE_START in {i.name for i in self.llm.get_inputs()}
         self.injected_layers = manifest.model.decoder.injected_layers  # the llm graph takes injected inputs
@@ -152,12 +141,10 @@ class OnnxRuntimeBackend(Backend):
         zeros = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type) for _ in self.past_names]
 
-    def _feeds(self, embeds: np.ndarray | SplicedEmbeds, positions: np.ndarray, mask: np.ndarray,
-               injected: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray | SplicedEmbeds]:
-        """The LLM graph's inputs besides the cache, as host arrays by name (the embeddings may be made on the
-        device: :mod:`.ort_splice`)."""
-        feeds = {"inputs_embeds": embeds if isinstance(embeds, SplicedEmbeds) else
-                 np.ascontiguousarray(embeds, dtype=self.dtype),
+    def _feeds(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+               injected: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The LLM graph's inputs besides the cache, as host arrays by name."""
+        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
                  "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
         if self.has_image_start:
@@ -187,17 +174,14 @@ class OnnxRuntimeBackend(Backend):
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
         self.past = self._empty_past(layout.batch)
+        embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
         injected = injected_inputs(visual.injected, self.injected_layers, layout.visual_rows) \
             if self.injected_layers else None
         if self.static is not None:
-            embeds = self.device_splice(layout.token_ids, layout.visual_rows, visual.embeds) \
-                if self.device_splice is not None and self.device_splice.applies(visual.embeds, layout.visual_rows) \
-                else splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
             logits = self.static.prefill(self._feeds(embeds, layout.positions, layout.attention_mask, injected),
                                          *layout.token_ids.shape)
             self.stage2_index = self.static.stage2_index
             return logits
-        embeds = splice_numpy(self.table, layout.token_ids, np.asarray(visual.embeds), layout.visual_rows)
         logits = self._run(embeds, layout.positions, layout.attention_mask, injected)
         if STAGE2_INDEX in self.last_outputs:  # meaningful at prefill only (a decode step has no image span)
             self.stage2_index = self.last_outputs[STAGE2_INDEX].numpy()

@@ -60,27 +60,26 @@ class GraphedVision:
     Runtime refuses to capture (a node it would place on the CPU) is remembered and runs ungraphed."""
 
     def __init__(self, path: Path, graph_spec: Any, setup: SessionSetup,
-                 form: VisionSessionForm = VisionSessionForm(), device_outputs: frozenset[str] = frozenset()) -> None:
+                 form: VisionSessionForm = VisionSessionForm()) -> None:
         self.path, self.spec, self.setup, self.form = path, graph_spec, setup, form
-        self.device_outputs = device_outputs  # handed out on the device (ort_splice.DeviceRows)
         self.runs: dict[int, FixedRun | None] = {}
         self._model: Path | bytes | None = None  # the graph the sessions load, rewritten on first use
         self._float32_inputs: frozenset[str] = frozenset()  # inputs the rewritten graph casts on the device
 
     @classmethod
-    def of(cls, path: Path, graph_spec: Any, setup: SessionSetup, form: VisionSessionForm = VisionSessionForm(),
-           device_outputs: frozenset[str] = frozenset()) -> "GraphedVision | None":
+    def of(cls, path: Path, graph_spec: Any, setup: SessionSetup,
+           form: VisionSessionForm = VisionSessionForm()) -> "GraphedVision | None":
         """Where it applies: CUDA graphs asked for on the CUDA execution provider, every dim fixed but the batch."""
         if not setup.graphs:
             return None
         if fixed_shapes(graph_spec.inputs, 1) is None or fixed_shapes(graph_spec.outputs, 1) is None:
             log.info("vision runs without a CUDA graph: its inputs or outputs have dims besides the batch")
             return None
-        return cls(path, graph_spec, setup, form, device_outputs)
+        return cls(path, graph_spec, setup, form)
 
-    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any] | None:
-        """The vision outputs by name for the processor's arrays (numpy; those in ``device_outputs`` left on the
-        device), or None where this batch size cannot be graphed (run it ungraphed)."""
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """The vision outputs by name for the processor's arrays, or None where this batch size cannot be graphed
+        (run it ungraphed)."""
         batch = int(next(iter(arrays.values())).shape[0])
         if batch not in self.runs:
             self.runs[batch] = self._run(batch)
@@ -110,8 +109,7 @@ class GraphedVision:
             return None
         inputs = {name: (shape, np.float32 if name in self._float32_inputs else kind)
                   for name, (shape, kind) in fixed_shapes(self.spec.inputs, batch).items()}
-        return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch),
-                        device_outputs=self.device_outputs)
+        return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch))
 
     @property
     def _graph_types(self) -> dict[str, type]:

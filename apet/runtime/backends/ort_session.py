@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from apet.runtime.backends.ort_options import session_options
-from apet.runtime.backends.ort_splice import HandedOut, SplicedEmbeds
 
 GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option: which of a session's CUDA graphs a run captures or replays
 UNCAPTURED = "-1"  # its value for a run that neither captures nor replays
@@ -76,18 +75,13 @@ class FixedRun:
     """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
     device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
     the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back.
-    ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`). The outputs
-    named in ``device_outputs`` are handed out on the device (:class:`~.ort_splice.DeviceRows`, read on the host
-    only where asked, before the next run at the latest); an input may be filled on the device
-    (:class:`~.ort_splice.SplicedEmbeds`)."""
+    ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`)."""
 
     def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
                  outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
-                 host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None,
-                 device_outputs: frozenset[str] = frozenset()) -> None:
+                 host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
-        self.session, self.run_options, self.device_outputs = session, run_options, device_outputs
-        self._handed = HandedOut()
+        self.session, self.run_options = session, run_options
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
         self.input_types = {name: np.dtype(kind) for name, (_, kind) in inputs.items()}
         self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
@@ -102,13 +96,8 @@ class FixedRun:
             self.binding.bind_ortvalue_output(name, value)
         self._host = host  # kept alive: bound by address
 
-    def __call__(self, arrays: dict[str, np.ndarray | SplicedEmbeds]) -> dict[str, Any]:
-        self._handed.before_run()
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, array in arrays.items():
-            if isinstance(array, SplicedEmbeds):
-                array.write(self.inputs[name])
-            else:
-                self.inputs[name].update_inplace(np.ascontiguousarray(array))
+            self.inputs[name].update_inplace(np.ascontiguousarray(array))
         self.session.run_with_iobinding(self.binding, self.run_options)
-        return {name: self._handed.hand_out(value) if name in self.device_outputs else value.numpy()
-                for name, value in self.outputs.items()}
+        return {name: value.numpy() for name, value in self.outputs.items()}

@@ -48,7 +48,6 @@ from apet.runtime.backends.ort_norms import fuse_residual_norms
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, SessionSetup
-from apet.runtime.backends.ort_splice import SplicedEmbeds, bind_input
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +144,8 @@ class StaticKV:
         return {past: (present, cache) for past, present, cache in
                 zip(past_names(self.num_layers), present_names(self.num_layers), self._caches(batch))}
 
-    def prefill(self, feeds: dict[str, np.ndarray | SplicedEmbeds], batch: int, length: int) -> np.ndarray:
-        """The prompt's inputs by name (host arrays; the embeddings may be made on the device) -> logits [B, V]; the
-        caches hold the prompt afterwards."""
+    def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
+        """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
         session, host = self.prefill_session, {}
         if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
             prompt = self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
@@ -172,13 +170,13 @@ class StaticKV:
         self.batch, self.length = batch, length
         return values[LOGITS][:, -1].astype(np.float32)
 
-    def _run_uncaptured(self, session: object, feeds: dict[str, np.ndarray | SplicedEmbeds],
-                        in_place: dict[str, tuple[str, object]], run_options: object = None) -> dict[str, np.ndarray]:
-        """One run with fresh bindings: host inputs (or embeddings made on the device), the caches written in place,
-        the other outputs read back."""
+    @staticmethod
+    def _run_uncaptured(session: object, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, object]],
+                        run_options: object = None) -> dict[str, np.ndarray]:
+        """One run with fresh bindings: host inputs, the caches written in place, the other outputs read back."""
         binding = session.io_binding()
-        for name, value in feeds.items():  # an OrtValue bound by the binding keeps its buffer alive through the run
-            bind_input(binding, name, value, self.setup.device_type)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
         for name in outputs:  # bound first: get_outputs() lists them in binding order
             binding.bind_output(name, "cpu")
@@ -239,4 +237,3 @@ class StaticKV:
 
     def cache_lengths(self) -> list[int]:
         return self.layout.lengths(self.length)
-
