@@ -35,35 +35,38 @@ def _tolerance(dtype: torch.dtype, want: torch.Tensor) -> dict:
     return dict(rtol=1e-5, atol=1e-5 * scale) if dtype == torch.float32 else dict(rtol=4e-3, atol=4e-3 * scale)
 
 
-def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int = 2) -> None:
+def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int = 2, rows: int = 1) -> None:
+    """Each folded kernel on ``rows`` rows of x (one: the rows form; more: the dot form, a batch's decode step)."""
     from apet.kernels import activations, decoder_fused, fused_gemv, gemv
 
-    rows_configs = [config for config in gemv.CONFIGS if config.fits(1)][:configs]
+    form_configs = [config for config in gemv.CONFIGS if config.fits(rows)][:configs]
     for case, (depth, width) in enumerate(SHAPES):
         generator = torch.Generator().manual_seed(case)
 
         def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
             return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
 
-        x, scale, weight, bias = rand(1, 1, depth, scale=3.0), rand(depth), rand(width, depth), rand(width)
-        packed, residual = rand(2 * width, depth), rand(1, 1, width)
+        # rows of different scales: each row's own RMS must be applied
+        x = rand(rows, 1, depth, scale=3.0) * torch.arange(1, rows + 1).to(device, dtype)[:, None, None]
+        scale, weight, bias = rand(depth), rand(width, depth), rand(width)
+        packed, residual = rand(2 * width, depth), rand(rows, 1, width)
         normed = _rms_norm(x, scale)
         want_linear = normed.double() @ weight.double().T + bias.double()
         gate, up = (normed.double() @ packed.double().T).to(dtype).double().split(width, dim=-1)
         want_silu = gate / (1 + torch.exp(-gate)) * up
         want_residual = residual.double() + (x.double() @ weight.double().T).to(dtype).double()
-        for config in rows_configs:
+        for config in form_configs:
             got = fused_gemv.norm_linear_kernel(x, scale, EPS, weight, bias, config)
-            assert got.shape == (1, 1, width) and got.dtype == dtype
+            assert got.shape == (rows, 1, width) and got.dtype == dtype
             torch.testing.assert_close(got.double(), want_linear, **_tolerance(dtype, want_linear))
-            unfused = gemv.kernel_matmul(decoder_fused.add_rms_norm(x, scale, EPS)[1].reshape(1, depth), weight, bias,
-                                         config)
-            torch.testing.assert_close(got.reshape(1, width), unfused, **_tolerance(dtype, want_linear))
+            unfused = gemv.kernel_matmul(decoder_fused.add_rms_norm(x, scale, EPS)[1].reshape(rows, depth), weight,
+                                         bias, config)
+            torch.testing.assert_close(got.reshape(rows, width), unfused, **_tolerance(dtype, want_linear))
             got = fused_gemv.norm_gate_up_silu_kernel(x, scale, EPS, packed, config)
-            assert got.shape == (1, 1, width)
+            assert got.shape == (rows, 1, width)
             torch.testing.assert_close(got.double(), want_silu, **_tolerance(dtype, want_silu))
-            unfused = activations.silu_mul(gemv.kernel_matmul(normed.reshape(1, depth), packed, None, config))
-            torch.testing.assert_close(got.reshape(1, width), unfused, **_tolerance(dtype, want_silu))
+            unfused = activations.silu_mul(gemv.kernel_matmul(normed.reshape(rows, depth), packed, None, config))
+            torch.testing.assert_close(got.reshape(rows, width), unfused, **_tolerance(dtype, want_silu))
             got = fused_gemv.linear_residual_kernel(x, weight, residual, config)
             torch.testing.assert_close(got.double(), want_residual, **_tolerance(dtype, want_residual))
 
@@ -101,19 +104,22 @@ def _layer(dtype: torch.dtype, device: str):
 
 
 def check_layer(device: str, dtype: torch.dtype) -> None:
-    """FusedLayer at one row: the input norm + q/k/v and everything after attention equal the HF modules, through
-    the fused kernels (counted); two rows take the unfused kernels and agree too."""
+    """FusedLayer at one and at three rows (a decode step of batch 3): the input norm + q/k/v and everything after
+    attention equal the HF modules, through the fused kernels (counted); more rows than a decode batch (a prefill)
+    take the unfused kernels and agree too."""
+    from apet.kernels import fused_gemv
     from apet.runtime.fusion import FusedLayer
 
     layer = _layer(dtype, device)
     fused = FusedLayer(layer)
     attn, mlp = layer.self_attn, layer.mlp
     with torch.no_grad():  # on a GPU the first call of a shape times its configurations (uncounted here)
-        warm = torch.randn(1, 1, 64).to(device, dtype)
-        fused.project_qkv(warm), fused.finish(warm, warm)
+        for rows in (1, 3):
+            warm = torch.randn(1, rows, 64).to(device, dtype)
+            fused.project_qkv(warm), fused.finish(warm, warm)
     with counted_launches() as launches:
         with torch.no_grad():
-            for rows in (1, 2):
+            for rows in (1, 3, fused_gemv.MAX_ROWS + 1):
                 generator = torch.Generator().manual_seed(rows)
                 h = (torch.randn(1, rows, 64, generator=generator) * 2).to(device, dtype)
                 attended = torch.randn(1, rows, 64, generator=generator).to(device, dtype)
@@ -125,36 +131,39 @@ def check_layer(device: str, dtype: torch.dtype) -> None:
                 want = h1 + mlp(layer.post_attention_layernorm(h1))
                 got = fused.finish(h, attended)
                 torch.testing.assert_close(got.double(), want.double(), **_tolerance(dtype, want.double()))
-                if rows == 1:  # norm+q/k/v, o+residual, norm+gate/up+silu·mul, down+residual
+                if rows <= fused_gemv.MAX_ROWS:  # norm+q/k/v, o+residual, norm+gate/up+silu·mul, down+residual
                     assert len(launches) == 4, launches
                     assert [bool(call.get("norm")) for call in launches] == [True, False, True, False]
                     assert launches[2]["up_rows"] == 96 and launches[3]["residual"] is not None
-        assert len(launches) == 4  # two rows: none fused
+                    launches.clear()
+        assert not launches  # a prefill's rows: none fused
 
 
-def check_decoder_one_row(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-    """The static decoder's batch-1 decode steps with the fused kernels (4 per layer and step, and the final norm
-    with the LM head) equal it without fusion; its prefill (many rows) folds only the final norm of its last row."""
+def check_decoder_steps(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        batch: int = 1) -> None:
+    """The static decoder's decode steps at ``batch`` rows with the fused kernels (4 per layer and step, and the
+    final norm with the LM head) equal it without fusion; its prefill (many rows per request) folds only the final
+    norm of each request's last row."""
     from apet.adapters.llava.adapter import LlavaAdapter
     from apet.runtime.static_decoder import StaticDecoder
 
     adapter = LlavaAdapter.load(Path(checkpoint), dtype=dtype, device=device)
     hidden, layers = adapter.spec.decoder.hidden_size, adapter.spec.decoder.num_layers
-    embeds = torch.randn(1, 9, hidden, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    mask = torch.ones(1, 9, dtype=torch.long, device=device)
-    positions = torch.arange(9, device=device)[None]
+    embeds = torch.randn(batch, 9, hidden, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    mask = torch.ones(batch, 9, dtype=torch.long, device=device)
+    positions = torch.arange(9, device=device)[None].expand(batch, 9)
     if device != "cpu":  # the first call of a shape times its configurations (uncounted here)
-        warm = StaticDecoder(adapter, None, max_batch=1, max_context=32, fuse=True)
+        warm = StaticDecoder(adapter, None, max_batch=batch, max_context=32, fuse=True)
         warm.prefill(embeds, mask, positions, None)
         warm.decode(embeds[:, :1], positions[:, -1:] + 1, warm.span(9))
     with counted_launches() as launches:
         outs = []
         for fuse in (False, True):
-            decoder = StaticDecoder(adapter, None, max_batch=1, max_context=32, fuse=fuse)
+            decoder = StaticDecoder(adapter, None, max_batch=batch, max_context=32, fuse=fuse)
             steps = [decoder.prefill(embeds, mask, positions, None)]
             assert len(launches) == (1 if fuse else 0)
             for i in range(2):
-                step = torch.randn(1, 1, hidden, generator=torch.Generator().manual_seed(20 + i)).to(device, dtype)
+                step = torch.randn(batch, 1, hidden, generator=torch.Generator().manual_seed(20 + i)).to(device, dtype)
                 steps.append(decoder.decode(step, positions[:, -1:] + 1 + i, decoder.span(9 + i)))
             outs.append(steps)
     assert len(launches) == 1 + (4 * layers + 1) * 2
@@ -171,7 +180,10 @@ def test_fused_kernels_on_the_gpu(tiny_checkpoint: Path) -> None:
     check_kernels("cuda", torch.float16, configs=5)
     check_kernels("cuda", torch.bfloat16, configs=5)
     check_layer("cuda", torch.float16)
-    check_decoder_one_row(str(tiny_checkpoint), "cuda", torch.float16)
+    check_kernels("cuda", torch.float16, configs=6, rows=4)
+    check_kernels("cuda", torch.bfloat16, configs=6, rows=2)
+    check_decoder_steps(str(tiny_checkpoint), "cuda", torch.float16)
+    check_decoder_steps(str(tiny_checkpoint), "cuda", torch.float16, batch=4)
     layer = _layer(torch.float16, "cuda")
     fused = FusedLayer(layer)
     h = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
@@ -189,8 +201,9 @@ def test_fused_kernels_on_the_gpu(tiny_checkpoint: Path) -> None:
         dependent_launch.ENABLED["value"] = not dependent_launch.ENABLED["value"]
     for got, want in zip(other, eager):
         assert torch.equal(got, want)
-    assert fused_gemv.applies(h, layer.mlp.down_proj.weight) and not fused_gemv.applies(h.expand(1, 2, 64),
-                                                                                          layer.mlp.down_proj.weight)
+    down = layer.mlp.down_proj.weight
+    assert fused_gemv.applies(h, down) and fused_gemv.applies(h.expand(1, fused_gemv.MAX_ROWS, 64), down)
+    assert not fused_gemv.applies(h.expand(1, fused_gemv.MAX_ROWS + 1, 64), down)
 
 
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
@@ -199,7 +212,10 @@ def test_fused_kernels_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint
     run_interpreted(tmp_path, "import torch, test_fused_gemv as t\n"
                     "t.check_kernels('cpu', torch.float16)\nt.check_kernels('cpu', torch.float32, configs=1)\n"
                     "t.check_layer('cpu', torch.float32)\nt.check_layer('cpu', torch.float16)\n"
-                    f"t.check_decoder_one_row({str(tiny_checkpoint)!r})\n")
+                    "t.check_kernels('cpu', torch.float16, rows=3)\n"
+                    "t.check_kernels('cpu', torch.float32, configs=1, rows=8)\n"
+                    f"t.check_decoder_steps({str(tiny_checkpoint)!r})\n"
+                    f"t.check_decoder_steps({str(tiny_checkpoint)!r}, batch=3)\n")
 
 
 def test_nothing_folds_off_the_gpu_without_the_interpreter(monkeypatch) -> None:

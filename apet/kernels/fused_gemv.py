@@ -1,5 +1,5 @@
-"""A decode layer's one-row matmuls with their neighbours folded in: RMSNorm before a projection, silu(gate)·up after
-the gate/up projection, the residual add after the o and down projections.
+"""A decode layer's skinny matmuls (1 to :data:`MAX_ROWS` rows) with their neighbours folded in: RMSNorm before a
+projection, silu(gate)·up after the gate/up projection, the residual add after the o and down projections.
 
 Why: at batch 1 a decode layer was ~12 kernels around 4 weight reads (norm, q/k/v, rotary, two cache writes, two
 attention kernels, o, norm, gate/up, silu·mul, down, residual add), and on the H200 every kernel boundary costs
@@ -7,8 +7,9 @@ attention kernels, o, norm, gate/up, silu·mul, down, residual add), and on the 
 them"). Each fold here removes a kernel and a round trip of the activation through memory: a layer becomes norm+q/k/v,
 rotary, cache writes, attention, o+residual, norm+gate/up+silu·mul, down+residual.
 
-Each program of the rows form (:mod:`apet.kernels.gemv`) already reads all of x, so it can normalise x itself:
-it sums x² over the whole row first (x is a few KB, in L2), then streams its weight rows. Same roundings as the
+Each program of both forms of :mod:`apet.kernels.gemv` (``rows`` for one row, ``dot`` for a batch's rows as one
+tensor-core tile) already reads all of x, so it can normalise x itself: it sums x² over each whole row first (x is a
+few KB, in L2), then streams its weight rows. Same roundings as the
 unfused fast path: the norm is :func:`apet.kernels.decoder_fused.add_rms_norm`'s (float32 statistics, the normalised
 row rounded to the input dtype, then the weight product rounded), silu·mul is
 :func:`apet.kernels.activations.silu_mul`'s (gate and up rounded as the projection stores them, then one float32
@@ -111,66 +112,151 @@ if triton is not None:
             y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
+    @triton.jit
+    def _activation_rows(x_rows, norm_ptr, k, K, m_ok, inv, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        """A [16, BLOCK_K] tile of x's rows (padding rows zero); with NORM each row normalised and rounded, then
+        times the norm's weight and rounded, as the norm kernel stores it."""
+        if EVEN_K:
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
+        else:
+            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+        if NORM:
+            x = (x.to(tl.float32) * inv[:, None]).to(x.dtype)
+            scale = tl.load(norm_ptr + k, mask=k < K, other=0.0)
+            x = (scale.to(tl.float32)[None, :] * x.to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
+    def _fused_dot_gemv(x_ptr, norm_ptr, w_ptr, b_ptr, res_ptr, y_ptr, M, N, K, up_rows, stride_xm, stride_wn,
+                        stride_rm, stride_ym, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                        RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+        """The dot form (:func:`apet.kernels.gemv._skinny_matmul`: 2–16 rows of x as one tensor-core tile) with the
+        same folds as :func:`_fused_row_gemv`: each program sums x² of every row over K before its weight rows."""
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 16)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        x_rows = x_ptr + rm[:, None] * stride_xm
+        up_offset = up_rows * stride_wn
+        w, up = _weights(w_rows, up_offset, rk, K, n_ok, SILU, EVEN_K)  # in flight during the wait and the norm
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        inv = tl.full([16], 1.0, tl.float32)
+        if NORM:  # each row's RMS first, over K in tiles
+            squares = tl.zeros([16], dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K):
+                k = k0 + rk
+                part = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+                part = part.to(tl.float32)
+                squares += tl.sum(part * part, axis=1)
+            inv = 1.0 / tl.sqrt(squares / K + eps)
+        x = _activation_rows(x_rows, norm_ptr, rk, K, m_ok, inv, NORM, EVEN_K)
+        acc = tl.dot(x, tl.trans(w))
+        acc_up = acc
+        if SILU:
+            acc_up = tl.dot(x, tl.trans(up))
+        for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+            k = k0 + rk
+            w, up = _weights(w_rows, up_offset, k, K, n_ok, SILU, EVEN_K)
+            x = _activation_rows(x_rows, norm_ptr, k, K, m_ok, inv, NORM, EVEN_K)
+            acc = tl.dot(x, tl.trans(w), acc)
+            if SILU:
+                acc_up = tl.dot(x, tl.trans(up), acc_up)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = acc
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            up_y = acc_up
+            if HAS_BIAS:
+                up_y += tl.load(b_ptr + up_rows + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            y = gate / (1.0 + tl.exp(-gate)) * up_y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            residual = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=out_ok, other=0.0)
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out_ok)
+
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_features: int, *,
             norm: tuple[torch.Tensor, float] | None = None, bias: torch.Tensor | None = None,
             up_rows: int = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """One row of x [..., K] through the fused kernel, ``config.block_n`` outputs per program; ``up_rows`` > 0:
-    silu(rows n)·(rows n + up_rows)."""
+    """The rows of x [..., K] through the fused kernel (one row: the rows form; up to :data:`MAX_ROWS`: the dot
+    form), ``config.block_n`` outputs per program; ``up_rows`` > 0: silu(rows n)·(rows n + up_rows)."""
     depth = int(x.shape[-1])
-    x1 = x.reshape(depth)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
+    rows = x.numel() // depth
+    x2 = x.reshape(rows, depth)
+    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != depth):
+        x2 = x2.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+    res2 = residual.reshape(rows, out_features).contiguous() if residual is not None else weight
     norm_weight, eps = norm if norm is not None else (weight, 0.0)
-    dependent_launch.launch(
-        _fused_row_gemv, (triton.cdiv(out_features, config.block_n),),
-        x1, norm_weight, weight, bias if bias is not None else weight,
-        residual.reshape(out_features) if residual is not None else weight, y, out_features, depth, up_rows,
-        weight.stride(0), eps, pdl=dependent_launch.applies(x.device), NORM=norm is not None,
-        HAS_BIAS=bias is not None, SILU=up_rows > 0, RESIDUAL=residual is not None,
-        EVEN_K=depth % config.block_k == 0, KPAD=triton.next_power_of_2(depth), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+    grid = (triton.cdiv(out_features, config.block_n),)
+    flags = dict(pdl=dependent_launch.applies(x.device), NORM=norm is not None, HAS_BIAS=bias is not None,
+                 SILU=up_rows > 0, RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0,
+                 BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+    if rows == 1:
+        dependent_launch.launch(
+            _fused_row_gemv, grid, x2, norm_weight, weight, bias if bias is not None else weight, res2, y,
+            out_features, depth, up_rows, weight.stride(0), eps, KPAD=triton.next_power_of_2(depth), **flags)
+    else:
+        dependent_launch.launch(
+            _fused_dot_gemv, grid, x2, norm_weight, weight, bias if bias is not None else weight, res2, y, rows,
+            out_features, depth, up_rows, x2.stride(0), weight.stride(0), out_features, out_features, eps,
+            **flags)
     return y
 
 
 def norm_linear_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                        bias: torch.Tensor | None, config: gemv.Config) -> torch.Tensor:
-    """RMSNorm(x) @ weightᵀ (+ bias) for one row of x: the input norm and the packed q/k/v projection."""
+    """RMSNorm(x) @ weightᵀ (+ bias) for the rows of x: the input norm and the packed q/k/v projection."""
     return _launch(x, weight, config, int(weight.shape[0]), norm=(norm_weight, eps), bias=bias)
 
 
 def norm_gate_up_silu_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                              config: gemv.Config) -> torch.Tensor:
-    """silu(gate)·up of RMSNorm(x) for one row, ``weight`` the packed [gate; up] rows (equal halves)."""
+    """silu(gate)·up of RMSNorm(x) for the rows of x, ``weight`` the packed [gate; up] rows (equal halves)."""
     half = int(weight.shape[0]) // 2
     return _launch(x, weight, config, half, norm=(norm_weight, eps), up_rows=half)
 
 
 def linear_residual_kernel(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                            config: gemv.Config) -> torch.Tensor:
-    """residual + x @ weightᵀ for one row (the o and down projections)."""
+    """residual + x @ weightᵀ for the rows of x (the o and down projections)."""
     return _launch(x, weight, config, int(weight.shape[0]), residual=residual)
 
 
+MAX_ROWS = 8  # rows of x folded at most: a decode step's batch (one 16-row dot tile holds them; more is a prefill)
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One row of a CUDA fp16/bf16 activation against a float weight of its dtype, the kernels enabled, not while
-    exporting (Triton's interpreter on CPU, :func:`apet.kernels.decoder_fused.available`: float32 too, for the
-    tests)."""
+    """Up to :data:`MAX_ROWS` rows of a CUDA fp16/bf16 activation against a float weight of its dtype, the kernels
+    enabled, not while exporting (Triton's interpreter on CPU, :func:`apet.kernels.decoder_fused.available`: float32
+    too, for the tests)."""
     return (ENABLED["value"] and gemv.ENABLED["value"] and decoder_fused.available(x)
-            and not (x.is_cuda and x.dtype == torch.float32) and x.numel() == x.shape[-1]
+            and not (x.is_cuda and x.dtype == torch.float32) and x.numel() // x.shape[-1] <= MAX_ROWS
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
 
 
-MAX_BLOCK_N = 32  # outputs per program tried at most (each holds BLOCK_N x BLOCK_K float32 partial sums)
+# outputs per program tried at most: the rows form holds BLOCK_N x BLOCK_K float32 partial sums, the dot form
+# stages BLOCK_N x BLOCK_K weight tiles in shared memory (two with silu·up); a tensor-core dot needs at least 16
+MAX_BLOCK_N = {"rows": 32, "dot": 64}
+MIN_BLOCK_N = {"rows": 1, "dot": 16}
 _choices: dict[tuple, gemv.Config | None] = {}
 
 
 def _candidates(base: gemv.Config, silu: bool) -> list[gemv.Config]:
     """The skinny-matmul kernel's pick for the plain projection, with 1, 2 and 4 times its outputs per program (a
     gate/up program computes a gate and an up row per output: half the plain pick's outputs to start)."""
-    start = max(1, base.block_n // 2) if silu else base.block_n
-    return [dataclasses.replace(base, block_n=n) for n in (start, 2 * start, 4 * start) if n <= MAX_BLOCK_N]
+    start = max(MIN_BLOCK_N[base.form], base.block_n // 2) if silu else base.block_n
+    return [dataclasses.replace(base, block_n=n) for n in (start, 2 * start, 4 * start)
+            if n <= MAX_BLOCK_N[base.form]]
 
 
 def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -182,9 +268,10 @@ def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
     larger programs may win; on the H200 Qwen2.5-VL's gate/up did (docs/benchmarks.md, stop 36). None inside a
     capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first rows
     configuration."""
+    rows = x.numel() // x.shape[-1]
     if not x.is_cuda:
-        return next(config for config in gemv.CONFIGS if config.fits(1))
-    row = x.reshape(1, x.shape[-1])
+        return next(config for config in gemv.CONFIGS if config.fits(rows))
+    row = x.reshape(rows, x.shape[-1])
     key = (kind, gemv.shape_key(row, weight, bias))
     if key in _choices:
         return _choices[key]

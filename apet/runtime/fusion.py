@@ -5,8 +5,8 @@ q/k/v become one matmul and gate/up another: at decode (batch 1) each projection
 memory-bound GEMV, so fewer, larger ones run closer to peak bandwidth and launch fewer
 kernels. The fused weight is built once and the original ``nn.Linear`` weights are
 re-pointed at slices of it, so no weight memory is duplicated and the HF modules (used by
-the reference path) keep working. At one row (a batch-1 decode step) the norms, silu·mul and the residual adds
-fold into the projections' kernels too (:mod:`apet.kernels.fused_gemv`).
+the reference path) keep working. At a decode step's few rows (up to :data:`apet.kernels.fused_gemv.MAX_ROWS`) the
+norms, silu·mul and the residual adds fold into the projections' kernels too (:mod:`apet.kernels.fused_gemv`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
 
 
 def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The final norm and the LM head of the last hidden state: one kernel at one row (a float head after a
+    """The final norm and the LM head of the last hidden states: one kernel at decode's rows (a float head after a
     Llama-style norm, :mod:`apet.kernels.fused_gemv`), else the norm and :func:`skinny_projection`."""
     project, found = skinny_projection(head), decoder_fused.rms_norm_of(norm)
     weight = head.weight if type(head) is nn.Linear else None
@@ -80,7 +80,7 @@ class FusedLayer:
         self.out = skinny_projection(attn.o_proj)
         self.norms = {"input": layer.input_layernorm, "post": layer.post_attention_layernorm}
         self.norm_weights = {name: decoder_fused.rms_norm_of(module) for name, module in self.norms.items()}
-        # what finish folds at one row, known once: float o/down without bias, silu·up of an unbiased gate/up
+        # what finish folds at decode's rows, known once: float o/down without bias, silu·up of an unbiased gate/up
         self.o_weight, self.down_weight = _float_weight(attn.o_proj), _float_weight(mlp.down_proj)
         self.folds_finish = (self.silu and self.o_weight is not None and self.down_weight is not None
                              and self.gate_up_weights is not None and self.gate_up_weights[1] is None)
@@ -102,7 +102,7 @@ class FusedLayer:
         return h, self.norms[name](h)
 
     def project_qkv(self, h: torch.Tensor) -> torch.Tensor:
-        """The input norm and the packed q/k/v projection [..., (H + 2 Hkv)·d]: one kernel at one row."""
+        """The input norm and the packed q/k/v projection [..., (H + 2 Hkv)·d]: one kernel at decode's rows."""
         found = self.norm_weights["input"]
         if self._fold(h, found, self.qkv_weights):
             return fused_gemv.norm_linear(h, *found, *self.qkv_weights)
@@ -121,7 +121,7 @@ class FusedLayer:
 
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """o projection + residual, post-attention norm, MLP + residual, for the merged attention output
-        [..., H·d]: three kernels at one row (o+residual, norm+gate/up+silu·mul, down+residual), else the residual
+        [..., H·d]: three kernels at decode's rows (o+residual, norm+gate/up+silu·mul, down+residual), else the residual
         add and norm in one kernel around the projections."""
         found = self.norm_weights["post"]
         if (self.folds_finish and fused_gemv.applies(attended, self.o_weight)
@@ -134,7 +134,7 @@ class FusedLayer:
 
     def _fold(self, h: torch.Tensor, norm: tuple[torch.Tensor, float] | None,
               weights: tuple[torch.Tensor, torch.Tensor | None] | None) -> bool:
-        """Whether a norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: one row)."""
+        """Whether a norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: decode's rows)."""
         return (KERNELS["enabled"] and norm is not None and weights is not None and norm[0].dtype == h.dtype
                 and fused_gemv.applies(h, weights[0]))
 
