@@ -39,6 +39,8 @@ def summarize(results: dict) -> list[dict]:
             "greedy_equal_steps": f"{parity['greedy_equal_steps']}/{parity['greedy_steps']}",
             "max_abs_logit_diff": parity["max_abs_logit_diff"], "stage2_index_equal": parity["stage2_index_equal"],
             "export_s": ort["export_s"],
+            # the first token's steps in the bench's own process (bench runs after 2026-12-04)
+            "ort_ttft_parts_ms": {name: part["median_ms"] for name, part in (ort.get("ttft_parts") or {}).items()},
         })
     return rows
 
@@ -62,6 +64,9 @@ def main() -> None:
               f"{r['ort_ttft_ms']:.2f} / {r['ort_decode_ms']:.2f} | {r['ttft_ratio']}x / {r['decode_ratio']}x | "
               f"{'met' if r['ttft_target_met'] else 'MISSED'} / {'met' if r['decode_target_met'] else 'MISSED'} | "
               f"{r['greedy_equal_steps']} | {r['max_abs_logit_diff']} |")
+    for r in rows:
+        if r["ort_ttft_parts_ms"]:
+            print("ORT first token, median ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ort_ttft_parts_ms"].items()))
     if not rows:
         print("no onnxruntime results in this run")
     if args.out:

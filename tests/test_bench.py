@@ -97,6 +97,11 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 32
     assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
     assert low["onnxruntime"]["ttft"]["median_ms"] > 0 and low["visual_tokens"] == 40
+    parts = low["onnxruntime"]["ttft_parts"]  # the first token's steps, timed in the same calls
+    assert set(parts) == {"encode", "layout", "prefill"} and all(p["repeats"] == parts["encode"]["repeats"]
+                                                                   for p in parts.values())
+    ttft = low["onnxruntime"]["ttft"]
+    assert 0.5 * ttft["min_ms"] <= sum(p["median_ms"] for p in parts.values()) <= 1.5 * ttft["p90_ms"]
     table = (out / "results.md").read_text()
     assert ", fp32; measured ceilings" in table and "| fp16 |" not in table and "| fp32 |" in table
     ttft = results["runs"][1]["generation"]["ttft"]

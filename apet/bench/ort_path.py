@@ -87,10 +87,18 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
                                decode_attention=decode_attention, ort_rewrites=rewrites)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
-        def first_token():
+        parts: dict[str, list[float]] = {"encode": [], "layout": [], "prefill": []}
+
+        def first_token():  # each step's wall time kept: where the bench's first token goes, in its own process
+            t0 = time.perf_counter()
             visual = backend.encode(inputs)
+            t1 = time.perf_counter()
             layout = make_layout(visual.keep_index)
-            return visual, layout, backend.prefill(layout, visual)
+            t2 = time.perf_counter()
+            logits = backend.prefill(layout, visual)
+            for name, ms in zip(parts, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)):
+                parts[name].append(ms)
+            return visual, layout, logits
 
         for _ in range(3):  # warm-up: ORT builds its kernels on first use; a prompt's CUDA graph is bound on the
             _, layout, logits = first_token()  # second prefill of its shape and captured on the third
@@ -99,6 +107,8 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
             logits = backend.decode(logits.argmax(-1).astype(np.int64), mask, processor.decode_positions(layout, mask))
         ttfts = []
+        for values in parts.values():  # the warm-up's steps are not timed
+            values.clear()
         for _ in range(repeats):
             t0 = time.perf_counter()
             visual, layout, logits = first_token()
@@ -121,7 +131,9 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             "prompt_cuda_graph": backend.prompt_graphed(),
             "execution_provider": "CUDA" if device == "cuda" else "CPU",
             "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
-            "ttft": summarize(ttfts).to_json(), "decode_per_token": summarize(steps).to_json(), "parity": parity}
+            "ttft": summarize(ttfts).to_json(),
+            "ttft_parts": {name: summarize(values).to_json() for name, values in parts.items()},
+            "decode_per_token": summarize(steps).to_json(), "parity": parity}
 
 
 def _check_artifact(manifest, plan: CompressionPlan, request: Request) -> None:
