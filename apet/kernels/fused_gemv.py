@@ -191,8 +191,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_feat
     form), ``config.block_n`` outputs per program; ``up_rows`` > 0: silu(rows n)·(rows n + up_rows)."""
     depth = int(x.shape[-1])
     rows = x.numel() // depth
-    x2 = x.reshape(rows, depth)
-    if x2.stride(-1) != 1 or (rows > 1 and x2.stride(0) != depth):
+    x2 = x.reshape(rows, depth)  # the dot form reads rows at any stride (the prefill's last rows, h[:, -1])
+    if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
     res2 = residual.reshape(rows, out_features).contiguous() if residual is not None else weight
