@@ -173,9 +173,12 @@ def check_decoder_steps(checkpoint: str, device: str = "cpu", dtype: torch.dtype
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="the compiled kernels need a CUDA GPU (the interpreter test below covers them on CPU)")
-def test_fused_kernels_on_the_gpu(tiny_checkpoint: Path) -> None:
+def test_fused_kernels_on_the_gpu(tiny_checkpoint: Path, monkeypatch) -> None:
     from apet.kernels import dependent_launch, fused_gemv
     from apet.runtime.fusion import FusedLayer
+
+    # the launches are counted below: every tiny shape folds, whatever its timing against the unfused kernels
+    monkeypatch.setattr(fused_gemv, "UNFUSED_MARGIN", float("inf"))
 
     check_kernels("cuda", torch.float16, configs=5)
     check_kernels("cuda", torch.bfloat16, configs=5)
@@ -216,6 +219,17 @@ def test_fused_kernels_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint
                     "t.check_kernels('cpu', torch.float32, configs=1, rows=8)\n"
                     f"t.check_decoder_steps({str(tiny_checkpoint)!r})\n"
                     f"t.check_decoder_steps({str(tiny_checkpoint)!r}, batch=3)\n")
+
+
+def test_a_fold_gives_way_only_to_clearly_faster_unfused_kernels() -> None:
+    from apet.kernels import fused_gemv, gemv
+
+    small, large = gemv.Config(4, 512, 4, 3, "rows"), gemv.Config(8, 512, 4, 3, "rows")
+    timed = {small: 10.0, large: 9.0}
+    assert fused_gemv.pick(timed, None) == large  # nothing to compare with: the fastest fold
+    assert fused_gemv.pick(timed, 8.9) == large  # the unfused kernels within the margin: the fold (one boundary less)
+    assert fused_gemv.pick(timed, 9.0 / (1 + fused_gemv.UNFUSED_MARGIN) - 0.01) is None  # clearly faster: unfused
+    assert fused_gemv.pick({}, 1.0) is None  # no configuration compiled
 
 
 def test_nothing_folds_off_the_gpu_without_the_interpreter(monkeypatch) -> None:

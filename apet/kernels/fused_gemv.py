@@ -259,15 +259,33 @@ def _candidates(base: gemv.Config, silu: bool) -> list[gemv.Config]:
             if n <= MAX_BLOCK_N[base.form]]
 
 
+UNFUSED_MARGIN = 0.05  # the unfused kernels win a shape only when this much faster than its best fold: a fold also
+# saves a kernel boundary and overlaps the next kernel (dependent launch), which one projection's timing cannot see
+
+
+def pick(folded_ms: dict[gemv.Config, float], unfused_ms: float | None) -> gemv.Config | None:
+    """The fastest folded configuration, or None (the unfused kernels) where none was timed or the unfused kernels
+    measured more than :data:`UNFUSED_MARGIN` faster than it (so a fold never makes a projection clearly slower,
+    as the skinny-matmul choice never makes one slower than cuBLAS)."""
+    if not folded_ms:
+        return None
+    best = min(folded_ms, key=folded_ms.get)
+    if unfused_ms is not None and unfused_ms * (1 + UNFUSED_MARGIN) < folded_ms[best]:
+        return None
+    return best
+
+
 def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  run: Callable[[gemv.Config], torch.Tensor]) -> gemv.Config | None:
+                  run: Callable[[gemv.Config], torch.Tensor],
+                  unfused: Callable[[], torch.Tensor] | None = None) -> gemv.Config | None:
     """The fastest configuration of one folded projection, timed once per shape on the device as the skinny-matmul
-    choice is (cold L2, in a CUDA graph: :mod:`apet.kernels.device_timing`).
+    choice is (cold L2, in a CUDA graph: :mod:`apet.kernels.device_timing`), against ``unfused`` (the kernels it
+    replaces, timed alike: :func:`pick`).
 
     Why not the plain projection's pick as it is: every program re-reads x (and the norm's weight), so fewer,
     larger programs may win; on the H200 Qwen2.5-VL's gate/up did (docs/benchmarks.md, stop 36). None inside a
-    capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first rows
-    configuration."""
+    capture before the shape was timed. Off the GPU (the interpreter) nothing is timed: the first configuration of
+    the form."""
     rows = x.numel() // x.shape[-1]
     if not x.is_cuda:
         return next(config for config in gemv.CONFIGS if config.fits(rows))
@@ -285,8 +303,10 @@ def folded_choice(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.
             timings[config] = timer.ms(lambda c=config: run(c))
         except Exception as exc:  # a configuration that does not compile on this GPU is not a candidate
             log.debug("folded %s %s failed: %s", kind, config, exc)
-    _choices[key] = min(timings, key=timings.get) if timings else None
-    log.debug("folded %s %s x %s: %s", kind, tuple(row.shape), tuple(weight.shape), _choices[key])
+    unfused_ms = timer.ms(unfused) if unfused is not None and timings else None
+    _choices[key] = pick(timings, unfused_ms)
+    log.debug("folded %s %s x %s: %s (unfused %s ms)", kind, tuple(row.shape), tuple(weight.shape), _choices[key],
+              unfused_ms)
     return _choices[key]
 
 
@@ -320,24 +340,30 @@ def _normed(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Ten
 
 def _norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
-    config = folded_choice("norm", x, weight, bias, lambda c: norm_linear_kernel(x, norm_weight, eps, weight, bias, c))
-    if config is None:  # captured before timing: the unfused kernels (the projection then on cuBLAS)
+    def unfused() -> torch.Tensor:  # the norm kernel, then the projection's own choice (cuBLAS or the kernel)
         return gemv.linear(_normed(x, norm_weight, eps), weight, bias)
-    return norm_linear_kernel(x, norm_weight, eps, weight, bias, config)
+
+    config = folded_choice("norm", x, weight, bias, lambda c: norm_linear_kernel(x, norm_weight, eps, weight, bias, c),
+                           unfused)
+    return unfused() if config is None else norm_linear_kernel(x, norm_weight, eps, weight, bias, config)
 
 
 def _norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
-    config = folded_choice("silu", x, weight, None, lambda c: norm_gate_up_silu_kernel(x, norm_weight, eps, weight, c))
-    if config is None:
+    def unfused() -> torch.Tensor:
         return activations.silu_mul(gemv.linear(_normed(x, norm_weight, eps), weight))
-    return norm_gate_up_silu_kernel(x, norm_weight, eps, weight, config)
+
+    config = folded_choice("silu", x, weight, None, lambda c: norm_gate_up_silu_kernel(x, norm_weight, eps, weight, c),
+                           unfused)
+    return unfused() if config is None else norm_gate_up_silu_kernel(x, norm_weight, eps, weight, config)
 
 
 def _linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    config = folded_choice("residual", x, weight, None, lambda c: linear_residual_kernel(x, weight, residual, c))
-    if config is None:
+    def unfused() -> torch.Tensor:
         return residual + gemv.linear(x, weight)
-    return linear_residual_kernel(x, weight, residual, config)
+
+    config = folded_choice("residual", x, weight, None, lambda c: linear_residual_kernel(x, weight, residual, c),
+                           unfused)
+    return unfused() if config is None else linear_residual_kernel(x, weight, residual, config)
 
 
 @torch.library.custom_op("apet::norm_linear", mutates_args=())
