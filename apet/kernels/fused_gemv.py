@@ -133,14 +133,8 @@ if triton is not None:
                         BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         """The dot form (:func:`apet.kernels.gemv._skinny_matmul`: 2–16 rows of x as one tensor-core tile) with the
         same folds as :func:`_fused_row_gemv`: each program sums x² of every row over K before its weight rows."""
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, 16)
-        rk = tl.arange(0, BLOCK_K)
-        n_ok = rn < N
-        m_ok = rm < M
-        w_rows = w_ptr + rn[:, None] * stride_wn
-        x_rows = x_ptr + rm[:, None] * stride_xm
+        rn, rm, rk, n_ok, m_ok, w_rows, x_rows = gemv.dot_tile(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_N,
+                                                               BLOCK_K)
         up_offset = up_rows * stride_wn
         w, up = _weights(w_rows, up_offset, rk, K, n_ok, SILU, EVEN_K)  # in flight during the wait and the norm
         if PDL:

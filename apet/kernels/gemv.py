@@ -71,17 +71,19 @@ ENABLED = {"value": os.environ.get("APET_GEMV", "1") != "0"}
 if triton is not None:
 
     @triton.jit
+    def dot_tile(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The dot form's indices: this program's BLOCK_N weight rows and x's rows as one 16-row tile (the rows
+        past M masked), and the pointers to both (also :mod:`apet.kernels.fused_gemv`'s folded dot form)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, 16)
+        rk = tl.arange(0, BLOCK_K)
+        return rn, rm, rk, rn < N, rm < M, w_ptr + rn[:, None] * stride_wn, x_ptr + rm[:, None] * stride_xm
+
+    @triton.jit
     def _skinny_matmul(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, 16)
-        rk = tl.arange(0, BLOCK_K)
-        n_ok = rn < N
-        m_ok = rm < M
-        w_rows = w_ptr + rn[:, None] * stride_wn
-        x_rows = x_ptr + rm[:, None] * stride_xm
+        rn, rm, rk, n_ok, m_ok, w_rows, x_rows = dot_tile(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_N, BLOCK_K)
         acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             k = k0 + rk
