@@ -37,9 +37,12 @@ def _tolerance(dtype: torch.dtype, want: torch.Tensor) -> dict:
 
 def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int = 2, rows: int = 1) -> None:
     """Each folded kernel on ``rows`` rows of x (one: the rows form; more: the dot form, a batch's decode step)."""
+    from triton.runtime.errors import OutOfResources
+
     from apet.kernels import activations, decoder_fused, fused_gemv, gemv
 
     form_configs = [config for config in gemv.CONFIGS if config.fits(rows)][:configs]
+    silu_ran = 0
     for case, (depth, width) in enumerate(SHAPES):
         generator = torch.Generator().manual_seed(case)
 
@@ -62,13 +65,18 @@ def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int 
             unfused = gemv.kernel_matmul(decoder_fused.add_rms_norm(x, scale, EPS)[1].reshape(rows, depth), weight,
                                          bias, config)
             torch.testing.assert_close(got.reshape(rows, width), unfused, **_tolerance(dtype, want_linear))
-            got = fused_gemv.norm_gate_up_silu_kernel(x, scale, EPS, packed, config)
+            got = fused_gemv.linear_residual_kernel(x, weight, residual, config)
+            torch.testing.assert_close(got.double(), want_residual, **_tolerance(dtype, want_residual))
+            try:
+                got = fused_gemv.norm_gate_up_silu_kernel(x, scale, EPS, packed, config)
+            except OutOfResources:  # the dot form stages a gate and an up tile: a large tile may not fit in shared
+                continue  # memory on the GPU (folded_choice skips such a configuration too)
+            silu_ran += 1
             assert got.shape == (rows, 1, width)
             torch.testing.assert_close(got.double(), want_silu, **_tolerance(dtype, want_silu))
             unfused = activations.silu_mul(gemv.kernel_matmul(normed.reshape(rows, depth), packed, None, config))
             torch.testing.assert_close(got.reshape(rows, width), unfused, **_tolerance(dtype, want_silu))
-            got = fused_gemv.linear_residual_kernel(x, weight, residual, config)
-            torch.testing.assert_close(got.double(), want_residual, **_tolerance(dtype, want_residual))
+    assert silu_ran >= len(SHAPES)  # at least one configuration of each shape ran silu·up
 
 
 @contextlib.contextmanager
