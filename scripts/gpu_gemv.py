@@ -73,15 +73,15 @@ def fused(out: Path, timer: ColdTimer) -> None:
                for name, (kind, x, b, run) in folded_runs.items()}
         variants = {
             "qkv": (lambda: plain(h2, w["qkv"], qkv_bias, base["qkv"]),
-                    lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["qkv"], qkv_bias, base["qkv"])),
+                    lambda: plain(decoder_fused.add_rms_norm(h2, scale, eps)[1], w["qkv"], qkv_bias, base["qkv"])),
             "o": (lambda: plain(h2, w["o"], None, base["o"]), lambda: h2 + plain(h2, w["o"], None, base["o"])),
             "gate_up": (lambda: plain(h2, w["gate_up"], None, base["gate_up"]),
-                        lambda: activations.silu_mul(plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1],
+                        lambda: activations.silu_mul(plain(decoder_fused.add_rms_norm(h2, scale, eps)[1],
                                                            w["gate_up"], None, base["gate_up"]))),
             "down": (lambda: plain(act2, w["down"], None, base["down"]),
                      lambda: h2 + plain(act2, w["down"], None, base["down"])),
             "head": (lambda: plain(h2, w["head"], None, base["head"]),
-                     lambda: plain(decoder_fused.add_rms_norm(h2, scale, 1e-5)[1], w["head"], None, base["head"])),
+                     lambda: plain(decoder_fused.add_rms_norm(h2, scale, eps)[1], w["head"], None, base["head"])),
         }
         for name, (alone, unfused) in variants.items():
             run = folded_runs[name][3]
@@ -92,16 +92,16 @@ def fused(out: Path, timer: ColdTimer) -> None:
             print(model, name, cfg[name], times, flush=True)
 
         def layer_unfused() -> torch.Tensor:
-            normed = decoder_fused.add_rms_norm(h2, scale, 1e-5)[1]
+            normed = decoder_fused.add_rms_norm(h2, scale, eps)[1]
             plain(normed, w["qkv"], qkv_bias, base["qkv"])
-            h1, normed = decoder_fused.add_rms_norm(h2, scale, 1e-5, plain(h2, w["o"], None, base["o"]))
+            h1, normed = decoder_fused.add_rms_norm(h2, scale, eps, plain(h2, w["o"], None, base["o"]))
             mid = activations.silu_mul(plain(normed, w["gate_up"], None, base["gate_up"]))
             return h1 + plain(mid, w["down"], None, base["down"])
 
         def layer_folded() -> torch.Tensor:
-            fused_gemv.norm_linear_kernel(h, scale, 1e-5, w["qkv"], qkv_bias, cfg["qkv"])
+            fused_gemv.norm_linear_kernel(h, scale, eps, w["qkv"], qkv_bias, cfg["qkv"])
             h1 = fused_gemv.linear_residual_kernel(h, w["o"], h, cfg["o"])
-            mid = fused_gemv.norm_gate_up_silu_kernel(h1, scale, 1e-5, w["gate_up"], cfg["gate_up"])
+            mid = fused_gemv.norm_gate_up_silu_kernel(h1, scale, eps, w["gate_up"], cfg["gate_up"])
             return fused_gemv.linear_residual_kernel(mid, w["down"], h1, cfg["down"])
 
         times = {"unfused": timer.ms(layer_unfused), "folded": timer.ms(layer_folded)}

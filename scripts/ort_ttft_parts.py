@@ -73,19 +73,12 @@ def _inside_first_token(backend: Any, inputs: Any, make_layout: Any, repeats: in
     """Median ms of each step of back-to-back first tokens (encode, layout, prefill): whether a step takes longer
     right after the others than alone (vision_and_prefill exceeded the sum of the parts by ~0.5 ms on the H200)."""
     import statistics
-    import time
 
-    steps: dict[str, list[float]] = {"encode": [], "layout": [], "prefill": []}
+    from apet.bench.ort_profile import timed_first_token
+
+    steps: dict[str, list[float]] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        seen = backend.encode(inputs)
-        t1 = time.perf_counter()
-        layout = make_layout(seen.keep_index)
-        t2 = time.perf_counter()
-        backend.prefill(layout, seen)
-        t3 = time.perf_counter()
-        for name, ms in zip(steps, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3)):
-            steps[name].append(ms)
+        timed_first_token(backend, inputs, make_layout, steps)
     return {f"{name}_median_ms": round(statistics.median(values), 4) for name, values in steps.items()}
 
 

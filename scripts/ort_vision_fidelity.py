@@ -23,19 +23,14 @@ from typing import Any
 import numpy as np
 
 from apet.atomic import write_atomic
+from apet.check.runners import as_numpy
 
 OFF = 0.01  # a token off by more than this fraction of the largest float32 value took another merge
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):
-        return value.detach().float().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
 def compare(reference: Any, got: Any) -> dict[str, Any]:
     """Kept indices equal or not, the largest error relative to the largest reference value, tokens off."""
-    want, have = _numpy(reference.embeds), _numpy(got.embeds)
+    want, have = as_numpy(reference.embeds), as_numpy(got.embeds)
     scale = float(np.abs(want).max()) or 1.0
     per_token = np.abs(have - want).reshape(-1, want.shape[-1]).max(axis=1) / scale
     keep_equal = all(np.array_equal(np.asarray(a), np.asarray(b))

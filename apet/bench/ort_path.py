@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apet.bench.ort_profile import timed_first_token
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
 from apet.contracts.comparison import (
@@ -87,18 +88,10 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
                                decode_attention=decode_attention, ort_rewrites=rewrites)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
 
-        parts: dict[str, list[float]] = {"encode": [], "layout": [], "prefill": []}
+        parts: dict[str, list[float]] = {}  # each step's wall time: where the bench's first token goes, in its process
 
-        def first_token():  # each step's wall time kept: where the bench's first token goes, in its own process
-            t0 = time.perf_counter()
-            visual = backend.encode(inputs)
-            t1 = time.perf_counter()
-            layout = make_layout(visual.keep_index)
-            t2 = time.perf_counter()
-            logits = backend.prefill(layout, visual)
-            for name, ms in zip(parts, ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3)):
-                parts[name].append(ms)
-            return visual, layout, logits
+        def first_token():
+            return timed_first_token(backend, inputs, make_layout, parts)
 
         for _ in range(3):  # warm-up: ORT builds its kernels on first use; a prompt's CUDA graph is bound on the
             _, layout, logits = first_token()  # second prefill of its shape and captured on the third
@@ -107,8 +100,7 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
             logits = backend.decode(logits.argmax(-1).astype(np.int64), mask, processor.decode_positions(layout, mask))
         ttfts = []
-        for values in parts.values():  # the warm-up's steps are not timed
-            values.clear()
+        parts.clear()  # the warm-up's steps are not timed
         for _ in range(repeats):
             t0 = time.perf_counter()
             visual, layout, logits = first_token()

@@ -87,6 +87,26 @@ def _ratios(vision: dict[str, Any], prefill: dict[str, Any]) -> dict[str, float 
             "apet_stage2_over_llm_layers": over(prefill, scopes.APET_STAGE2, "llm layers")}
 
 
+FIRST_TOKEN_STEPS = ("encode", "layout", "prefill")
+
+
+def timed_first_token(backend: Any, inputs: Any, make_layout: Any, steps: dict[str, list[float]]) -> tuple:
+    """One first token through ``backend`` (vision encode, the layout from its kept indices, prefill) -> (visual,
+    layout, logits), each step's wall ms appended to ``steps`` under :data:`FIRST_TOKEN_STEPS`: where a first token's
+    time goes inside back-to-back requests (``apet-bench``'s ORT run and ``scripts/ort_ttft_parts.py``)."""
+    import time
+
+    t0 = time.perf_counter()
+    visual = backend.encode(inputs)
+    t1 = time.perf_counter()
+    layout = make_layout(visual.keep_index)
+    t2 = time.perf_counter()
+    logits = backend.prefill(layout, visual)
+    for name, ms in zip(FIRST_TOKEN_STEPS, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+        steps.setdefault(name, []).append(ms * 1e3)
+    return visual, layout, logits
+
+
 def artifact_request(artifact: Path, manifest: Any, batch: int, image_size: tuple[int, int], prompt_tokens: int,
                      new_tokens: int):
     """The family's own processor on random images and filler words (the artifact's tokenizer where it has one,

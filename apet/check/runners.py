@@ -63,7 +63,7 @@ def artifact_processor(artifact: Path, manifest: Manifest) -> Any:
     return family_of(manifest).processor(None if synthetic else Path(artifact), manifest)
 
 
-def _numpy(value: Any) -> np.ndarray:
+def as_numpy(value: Any) -> np.ndarray:
     """A backend's array (numpy, an OrtValue, a torch tensor) as numpy, without importing torch."""
     if hasattr(value, "detach"):
         value = value.detach().float().cpu().numpy() if value.is_floating_point() else value.detach().cpu().numpy()
@@ -232,17 +232,17 @@ def make_backend_runner(backend: str, artifact: Path, manifest: Manifest, reques
         def infer_impl(self, feed_dict):
             start, result = time.perf_counter(), OrderedDict()
             visual = self.backend.encode(self.request.inputs)
-            keep = _numpy(visual.keep_index)
+            keep = as_numpy(visual.keep_index)
             if visual.features is not None:
-                result["vision"] = _numpy(visual.features)
-            result["projector"], result[KEEP_INDEX] = _numpy(visual.embeds), keep
+                result["vision"] = as_numpy(visual.features)
+            result["projector"], result[KEEP_INDEX] = as_numpy(visual.embeds), keep
             self.processor = artifact_processor(self.artifact, self.manifest)  # the same prompt ids in every runner
             layout = self.processor.layout([self.request.prompt], self.request.inputs, keep, self.request.steps)
             result[SPAN_START] = np.asarray(layout.image_start)
             logits = self.backend.prefill(layout, visual)
             stage2 = getattr(self.backend, "stage2_index", None)
             if stage2 is not None:
-                result[STAGE2_INDEX] = _numpy(stage2)
+                result[STAGE2_INDEX] = as_numpy(stage2)
             result[LOGITS] = logits
             result[GREEDY], result[STEP_LOGITS] = self._greedy(logits, layout, self.backend.decode)
             self.inference_time = time.perf_counter() - start

@@ -195,15 +195,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: gemv.Config, out_feat
     flags = dict(pdl=dependent_launch.applies(x.device), NORM=norm is not None, HAS_BIAS=bias is not None,
                  SILU=up_rows > 0, RESIDUAL=residual is not None, EVEN_K=depth % config.block_k == 0,
                  BLOCK_N=config.block_n, BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
+    buffers = (x2, norm_weight, weight, bias if bias is not None else weight, res2, y)
     if rows == 1:
-        dependent_launch.launch(
-            _fused_row_gemv, grid, x2, norm_weight, weight, bias if bias is not None else weight, res2, y,
-            out_features, depth, up_rows, weight.stride(0), eps, KPAD=triton.next_power_of_2(depth), **flags)
+        dependent_launch.launch(_fused_row_gemv, grid, *buffers, out_features, depth, up_rows, weight.stride(0), eps,
+                                KPAD=triton.next_power_of_2(depth), **flags)
     else:
-        dependent_launch.launch(
-            _fused_dot_gemv, grid, x2, norm_weight, weight, bias if bias is not None else weight, res2, y, rows,
-            out_features, depth, up_rows, x2.stride(0), weight.stride(0), out_features, out_features, eps,
-            **flags)
+        dependent_launch.launch(_fused_dot_gemv, grid, *buffers, rows, out_features, depth, up_rows, x2.stride(0),
+                                weight.stride(0), out_features, out_features, eps, **flags)
     return y
 
 

@@ -50,6 +50,13 @@ def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
     return module
 
 
+def _folds(h: torch.Tensor, norm: tuple[torch.Tensor, float] | None, weight: torch.Tensor | None) -> bool:
+    """Whether a Llama-style norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: decode's
+    rows)."""
+    return (KERNELS["enabled"] and norm is not None and weight is not None and norm[0].dtype == h.dtype
+            and fused_gemv.applies(h, weight))
+
+
 def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The final norm and the LM head of the last hidden states: one kernel at decode's rows (a float head after a
     Llama-style norm, :mod:`apet.kernels.fused_gemv`), else the norm and :func:`skinny_projection`."""
@@ -57,8 +64,7 @@ def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor],
     weight = head.weight if type(head) is nn.Linear else None
 
     def logits(h: torch.Tensor) -> torch.Tensor:
-        if (KERNELS["enabled"] and found is not None and weight is not None and found[0].dtype == h.dtype
-                and fused_gemv.applies(h, weight)):
+        if _folds(h, found, weight):
             return fused_gemv.norm_linear(h, *found, weight, head.bias)
         return project(norm(h))
 
@@ -104,7 +110,7 @@ class FusedLayer:
     def project_qkv(self, h: torch.Tensor) -> torch.Tensor:
         """The input norm and the packed q/k/v projection [..., (H + 2 Hkv)·d]: one kernel at decode's rows."""
         found = self.norm_weights["input"]
-        if self._fold(h, found, self.qkv_weights):
+        if _folds(h, found, None if self.qkv_weights is None else self.qkv_weights[0]):
             return fused_gemv.norm_linear(h, *found, *self.qkv_weights)
         return self.qkv_call(self.norm("input", h)[1])
 
@@ -125,18 +131,12 @@ class FusedLayer:
         add and norm in one kernel around the projections."""
         found = self.norm_weights["post"]
         if (self.folds_finish and fused_gemv.applies(attended, self.o_weight)
-                and self._fold(h, found, self.gate_up_weights)):
+                and _folds(h, found, self.gate_up_weights[0])):
             h = fused_gemv.linear_residual(attended, self.o_weight, h)
             return fused_gemv.linear_residual(fused_gemv.norm_gate_up_silu(h, *found, self.gate_up_weights[0]),
                                               self.down_weight, h)
         h, normed = self.norm("post", h, self.out(attended))
         return h + self.mlp(normed)
-
-    def _fold(self, h: torch.Tensor, norm: tuple[torch.Tensor, float] | None,
-              weights: tuple[torch.Tensor, torch.Tensor | None] | None) -> bool:
-        """Whether a norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: decode's rows)."""
-        return (KERNELS["enabled"] and norm is not None and weights is not None and norm[0].dtype == h.dtype
-                and fused_gemv.applies(h, weights[0]))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_call(h)
