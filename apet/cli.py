@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from apet.bench.ort_process import ORT_PROCESSES
 from apet.contracts.io import DECODE_ATTENTION, KV_CACHE_FORMS, llm_graphs
 from apet.contracts.targets import ATTENTION_FORMS, DEFAULT_TARGET, OP_DEFAULT_TARGET, TARGETS
 from apet.errors import COMMAND_LINE, UsageError, guarded
@@ -354,6 +355,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime's static-KV decode attention (see apet-run --decode-attention)")
     p.add_argument("--ort-rewrites", default="default", help="ONNX Runtime's optional graph rewrites (see apet-run "
                    "--ort-rewrites)")
+    p.add_argument("--ort-process", default="own", choices=ORT_PROCESSES,
+                   help="own: time ONNX Runtime in a process of its own that never imports torch, as the device "
+                        "runtime runs (default); shared: in the bench's process, beside the torch path")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
@@ -426,7 +430,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,
                       ort_cuda_graphs=not args.no_ort_cuda_graphs, ort_decode_attention=args.ort_decode_attention,
-                      ort_rewrites=args.ort_rewrites,
+                      ort_rewrites=args.ort_rewrites, ort_process=args.ort_process,
                       layer_us=_layer_us(args.layer_us))
     run_bench(cfg)
     print((args.out / "results.md").read_text())

@@ -42,6 +42,10 @@
 #   orttime DIR [SETS]  /tmp/DIR's first token apart (scripts/ort_ttft_parts.py; SETS as its --sets, default: the
 #                   default rewrites, and + vision-skip-norms), then scripts/ort_gpu_kernels.py (each phase's wall
 #                   time before, across and after its GPU work)
+#   ortprocess DIR  the bench with ONNX Runtime in its own torch-free process (--ort-process own) and in the
+#                   bench's (shared), between two scripts/ort_ttft_parts.py runs of the default form
+#   ortkernels-env DIR [SETTING ...]  the first token apart under ONNX Runtime's attention-kernel environment
+#                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both)
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -76,6 +80,23 @@ case "$stage" in
       echo "$(cut -d' ' -f1 .whl/ort.sha256)  /tmp/ort.tar.xz" | sha256sum -c - || exit 1
       mkdir -p /tmp/ortgpu && tar -xJf /tmp/ort.tar.xz -C /tmp/ortgpu
       python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())"
+      python3 - <<'PY'  # the CUDA provider in a process that never imports torch (the bench's --ort-process own)
+import sys
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from apet.runtime.backends.ort_options import load_cuda_libraries
+
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "add", [x],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+load_cuda_libraries(ort)
+session = ort.InferenceSession(helper.make_model(graph).SerializeToString(),
+                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+print("without torch:", session.get_providers(), "torch imported:", "torch" in sys.modules, onnx.__version__)
+PY
     fi
     ;;
   checks)
@@ -166,6 +187,7 @@ case "$stage" in
     if [ "${2:-}" = "graph" ]; then extra+=(--ort-decode-attention graph); name=ortstatic_graph; fi
     if [ -n "${3:-}" ]; then name="${name}_$3"; fi
     if [ -n "${4:-}" ]; then extra+=(--ort-rewrites "$4"); fi
+    extra+=(--ort-process "${ORT_PROCESS:-own}")
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
     python3 -m apet.cli bench --model llava-shapes --ratios 0.11 --stages 2 --batch 1 --repeats 10 --new-tokens 32 \
@@ -195,6 +217,32 @@ case "$stage" in
       --sets "${2:-default;default,vision-skip-norms}" 2>&1 | grep -v "W:onnxruntime" | cut -c1-600 | tail -5
     python3 scripts/ort_gpu_kernels.py "/tmp/$1" --out "$OUT/ort_kernels_timeline.json" 2>&1 | grep -v USDT \
       | grep -v "W:onnxruntime" | tail -16
+    ;;
+  ortprocess)  # ortprocess DIR: issue 28's open question, the bench's ONNX Runtime first token above the same code
+    # timed alone: the bench with ONNX Runtime in its own torch-free process and in the bench's, between two
+    # ort_ttft_parts runs of the same form
+    wait_export "$1" 540
+    parts() { python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts_$2.json" --no-ungraphed \
+      --sets default 2>&1 | grep -v "W:onnxruntime" | cut -c1-700 | tail -1; }
+    parts "$1" before
+    for process in own shared; do
+      ORT_PROCESS=$process bash "$0" ortstatic "$1" - "process_$process"
+    done
+    parts "$1" after
+    ;;
+  ortkernels-env)  # ortkernels-env DIR [SETTING ...]: the first token apart under ONNX Runtime's attention kernel
+    # switches, environment variables it reads when a session is made (default: cuDNN's prefill attention off, XQA
+    # decode off, both); each SETTING is VAR=VALUE[,VAR=VALUE] -> $OUT/ort_ttft_parts_env_SETTING.json
+    wait_export "$1" 540
+    dir="$1"; shift
+    settings=("$@")
+    [ ${#settings[@]} -gt 0 ] || settings=(ORT_ENABLE_CUDNN_FLASH_ATTENTION=0 ORT_ENABLE_XQA=0 \
+      ORT_ENABLE_XQA=0,ORT_ENABLE_CUDNN_FLASH_ATTENTION=0)
+    for setting in "${settings[@]}"; do
+      IFS=, read -ra vars <<< "$setting"
+      env "${vars[@]}" python3 scripts/ort_ttft_parts.py "/tmp/$dir" --out "$OUT/ort_ttft_parts_env_$setting.json" \
+        --no-ungraphed --sets default 2>&1 | grep -v "W:onnxruntime" | cut -c1-700 | tail -1
+    done
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
         for _ in range(3):
             decode_step()
     result = {"cuda_graphs": cuda_graphs, "rewrites": sorted(backend.rewrites),
+              "ort_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")},
               "vision_graphed": backend.vision_graphed(),
               "prompt_graphed": backend.prompt_graphed(),
               "vision": _timed(lambda: backend.encode(inputs), repeats),

@@ -163,7 +163,7 @@ def test_op_single_stage_bench_path_matches_reference(tiny_adapter, tmp_path: Pa
 
     plan = plan_compression(tiny_adapter.spec.n_tokens, LAYERS, ratio=0.11, stages=1)
     result = ort_run(tiny_adapter, plan, Request(2, 12, 8, (320, 240)), max_context=400, repeats=1,
-                     parity_steps=12, workdir=tmp_path, attention="op")
+                     parity_steps=12, workdir=tmp_path, attention="op", process="shared")
     parity = result["parity"]
     assert result["attention"] == "op" and parity["stage1_index_equal"] and parity["stage2_index_equal"] is None
     assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 12
@@ -171,6 +171,7 @@ def test_op_single_stage_bench_path_matches_reference(tiny_adapter, tmp_path: Pa
     visual = parity["visual_token_diff"]
     assert visual["tokens"] == 2 * plan.stage1_keep and visual["max"] < 1e-3 * max(1.0, visual["scale"])
     assert len(result["greedy_tokens"]) == 12
+    assert result["process"] == "shared" and result["torch_in_process"] is True
 
 
 # -- op form: TensorRT-RTX parses and builds, with one attention layer pair per attention ------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,6 +98,8 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 32
     assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
     assert low["onnxruntime"]["ttft"]["median_ms"] > 0 and low["visual_tokens"] == 40
+    # timed as the device runtime runs: in a process of its own that never imported torch
+    assert low["onnxruntime"]["process"] == "own" and low["onnxruntime"]["torch_in_process"] is False
     parts = low["onnxruntime"]["ttft_parts"]  # the first token's steps, timed in the same calls
     assert set(parts) == {"encode", "layout", "prefill"} and all(p["repeats"] == parts["encode"]["repeats"]
                                                                    for p in parts.values())
@@ -222,3 +225,28 @@ def test_ort_profile_of_the_tiny_artifact_on_cpu(artifact_factory, tmp_path: Pat
         assert profile[phase]["host_ms"][stage] > 0
     assert sum(profile["vision"]["host_ms"].values()) <= profile["vision"]["run_ms"]
     assert 0 < profile["apet_share"]["apet_stage1_over_vision"] and profile["family"] == "llava"
+
+
+def test_ort_process_refuses_timings_of_another_request() -> None:
+    """The bench trusts its own-process ONNX Runtime numbers only for its own request: other pixels, another
+    input set or another prompt layout is an error naming what differs and the way out."""
+    import numpy as np
+
+    from apet.bench.ort_process import INPUT_PREFIX, _check_same_request
+    from apet.errors import BackendError
+
+    pixels = np.arange(6, dtype=np.float32).reshape(1, 6)
+    ids = np.array([[1, 2, 3]])
+    child = {INPUT_PREFIX + "pixel_values": pixels, "keep_index": np.array([[0]]), "token_ids": ids}
+
+    def layout(_keep):
+        return SimpleNamespace(token_ids=ids)
+
+    _check_same_request(child, {"pixel_values": pixels}, layout)  # the same request passes
+    for vision, make, named in (({"pixel_values": pixels + 1}, layout, "pixel_values"),
+                                ({"pixel_values": pixels, "grid": ids}, layout, "grid"),
+                                ({"pixel_values": pixels}, lambda k: SimpleNamespace(token_ids=ids + 1),
+                                 "token_ids")):
+        with pytest.raises(BackendError, match=named) as err:
+            _check_same_request(child, vision, make)
+        assert "--ort-process shared" in err.value.fix

@@ -11,12 +11,14 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from apet.bench.ort_profile import timed_first_token
+from apet.bench.ort_process import ORT_PROCESSES
+from apet.bench.ort_timing import time_backend
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
 from apet.contracts.comparison import (
@@ -64,15 +66,17 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
             repeats: int, parity_steps: int = 32, workdir: Path | None = None,
             attention: str = "pattern", kv_cache: str = "dynamic", cuda_graphs: bool = True,
             artifact: Path | None = None, decode_attention: str = "auto",
-            rewrites: str = "default") -> dict[str, Any]:
+            rewrites: str = "default", process: str = "own") -> dict[str, Any]:
     """Export (``attention``: pattern | op graphs; ``kv_cache``: dynamic | static LLM form), then TTFT / decode
     timings of ONNX Runtime (``cuda_graphs``: the static form's decode replayed as a CUDA graph) and its parity
     with the torch reference; the greedy tokens are kept so two runs of different forms can be compared.
     ``artifact``: one exported earlier from the same weights (its form and cache size are its own), not exported
-    here."""
+    here. ``process``: own (ONNX Runtime timed in a torch-free process of its own, as the device runtime runs:
+    :mod:`apet.bench.ort_process`) or shared (in this process, beside the torch path)."""
     from apet.manifest import read_manifest
-    from apet.runtime.pipeline import make_backend
 
+    if process not in ORT_PROCESSES:
+        raise UsageError(f"--ort-process {process} is unknown", f"choose from {', '.join(ORT_PROCESSES)}")
     device = "cuda" if adapter.device.type == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(dir=workdir, prefix="apet-bench-ort-") as scratch:
         if artifact is None:
@@ -83,49 +87,36 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         manifest = read_manifest(artifact)
         _check_artifact(manifest, plan, request)
         attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
-        # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
-        backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs,
-                               decode_attention=decode_attention, ort_rewrites=rewrites)
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
+        torch_imported = True
+        if process == "own":
+            from apet.bench.ort_process import OrtRunSpec, time_in_own_process
 
-        parts: dict[str, list[float]] = {}  # each step's wall time: where the bench's first token goes, in its process
+            spec = OrtRunSpec(str(artifact), device, cuda_graphs, decode_attention, rewrites, request.batch,
+                              tuple(request.image_size), request.prompt_tokens, request.new_tokens, repeats,
+                              parity_steps)
+            timings, torch_imported = time_in_own_process(spec, inputs.arrays, make_layout)
+        else:
+            from apet.runtime.pipeline import make_backend
 
-        def first_token():
-            return timed_first_token(backend, inputs, make_layout, parts)
-
-        for _ in range(3):  # warm-up: ORT builds its kernels on first use; a prompt's CUDA graph is bound on the
-            _, layout, logits = first_token()  # second prefill of its shape and captured on the third
-        mask = layout.attention_mask
-        for _ in range(2):  # and decode's: the static form's session per batch, the CUDA graph's capture
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-            logits = backend.decode(logits.argmax(-1).astype(np.int64), mask, processor.decode_positions(layout, mask))
-        ttfts = []
-        parts.clear()  # the warm-up's steps are not timed
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            visual, layout, logits = first_token()
-            ttfts.append((time.perf_counter() - t0) * 1e3)
-        tokens, steps, mask, ort_logits = [], [], layout.attention_mask, [logits]
-        for _ in range(parity_steps):
-            token = logits.argmax(-1)
-            tokens.append(token.tolist())
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-            t0 = time.perf_counter()
-            logits = backend.decode(token.astype(np.int64), mask, processor.decode_positions(layout, mask))
-            steps.append((time.perf_counter() - t0) * 1e3)
-            ort_logits.append(logits)
-        parity = _parity(adapter, plan, inputs, layout, visual, backend.stage2_index, tokens, ort_logits, processor)
+            # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
+            backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs,
+                                   decode_attention=decode_attention, ort_rewrites=rewrites)
+            timings = time_backend(backend, processor, inputs, make_layout, repeats, parity_steps)
+            del backend
+        layout = make_layout(timings.keep_index)
+        visual = SimpleNamespace(keep_index=timings.keep_index, embeds=timings.visual_embeds)
+        parity = _parity(adapter, plan, inputs, layout, visual, timings.stage2_index, timings.tokens,
+                         timings.logits, processor)
         files = {p.name: p.stat().st_size for p in artifact.iterdir() if p.suffix in (".onnx", ".data")}
     return {"attention": attention, "kv_cache": kv_cache, "max_context": max_context,
             "cuda_graphs": cuda_graphs and kv_cache == "static" and device == "cuda",
-            "decode_attention": backend.decode_attention(), "rewrites": sorted(backend.rewrites),
-            "vision_cuda_graph": backend.vision_graphed(),
-            "prompt_cuda_graph": backend.prompt_graphed(),
+            "process": process, "torch_in_process": torch_imported, **timings.backend,
             "execution_provider": "CUDA" if device == "cuda" else "CPU",
-            "greedy_tokens": tokens, "export_s": round(export_s, 1), "files_bytes": files,
-            "ttft": summarize(ttfts).to_json(),
-            "ttft_parts": {name: summarize(values).to_json() for name, values in parts.items()},
-            "decode_per_token": summarize(steps).to_json(), "parity": parity}
+            "greedy_tokens": timings.tokens, "export_s": round(export_s, 1), "files_bytes": files,
+            "ttft": summarize(timings.ttft_ms).to_json(),
+            "ttft_parts": {name: summarize(values).to_json() for name, values in timings.parts_ms.items()},
+            "decode_per_token": summarize(timings.decode_ms).to_json(), "parity": parity}
 
 
 def _check_artifact(manifest, plan: CompressionPlan, request: Request) -> None:

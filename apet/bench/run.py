@@ -76,6 +76,7 @@ class BenchConfig:
     ort_cuda_graphs: bool = True  # ONNX Runtime's static decode as a CUDA graph (with cuda_graphs)
     ort_decode_attention: str = "auto"  # its decode attention: auto | gqa | graph (apet-run --decode-attention)
     ort_rewrites: str = "default"  # its optional graph rewrites (apet-run --ort-rewrites)
+    ort_process: str = "own"  # own: ONNX Runtime timed in a torch-free process, as on a device; shared: this one
     layer_us: dict[str, float] | None = None  # per-layer cost per Jetson (flops.LAYER_US, an assumption) overridden
 
     def __post_init__(self) -> None:
@@ -252,7 +253,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
                                         attention=cfg.attention, kv_cache=cfg.kv_cache,
                                         cuda_graphs=cfg.cuda_graphs and cfg.ort_cuda_graphs,
                                         artifact=cfg.ort_artifact, decode_attention=cfg.ort_decode_attention,
-                                        rewrites=cfg.ort_rewrites)
+                                        rewrites=cfg.ort_rewrites, process=cfg.ort_process)
     return result
 
 

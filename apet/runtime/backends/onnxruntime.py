@@ -40,7 +40,14 @@ from apet.runtime.backends.base import (
     splice_numpy,
 )
 from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm
-from apet.runtime.backends.ort_options import cuda_provider, graph_rewrites, session_options
+from apet.runtime.backends.ort_options import (
+    CUDA_PROVIDER,
+    check_provider,
+    cuda_provider,
+    graph_rewrites,
+    load_cuda_libraries,
+    session_options,
+)
 from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.backends.ort_static import StaticKV
 
@@ -55,12 +62,9 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort  # a base dependency; imported here so listing backends stays cheap
 
         self._ort = ort
-        wanted = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
-        if wanted == "CUDAExecutionProvider" and hasattr(ort, "preload_dylibs"):
-            try:  # CUDA/cuDNN from the nvidia-* wheels torch installed, when the system has none
-                ort.preload_dylibs()
-            except Exception:  # noqa: BLE001 - the session creation below reports what is really missing
-                pass
+        wanted = CUDA_PROVIDER if device.startswith("cuda") else "CPUExecutionProvider"
+        if wanted == CUDA_PROVIDER:
+            load_cuda_libraries(ort)
         if wanted not in ort.get_available_providers():
             raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
                                f"pip install onnxruntime-gpu for CUDA, or pass {option('device', 'cpu')}")
@@ -71,8 +75,8 @@ class OnnxRuntimeBackend(Backend):
                                          "names") from None
         options = session_options(ort, threads or 0)
         providers = [cuda_provider(self.rewrites, ort.__version__), "CPUExecutionProvider"] \
-            if wanted == "CUDAExecutionProvider" else [wanted]
-        self.device_type = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
+            if wanted == CUDA_PROVIDER else [wanted]
+        self.device_type = "cuda" if wanted == CUDA_PROVIDER else "cpu"
         self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
         if self._profile_dir is not None:  # removed after the first vision run, or when the backend goes away
             weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
@@ -99,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
             if manifest.kv_cache == "static" else None
         self.llm = self.static.prefill_session if self.static is not None else \
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
+        check_provider(self.llm, wanted)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.table = load_embedding_table(self.artifact_dir, manifest)
         self.outputs = [o.name for o in self.llm.get_outputs()]

@@ -4,11 +4,18 @@ backend, the static-KV form's per-batch decode sessions and the profiled ones ar
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from apet.contracts.targets import release
+from apet.errors import BackendError, option
+
+log = logging.getLogger(__name__)
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def session_options(ort: Any, threads: int = 0, profile_prefix: Path | None = None) -> Any:
@@ -56,7 +63,7 @@ def cuda_provider(rewrites: frozenset[str] = frozenset(), onnxruntime_version: s
     options = {"use_tf32": "0"}
     if rewrites & FUSED_NORMS and release(onnxruntime_version) < FLOAT32_NORM_STATISTICS_SINCE:
         options[STRICT_NORM_OPTION] = "1"
-    return "CUDAExecutionProvider", options
+    return CUDA_PROVIDER, options
 
 
 def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
@@ -73,3 +80,33 @@ def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
         raise ValueError(f"unknown ONNX Runtime graph rewrite {unknown[0]!r} (known: {', '.join(GRAPH_REWRITES)}; "
                          "or default, none)")
     return chosen
+
+
+def load_cuda_libraries(ort: Any) -> None:
+    """CUDA and cuDNN for the CUDA execution provider from the nvidia-* wheels where the system has none (a host with
+    pip-installed CUDA; a Jetson's JetPack libraries load by their default paths either way). Without it a process
+    that never imported torch (the torch-free runtime) could not load them, and ONNX Runtime would fall back to its
+    CPU provider. ``preload_dlls`` reports what it could not load by printing: that goes to the log, not to the
+    standard output a user may be piping generated text from."""
+    if not hasattr(ort, "preload_dlls"):  # releases before 1.21 load by the default paths only
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            ort.preload_dlls()
+    except Exception as err:  # noqa: BLE001 - the session's provider check reports what is really missing
+        log.info("onnxruntime.preload_dlls: %s", err)
+    if printed.getvalue().strip():
+        log.info("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+
+
+def check_provider(session: Any, wanted: str) -> None:
+    """ONNX Runtime falls back to its CPU provider, with a warning only, where the CUDA provider cannot load (CUDA or
+    cuDNN missing): a 7B model would then run on the CPU for minutes. Refuse that instead."""
+    got = session.get_providers()
+    if wanted == CUDA_PROVIDER and (not got or got[0] != CUDA_PROVIDER):
+        raise BackendError(f"ONNX Runtime could not start its CUDA execution provider (the session runs on {got}): "
+                           "its CUDA or cuDNN libraries did not load (ONNX Runtime's log above says which)",
+                           "install the CUDA and cuDNN your onnxruntime-gpu was built for (JetPack on a Jetson; "
+                           "pip install 'onnxruntime-gpu[cuda,cudnn]' elsewhere), or pass "
+                           f"{option('device', 'cpu')}")
