@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apet.bench.ort_process import ORT_PROCESSES
+from apet.bench.ort_process import ORT_PROCESSES, OrtRunSpec, time_in_own_process
 from apet.bench.ort_timing import time_backend
 from apet.bench.stages import Request, synthetic_request
 from apet.bench.timing import summarize
@@ -88,22 +88,13 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         _check_artifact(manifest, plan, request)
         attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
-        torch_imported = True
+        spec = OrtRunSpec(str(artifact), device, cuda_graphs, decode_attention, rewrites, request.batch,
+                          tuple(request.image_size), request.prompt_tokens, request.new_tokens, repeats, parity_steps)
         if process == "own":
-            from apet.bench.ort_process import OrtRunSpec, time_in_own_process
-
-            spec = OrtRunSpec(str(artifact), device, cuda_graphs, decode_attention, rewrites, request.batch,
-                              tuple(request.image_size), request.prompt_tokens, request.new_tokens, repeats,
-                              parity_steps)
             timings, torch_imported = time_in_own_process(spec, inputs.arrays, make_layout)
         else:
-            from apet.runtime.pipeline import make_backend
-
-            # the backend alone: random-weight *-shapes artifacts have no tokenizer, the synthetic request needs none
-            backend = make_backend("onnxruntime", artifact, manifest, device, cuda_graphs=cuda_graphs,
-                                   decode_attention=decode_attention, ort_rewrites=rewrites)
-            timings = time_backend(backend, processor, inputs, make_layout, repeats, parity_steps)
-            del backend
+            timings = time_backend(spec.backend(manifest), processor, inputs, make_layout, repeats, parity_steps)
+            torch_imported = True
         layout = make_layout(timings.keep_index)
         visual = SimpleNamespace(keep_index=timings.keep_index, embeds=timings.visual_embeds)
         parity = _parity(adapter, plan, inputs, layout, visual, timings.stage2_index, timings.tokens,

@@ -45,16 +45,22 @@ class OrtRunSpec:
     repeats: int
     parity_steps: int
 
+    def backend(self, manifest: Any) -> Any:
+        """The ONNX Runtime backend this run times (the backend alone: random-weight *-shapes artifacts have no
+        tokenizer, the synthetic request needs none)."""
+        from apet.runtime.pipeline import make_backend
+
+        return make_backend("onnxruntime", Path(self.artifact), manifest, self.device, cuda_graphs=self.cuda_graphs,
+                            decode_attention=self.decode_attention, ort_rewrites=self.rewrites)
+
 
 def _child(spec: OrtRunSpec, out: Path) -> None:
     from apet.bench.ort_profile import artifact_request
     from apet.manifest import read_manifest
-    from apet.runtime.pipeline import make_backend
 
     artifact = Path(spec.artifact)
     manifest = read_manifest(artifact)
-    backend = make_backend("onnxruntime", artifact, manifest, spec.device, cuda_graphs=spec.cuda_graphs,
-                           decode_attention=spec.decode_attention, ort_rewrites=spec.rewrites)
+    backend = spec.backend(manifest)
     processor, inputs, make_layout = artifact_request(artifact, manifest, spec.batch, tuple(spec.image_size),
                                                       spec.prompt_tokens, spec.new_tokens)
     timings = time_backend(backend, processor, inputs, make_layout, spec.repeats, spec.parity_steps)
