@@ -214,25 +214,36 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | No
         return None
     from apet.kernels import apet_stage
 
-    _check_input(x)
-    n_tokens = int(x.shape[1])
-    config.validate(n_tokens)
-    tokens, index = apet_stage.compress(x, config.keep, config.basis, fps_start(n_tokens, config.seed),
-                                        GRAM_RIDGE, config.placement)
+    tokens, index = apet_stage.compress(x, _kernel_keep(config, int(x.shape[1])), config.basis,
+                                        fps_start(int(x.shape[1]), config.seed), GRAM_RIDGE, config.placement)
     return Compressed(tokens, index)
 
 
+def _kernel_keep(config: CompressionConfig, n_tokens: int) -> int:
+    """K of one stage at a concrete N: ``keep``, or per image (Qwen2.5-VL's dynamic resolution) ``keep_for(N)``,
+    as :func:`_compress_per_image` computes it eagerly."""
+    return config.keep_for(n_tokens) if config.per_image else config.keep
+
+
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
-    """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a fixed
-    budget below N, GPU tensors (never while exporting), and ``FUSED["stage_kernel"]`` on."""
+    """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a budget
+    below N (fixed, or per image from N with ``FUSED["per_image"]``: the budget the torch ops take at this N), GPU
+    tensors (never while exporting), and ``FUSED["stage_kernel"]`` on. Invalid settings are left to the torch
+    ops' errors."""
     if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return False
-    if config.method != "fps" or not config.merge or config.per_image or not isinstance(x, torch.Tensor) \
-            or x.dim() != 3 or isinstance(x.shape[1], torch.Tensor):
+    if config.method != "fps" or not config.merge or not isinstance(x, torch.Tensor) or x.dim() != 3 \
+            or isinstance(x.shape[1], torch.Tensor) or (config.per_image and not FUSED["per_image"]):
+        return False
+    n_tokens = int(x.shape[1])
+    try:
+        config.validate(n_tokens)
+    except (UsageError, InputError):
         return False
     from apet.kernels import apet_stage
 
-    return apet_stage.available(x) and apet_stage.supports(x, config.keep, config.basis, config.placement)
+    return apet_stage.available(x) and apet_stage.supports(x, _kernel_keep(config, n_tokens), config.basis,
+                                                           config.placement)
 
 
 def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
@@ -514,7 +525,9 @@ def _compress(x: torch.Tensor, config: CompressionConfig, keep: int,
 # compiled + graphed), docs/benchmarks.md. Above ``max_tokens`` the plain path runs. ``enabled = False`` turns it
 # off (to compare), ``max_tokens = None`` lifts the size limit (the kernel tests). ``stage_kernel``: the whole stage
 # in :mod:`apet.kernels.apet_stage` for :func:`compress_with` (False: the path above, to compare).
-FUSED: dict = {"enabled": True, "max_tokens": 256, "stage_kernel": True}
+# ``per_image``: the stage kernel for per-image budgets too (Qwen2.5-VL, K from N); off until its row-tiled merge
+# is timed on a GPU (the untiled merge took 3.12 ms at N = 2025 on the H200 against the torch ops' 1.16 ms).
+FUSED: dict = {"enabled": True, "max_tokens": 256, "stage_kernel": True, "per_image": False}
 
 
 def _fused_available(x: torch.Tensor) -> bool:

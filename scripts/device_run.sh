@@ -93,7 +93,9 @@ x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
 graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "add", [x],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
 load_cuda_libraries(ort)
-session = ort.InferenceSession(helper.make_model(graph).SerializeToString(),
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+model.ir_version = 8  # what ONNX Runtime 1.31 reads (the device's newer onnx writes IR 14 by default)
+session = ort.InferenceSession(model.SerializeToString(),
                                providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 print("without torch:", session.get_providers(), "torch imported:", "torch" in sys.modules, onnx.__version__)
 PY

@@ -2,12 +2,13 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl]`` (``sdpa``: decode
-attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is cuBLAS, not
-:mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the norms,
-silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimage]``
+(``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
+cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
+norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
 :mod:`apet.kernels.fused_gemv`; ``nopdl``: no kernel launched as a programmatic dependent,
-:mod:`apet.kernels.dependent_launch`).
+:mod:`apet.kernels.dependent_launch`; ``perimage``: per-image ApET budgets, Qwen2.5-VL's, in the stage kernel,
+``apet.compression.FUSED["per_image"]``).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -33,6 +34,7 @@ from gpu_variants import kernel_profile  # noqa: E402
 from apet.bench.run import _plan, measure_ceilings, stage_costs  # noqa: E402
 from apet.bench.stages import ApetPath, Request  # noqa: E402
 from apet.bench.timing import time_call  # noqa: E402
+from apet.compression import FUSED  # noqa: E402
 from apet.kernels import decode_attention, dependent_launch, fused_gemv, gemv  # noqa: E402
 from apet.models.registry import load_adapter  # noqa: E402
 
@@ -40,11 +42,13 @@ from apet.models.registry import load_adapter  # noqa: E402
 def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
-                            "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True}
+                            "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
+                            "per_image_kernel": False}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl"):
+        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimage"):
             case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
-                         "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False}}[part])
+                         "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False},
+                         "perimage": {"per_image_kernel": True}}[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
@@ -91,7 +95,15 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
     visual_tokens, views = path.visual_tokens, path.views
     calls.clear()
     return {**case, "apet_stages": case["stages"], "setup_s": round(setup_s, 1), "tokens": tokens, "keep": keep,
-            "visual_tokens": visual_tokens, "views": views, "stages": stages}  # "stages": the timed stages
+            "visual_tokens": visual_tokens, "views": views, "stages": stages,  # "stages": the timed stages
+            "fold_choices": fold_choices()}
+
+
+def fold_choices() -> list[dict[str, Any]]:
+    """Each folded projection's timed choice so far (fused_gemv.folded_choice): its kind and shapes, and the
+    configuration taken or None where the unfused kernels were faster (the fold refused)."""
+    return [{"kind": kind, "rows": list(key[0]), "weight": list(key[1]),
+             "choice": None if config is None else str(config)} for (kind, key), config in fused_gemv._choices.items()]
 
 
 def main() -> None:
@@ -112,6 +124,7 @@ def main() -> None:
             adapters[case["model"]] = load_adapter(case["model"], dtype=torch.float16, device="cuda")
         decode_attention.ENABLED["value"], gemv.ENABLED["value"] = case["decode_attention"], case["gemv"]
         fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
+        FUSED["per_image"] = case["per_image_kernel"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

@@ -54,6 +54,39 @@ def check(device: str, cases: list, dtypes=(torch.float32, torch.float16)) -> No
                 assert got.tokens.dtype == dtype
 
 
+# (batch, N, D, keep ratio, basis): Qwen2.5-VL's per-image budget int(ratio·N) at a concrete N (1344² -> N = 2025
+# at D = 3584 on the GPU; small ones for the interpreter; K = 150 spans two merge row blocks)
+PER_IMAGE = [(1, 2025, 3584, 0.3, 10), (2, 400, 256, 0.3, 10), (1, 300, 32, 0.5, 10), (1, 90, 40, 0.5, 10),
+             (1, 64, 24, 0.11, 10)]
+
+
+def check_per_image(device: str, cases: list) -> None:
+    """Per-image budgets (``keep_ratio``, ``max_tokens``: Qwen2.5-VL) take the stage kernel too where
+    ``FUSED["per_image"]`` is on, with K = ``keep_for(N)``: the oracle's indices at that K; a ratio that keeps every
+    token stays the torch ops' copy."""
+    with mock.patch.dict(FUSED, {"per_image": True}):
+        _check_per_image(device, cases)
+    x = _features(0, 1, 64, 24, device, torch.float16)
+    assert compress_with(CompressionConfig(keep=11, keep_ratio=0.5, max_tokens=64), x).members is not None  # off
+
+
+def _check_per_image(device: str, cases: list) -> None:
+    for case, (batch, n, d, ratio, basis) in enumerate(cases):
+        x = _features(case, batch, n, d, device, torch.float16)
+        config = CompressionConfig(keep=basis + 1, basis=basis, keep_ratio=ratio, max_tokens=4 * n)
+        keep = config.keep_for(n)
+        got = compress_with(config, x)
+        assert got.members is None, f"case {case}: the per-image stage took the torch ops, not the stage kernel"
+        want_tokens, want_index = ref.compress(x.double().cpu().numpy(), keep, basis)
+        np.testing.assert_array_equal(got.index.cpu().numpy(), want_index, err_msg=f"case {case}")
+        _assert_rows(got.tokens.double().cpu().numpy(), want_tokens, 1e-3, 1e-3 * float(x.abs().max()), False,
+                     f"case {case}")
+    everything = CompressionConfig(keep=11, keep_ratio=1.0, max_tokens=64)
+    x = _features(0, 1, 32, 24, device, torch.float16)
+    kept = compress_with(everything, x)
+    assert torch.equal(kept.tokens, x) and kept.index.tolist() == [list(range(32))]
+
+
 def check_compiled(device: str) -> None:
     """Under ``torch.compile`` (what ``--compile`` wraps each stage in) compress_with still runs the stage kernel,
     not Inductor's trace of the torch ops, and keeps the oracle's indices. Nor may the decision hinge on
@@ -97,6 +130,11 @@ def test_stage_kernels_match_the_float64_oracle_on_gpu() -> None:
 
 
 @gpu
+def test_per_image_budgets_run_the_stage_kernel_on_gpu() -> None:
+    check_per_image("cuda", PER_IMAGE)
+
+
+@gpu
 def test_the_compiled_stage_runs_the_stage_kernel_on_gpu() -> None:
     check_compiled("cuda")
 
@@ -115,7 +153,8 @@ def test_stage_kernels_under_cuda_graph_capture() -> None:
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (the tests above) instead")
 def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
-    run_interpreted(tmp_path, "import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n",
+    run_interpreted(tmp_path, "import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n"
+                    "t.check_per_image('cpu', t.PER_IMAGE[2:])\n",
                     timeout=900)
 
 

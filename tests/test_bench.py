@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +251,23 @@ def test_ort_process_refuses_timings_of_another_request() -> None:
         with pytest.raises(BackendError, match=named) as err:
             _check_same_request(child, vision, make)
         assert "--ort-process shared" in err.value.fix
+
+
+def test_ort_process_writes_the_request_with_the_bench_tokenizer(artifact_factory) -> None:
+    """The own-process child writes the prompt with the bench's tokenizer, not the artifact's: a random-weight
+    ``*-shapes`` bench has none (random ids) while its exported artifact holds one, which made the child's token
+    ids differ on the H200 (an artifact exported earlier and passed with --ort-artifact)."""
+    from apet.bench.ort_process import OrtRunSpec, time_in_own_process
+    from apet.bench.ort_profile import synthetic_request
+    from apet.manifest import read_manifest
+
+    artifact = artifact_factory()
+    assert (artifact / "tokenizer.json").is_file()  # the artifact's own tokenizer differs from the bench's (none)
+    manifest = read_manifest(artifact)
+    _, inputs, make_layout = synthetic_request(manifest, None, 1, (640, 480), 12, 4)
+    _, _, with_artifact_tokenizer = synthetic_request(manifest, artifact, 1, (640, 480), 12, 4)
+    keep = np.zeros((1, manifest.compression.stage1_keep), dtype=np.int64)
+    assert not np.array_equal(make_layout(keep).token_ids, with_artifact_tokenizer(keep).token_ids)
+    spec = OrtRunSpec(str(artifact), "cpu", False, "auto", "default", 1, (640, 480), 12, 4, 1, 2, tokenizer=None)
+    timings, torch_imported = time_in_own_process(spec, inputs.arrays, make_layout)  # the request check passes
+    assert len(timings.tokens) == 2 and not torch_imported

@@ -81,14 +81,14 @@ def check_kernels(device: str, dtype: torch.dtype = torch.float16, configs: int 
 
 @contextlib.contextmanager
 def counted_launches() -> Iterator[list[dict]]:
-    """The keyword arguments of every folded-kernel launch made inside the block."""
+    """The keyword arguments of every folded-kernel launch made inside the block, and its rows' width."""
     from apet.kernels import fused_gemv
 
     launches: list[dict] = []
     original = fused_gemv._launch
 
     def counted(*args, **kwargs):
-        launches.append(kwargs)
+        launches.append({**kwargs, "depth": int(args[0].shape[-1])})  # the folded rows' width
         return original(*args, **kwargs)
 
     fused_gemv._launch = counted
@@ -145,6 +145,42 @@ def check_layer(device: str, dtype: torch.dtype) -> None:
                     assert launches[2]["up_rows"] == 96 and launches[3]["residual"] is not None
                     launches.clear()
         assert not launches  # a prefill's rows: none fused
+
+
+def check_refused_folds(device: str, dtype: torch.dtype) -> None:
+    """FusedLayer.finish where the timing refused some of its folds (recorded as fused_gemv.pick's None): each refused
+    fold runs as the unfolded path instead (its kernel not launched), the others still fold, and the layer equals
+    the HF modules whichever folds ran."""
+    from apet.kernels import fused_gemv, gemv
+    from apet.runtime.fusion import FusedLayer
+
+    layer = _layer(dtype, device)
+    fused = FusedLayer(layer)
+    attn, mlp = layer.self_attn, layer.mlp
+    generator = torch.Generator().manual_seed(7)
+    h = (torch.randn(1, 2, 64, generator=generator) * 2).to(device, dtype)
+    attended = torch.randn(1, 2, 64, generator=generator).to(device, dtype)
+    o, gate_up, down = fused.o_weight, fused.gate_up_weights[0], fused.down_weight
+    keys = {"o": ("residual", gemv.key_of((2, 64), tuple(o.shape), o.stride(0), False, dtype, h.device)),
+            "silu": ("silu", gemv.key_of((2, 64), tuple(gate_up.shape), gate_up.stride(0), False, dtype, h.device)),
+            "down": ("residual", gemv.key_of((2, 96), tuple(down.shape), down.stride(0), False, dtype, h.device))}
+    with torch.no_grad():
+        h1 = h + attn.o_proj(attended)
+        want = (h1 + mlp(layer.post_attention_layernorm(h1))).double()
+    saved = dict(fused_gemv._choices)
+    try:
+        for refused in ([], ["o"], ["silu"], ["down"], ["o", "silu", "down"]):
+            fused_gemv._choices.clear()
+            fused_gemv._choices.update({keys[name]: None for name in refused})
+            with counted_launches() as launches, torch.no_grad():
+                got = fused.finish(h, attended)
+            # o + residual reads the attention output (64 wide), down + residual the MLP's (96), silu the normed h
+            ran = ["silu" if call.get("up_rows") else {64: "o", 96: "down"}[call["depth"]] for call in launches]
+            assert ran == [name for name in ("o", "silu", "down") if name not in refused], (refused, ran)
+            torch.testing.assert_close(got.double(), want, **_tolerance(dtype, want))
+    finally:
+        fused_gemv._choices.clear()
+        fused_gemv._choices.update(saved)
 
 
 def check_decoder_steps(checkpoint: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -223,6 +259,7 @@ def test_fused_kernels_in_the_triton_interpreter(tmp_path: Path, tiny_checkpoint
     run_interpreted(tmp_path, "import torch, test_fused_gemv as t\n"
                     "t.check_kernels('cpu', torch.float16)\nt.check_kernels('cpu', torch.float32, configs=1)\n"
                     "t.check_layer('cpu', torch.float32)\nt.check_layer('cpu', torch.float16)\n"
+                    "t.check_refused_folds('cpu', torch.float32)\n"
                     "t.check_kernels('cpu', torch.float16, rows=3)\n"
                     "t.check_kernels('cpu', torch.float32, configs=1, rows=8)\n"
                     f"t.check_decoder_steps({str(tiny_checkpoint)!r})\n"
@@ -238,6 +275,54 @@ def test_a_fold_gives_way_only_to_clearly_faster_unfused_kernels() -> None:
     assert fused_gemv.pick(timed, 8.9) == large  # the unfused kernels within the margin: the fold (one boundary less)
     assert fused_gemv.pick(timed, 9.0 / (1 + fused_gemv.UNFUSED_MARGIN) - 0.01) is None  # clearly faster: unfused
     assert fused_gemv.pick({}, 1.0) is None  # no configuration compiled
+
+
+def test_a_refused_fold_is_decided_before_the_trace(monkeypatch) -> None:
+    """fused_gemv.folds: a shape not yet timed folds, a timed fold folds, a fold the timing refused does not; under
+    torch.compile Dynamo takes the same answer as a constant when it traces (the lookup is not traced)."""
+    from apet.kernels import fused_gemv, gemv
+
+    monkeypatch.setattr(fused_gemv, "applies", lambda x, weight: True)
+    monkeypatch.setattr(fused_gemv, "_choices", {})
+    x, weight = torch.randn(1, 3, 64), torch.randn(40, 64)
+    key = ("residual", gemv.key_of((3, 64), (40, 64), 64, False, x.dtype, x.device))
+
+    def folded(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return a @ w.T + 1 if fused_gemv.folds("residual", a, w) else a @ w.T - 1
+
+    assert fused_gemv.folds("residual", x, weight)  # not timed yet
+    fused_gemv._choices[key] = gemv.CONFIGS[0]
+    assert fused_gemv.folds("residual", x, weight) and fused_gemv.folds("norm", x, weight)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(folded, backend="eager")(x, weight), x @ weight.T + 1)
+    fused_gemv._choices[key] = None  # refused
+    assert not fused_gemv.folds("residual", x, weight)
+    assert fused_gemv.folds("residual", x.expand(2, 3, 64), weight)  # another shape: its own choice
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(folded, backend="eager")(x, weight), x @ weight.T - 1)
+    torch._dynamo.reset()
+
+
+def test_compile_measured_runs_the_call_eagerly_once_before_the_trace(monkeypatch) -> None:
+    """apet.runtime.compiled.compile_measured: the first call runs the function eagerly (the kernels time their
+    choices on real tensors) and then compiled; later calls only compiled."""
+    from apet.runtime.compiled import compile_measured
+
+    eager_calls = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            eager_calls.append(x.shape)
+        return x * 2
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: torch._dynamo.optimize("eager")(f))
+    call = compile_measured(fn)
+    x = torch.ones(3)
+    torch.testing.assert_close(call(x), x * 2)
+    torch.testing.assert_close(call(x), x * 2)
+    assert eager_calls == [x.shape]
+    torch._dynamo.reset()
 
 
 def test_nothing_folds_off_the_gpu_without_the_interpreter(monkeypatch) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from apet.bench.ort_process import ORT_PROCESSES, OrtRunSpec, time_in_own_process
 from apet.bench.ort_timing import time_backend
-from apet.bench.stages import Request, synthetic_request
+from apet.bench.stages import Request, request_tokenizer, synthetic_request
 from apet.bench.timing import summarize
 from apet.contracts.comparison import (
     DEFAULT_TOLERANCE,
@@ -88,8 +88,10 @@ def ort_run(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Requ
         _check_artifact(manifest, plan, request)
         attention, kv_cache, max_context = manifest.attention, manifest.kv_cache, manifest.max_context
         processor, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
+        tokenizer = request_tokenizer(adapter)  # the child writes the prompt as the bench does
         spec = OrtRunSpec(str(artifact), device, cuda_graphs, decode_attention, rewrites, request.batch,
-                          tuple(request.image_size), request.prompt_tokens, request.new_tokens, repeats, parity_steps)
+                          tuple(request.image_size), request.prompt_tokens, request.new_tokens, repeats, parity_steps,
+                          None if tokenizer is None else str(tokenizer))
         if process == "own":
             timings, torch_imported = time_in_own_process(spec, inputs.arrays, make_layout)
         else:

@@ -4,8 +4,9 @@ own process holds the torch path (its weights, CUDA graphs and allocator); this 
 
 The parent (:func:`time_in_own_process`) writes the request, starts ``python -m apet.bench.ort_process SPEC OUT``
 and reads back the raw timings and the outputs its parity check compares. The child rebuilds the request from the
-artifact (:func:`apet.bench.ort_profile.artifact_request`: the family's processor, seeded media, filler words);
-the parent checks that it is the bench's own request, array for array, before trusting a number.
+artifact's manifest and the bench's tokenizer (:func:`apet.bench.ort_profile.synthetic_request`: the family's
+processor, seeded media, filler words); the parent checks that it is the bench's own request, array for array,
+before trusting a number.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class OrtRunSpec:
     new_tokens: int
     repeats: int
     parity_steps: int
+    tokenizer: str | None = None  # the bench's request's tokenizer (stages.request_tokenizer): None, random ids
 
     def backend(self, manifest: Any) -> Any:
         """The ONNX Runtime backend this run times (the backend alone: random-weight *-shapes artifacts have no
@@ -55,14 +57,14 @@ class OrtRunSpec:
 
 
 def _child(spec: OrtRunSpec, out: Path) -> None:
-    from apet.bench.ort_profile import artifact_request
+    from apet.bench.ort_profile import synthetic_request
     from apet.manifest import read_manifest
 
-    artifact = Path(spec.artifact)
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(Path(spec.artifact))
     backend = spec.backend(manifest)
-    processor, inputs, make_layout = artifact_request(artifact, manifest, spec.batch, tuple(spec.image_size),
-                                                      spec.prompt_tokens, spec.new_tokens)
+    tokenizer = Path(spec.tokenizer) if spec.tokenizer is not None else None
+    processor, inputs, make_layout = synthetic_request(manifest, tokenizer, spec.batch, tuple(spec.image_size),
+                                                       spec.prompt_tokens, spec.new_tokens)
     timings = time_backend(backend, processor, inputs, make_layout, spec.repeats, spec.parity_steps)
     arrays = {"keep_index": timings.keep_index, "visual_embeds": timings.visual_embeds,
               "logits": np.stack(timings.logits), "token_ids": make_layout(timings.keep_index).token_ids,

@@ -107,20 +107,32 @@ def timed_first_token(backend: Any, inputs: Any, make_layout: Any, steps: dict[s
     return visual, layout, logits
 
 
-def artifact_request(artifact: Path, manifest: Any, batch: int, image_size: tuple[int, int], prompt_tokens: int,
-                     new_tokens: int):
-    """The family's own processor on random images and filler words (the artifact's tokenizer where it has one,
-    as ``apet-bench`` does)."""
+def tokenizer_dir(directory: Path | None) -> Path | None:
+    """``directory`` where it holds a tokenizer (tokenizer.json), else None: the family's processor then makes
+    random ids (random-weight ``*-shapes`` checkpoints have no tokenizer)."""
+    return directory if directory is not None and (Path(directory) / "tokenizer.json").is_file() else None
+
+
+def synthetic_request(manifest: Any, tokenizer: Path | None, batch: int, image_size: tuple[int, int],
+                      prompt_tokens: int, new_tokens: int, seed: int = 0):
+    """(processor, vision inputs, keep_index -> Layout): the family's own processor on seeded random media and
+    filler words around the visual span, the request every apet benchmark runs (``tokenizer``: see
+    :func:`tokenizer_dir`)."""
     from apet.models.registry import family_of
 
     family = family_of(manifest)
-    tokenizer = artifact if (artifact / "tokenizer.json").is_file() else None
     processor = family.processor(tokenizer, manifest)
-    medium = family.synthetic_media(manifest, np.random.default_rng(0), image_size)
+    medium = family.synthetic_media(manifest, np.random.default_rng(seed), image_size)
     inputs = processor.vision_inputs([medium] * batch)
     before = processor.encoder.text_before_media()
     prompt = " ".join(["word"] * max(1, prompt_tokens - before))
     return processor, inputs, lambda keep_index: processor.layout([prompt] * batch, inputs, keep_index, new_tokens)
+
+
+def artifact_request(artifact: Path, manifest: Any, batch: int, image_size: tuple[int, int], prompt_tokens: int,
+                     new_tokens: int):
+    """:func:`synthetic_request` with the artifact's tokenizer where it has one."""
+    return synthetic_request(manifest, tokenizer_dir(artifact), batch, image_size, prompt_tokens, new_tokens)
 
 
 def profile_artifact(artifact: Path, device: str = "cuda", batch: int = 1, image_size: tuple[int, int] = (640, 480),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from apet.bench import ort_profile
 from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import compress_with, selector
 from apet.contracts.io import KEEP_INDEX
@@ -20,6 +22,7 @@ from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.vision import injected_of
 from apet.models.registry import get_family
 from apet.runtime.backends.torch import embedding_table, splice
+from apet.runtime.compiled import compile_measured
 from apet.runtime.cuda_graphs import GraphedCall
 from apet.runtime.static_decoder import StaticDecoder
 
@@ -43,21 +46,16 @@ def bench_manifest(adapter: VisionLanguageAdapter, plan: CompressionPlan, reques
 
 def synthetic_request(adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, max_context: int,
                       seed: int = 0):
-    """(processor, vision inputs as torch tensors, a function keep_index -> Layout) through the family's own
-    processor, so the benchmark runs the layout users get (the tokenizer is used when the checkpoint has one)."""
-    manifest = bench_manifest(adapter, plan, request, max_context)
-    tokenizer = adapter.source_dir if adapter.source_dir and (adapter.source_dir / "tokenizer.json").is_file() else None
-    family = get_family(adapter.family)
-    processor = family.processor(tokenizer, manifest)
-    medium = family.synthetic_media(manifest, np.random.default_rng(seed), request.image_size)
-    inputs = processor.vision_inputs([medium] * request.batch)
-    before = processor.encoder.text_before_media()
-    prompt = " ".join(["word"] * max(1, request.prompt_tokens - before))
+    """(processor, vision inputs, a function keep_index -> Layout) through the family's own processor, so the
+    benchmark runs the layout users get (the checkpoint's tokenizer where it has one: :func:`request_tokenizer`)."""
+    return ort_profile.synthetic_request(bench_manifest(adapter, plan, request, max_context),
+                                         request_tokenizer(adapter), request.batch, request.image_size,
+                                         request.prompt_tokens, request.new_tokens, seed)
 
-    def layout(keep_index: np.ndarray):
-        return processor.layout([prompt] * request.batch, inputs, keep_index, request.new_tokens)
 
-    return processor, inputs, layout
+def request_tokenizer(adapter: VisionLanguageAdapter) -> Path | None:
+    """The tokenizer the bench's request is written with: the checkpoint's, where it has one."""
+    return ort_profile.tokenizer_dir(adapter.source_dir)
 
 
 def _device(arrays: dict[str, np.ndarray], names: list[str], adapter: VisionLanguageAdapter) -> dict[str, torch.Tensor]:
@@ -83,7 +81,7 @@ class ApetPath:
         self.max_context = max_context
         self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse,
                                      prefill_attention=prefill_attention)
-        maybe = (lambda fn: torch.compile(fn, dynamic=False)) if compile else (lambda fn: fn)
+        maybe = compile_measured if compile else (lambda fn: fn)
         self.table = embedding_table(adapter)
         device = adapter.device
         pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None

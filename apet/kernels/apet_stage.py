@@ -20,7 +20,8 @@ the k×k Cholesky run as one program per image; everything that scales with N ru
    order; a slot: none), the slot row it fills as basis vector j, and (``blend``) its own slot row; also the kept
    index.
 6. ``_merge``: every output row as Σ_j w_oj x_j / Σ_j w_oj with w from step 5 (1 for members, 1 or 0.5 for the
-   basis vector of a slot, 0.5 for a blended slot's own token), one one-hot GEMM tile per block of columns.
+   basis vector of a slot, 0.5 for a blended slot's own token), one one-hot GEMM tile per block of columns and
+   of at most :data:`MERGE_ROWS` output rows.
 
 Exact in the sense of docs/algorithm.md, "How we check it": the same kept indices as the float64 oracle and values
 within float32 tolerance (``tests/test_apet_stage.py``: on a GPU, and in Triton's interpreter on CPU).
@@ -41,6 +42,10 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 
 PLACEMENT_CODES = {"mask": 0, "rank": 1, "blend": 2}
 MAX_TOKENS = 2048  # the per-image programs keep [N] vectors in registers
+# output rows per merge program: all K rows of one program held a [K, 64] float32 accumulator, which spilled at
+# Qwen2.5-VL's K = 607 (2.96 of the stage's 3.12 ms on the H200, docs/benchmarks.md stop 39); LLaVA's K <= 128
+# stays one block, as before
+MERGE_ROWS = 128
 
 
 def available(x: torch.Tensor) -> bool:
@@ -179,13 +184,13 @@ if triton is not None:
 
     @triton.jit
     def _merge(x_ptr, owner_ptr, source_ptr, own_slot_ptr, out_ptr, N: tl.constexpr, D: tl.constexpr,
-               KEEP: tl.constexpr, OUTPAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               KEEP: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BASIS_WEIGHT: tl.constexpr, IEEE: tl.constexpr):
-        image, block = tl.program_id(0), tl.program_id(1)
-        out_rows = tl.arange(0, OUTPAD)
+        image, block, out_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        out_rows = out_block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
         d = block * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = tl.zeros([OUTPAD, BLOCK_D], dtype=tl.float32)
-        total = tl.zeros([OUTPAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_OUT, BLOCK_D], dtype=tl.float32)
+        total = tl.zeros([BLOCK_OUT], dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             in_n = n < N
@@ -248,8 +253,8 @@ def compress(x: torch.Tensor, keep: int, basis: int, start: int, ridge: float,
                                             PLACEMENT=PLACEMENT_CODES[placement], num_warps=8)
     out = torch.empty(batch, keep, dim, dtype=x.dtype, device=device)
     block_d = 64 if dim >= 64 else _pad(dim)
-    _merge[(batch, triton.cdiv(dim, block_d))](x, owner, source, own_slot, out, N=n, D=dim, KEEP=keep,
-                                               OUTPAD=_pad(keep), BLOCK_N=32, BLOCK_D=block_d,
-                                               BASIS_WEIGHT=0.5 if placement == "blend" else 1.0, IEEE=ieee,
-                                               num_warps=4)
+    block_out = min(_pad(keep), MERGE_ROWS)
+    _merge[(batch, triton.cdiv(dim, block_d), triton.cdiv(keep, block_out))](
+        x, owner, source, own_slot, out, N=n, D=dim, KEEP=keep, BLOCK_OUT=block_out, BLOCK_N=32, BLOCK_D=block_d,
+        BASIS_WEIGHT=0.5 if placement == "blend" else 1.0, IEEE=ieee, num_warps=4)
     return out, index

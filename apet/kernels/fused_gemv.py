@@ -236,6 +236,29 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.stride(-1) == 1 and not torch.onnx.is_in_onnx_export())
 
 
+def folds(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether the fold ``kind`` (``norm``, ``silu``, ``residual``) is taken for x's rows: :func:`applies`, and its
+    timed choice for this shape (:func:`folded_choice`) not refused. A refused fold must leave its norm and adds to
+    the caller's unfolded path (eager: the add+norm kernel; compiled: Inductor's fusions), not run them as separate
+    kernels inside the fold's opaque op: on the H200 that cost Qwen2.5-VL's batch-4 step 50 kernels
+    (docs/benchmarks.md, stop 38). Under ``torch.compile`` it is decided when Dynamo traces, from the choices timed
+    so far (:func:`apet.runtime.compiled.compile_measured` runs a call eagerly before its trace); a shape not yet
+    timed folds."""
+    if not applies(x, weight):
+        return False
+    depth = int(x.shape[-1])
+    return not _refused(kind, (x.numel() // depth, depth), tuple(weight.shape), int(weight.stride(0)),
+                        bias is not None, x.dtype, x.device)
+
+
+@torch.compiler.assume_constant_result
+def _refused(kind: str, rows_shape: tuple[int, int], weight_shape: tuple[int, ...], stride: int, has_bias: bool,
+             dtype: torch.dtype, device: torch.device) -> bool:
+    """The timed choice of this shape is the unfused kernels (a constant for Dynamo: looked up when it traces)."""
+    key = (kind, gemv.key_of(rows_shape, weight_shape, stride, has_bias, dtype, device))
+    return key in _choices and _choices[key] is None
+
+
 # outputs per program tried at most: the rows form holds BLOCK_N x BLOCK_K float32 partial sums, the dot form
 # stages BLOCK_N x BLOCK_K weight tiles in shared memory (two with silu·up); a tensor-core dot needs at least 16
 MAX_BLOCK_N = {"rows": 32, "dot": 64}

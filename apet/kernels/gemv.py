@@ -153,7 +153,13 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def shape_key(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a timed choice is valid for: the shapes, the weight's row stride, a bias or not, dtype and device."""
-    return (tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
+    return key_of(tuple(x2.shape), tuple(weight.shape), weight.stride(0), bias is not None, x2.dtype, x2.device)
+
+
+def key_of(rows_shape: tuple[int, ...], weight_shape: tuple[int, ...], stride: int, has_bias: bool,
+           dtype: torch.dtype, device: torch.device) -> tuple:
+    """:func:`shape_key` from its parts (what Dynamo passes as constants, :func:`apet.kernels.fused_gemv.folds`)."""
+    return (tuple(rows_shape), tuple(weight_shape), int(stride), bool(has_bias), dtype, device)
 
 
 def choice(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Config | None:

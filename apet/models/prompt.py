@@ -54,20 +54,23 @@ class PromptEncoder:
 class SyntheticPromptEncoder(PromptEncoder):
     """For random-weight ``*-shapes`` models (benchmarks), which come without a tokenizer: the template's
     text before the placeholder is about 1.3 tokens per word plus BOS, the prompt is one token per word,
-    and ids are fixed pseudo-random vocabulary entries. Never used where real text matters."""
+    and ids are fixed pseudo-random vocabulary entries: the same prompt gives the same ids on every call and in
+    every process (the bench's own-process ONNX Runtime run checks its request against the bench's). Never used
+    where real text matters."""
 
     def __init__(self, model: ModelSpec, seed: int = 0) -> None:
         self.model = model
         self.pad_id = model.pad_token_id if model.pad_token_id is not None else 0
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
         self.before = estimated_text_before(model.prompt_template, model.image_placeholder)
         self.vocab = model.decoder.vocab_size
 
-    def _ids(self, count: int) -> list[int]:
-        return self.rng.integers(3, min(self.vocab, 30000), count).tolist()
+    def _ids(self, part: int, count: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, part, count])
+        return rng.integers(3, min(self.vocab, 30000), count).tolist()
 
     def split(self, prompt: str) -> tuple[list[int], list[int]]:
-        return self._ids(self.before), self._ids(len(prompt.split()))
+        return self._ids(0, self.before), self._ids(1, len(prompt.split()))
 
     def decode(self, ids: list[int]) -> str:
         return ""

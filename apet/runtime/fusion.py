@@ -50,11 +50,12 @@ def skinny_projection(module: nn.Module) -> Callable[[torch.Tensor], torch.Tenso
     return module
 
 
-def _folds(h: torch.Tensor, norm: tuple[torch.Tensor, float] | None, weight: torch.Tensor | None) -> bool:
-    """Whether a Llama-style norm folds into the float projection after it (:mod:`apet.kernels.fused_gemv`: decode's
-    rows)."""
+def _folds(h: torch.Tensor, norm: tuple[torch.Tensor, float] | None, weight: torch.Tensor | None,
+           kind: str = "norm", bias: torch.Tensor | None = None) -> bool:
+    """Whether a Llama-style norm folds into the float projection after it (:func:`apet.kernels.fused_gemv.folds`:
+    decode's rows, where its timing did not refuse it)."""
     return (KERNELS["enabled"] and norm is not None and weight is not None and norm[0].dtype == h.dtype
-            and fused_gemv.applies(h, weight))
+            and fused_gemv.folds(kind, h, weight, bias))
 
 
 def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -64,7 +65,7 @@ def norm_then_head(norm: nn.Module, head: nn.Module) -> Callable[[torch.Tensor],
     weight = head.weight if type(head) is nn.Linear else None
 
     def logits(h: torch.Tensor) -> torch.Tensor:
-        if _folds(h, found, weight):
+        if _folds(h, found, weight, bias=head.bias):
             return fused_gemv.norm_linear(h, *found, weight, head.bias)
         return project(norm(h))
 
@@ -110,8 +111,9 @@ class FusedLayer:
     def project_qkv(self, h: torch.Tensor) -> torch.Tensor:
         """The input norm and the packed q/k/v projection [..., (H + 2 Hkv)·d]: one kernel at decode's rows."""
         found = self.norm_weights["input"]
-        if _folds(h, found, None if self.qkv_weights is None else self.qkv_weights[0]):
-            return fused_gemv.norm_linear(h, *found, *self.qkv_weights)
+        weight, bias = self.qkv_weights if self.qkv_weights is not None else (None, None)
+        if _folds(h, found, weight, bias=bias):
+            return fused_gemv.norm_linear(h, *found, weight, bias)
         return self.qkv_call(self.norm("input", h)[1])
 
     def qkv_rotated(self, projected: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
@@ -127,21 +129,35 @@ class FusedLayer:
 
     def finish(self, h: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """o projection + residual, post-attention norm, MLP + residual, for the merged attention output
-        [..., H·d]: three kernels at decode's rows (o+residual, norm+gate/up+silu·mul, down+residual), else the residual
-        add and norm in one kernel around the projections."""
-        found = self.norm_weights["post"]
-        if (self.folds_finish and fused_gemv.applies(attended, self.o_weight)
-                and _folds(h, found, self.gate_up_weights[0])):
+        [..., H·d]: three kernels at decode's rows (o+residual, norm+gate/up+silu·mul, down+residual), each fold
+        where its timing took it; else the residual add and norm in one kernel around the projections."""
+        if not (self.folds_finish and KERNELS["enabled"]):
+            h, normed = self.norm("post", h, self.out(attended))
+            return h + self.mlp(normed)
+        delta = None
+        if fused_gemv.folds("residual", attended, self.o_weight):
             h = fused_gemv.linear_residual(attended, self.o_weight, h)
-            return fused_gemv.linear_residual(fused_gemv.norm_gate_up_silu(h, *found, self.gate_up_weights[0]),
-                                              self.down_weight, h)
-        h, normed = self.norm("post", h, self.out(attended))
-        return h + self.mlp(normed)
+        else:
+            delta = self.out(attended)
+        found, gate_up = self.norm_weights["post"], self.gate_up_weights[0]
+        if _folds(h, found, gate_up, "silu"):
+            h = h if delta is None else h + delta
+            activated = fused_gemv.norm_gate_up_silu(h, *found, gate_up)
+        else:
+            h, normed = self.norm("post", h, delta)
+            activated = self.activated(normed)
+        if fused_gemv.folds("residual", activated, self.down_weight):
+            return fused_gemv.linear_residual(activated, self.down_weight, h)
+        return h + self.down(activated)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(self.activated(h))
+
+    def activated(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate)·up of the normed rows: the MLP before its down projection."""
         gate_up = self.gate_up_call(h)
         if self.silu and KERNELS["enabled"] and activations.available(gate_up):
             # silu(gate)·up in one pass (eager GPU): two un-fused launches were ~6.7 of NeXT's 79 ms prefill
-            return self.down(activations.silu_mul(gate_up))
+            return activations.silu_mul(gate_up)
         gate, up = gate_up.split(self.gate_up_sizes, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.act(gate) * up

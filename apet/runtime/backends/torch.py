@@ -24,6 +24,7 @@ from apet.modeling.reference import Reference, ReferenceState
 from apet.models.family import Layout
 from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, VisionOutput
+from apet.runtime.compiled import compile_measured
 
 
 def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
@@ -195,7 +196,7 @@ class StaticTorchBackend(TorchBackend):
         from apet.runtime.cuda_graphs import GraphedCall
 
         if key not in self.calls:
-            fn = torch.compile(fn, dynamic=False) if self.compile else fn
+            fn = compile_measured(fn) if self.compile else fn
             self.calls[key] = GraphedCall(fn, example, enabled=self.use_graphs, pool=self.pool,
                                           before_capture=before_capture)
         return self.calls[key]
