@@ -43,8 +43,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 PLACEMENT_CODES = {"mask": 0, "rank": 1, "blend": 2}
 MAX_TOKENS = 2048  # the per-image programs keep [N] vectors in registers
 # output rows per merge program: all K rows of one program held a [K, 64] float32 accumulator, which spilled at
-# Qwen2.5-VL's K = 607 (2.96 of the stage's 3.12 ms on the H200, docs/benchmarks.md stop 48); LLaVA's K <= 128
-# stays one block, as before
+# Qwen2.5-VL's K = 607 (2.96 of the stage's 3.12 ms on the H200, docs/benchmarks.md stop 48). K <= 128 (LLaVA-1.5
+# up to ratio 0.22, stage 2) stays one block, as before; larger fixed budgets tile too (not yet timed)
 MERGE_ROWS = 128
 
 
