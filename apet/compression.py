@@ -214,15 +214,10 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | No
         return None
     from apet.kernels import apet_stage
 
-    tokens, index = apet_stage.compress(x, _kernel_keep(config, int(x.shape[1])), config.basis,
-                                        fps_start(int(x.shape[1]), config.seed), GRAM_RIDGE, config.placement)
+    n_tokens = int(x.shape[1])  # K at this N: the fixed keep, or per image int(ratio·N) (config.keep_for)
+    tokens, index = apet_stage.compress(x, config.keep_for(n_tokens), config.basis, fps_start(n_tokens, config.seed),
+                                        GRAM_RIDGE, config.placement)
     return Compressed(tokens, index)
-
-
-def _kernel_keep(config: CompressionConfig, n_tokens: int) -> int:
-    """K of one stage at a concrete N: ``keep``, or per image (Qwen2.5-VL's dynamic resolution) ``keep_for(N)``,
-    as :func:`_compress_per_image` computes it eagerly."""
-    return config.keep_for(n_tokens) if config.per_image else config.keep
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
@@ -242,7 +237,7 @@ def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
         return False
     from apet.kernels import apet_stage
 
-    return apet_stage.available(x) and apet_stage.supports(x, _kernel_keep(config, n_tokens), config.basis,
+    return apet_stage.available(x) and apet_stage.supports(x, config.keep_for(n_tokens), config.basis,
                                                            config.placement)
 
 

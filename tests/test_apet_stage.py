@@ -73,11 +73,12 @@ def check_per_image(device: str, cases: list) -> None:
 def _check_per_image(device: str, cases: list) -> None:
     for case, (batch, n, d, ratio, basis) in enumerate(cases):
         x = _features(case, batch, n, d, device, torch.float16)
-        config = CompressionConfig(keep=basis + 1, basis=basis, keep_ratio=ratio, max_tokens=4 * n)
-        keep = config.keep_for(n)
+        # Qwen2.5-VL's placement (DESIGN §4: the slots receive 0.5·basis + 0.5·original)
+        config = CompressionConfig(keep=basis + 1, basis=basis, keep_ratio=ratio, max_tokens=4 * n, placement="blend")
+        keep = max(basis + 1, int(ratio * n))  # the authors' int(ratio·N), at least basis + 1 (N = 64 at 0.11)
         got = compress_with(config, x)
         assert got.members is None, f"case {case}: the per-image stage took the torch ops, not the stage kernel"
-        want_tokens, want_index = ref.compress(x.double().cpu().numpy(), keep, basis)
+        want_tokens, want_index = ref.compress(x.double().cpu().numpy(), keep, basis, placement="blend")
         np.testing.assert_array_equal(got.index.cpu().numpy(), want_index, err_msg=f"case {case}")
         _assert_rows(got.tokens.double().cpu().numpy(), want_tokens, 1e-3, 1e-3 * float(x.abs().max()), False,
                      f"case {case}")
