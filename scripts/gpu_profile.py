@@ -2,13 +2,13 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimage]``
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops]``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
 :mod:`apet.kernels.fused_gemv`; ``nopdl``: no kernel launched as a programmatic dependent,
-:mod:`apet.kernels.dependent_launch`; ``perimage``: per-image ApET budgets, Qwen2.5-VL's, in the stage kernel,
-``apet.compression.FUSED["per_image"]``).
+:mod:`apet.kernels.dependent_launch`; ``perimageops``: per-image ApET budgets, Qwen2.5-VL's, as torch ops, not in
+the stage kernel, ``apet.compression.FUSED["per_image"]``).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -43,12 +43,12 @@ def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
-                            "per_image_kernel": False}
+                            "per_image_kernel": True}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimage"):
+        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops"):
             case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
                          "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False},
-                         "perimage": {"per_image_kernel": True}}[part])
+                         "perimageops": {"per_image_kernel": False}}[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
