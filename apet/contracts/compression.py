@@ -38,7 +38,7 @@ class CompressionConfig:
 
     def keep_for(self, n_tokens: int) -> int:
         """K for an image of N tokens: ``keep``, or the authors' ``int(keep_ratio·N)`` clamped to
-        [basis+1, N] (their code has no clamp; it only matters below basis+1 kept tokens)."""
+        [basis+1, N] (their code fails below basis+1 kept tokens; docs/algorithm.md, deliberate differences)."""
         if self.keep_ratio is None:
             return min(self.keep, n_tokens)
         if self.keep_ratio >= 1.0:
