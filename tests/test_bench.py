@@ -99,6 +99,9 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert parity["greedy_equal_steps"] == parity["greedy_steps"] == 32
     assert parity["max_abs_logit_diff"] < 1e-3 * max(1.0, parity["logit_scale"])
     assert low["onnxruntime"]["ttft"]["median_ms"] > 0 and low["visual_tokens"] == 40
+    # the torch path over ORT's span too (host arrays to a token on the host), beside ORT's in the table
+    request = low["generation"]["request_ttft"]
+    assert request["repeats"] == 2 and request["median_ms"] > 0
     # timed as the device runtime runs: in a process of its own that never imported torch
     assert low["onnxruntime"]["process"] == "own" and low["onnxruntime"]["torch_in_process"] is False
     parts = low["onnxruntime"]["ttft_parts"]  # the first token's steps, timed in the same calls
@@ -110,6 +113,7 @@ def test_bench_cli_on_tiny_writes_json_md_png(tmp_path: Path) -> None:
     assert ", fp32; measured ceilings" in table and "| fp16 |" not in table and "| fp32 |" in table
     ttft = results["runs"][1]["generation"]["ttft"]
     assert f"| {ttft['median_ms']:.3f} [{ttft['p10_ms']:.3f}–{ttft['p90_ms']:.3f}] |" in table
+    assert f" | {request['median_ms']:.3f} [{request['p10_ms']:.3f}–{request['p90_ms']:.3f}] | " in table
     assert table.count("\n| 1 | 0.11 |") >= 3 and "Against the baselines" in table and "vision warm-up s" in table
     for png in ("breakdown.png", "ttft.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -271,3 +275,31 @@ def test_ort_process_writes_the_request_with_the_bench_tokenizer(artifact_factor
     spec = OrtRunSpec(str(artifact), "cpu", False, "auto", "default", 1, (640, 480), 12, 4, 1, 2, tokenizer=None)
     timings, torch_imported = time_in_own_process(spec, inputs.arrays, make_layout)  # the request check passes
     assert len(timings.tokens) == 2 and not torch_imported
+
+
+def test_the_request_span_starts_from_the_host_arrays(tiny_adapter) -> None:
+    """``ApetPath.request_logits`` (the torch path over ONNX Runtime's TTFT span) runs the request's own host
+    pixels: on the setup's pixels it gives the timed first token's logits; on other pixels it gives what the timed
+    path gives once those pixels are on the GPU."""
+    from apet.bench.stages import ApetPath, Request
+    from apet.contracts.plan import Budget, plan_for
+    from apet.models.registry import get_family
+
+    plan = plan_for(tiny_adapter.spec, get_family("llava"), Budget(ratio=0.11, stages=2))
+    path = ApetPath(tiny_adapter, plan, Request(batch=2, prompt_tokens=20, new_tokens=2), graphs=False)
+
+    def timed_path_logits() -> torch.Tensor:  # first_token's steps, its logits instead of its argmax
+        tokens, index = path.apet1(x=path.vision(**path.vision_inputs))
+        return path.prefill(**{**path.prefill_inputs, "visual": path.projector(t=tokens, i=index)[0]})
+
+    with torch.no_grad():
+        torch.testing.assert_close(path.request_logits(), timed_path_logits(), rtol=0, atol=1e-5)
+        assert path.request_first_token().tolist() == path.first_token().tolist()
+        (name,) = [n for n in path.host_inputs if n in path.vision_inputs and path.host_inputs[n].dtype.kind == "f"]
+        other = np.random.default_rng(1).standard_normal(path.host_inputs[name].shape).astype(np.float32)
+        path.host_inputs = {**path.host_inputs, name: other}
+        got = path.request_logits()
+        path.vision_inputs = {**path.vision_inputs, name: torch.from_numpy(other)}
+        want = timed_path_logits()
+        assert (want - path.prefill(**path.prefill_inputs)).abs().max() > 1e-3  # other pixels, other logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

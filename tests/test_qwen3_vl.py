@@ -288,7 +288,8 @@ def test_bench_static_path_and_awq_calibration_feed_deepstack(tiny_qwen3_adapter
     adapter = tiny_qwen3_adapter
     plan = plan_for(adapter.spec, get_family("qwen3_vl"), Budget(ratio=0.3, stages=1))
     request = Request(batch=2, prompt_tokens=30, new_tokens=4, image_size=(512, 384))
-    bench_tokens, _ = ApetPath(adapter, plan, request, graphs=False).generate()
+    path = ApetPath(adapter, plan, request, graphs=False)
+    bench_tokens, _ = path.generate()
     processor, inputs, make_layout = synthetic_request(adapter, plan, request, 2048)
     reference = Reference(adapter, plan.stage1)
     out = reference.vision.named(reference.vision(*(torch.from_numpy(inputs.arrays[n])
@@ -301,6 +302,9 @@ def test_bench_static_path_and_awq_calibration_feed_deepstack(tiny_qwen3_adapter
         logits, state = reference.prefill(embeds, mask, torch.from_numpy(layout.image_start), positions,
                                           out["injected_embeds"], rows)
         token, tokens, steps = logits[:, -1].argmax(-1), [], layout.attention_mask
+        # the bench's request span (host arrays, the prompt laid out from the kept positions) gives these logits
+        torch.testing.assert_close(path.request_logits().reshape(logits[:, -1].shape), logits[:, -1], rtol=0,
+                                   atol=1e-4)
         for _ in range(request.new_tokens):
             tokens.append(token)
             steps = np.concatenate([steps, np.ones_like(steps[:, :1])], axis=1)

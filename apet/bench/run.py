@@ -212,6 +212,8 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}
     generation = summarize_generation(runs)
+    # host arrays to a token on the host: the span ONNX Runtime's TTFT covers (ApetPath.request_logits)
+    generation["request_ttft"] = path.request_ttft(cfg.repeats).to_json()
     tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])  # this view's N and K
     costs, per_layer = stage_costs(adapter, stage1, stage2, request, stage1.basis, tokens, keep, path.visual_tokens,
                                    path.views, per_weight)

@@ -14,7 +14,7 @@ import torch
 from apet.bench import ort_profile
 from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import compress_with, selector
-from apet.contracts.io import KEEP_INDEX
+from apet.contracts.io import KEEP_INDEX, VISUAL_EMBEDS
 from apet.contracts.plan import CompressionPlan
 from apet.kernels.varlen import is_left_padded
 from apet.manifest import in_memory_manifest
@@ -99,19 +99,15 @@ class ApetPath:
             self.apet1 = GraphedCall(maybe(lambda x: stages.apet_stage1(x)), {"x": features}, **g)
             tokens, index = (t.clone() for t in self.apet1(x=features))
             finished = stages.named(stages.projector(tokens, index, *(vision_inputs[n] for n in names)))
-            self.projector = GraphedCall(lambda t, i: stages.projector(t, i, *(vision_inputs[n] for n in names))[0],
+            # the graph returns every vision output (visual rows, kept positions[, injected]): first_token uses the
+            # rows, request_first_token lays the prompt out from the positions as a user's request does
+            self.projector = GraphedCall(lambda t, i: stages.projector(t, i, *(vision_inputs[n] for n in names)),
                                          {"t": tokens, "i": index}, **g)
-            visual = self.projector(t=tokens, i=index).clone()
+            visual = self.projector(t=tokens, i=index)[0].clone()
             layout = make_layout(finished[KEEP_INDEX].cpu().numpy())
             self.visual_tokens, self.views = int(layout.visual_tokens[0]), features.shape[0] // request.batch
-            arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
-                      "positions": layout.positions, "start": layout.image_start}
-            self.prefill_inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()}
-            self.prefill_inputs["visual"] = visual
+            self.prefill_inputs = self._layout_inputs(layout, visual, finished)
             self.left_padded = is_left_padded(torch.from_numpy(layout.attention_mask))
-            injected = injected_of(finished)  # families with injected layers: the setup run's, timed as inputs
-            if injected is not None:
-                self.prefill_inputs["injected"] = injected.clone()
             self.prefill = GraphedCall(maybe(self._prefill), self.prefill_inputs, **g)
             self.apet2 = None
             if stage2 is not None:
@@ -121,6 +117,7 @@ class ApetPath:
                 self.apet2 = GraphedCall(maybe(lambda x: compress_with(c2, x).tokens), {"x": hidden}, **g)
                 self.apet2_input = hidden
             self.vision_inputs, self.features, self.kept = vision_inputs, features, (tokens, index)
+            self.host_inputs, self.make_layout, self.stages = inputs.arrays, make_layout, stages
             self.prefill(**self.prefill_inputs)
             saved = self.decoder.snapshot()
             self.prompt_length = layout.token_ids.shape[1]
@@ -133,6 +130,19 @@ class ApetPath:
                                               before_capture=lambda: self.decoder.restore(saved), **g)
                             for span in spans}
             self.last_position = layout.positions[..., -1:]
+
+    def _layout_inputs(self, layout: Any, visual: torch.Tensor, finished: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The prefill's inputs on the device: the host layout's arrays, the visual rows and, for families with
+        injected layers, their per-layer inputs."""
+        arrays = {"ids": layout.token_ids, "mask": layout.attention_mask, "rows": layout.visual_rows,
+                  "positions": layout.positions, "start": layout.image_start}
+        out = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.adapter.device) for k, v in arrays.items()}
+        out["visual"] = visual
+        injected = injected_of(finished)
+        if injected is not None:
+            out["injected"] = injected.clone()
+        return out
 
     def decode(self, step: int, **inputs: torch.Tensor) -> torch.Tensor:
         """Decode step ``step`` (0 = the first token after the prompt) through its span's graph."""
@@ -151,9 +161,38 @@ class ApetPath:
         """Vision -> ApET -> projector -> prefill -> argmax, graphs replayed back to back (no host sync)."""
         features = self.vision(**self.vision_inputs)
         tokens, index = self.apet1(x=features)
-        visual = self.projector(t=tokens, i=index)
+        visual = self.projector(t=tokens, i=index)[0]
         logits = self.prefill(**{**self.prefill_inputs, "visual": visual})
         return logits.argmax(-1)
+
+    @torch.no_grad()
+    def request_logits(self) -> torch.Tensor:
+        """The first token's logits of a whole request from the processor's host arrays: the pixels uploaded, the
+        kept positions brought to the host, the prompt laid out there and its arrays uploaded, then the prefill.
+        :meth:`first_token` starts from pixels on the GPU and a prompt laid out before timing; this is the span
+        ONNX Runtime's first token covers (:func:`apet.bench.ort_profile.timed_first_token`), so the two compare
+        like for like (:meth:`request_ttft`)."""
+        features = self.vision(**_device(self.host_inputs, self.stages.input_names, self.adapter))
+        tokens, index = self.apet1(x=features)
+        finished = self.stages.named(self.projector(t=tokens, i=index))
+        layout = self.make_layout(finished[KEEP_INDEX].cpu().numpy())
+        return self.prefill(**self._layout_inputs(layout, finished[VISUAL_EMBEDS], finished))
+
+    def request_first_token(self) -> np.ndarray:
+        """:meth:`request_logits`' greedy token on the host, where a user's request gets it."""
+        return self.request_logits().argmax(-1).cpu().numpy()
+
+    def request_ttft(self, repeats: int) -> Timing:
+        """Host wall ms of :meth:`request_first_token` (after one untimed call), the device idle before each."""
+        self.request_first_token()
+        times = []
+        for _ in range(repeats):
+            if self.adapter.device.type == "cuda":
+                torch.cuda.synchronize(self.adapter.device)
+            start = time.perf_counter()
+            self.request_first_token()
+            times.append((time.perf_counter() - start) * 1e3)
+        return summarize(times)
 
     @torch.no_grad()
     def generate(self) -> tuple[torch.Tensor, list[float]]:
