@@ -144,6 +144,9 @@ class Assignment(NamedTuple):
     identity: bool = False
     everything: torch.Tensor | None = None  # traced per-image budget: K == N keeps all (a 0-d bool)
     first: torch.Tensor | None = None  # [K] the first K positions (all of them when ``everything``)
+    # formed by the stage kernel instead (:class:`apet.kernels.apet_stage.StageAssignment`'s fields, in order:
+    # owner, source, own_slot [B, N] int32, keep, basis weight); the fields above are then unset
+    stage: tuple | None = None
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         """The K rows of ``y`` [B, N, D'] (float32 math, ``y``'s dtype out) formed as the stage formed its own:
@@ -151,6 +154,8 @@ class Assignment(NamedTuple):
         with their own), in the output order."""
         if self.identity:
             return y
+        if self.stage is not None:
+            return _stage_rows(y, self.stage)
         return self.form(y.to(torch.float32)).to(y.dtype)
 
     def form(self, y: torch.Tensor, basis_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,6 +177,15 @@ class Assignment(NamedTuple):
         if self.everything is not None:
             rows = torch.where(self.everything, y.index_select(1, self.first), rows)
         return rows
+
+
+@torch.compiler.disable
+def _stage_rows(y: torch.Tensor, stage: tuple) -> torch.Tensor:
+    """:meth:`Assignment.apply` where the stage kernel formed the rows: its merge launch on ``y`` (eager, like the
+    stage itself: :func:`_stage_kernel`)."""
+    from apet.kernels import apet_stage
+
+    return apet_stage.StageAssignment(*stage).apply(y)
 
 
 @dataclass(frozen=True)
@@ -196,28 +210,30 @@ def selector(config: CompressionConfig) -> StageSelector:
 def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     """``compress(x)`` with one stage's settings. On the GPU the paper placements run as six Triton launches
     (:mod:`apet.kernels.apet_stage`: the stage's rows and index, without the membership matrix, whose
-    ``members``/``targets`` are then None; :func:`compress_assigned` always has them)."""
-    kept = _stage_kernel(config, x)
-    return kept if kept is not None else compress_assigned(config, x)[0]
+    ``members``/``targets`` are then None; the torch ops have them)."""
+    return compress_assigned(config, x)[0]
 
 
 @torch.compiler.disable
-def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> Compressed | None:
-    """The stage in :mod:`apet.kernels.apet_stage` where it applies, else None (the torch ops). Decided and run
-    eagerly: under ``--compile`` this is a graph break, so the kernels run as they are instead of being traced. With
-    the decision traced, the H200's torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms,
-    docs/benchmarks.md, stop 28) where the kernel takes six (0.08 ms). ``torch.compiler.is_exporting()`` decides
-    nothing here: torch 2.11 reports it True under ``torch.compile``. apet's exporter is the TorchScript one
-    (:mod:`apet.export.onnx_utils`), whose trace runs this function as it is: :func:`_stage_kernel_applies` sees the
-    export and answers None, and the torch ops are traced."""
+def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment] | None:
+    """The stage in :mod:`apet.kernels.apet_stage` where it applies, else None (the torch ops), with how its rows
+    were formed (the per-token :class:`~apet.kernels.apet_stage.StageAssignment`, which a family applies to other
+    features of the same tokens: Qwen3-VL's DeepStack levels). Decided and run eagerly: under ``--compile`` this is
+    a graph break, so the kernels run as they are instead of being traced. With the decision traced, the H200's
+    torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms, docs/benchmarks.md, stop 28) where the
+    kernel takes six (0.08 ms). ``torch.compiler.is_exporting()`` decides nothing here: torch 2.11 reports it True
+    under ``torch.compile``. apet's exporter is the TorchScript one (:mod:`apet.export.onnx_utils`), whose trace
+    runs this function as it is: :func:`_stage_kernel_applies` sees the export and answers None, and the torch ops
+    are traced."""
     if not _stage_kernel_applies(config, x):
         return None
     from apet.kernels import apet_stage
 
     n_tokens = int(x.shape[1])  # K at this N: the fixed keep, or per image int(ratio·N) (config.keep_for)
-    tokens, index = apet_stage.compress(x, config.keep_for(n_tokens), config.basis, fps_start(n_tokens, config.seed),
-                                        GRAM_RIDGE, config.placement)
-    return Compressed(tokens, index)
+    stage, index = apet_stage.assign(x, config.keep_for(n_tokens), config.basis, fps_start(n_tokens, config.seed),
+                                     GRAM_RIDGE, config.placement)
+    return Compressed(stage.apply(x), index), Assignment(stage=(stage.owner, stage.source, stage.own_slot,
+                                                                stage.keep, stage.basis_weight))
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
@@ -242,8 +258,12 @@ def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
 
 
 def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
-    """``compress_with(config, x)`` and how its rows were formed (see :class:`Assignment`)."""
+    """``compress_with(config, x)`` and how its rows were formed (see :class:`Assignment`; on the GPU, where the
+    stage kernel applies, its per-token form, without the membership matrix)."""
     _check_input(x)
+    kept = _stage_kernel(config, x)
+    if kept is not None:
+        return kept
     if config.per_image:
         return _compress_per_image(x, config)
     n_tokens = int(x.shape[1])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from triton_interpreter import run_interpreted
 
-from apet.compression import FUSED, compress_with
+from apet.compression import FUSED, compress_assigned, compress_with
 from apet.contracts.compression import CompressionConfig
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="the stage kernels run on a CUDA GPU")
@@ -89,6 +89,37 @@ def _check_per_image(device: str, cases: list) -> None:
     assert torch.equal(kept.tokens, x) and kept.index.tolist() == [list(range(32))]
 
 
+# (batch, N, D, keep ratio, basis, levels): Qwen3-VL's stage (per-image budget, blend) on D channels of tokens
+# that carry ``levels`` more groups of D channels (its DeepStack levels), formed by the same assignment
+ASSIGNED = [(1, 2025, 4096, 0.3, 10, 3), (1, 300, 32, 0.5, 10, 3), (2, 90, 40, 0.5, 10, 2)]
+
+
+def check_assigned(device: str, cases: list) -> None:
+    """``compress_assigned`` takes the stage kernel too, and its per-token assignment forms every channel's rows
+    (Qwen3-VL's DeepStack levels) as the torch ops' membership matrix does: the oracle's indices, the torch ops'
+    rows; compiled as well."""
+    for case, (batch, n, d, ratio, basis, levels) in enumerate(cases):
+        full = _features(40 + case, batch, n, d * (1 + levels), device, torch.float16)
+        config = CompressionConfig(keep=basis + 1, basis=basis, keep_ratio=ratio, max_tokens=4 * n, placement="blend")
+        kept, assignment = compress_assigned(config, full[..., :d])
+        label = f"case {case}"
+        assert assignment.stage is not None and kept.members is None, f"{label}: the torch ops ran"
+        keep = max(basis + 1, int(ratio * n))
+        _, want_index = ref.compress(full[..., :d].double().cpu().numpy(), keep, basis, placement="blend")
+        np.testing.assert_array_equal(kept.index.cpu().numpy(), want_index, err_msg=label)
+        with mock.patch.dict(FUSED, {"enabled": False, "stage_kernel": False}):
+            _, by_ops = compress_assigned(config, full[..., :d])
+        assert by_ops.stage is None and by_ops.members is not None
+        got, want = assignment.apply(full), by_ops.apply(full)
+        assert got.dtype == full.dtype and tuple(got.shape) == (batch, keep, full.shape[-1])
+        torch.testing.assert_close(got[..., :d], kept.tokens, rtol=0, atol=0)  # the stage's own rows
+        _assert_rows(got.double().cpu().numpy(), want.double().cpu().numpy(), 1e-3, 1e-3 * float(full.abs().max()),
+                     False, label)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: compress_assigned(config, t[..., :d])[1].apply(t), dynamic=False)
+    torch.testing.assert_close(compiled(full), got, rtol=0, atol=0)
+
+
 def check_compiled(device: str) -> None:
     """Under ``torch.compile`` (what ``--compile`` wraps each stage in) compress_with still runs the stage kernel,
     not Inductor's trace of the torch ops, and keeps the oracle's indices. Nor may the decision hinge on
@@ -137,6 +168,11 @@ def test_per_image_budgets_run_the_stage_kernel_on_gpu() -> None:
 
 
 @gpu
+def test_an_assignment_from_the_stage_kernel_forms_other_features_on_gpu() -> None:
+    check_assigned("cuda", ASSIGNED)
+
+
+@gpu
 def test_the_compiled_stage_runs_the_stage_kernel_on_gpu() -> None:
     check_compiled("cuda")
 
@@ -156,7 +192,7 @@ def test_stage_kernels_under_cuda_graph_capture() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (the tests above) instead")
 def test_stage_kernels_in_the_triton_interpreter(tmp_path: Path) -> None:
     run_interpreted(tmp_path, "import test_apet_stage as t\nt.check('cpu', t.SMALL)\nt.check_compiled('cpu')\n"
-                    "t.check_per_image('cpu', t.PER_IMAGE[2:])\n",
+                    "t.check_per_image('cpu', t.PER_IMAGE[2:])\nt.check_assigned('cpu', t.ASSIGNED[1:])\n",
                     timeout=900)
 
 

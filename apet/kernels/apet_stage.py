@@ -21,7 +21,8 @@ the k×k Cholesky run as one program per image; everything that scales with N ru
    index.
 6. ``_merge``: every output row as Σ_j w_oj x_j / Σ_j w_oj with w from step 5 (1 for members, 1 or 0.5 for the
    basis vector of a slot, 0.5 for a blended slot's own token), one one-hot GEMM tile per block of columns and
-   of at most :data:`MERGE_ROWS` output rows.
+   of at most :data:`MERGE_ROWS` output rows. Steps 1-5 are :func:`assign`; its :class:`StageAssignment` runs step
+   6 on the stage's tokens or on any other features of the same tokens (Qwen3-VL's DeepStack levels).
 
 Exact in the sense of docs/algorithm.md, "How we check it": the same kept indices as the float64 oracle and values
 within float32 tolerance (``tests/test_apet_stage.py``: on a GPU, and in Triton's interpreter on CPU).
@@ -30,6 +31,7 @@ within float32 tolerance (``tests/test_apet_stage.py``: on a GPU, and in Triton'
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -227,13 +229,41 @@ def token_gram(x: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def compress(x: torch.Tensor, keep: int, basis: int, start: int, ridge: float,
-             placement: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B, keep, D] in x's dtype, kept positions [B, keep] int64 ascending): one ApET stage with the
-    ``mask``, ``rank`` or ``blend`` placement (see the module docstring)."""
+@dataclass(frozen=True)
+class StageAssignment:
+    """How :func:`assign` formed each image's K rows, per token [B, N] int32: ``owner`` (the output row it is
+    averaged into, -1 for none), ``source`` (the slot row it fills as a basis vector, -1 for none) and ``own_slot``
+    (``blend``: the slot row its own value is blended into, -1 for none). :meth:`apply` forms the same rows from
+    any per-token features of the same images (Qwen3-VL's DeepStack levels), as
+    :meth:`apet.compression.Assignment.apply` does with the membership matrix."""
+
+    owner: torch.Tensor
+    source: torch.Tensor
+    own_slot: torch.Tensor
+    keep: int
+    basis_weight: float  # a slot's basis vector: 1 (mask, rank) or 0.5 (blend)
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """The K rows [B, K, D'] of ``y`` [B, N, D'] (float32 accumulation, ``y``'s dtype out): ``_merge``."""
+        y = y.contiguous()
+        batch, n, dim = (int(s) for s in y.shape)
+        out = torch.empty(batch, self.keep, dim, dtype=y.dtype, device=y.device)
+        block_d = 64 if dim >= 64 else _pad(dim)
+        block_out = min(_pad(self.keep), MERGE_ROWS)
+        _merge[(batch, triton.cdiv(dim, block_d), triton.cdiv(self.keep, block_out))](
+            y, self.owner, self.source, self.own_slot, out, N=n, D=dim, KEEP=self.keep, BLOCK_OUT=block_out,
+            BLOCK_N=32, BLOCK_D=block_d, BASIS_WEIGHT=self.basis_weight, IEEE=y.dtype == torch.float32,
+            num_warps=4)
+        return out
+
+
+def assign(x: torch.Tensor, keep: int, basis: int, start: int, ridge: float,
+           placement: str) -> tuple[StageAssignment, torch.Tensor]:
+    """Steps 1-5 of one ApET stage (``mask``, ``rank`` or ``blend``): (how the K rows are formed, the kept
+    positions [B, keep] int64 ascending). The rows themselves are ``assignment.apply(x)`` (step 6)."""
     x = x.contiguous()
     batch, n, dim = (int(s) for s in x.shape)
-    device, ieee = x.device, x.dtype == torch.float32
+    device = x.device
     kpad, npad = _pad(basis), _pad(n)
     gram = token_gram(x)
     basis_index = torch.empty(batch, kpad, dtype=torch.int32, device=device)
@@ -251,10 +281,13 @@ def compress(x: torch.Tensor, keep: int, basis: int, start: int, ridge: float,
     _assign[(batch, triton.cdiv(n, small))](gram, rank, basis_index, owner, source, own_slot, index, N=n,
                                             KEEP=keep, K=basis, KPAD=kpad, NPAD=npad, BLOCK=small,
                                             PLACEMENT=PLACEMENT_CODES[placement], num_warps=8)
-    out = torch.empty(batch, keep, dim, dtype=x.dtype, device=device)
-    block_d = 64 if dim >= 64 else _pad(dim)
-    block_out = min(_pad(keep), MERGE_ROWS)
-    _merge[(batch, triton.cdiv(dim, block_d), triton.cdiv(keep, block_out))](
-        x, owner, source, own_slot, out, N=n, D=dim, KEEP=keep, BLOCK_OUT=block_out, BLOCK_N=32, BLOCK_D=block_d,
-        BASIS_WEIGHT=0.5 if placement == "blend" else 1.0, IEEE=ieee, num_warps=4)
-    return out, index
+    weight = 0.5 if placement == "blend" else 1.0
+    return StageAssignment(owner, source, own_slot, keep, weight), index
+
+
+def compress(x: torch.Tensor, keep: int, basis: int, start: int, ridge: float,
+             placement: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, keep, D] in x's dtype, kept positions [B, keep] int64 ascending): one ApET stage with the
+    ``mask``, ``rank`` or ``blend`` placement (see the module docstring)."""
+    assignment, index = assign(x, keep, basis, start, ridge, placement)
+    return assignment.apply(x), index
