@@ -69,6 +69,34 @@ def test_llava_static_equals_concatenating_form_and_torch(llava_static, artifact
     assert len(set(map(tuple, static["tokens"]))) > 1
 
 
+def test_the_decode_graph_reads_the_prefill_weights(tiny_checkpoint, llava_static, images, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """Where the weights are external data (every 7B export), llm_decode.onnx keeps no copy of its own: its weights
+    point into llm_prefill.onnx.data, its few own constants sit in a small file of its own, and ONNX Runtime runs
+    the artifact as it runs the one whose graphs embed their weights (tensor by tensor equal; the same tokens)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from apet.export import onnx_utils
+    from apet.export.artifact import ExportConfig, export_artifact
+
+    monkeypatch.setattr(onnx_utils, "PROTOBUF_LIMIT", 0)  # the path of models above 2 GB: external data
+    out = tmp_path / "external"
+    export_artifact(ExportConfig(model=str(tiny_checkpoint), out=out, ratio=0.11, stages=2, dtype="fp32",
+                                 kv_cache="static"))
+    graphs = read_manifest(out).graphs
+    assert graphs[LLM_DECODE].external_data == ["llm_decode.onnx.data", "llm_prefill.onnx.data"]
+    assert graphs[LLM_PREFILL].external_data == ["llm_prefill.onnx.data"]
+    assert (out / "llm_decode.onnx.data").stat().st_size < 0.05 * (out / "llm_prefill.onnx.data").stat().st_size
+    embedded, external = (onnx.load(str(d / "llm_decode.onnx")).graph.initializer for d in (llava_static, out))
+    assert len(embedded) == len(external) and len(external) > 20
+    for want, got in zip(embedded, external):
+        np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want), err_msg=got.name)
+    prompts = ["What is in the picture?", "Describe the colors."]
+    shared = _greedy(Pipeline.load(out, backend="onnxruntime"), images, prompts)
+    _assert_same(shared, _greedy(Pipeline.load(llava_static, backend="onnxruntime"), images, prompts), atol=1e-5)
+
+
 def test_qwen_static_equals_concatenating_form_and_torch(qwen_artifact_factory, tiny_qwen_adapter) -> None:
     """M-RoPE positions [3, B, 1], one stage with a per-image K."""
     image, prompt = [make_image(4, (224, 168))], ["Describe the image."]

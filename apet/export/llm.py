@@ -24,6 +24,7 @@ from apet.contracts.io import (
 from apet.errors import UsageError
 from apet.export.decoder import DecoderGraph, StaticDecodeGraph
 from apet.export.onnx_utils import export_onnx
+from apet.export.shared_weights import share_weights
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import empty_past
 
@@ -100,7 +101,8 @@ def export_static_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | Non
     """The static-KV form (``--kv-cache static``): ``llm_prefill.onnx`` (the prompt, stage 2 inside, written into
     the caches at 0..T-1) and ``llm_decode.onnx`` (one token per row, no stage 2, only the batch dynamic).
     Both take and return the caches [B, kv, capacity, d]; ``present_*`` has the shape of ``past_*``, so a runtime
-    binds one buffer as both."""
+    binds one buffer as both. Where the weights are external data, one copy serves both graphs
+    (:mod:`apet.export.shared_weights`)."""
     spec = adapter.spec.decoder
     injected = spec.injected_layers > 0
     used = (stage2.span if stage2 else 0) + 8  # the example decode step writes position ``used``
@@ -129,6 +131,7 @@ def export_static_llm(adapter: VisionLanguageAdapter, stage2: Stage2Config | Non
     decode = StaticDecodeGraph(adapter, stage2, max_context, attention, lm_head_slices).eval()
     paths[LLM_DECODE] = export_onnx(decode, args, directory / f"{LLM_DECODE}.onnx", input_names=inputs,
                                     output_names=outputs, dynamic_axes=decode_axes, opset=opset)
+    share_weights(paths[LLM_PREFILL], paths[LLM_DECODE])  # the decode graph reads the prefill's weight file
     return paths
 
 
