@@ -114,7 +114,8 @@ def share_weights(primary: Path, secondary: Path) -> SharedWeights:
         own_bytes = _write_own(directory / own_name, own, tensors)
     finally:
         tensors.close()
-    for name in old_files - ({own_name} if own else set()):
+    keep = {_where(tensor)[0] for tensor in _external(first)} | ({own_name} if own else set())
+    for name in old_files - keep:  # what the second graph no longer reads (never a file of the first's)
         (directory / name).unlink(missing_ok=True)
     partial = secondary.with_name(secondary.name + ".partial")
     partial.write_bytes(second.SerializeToString())
