@@ -76,7 +76,8 @@ def _kind(tensor: onnx.TensorProto) -> tuple[int, tuple[int, ...]]:
 
 def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+    entries = [("location", location), ("offset", str(offset))] + ([("length", str(length))] if length >= 0 else [])
+    for key, value in entries:  # a length of -1: the tensor runs to the end of the file (none written)
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
 
