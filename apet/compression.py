@@ -68,7 +68,7 @@ of the reference exactly for every N the processor can produce.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -144,9 +144,9 @@ class Assignment(NamedTuple):
     identity: bool = False
     everything: torch.Tensor | None = None  # traced per-image budget: K == N keeps all (a 0-d bool)
     first: torch.Tensor | None = None  # [K] the first K positions (all of them when ``everything``)
-    # formed by the stage kernel instead (:class:`apet.kernels.apet_stage.StageAssignment`'s fields, in order:
-    # owner, source, own_slot [B, N] int32, keep, basis weight); the fields above are then unset
-    stage: tuple | None = None
+    # formed by the stage kernel instead (an :class:`apet.kernels.apet_stage.StageAssignment`: each token's output
+    # row, basis slot and blended slot); the fields above are then unset
+    stage: Any = None
 
     def apply(self, y: torch.Tensor) -> torch.Tensor:
         """The K rows of ``y`` [B, N, D'] (float32 math, ``y``'s dtype out) formed as the stage formed its own:
@@ -180,12 +180,10 @@ class Assignment(NamedTuple):
 
 
 @torch.compiler.disable
-def _stage_rows(y: torch.Tensor, stage: tuple) -> torch.Tensor:
+def _stage_rows(y: torch.Tensor, stage: Any) -> torch.Tensor:
     """:meth:`Assignment.apply` where the stage kernel formed the rows: its merge launch on ``y`` (eager, like the
     stage itself: :func:`_stage_kernel`)."""
-    from apet.kernels import apet_stage
-
-    return apet_stage.StageAssignment(*stage).apply(y)
+    return stage.apply(y)
 
 
 @dataclass(frozen=True)
@@ -232,8 +230,7 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> tuple[Compresse
     n_tokens = int(x.shape[1])  # K at this N: the fixed keep, or per image int(ratio·N) (config.keep_for)
     stage, index = apet_stage.assign(x, config.keep_for(n_tokens), config.basis, fps_start(n_tokens, config.seed),
                                      GRAM_RIDGE, config.placement)
-    return Compressed(stage.apply(x), index), Assignment(stage=(stage.owner, stage.source, stage.own_slot,
-                                                                stage.keep, stage.basis_weight))
+    return Compressed(stage.apply(x), index), Assignment(stage=stage)
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:

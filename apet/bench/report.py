@@ -90,7 +90,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "(same weights)", "",
                   "ORT's TTFT runs from the processor's host arrays to the logits on the host (pixels uploaded, the "
                   "prompt laid out from the kept positions); the torch TTFT from pixels on the GPU and a prompt laid "
-                  "out before timing; \"ORT's span\" times the torch path over ORT's span (host wall).", "",
+                  "out before timing; \"ORT's span\" times the torch path over ORT's span, host work included.", "",
                   "| batch | ratio | ORT TTFT ms | torch TTFT ms | torch TTFT ms, ORT's span | ORT decode ms/tok | "
                   "torch decode ms/tok | stage-1 index equal | stage-2 index equal | greedy steps equal | "
                   "max abs Δlogit (scale) |",

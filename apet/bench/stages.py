@@ -183,16 +183,9 @@ class ApetPath:
         return self.request_logits().argmax(-1).cpu().numpy()
 
     def request_ttft(self, repeats: int) -> Timing:
-        """Host wall ms of :meth:`request_first_token` (after one untimed call), the device idle before each."""
-        self.request_first_token()
-        times = []
-        for _ in range(repeats):
-            if self.adapter.device.type == "cuda":
-                torch.cuda.synchronize(self.adapter.device)
-            start = time.perf_counter()
-            self.request_first_token()
-            times.append((time.perf_counter() - start) * 1e3)
-        return summarize(times)
+        """ms of :meth:`request_first_token` after one untimed call, timed as every stage is (:func:`time_call`):
+        the call ends with the token on the host, so its span includes the host work."""
+        return time_call(self.request_first_token, device=self.adapter.device, warmup=1, repeats=repeats)
 
     @torch.no_grad()
     def generate(self) -> tuple[torch.Tensor, list[float]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import uses_external_data
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 log = logging.getLogger(__name__)
 ALIGN = 4096  # offsets of the rewritten file: page-aligned, so a runtime may map tensors where they lie
@@ -40,7 +40,7 @@ class _Tensors:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.files: dict[str, object] = {}
-        self.digests: dict[tuple[str, int, int], bytes] = {}
+        self.digests: dict[tuple[str, int, int | None], bytes] = {}
 
     def read(self, tensor: onnx.TensorProto) -> bytes:
         location, offset, length = _where(tensor)
@@ -48,7 +48,7 @@ class _Tensors:
         if handle is None:
             handle = self.files[location] = open(self.directory / location, "rb")  # noqa: SIM115 - closed in close()
         handle.seek(offset)
-        return handle.read(length) if length >= 0 else handle.read()
+        return handle.read(length) if length is not None else handle.read()
 
     def digest(self, tensor: onnx.TensorProto) -> bytes:
         where = _where(tensor)
@@ -61,9 +61,10 @@ class _Tensors:
             handle.close()
 
 
-def _where(tensor: onnx.TensorProto) -> tuple[str, int, int]:
-    entries = {entry.key: entry.value for entry in tensor.external_data}
-    return entries["location"], int(entries.get("offset", 0)), int(entries.get("length", -1))
+def _where(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    """(file, offset, length: None runs to the end of the file) of an external tensor."""
+    info = ExternalDataInfo(tensor)
+    return info.location, info.offset or 0, info.length
 
 
 def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -74,10 +75,12 @@ def _kind(tensor: onnx.TensorProto) -> tuple[int, tuple[int, ...]]:
     return tensor.data_type, tuple(tensor.dims)
 
 
-def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int | None) -> None:
+    """Where ``tensor`` lies (onnx's ``set_external_data`` wants the bytes in hand; these stay in their file)."""
     del tensor.external_data[:]
-    entries = [("location", location), ("offset", str(offset))] + ([("length", str(length))] if length >= 0 else [])
-    for key, value in entries:  # a length of -1: the tensor runs to the end of the file (none written)
+    entries = [("location", location), ("offset", str(offset))] + ([("length", str(length))] if length is not None
+                                                                     else [])
+    for key, value in entries:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
 
@@ -110,7 +113,7 @@ def share_weights(primary: Path, secondary: Path) -> SharedWeights:
                 continue
             pool.remove(match)  # each of primary's tensors stands for one of secondary's
             location, offset, length = _where(match)
-            shared, shared_bytes = shared + 1, shared_bytes + max(length, 0)
+            shared, shared_bytes = shared + 1, shared_bytes + (length or 0)
             _point(tensor, location, offset, length)
         own_bytes = _write_own(directory / own_name, own, tensors)
     finally:

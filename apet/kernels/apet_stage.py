@@ -31,7 +31,7 @@ within float32 tolerance (``tests/test_apet_stage.py``: on a GPU, and in Triton'
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -229,13 +229,13 @@ def token_gram(x: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-@dataclass(frozen=True)
-class StageAssignment:
+class StageAssignment(NamedTuple):
     """How :func:`assign` formed each image's K rows, per token [B, N] int32: ``owner`` (the output row it is
     averaged into, -1 for none), ``source`` (the slot row it fills as a basis vector, -1 for none) and ``own_slot``
     (``blend``: the slot row its own value is blended into, -1 for none). :meth:`apply` forms the same rows from
     any per-token features of the same images (Qwen3-VL's DeepStack levels), as
-    :meth:`apet.compression.Assignment.apply` does with the membership matrix."""
+    :meth:`apet.compression.Assignment.apply` does with the membership matrix. (A NamedTuple, like that
+    Assignment, which carries it: ``torch.compile`` passes it through without graph breaks.)"""
 
     owner: torch.Tensor
     source: torch.Tensor
