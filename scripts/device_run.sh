@@ -46,6 +46,9 @@
 #                   bench's (shared), between two scripts/ort_ttft_parts.py runs of the default form
 #   ortkernels-env DIR [SETTING ...]  the first token apart under ONNX Runtime's attention-kernel environment
 #                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both)
+#   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
+#                   batch size in one session (the default) and a session per batch size (before), each in its own
+#                   process (scripts/ort_decode_memory.py) -> $OUT/ort_decode_memory_{shared,per-batch}.json
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -244,6 +247,13 @@ PY
       IFS=, read -ra vars <<< "$setting"
       env "${vars[@]}" python3 scripts/ort_ttft_parts.py "/tmp/$dir" --out "$OUT/ort_ttft_parts_env_$setting.json" \
         --no-ungraphed --sets default 2>&1 | grep -v "W:onnxruntime" | cut -c1-700 | tail -1
+    done
+    ;;
+  ortmemory)  # ortmemory DIR: the decode sessions' device memory, each form in its own process
+    wait_export "$1" 540
+    for sessions in shared per-batch; do
+      python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions "$sessions" \
+        --out "$OUT/ort_decode_memory_$sessions.json" 2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -3
     done
     ;;
   norms)

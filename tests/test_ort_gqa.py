@@ -389,3 +389,83 @@ def test_rotary_tables_hold_the_graphs_own_cos_and_sin(llava_static_op) -> None:
     np.testing.assert_allclose(tables[0].table[positions], cos, rtol=0, atol=2e-7)
     np.testing.assert_allclose(tables[1].table[positions], sin, rtol=0, atol=2e-7)
     assert chains.table(rotary.input[0], manifest.max_context) is None  # not a rotary input: no table
+
+
+class _GraphedSetup:
+    """A session setup that takes the CUDA-graph branches on the CPU (ONNX Runtime's CPU provider ignores
+    ``enable_cuda_graph`` and ``gpu_graph_id``): the same sessions and bindings the CUDA path makes."""
+
+    @staticmethod
+    def of(setup):
+        from dataclasses import fields
+
+        from apet.runtime.backends.ort_session import SessionSetup
+
+        class Graphed(SessionSetup):
+            @property
+            def graphs(self) -> bool:
+                return True
+
+        return Graphed(**{f.name: getattr(setup, f.name) for f in fields(setup)})
+
+
+def _batches(pipeline: Pipeline) -> list[dict]:
+    """Greedy runs at batch 1, 2 and 1 again (one prompt per row: no left padding, so every step is rewritten)."""
+    image = [make_image(1, (300, 200))]
+    two = [make_image(2, (180, 260)), make_image(3, (260, 180))]
+    return [_greedy(pipeline, images, [PROMPT] * len(images), 4) for images in (image, two, image)]
+
+
+@pytest.mark.parametrize("failure", [None, "session", "capture"])
+def test_every_batch_size_decodes_in_one_session(llava_static_op, failure) -> None:
+    """With CUDA graphs, the decode steps of every batch size run in one session, each size its own graph id (each
+    ONNX Runtime session holds its own copy of the weights): the same tokens and logits as the session without CUDA
+    graphs. Where ONNX Runtime refuses that session (``session``) or a capture fails in a run (``capture``), each
+    batch size takes its own fixed-shape session, and the tokens stay the same."""
+    reference = _batches(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa"))
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    static = pipeline.backend.static
+    setup = _GraphedSetup.of(static.setup)
+    made: list[bool] = []  # per session made: shape graphs?
+
+    class FailingOnce:  # a shared session whose first run fails as a refused capture does
+        def __init__(self, session) -> None:
+            self.session, self.failed = session, False
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, binding, options=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA graph capture failed")
+            return self.session.run_with_iobinding(binding, options)
+
+    def session(self, model, batch=None, weights_dir=None, shape_graphs=False, disabled_optimizers=()):
+        made.append(shape_graphs)
+        if shape_graphs and failure == "session":
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature")
+        made_session = type(setup).__mro__[1].session(self, model, batch, weights_dir, shape_graphs,
+                                                      disabled_optimizers)
+        return FailingOnce(made_session) if shape_graphs and failure == "capture" else made_session
+
+    type(setup).session = session
+    static.setup = setup
+    runs = _batches(pipeline)
+    for mine, theirs in zip(runs, reference):
+        assert mine["tokens"] == theirs["tokens"]
+        np.testing.assert_allclose(mine["logits"], theirs["logits"], atol=1e-5, rtol=0)
+    sessions = {batch: step.session for (batch, gqa), step in static.steps.items() if gqa}
+    assert set(sessions) == {1, 2}
+    if failure is None:
+        from apet.runtime.backends.ort_device_shapes import host_reads
+
+        assert static.graphed_shared == {True: True} and made == [True]
+        # with its dims free, no kernel reads a host-computed value as data (ONNX Runtime would refuse the graphs)
+        assert host_reads(onnx.load_from_string(static._device_shaped(True)), static.gqa.host_inputs) == []
+        assert sessions[1] is sessions[2] is static.shared[True]
+        assert all(step.run_options is not None for step in static.steps.values())
+    else:  # the sessions made after the refusal: one per batch size, shapes fixed
+        assert static.graphed_shared == {True: False} and made == [True, False, False]
+        assert sessions[1] is not sessions[2]
+        assert all(step.run_options is None for step in static.steps.values())

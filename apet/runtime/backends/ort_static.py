@@ -11,9 +11,13 @@ that is read back: the only host transfer of a step besides its few input bytes.
 CUDA graphs (ONNX Runtime's ``enable_cuda_graph``) need every bound address and every shape fixed from the
 capturing run on: the decode session of a batch size has its ``batch`` dim fixed by a free-dimension override, so
 ONNX Runtime folds every shape computation to a constant (nothing left on the CPU, no Memcpy nodes), and its
-bindings are made once. Prefill varies with the prompt length and runs in its own session; in the rewritten form
-that session holds one CUDA graph per prompt shape (:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it.
-Each session holds its own copy of the LLM weights (prefill, and decode per batch size with CUDA graphs).
+bindings are made once. The decode steps of every batch size share one session that keeps one CUDA graph per batch
+size (a ``gpu_graph_id`` each, its dims left free, the shape values a kernel reads as data given device twins as
+the prompt's are): each ONNX Runtime session holds its own copy of the LLM weights, and a session per batch size
+held one per size (five 13 GB copies at 7B shapes for batch sizes 1-4 and the prefill). Where ONNX Runtime refuses
+that session, each batch size gets its own fixed-shape session, as before. Prefill varies with the prompt length and
+runs in its own session; in the rewritten form that session holds one CUDA graph per prompt shape
+(:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it.
 
 Attention (``decode_attention``): ``graph`` runs the exported graphs; ``gqa`` runs both rewritten in memory for ONNX
 Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in one node
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from apet.contracts.io import (
     CACHE_POSITION,
@@ -75,7 +80,8 @@ class StaticKV:
         else:
             self.prefill_session = setup.session(self.prefill_path)
         self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
-        self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch (no CUDA graphs)
+        self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size
+        self.graphed_shared: dict[bool, bool] = {}  # gqa? -> whether that session holds CUDA graphs (False: refused)
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
         self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
         self.steps: dict[tuple[int, bool], FixedRun] = {}  # (batch, gqa?) -> its bound step
@@ -205,19 +211,61 @@ class StaticKV:
             valid = np.zeros((batch, self.max_context), dtype=np.int64)
             valid[:, :total] = attention_mask
             arrays.update({"attention_mask": valid, CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
-        logits = self._step(batch, gqa)(arrays)[LOGITS]
+        try:
+            logits = self._step(batch, gqa)(arrays)[LOGITS]
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
+            if not self.graphed_shared.get(gqa):
+                raise
+            log.warning("decode steps run in a session per batch size: the shared session's CUDA graph of batch "
+                        "%d failed: %s", batch, str(err).splitlines()[0])
+            self._refuse_shared(gqa)  # the retried step rewrites the same cache positions with the same values
+            logits = self._step(batch, gqa)(arrays)[LOGITS]
         self.length = total
         return logits[:, -1].astype(np.float32)
 
+    def _decode_session(self, batch: int, gqa: bool) -> tuple[Any, Any]:
+        """The session a decode step of ``batch`` rows runs in, and its run options (the CUDA graph it picks):
+        the shared session where it can be had, else a fixed-shape session of this batch size."""
+        model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
+        if not self.setup.graphs:
+            if gqa not in self.shared:
+                self.shared[gqa] = self.setup.session(model, None, weights)
+            return self.shared[gqa], None
+        if gqa not in self.graphed_shared:
+            try:
+                self.shared[gqa] = self.setup.session(self._device_shaped(gqa), None, self.weights_dir,
+                                                      shape_graphs=True)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
+                log.warning("decode steps run in a session per batch size (each its own copy of the weights): %s",
+                            str(err).splitlines()[0])
+                self.graphed_shared[gqa] = False
+            else:
+                self.graphed_shared[gqa] = True
+        if self.graphed_shared[gqa]:
+            return self.shared[gqa], self.setup.run_options(str(batch))  # graph id = batch size (0: ORT's own)
+        return self.setup.session(model, batch, weights), None
+
+    def _device_shaped(self, gqa: bool) -> bytes:
+        """The decode graph with every dim free and the shape values its kernels read as data on the device."""
+        if gqa:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.gqa.model)
+        else:
+            model = onnx.load(str(self.decode_path), load_external_data=False)
+        twins = to_device(model, self.gqa.host_inputs if gqa else frozenset())
+        log.debug("%s: %d shape values given device twins for the shared decode session", self.decode_path.name,
+                  twins)
+        return model.SerializeToString()
+
+    def _refuse_shared(self, gqa: bool) -> None:
+        self.graphed_shared[gqa] = False
+        self.shared.pop(gqa, None)
+        for key in [key for key in self.steps if key[1] == gqa]:
+            del self.steps[key]
+
     def _step(self, batch: int, gqa: bool) -> FixedRun:
         if (batch, gqa) not in self.steps:
-            model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
-            if self.setup.graphs:
-                session = self.setup.session(model, batch, weights)
-            else:
-                if gqa not in self.shared:
-                    self.shared[gqa] = self.setup.session(model, None, weights)
-                session = self.shared[gqa]
+            session, run_options = self._decode_session(batch, gqa)
             spec = self.manifest.model.decoder
             position = (batch, 1) if spec.position_rank == 1 else (spec.position_rank, batch, 1)
             shapes = {"inputs_embeds": ((batch, 1, spec.hidden_size), self.dtype), "position_ids": (position, np.int64)}
@@ -232,7 +280,7 @@ class StaticKV:
             kind = np.float16 if "float16" in logits.type else np.float32
             self.steps[batch, gqa] = FixedRun(session, self.setup, shapes,
                                               {LOGITS: ((batch, 1, int(logits.shape[-1])), kind)},
-                                              self._in_place(batch), constants)
+                                              self._in_place(batch), constants, run_options)
         return self.steps[batch, gqa]
 
     def cache_lengths(self) -> list[int]:

@@ -1,0 +1,101 @@
+"""Device memory and decode-step time of ONNX Runtime CUDA on a static-KV artifact as a server meets batch sizes one
+after another: the decode steps of every batch size in one session with a CUDA graph per size (the default), or
+a fixed-shape session per batch size (``--sessions per-batch``, the form before; each session loads its own copy of
+the weights). Run each form in its own process: ONNX Runtime's arena does not hand memory back.
+
+    python scripts/ort_decode_memory.py ARTIFACT --out ort_decode_memory.json [--sessions shared|per-batch]
+
+Memory is the device's used bytes (``cuMemGetInfo`` through apet.cuda_memory), after the backend loads and after
+each batch size's first requests; time is the host wall clock of greedy decode steps (median, p10-p90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from apet.atomic import write_atomic
+from apet.bench.timing import time_call
+
+GIB = 1024 ** 3
+
+
+def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
+            device: str = "cuda") -> dict[str, Any]:
+    import numpy as np
+
+    from apet.bench.ort_profile import artifact_request
+    from apet.cuda_memory import CudaDevice
+    from apet.manifest import read_manifest
+    from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    cuda = CudaDevice(0) if device == "cuda" else None
+
+    def used_gib() -> float | None:  # None on the CPU (a dry run of the script)
+        if cuda is None:
+            return None
+        free, total = cuda.memory_info()
+        return round((total - free) / GIB, 3)
+
+    before = used_gib()
+    manifest = read_manifest(artifact)
+    if max(batches) > manifest.max_batch:  # the graphs' batch dim is free: the limit is the manifest's promise only
+        manifest = dataclasses.replace(manifest, max_batch=max(batches))
+    backend = OnnxRuntimeBackend(artifact, manifest, device)
+    static = backend.static
+    if sessions == "per-batch":  # as if ONNX Runtime refused the shared session
+        static.graphed_shared.update({True: False, False: False})
+    result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "device_used_gib": {"start": before},
+                              "decode_step_ms": {}}
+    result["device_used_gib"]["loaded"] = used_gib()
+    for batch in batches:
+        processor, inputs, make_layout = artifact_request(artifact, manifest, batch, (640, 480), 40, steps + 8)
+        state: dict[str, Any] = {}
+
+        def first_token() -> None:
+            visual = backend.encode(inputs)
+            state["layout"] = layout = make_layout(visual.keep_index)
+            state["logits"], state["mask"] = backend.prefill(layout, visual), layout.attention_mask
+
+        def decode_step() -> None:
+            state["mask"] = np.concatenate([state["mask"], np.ones_like(state["mask"][:, :1])], axis=1)
+            state["logits"] = backend.decode(state["logits"].argmax(-1).astype(np.int64), state["mask"],
+                                             processor.decode_positions(state["layout"], state["mask"]))
+
+        for _ in range(3):  # warm-up: the captures
+            first_token()
+            for _ in range(3):
+                decode_step()
+        first_token()
+        result["decode_step_ms"][str(batch)] = time_call(decode_step, device="cpu", warmup=0,
+                                                         repeats=steps).to_json()
+        result["device_used_gib"][f"after_batch_{batch}"] = used_gib()
+    result["decode_sessions"] = len({id(step.session) for step in static.steps.values()})
+    result["shared_session_graphed"] = {str(k): v for k, v in static.graphed_shared.items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sessions", choices=("shared", "per-batch"), default="shared")
+    parser.add_argument("--batches", default="1,2,4")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_args(argv)
+    result = measure(args.artifact, args.sessions, tuple(int(b) for b in args.batches.split(",")), args.steps,
+                     args.device)
+    write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("sessions", "decode_sessions", "shared_session_graphed",
+                                             "device_used_gib")}))
+    print({b: round(t["median_ms"], 3) for b, t in result["decode_step_ms"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
