@@ -67,6 +67,7 @@ of the reference exactly for every N the processor can produce.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -182,7 +183,7 @@ class Assignment(NamedTuple):
 @torch.compiler.disable
 def _stage_rows(y: torch.Tensor, stage: Any) -> torch.Tensor:
     """:meth:`Assignment.apply` where the stage kernel formed the rows: its merge launch on ``y`` (eager, like the
-    stage itself: :func:`_stage_kernel`)."""
+    stage itself: :func:`_compress_eagerly`)."""
     return stage.apply(y)
 
 
@@ -212,17 +213,12 @@ def compress_with(config: CompressionConfig, x: torch.Tensor) -> Compressed:
     return compress_assigned(config, x)[0]
 
 
-@torch.compiler.disable
 def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment] | None:
     """The stage in :mod:`apet.kernels.apet_stage` where it applies, else None (the torch ops), with how its rows
     were formed (the per-token :class:`~apet.kernels.apet_stage.StageAssignment`, which a family applies to other
-    features of the same tokens: Qwen3-VL's DeepStack levels). Decided and run eagerly: under ``--compile`` this is
-    a graph break, so the kernels run as they are instead of being traced. With the decision traced, the H200's
-    torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms, docs/benchmarks.md, stop 28) where the
-    kernel takes six (0.08 ms). ``torch.compiler.is_exporting()`` decides nothing here: torch 2.11 reports it True
-    under ``torch.compile``. apet's exporter is the TorchScript one (:mod:`apet.export.onnx_utils`), whose trace
-    runs this function as it is: :func:`_stage_kernel_applies` sees the export and answers None, and the torch ops
-    are traced."""
+    features of the same tokens: Qwen3-VL's DeepStack levels). Runs eagerly, inside :func:`_compress_eagerly`.
+    apet's exporter is the TorchScript one (:mod:`apet.export.onnx_utils`), whose trace runs this function as it
+    is: :func:`_stage_kernel_applies` sees the export and answers None, and the torch ops are traced."""
     if not _stage_kernel_applies(config, x):
         return None
     from apet.kernels import apet_stage
@@ -231,6 +227,27 @@ def _stage_kernel(config: CompressionConfig, x: torch.Tensor) -> tuple[Compresse
     stage, index = apet_stage.assign(x, config.keep_for(n_tokens), config.basis, fps_start(n_tokens, config.seed),
                                      GRAM_RIDGE, config.placement)
     return Compressed(stage.apply(x), index), Assignment(stage=stage)
+
+
+@torch.compiler.disable
+def _compress_eagerly(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
+    """The stage kernel where it applies, else the torch ops, decided and run eagerly: under ``--compile`` this is
+    one graph break, so the kernels run as they are instead of being traced. With the decision traced, the H200's
+    torch 2.11 kept Inductor's 76-launch trace of the torch ops (0.195 ms, docs/benchmarks.md, stop 28) where the
+    kernel takes six (0.08 ms); ``torch.compiler.is_exporting()`` decides nothing here (torch 2.11 reports it True
+    under ``torch.compile``). Where the kernel does not apply the torch ops run here too, so nothing after the graph
+    break builds objects in a resumed frame: torch 2.11 failed to reconstruct those (an ``AssertionError`` in
+    Dynamo's side effects, on the H200)."""
+    kept = _stage_kernel(config, x)
+    return kept if kept is not None else _compress_ops(config, x)
+
+
+def _kernel_candidate(config: CompressionConfig, x: torch.Tensor) -> bool:
+    """Whether the stage kernel may apply, asked without a graph break (``--compile`` traces it): it is on (for
+    per-image budgets too where they are asked for), and ``x`` lives where its kernels run. Off that, the torch ops
+    are traced as they are (no eager detour)."""
+    return FUSED["enabled"] and FUSED["stage_kernel"] and (FUSED["per_image"] or not config.per_image) \
+        and isinstance(x, torch.Tensor) and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
@@ -258,9 +275,11 @@ def compress_assigned(config: CompressionConfig, x: torch.Tensor) -> tuple[Compr
     """``compress_with(config, x)`` and how its rows were formed (see :class:`Assignment`; on the GPU, where the
     stage kernel applies, its per-token form, without the membership matrix)."""
     _check_input(x)
-    kept = _stage_kernel(config, x)
-    if kept is not None:
-        return kept
+    return _compress_eagerly(config, x) if _kernel_candidate(config, x) else _compress_ops(config, x)
+
+
+def _compress_ops(config: CompressionConfig, x: torch.Tensor) -> tuple[Compressed, Assignment]:
+    """The stage as torch ops (what the exporter traces)."""
     if config.per_image:
         return _compress_per_image(x, config)
     n_tokens = int(x.shape[1])

@@ -45,7 +45,8 @@
 #   ortprocess DIR  the bench with ONNX Runtime in its own torch-free process (--ort-process own) and in the
 #                   bench's (shared), between two scripts/ort_ttft_parts.py runs of the default form
 #   ortkernels-env DIR [SETTING ...]  the first token apart under ONNX Runtime's attention-kernel environment
-#                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both)
+#                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both);
+#                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
 #                   process (scripts/ort_decode_memory.py) -> $OUT/ort_decode_memory_{shared,per-batch}.json
@@ -245,8 +246,11 @@ PY
       ORT_ENABLE_XQA=0,ORT_ENABLE_CUDNN_FLASH_ATTENTION=0)
     for setting in "${settings[@]}"; do
       IFS=, read -ra vars <<< "$setting"
-      env "${vars[@]}" python3 scripts/ort_ttft_parts.py "/tmp/$dir" --out "$OUT/ort_ttft_parts_env_$setting.json" \
-        --no-ungraphed --sets default 2>&1 | grep -v "W:onnxruntime" | cut -c1-700 | tail -1
+      name="${setting//=/-}"; name="${name//,/+}"  # the device tool returns no file whose name holds = or ,
+      env "${vars[@]}" python3 scripts/ort_ttft_parts.py "/tmp/$dir" --out "$OUT/ort_ttft_parts_env_$name.json" \
+        --no-ungraphed --sets default 2>&1 | grep -v "W:onnxruntime" | tail -1 | python3 -c "import json, sys
+r = json.loads(sys.stdin.read())
+print('$setting', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill', 'vision_and_prefill', 'decode_step')})"
     done
     ;;
   ortmemory)  # ortmemory DIR: the decode sessions' device memory, each form in its own process

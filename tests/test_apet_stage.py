@@ -137,6 +137,15 @@ def check_compiled(device: str) -> None:
         got = compress_with(config, x)
     assert got.members is None, "the stage read torch.compiler.is_exporting() and took the torch ops"
     np.testing.assert_array_equal(got.index.cpu().numpy(), want)
+    # a stage the kernel does not compute (a basis above its 32) on the kernel's device, compiled: the torch ops,
+    # run eagerly behind the graph break (torch 2.11's Dynamo failed on the objects a resumed frame built)
+    wide = CompressionConfig(keep=48, basis=33)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: compress_assigned(wide, t), dynamic=False)(x)
+    eager = compress_assigned(wide, x)
+    assert compiled[0].members is not None and compiled[1].stage is None, "the kernel ran a basis it does not take"
+    np.testing.assert_array_equal(compiled[0].index.cpu().numpy(), eager[0].index.cpu().numpy())
+    torch.testing.assert_close(compiled[0].tokens, eager[0].tokens, rtol=0, atol=0)
 
 
 def _assert_rows(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, swaps_allowed: bool,
