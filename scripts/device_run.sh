@@ -255,10 +255,10 @@ print('$setting', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill',
     ;;
   ortmemory)  # ortmemory DIR: the decode sessions' device memory, each form in its own process
     wait_export "$1" 540
-    for sessions in shared per-batch; do
-      python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions "$sessions" \
-        --out "$OUT/ort_decode_memory_$sessions.json" 2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -3
-    done
+    python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions per-batch --out "$OUT/ort_decode_memory_per-batch.json" \
+      2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -2
+    python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions shared --out "$OUT/ort_decode_memory_shared.json" \
+      --compare "$OUT/ort_decode_memory_per-batch.json" 2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -2
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"

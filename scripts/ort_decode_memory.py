@@ -6,7 +6,8 @@ the weights). Run each form in its own process: ONNX Runtime's arena does not ha
     python scripts/ort_decode_memory.py ARTIFACT --out ort_decode_memory.json [--sessions shared|per-batch]
 
 Memory is the device's used bytes (``cuMemGetInfo`` through apet.cuda_memory), after the backend loads and after
-each batch size's first requests; time is the host wall clock of greedy decode steps (median, p10-p90).
+each batch size's first requests; time is the host wall clock of greedy decode steps (median, p10-p90); the greedy
+tokens of those steps are kept so that the two forms' runs can be compared (``--compare OTHER.json``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
     if sessions == "per-batch":  # as if ONNX Runtime refused the shared session
         static.graphed_shared.update({True: False, False: False})
     result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "device_used_gib": {"start": before},
-                              "decode_step_ms": {}}
+                              "decode_step_ms": {}, "greedy_tokens": {}}
     result["device_used_gib"]["loaded"] = used_gib()
     for batch in batches:
         processor, inputs, make_layout = artifact_request(artifact, manifest, batch, (640, 480), 40, steps + 8)
@@ -63,7 +64,9 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
 
         def decode_step() -> None:
             state["mask"] = np.concatenate([state["mask"], np.ones_like(state["mask"][:, :1])], axis=1)
-            state["logits"] = backend.decode(state["logits"].argmax(-1).astype(np.int64), state["mask"],
+            token = state["logits"].argmax(-1)
+            state.setdefault("tokens", []).append(token.tolist())
+            state["logits"] = backend.decode(token.astype(np.int64), state["mask"],
                                              processor.decode_positions(state["layout"], state["mask"]))
 
         for _ in range(3):  # warm-up: the captures
@@ -71,8 +74,10 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
             for _ in range(3):
                 decode_step()
         first_token()
+        state["tokens"] = []
         result["decode_step_ms"][str(batch)] = time_call(decode_step, device="cpu", warmup=0,
                                                          repeats=steps).to_json()
+        result["greedy_tokens"][str(batch)] = state["tokens"]  # each form's, compared: the same request's tokens
         result["device_used_gib"][f"after_batch_{batch}"] = used_gib()
     result["decode_sessions"] = len({id(step.session) for step in static.steps.values()})
     result["shared_session_graphed"] = {str(k): v for k, v in static.graphed_shared.items()}
@@ -87,12 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--compare", type=Path, help="another form's JSON: report whether its greedy tokens equal")
     args = parser.parse_args(argv)
     result = measure(args.artifact, args.sessions, tuple(int(b) for b in args.batches.split(",")), args.steps,
                      args.device)
+    if args.compare is not None:
+        other = json.loads(args.compare.read_text())
+        result["greedy_tokens_equal_to"] = {"file": args.compare.name, "sessions": other["sessions"],
+                                            "equal": other["greedy_tokens"] == result["greedy_tokens"]}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("sessions", "decode_sessions", "shared_session_graphed",
-                                             "device_used_gib")}))
+    print(json.dumps({k: result.get(k) for k in ("sessions", "decode_sessions", "shared_session_graphed",
+                                                 "device_used_gib", "greedy_tokens_equal_to")}))
     print({b: round(t["median_ms"], 3) for b, t in result["decode_step_ms"].items()})
     return 0
 

@@ -218,3 +218,43 @@ def distinct_norm_and_bias_parameters(model, seed: int = 0) -> int:
                 model.graph.initializer.append(numpy_helper.from_array(values.astype(types[name]), node.input[index]))
                 count += 1
     return count
+
+
+def graphs_on_cpu(setup, failure: str | None = None, made: list | None = None):
+    """``setup`` (an ONNX Runtime backend's SessionSetup) taking its CUDA-graph branches on the CPU: ONNX Runtime's CPU
+    provider ignores ``enable_cuda_graph`` and ``gpu_graph_id``, so the sessions and bindings the CUDA path makes run
+    here (the captures themselves run in the GPU bench). ``failure``: ``"session"``, ONNX Runtime refuses a session
+    with every dim free and CUDA graphs (as it does where a node would copy between host and device); ``"capture"``,
+    such a session's first run fails (a capture that fails). ``made`` collects, per session made, whether it was
+    such a session."""
+    from dataclasses import fields
+
+    from apet.runtime.backends.ort_session import SessionSetup
+
+    class FailingOnce:  # a session whose first run fails as a refused capture does
+        def __init__(self, session) -> None:
+            self.session, self.failed = session, False
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, binding, options=None):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA graph capture failed")
+            return self.session.run_with_iobinding(binding, options)
+
+    class Graphed(SessionSetup):
+        @property
+        def graphs(self) -> bool:
+            return True
+
+        def session(self, model, batch=None, weights_dir=None, shape_graphs=False, disabled_optimizers=()):
+            if made is not None:
+                made.append(shape_graphs)
+            if shape_graphs and failure == "session":
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature")
+            session = super().session(model, batch, weights_dir, shape_graphs, disabled_optimizers)
+            return FailingOnce(session) if shape_graphs and failure == "capture" else session
+
+    return Graphed(**{f.name: getattr(setup, f.name) for f in fields(setup)})

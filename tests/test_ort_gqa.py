@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_image
+from conftest import graphs_on_cpu, make_image
 from test_static_kv import _greedy
 
 from apet.contracts.io import LLM_DECODE, LLM_PREFILL
@@ -391,24 +391,6 @@ def test_rotary_tables_hold_the_graphs_own_cos_and_sin(llava_static_op) -> None:
     assert chains.table(rotary.input[0], manifest.max_context) is None  # not a rotary input: no table
 
 
-class _GraphedSetup:
-    """A session setup that takes the CUDA-graph branches on the CPU (ONNX Runtime's CPU provider ignores
-    ``enable_cuda_graph`` and ``gpu_graph_id``): the same sessions and bindings the CUDA path makes."""
-
-    @staticmethod
-    def of(setup):
-        from dataclasses import fields
-
-        from apet.runtime.backends.ort_session import SessionSetup
-
-        class Graphed(SessionSetup):
-            @property
-            def graphs(self) -> bool:
-                return True
-
-        return Graphed(**{f.name: getattr(setup, f.name) for f in fields(setup)})
-
-
 def _batches(pipeline: Pipeline) -> list[dict]:
     """Greedy runs at batch 1, 2 and 1 again (one prompt per row: no left padding, so every step is rewritten)."""
     image = [make_image(1, (300, 200))]
@@ -425,31 +407,8 @@ def test_every_batch_size_decodes_in_one_session(llava_static_op, failure) -> No
     reference = _batches(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa"))
     pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
     static = pipeline.backend.static
-    setup = _GraphedSetup.of(static.setup)
     made: list[bool] = []  # per session made: shape graphs?
-
-    class FailingOnce:  # a shared session whose first run fails as a refused capture does
-        def __init__(self, session) -> None:
-            self.session, self.failed = session, False
-
-        def __getattr__(self, name):
-            return getattr(self.session, name)
-
-        def run_with_iobinding(self, binding, options=None):
-            if not self.failed:
-                self.failed = True
-                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA graph capture failed")
-            return self.session.run_with_iobinding(binding, options)
-
-    def session(self, model, batch=None, weights_dir=None, shape_graphs=False, disabled_optimizers=()):
-        made.append(shape_graphs)
-        if shape_graphs and failure == "session":
-            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the CUDA Graph feature")
-        made_session = type(setup).__mro__[1].session(self, model, batch, weights_dir, shape_graphs,
-                                                      disabled_optimizers)
-        return FailingOnce(made_session) if shape_graphs and failure == "capture" else made_session
-
-    type(setup).session = session
+    setup = graphs_on_cpu(static.setup, failure, made)
     static.setup = setup
     runs = _batches(pipeline)
     for mine, theirs in zip(runs, reference):

@@ -1,12 +1,14 @@
 """The vision graph at fixed shapes with bound buffers (apet/runtime/backends/ort_graphed.py), what ONNX Runtime's CUDA
-execution provider replays as a CUDA graph: the same outputs as the plain session, one session per batch size, and
-only where the artifact fixes every dim but the batch. CUDA-graph capture itself runs in the H200 bench."""
+execution provider replays as a CUDA graph: the same outputs as the plain session, every batch size in one session
+with CUDA graphs (a session per batch size where ONNX Runtime refuses that one), and only where the artifact fixes
+every dim but the batch. CUDA-graph capture itself runs in the H200 bench."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-from conftest import distinct_norm_and_bias_parameters, make_image
+import pytest
+from conftest import distinct_norm_and_bias_parameters, graphs_on_cpu, make_image
 
 from apet.manifest import read_manifest
 from apet.runtime.backends.ort_graphed import GraphedVision, fixed_shapes
@@ -37,6 +39,37 @@ def test_bound_vision_runs_equal_the_plain_session(artifact_factory) -> None:
                 else:  # the kept indices
                     np.testing.assert_array_equal(outputs[name], expected)
         assert list(graphed.runs) == [batch]
+
+
+@pytest.mark.parametrize("failure", [None, "session", "capture"])
+def test_every_batch_size_runs_in_one_vision_session(artifact_factory, failure) -> None:
+    """With CUDA graphs, every batch size's vision graph lives in one session (each ONNX Runtime session loads the
+    vision weights), picked by its graph id: the same kept indices and visual tokens as the plain session at batch
+    1, 2 and 1 again. Where ONNX Runtime refuses that session or a capture in it fails, each batch size gets its own
+    fixed-batch session, with the same outputs."""
+    artifact = artifact_factory()
+    spec = read_manifest(artifact).graphs["vision"]
+    pipeline = Pipeline.load(artifact, backend="onnxruntime")
+    images = [make_image(1), make_image(2, (180, 260))]
+    made: list[bool] = []
+    graphed = GraphedVision(artifact / spec.file, spec, graphs_on_cpu(_setup(True), failure, made))
+    for batch in (1, 2, 1):
+        arrays = pipeline.processor.vision_inputs(images[:batch]).arrays
+        plain = pipeline.backend.vision.run(None, arrays)
+        outputs = graphed(arrays)
+        for name, expected in zip([o["name"] for o in spec.outputs], plain):
+            if expected.dtype.kind == "f":
+                np.testing.assert_allclose(outputs[name], expected, atol=1e-5, rtol=0)
+            else:
+                np.testing.assert_array_equal(outputs[name], expected)
+    sessions = {batch: run.session for batch, run in graphed.runs.items()}
+    assert set(sessions) == {1, 2}
+    if failure is None:
+        assert made == [True] and sessions[1] is sessions[2] is graphed.shared
+        assert all(run.run_options is not None for run in graphed.runs.values())
+    else:
+        assert graphed.shared is False and made == [True, False, False] and sessions[1] is not sessions[2]
+        assert all(run.run_options is None for run in graphed.runs.values())
 
 
 def test_graphed_vision_applies_only_to_fixed_shapes_on_cuda(artifact_factory, qwen_artifact_factory) -> None:

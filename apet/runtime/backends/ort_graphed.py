@@ -1,8 +1,8 @@
-"""The vision graph as a CUDA graph: a fixed-batch session whose inputs and outputs are bound once to device buffers
+"""The vision graph as a CUDA graph: per batch size, inputs and outputs bound once to device buffers
 (:class:`apet.runtime.backends.ort_session.FixedRun`, as the static decode step), so the CUDA execution provider
 replays it (``enable_cuda_graph``: it captures after its warm-up runs and from then on replays the launches at the
-same addresses). It applies where the artifact fixes every dim but the
-batch (LLaVA-1.5: one 336² image per row, ApET's budget K): its ~800 launches per image become one, which is most of
+same addresses); every batch size's graph lives in one session. It applies where the artifact fixes every dim but
+the batch (LLaVA-1.5: one 336² image per row, ApET's budget K): its ~800 launches per image become one, which is most of
 the vision run's host time (docs/benchmarks.md, "ONNX Runtime CUDA on the static-KV form").
 """
 
@@ -56,13 +56,17 @@ class VisionSessionForm:
 
 
 class GraphedVision:
-    """The vision graph per batch size as a CUDA-graph session (:class:`FixedRun`). A batch whose session ONNX
-    Runtime refuses to capture (a node it would place on the CPU) is remembered and runs ungraphed."""
+    """The vision graph per batch size as a CUDA graph (:class:`FixedRun`), every batch size's graph in one session
+    (``gpu_graph_id`` = the batch size, dims left free): a session per batch size would load the vision weights once
+    per size. Where ONNX Runtime refuses that session, or a capture in it fails, each batch size gets its own
+    fixed-batch session; a batch whose session ONNX Runtime refuses to capture (a node it would place on the CPU) is
+    remembered and runs ungraphed."""
 
     def __init__(self, path: Path, graph_spec: Any, setup: SessionSetup,
                  form: VisionSessionForm = VisionSessionForm()) -> None:
         self.path, self.spec, self.setup, self.form = path, graph_spec, setup, form
         self.runs: dict[int, FixedRun | None] = {}
+        self.shared: Any = None  # the one session of every batch size; False where ONNX Runtime refused it
         self._model: Path | bytes | None = None  # the graph the sessions load, rewritten on first use
         self._float32_inputs: frozenset[str] = frozenset()  # inputs the rewritten graph casts on the device
 
@@ -84,7 +88,17 @@ class GraphedVision:
         if batch not in self.runs:
             self.runs[batch] = self._run(batch)
         run = self.runs[batch]
-        return None if run is None else run(self._typed(arrays, run))
+        if run is None:
+            return None
+        try:
+            return run(self._typed(arrays, run))
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
+            if run.session is not self.shared:
+                raise
+            log.warning("vision runs in a session per batch size: the shared session's CUDA graph of batch %d "
+                        "failed: %s", batch, str(err).splitlines()[0])
+            self.shared, self.runs = False, {}
+            return self(arrays)
 
     def _typed(self, arrays: dict[str, np.ndarray], run: FixedRun) -> dict[str, np.ndarray]:
         """Each array as its bound buffer's type; an input cast on the device is sent as float32 (a float64 array
@@ -102,14 +116,32 @@ class GraphedVision:
             self._model, self._float32_inputs = load_for_graphs(
                 self.path, self.form.token_layout, self.form.cast_inputs, self.form.skip_layer_norms,
                 self.form.pack_projections)
-        try:
-            session = self.setup.session(self._model, batch, disabled_optimizers=self.form.disabled_optimizers)
-        except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail
-            log.warning("vision at batch %d runs without a CUDA graph: %s", batch, str(err).splitlines()[0])
-            return None
+        shared, run_options = self._shared(), None
+        if shared is not None:
+            session, run_options = shared, self.setup.run_options(str(batch))
+        else:
+            try:
+                session = self.setup.session(self._model, batch, disabled_optimizers=self.form.disabled_optimizers)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail
+                log.warning("vision at batch %d runs without a CUDA graph: %s", batch, str(err).splitlines()[0])
+                return None
         inputs = {name: (shape, np.float32 if name in self._float32_inputs else kind)
                   for name, (shape, kind) in fixed_shapes(self.spec.inputs, batch).items()}
-        return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch))
+        return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch),
+                        run_options=run_options)
+
+    def _shared(self) -> Any:
+        """The one session of every batch size (made on first use), or None where CUDA graphs are off or ONNX
+        Runtime refused it."""
+        if self.shared is None and self.setup.graphs:
+            try:
+                self.shared = self.setup.session(self._model, shape_graphs=True,
+                                                 disabled_optimizers=self.form.disabled_optimizers)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
+                log.warning("vision runs in a session per batch size (each its own copy of the weights): %s",
+                            str(err).splitlines()[0])
+                self.shared = False
+        return self.shared or None
 
     @property
     def _graph_types(self) -> dict[str, type]:
