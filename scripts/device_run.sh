@@ -49,7 +49,8 @@
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
-#                   process (scripts/ort_decode_memory.py) -> $OUT/ort_decode_memory_{shared,per-batch}.json
+#                   process (scripts/ort_decode_memory.py), then the one session with share-weights (the prefill's
+#                   and decode's sessions reading one copy) -> $OUT/ort_decode_memory_{per-batch,shared,share-weights}.json
 #   norms           the fused norms' float16 error on the CUDA provider against a float64 oracle and the unfused nodes,
 #                   strict SkipLayerNorm mode on and off (scripts/ort_norm_precision.py) -> $OUT
 #   ortkernels DIR [SUFFIX [ARGS]]  what ONNX Runtime CUDA runs on the GPU for /tmp/DIR (scripts/ort_gpu_kernels.py:
@@ -259,6 +260,9 @@ print('$setting', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill',
       2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -2
     python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions shared --out "$OUT/ort_decode_memory_shared.json" \
       --compare "$OUT/ort_decode_memory_per-batch.json" 2>&1 | grep -v "W:onnxruntime" | cut -c1-900 | tail -2
+    python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions shared --rewrites default,share-weights \
+      --out "$OUT/ort_decode_memory_share-weights.json" --compare "$OUT/ort_decode_memory_per-batch.json" 2>&1 \
+      | grep -v "W:onnxruntime" | cut -c1-900 | tail -2
     ;;
   norms)
     python3 scripts/ort_norm_precision.py --out "$OUT/ort_norm_precision.json" 2>&1 | grep -v "W:onnxruntime"

@@ -1,7 +1,9 @@
 """Device memory and decode-step time of ONNX Runtime CUDA on a static-KV artifact as a server meets batch sizes one
 after another: the decode steps of every batch size in one session with a CUDA graph per size (the default), or
 a fixed-shape session per batch size (``--sessions per-batch``, the form before; each session loads its own copy of
-the weights). Run each form in its own process: ONNX Runtime's arena does not hand memory back.
+the weights); ``--rewrites default,share-weights``: the prefill's and decode's sessions reading one copy
+(apet/runtime/backends/ort_bound_weights.py). Run each form in its own process: ONNX Runtime's arena does not hand
+memory back.
 
     python scripts/ort_decode_memory.py ARTIFACT --out ort_decode_memory.json [--sessions shared|per-batch]
 
@@ -25,8 +27,8 @@ from apet.bench.timing import time_call
 GIB = 1024 ** 3
 
 
-def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
-            device: str = "cuda") -> dict[str, Any]:
+def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int, device: str = "cuda",
+            rewrites: str = "default") -> dict[str, Any]:
     import numpy as np
 
     from apet.bench.ort_profile import artifact_request
@@ -46,11 +48,12 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
     manifest = read_manifest(artifact)
     if max(batches) > manifest.max_batch:  # the graphs' batch dim is free: the limit is the manifest's promise only
         manifest = dataclasses.replace(manifest, max_batch=max(batches))
-    backend = OnnxRuntimeBackend(artifact, manifest, device)
+    backend = OnnxRuntimeBackend(artifact, manifest, device, rewrites=rewrites)
     static = backend.static
     if sessions == "per-batch":  # as if ONNX Runtime refused the shared session
         static.graphed_shared.update({True: False, False: False})
-    result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "device_used_gib": {"start": before},
+    result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "rewrites": sorted(backend.rewrites),
+                              "device_used_gib": {"start": before},
                               "decode_step_ms": {}, "greedy_tokens": {}}
     result["device_used_gib"]["loaded"] = used_gib()
     for batch in batches:
@@ -92,17 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2,4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--rewrites", default="default", help="apet-bench --ort-rewrites (e.g. default,share-weights)")
     parser.add_argument("--compare", type=Path, help="another form's JSON: report whether its greedy tokens equal")
     args = parser.parse_args(argv)
     result = measure(args.artifact, args.sessions, tuple(int(b) for b in args.batches.split(",")), args.steps,
-                     args.device)
+                     args.device, args.rewrites)
     if args.compare is not None:
         other = json.loads(args.compare.read_text())
         result["greedy_tokens_equal_to"] = {"file": args.compare.name, "sessions": other["sessions"],
                                             "equal": other["greedy_tokens"] == result["greedy_tokens"]}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result.get(k) for k in ("sessions", "decode_sessions", "shared_session_graphed",
-                                                 "device_used_gib", "greedy_tokens_equal_to")}))
+    print(json.dumps({k: result.get(k) for k in ("sessions", "rewrites", "decode_sessions",
+                                                 "shared_session_graphed", "device_used_gib",
+                                                 "greedy_tokens_equal_to")}))
     print({b: round(t["median_ms"], 3) for b, t in result["decode_step_ms"].items()})
     return 0
 

@@ -45,6 +45,8 @@ GRAPH_REWRITES = {
     "vision-skip-norms": "each residual sum, bias and LayerNorm of the graphed vision as one node (ort_vision)",
     "gqa-rotary": "q and k rotated inside GroupQueryAttention from a cos/sin table, and with pack-projections fed "
                   "to it packed (ort_gqa, ort_rotary)",
+    "share-weights": "the rewritten static-form graphs' large weights as inputs bound to one device buffer each, "
+                     "for the prefill's and the decode's sessions alike (ort_bound_weights): one copy, not two",
 }
 DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections", "gqa-rotary"})  # what the H200
 # measured to pay off with the same kept indices (docs/benchmarks.md: h200-rewrites/, h200-gqa-rotary/)

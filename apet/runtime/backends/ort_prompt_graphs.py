@@ -36,8 +36,10 @@ def shape_key(device: dict[str, np.ndarray], host: dict[str, np.ndarray]) -> tup
 class PromptGraphs:
     """The bound, captured prefill runs of one session (created with ``shape_graphs``), by :func:`shape_key`."""
 
-    def __init__(self, session: Any, setup: SessionSetup, limit: int = MAX_PROMPT_GRAPHS) -> None:
+    def __init__(self, session: Any, setup: SessionSetup, limit: int = MAX_PROMPT_GRAPHS,
+                 bound: dict[str, Any] | None = None) -> None:
         self.session, self.setup, self.limit = session, setup, limit
+        self.bound = bound or {}  # OrtValues every run binds as they are (the weights of share-weights)
         self.runs: dict[tuple, FixedRun | None] = {}  # None: ONNX Runtime failed to capture this shape
         self.uncaptured = setup.run_options(UNCAPTURED)
 
@@ -65,5 +67,5 @@ class PromptGraphs:
         self.runs[key] = FixedRun(self.session, self.setup,
                                   {name: (value.shape, value.dtype.type) for name, value in device.items()},
                                   {name: (value.shape, value.dtype.type) for name, value in outputs.items()},
-                                  in_place, host, self.setup.run_options(graph_id))
+                                  in_place, host, self.setup.run_options(graph_id), self.bound)
         log.debug("prompt graph %s bound for %s", graph_id, {name: value.shape for name, value in device.items()})

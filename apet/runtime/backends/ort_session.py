@@ -75,11 +75,13 @@ class FixedRun:
     """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
     device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
     the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back.
-    ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`)."""
+    ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`); ``bound``:
+    OrtValues bound as they are (weights held for several sessions, :mod:`.ort_bound_weights`)."""
 
     def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
                  outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
-                 host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None) -> None:
+                 host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None,
+                 bound: dict[str, Any] | None = None) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session, self.run_options = session, run_options
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
@@ -87,7 +89,7 @@ class FixedRun:
         self.outputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in outputs.items()}
         host = {name: setup.ort.OrtValue.ortvalue_from_numpy(value) for name, value in (host_constants or {}).items()}
         self.binding = session.io_binding()
-        for name, value in {**self.inputs, **host}.items():
+        for name, value in {**self.inputs, **host, **(bound or {})}.items():
             self.binding.bind_ortvalue_input(name, value)
         for input_name, (output_name, buffer) in (in_place or {}).items():
             self.binding.bind_ortvalue_input(input_name, buffer)

@@ -47,6 +47,7 @@ from apet.contracts.io import (
 )
 from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
+from apet.runtime.backends.ort_bound_weights import BoundWeights
 from apet.runtime.backends.ort_device_shapes import to_device
 from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, feed_packed_qkv, load_rewritten
 from apet.runtime.backends.ort_norms import fuse_residual_norms
@@ -70,6 +71,13 @@ class StaticKV:
         self.weights_dir = artifact_dir
         self.gqa = self._rewritten(self.decode_path, setup, dtype)
         self.gqa_prompt = self._rewritten(self.prefill_path, setup, dtype, prompt=True) if self.gqa else None
+        # the weights as inputs bound to one buffer each for both rewritten graphs (share-weights), else in each
+        self.decode_weights: dict[str, Any] = {}
+        self.prompt_weights: dict[str, Any] = {}
+        if self.gqa_prompt is not None and "share-weights" in setup.rewrites:
+            store = BoundWeights(setup.ort, setup.device_type, artifact_dir)
+            self.prompt_weights = store.lift(self.gqa_prompt.model)
+            self.decode_weights = store.lift(self.gqa.model)
         self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
         # the prefill session (rewritten where decode is); the exported one only for left-padded batches then
         self.prompt_graphs: PromptGraphs | None = None
@@ -131,7 +139,7 @@ class StaticKV:
             except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
                 log.warning("the prefill runs without CUDA graphs: %s", str(err).splitlines()[0])
             else:
-                self.prompt_graphs = PromptGraphs(session, self.setup)
+                self.prompt_graphs = PromptGraphs(session, self.setup, bound=self.prompt_weights)
                 return session
         return self.setup.session(model, None, weights_dir)
 
@@ -169,7 +177,8 @@ class StaticKV:
         values = graphs.run(device, host) if graphs is not None else None
         if values is None:
             values = self._run_uncaptured(session, {**device, **host}, in_place,
-                                          graphs.uncaptured if graphs is not None else None)
+                                          graphs.uncaptured if graphs is not None else None,
+                                          self.prompt_weights if session is self.prefill_session else None)
             if graphs is not None:
                 graphs.add(device, host, values, in_place)
         self.stage2_index = values.get(STAGE2_INDEX)
@@ -178,11 +187,14 @@ class StaticKV:
 
     @staticmethod
     def _run_uncaptured(session: object, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, object]],
-                        run_options: object = None) -> dict[str, np.ndarray]:
-        """One run with fresh bindings: host inputs, the caches written in place, the other outputs read back."""
+                        run_options: object = None, bound: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """One run with fresh bindings: host inputs, the caches written in place, the other outputs read back
+        (``bound``: OrtValues bound as they are, the weights of share-weights)."""
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
+        for name, value in (bound or {}).items():
+            binding.bind_ortvalue_input(name, value)
         outputs = [o.name for o in session.get_outputs() if not o.name.startswith("present_")]
         for name in outputs:  # bound first: get_outputs() lists them in binding order
             binding.bind_output(name, "cpu")
@@ -280,7 +292,8 @@ class StaticKV:
             kind = np.float16 if "float16" in logits.type else np.float32
             self.steps[batch, gqa] = FixedRun(session, self.setup, shapes,
                                               {LOGITS: ((batch, 1, int(logits.shape[-1])), kind)},
-                                              self._in_place(batch), constants, run_options)
+                                              self._in_place(batch), constants, run_options,
+                                              self.decode_weights if gqa else None)
         return self.steps[batch, gqa]
 
     def cache_lengths(self) -> list[int]:
