@@ -47,6 +47,8 @@
 #   ortkernels-env DIR [SETTING ...]  the first token apart under ONNX Runtime's attention-kernel environment
 #                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both);
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
+#   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
+#                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
 #                   process (scripts/ort_decode_memory.py), then the one session with share-weights (the prefill's
@@ -252,6 +254,18 @@ PY
         --no-ungraphed --sets default 2>&1 | grep -v "W:onnxruntime" | tail -1 | python3 -c "import json, sys
 r = json.loads(sys.stdin.read())
 print('$setting', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill', 'vision_and_prefill', 'decode_step')})"
+    done
+    ;;
+  ortthreads)  # ortthreads DIR: the first token apart with ONNX Runtime's intra-op thread pool (its default: one
+    # worker per core, spinning between runs) and without (--threads 1)
+    wait_export "$1" 540
+    for threads in 0 1; do
+      extra=(); [ "$threads" = 1 ] && extra=(--threads 1)
+      python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts_threads$threads.json" --no-ungraphed \
+        --sets default "${extra[@]}" 2>&1 | grep -v "W:onnxruntime" | tail -1 | python3 -c "import json, sys
+r = json.loads(sys.stdin.read())
+print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill', 'vision_and_prefill',
+      'decode_step')}, r['inside_first_token'])"
     done
     ;;
   ortmemory)  # ortmemory DIR: the decode sessions' device memory, each form in its own process

@@ -27,7 +27,8 @@ def _timed(call: Any, repeats: int) -> dict[str, float]:
     return time_call(call, device="cpu", warmup=0, repeats=repeats).to_json()
 
 
-def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, ...] = ()) -> dict[str, Any]:
+def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, ...] = (),
+          threads: int | None = None) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -37,7 +38,8 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
 
     manifest = read_manifest(artifact)
     device = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-    backend = OnnxRuntimeBackend(artifact, manifest, device, cuda_graphs=cuda_graphs, rewrites=rewrites)
+    backend = OnnxRuntimeBackend(artifact, manifest, device, threads=threads, cuda_graphs=cuda_graphs,
+                                 rewrites=rewrites)
     processor, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, repeats + 8)
     visual = backend.encode(inputs)
     layout = make_layout(visual.keep_index)
@@ -57,7 +59,7 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
         first_token()
         for _ in range(3):
             decode_step()
-    result = {"cuda_graphs": cuda_graphs, "rewrites": sorted(backend.rewrites),
+    result = {"cuda_graphs": cuda_graphs, "rewrites": sorted(backend.rewrites), "intra_op_threads": threads,
               "ort_environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")},
               "vision_graphed": backend.vision_graphed(),
               "prompt_graphed": backend.prompt_graphed(),
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="", help="semicolon-separated rewrite sets to time with CUDA graphs "
                         "(default: none, each alone, all)")
     parser.add_argument("--no-ungraphed", action="store_true", help="leave out the run without CUDA graphs")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime's intra-op threads (default: its "
+                        "own, one per core; 1: no thread pool, so no worker spins on the host between runs)")
     args = parser.parse_args(argv)
     from apet.runtime.backends.ort_options import GRAPH_REWRITES
 
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         else [(), *((name,) for name in GRAPH_REWRITES), tuple(GRAPH_REWRITES)]
     runs = []
     for graphs, rewrites in [*((True, chosen) for chosen in sets), *([] if args.no_ungraphed else [(False, ())])]:
-        runs.append(parts(args.artifact, graphs, args.repeats, rewrites))
+        runs.append(parts(args.artifact, graphs, args.repeats, rewrites, args.threads))
         gc.collect()  # the previous backend's sessions and device buffers go before the next one's
     for run in runs:
         print(json.dumps(run))

@@ -54,7 +54,6 @@ class BoundWeights:
         initializers = {t.name: t for t in graph.initializer}
         large = {name for name, tensor in initializers.items()
                  if tensor.data_type in LIFTED_TYPES and _nbytes(tensor) >= MIN_BYTES}
-        consumers = consumer_map(graph)
         bound: dict[str, Any] = {}
         lifted: list[onnx.NodeProto] = []
         for node in graph.node:

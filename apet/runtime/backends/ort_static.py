@@ -9,15 +9,16 @@ every input to a device OrtValue that is refilled in place (``update_inplace``) 
 that is read back: the only host transfer of a step besides its few input bytes.
 
 CUDA graphs (ONNX Runtime's ``enable_cuda_graph``) need every bound address and every shape fixed from the
-capturing run on: the decode session of a batch size has its ``batch`` dim fixed by a free-dimension override, so
-ONNX Runtime folds every shape computation to a constant (nothing left on the CPU, no Memcpy nodes), and its
-bindings are made once. The decode steps of every batch size share one session that keeps one CUDA graph per batch
-size (a ``gpu_graph_id`` each, its dims left free, the shape values a kernel reads as data given device twins as
-the prompt's are): each ONNX Runtime session holds its own copy of the LLM weights, and a session per batch size
-held one per size (five 13 GB copies at 7B shapes for batch sizes 1-4 and the prefill). Where ONNX Runtime refuses
-that session, each batch size gets its own fixed-shape session, as before. Prefill varies with the prompt length and
-runs in its own session; in the rewritten form that session holds one CUDA graph per prompt shape
-(:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it.
+capturing run on. The decode steps of every batch size share one session that keeps one CUDA graph per batch size
+(a ``gpu_graph_id`` each, its dims left free, the shape values a kernel reads as data given device twins as the
+prompt's are), each bound once: every ONNX Runtime session loads its own copy of the LLM weights, and a session per
+batch size held one per size (at 7B shapes 61 GiB of device memory after batch sizes 1, 2 and 4, against 33 GiB in
+one session; docs/benchmarks.md). Where ONNX Runtime refuses that session, or a capture in it fails, each batch size
+gets its own session with its ``batch`` dim fixed by a free-dimension override, where ONNX Runtime folds every shape
+computation to a constant (nothing left on the CPU, no Memcpy nodes). Prefill varies with the prompt length and runs
+in its own session; in the rewritten form that session holds one CUDA graph per prompt shape
+(:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it. The prefill's session and the decode's hold a copy of the
+weights each, unless ``share-weights`` binds one copy to both (:mod:`.ort_bound_weights`).
 
 Attention (``decode_attention``): ``graph`` runs the exported graphs; ``gqa`` runs both rewritten in memory for ONNX
 Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in one node
