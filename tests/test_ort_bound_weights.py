@@ -113,3 +113,14 @@ def test_the_prefill_and_decode_sessions_read_one_copy(llava_static_op, monkeypa
         assert got["tokens"] == want["tokens"]
         np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4, rtol=0)
         np.testing.assert_array_equal(got["stage2"], want["stage2"])
+
+
+def test_share_weights_says_where_it_does_not_apply(llava_static_op, caplog) -> None:
+    """Asked for with the exported graphs (``decode_attention="graph"``, the CPU's default), share-weights has
+    nothing to bind: the sessions keep their own weights and the log says why."""
+    with caplog.at_level("WARNING", logger="apet.runtime.backends.ort_static"):
+        pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph",
+                                 ort_rewrites="default,share-weights")
+    assert pipeline.backend.static.prompt_weights == {} == pipeline.backend.static.decode_weights
+    assert any("share-weights applies to the graphs rewritten for GroupQueryAttention" in r.message
+               for r in caplog.records)

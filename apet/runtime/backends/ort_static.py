@@ -75,7 +75,11 @@ class StaticKV:
         # the weights as inputs bound to one buffer each for both rewritten graphs (share-weights), else in each
         self.decode_weights: dict[str, Any] = {}
         self.prompt_weights: dict[str, Any] = {}
-        if self.gqa_prompt is not None and "share-weights" in setup.rewrites:
+        if "share-weights" in setup.rewrites and self.gqa_prompt is None:
+            log.warning("share-weights applies to the graphs rewritten for GroupQueryAttention, which this backend "
+                        "does not run (decode attention %r, %s): each session holds its own copy of the weights",
+                        setup.decode_attention, setup.device_type)
+        elif "share-weights" in setup.rewrites:
             store = BoundWeights(setup.ort, setup.device_type, artifact_dir)
             self.prompt_weights = store.lift(self.gqa_prompt.model)
             self.decode_weights = store.lift(self.gqa.model)
