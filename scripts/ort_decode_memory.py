@@ -1,9 +1,9 @@
 """Device memory and decode-step time of ONNX Runtime CUDA on a static-KV artifact as a server meets batch sizes one
-after another: the decode steps of every batch size in one session with a CUDA graph per size (the default), or
-a fixed-shape session per batch size (``--sessions per-batch``, the form before; each session loads its own copy of
-the weights); ``--rewrites default,share-weights``: the prefill's and decode's sessions reading one copy
-(apet/runtime/backends/ort_bound_weights.py). Run each form in its own process: ONNX Runtime's arena does not hand
-memory back.
+after another: the decode steps (and the graphed vision) of every batch size in one session with a CUDA graph per
+size (the default), or a fixed-shape session per batch size (``--sessions per-batch``, the form before; each session
+loads its own copy of the weights); ``--rewrites default,share-weights``: the prefill's and decode's sessions
+reading one copy (apet/runtime/backends/ort_bound_weights.py). Run each form in its own process: ONNX Runtime's
+arena does not hand memory back.
 
     python scripts/ort_decode_memory.py ARTIFACT --out ort_decode_memory.json [--sessions shared|per-batch]
 
@@ -50,8 +50,10 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
         manifest = dataclasses.replace(manifest, max_batch=max(batches))
     backend = OnnxRuntimeBackend(artifact, manifest, device, rewrites=rewrites)
     static = backend.static
-    if sessions == "per-batch":  # as if ONNX Runtime refused the shared session
+    if sessions == "per-batch":  # as if ONNX Runtime refused the shared sessions (decode, and the graphed vision)
         static.graphed_shared.update({True: False, False: False})
+        if backend.graphed_vision is not None:
+            backend.graphed_vision.shared = False
     result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "rewrites": sorted(backend.rewrites),
                               "device_used_gib": {"start": before},
                               "decode_step_ms": {}, "greedy_tokens": {}}
@@ -83,6 +85,8 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
         result["greedy_tokens"][str(batch)] = state["tokens"]  # each form's, compared: the same request's tokens
         result["device_used_gib"][f"after_batch_{batch}"] = used_gib()
     result["decode_sessions"] = len({id(step.session) for step in static.steps.values()})
+    if backend.graphed_vision is not None:  # None: graphed vision off (CPU) or refused for this artifact
+        result["vision_sessions"] = len({id(run.session) for run in backend.graphed_vision.runs.values() if run})
     result["shared_session_graphed"] = {str(k): v for k, v in static.graphed_shared.items()}
     return result
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         result["greedy_tokens_equal_to"] = {"file": args.compare.name, "sessions": other["sessions"],
                                             "equal": other["greedy_tokens"] == result["greedy_tokens"]}
     write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result.get(k) for k in ("sessions", "rewrites", "decode_sessions",
+    print(json.dumps({k: result.get(k) for k in ("sessions", "rewrites", "decode_sessions", "vision_sessions",
                                                  "shared_session_graphed", "device_used_gib",
                                                  "greedy_tokens_equal_to")}))
     print({b: round(t["median_ms"], 3) for b, t in result["decode_step_ms"].items()})
