@@ -247,7 +247,14 @@ def _kernel_candidate(config: CompressionConfig, x: torch.Tensor) -> bool:
     per-image budgets too where they are asked for), and ``x`` lives where its kernels run. Off that, the torch ops
     are traced as they are (no eager detour)."""
     return FUSED["enabled"] and FUSED["stage_kernel"] and (FUSED["per_image"] or not config.per_image) \
-        and isinstance(x, torch.Tensor) and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        and isinstance(x, torch.Tensor) and (x.is_cuda or _interpreted())
+
+
+@torch.compiler.assume_constant_result
+def _interpreted() -> bool:
+    """Whether Triton's CPU interpreter runs the kernels (``TRITON_INTERPRET=1``): a constant to ``--compile``, so
+    reading the environment is no graph break."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:

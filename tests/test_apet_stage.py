@@ -213,6 +213,8 @@ def test_compress_with_keeps_the_torch_ops_off_the_gpu() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         assert got.members is not None
         torch._dynamo.reset()
-        compiled = torch.compile(lambda t: compress_with(config, t), dynamic=False)(x)
+        # one graph, no break: a frame resumed after a break made torch 2.11's Dynamo fail rebuilding the objects
+        # the torch ops return (an AssertionError in its side effects, on the H200)
+        compiled = torch.compile(lambda t: compress_with(config, t), dynamic=False, fullgraph=True)(x)
         assert compiled.members is not None  # compiled too: the torch ops, traced
         np.testing.assert_array_equal(compiled.index.numpy(), got.index.numpy())
