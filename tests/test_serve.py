@@ -383,6 +383,33 @@ def test_cli_serve_refuses_a_batch_larger_than_the_artifact(artifact, capsys) ->
     assert "max_batch" in capsys.readouterr().err
 
 
+def test_cli_serve_takes_the_onnxruntime_forms_apet_run_takes(artifact, capsys, monkeypatch) -> None:
+    """apet-serve hands apet-run's ONNX Runtime flags (CUDA graphs, decode attention, graph rewrites such as
+    share-weights) to the pipeline it serves; an unknown rewrite is one line naming the flag, before any load."""
+    from apet.cli import main
+
+    class Loaded(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def load(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(Pipeline, "load", load)
+    with pytest.raises(Loaded):
+        main(["serve", str(artifact), "--backend", "onnxruntime", "--port", "0", "--no-cuda-graphs",
+              "--decode-attention", "gqa", "--ort-rewrites", "default,share-weights"])
+    assert seen["cuda_graphs"] is False and seen["decode_attention"] == "gqa"
+    assert seen["ort_rewrites"] == "default,share-weights" and seen["backend"] == "onnxruntime"
+    seen.clear()
+    assert main(["serve", str(artifact), "--backend", "onnxruntime", "--port", "0", "--ort-rewrites", "pack"]) == 2
+    assert not seen
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ort-rewrites: unknown ONNX Runtime graph rewrite 'pack'") and "share-weights" in err
+
+
 def test_cli_serve_on_a_busy_port_says_so_before_loading(artifact, capsys, monkeypatch) -> None:
     """One line naming --port, exit 2, and neither the banner nor a model load before it."""
     import socket

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from apet.contracts.io import DECODE_ATTENTION
 from apet.serve.config import ServeConfig, media_domains
 
 
@@ -39,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. images.example.com,cdn.example.org)")
     p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds, with --allow-fetch")
     p.add_argument("--served-model-name", help="the model id clients send (default: from the artifact)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="onnxruntime on CUDA: run without CUDA graphs (see apet-run --no-cuda-graphs)")
+    p.add_argument("--decode-attention", default=d.decode_attention, choices=DECODE_ATTENTION,
+                   help="onnxruntime, --kv-cache static artifact (see apet-run --decode-attention)")
+    p.add_argument("--ort-rewrites", default=d.ort_rewrites,
+                   help="onnxruntime: the optional graph rewrites, e.g. default,share-weights (one copy of the LLM "
+                        "weights for the prefill and the decode sessions; see apet-run --ort-rewrites)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
                       allow_fetch=args.allow_fetch, fetch_timeout_s=args.fetch_timeout,
                       allow_fetch_private=args.allow_fetch_private,
                       allowed_media_domains=media_domains(args.allowed_media_domains),
-                      model_name=args.served_model_name))
+                      model_name=args.served_model_name, cuda_graphs=not args.no_cuda_graphs,
+                      decode_attention=args.decode_attention, ort_rewrites=args.ort_rewrites))
     return 0

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from apet.contracts.io import DECODE_ATTENTION
 from apet.errors import UsageError, check_range
 from apet.media.images import MAX_PIXELS
+from apet.runtime.backends.ort_options import graph_rewrites
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class ServeConfig:
     allow_fetch_private: bool = False  # with allow_fetch: loopback/private/link-local hosts too (trusted clients)
     allowed_media_domains: tuple[str, ...] = ()  # with allow_fetch: only these hosts and their subdomains
     model_name: str | None = None  # the id clients send as "model" (default: from the artifact)
+    # the ONNX Runtime backend's forms, as apet-run takes them (docs/architecture.md)
+    cuda_graphs: bool = True  # on CUDA: decode, vision and the prompt replayed as CUDA graphs
+    decode_attention: str = "auto"  # a --kv-cache static artifact: auto | gqa | graph
+    ort_rewrites: str = "default"  # the optional in-memory graph rewrites (ort_options.GRAPH_REWRITES)
 
     def __post_init__(self) -> None:
         check_range("--port", self.port, 0, 65535)
@@ -45,6 +51,15 @@ class ServeConfig:
             raise UsageError(f"{flag} applies to fetched URLs, which are off", "add --allow-fetch, or leave "
                              f"{flag} out")
         object.__setattr__(self, "allowed_media_domains", media_domains(self.allowed_media_domains))
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise UsageError(f"--decode-attention {self.decode_attention!r} is not one of "
+                             f"{', '.join(DECODE_ATTENTION)}", "pass auto (gqa on CUDA for fp16 op-attention "
+                             "artifacts), gqa or graph")
+        try:
+            graph_rewrites(self.ort_rewrites)
+        except ValueError as err:
+            raise UsageError(f"--ort-rewrites: {err}", "pass default, none, or a comma list of the known names") \
+                from err
         if self.model_name is not None and not self.model_name.strip():
             raise UsageError("--served-model-name is empty", "pass a name, or leave it out to use the artifact's")
 

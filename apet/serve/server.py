@@ -22,7 +22,9 @@ def load_app(config: ServeConfig) -> Any:
     from apet.runtime.pipeline import Pipeline
     from apet.serve.app import create_app
 
-    pipeline = Pipeline.load(config.artifact, backend=config.backend, device=config.device, threads=config.threads)
+    pipeline = Pipeline.load(config.artifact, backend=config.backend, device=config.device, threads=config.threads,
+                             cuda_graphs=config.cuda_graphs, decode_attention=config.decode_attention,
+                             ort_rewrites=config.ort_rewrites)
     return create_app(pipeline, config)
 
 

@@ -1,5 +1,5 @@
 """The one recipe for ONNX Runtime session options of apet's backends (torch-free): every session of the ONNX Runtime
-backend, the static-KV form's per-batch decode sessions and the profiled ones are made from it, so they cannot drift.
+backend, the static-KV form's decode sessions and the profiled ones are made from it, so they cannot drift.
 """
 
 from __future__ import annotations
