@@ -49,6 +49,7 @@
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
+#   stagetests      tests/test_apet_stage.py on the GPU (its compiles need minutes on a fresh machine)
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
 #                   process (scripts/ort_decode_memory.py), then the one session with share-weights (the prefill's
@@ -268,6 +269,9 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
       'decode_step')}, r['inside_first_token'])"
     done
     ;;
+  stagetests)  # the stage kernels' GPU tests alone (a fresh machine compiles for minutes first)
+    timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py 2>&1 | tail -6
+    ;;
   ortmemory)  # ortmemory DIR: the decode sessions' device memory, each form in its own process
     wait_export "$1" 540
     python3 scripts/ort_decode_memory.py "/tmp/$1" --sessions per-batch --out "$OUT/ort_decode_memory_per-batch.json" \
@@ -287,7 +291,8 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
       | tail -25
     ;;
   floor)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
+    # on a fresh machine Triton's and Inductor's first compiles alone took tests/test_apet_stage.py past 200 s
+    timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py tests/test_decoder_fused.py \
       tests/test_packed_prefill.py 2>&1 | tail -8
     python3 scripts/gpu_floor.py --out "$OUT/floor.json" "$@" 2>&1 | tail -60
     ;;
