@@ -258,14 +258,13 @@ def _interpreted() -> bool:
 
 
 def _stage_kernel_applies(config: CompressionConfig, x: torch.Tensor) -> bool:
-    """Whether :mod:`apet.kernels.apet_stage` computes this stage: FPS with merging, a paper placement, a budget
-    below N (fixed, or per image from N with ``FUSED["per_image"]``: the budget the torch ops take at this N), GPU
-    tensors (never while exporting), and ``FUSED["stage_kernel"]`` on. Invalid settings are left to the torch
-    ops' errors."""
-    if not (FUSED["enabled"] and FUSED["stage_kernel"]) or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+    """Whether :mod:`apet.kernels.apet_stage` computes this stage, asked once :func:`_kernel_candidate` said it may
+    (the kernel on, the tensor on its device): FPS with merging, a paper placement, a budget below N (fixed, or per
+    image from N: the budget the torch ops take at this N), never while exporting. Invalid settings are left to the
+    torch ops' errors."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return False
-    if config.method != "fps" or not config.merge or not isinstance(x, torch.Tensor) or x.dim() != 3 \
-            or isinstance(x.shape[1], torch.Tensor) or (config.per_image and not FUSED["per_image"]):
+    if config.method != "fps" or not config.merge or x.dim() != 3 or isinstance(x.shape[1], torch.Tensor):
         return False
     n_tokens = int(x.shape[1])
     try:

@@ -35,6 +35,7 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
     from apet.cuda_memory import CudaDevice
     from apet.manifest import read_manifest
     from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from apet.runtime.backends.ort_session import GraphSessions
 
     cuda = CudaDevice(0) if device == "cuda" else None
 
@@ -45,15 +46,19 @@ def measure(artifact: Path, sessions: str, batches: tuple[int, ...], steps: int,
         return round((total - free) / GIB, 3)
 
     before = used_gib()
+    if sessions == "per-batch":  # as if ONNX Runtime refused every shared session (decode, the graphed vision)
+        made = GraphSessions.__init__
+
+        def refused(self: Any, *args: Any, **kwargs: Any) -> None:
+            made(self, *args, **kwargs)
+            self.shared = False
+
+        GraphSessions.__init__ = refused
     manifest = read_manifest(artifact)
     if max(batches) > manifest.max_batch:  # the graphs' batch dim is free: the limit is the manifest's promise only
         manifest = dataclasses.replace(manifest, max_batch=max(batches))
     backend = OnnxRuntimeBackend(artifact, manifest, device, rewrites=rewrites)
     static = backend.static
-    if sessions == "per-batch":  # as if ONNX Runtime refused the shared sessions (decode, and the graphed vision)
-        static.graphed_shared.update({True: False, False: False})
-        if backend.graphed_vision is not None:
-            backend.graphed_vision.shared = False
     result: dict[str, Any] = {"artifact": str(artifact), "sessions": sessions, "rewrites": sorted(backend.rewrites),
                               "device_used_gib": {"start": before},
                               "decode_step_ms": {}, "greedy_tokens": {}}

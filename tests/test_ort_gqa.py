@@ -422,7 +422,7 @@ def test_every_batch_size_decodes_in_one_session(llava_static_op, failure) -> No
         assert static.graphed_shared == {True: True} and made == [True]
         # with its dims free, no kernel reads a host-computed value as data (ONNX Runtime would refuse the graphs)
         assert host_reads(onnx.load_from_string(static._device_shaped(True)), static.gqa.host_inputs) == []
-        assert sessions[1] is sessions[2] is static.shared[True]
+        assert sessions[1] is sessions[2] is static.graph_sessions[True].shared
         assert all(step.run_options is not None for step in static.steps.values())
     else:  # the sessions made after the refusal: one per batch size, shapes fixed
         assert static.graphed_shared == {True: False} and made == [True, False, False]

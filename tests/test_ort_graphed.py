@@ -65,10 +65,10 @@ def test_every_batch_size_runs_in_one_vision_session(artifact_factory, failure) 
     sessions = {batch: run.session for batch, run in graphed.runs.items()}
     assert set(sessions) == {1, 2}
     if failure is None:
-        assert made == [True] and sessions[1] is sessions[2] is graphed.shared
+        assert made == [True] and sessions[1] is sessions[2] is graphed.sessions.shared
         assert all(run.run_options is not None for run in graphed.runs.values())
     else:
-        assert graphed.shared is False and made == [True, False, False] and sessions[1] is not sessions[2]
+        assert graphed.sessions.shared is False and made == [True, False, False] and sessions[1] is not sessions[2]
         assert all(run.run_options is None for run in graphed.runs.values())
 
 

@@ -70,13 +70,13 @@ class BoundWeights:
             graph.node.remove(node)
         consumers = consumer_map(graph)
         for name in sorted(large):
-            tensor = initializers[name]
-            if not consumers.get(name):
-                graph.initializer.remove(tensor)  # read only by a lifted Concat
-                continue
-            bound[name] = self._value(self._key(tensor), lambda tensor=tensor: self._array(tensor))
-            graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-            graph.initializer.remove(tensor)
+            if consumers.get(name):  # else read only by a lifted Concat
+                tensor = initializers[name]
+                bound[name] = self._value(self._key(tensor), lambda tensor=tensor: self._array(tensor))
+                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+        kept = [tensor for tensor in graph.initializer if tensor.name not in large]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
         log.info("%s: %d weights bound as inputs (%d held for all graphs, %.1f MB)", graph.name or "graph",
                  len(bound), len(self.values), self.bytes / 1e6)
         return bound
@@ -100,16 +100,7 @@ class BoundWeights:
 
     def _array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """The tensor's values (external bytes read where they lie)."""
-        if not uses_external_data(tensor):
-            return numpy_helper.to_array(tensor)
-        info = ExternalDataInfo(tensor)
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        values = np.empty(tuple(tensor.dims), dtype=dtype)
-        with open(self.directory / info.location, "rb") as handle:
-            handle.seek(int(info.offset or 0))
-            if handle.readinto(memoryview(values).cast("B")) != values.nbytes:
-                raise ValueError(f"{info.location} ends before {tensor.name}'s {values.nbytes} bytes")
-        return values
+        return numpy_helper.to_array(tensor, base_dir=str(self.directory))
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:

@@ -342,13 +342,15 @@ def load_rewritten(path: Path, spec: DecoderSpec, layout: CacheLayout, max_conte
     infers shapes, and a shape constant saved externally (any tool's size threshold of 0) would fail there."""
     if rotary_inside:
         try:
-            return rewrite(_structure(path), spec, layout, max_context, prompt, rotary_inside=True)
+            return rewrite(load_structure(path), spec, layout, max_context, prompt, rotary_inside=True)
         except NotRewritable as err:
             log.info("%s: the rotary embedding stays outside the attention: %s", path.name, err)
-    return rewrite(_structure(path), spec, layout, max_context, prompt)
+    return rewrite(load_structure(path), spec, layout, max_context, prompt)
 
 
-def _structure(path: Path) -> onnx.ModelProto:
+def load_structure(path: Path) -> onnx.ModelProto:
+    """The graph at ``path`` without its large external weights (read where they lie by the session), the small
+    external tensors read in (shape inference and ONNX Runtime's load from bytes need them)."""
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         if uses_external_data(tensor) and _external_length(tensor) <= SMALL_TENSOR_BYTES:

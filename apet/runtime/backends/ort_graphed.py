@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from apet.runtime.backends.ort_session import FixedRun, SessionSetup
+from apet.runtime.backends.ort_session import FixedRun, GraphSessions, SessionSetup
 from apet.runtime.backends.ort_vision import load_for_graphs
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class GraphedVision:
                  form: VisionSessionForm = VisionSessionForm()) -> None:
         self.path, self.spec, self.setup, self.form = path, graph_spec, setup, form
         self.runs: dict[int, FixedRun | None] = {}
-        self.shared: Any = None  # the one session of every batch size; False where ONNX Runtime refused it
+        self.sessions: GraphSessions | None = None  # made with the rewritten graph, on first use
         self._model: Path | bytes | None = None  # the graph the sessions load, rewritten on first use
         self._float32_inputs: frozenset[str] = frozenset()  # inputs the rewritten graph casts on the device
 
@@ -93,11 +93,10 @@ class GraphedVision:
         try:
             return run(self._typed(arrays, run))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
-            if run.session is not self.shared:
+            if not self.sessions.holds(run.session):
                 raise
-            log.warning("vision runs in a session per batch size: the shared session's CUDA graph of batch %d "
-                        "failed: %s", batch, str(err).splitlines()[0])
-            self.shared, self.runs = False, {}
+            self.sessions.refuse(err)
+            self.runs = {}
             return self(arrays)
 
     def _typed(self, arrays: dict[str, np.ndarray], run: FixedRun) -> dict[str, np.ndarray]:
@@ -116,32 +115,18 @@ class GraphedVision:
             self._model, self._float32_inputs = load_for_graphs(
                 self.path, self.form.token_layout, self.form.cast_inputs, self.form.skip_layer_norms,
                 self.form.pack_projections)
-        shared, run_options = self._shared(), None
-        if shared is not None:
-            session, run_options = shared, self.setup.run_options(str(batch))
-        else:
-            try:
-                session = self.setup.session(self._model, batch, disabled_optimizers=self.form.disabled_optimizers)
-            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail
-                log.warning("vision at batch %d runs without a CUDA graph: %s", batch, str(err).splitlines()[0])
-                return None
+        if self.sessions is None:
+            self.sessions = GraphSessions(self.setup, self._model, lambda: self._model,
+                                          disabled_optimizers=self.form.disabled_optimizers, what="vision")
+        try:
+            session, run_options = self.sessions.session(batch)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses capture with an untyped Fail
+            log.warning("vision at batch %d runs without a CUDA graph: %s", batch, str(err).splitlines()[0])
+            return None
         inputs = {name: (shape, np.float32 if name in self._float32_inputs else kind)
                   for name, (shape, kind) in fixed_shapes(self.spec.inputs, batch).items()}
         return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch),
                         run_options=run_options)
-
-    def _shared(self) -> Any:
-        """The one session of every batch size (made on first use), or None where CUDA graphs are off or ONNX
-        Runtime refused it."""
-        if self.shared is None and self.setup.graphs:
-            try:
-                self.shared = self.setup.session(self._model, shape_graphs=True,
-                                                 disabled_optimizers=self.form.disabled_optimizers)
-            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
-                log.warning("vision runs in a session per batch size (each its own copy of the weights): %s",
-                            str(err).splitlines()[0])
-                self.shared = False
-        return self.shared or None
 
     @property
     def _graph_types(self) -> dict[str, type]:

@@ -9,6 +9,8 @@ and ONNX Runtime accepts it only where its shape computations need no copies bet
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 
 from apet.runtime.backends.ort_options import session_options
 
+log = logging.getLogger(__name__)
 GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option: which of a session's CUDA graphs a run captures or replays
 UNCAPTURED = "-1"  # its value for a run that neither captures nor replays
 
@@ -65,6 +68,47 @@ class SessionSetup:
         options = self.ort.RunOptions()
         options.add_run_config_entry(GRAPH_ID, graph_id)
         return options
+
+
+class GraphSessions:
+    """The sessions a graph runs in at each batch size with CUDA graphs: one session holding a graph per batch size
+    (``gpu_graph_id`` = the batch size, every dim free) where ONNX Runtime accepts it, so the weights are loaded
+    once; else, or once a capture in it failed (:meth:`refuse`), a session per batch size with that dim fixed.
+    ``shared_model`` gives the graph for the one session (called once, when first needed); ``model`` is the one the
+    fixed-batch sessions load."""
+
+    def __init__(self, setup: SessionSetup, model: Path | bytes, shared_model: Callable[[], Path | bytes],
+                 weights_dir: Path | None = None, disabled_optimizers: tuple[str, ...] = (), what: str = "") -> None:
+        self.setup, self.model, self.shared_model, self.weights_dir = setup, model, shared_model, weights_dir
+        self.disabled_optimizers, self.what = disabled_optimizers, what
+        self.shared: Any = None  # the one session; None: not made yet, False: refused
+
+    def session(self, batch: int) -> tuple[Any, Any]:
+        """(session, run options picking its graph) for ``batch`` rows; raises where ONNX Runtime refuses even
+        the fixed-batch session. Without CUDA graphs (``setup.graphs`` off) always a fixed-batch session."""
+        if self.shared is None and self.setup.graphs:
+            try:
+                self.shared = self.setup.session(self.shared_model(), None, self.weights_dir, shape_graphs=True,
+                                                 disabled_optimizers=self.disabled_optimizers)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
+                self._fallback(str(err))
+        if self.shared is not None and self.shared is not False:
+            return self.shared, self.setup.run_options(str(batch))  # graph id = batch size (0: ONNX Runtime's own)
+        return self.setup.session(self.model, batch, self.weights_dir,
+                                  disabled_optimizers=self.disabled_optimizers), None
+
+    def holds(self, session: Any) -> bool:
+        """Whether ``session`` is the one shared session (a failed run in it is a failed capture: :meth:`refuse`)."""
+        return session is self.shared
+
+    def refuse(self, err: Exception) -> None:
+        """A capture in the shared session failed: every batch size gets its own session from now on."""
+        self._fallback(f"a CUDA graph in the shared session failed: {err}")
+
+    def _fallback(self, why: str) -> None:
+        log.warning("%s runs in a session per batch size (each its own copy of the weights): %s", self.what,
+                    why.splitlines()[0])
+        self.shared = False
 
 
 def _with_options(providers: list) -> list[tuple[str, dict]]:

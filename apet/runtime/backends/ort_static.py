@@ -50,11 +50,17 @@ from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_bound_weights import BoundWeights
 from apet.runtime.backends.ort_device_shapes import to_device
-from apet.runtime.backends.ort_gqa import GqaGraph, NotRewritable, feed_packed_qkv, load_rewritten
+from apet.runtime.backends.ort_gqa import (
+    GqaGraph,
+    NotRewritable,
+    feed_packed_qkv,
+    load_rewritten,
+    load_structure,
+)
 from apet.runtime.backends.ort_norms import fuse_residual_norms
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
-from apet.runtime.backends.ort_session import FixedRun, SessionSetup
+from apet.runtime.backends.ort_session import FixedRun, GraphSessions, SessionSetup
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +99,8 @@ class StaticKV:
         else:
             self.prefill_session = setup.session(self.prefill_path)
         self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
-        self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size
-        self.graphed_shared: dict[bool, bool] = {}  # gqa? -> whether that session holds CUDA graphs (False: refused)
+        self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size, without CUDA graphs
+        self.graph_sessions: dict[bool, GraphSessions] = {}  # gqa? -> the decode sessions with CUDA graphs
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
         self.caches: dict[int, list] = {}  # batch -> [key.0, value.0, ...] OrtValues
         self.steps: dict[tuple[int, bool], FixedRun] = {}  # (batch, gqa?) -> its bound step
@@ -228,39 +234,38 @@ class StaticKV:
             valid = np.zeros((batch, self.max_context), dtype=np.int64)
             valid[:, :total] = attention_mask
             arrays.update({"attention_mask": valid, CACHE_POSITION: np.array([total - 1], dtype=np.int64)})
+        step = self._step(batch, gqa)
         try:
-            logits = self._step(batch, gqa)(arrays)[LOGITS]
+            logits = step(arrays)[LOGITS]
         except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
-            if not self.graphed_shared.get(gqa):
+            sessions = self.graph_sessions.get(gqa)
+            if sessions is None or not sessions.holds(step.session):
                 raise
-            log.warning("decode steps run in a session per batch size: the shared session's CUDA graph of batch "
-                        "%d failed: %s", batch, str(err).splitlines()[0])
-            self._refuse_shared(gqa)  # the retried step rewrites the same cache positions with the same values
-            logits = self._step(batch, gqa)(arrays)[LOGITS]
+            sessions.refuse(err)
+            for key in [key for key in self.steps if key[1] == gqa]:
+                del self.steps[key]
+            logits = self._step(batch, gqa)(arrays)[LOGITS]  # rewrites the same cache positions, same values
         self.length = total
         return logits[:, -1].astype(np.float32)
 
     def _decode_session(self, batch: int, gqa: bool) -> tuple[Any, Any]:
         """The session a decode step of ``batch`` rows runs in, and its run options (the CUDA graph it picks):
-        the shared session where it can be had, else a fixed-shape session of this batch size."""
-        model, weights = (self.gqa_model, self.weights_dir) if gqa else (self.decode_path, None)
-        if not self.setup.graphs:
-            if gqa not in self.shared:
-                self.shared[gqa] = self.setup.session(model, None, weights)
-            return self.shared[gqa], None
-        if gqa not in self.graphed_shared:
-            try:
-                self.shared[gqa] = self.setup.session(self._device_shaped(gqa), None, self.weights_dir,
-                                                      shape_graphs=True)
-            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
-                log.warning("decode steps run in a session per batch size (each its own copy of the weights): %s",
-                            str(err).splitlines()[0])
-                self.graphed_shared[gqa] = False
-            else:
-                self.graphed_shared[gqa] = True
-        if self.graphed_shared[gqa]:
-            return self.shared[gqa], self.setup.run_options(str(batch))  # graph id = batch size (0: ORT's own)
-        return self.setup.session(model, batch, weights), None
+        with CUDA graphs the one session of every batch size where it can be had (:class:`GraphSessions`), else
+        one session for every batch size, its dims free."""
+        model = self.gqa_model if gqa else self.decode_path
+        if self.setup.graphs:
+            if gqa not in self.graph_sessions:
+                self.graph_sessions[gqa] = GraphSessions(self.setup, model, lambda: self._device_shaped(gqa),
+                                                         self.weights_dir, what="decode")
+            return self.graph_sessions[gqa].session(batch)
+        if gqa not in self.shared:  # a file is read with its own options (a profiled backend's included)
+            self.shared[gqa] = self.setup.session(model, None, self.weights_dir if gqa else None)
+        return self.shared[gqa], None
+
+    @property
+    def graphed_shared(self) -> dict[bool, bool]:
+        """Per form (rewritten?), whether its decode steps share one session with a CUDA graph per batch size."""
+        return {gqa: sessions.shared not in (None, False) for gqa, sessions in self.graph_sessions.items()}
 
     def _device_shaped(self, gqa: bool) -> bytes:
         """The decode graph with every dim free and the shape values its kernels read as data on the device."""
@@ -268,17 +273,11 @@ class StaticKV:
             model = onnx.ModelProto()
             model.CopyFrom(self.gqa.model)
         else:
-            model = onnx.load(str(self.decode_path), load_external_data=False)
+            model = load_structure(self.decode_path)
         twins = to_device(model, self.gqa.host_inputs if gqa else frozenset())
         log.debug("%s: %d shape values given device twins for the shared decode session", self.decode_path.name,
                   twins)
         return model.SerializeToString()
-
-    def _refuse_shared(self, gqa: bool) -> None:
-        self.graphed_shared[gqa] = False
-        self.shared.pop(gqa, None)
-        for key in [key for key in self.steps if key[1] == gqa]:
-            del self.steps[key]
 
     def _step(self, batch: int, gqa: bool) -> FixedRun:
         if (batch, gqa) not in self.steps:
