@@ -202,8 +202,9 @@ def path_timing(model: str, ratio: float, stages: int, batches: tuple[int, ...],
                 path = ApetPath(adapter, plan, request, graphs=True, compile=compile, max_context=max_context,
                                 prefill_attention=form(new))
                 row: dict[str, Any] = {"setup_s": round(time.perf_counter() - t0, 1),
-                                       "prompt_tokens": int(path.prompt_length), "packed": path.decoder.packs(
-                                           path.prefill_inputs["visual"], path.left_padded)}
+                                       "prompt_tokens": int(path.prompt_length),
+                                       "prefill_attention": path.decoder.prefill_form(
+                                           path.prefill_inputs["visual"], path.prompt_padding)}
                 path.generate()
                 stages_ms = {k: round(v.median_ms, 4) for k, v in path.stage_timings(20).items()}
                 row["stages_ms"] = stages_ms

@@ -2,13 +2,14 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops]``
+Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops][:packed]``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
 :mod:`apet.kernels.fused_gemv`; ``nopdl``: no kernel launched as a programmatic dependent,
 :mod:`apet.kernels.dependent_launch`; ``perimageops``: per-image ApET budgets, Qwen2.5-VL's, as torch ops, not in
-the stage kernel, ``apet.compression.FUSED["per_image"]``).
+the stage kernel, ``apet.compression.FUSED["per_image"]``; ``packed``: an unpadded prompt's prefill attends over
+packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -43,12 +44,13 @@ def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
-                            "per_image_kernel": True}
+                            "per_image_kernel": True, "prefill_attention": "auto"}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops"):
+        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops", "packed"):
             case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
                          "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False},
-                         "perimageops": {"per_image_kernel": False}}[part])
+                         "perimageops": {"per_image_kernel": False},
+                         "packed": {"prefill_attention": "packed"}}[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
@@ -65,7 +67,8 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
     request = Request(case["batch"], 40, 16, case["size"])
     plan = _plan(adapter, case["ratio"], case["stages"])
     t0 = time.perf_counter()
-    path = ApetPath(adapter, plan, request, graphs=True, compile=case["compile"], max_context=4096 + 512)
+    path = ApetPath(adapter, plan, request, graphs=True, compile=case["compile"], max_context=4096 + 512,
+                    prefill_attention=case["prefill_attention"])
     setup_s = time.perf_counter() - t0
     tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])
     costs, _ = stage_costs(adapter, plan.stage1, plan.stage2, request, plan.stage1.basis, tokens, keep,
@@ -93,9 +96,11 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
         print(case["model"], name, stages[name]["ms"], "ms", stages[name]["over_floor"], "x floor",
               stages[name]["kernels"], "kernels", flush=True)
     visual_tokens, views = path.visual_tokens, path.views
+    prefill_form = path.decoder.prefill_form(path.prefill_inputs["visual"], path.prompt_padding)
     calls.clear()
     return {**case, "apet_stages": case["stages"], "setup_s": round(setup_s, 1), "tokens": tokens, "keep": keep,
-            "visual_tokens": visual_tokens, "views": views, "stages": stages,  # "stages": the timed stages
+            "visual_tokens": visual_tokens, "views": views, "prefill_form": prefill_form,
+            "stages": stages,  # "stages": the timed stages
             "fold_choices": fold_choices()}
 
 

@@ -16,7 +16,7 @@ from apet.bench.timing import Timing, summarize, time_call
 from apet.compression import compress_with, selector
 from apet.contracts.io import KEEP_INDEX, VISUAL_EMBEDS
 from apet.contracts.plan import CompressionPlan
-from apet.kernels.varlen import is_left_padded
+from apet.kernels.varlen import prompt_padding
 from apet.manifest import in_memory_manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.vision import injected_of
@@ -107,7 +107,7 @@ class ApetPath:
             layout = make_layout(finished[KEEP_INDEX].cpu().numpy())
             self.visual_tokens, self.views = int(layout.visual_tokens[0]), features.shape[0] // request.batch
             self.prefill_inputs = self._layout_inputs(layout, visual, finished)
-            self.left_padded = is_left_padded(torch.from_numpy(layout.attention_mask))
+            self.prompt_padding = prompt_padding(torch.from_numpy(layout.attention_mask))
             self.prefill = GraphedCall(maybe(self._prefill), self.prefill_inputs, **g)
             self.apet2 = None
             if stage2 is not None:
@@ -151,7 +151,7 @@ class ApetPath:
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                  start: torch.Tensor, visual: torch.Tensor, injected: torch.Tensor | None = None):
         return self.decoder.prefill(splice(self.table, ids, visual, rows), mask, positions, start, injected, rows,
-                                    left_padded=self.left_padded)
+                                    padding=self.prompt_padding)
 
     def _decode(self, token: torch.Tensor, position: torch.Tensor, span: int):
         return self.decoder.decode(self.table[token][:, None], position, span)

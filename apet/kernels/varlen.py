@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,29 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             kwargs["is_causal"] = True
     cu = cu_seqlens.to(torch.int32)
     return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+PromptPadding = Literal["none", "left", "other"]
+
+
+def prompt_padding(mask: torch.Tensor) -> PromptPadding:
+    """How a [B, T] 1/0 prompt mask pads its rows: ``none`` (every position real), ``left`` (each row a run of
+    zeros then a run of ones, some zeros) or ``other``. Which prefill attention applies follows from it
+    (:meth:`apet.runtime.static_decoder.StaticDecoder.prefill_form`). Reads the values: call it on the host copy."""
+    if bool((mask > 0).all()):
+        return "none"
+    return "left" if is_left_padded(mask) else "other"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, Hq, T, d] over k and v [B, Hkv, T, d] (Hq a multiple of Hkv) with no padding in
+    any row -> [B, Hq, T, d].
+
+    Why not the packed segments (:func:`packed_causal_attention`) for an unpadded prompt: SDPA without a mask may
+    take cuDNN's Hopper attention, where the varlen call is PyTorch's bundled FlashAttention-2 (at LLaVA-1.5-7B's
+    136-token prompt 16 µs a layer against cuDNN's ~8 in ONNX Runtime; docs/benchmarks.md, "Prefill attention").
+    Same softmax over the same keys: row i attends to keys 0..i."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def is_left_padded(mask: torch.Tensor) -> bool:

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
 from apet.kernels import decode_attention
-from apet.kernels.varlen import flash_varlen_available, is_left_padded, left_pad_segments, packed_causal_attention
+from apet.kernels.varlen import (
+    PromptPadding,
+    causal_attention,
+    flash_varlen_available,
+    left_pad_segments,
+    packed_causal_attention,
+    prompt_padding,
+)
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.blocks import HeadLayout, additive_mask, repeat_kv, stage2_rebuild
 from apet.modeling.decoder_block import add_injected, decoder_blocks
@@ -55,17 +62,19 @@ def decode_span(positions_used: int, capacity: int, quantum: int = SPAN_QUANTUM)
     return min(span, capacity)
 
 
-PREFILL_ATTENTION = ("auto", "masked", "packed")
+PREFILL_ATTENTION = ("auto", "masked", "packed", "causal")
 
 
 class StaticDecoder:
     """Prefill (whole prompt, empty cache) and single-token decode over static caches.
 
-    ``prefill_attention``: how a left-padded prefill attends. ``masked`` is SDPA with the [B, 1, T, T] padding +
-    causal bias (a mask keeps SDPA off FlashAttention); ``packed`` runs each row as two causal segments [pads |
-    tokens] through :func:`apet.kernels.varlen.varlen_attention` with no mask (FlashAttention varlen on CUDA fp16,
-    a block-diagonal SDPA elsewhere); ``auto`` (default) packs where FlashAttention runs and masks otherwise, so
-    CPU results are those of the masked form bit for bit."""
+    ``prefill_attention``: how a prefill attends (:meth:`prefill_form`). ``masked`` is SDPA with the [B, 1, T, T]
+    padding + causal bias (a mask keeps SDPA off its fused kernels); ``packed`` runs each left-padded row as two
+    causal segments [pads | tokens] through :func:`apet.kernels.varlen.varlen_attention` with no mask
+    (FlashAttention varlen on CUDA fp16, a block-diagonal SDPA elsewhere); ``causal`` attends a prompt without
+    padding through SDPA's own causal kernels (:func:`apet.kernels.varlen.causal_attention`: cuDNN's on Hopper) and
+    packs a left-padded one; ``auto`` (default) is ``causal`` where FlashAttention runs and ``masked`` elsewhere,
+    so CPU results are those of the masked form bit for bit."""
 
     def __init__(self, adapter: VisionLanguageAdapter, stage2: Stage2Config | None, max_batch: int,
                  max_context: int, fuse: bool = False, prefill_attention: str = "auto") -> None:
@@ -110,7 +119,8 @@ class StaticDecoder:
     def _block(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor | None,
                write: slice | torch.Tensor, span: int | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
-        """One layer; prefill attends with ``bias`` [B, 1, T, T] or, packed, over ``segments`` (cu_seqlens)."""
+        """One layer; prefill attends with ``bias`` [B, 1, T, T], packed over ``segments`` (cu_seqlens), or, with
+        neither (an unpadded prompt), causally."""
         keys, values = self.keys[i][:h.shape[0]], self.values[i][:h.shape[0]]
         groups = self.layout.groups
 
@@ -120,6 +130,8 @@ class StaticDecoder:
                 values[:, :, write] = v
                 if segments is not None:
                     return packed_causal_attention(q, k, v, segments), None
+                if bias is None:
+                    return causal_attention(q, k, v), None
                 return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
                                                       attn_mask=bias), None
             # decode: write at the cache position, attend over the span (the buffer's first positions)
@@ -132,46 +144,54 @@ class StaticDecoder:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.project_logits(h[:, -1])
 
-    def packs(self, embeds: torch.Tensor, left_padded: bool) -> bool:
-        """Whether a prefill of ``embeds`` attends packed (see the class docstring); only a left-padded mask
-        maps onto segments."""
-        if not left_padded or self.prefill_attention == "masked":
-            return False
-        return self.prefill_attention == "packed" or flash_varlen_available(embeds, self.layout.head_dim)
+    def prefill_form(self, embeds: torch.Tensor, padding: PromptPadding) -> str:
+        """How a prefill of ``embeds`` with ``padding`` attends: ``causal``, ``packed`` or ``masked`` (see the
+        class docstring); only a left-padded (or unpadded) mask maps onto segments, only an unpadded one is causal
+        without a mask."""
+        form = self.prefill_attention
+        if form == "auto":
+            form = "causal" if flash_varlen_available(embeds, self.layout.head_dim) else "masked"
+        if form == "masked" or padding == "other":
+            return "masked"
+        return "causal" if form == "causal" and padding == "none" else "packed"
 
     def _attention_inputs(self, mask: torch.Tensor, length: int, dtype: torch.dtype,
-                          packed: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(bias, segments): the [B, 1, T, T] bias of the masked form, or the cu_seqlens of the packed form."""
-        if packed:
+                          form: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bias, segments): the [B, 1, T, T] bias of the masked form, the cu_seqlens of the packed form, neither
+        for the causal form."""
+        if form == "causal":
+            return None, None
+        if form == "packed":
             return None, left_pad_segments(mask)
         return additive_mask(mask, length, dtype), None
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 image_start: torch.Tensor | None, injected: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, left_padded: bool | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, padding: PromptPadding | None = None) -> torch.Tensor:
         """[B, T, H] prompt embeddings, [B, T] left-padded mask, positions -> logits [B, V]; resets the cache.
         ``injected`` [L, N, H] and ``rows`` [B, T] (flattened visual row per token, -1 for text): the family's
         per-layer visual inputs, added after each layer i < L (``DecoderSpec.injected_layers``).
-        ``left_padded``: the caller's word that every mask row is zeros then ones (checked on its host copy, see
-        :func:`apet.kernels.varlen.is_left_padded`); None reads the mask here when no graph is being captured, and
-        attends masked while one is. Stage 2 keeps a left pad a left pad (it drops real tokens only)."""
+        ``padding``: the caller's word on how the mask pads its rows (read on its host copy, see
+        :func:`apet.kernels.varlen.prompt_padding`); None reads the mask here when no graph is being captured, and
+        attends masked while one is. Stage 2 keeps a left pad a left pad and no pad no pad (it drops the same
+        number of real tokens from every row)."""
         batch, length = embeds.shape[:2]
-        if left_padded is None:
+        if padding is None:
             capturing = torch.compiler.is_compiling() or (embeds.is_cuda and torch.cuda.is_current_stream_capturing())
-            left_padded = not capturing and is_left_padded(mask)
-        packed = self.packs(embeds, left_padded)
+            padding = "other" if capturing else prompt_padding(mask)
+        form = self.prefill_form(embeds, padding)
         for valid in self.valid:
             valid[:batch].zero_()
         self.valid[0][:batch, :length] = mask.bool()
         h = embeds
         cos, sin = self.rotary(h, positions)
-        bias, segments = self._attention_inputs(mask, length, h.dtype, packed)
+        bias, segments = self._attention_inputs(mask, length, h.dtype, form)
         for i in range(len(self.layers)):
             if i == self.split:
                 h, positions, mask, _ = stage2_rebuild(self.stage2, h, positions, mask, image_start)
                 cos, sin = self.rotary(h, positions)
-                bias, segments = self._attention_inputs(mask, h.shape[1], h.dtype, packed)
+                bias, segments = self._attention_inputs(mask, h.shape[1], h.dtype, form)
                 self.valid[1][:batch, : h.shape[1]] = mask.bool()
             h = self._block(i, h, cos, sin, bias, slice(0, h.shape[1]), segments=segments)
             if injected is not None and rows is not None and i < self.injected_layers:

@@ -15,7 +15,7 @@ import torch
 
 from apet.contracts.io import KEEP_INDEX
 from apet.errors import BackendError, UsageError, option
-from apet.kernels.varlen import is_left_padded
+from apet.kernels.varlen import PromptPadding, prompt_padding
 from apet.manifest import Manifest
 from apet.modeling.adapter import VisionLanguageAdapter
 from apet.modeling.devices import check_torch_device
@@ -213,9 +213,9 @@ class StaticTorchBackend(TorchBackend):
 
     def _graph_prefill(self, token_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
                        positions: torch.Tensor, image_start: torch.Tensor, visual: torch.Tensor,
-                       injected: torch.Tensor | None = None, left_padded: bool = False) -> torch.Tensor:
+                       injected: torch.Tensor | None = None, padding: PromptPadding = "other") -> torch.Tensor:
         return self.decoder.prefill(splice(self.table, token_ids, visual, rows), mask, positions, image_start,
-                                    injected, rows, left_padded=left_padded)
+                                    injected, rows, padding=padding)
 
     @torch.no_grad()
     def _prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
@@ -235,10 +235,10 @@ class StaticTorchBackend(TorchBackend):
         injected = self._injected(visual)
         if injected is not None:
             tensors["injected"] = injected
-        # a left pad (checked here, on the host copy) lets the decoder attend over packed segments, no mask
-        left_padded = is_left_padded(torch.from_numpy(arrays["mask"]))
-        call = self._call(("prefill", left_padded) + tuple(arrays["token_ids"].shape) + tuple(visual.embeds.shape),
-                          functools.partial(self._graph_prefill, left_padded=left_padded), tensors)
+        # no pad or a left pad (read here, on the host copy) lets the decoder attend without a mask
+        padding = prompt_padding(torch.from_numpy(arrays["mask"]))
+        call = self._call(("prefill", padding) + tuple(arrays["token_ids"].shape) + tuple(visual.embeds.shape),
+                          functools.partial(self._graph_prefill, padding=padding), tensors)
         self.padding = extra
         self.context = length + extra  # cache positions in use (host-side: graphs replay without Python)
         return call(**tensors).float().cpu().numpy()
