@@ -50,6 +50,9 @@
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   stagetests      tests/test_apet_stage.py on the GPU (its compiles need minutes on a fresh machine)
+#   prefill         the prefill's attention kernels alone (scripts/gpu_prefill_attention.py: FlashAttention varlen
+#                   against SDPA's causal kernels at the 7B prompt shapes), then LLaVA-1.5-7B (compile) and
+#                   LLaVA-NeXT-7B 672² (no compile) with the unpadded prompt attending causally and packed (:packed)
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
 #                   process (scripts/ort_decode_memory.py), then the one session with share-weights (the prefill's
@@ -268,6 +271,13 @@ r = json.loads(sys.stdin.read())
 print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill', 'vision_and_prefill',
       'decode_step')}, r['inside_first_token'])"
     done
+    ;;
+  prefill)  # the prefill attention forms: kernels alone, then in the path (each pair in one process)
+    python3 scripts/gpu_prefill_attention.py --out "$OUT/prefill_attention.json" 2>&1 | grep -v Warning | cut -c1-200
+    python3 scripts/gpu_profile.py --out "$OUT/profile_llava_prefill.json" llava-shapes:b1:s2:compile \
+      llava-shapes:b1:s2:compile:packed 2>&1 | grep -E "prefill|ttft|decode_step|failed"
+    python3 scripts/gpu_profile.py --out "$OUT/profile_next_672.json" llava-next-shapes:672x672:r1.0 \
+      llava-next-shapes:672x672:r1.0:packed 2>&1 | grep -E "prefill|ttft|failed"
     ;;
   stagetests)  # the stage kernels' GPU tests alone (a fresh machine compiles for minutes first)
     timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py 2>&1 | tail -6
