@@ -2,14 +2,17 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is ``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops][:packed]``
+Each case is
+``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops][:packed][:inlinedrope]``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
 :mod:`apet.kernels.fused_gemv`; ``nopdl``: no kernel launched as a programmatic dependent,
 :mod:`apet.kernels.dependent_launch`; ``perimageops``: per-image ApET budgets, Qwen2.5-VL's, as torch ops, not in
 the stage kernel, ``apet.compression.FUSED["per_image"]``; ``packed``: an unpadded prompt's prefill attends over
-packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``).
+packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``;
+``inlinedrope``: under ``--compile`` Inductor decides whether the prefill's rotary tables are computed once or in
+every layer's kernel, ``apet.runtime.static_decoder.ROTARY_ONCE``).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -38,19 +41,22 @@ from apet.bench.timing import time_call  # noqa: E402
 from apet.compression import FUSED  # noqa: E402
 from apet.kernels import decode_attention, dependent_launch, fused_gemv, gemv  # noqa: E402
 from apet.models.registry import load_adapter  # noqa: E402
+from apet.runtime.static_decoder import ROTARY_ONCE  # noqa: E402
 
 
 def parse_case(text: str) -> dict[str, Any]:
     model, *parts = text.split(":")
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
-                            "per_image_kernel": True, "prefill_attention": "auto"}
+                            "per_image_kernel": True, "prefill_attention": "auto",
+                            "rotary_once": True}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops", "packed"):
+        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops", "packed", "inlinedrope"):
             case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
                          "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False},
                          "perimageops": {"per_image_kernel": False},
-                         "packed": {"prefill_attention": "packed"}}[part])
+                         "packed": {"prefill_attention": "packed"},
+                         "inlinedrope": {"rotary_once": False}}[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
@@ -130,6 +136,7 @@ def main() -> None:
         decode_attention.ENABLED["value"], gemv.ENABLED["value"] = case["decode_attention"], case["gemv"]
         fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
         FUSED["per_image"] = case["per_image_kernel"]
+        ROTARY_ONCE["value"] = case["rotary_once"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

@@ -9,6 +9,8 @@ tensors.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,35 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     batch, heads, _, dim = q.shape
     folded = q.reshape(batch, heads // groups, groups, dim)
     return F.scaled_dot_product_attention(folded, keys, values, attn_mask=bias).reshape(batch, heads, 1, dim)
+
+
+@torch.library.custom_op("apet::computed_once", mutates_args=())
+def _computed_once(table: torch.Tensor) -> torch.Tensor:
+    return table.clone()
+
+
+@_computed_once.register_fake
+def _(table: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(table)
+
+
+ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "1") != "0"}  # 0: Inductor decides (the form before)
+
+
+def computed_once(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tables`` as they are eagerly; under ``torch.compile`` each passed through an opaque copy, so that
+    Inductor computes it once into a buffer instead of recomputing it inside every kernel that reads it.
+
+    Why: on the GPU, Inductor inlines a pointwise producer with few reads into each of its consumers (on the CPU a
+    reuse heuristic realizes it). The rotary tables (cos, sin of the positions; M-RoPE's sections selected and
+    concatenated) are read by every layer's q and k rotation, so the compiled prefill took sin and cos per
+    element of q and k in every layer: at Qwen2.5-VL-7B's 2,065-token prompt the two kernels that carry them were
+    5.1 of the prefill's 50 ms on the H200 (docs/benchmarks.md, "Prefill attention"). The copy is of
+    [B, T, head_dim] values, the same values computed once. The prefill only: a decode step's one row per layer
+    costs less than the copy's launch."""
+    if not (ROTARY_ONCE["value"] and torch.compiler.is_compiling()):
+        return tables
+    return tuple(_computed_once(table) for table in tables)
 
 
 SPAN_QUANTUM = 256
@@ -185,12 +216,12 @@ class StaticDecoder:
             valid[:batch].zero_()
         self.valid[0][:batch, :length] = mask.bool()
         h = embeds
-        cos, sin = self.rotary(h, positions)
+        cos, sin = computed_once(*self.rotary(h, positions))
         bias, segments = self._attention_inputs(mask, length, h.dtype, form)
         for i in range(len(self.layers)):
             if i == self.split:
                 h, positions, mask, _ = stage2_rebuild(self.stage2, h, positions, mask, image_start)
-                cos, sin = self.rotary(h, positions)
+                cos, sin = computed_once(*self.rotary(h, positions))
                 bias, segments = self._attention_inputs(mask, h.shape[1], h.dtype, form)
                 self.valid[1][:batch, : h.shape[1]] = mask.bool()
             h = self._block(i, h, cos, sin, bias, slice(0, h.shape[1]), segments=segments)
