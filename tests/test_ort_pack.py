@@ -134,16 +134,18 @@ def test_rewrite_names_are_checked() -> None:
 
 
 def test_fused_norms_are_strict_on_releases_that_took_float16_statistics() -> None:
-    """The CUDA provider keeps TF32 off always; the fused norms run in its strict (float32) mode on an ONNX Runtime
-    older than the one measured to take their statistics in float32, and where the version does not parse."""
-    assert cuda_provider() == ("CUDAExecutionProvider", {"use_tf32": "0"})
-    assert cuda_provider(DEFAULT_REWRITES, "1.31.1")[1] == {"use_tf32": "0"}
-    assert cuda_provider(DEFAULT_REWRITES, "1.32.0")[1] == {"use_tf32": "0"}
-    strict = {"use_tf32": "0", STRICT_NORM_OPTION: "1"}
+    """The CUDA provider keeps TF32 off and takes cuDNN's heuristic convolution algorithm always; the fused norms
+    run in its strict (float32) mode on an ONNX Runtime older than the one measured to take their statistics in
+    float32, and where the version does not parse."""
+    base = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    assert cuda_provider() == ("CUDAExecutionProvider", base)
+    assert cuda_provider(DEFAULT_REWRITES, "1.31.1")[1] == base
+    assert cuda_provider(DEFAULT_REWRITES, "1.32.0")[1] == base
+    strict = {**base, STRICT_NORM_OPTION: "1"}
     assert cuda_provider(DEFAULT_REWRITES, "1.24.2")[1] == strict
     assert cuda_provider(frozenset({"vision-skip-norms"}), "1.20.0")[1] == strict
     assert cuda_provider(DEFAULT_REWRITES, "nightly")[1] == strict
-    assert cuda_provider(frozenset({"pack-projections"}), "1.20.0")[1] == {"use_tf32": "0"}  # no fused norm
+    assert cuda_provider(frozenset({"pack-projections"}), "1.20.0")[1] == base  # no fused norm
 
 
 def test_an_unknown_rewrite_fails_before_any_session(artifact_factory) -> None:

@@ -59,10 +59,14 @@ STRICT_NORM_OPTION = "enable_skip_layer_norm_strict_mode"  # the CUDA provider's
 
 def cuda_provider(rewrites: frozenset[str] = frozenset(), onnxruntime_version: str = "") -> tuple[str, dict[str, str]]:
     """The CUDA execution provider with apet's options: ApET's float32 math must not run in TF32 (as coarse as
-    fp16; the provider enables it by default), and the fused norms of ``rewrites`` in strict mode on an ONNX Runtime
-    older than :data:`FLOAT32_NORM_STATISTICS_SINCE` (or of a version that does not parse), so no release computes
-    them less precisely than the nodes they replace."""
-    options = {"use_tf32": "0"}
+    fp16; the provider enables it by default); convolutions (the patch embeddings) take cuDNN's heuristic
+    algorithm, as torch does by default (``cudnn.benchmark`` off), not the one the provider times fastest when a
+    session starts, which can differ between machines and runs and so move float16 roundings that ApET's merge
+    near-ties read (docs/benchmarks.md, "Prefill attention": an H200 run whose vision graph merged 11 of 96
+    tokens another way); and the fused norms of ``rewrites`` in strict mode on an ONNX Runtime older than
+    :data:`FLOAT32_NORM_STATISTICS_SINCE` (or of a version that does not parse), so no release computes them less
+    precisely than the nodes they replace."""
+    options = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
     if rewrites & FUSED_NORMS and release(onnxruntime_version) < FLOAT32_NORM_STATISTICS_SINCE:
         options[STRICT_NORM_OPTION] = "1"
     return CUDA_PROVIDER, options
