@@ -52,7 +52,8 @@
 #   stagetests      tests/test_apet_stage.py on the GPU (its compiles need minutes on a fresh machine)
 #   prefill         the prefill's attention kernels alone (scripts/gpu_prefill_attention.py: FlashAttention varlen
 #                   against SDPA's causal kernels at the 7B prompt shapes), then LLaVA-1.5-7B (compile) and
-#                   LLaVA-NeXT-7B 672² (no compile) with the unpadded prompt attending causally and packed (:packed);
+#                   LLaVA-NeXT-7B 672² (no compile) with the unpadded prompt attending causally and packed (:packed)
+#                   and its cache written by torch's assignment (:assigncache);
 #                   then Qwen2.5-VL-7B 1344² (compile, ratio 1.0 and 0.3) with the prefill's rotary tables computed
 #                   once and as Inductor decides (:inlinedrope), each case in its own process
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
@@ -279,7 +280,8 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
     python3 scripts/gpu_profile.py --out "$OUT/profile_llava_prefill.json" llava-shapes:b1:s2:compile \
       llava-shapes:b1:s2:compile:packed 2>&1 | grep -E "prefill|ttft|decode_step|failed"
     python3 scripts/gpu_profile.py --out "$OUT/profile_next_672.json" llava-next-shapes:672x672:r1.0 \
-      llava-next-shapes:672x672:r1.0:packed 2>&1 | grep -E "prefill|ttft|failed"
+      llava-next-shapes:672x672:r1.0:packed llava-next-shapes:672x672:r1.0:assigncache 2>&1 \
+      | grep -E "prefill|ttft|failed"
     for case in r1.0:compile r1.0:compile:inlinedrope r0.3:compile r0.3:compile:inlinedrope; do
       python3 scripts/gpu_profile.py --out "$OUT/profile_qwen_${case//:/_}.json" \
         "qwen2.5-vl-7b-shapes:1344x1344:$case" 2>&1 | grep -E "prefill|ttft|failed"

@@ -2,8 +2,8 @@
 
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
-Each case is
-``MODEL[:WxH][:bN][:rRATIO][:sSTAGES][:compile][:sdpa][:cublas][:unfolded][:nopdl][:perimageops][:packed][:inlinedrope]``
+Each case is ``MODEL`` followed by any of ``:WxH :bN :rRATIO :sSTAGES :compile :sdpa :cublas :unfolded :nopdl
+:perimageops :packed :inlinedrope :assigncache``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
@@ -12,7 +12,8 @@ norms, silu·mul and residual adds stay their own kernels, not folded into the o
 the stage kernel, ``apet.compression.FUSED["per_image"]``; ``packed``: an unpadded prompt's prefill attends over
 packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``;
 ``inlinedrope``: under ``--compile`` Inductor decides whether the prefill's rotary tables are computed once or in
-every layer's kernel, ``apet.runtime.static_decoder.ROTARY_ONCE``).
+every layer's kernel, ``apet.runtime.static_decoder.ROTARY_ONCE``; ``assigncache``: the uncompiled prefill writes
+its keys and values into the cache by torch's assignment, not :mod:`apet.kernels.cache_write`).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -39,9 +40,15 @@ from apet.bench.run import _plan, measure_ceilings, stage_costs  # noqa: E402
 from apet.bench.stages import ApetPath, Request  # noqa: E402
 from apet.bench.timing import time_call  # noqa: E402
 from apet.compression import FUSED  # noqa: E402
-from apet.kernels import decode_attention, dependent_launch, fused_gemv, gemv  # noqa: E402
+from apet.kernels import cache_write, decode_attention, dependent_launch, fused_gemv, gemv  # noqa: E402
 from apet.models.registry import load_adapter  # noqa: E402
 from apet.runtime.static_decoder import ROTARY_ONCE  # noqa: E402
+
+FLAGS: dict[str, dict[str, Any]] = {  # a case's named switches (see the module docstring) -> what they set
+    "compile": {"compile": True}, "sdpa": {"decode_attention": False}, "cublas": {"gemv": False},
+    "unfolded": {"fold": False}, "nopdl": {"pdl": False}, "perimageops": {"per_image_kernel": False},
+    "packed": {"prefill_attention": "packed"}, "inlinedrope": {"rotary_once": False},
+    "assigncache": {"cache_kernel": False}}
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -49,14 +56,10 @@ def parse_case(text: str) -> dict[str, Any]:
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
                             "per_image_kernel": True, "prefill_attention": "auto",
-                            "rotary_once": True}
+                            "rotary_once": True, "cache_kernel": True}
     for part in parts:
-        if part in ("compile", "sdpa", "cublas", "unfolded", "nopdl", "perimageops", "packed", "inlinedrope"):
-            case.update({"compile": {"compile": True}, "sdpa": {"decode_attention": False},
-                         "cublas": {"gemv": False}, "unfolded": {"fold": False}, "nopdl": {"pdl": False},
-                         "perimageops": {"per_image_kernel": False},
-                         "packed": {"prefill_attention": "packed"},
-                         "inlinedrope": {"rotary_once": False}}[part])
+        if part in FLAGS:
+            case.update(FLAGS[part])
         elif "x" in part and part[0].isdigit():
             w, h = part.split("x")
             case["size"] = (int(w), int(h))
@@ -136,7 +139,7 @@ def main() -> None:
         decode_attention.ENABLED["value"], gemv.ENABLED["value"] = case["decode_attention"], case["gemv"]
         fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
         FUSED["per_image"] = case["per_image_kernel"]
-        ROTARY_ONCE["value"] = case["rotary_once"]
+        ROTARY_ONCE["value"], cache_write.ENABLED["value"] = case["rotary_once"], case["cache_kernel"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

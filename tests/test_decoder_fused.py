@@ -52,6 +52,21 @@ def check_kernels(device: str) -> None:
         assert torch.equal(v, view[:, heads + kv_heads:])
         assert q.transpose(1, 2).is_contiguous()  # token-major: the packed prefill packs it as a view
 
+        # the prefill's cache write: token-major k (the rotary's output) and v (a view of qkv) into a head-major
+        # cache at an offset, bit for bit; positions around the written rows untouched
+        from apet.kernels import cache_write
+
+        for values in (k, v):
+            cache = torch.randn(3, kv_heads, 40, dim, generator=generator).to(device, dtype)[:2]
+            want = cache.clone()
+            want[:, :, 5:5 + length] = values
+            cache_write.write_rows(cache, values, 5)
+            assert torch.equal(cache, want)
+        wide = torch.randn(1, 2, 37, 24, generator=generator).to(device, dtype)  # more rows than a block, d not 2^n
+        cache = torch.zeros(1, 2, 50, 24, dtype=dtype, device=device)
+        cache_write.write_rows(cache, wide.transpose(1, 2).contiguous().transpose(1, 2), 0)
+        assert torch.equal(cache[:, :, :37], wide) and not cache[:, :, 37:].any()
+
 
 def check_decoder(checkpoint: str) -> None:
     """The static decoder with fused projections and the kernels equals it without, prefill and decode."""
@@ -67,15 +82,27 @@ def check_decoder(checkpoint: str) -> None:
     mask[1, :4] = 0
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     outs = []
-    calls = {"norm": 0, "rotary": 0}
-    for name in calls:
-        kernel = getattr(decoder_fused, {"norm": "add_rms_norm", "rotary": "rotary"}[name])
+    from apet.kernels import cache_write
+
+    calls = {"norm": 0, "rotary": 0, "cache": 0}
+    names = {"norm": (decoder_fused, "add_rms_norm"), "rotary": (decoder_fused, "rotary"),
+             "cache": (cache_write, "_copy_rows")}
+    for name, (module, attribute) in names.items():
+        kernel = getattr(module, attribute)
+        if name == "cache":  # a Triton kernel is launched by indexing it with its grid
+            class Counted:
+                def __getitem__(self, grid, _kernel=kernel):
+                    calls["cache"] += 1
+                    return _kernel[grid]
+
+            setattr(module, attribute, Counted())
+            continue
 
         def counted(*args, _kernel=kernel, _name=name, **kwargs):
             calls[_name] += 1
             return _kernel(*args, **kwargs)
 
-        setattr(decoder_fused, {"norm": "add_rms_norm", "rotary": "rotary"}[name], counted)
+        setattr(module, attribute, counted)
     for fuse in (False, True):
         decoder = StaticDecoder(adapter, None, max_batch=2, max_context=64, fuse=fuse)
         steps = [decoder.prefill(embeds, mask, positions, None)]
@@ -86,7 +113,8 @@ def check_decoder(checkpoint: str) -> None:
     layers = adapter.spec.decoder.num_layers
     # the kernels ran: rotary in the prefill and 3 decode steps; the norm kernel in the prefill only, a decode step's
     # norms fold into its projections (apet.kernels.fused_gemv, tests/test_fused_gemv.py)
-    assert calls == {"norm": 2 * layers, "rotary": layers * 4}
+    # and the prefill's cache writes (keys and values of every layer) in both decoders: they do not depend on fuse
+    assert calls == {"norm": 2 * layers, "rotary": layers * 4, "cache": 2 * 2 * layers}
     for got, want in zip(outs[1], outs[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
-from apet.kernels import decode_attention
+from apet.kernels import cache_write, decode_attention
 from apet.kernels.varlen import (
     PromptPadding,
     causal_attention,
@@ -157,8 +157,8 @@ class StaticDecoder:
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, None]:
             if isinstance(write, slice):  # prefill: the prompt's keys are the whole attention context
-                keys[:, :, write] = k
-                values[:, :, write] = v
+                cache_write.write_rows(keys, k, write.start or 0)
+                cache_write.write_rows(values, v, write.start or 0)
                 if segments is not None:
                     return packed_causal_attention(q, k, v, segments), None
                 if bias is None:
