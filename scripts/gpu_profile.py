@@ -3,7 +3,7 @@
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
 Each case is ``MODEL`` followed by any of ``:WxH :bN :rRATIO :sSTAGES :compile :sdpa :cublas :unfolded :nopdl
-:perimageops :packed :inlinedrope :assigncache``
+:perimageops :packed :inlinedrope :assigncache :pdlskinny``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
@@ -13,7 +13,8 @@ the stage kernel, ``apet.compression.FUSED["per_image"]``; ``packed``: an unpadd
 packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``;
 ``inlinedrope``: under ``--compile`` Inductor decides whether the prefill's rotary tables are computed once or in
 every layer's kernel, ``apet.runtime.static_decoder.ROTARY_ONCE``; ``assigncache``: the uncompiled prefill writes
-its keys and values into the cache by torch's assignment, not :mod:`apet.kernels.cache_write`).
+its keys and values into the cache by torch's assignment, not :mod:`apet.kernels.cache_write`; ``pdlskinny``: the
+unfolded skinny matmuls (batch 4's decode) launched as programmatic dependents, ``apet.kernels.gemv.DEPENDENT``).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -48,7 +49,7 @@ FLAGS: dict[str, dict[str, Any]] = {  # a case's named switches (see the module 
     "compile": {"compile": True}, "sdpa": {"decode_attention": False}, "cublas": {"gemv": False},
     "unfolded": {"fold": False}, "nopdl": {"pdl": False}, "perimageops": {"per_image_kernel": False},
     "packed": {"prefill_attention": "packed"}, "inlinedrope": {"rotary_once": False},
-    "assigncache": {"cache_kernel": False}}
+    "assigncache": {"cache_kernel": False}, "pdlskinny": {"skinny_pdl": True}}
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -56,7 +57,7 @@ def parse_case(text: str) -> dict[str, Any]:
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
                             "per_image_kernel": True, "prefill_attention": "auto",
-                            "rotary_once": True, "cache_kernel": True}
+                            "rotary_once": True, "cache_kernel": True, "skinny_pdl": False}
     for part in parts:
         if part in FLAGS:
             case.update(FLAGS[part])
@@ -140,6 +141,7 @@ def main() -> None:
         fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
         FUSED["per_image"] = case["per_image_kernel"]
         ROTARY_ONCE["value"], cache_write.ENABLED["value"] = case["rotary_once"], case["cache_kernel"]
+        gemv.DEPENDENT["value"] = case["skinny_pdl"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases
