@@ -13,7 +13,6 @@ torch's public ``torch.nn.attention.varlen.varlen_attn`` changed between release
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable, Literal
 
@@ -21,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.cache
-def _varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
+def _find_varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -30,10 +28,14 @@ def _varlen() -> tuple[Callable[..., Any] | None, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# read once at import: a plain constant inside a torch.compile trace (a cached call there draws Dynamo's warning)
+_VARLEN = _find_varlen()
+
+
 def flash_varlen_available(q: torch.Tensor, head_dim: int | None = None) -> bool:
     """Whether :func:`varlen_attention` runs FlashAttention for ``q``: CUDA, fp16/bf16, head dim (``head_dim``, or
     q's last dimension) a multiple of 8 up to 256, and a torch that exposes ``varlen_attn``."""
-    fn, _ = _varlen()
+    fn, _ = _VARLEN
     dim = q.shape[-1] if head_dim is None else head_dim
     return fn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dim % 8 == 0 and dim <= 256
 
@@ -68,7 +70,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Tokens of one segment attend only to that segment (and only backwards when ``causal``)."""
     if not flash_varlen_available(q):
         return _reference(q, k, v, cu_seqlens, causal, scale)
-    fn, params = _varlen()
+    fn, params = _VARLEN
     groups = q.shape[1] // k.shape[1]
     kwargs: dict[str, Any] = {}
     if groups > 1:
