@@ -1,9 +1,9 @@
 """Under ``torch.compile`` the static decoder's prefill computes its rotary tables once
 (apet.runtime.static_decoder.computed_once): an opaque copy that Inductor cannot inline into the consumers, where on
 the GPU it recomputed sin and cos inside every layer's q and k rotation (5 of 50 ms of Qwen2.5-VL-7B's 2,065-token
-prefill on the H200). Checked on the tiny Qwen2.5-VL adapter's M-RoPE tables: the compiled code takes the tables
-through the copy and rotates with the values eager computes; eagerly nothing is copied. (The time it saves needs a
-GPU: scripts/gpu_profile.py, ``:inlinedrope`` for the form before.)"""
+prefill on the H200). Off until timed on a GPU (``static_decoder.ROTARY_ONCE``; scripts/gpu_profile.py
+``:rotaryonce``). Checked on the tiny Qwen2.5-VL adapter's M-RoPE tables: the compiled code takes the tables through
+the copy and rotates with the values eager computes; eagerly nothing is copied; switched off, no copy."""
 
 from __future__ import annotations
 
@@ -51,13 +51,14 @@ def test_compiled_prefill_computes_the_rotary_tables_once(tiny_qwen_adapter, mon
     assert calls == (2 if enabled else 0), calls  # cos and sin, each once, whatever the number of layers
 
 
-def test_the_compiled_static_prefill_takes_its_tables_once_and_equals_eager(tiny_qwen_adapter) -> None:
+def test_the_compiled_static_prefill_takes_its_tables_once_and_equals_eager(tiny_qwen_adapter, monkeypatch) -> None:
     """The static decoder's whole prefill (tiny Qwen2.5-VL, M-RoPE positions) compiled: the tables pass through the
     copy once (cos and sin), and the logits equal the eager prefill's."""
     from torch._inductor.utils import run_and_get_code
 
     from apet.runtime.static_decoder import StaticDecoder
 
+    monkeypatch.setitem(static_decoder.ROTARY_ONCE, "value", True)
     spec, tokens = tiny_qwen_adapter.spec.decoder, 20
     embeds = torch.randn(1, tokens, spec.hidden_size, generator=torch.Generator().manual_seed(1))
     mask = torch.ones(1, tokens, dtype=torch.long)

@@ -5,8 +5,9 @@ q/k/v projection) and the cache is head-major ([B, H, C, d]). ``cache[:, :, :T] 
 destination strides differ in every dimension but the last, and torch runs it in its generic element-wise kernel
 (per-element offset arithmetic, no vector loads): at LLaVA-NeXT-7B's 2,968-token prompt each such copy took 39 µs
 of a 24 MB tensor, 2.5 of the prefill's 70.6 ms on the H200 (docs/benchmarks.md, "Prefill attention"). Here one
-program copies a block of whole head rows (d contiguous elements) with vector loads. Under ``torch.compile`` the
-assignment stays: Inductor writes the cache inside its rotary kernel.
+program copies a block of whole head rows (d contiguous elements) with vector loads; off until timed on a GPU
+(:data:`ENABLED`). Under ``torch.compile`` the assignment stays: Inductor writes the cache inside its rotary
+kernel.
 
 Bit-exact: a copy (``tests/test_decoder_fused.py``, Triton's interpreter on CPU, the kernel on a GPU).
 """
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     tl = None
 
 BLOCK_T = 16  # head rows per program
-ENABLED = {"value": os.environ.get("APET_CACHE_WRITE", "1") != "0"}  # 0: torch's assignment (the form before)
+# off until timed on a GPU (``APET_CACHE_WRITE=1``; scripts/gpu_profile.py ``:cachekernel``): torch's assignment then
+ENABLED = {"value": os.environ.get("APET_CACHE_WRITE", "0") == "1"}
 
 
 def available(values: torch.Tensor) -> bool:

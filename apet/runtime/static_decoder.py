@@ -56,12 +56,14 @@ def _(table: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(table)
 
 
-ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "1") != "0"}  # 0: Inductor decides (the form before)
+# off until timed on a GPU (``APET_ROTARY_ONCE=1``; scripts/gpu_profile.py ``:rotaryonce``): Inductor decides then
+ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "0") == "1"}
 
 
 def computed_once(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tables`` as they are eagerly; under ``torch.compile`` each passed through an opaque copy, so that
-    Inductor computes it once into a buffer instead of recomputing it inside every kernel that reads it.
+    """``tables`` as they are eagerly; under ``torch.compile`` (with :data:`ROTARY_ONCE` on) each passed through an
+    opaque copy, so that Inductor computes it once into a buffer instead of recomputing it inside every kernel that
+    reads it.
 
     Why: on the GPU, Inductor inlines a pointwise producer with few reads into each of its consumers (on the CPU a
     reuse heuristic realizes it). The rotary tables (cos, sin of the positions; M-RoPE's sections selected and
