@@ -27,6 +27,7 @@ from gpu_variants import kernel_profile  # noqa: E402
 
 from apet.atomic import write_atomic  # noqa: E402
 from apet.bench.timing import time_call  # noqa: E402
+from apet.kernels.device_timing import captured  # noqa: E402
 from apet.kernels.varlen import causal_attention, left_pad_segments, packed_causal_attention  # noqa: E402
 
 # (name, batch, tokens, query heads, kv heads): LLaVA-1.5-7B's 136-token prompt (0.11, batch 1 and 4), its
@@ -68,17 +69,11 @@ CALLS = 20
 
 def graphed_us(fn: Callable[[], torch.Tensor]) -> dict[str, Any]:
     """µs per call of ``fn`` replayed as :data:`CALLS` calls in one CUDA graph (median and p10-p90 of 30 replays)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def calls() -> None:
         for _ in range(CALLS):
             fn()
-    timing = time_call(graph.replay, device="cuda", warmup=5, repeats=30)
+
+    timing = time_call(captured(calls).replay, device="cuda", warmup=5, repeats=30)
     per_call = 1000 / CALLS
     return {"us_median": round(timing.median_ms * per_call, 2),
             "us_p10_p90": [round(timing.p10_ms * per_call, 2), round(timing.p90_ms * per_call, 2)]}

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 
-def _captured(body: Callable[[], object]) -> torch.cuda.CUDAGraph:
+def captured(body: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``body`` captured in a CUDA graph after one warm-up call on a side stream (as ``torch.cuda.graph`` asks)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up off the capturing stream, as torch.cuda.graph asks
@@ -43,7 +44,7 @@ class ColdTimer:
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         self.flush = torch.empty(max(2 * l2, 1 << 20) // 4, dtype=torch.float32, device=device).fill_(1.0)
         self.repeats, self.trials = repeats, trials
-        self._flush_graph = _captured(self._flushes)
+        self._flush_graph = captured(self._flushes)
         self.flush_ms = min(_replay_ms(self._flush_graph) for _ in range(trials))
 
     def _flushes(self) -> None:
@@ -59,7 +60,7 @@ class ColdTimer:
                 self.flush.sum()
                 fn()
 
-        graph = _captured(body)
+        graph = captured(body)
         best = min(_replay_ms(graph) for _ in range(self.trials))
         del graph
         return max(best - self.flush_ms, 0.0) / self.repeats

@@ -93,9 +93,8 @@ class GraphedVision:
         try:
             return run(self._typed(arrays, run))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
-            if not self.sessions.holds(run.session):
+            if not self.sessions.refused(run.session, err):
                 raise
-            self.sessions.refuse(err)
             self.runs = {}
             return self(arrays)
 

@@ -97,13 +97,13 @@ class GraphSessions:
         return self.setup.session(self.model, batch, self.weights_dir,
                                   disabled_optimizers=self.disabled_optimizers), None
 
-    def holds(self, session: Any) -> bool:
-        """Whether ``session`` is the one shared session (a failed run in it is a failed capture: :meth:`refuse`)."""
-        return session is self.shared
-
-    def refuse(self, err: Exception) -> None:
-        """A capture in the shared session failed: every batch size gets its own session from now on."""
+    def refused(self, session: Any, err: Exception) -> bool:
+        """Whether ``err``, raised by a run in ``session``, is a failed capture in the one shared session; then every
+        batch size gets its own session from now on (the caller makes its runs again). Else the caller re-raises."""
+        if session is not self.shared:
+            return False
         self._fallback(f"a CUDA graph in the shared session failed: {err}")
+        return True
 
     def _fallback(self, why: str) -> None:
         log.warning("%s runs in a session per batch size (each its own copy of the weights): %s", self.what,

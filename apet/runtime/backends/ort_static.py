@@ -239,9 +239,8 @@ class StaticKV:
             logits = step(arrays)[LOGITS]
         except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
             sessions = self.graph_sessions.get(gqa)
-            if sessions is None or not sessions.holds(step.session):
+            if sessions is None or not sessions.refused(step.session, err):
                 raise
-            sessions.refuse(err)
             for key in [key for key in self.steps if key[1] == gqa]:
                 del self.steps[key]
             logits = self._step(batch, gqa)(arrays)[LOGITS]  # rewrites the same cache positions, same values
