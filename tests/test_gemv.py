@@ -48,10 +48,9 @@ def test_kernel_on_the_gpu() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
 def test_the_dot_form_launched_as_a_dependent_computes_the_same_bits(monkeypatch) -> None:
-    """``gemv.DEPENDENT`` (off by default until timed): the dot form runs as the folded kernels' dot form with nothing
-    folded (apet.kernels.fused_gemv), launched as a dependent, its first weight tile loaded before the wait for the
-    previous kernel; on a GPU the outputs are the plain kernel's bits, in a captured graph too, for every dot
-    configuration and the CASES' ragged shapes."""
+    """``gemv.DEPENDENT`` (off by default until timed): the dot form's first weight tile loaded before the wait for
+    the previous kernel, the rest as before; on a GPU that launches dependents the outputs are the same bits, in a
+    captured graph too, for every dot configuration and the CASES' ragged shapes."""
     for case, (_, n, k, has_bias) in enumerate(CASES):
         generator = torch.Generator().manual_seed(case)
         x = torch.randn(4, k, generator=generator).half().cuda()

@@ -218,13 +218,6 @@ def norm_gate_up_silu_kernel(x: torch.Tensor, norm_weight: torch.Tensor, eps: fl
     return _launch(x, weight, config, half, norm=(norm_weight, eps), up_rows=half)
 
 
-def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  config: gemv.Config) -> torch.Tensor:
-    """x @ weightᵀ (+ bias) with nothing folded: :func:`apet.kernels.gemv.kernel_matmul`'s product, launched as a
-    programmatic dependent where that applies (``gemv.DEPENDENT``)."""
-    return _launch(x, weight, config, int(weight.shape[0]), bias=bias)
-
-
 def linear_residual_kernel(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                            config: gemv.Config) -> torch.Tensor:
     """residual + x @ weightᵀ for the rows of x (the o and down projections)."""
