@@ -53,10 +53,9 @@
 #   prefill         the prefill's attention kernels alone (scripts/gpu_prefill_attention.py: FlashAttention varlen
 #                   against SDPA's causal kernels at the 7B prompt shapes), then LLaVA-1.5-7B (compile) and
 #                   LLaVA-NeXT-7B 672² (no compile) with the unpadded prompt attending causally and packed (:packed)
-#                   and its cache written by apet's copy kernel (:cachekernel); LLaVA-1.5-7B batch 4's decode with
-#                   the skinny matmuls launched as programmatic dependents (:pdlskinny) (~8 minutes)
+#                   and its cache written by torch's assignment (:cacheassign) (~7 minutes)
 #   prefill-qwen    Qwen2.5-VL-7B 1344² (compile, ratio 1.0 and 0.3) with the prefill's rotary tables computed once
-#                   (:rotaryonce) and as Inductor decides, each case in its own process (~9 minutes)
+#                   and as Inductor decides (:rotaryeach), each pair in one process (~6 minutes)
 #   ortmemory DIR   device memory and decode-step time as batch sizes 1, 2, 4 arrive: the decode steps of every
 #                   batch size in one session (the default) and a session per batch size (before), each in its own
 #                   process (scripts/ort_decode_memory.py), then the one session with share-weights (the prefill's
@@ -283,15 +282,13 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
     python3 scripts/gpu_profile.py --out "$OUT/profile_llava_prefill.json" llava-shapes:b1:s2:compile \
       llava-shapes:b1:s2:compile:packed 2>&1 | grep -E "prefill|ttft|decode_step|failed"
     python3 scripts/gpu_profile.py --out "$OUT/profile_next_672.json" llava-next-shapes:672x672:r1.0 \
-      llava-next-shapes:672x672:r1.0:packed llava-next-shapes:672x672:r1.0:cachekernel 2>&1 \
+      llava-next-shapes:672x672:r1.0:packed llava-next-shapes:672x672:r1.0:cacheassign 2>&1 \
       | grep -E "prefill|ttft|failed"
-    python3 scripts/gpu_profile.py --out "$OUT/profile_llava_b4_pdl.json" llava-shapes:b4:s2:compile \
-      llava-shapes:b4:s2:compile:pdlskinny 2>&1 | grep -E "decode_step|failed"
     ;;
   prefill-qwen)  # Qwen2.5-VL-7B 1344²'s compiled prefill, rotary tables computed once or as Inductor decides
-    for case in r1.0:compile r1.0:compile:rotaryonce r0.3:compile r0.3:compile:rotaryonce; do
-      python3 scripts/gpu_profile.py --out "$OUT/profile_qwen_${case//:/_}.json" \
-        "qwen2.5-vl-7b-shapes:1344x1344:$case" 2>&1 | grep -E "prefill|ttft|failed"
+    for ratio in r1.0 r0.3; do
+      python3 scripts/gpu_profile.py --out "$OUT/profile_qwen_${ratio}.json" "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile" \
+        "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile:rotaryeach" 2>&1 | grep -E "prefill|ttft|failed"
     done
     ;;
   stagetests)  # the stage kernels' GPU tests alone (a fresh machine compiles for minutes first)

@@ -3,7 +3,7 @@
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
 Each case is ``MODEL`` followed by any of ``:WxH :bN :rRATIO :sSTAGES :compile :sdpa :cublas :unfolded :nopdl
-:perimageops :packed :rotaryonce :cachekernel :pdlskinny``
+:perimageops :packed :rotaryeach :cacheassign``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
@@ -11,10 +11,10 @@ norms, silu·mul and residual adds stay their own kernels, not folded into the o
 :mod:`apet.kernels.dependent_launch`; ``perimageops``: per-image ApET budgets, Qwen2.5-VL's, as torch ops, not in
 the stage kernel, ``apet.compression.FUSED["per_image"]``; ``packed``: an unpadded prompt's prefill attends over
 packed segments, FlashAttention varlen, as before the causal form, ``StaticDecoder.prefill_attention``;
-``rotaryonce``: under ``--compile`` the prefill's rotary tables are computed once, not as Inductor decides (in
-every layer's kernel), ``apet.runtime.static_decoder.ROTARY_ONCE``; ``cachekernel``: the uncompiled prefill writes
-its keys and values into the cache with :mod:`apet.kernels.cache_write`, not torch's assignment; ``pdlskinny``: the
-unfolded skinny matmuls (batch 4's decode) launched as programmatic dependents, ``apet.kernels.gemv.DEPENDENT``).
+``rotaryeach``: under ``--compile`` the prefill's rotary tables are left to Inductor (inlined into every layer's
+kernel), as before stop 52, not computed once, ``apet.runtime.static_decoder.ROTARY_ONCE``; ``cacheassign``: the
+uncompiled prefill writes its keys and values into the cache by torch's assignment, as before stop 52, not with
+:mod:`apet.kernels.cache_write`).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -48,8 +48,8 @@ from apet.runtime.static_decoder import ROTARY_ONCE  # noqa: E402
 FLAGS: dict[str, dict[str, Any]] = {  # a case's named switches (see the module docstring) -> what they set
     "compile": {"compile": True}, "sdpa": {"decode_attention": False}, "cublas": {"gemv": False},
     "unfolded": {"fold": False}, "nopdl": {"pdl": False}, "perimageops": {"per_image_kernel": False},
-    "packed": {"prefill_attention": "packed"}, "rotaryonce": {"rotary_once": True},
-    "cachekernel": {"cache_kernel": True}, "pdlskinny": {"skinny_pdl": True}}
+    "packed": {"prefill_attention": "packed"}, "rotaryeach": {"rotary_once": False},
+    "cacheassign": {"cache_kernel": False}}
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def parse_case(text: str) -> dict[str, Any]:
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
                             "per_image_kernel": True, "prefill_attention": "auto",
-                            "rotary_once": False, "cache_kernel": False, "skinny_pdl": False}
+                            "rotary_once": True, "cache_kernel": True}
     for part in parts:
         if part in FLAGS:
             case.update(FLAGS[part])
@@ -141,7 +141,6 @@ def main() -> None:
         fused_gemv.ENABLED["value"], dependent_launch.ENABLED["value"] = case["fold"], case["pdl"]
         FUSED["per_image"] = case["per_image_kernel"]
         ROTARY_ONCE["value"], cache_write.ENABLED["value"] = case["rotary_once"], case["cache_kernel"]
-        gemv.DEPENDENT["value"] = case["skinny_pdl"]
         try:
             report["cases"].append(profile_case(adapters[case["model"]], case, ceilings))
         except Exception as exc:  # report, keep profiling the other cases

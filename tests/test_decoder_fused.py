@@ -56,7 +56,7 @@ def check_kernels(device: str) -> None:
         # cache at an offset, bit for bit; positions around the written rows untouched
         from apet.kernels import cache_write
 
-        enabled, cache_write.ENABLED["value"] = cache_write.ENABLED["value"], True  # off by default until timed
+        enabled, cache_write.ENABLED["value"] = cache_write.ENABLED["value"], True  # APET_CACHE_WRITE=0 aside
         try:
             for values in (k, v):
                 cache = torch.randn(3, kv_heads, 40, dim, generator=generator).to(device, dtype)[:2]
@@ -88,7 +88,6 @@ def check_decoder(checkpoint: str) -> None:
     outs = []
     from apet.kernels import cache_write
 
-    cache_write.ENABLED["value"] = True  # off by default until timed on a GPU
     calls = {"norm": 0, "rotary": 0, "cache": 0}
     names = {"norm": (decoder_fused, "add_rms_norm"), "rotary": (decoder_fused, "rotary"),
              "cache": (cache_write, "_copy_rows")}

@@ -46,28 +46,6 @@ def test_kernel_on_the_gpu() -> None:
     assert picked is gemv.CUBLAS or torch.equal(compiled(x), gemv.kernel_matmul(x, w, None, picked))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a CUDA GPU")
-def test_the_dot_form_launched_as_a_dependent_computes_the_same_bits(monkeypatch) -> None:
-    """``gemv.DEPENDENT`` (off by default until timed): the dot form's first weight tile loaded before the wait for
-    the previous kernel, the rest as before; on a GPU that launches dependents the outputs are the same bits, in a
-    captured graph too, for every dot configuration and the CASES' ragged shapes."""
-    for case, (_, n, k, has_bias) in enumerate(CASES):
-        generator = torch.Generator().manual_seed(case)
-        x = torch.randn(4, k, generator=generator).half().cuda()
-        w = torch.randn(n, k, generator=generator).half().cuda()
-        b = torch.randn(n, generator=generator).half().cuda() if has_bias else None
-        for config in (c for c in gemv.CONFIGS if c.form == "dot"):
-            monkeypatch.setitem(gemv.DEPENDENT, "value", False)
-            plain = gemv.kernel_matmul(x, w, b, config)
-            monkeypatch.setitem(gemv.DEPENDENT, "value", True)
-            assert torch.equal(gemv.kernel_matmul(x, w, b, config), plain)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = gemv.kernel_matmul(x, w, b, config)
-            graph.replay()
-            assert torch.equal(out, plain)
-
-
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed here (CUDA builds of torch ship it)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernel instead")
 def test_kernel_in_the_triton_interpreter(tmp_path: Path) -> None:

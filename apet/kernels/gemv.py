@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apet.kernels import dependent_launch
 from apet.kernels.device_timing import ColdTimer
 
 try:  # Triton ships with CUDA builds of torch
@@ -67,9 +66,6 @@ CUBLAS = None  # the choice that means F.linear
 _choices: dict[tuple, Config | None] = {}
 _kernel_choices: dict[tuple, Config | None] = {}  # the fastest configuration of the kernel, cuBLAS aside
 ENABLED = {"value": os.environ.get("APET_GEMV", "1") != "0"}
-# the dot form launched as a programmatic dependent (apet.kernels.dependent_launch) where that applies: off until
-# timed on a GPU (``APET_PDL_SKINNY=1``, scripts/gpu_profile.py ``:pdlskinny``); batch 4's decode runs these unfolded
-DEPENDENT = {"value": os.environ.get("APET_PDL_SKINNY", "0") == "1"}
 
 
 if triton is not None:
@@ -84,36 +80,21 @@ if triton is not None:
         return rn, rm, rk, rn < N, rm < M, w_ptr + rn[:, None] * stride_wn, x_ptr + rm[:, None] * stride_xm
 
     @triton.jit
-    def _dot_tiles(w_rows, x_rows, k, K, n_ok, m_ok, EVEN_K: tl.constexpr):
-        """The weight and x tiles of the dot form at columns ``k``."""
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
-        else:
-            k_ok = k < K
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        return w, x
-
-    @triton.jit
     def _skinny_matmul(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         rn, rm, rk, n_ok, m_ok, w_rows, x_rows = dot_tile(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_N, BLOCK_K)
-        if PDL:  # the first weight tile depends on no earlier kernel: in flight while that kernel finishes
-            w = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-            tl.extra.cuda.gdc_wait()  # x and the output buffer belong to earlier kernels
-            x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & (rk < K)[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w))
-            start = BLOCK_K
-        else:
-            acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-            start = 0
-        for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
-            w, x = _dot_tiles(w_rows, x_rows, k0 + rk, K, n_ok, m_ok, EVEN_K)
+        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            k = k0 + rk
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)
+            else:
+                k_ok = k < K
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
-        if PDL:  # the next kernel may start loading its weights
-            tl.extra.cuda.gdc_launch_dependents()
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -158,11 +139,10 @@ def kernel_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                         HAS_BIAS=bias is not None, EVEN_K=depth % config.block_k == 0, BLOCK_N=config.block_n,
                         BLOCK_K=config.block_k, STAGES=config.stages, num_warps=config.warps)
         return y
-    dependent_launch.launch(_skinny_matmul, grid, x2, weight, bias if bias is not None else weight, y, rows,
-                            out_features, depth, x2.stride(0), weight.stride(0), y.stride(0),
-                            pdl=DEPENDENT["value"] and dependent_launch.applies(x2.device), HAS_BIAS=bias is not None,
-                            EVEN_K=depth % config.block_k == 0, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                            STAGES=config.stages, num_warps=config.warps)
+    _skinny_matmul[grid](x2, weight, bias if bias is not None else weight, y, rows, out_features, depth,
+                         x2.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                         EVEN_K=depth % config.block_k == 0, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                         STAGES=config.stages, num_warps=config.warps)
     return y
 
 

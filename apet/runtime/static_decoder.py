@@ -56,8 +56,9 @@ def _(table: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(table)
 
 
-# off until timed on a GPU (``APET_ROTARY_ONCE=1``; scripts/gpu_profile.py ``:rotaryonce``): Inductor decides then
-ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "0") == "1"}
+# on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_ROTARY_ONCE=0`` (scripts/gpu_profile.py
+# ``:rotaryeach``) leaves the tables to Inductor, as before
+ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "1") != "0"}
 
 
 def computed_once(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -68,10 +69,10 @@ def computed_once(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
     Why: on the GPU, Inductor inlines a pointwise producer with few reads into each of its consumers (on the CPU a
     reuse heuristic realizes it). The rotary tables (cos, sin of the positions; M-RoPE's sections selected and
     concatenated) are read by every layer's q and k rotation, so the compiled prefill took sin and cos per
-    element of q and k in every layer: at Qwen2.5-VL-7B's 2,065-token prompt the two kernels that carry them were
-    5.1 of the prefill's 50 ms on the H200 (docs/benchmarks.md, "Prefill attention"). The copy is of
-    [B, T, head_dim] values, the same values computed once. The prefill only: a decode step's one row per layer
-    costs less than the copy's launch."""
+    element of q and k in every layer: at Qwen2.5-VL-7B's 2,065-token prompt the two kernels that carry them took
+    3.5 of the prefill's 48.4 ms on the H200, 0.66 ms once computed, and the prefill ran 1.8 ms faster
+    (docs/benchmarks.md, "Prefill levers timed"). The copy is of [B, T, head_dim] values, the same values computed
+    once. The prefill only: a decode step's one row per layer costs less than the copy's launch."""
     if not (ROTARY_ONCE["value"] and torch.compiler.is_compiling()):
         return tables
     return tuple(_computed_once(table) for table in tables)
