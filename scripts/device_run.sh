@@ -49,6 +49,8 @@
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
+#   towerattn       Qwen2.5-VL-7B 1344²'s vision-tower attention kernels alone (scripts/gpu_tower_attention.py: the
+#                   windows as varlen or one SDPA batch, full attention, each backend forced) (~1 minute)
 #   stagetests      tests/test_apet_stage.py on the GPU (its compiles need minutes on a fresh machine)
 #   prefill         the prefill's attention kernels alone (scripts/gpu_prefill_attention.py: FlashAttention varlen
 #                   against SDPA's causal kernels at the 7B prompt shapes), then LLaVA-1.5-7B (compile) and
@@ -290,6 +292,9 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
       python3 scripts/gpu_profile.py --out "$OUT/profile_qwen_${ratio}.json" "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile" \
         "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile:rotaryeach" 2>&1 | grep -E "prefill|ttft|failed"
     done
+    ;;
+  towerattn)  # Qwen2.5-VL-7B's tower attention kernels alone, every SDPA backend beside the fast path's
+    python3 scripts/gpu_tower_attention.py --out "$OUT/tower_attention.json" 2>&1 | grep -v Warning | cut -c1-260
     ;;
   stagetests)  # the stage kernels' GPU tests alone (a fresh machine compiles for minutes first)
     timeout 450 python3 -m pytest -q -p no:cacheprovider tests/test_apet_stage.py 2>&1 | tail -6
