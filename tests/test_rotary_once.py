@@ -2,8 +2,9 @@
 (apet.runtime.static_decoder.computed_once): an opaque copy that Inductor cannot inline into the consumers, where on
 the GPU it recomputed sin and cos inside every layer's q and k rotation (3.5 of 48.4 ms of Qwen2.5-VL-7B's
 2,065-token prefill on the H200; on by default since timed, ``static_decoder.ROTARY_ONCE``; scripts/gpu_profile.py
-``:rotaryeach`` turns it off). Checked on the tiny Qwen2.5-VL adapter's M-RoPE tables: the compiled code takes the tables through
-the copy and rotates with the values eager computes; eagerly nothing is copied; switched off, no copy."""
+``:rotaryeach`` turns it off). Checked on the tiny Qwen2.5-VL adapter's M-RoPE tables: the compiled code takes the
+tables through the copy and rotates with the values eager computes; eagerly nothing is copied; switched off, no
+copy."""
 
 from __future__ import annotations
 

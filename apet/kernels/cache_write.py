@@ -6,8 +6,8 @@ destination strides differ in every dimension but the last, and torch runs it in
 (per-element offset arithmetic, no vector loads): at LLaVA-NeXT-7B's 2,968-token prompt each such copy took 39 µs
 of a 24 MB tensor, 2.5 of the prefill's 70.6 ms on the H200 (docs/benchmarks.md, "Prefill attention"). Here one
 program copies a block of whole head rows (d contiguous elements) with vector loads: 13.4 µs a copy (the bytes take
-11.5), the prefill 0.8 ms faster (docs/benchmarks.md, "Prefill levers timed"; :data:`ENABLED`). Under ``torch.compile`` the assignment stays: Inductor writes the cache inside its rotary
-kernel.
+11.5), the prefill 0.8 ms faster (docs/benchmarks.md, "Prefill levers timed"; :data:`ENABLED`). Under
+``torch.compile`` the assignment stays: Inductor writes the cache inside its rotary kernel.
 
 Bit-exact: a copy (``tests/test_decoder_fused.py``, Triton's interpreter on CPU, the kernel on a GPU).
 """
@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     tl = None
 
 BLOCK_T = 16  # head rows per program
-# on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_CACHE_WRITE=0`` (scripts/gpu_profile.py
-# ``:cacheassign``): torch's assignment, as before
+# on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_CACHE_WRITE=0``
+# (scripts/gpu_profile.py ``:cacheassign``): torch's assignment, as before
 ENABLED = {"value": os.environ.get("APET_CACHE_WRITE", "1") != "0"}
 
 

@@ -56,8 +56,8 @@ def _(table: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(table)
 
 
-# on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_ROTARY_ONCE=0`` (scripts/gpu_profile.py
-# ``:rotaryeach``) leaves the tables to Inductor, as before
+# on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_ROTARY_ONCE=0``
+# (scripts/gpu_profile.py ``:rotaryeach``) leaves the tables to Inductor, as before
 ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "1") != "0"}
 
 
