@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_prefill_attention import graphed_us  # noqa: E402
-from gpu_variants import kernel_profile  # noqa: E402
+from gpu_prefill_attention import timed_variants  # noqa: E402
 
 from apet.atomic import write_atomic  # noqa: E402
 from apet.kernels.varlen import varlen_attention  # noqa: E402
@@ -66,21 +65,6 @@ def full_variants(q, k, v) -> dict[str, Callable[[], torch.Tensor]]:
     return found
 
 
-def measure(name: str, variants: dict[str, Callable[[], torch.Tensor]], reference: torch.Tensor) -> dict[str, Any]:
-    rows: dict[str, Any] = {}
-    for label, fn in variants.items():
-        try:
-            out = fn()
-            profile = kernel_profile(fn, count=4)
-            rows[label] = {**graphed_us(fn), "max_abs_error_vs_fp32": float((out.float() - reference).abs().max()),
-                           "kernels": [t["kernel"] for t in profile["top"]]}
-        except Exception as exc:  # a backend that refuses the shape: say why, keep measuring
-            rows[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        print(name, label, {k: v for k, v in rows[label].items() if k != "kernels"},
-              rows[label].get("kernels", [""])[0][:90], flush=True)
-    return rows
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -92,10 +76,11 @@ def main() -> int:
                               "cudnn": torch.backends.cudnn.version(),
                               "shape": {"patches": PATCHES, "heads": HEADS, "head_dim": HEAD_DIM, "window": WINDOW}}
     with torch.no_grad():
-        windows = [t.float().reshape(-1, WINDOW, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v)]
-        report["windows"] = measure("windows", window_variants(q, k, v), F.scaled_dot_product_attention(*windows))
-        full = [t.float().transpose(1, 2) for t in (q, k, v)]
-        report["full"] = measure("full", full_variants(q, k, v), F.scaled_dot_product_attention(*full))
+        windows = F.scaled_dot_product_attention(*(t.float().reshape(-1, WINDOW, HEADS, HEAD_DIM).transpose(1, 2)
+                                                   for t in (q, k, v)))
+        report["windows"] = timed_variants("windows", window_variants(q, k, v), windows)
+        full = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
+        report["full"] = timed_variants("full", full_variants(q, k, v), full)
     write_atomic(args.out, json.dumps(report, indent=1).encode())
     return 0
 
