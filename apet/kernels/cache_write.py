@@ -14,10 +14,9 @@ Bit-exact: a copy (``tests/test_decoder_fused.py``, Triton's interpreter on CPU,
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from apet import switches
 from apet.kernels import decoder_fused
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs never reach this path
@@ -30,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 BLOCK_T = 16  # head rows per program
 # on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_CACHE_WRITE=0``
 # (scripts/gpu_profile.py ``:cacheassign``): torch's assignment, as before
-ENABLED = {"value": os.environ.get("APET_CACHE_WRITE", "1") != "0"}
+ENABLED = {"value": switches.enabled("APET_CACHE_WRITE")}
 
 
 def available(values: torch.Tensor) -> bool:

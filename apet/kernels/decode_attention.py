@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from apet import switches
 from apet.kernels import dependent_launch
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs never reach this path
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
     tl = None
 
 BLOCK_T = 64  # cached positions per tile
-ENABLED = {"value": os.environ.get("APET_DECODE_ATTENTION", "1") != "0"}
+ENABLED = {"value": switches.enabled("APET_DECODE_ATTENTION")}
 
 
 def available(q: torch.Tensor, keys: torch.Tensor) -> bool:

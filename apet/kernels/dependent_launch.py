@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
+
+from apet import switches
 
 try:  # Triton ships with CUDA builds of torch
     import triton.language as tl
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 log = logging.getLogger(__name__)
-ENABLED = {"value": os.environ.get("APET_PDL", "1") != "0"}  # 0: every kernel waits for the previous one to end
+ENABLED = {"value": switches.enabled("APET_PDL")}  # 0: every kernel waits for the previous one to end
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Callable
 
 import torch
 
+from apet import switches
 from apet.kernels import activations, decoder_fused, dependent_launch, gemv
 from apet.kernels.device_timing import ColdTimer
 
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 log = logging.getLogger(__name__)
-ENABLED = {"value": os.environ.get("APET_FUSED_GEMV", "1") != "0"}  # 0: the norms and adds stay their own kernels
+ENABLED = {"value": switches.enabled("APET_FUSED_GEMV")}  # 0: the norms and adds stay their own kernels
 
 
 if triton is not None:

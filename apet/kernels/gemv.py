@@ -18,12 +18,12 @@ rows, calls are plain ``F.linear``. Under ``torch.compile`` the choice runs as t
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from apet import switches
 from apet.kernels.device_timing import ColdTimer
 
 try:  # Triton ships with CUDA builds of torch
@@ -65,7 +65,7 @@ CUBLAS = None  # the choice that means F.linear
 
 _choices: dict[tuple, Config | None] = {}
 _kernel_choices: dict[tuple, Config | None] = {}  # the fastest configuration of the kernel, cuBLAS aside
-ENABLED = {"value": os.environ.get("APET_GEMV", "1") != "0"}
+ENABLED = {"value": switches.enabled("APET_GEMV")}
 
 
 if triton is not None:

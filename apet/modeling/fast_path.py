@@ -14,14 +14,15 @@ It runs eagerly (never while tracing or exporting, so the exported graphs do not
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FAST_TOWERS: dict = {"enabled": os.environ.get("APET_FAST_TOWERS", "1") != "0", "off_cuda": False}
+from apet import switches
+
+FAST_TOWERS: dict = {"enabled": switches.enabled("APET_FAST_TOWERS"), "off_cuda": False}
 _FUSED = "_apet_fused_linear"
 
 

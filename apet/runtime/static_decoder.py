@@ -9,11 +9,10 @@ tensors.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from apet import switches
 from apet.contracts.cache import CacheLayout
 from apet.contracts.compression import Stage2Config
 from apet.kernels import cache_write, decode_attention
@@ -58,7 +57,7 @@ def _(table: torch.Tensor) -> torch.Tensor:
 
 # on since timed on the H200 (docs/benchmarks.md, "Prefill levers timed"); ``APET_ROTARY_ONCE=0``
 # (scripts/gpu_profile.py ``:rotaryeach``) leaves the tables to Inductor, as before
-ROTARY_ONCE = {"value": os.environ.get("APET_ROTARY_ONCE", "1") != "0"}
+ROTARY_ONCE = {"value": switches.enabled("APET_ROTARY_ONCE")}
 
 
 def computed_once(*tables: torch.Tensor) -> tuple[torch.Tensor, ...]:
