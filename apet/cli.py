@@ -17,6 +17,7 @@ from apet.extras import extra_error
 from apet.models.registry import family_of
 from apet.quiet import quiet_third_party
 from apet.runtime.backends.ort_options import GRAPH_REWRITES
+from apet.runtime.compiled import COMPILE_MODES
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +361,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                         "runtime runs (default); shared: in the bench's process, beside the torch path")
     p.add_argument("--compile", action="store_true", help="torch.compile every stage before graph capture "
                    "(minutes of compilation per budget; the fastest path)")
+    p.add_argument("--compile-mode", choices=tuple(COMPILE_MODES), default=None,
+                   help="with --compile (implied): max-autotune times Inductor's GEMM templates against cuBLAS for "
+                        "every matmul shape and keeps the fastest (more minutes of compilation)")
     p.add_argument("--baselines", default="hf,hf-static,paper",
                    help="comma list: hf (plain generate), hf-static (static cache, compiled decode), paper "
                         "(the authors' code path); empty for none")
@@ -425,7 +429,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       batches=numbers(args.batch, int), image_size=(width, height), prompt_tokens=args.prompt_tokens,
                       new_tokens=args.new_tokens,
                       repeats=args.repeats, device=args.device, cuda_graphs=not args.no_cuda_graphs,
-                      compile=args.compile, baselines=baselines,
+                      compile=args.compile or args.compile_mode is not None,
+                      compile_mode=args.compile_mode or "default", baselines=baselines,
                       backends=tuple(b for b in args.backends.split(",") if b),
                       weights=tuple(w for w in args.weights.split(",") if w), group_size=args.group_size,
                       attention=args.attention, kv_cache=args.kv_cache, ort_artifact=args.ort_artifact,

@@ -49,6 +49,9 @@
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
+#   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
+#                   mode and in max-autotune (its GEMM templates timed against cuBLAS per shape), one process
+#                   (scripts/gpu_profile.py :autotune; the second compile takes minutes) -> $OUT/profile_autotune_*.json
 #   towerattn       Qwen2.5-VL-7B 1344²'s vision-tower attention kernels alone (scripts/gpu_tower_attention.py: the
 #                   windows as varlen or one SDPA batch, full attention, each backend forced) (~1 minute)
 #   stagetests      tests/test_apet_stage.py on the GPU (its compiles need minutes on a fresh machine)
@@ -292,6 +295,12 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
       python3 scripts/gpu_profile.py --out "$OUT/profile_qwen_${ratio}.json" "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile" \
         "qwen2.5-vl-7b-shapes:1344x1344:$ratio:compile:rotaryeach" 2>&1 | grep -E "prefill|ttft|failed"
     done
+    ;;
+  autotune)  # autotune llava|qwen: the compiled path in Inductor's default mode and in max-autotune, one process
+    case="llava-shapes:1x1:b1:r0.11:s2"  # LLaVA-1.5-7B's 136-token prefill, its TTFT
+    [ "${1:-llava}" = qwen ] && case="qwen2.5-vl-7b-shapes:1344x1344:r1.0"  # Qwen2.5-VL-7B's 2,065-token prefill
+    timeout 580 python3 scripts/gpu_profile.py --out "$OUT/profile_autotune_${1:-llava}.json" "$case:compile" \
+      "$case:autotune" 2>&1 | grep -E "prefill|ttft|vision|failed" | cut -c1-300
     ;;
   towerattn)  # Qwen2.5-VL-7B's tower attention kernels alone, every SDPA backend beside the fast path's
     python3 scripts/gpu_tower_attention.py --out "$OUT/tower_attention.json" 2>&1 | grep -v Warning | cut -c1-260

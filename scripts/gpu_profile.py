@@ -3,7 +3,7 @@
   python scripts/gpu_profile.py --out profile.json llava-shapes:1x1:b1:r0.11:s2:compile qwen2.5-vl-7b-shapes:1344x1344
 
 Each case is ``MODEL`` followed by any of ``:WxH :bN :rRATIO :sSTAGES :compile :sdpa :cublas :unfolded :nopdl
-:perimageops :packed :rotaryeach :cacheassign``
+:perimageops :packed :rotaryeach :cacheassign :autotune``
 (``sdpa``: decode attends through SDPA, not :mod:`apet.kernels.decode_attention`; ``cublas``: every skinny matmul is
 cuBLAS, not :mod:`apet.kernels.gemv`'s measured choice; both together are the path before stop 35; ``unfolded``: the
 norms, silu·mul and residual adds stay their own kernels, not folded into the one-row projections,
@@ -14,7 +14,8 @@ packed segments, FlashAttention varlen, as before the causal form, ``StaticDecod
 ``rotaryeach``: under ``--compile`` the prefill's rotary tables are left to Inductor (inlined into every layer's
 kernel), as before stop 52, not computed once, ``apet.runtime.static_decoder.ROTARY_ONCE``; ``cacheassign``: the
 uncompiled prefill writes its keys and values into the cache by torch's assignment, as before stop 52, not with
-:mod:`apet.kernels.cache_write`).
+:mod:`apet.kernels.cache_write`; ``autotune``: compiled in ``max-autotune`` mode, Inductor's GEMM templates timed
+against cuBLAS per matmul shape, :mod:`apet.runtime.compiled`).
 For every stage of the apet path (vision tower,
 ApET stage 1, projector, prefill, one decode step, ApET stage 2) it records the median time of its captured
 CUDA graph, the stage's floor (apet.bench.flops, as the bench computes it), the number of kernels and their
@@ -49,7 +50,7 @@ FLAGS: dict[str, dict[str, Any]] = {  # a case's named switches (see the module 
     "compile": {"compile": True}, "sdpa": {"decode_attention": False}, "cublas": {"gemv": False},
     "unfolded": {"fold": False}, "nopdl": {"pdl": False}, "perimageops": {"per_image_kernel": False},
     "packed": {"prefill_attention": "packed"}, "rotaryeach": {"rotary_once": False},
-    "cacheassign": {"cache_kernel": False}}
+    "cacheassign": {"cache_kernel": False}, "autotune": {"compile": True, "compile_mode": "max-autotune"}}
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def parse_case(text: str) -> dict[str, Any]:
     case: dict[str, Any] = {"model": model, "size": (640, 480), "batch": 1, "ratio": 0.11, "stages": 1,
                             "compile": False, "decode_attention": True, "gemv": True, "fold": True, "pdl": True,
                             "per_image_kernel": True, "prefill_attention": "auto",
-                            "rotary_once": True, "cache_kernel": True}
+                            "rotary_once": True, "cache_kernel": True, "compile_mode": "default"}
     for part in parts:
         if part in FLAGS:
             case.update(FLAGS[part])
@@ -78,7 +79,7 @@ def profile_case(adapter: Any, case: dict[str, Any], ceilings: dict[str, float])
     plan = _plan(adapter, case["ratio"], case["stages"])
     t0 = time.perf_counter()
     path = ApetPath(adapter, plan, request, graphs=True, compile=case["compile"], max_context=4096 + 512,
-                    prefill_attention=case["prefill_attention"])
+                    prefill_attention=case["prefill_attention"], compile_mode=case["compile_mode"])
     setup_s = time.perf_counter() - t0
     tokens, keep = int(path.features.shape[1]), int(path.kept[1].shape[1])
     costs, _ = stage_costs(adapter, plan.stage1, plan.stage2, request, plan.stage1.basis, tokens, keep,

@@ -303,3 +303,22 @@ def test_the_request_span_starts_from_the_host_arrays(tiny_adapter) -> None:
         want = timed_path_logits()
         assert (want - path.prefill(**path.prefill_inputs)).abs().max() > 1e-3  # other pixels, other logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, compiled, mode", [([], False, "default"), (["--compile"], True, "default"),
+                                                    (["--compile-mode", "max-autotune"], True, "max-autotune")])
+def test_compile_mode_implies_compile(monkeypatch, tmp_path, flags, compiled, mode):
+    """``apet-bench --compile-mode max-autotune`` compiles (the mode needs a compile) in that mode."""
+    from apet.bench import run
+    from apet.cli import main
+
+    seen = []
+
+    def run_bench(cfg):  # what the command hands the bench, and the report it then prints
+        seen.append(cfg)
+        cfg.out.mkdir()
+        (cfg.out / "results.md").write_text("report")
+
+    monkeypatch.setattr(run, "run_bench", run_bench)
+    assert main(["bench", "--model", "tiny", "--no-baselines", "--out", str(tmp_path / "b"), *flags]) == 0
+    assert (seen[0].compile, seen[0].compile_mode) == (compiled, mode)

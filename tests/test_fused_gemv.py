@@ -325,6 +325,23 @@ def test_compile_measured_runs_the_call_eagerly_once_before_the_trace(monkeypatc
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("mode, torch_mode", [("default", None), ("max-autotune", "max-autotune-no-cudagraphs")])
+def test_compile_measured_passes_the_compile_mode_without_inductors_cuda_graphs(monkeypatch, mode, torch_mode) -> None:
+    """``--compile-mode max-autotune`` reaches torch.compile as Inductor's mode without its own CUDA graphs (apet
+    captures every stage itself); the default passes no mode at all; an unknown mode is refused before compiling."""
+    from apet.errors import UsageError
+    from apet.runtime.compiled import compile_measured
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: seen.append(kw) or f)
+    call = compile_measured(lambda x: x + 1, mode)
+    torch.testing.assert_close(call(torch.ones(2)), torch.full((2,), 2.0))
+    assert seen == [{"dynamic": False, **({"mode": torch_mode} if torch_mode else {})}]
+    with pytest.raises(UsageError, match="compile mode 'autotune' is unknown.*default, max-autotune"):
+        compile_measured(lambda x: x, "autotune")
+    assert len(seen) == 1
+
+
 def test_nothing_folds_off_the_gpu_without_the_interpreter(monkeypatch) -> None:
     """On CPU (no interpreter) the fused layer is the unfused modules' computation exactly."""
     from apet.kernels import fused_gemv

@@ -189,7 +189,8 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    variant = ", compiled" if results["config"].get("compile") else ""
+    mode = results["config"].get("compile_mode", "default")
+    variant = (", compiled" + (f" ({mode})" if mode != "default" else "")) if results["config"].get("compile") else ""
     variant += ", CUDA graphs" if results["config"]["cuda_graphs"] else ""
     hf_runs = results["baselines"].get("hf_generate", {})
     for batch in sorted({r["batch"] for r in results["runs"]}):

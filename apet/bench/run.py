@@ -62,6 +62,7 @@ class BenchConfig:
     device: str = "auto"
     cuda_graphs: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # apet.runtime.compiled.COMPILE_MODES (with compile)
     baselines: tuple[str, ...] = BASELINES
     backends: tuple[str, ...] = ("torch",)
     # (width, height) of the synthetic image: sets LLaVA-NeXT's views and Qwen2.5-VL's token count
@@ -207,7 +208,7 @@ def bench_ratio(adapter: VisionLanguageAdapter, cfg: BenchConfig, ceilings: dict
     fmt, per_weight = _weight_format(adapter)
     leftover = _release_memory(device, weights)
     path = ApetPath(adapter, plan, request, graphs=cfg.cuda_graphs, compile=cfg.compile,
-                    max_context=_max_context(adapter, cfg))
+                    max_context=_max_context(adapter, cfg), compile_mode=cfg.compile_mode)
     path.generate()  # warm-up
     runs = [path.generate()[1] for _ in range(cfg.repeats)]
     stages = {k: v.to_json() for k, v in path.stage_timings(cfg.repeats * 3).items()}

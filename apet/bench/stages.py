@@ -71,7 +71,7 @@ class ApetPath:
 
     def __init__(self, adapter: VisionLanguageAdapter, plan: CompressionPlan, request: Request, graphs: bool,
                  fuse: bool = True, compile: bool = False, max_context: int = 2048,
-                 prefill_attention: str = "auto") -> None:
+                 prefill_attention: str = "auto", compile_mode: str = "default") -> None:
         self.adapter, self.plan, self.request = adapter, plan, request
         stage1, stage2 = plan.stage1, plan.stage2
         _, inputs, make_layout = synthetic_request(adapter, plan, request, max_context)
@@ -81,7 +81,7 @@ class ApetPath:
         self.max_context = max_context
         self.decoder = StaticDecoder(adapter, stage2, request.batch, self.max_context, fuse=fuse,
                                      prefill_attention=prefill_attention)
-        maybe = compile_measured if compile else (lambda fn: fn)
+        maybe = (lambda fn: compile_measured(fn, compile_mode)) if compile else (lambda fn: fn)
         self.table = embedding_table(adapter)
         device = adapter.device
         pool = torch.cuda.graph_pool_handle() if graphs and device.type == "cuda" else None

@@ -24,7 +24,7 @@ from apet.modeling.reference import Reference, ReferenceState
 from apet.models.family import Layout
 from apet.models.registry import family_of
 from apet.runtime.backends.base import Backend, VisionOutput
-from apet.runtime.compiled import compile_measured
+from apet.runtime.compiled import check_compile_mode, compile_measured
 
 
 def load_source_adapter(manifest: Manifest, checkpoint: str | None, device: str) -> VisionLanguageAdapter:
@@ -71,7 +71,8 @@ class TorchBackend(Backend):
         if mode == "static":
             return StaticTorchBackend(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
                                       adapter=options.get("adapter"), cuda_graphs=options.get("cuda_graphs", True),
-                                      compile=options.get("compile", False))
+                                      compile=options.get("compile", False),
+                                      compile_mode=options.get("compile_mode", "default"))
         return cls(artifact_dir, manifest, device=device, checkpoint=options.get("checkpoint"),
                    adapter=options.get("adapter"))
 
@@ -172,7 +173,7 @@ class StaticTorchBackend(TorchBackend):
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cuda", checkpoint: str | None = None,
                  adapter: VisionLanguageAdapter | None = None, cuda_graphs: bool = True, bucket: int = 16,
-                 compile: bool = False) -> None:
+                 compile: bool = False, compile_mode: str = "default") -> None:
         super().__init__(artifact_dir, manifest, device, checkpoint, adapter)
         from apet.runtime.static_decoder import StaticDecoder
 
@@ -185,7 +186,7 @@ class StaticTorchBackend(TorchBackend):
         self.use_graphs = cuda_graphs and on_gpu
         if on_gpu:
             self.reference.vision.prepare_fast()  # the tower's fused weights, before a compile traces it
-        self.compile = compile
+        self.compile, self.compile_mode = compile, check_compile_mode(compile_mode)
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.bucket = bucket
         self.padding = 0
@@ -196,7 +197,7 @@ class StaticTorchBackend(TorchBackend):
         from apet.runtime.cuda_graphs import GraphedCall
 
         if key not in self.calls:
-            fn = compile_measured(fn) if self.compile else fn
+            fn = compile_measured(fn, self.compile_mode) if self.compile else fn
             self.calls[key] = GraphedCall(fn, example, enabled=self.use_graphs, pool=self.pool,
                                           before_capture=before_capture)
         return self.calls[key]
