@@ -47,6 +47,9 @@
 #   ortkernels-env DIR [SETTING ...]  the first token apart under ONNX Runtime's attention-kernel environment
 #                   switches (VAR=VALUE[,VAR=VALUE]; default: cuDNN prefill attention off, XQA decode off, both);
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
+#   firsttoken      ONNX Runtime's first-token graph (vision, splice, prefill in one run) against the two sessions
+#                   on a tiny fp16 artifact: indices, rows, logits, its CUDA graph replayed (ort_first_token_check.py);
+#                   its time at 7B: ortstatic DIR - ft default,first-token, orttime DIR "default;default,first-token"
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
@@ -230,6 +233,10 @@ PY
     wait_export "$1" 540
     python3 scripts/ort_vision_fidelity.py "/tmp/$1" --model llava-shapes --images "${2:-8}" \
       --out "$OUT/ort_vision_fidelity.json" 2>&1 | grep -v "W:onnxruntime" | tail -5
+    ;;
+  firsttoken)  # the first-token graph against the two sessions on a tiny fp16 artifact (CUDA kernels, CUDA graphs)
+    python3 scripts/ort_first_token_check.py --out "$OUT/ort_first_token_check.json" 2>&1 | grep -v "W:onnxruntime" \
+      | grep -E "batch|graphs|agree|DISAGREE|Error" | cut -c1-600
     ;;
   orttime)  # orttime DIR [SETS]: the first token's parts (ort_ttft_parts) and where each phase's wall time goes
     # around its GPU work (ort_gpu_kernels' timeline); prefix ORT_ENABLE_XQA=0 etc. to try a kernel choice

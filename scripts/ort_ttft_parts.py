@@ -45,9 +45,8 @@ def parts(artifact: Path, cuda_graphs: bool, repeats: int, rewrites: tuple[str, 
     layout = make_layout(visual.keep_index)
     state: dict[str, Any] = {}
 
-    def first_token() -> None:
-        seen = backend.encode(inputs)
-        state["logits"] = backend.prefill(make_layout(seen.keep_index), seen)
+    def first_token() -> None:  # as a request runs it (with first-token: vision and prefill in one graph)
+        state["logits"] = backend.first_token(inputs, make_layout).logits
         state["mask"] = layout.attention_mask
 
     def decode_step() -> None:  # greedy, one position further each call (the static cache holds them)

@@ -93,18 +93,12 @@ FIRST_TOKEN_STEPS = ("encode", "layout", "prefill")
 def timed_first_token(backend: Any, inputs: Any, make_layout: Any, steps: dict[str, list[float]]) -> tuple:
     """One first token through ``backend`` (vision encode, the layout from its kept indices, prefill) -> (visual,
     layout, logits), each step's wall ms appended to ``steps`` under :data:`FIRST_TOKEN_STEPS`: where a first token's
-    time goes inside back-to-back requests (``apet-bench``'s ORT run and ``scripts/ort_ttft_parts.py``)."""
-    import time
-
-    t0 = time.perf_counter()
-    visual = backend.encode(inputs)
-    t1 = time.perf_counter()
-    layout = make_layout(visual.keep_index)
-    t2 = time.perf_counter()
-    logits = backend.prefill(layout, visual)
-    for name, ms in zip(FIRST_TOKEN_STEPS, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-        steps.setdefault(name, []).append(ms * 1e3)
-    return visual, layout, logits
+    time goes inside back-to-back requests (``apet-bench``'s ORT run and ``scripts/ort_ttft_parts.py``); a backend
+    that runs vision and prefill as one graph (``first-token``) reports them together as the prefill."""
+    first = backend.first_token(inputs, make_layout)
+    for name, ms in zip(FIRST_TOKEN_STEPS, (first.vision_ms, first.layout_ms, first.prefill_ms)):
+        steps.setdefault(name, []).append(ms)
+    return first.visual, first.layout, first.logits
 
 
 def tokenizer_dir(directory: Path | None) -> Path | None:

@@ -86,6 +86,10 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
 class Processor(ABC):
     """Runtime half of a family for one artifact (torch-free)."""
 
+    # whether :meth:`layout` reads the kept indices' values, not only how many rows each image keeps: where it
+    # does not, a backend may lay the prompt out before the vision graph runs (ONNX Runtime's ``first-token``)
+    layout_reads_kept_values: bool = True
+
     def __init__(self, artifact_dir: Path | None, manifest: "Manifest") -> None:
         self.artifact_dir = None if artifact_dir is None else Path(artifact_dir)
         self.manifest = manifest

@@ -20,6 +20,8 @@ from apet.models.prompt import check_context, prompt_encoder, single_span_layout
 
 
 class InternVLProcessor(Processor):
+    layout_reads_kept_values = False  # K rows per view, the views' count from the tiling
+
     def __init__(self, artifact_dir: Path | None, manifest: Any) -> None:
         super().__init__(artifact_dir, manifest)
         self.recipe = TileRecipe.from_json(manifest.model.processor)

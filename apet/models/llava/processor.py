@@ -15,6 +15,8 @@ from apet.models.shared.clip import ClipRecipe, preprocess
 
 
 class LlavaProcessor(Processor):
+    layout_reads_kept_values = False  # one span of K rows per image, wherever they came from
+
     def __init__(self, artifact_dir: Path | None, manifest: Any) -> None:
         super().__init__(artifact_dir, manifest)
         self.recipe = ClipRecipe.from_json(manifest.model.processor)

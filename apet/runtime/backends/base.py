@@ -9,7 +9,9 @@ run, so a backend never re-checks what the base class checked.
 from __future__ import annotations
 
 import sys
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -40,6 +42,20 @@ class VisionOutput:
                    injected=outputs.get(INJECTED_EMBEDS))
 
 
+@dataclass
+class FirstToken:
+    """A request's first token: the vision output, the layout around its kept indices, the prefill's logits, and
+    each step's wall ms. A backend that runs vision and prefill as one graph reports their time as ``prefill_ms``
+    (``vision_ms`` 0)."""
+
+    visual: VisionOutput
+    layout: Layout
+    logits: np.ndarray  # float32 [B, V]
+    vision_ms: float
+    layout_ms: float
+    prefill_ms: float
+
+
 class Backend(ABC):
     """Runs the artifact's vision and language graphs; owns the KV cache between calls."""
 
@@ -65,12 +81,29 @@ class Backend(ABC):
 
     def prefill(self, layout: Layout, visual: VisionOutput) -> np.ndarray:
         """Whole prompts (visual rows spliced in) -> float32 logits [B, V]; starts a new cache."""
+        self.check_prompt(layout)
+        return self._prefill(layout, visual)
+
+    def first_token(self, inputs: VisionInputs, layout_for: Callable[[np.ndarray], Layout]) -> FirstToken:
+        """The vision graph, the prompt laid out around its kept indices (``layout_for``) and the prefill: a
+        request's first token. A backend may run them as one (:class:`FirstToken`)."""
+        start = time.perf_counter()
+        visual = self.encode(inputs)
+        self.synchronize()
+        encoded = time.perf_counter()
+        layout = layout_for(visual.keep_index)
+        laid_out = time.perf_counter()
+        logits = self.prefill(layout, visual)
+        return FirstToken(visual, layout, logits, (encoded - start) * 1e3, (laid_out - encoded) * 1e3,
+                          (time.perf_counter() - laid_out) * 1e3)
+
+    def check_prompt(self, layout: Layout) -> None:
+        """Refuse a prefill the backend cannot run: its batch, or a prompt longer than the artifact's context."""
         self.check_request(layout.batch, layout.token_ids.shape[1], 1)
         if layout.token_ids.shape[1] > self.manifest.max_context:
             raise InputError(f"a prompt of {layout.token_ids.shape[1]} tokens exceeds the artifact's max_context "
                              f"{self.manifest.max_context}",
                              "shorten the prompt or re-export with apet-export --max-context")
-        return self._prefill(layout, visual)
 
     def decode(self, token_ids: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One new token per row [B] with the full mask [B, P+1] and its positions -> float32 logits [B, V]."""

@@ -10,19 +10,23 @@ With ``profile_dir`` both sessions are profiled until :meth:`OnnxRuntimeBackend.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
+import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from apet import scopes
 from apet.contracts.io import (
     IMAGE_START,
     INJECTED_EMBEDS,
     INJECTED_ROWS,
+    KEEP_INDEX,
     LOGITS,
     STAGE2_INDEX,
     past_names,
@@ -30,16 +34,20 @@ from apet.contracts.io import (
 )
 from apet.errors import BackendError, option
 from apet.manifest import Manifest
-from apet.models.family import Layout
+from apet.models.family import Layout, VisionInputs
+from apet.models.registry import family_of
 from apet.runtime.backends.base import (
     Backend,
+    FirstToken,
     VisionOutput,
     injected_inputs,
     load_embedding_table,
     no_injected,
     splice_numpy,
 )
-from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm
+from apet.runtime.backends.ort_first_token import VISION_OUTPUTS as FIRST_TOKEN_VISION
+from apet.runtime.backends.ort_first_token import VisionPart, splice_feeds
+from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm, fixed_shapes, typed_inputs
 from apet.runtime.backends.ort_options import (
     CUDA_PROVIDER,
     check_provider,
@@ -50,6 +58,9 @@ from apet.runtime.backends.ort_options import (
 )
 from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.backends.ort_static import StaticKV
+from apet.runtime.backends.ort_vision import load_for_graphs
+
+log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -94,14 +105,18 @@ class OnnxRuntimeBackend(Backend):
                              SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs),
                              VisionSessionForm.of(self.rewrites))
         self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
-        self.vision = None if self.graphed_vision is not None else self._vision_session()
+        # first-token: vision, splice and prefill as one graph (ort_first_token.py), where it applies
+        profiled = self._profile_dir is not None or profile_dir is not None
+        first_vision = self._first_token_vision(vision_path, profiled) if "first-token" in self.rewrites else None
+        self.vision = None if self.graphed_vision is not None or first_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
                                                                          self.device_type, cuda_graphs,
                                                                          decode_attention, self.rewrites),
-                               np.float16 if manifest.dtype == "fp16" else np.float32) \
+                               np.float16 if manifest.dtype == "fp16" else np.float32, first_vision) \
             if manifest.kv_cache == "static" else None
-        self.llm = self.static.prefill_session if self.static is not None else \
+        self.first_vision = first_vision
+        self.llm = self.static.entry_session if self.static is not None else \
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         check_provider(self.llm, wanted)
         self.dtype = np.float16 if manifest.dtype == "fp16" else np.float32
@@ -114,6 +129,64 @@ class OnnxRuntimeBackend(Backend):
         self.past: list = []
         self.image_start: np.ndarray | None = None
         self.stage2_index: np.ndarray | None = None
+
+    def _first_token_vision(self, vision_path: Path, profiled: bool) -> VisionPart | None:
+        """The vision graph for the first-token graph (the form the vision session would run), or None where the
+        rewrite does not apply (logged: vision and prefill then run apart, as without it)."""
+        manifest, spec = self.manifest, self.manifest.graphs["vision"]
+        why = None
+        if manifest.kv_cache != "static":
+            why = "it joins the static-KV form's prefill (apet-export --kv-cache static)"
+        elif profiled:
+            why = "a profiled run times the vision graph in its own session"
+        elif manifest.model.decoder.injected_layers:
+            why = "the LLM takes per-layer visual inputs"
+        elif family_of(manifest).processor(self.artifact_dir, manifest).layout_reads_kept_values:
+            why = f"the {manifest.model.family} layout reads the kept indices, known only after the vision graph"
+        elif fixed_shapes(spec.inputs, 1) is None or fixed_shapes(spec.outputs, 1) is None:
+            why = "the vision graph has dims besides the batch"
+        if why is not None:
+            log.warning("the first-token rewrite does not apply: %s; vision and prefill run apart", why)
+            return None
+        if self.graphed_vision is None:
+            return VisionPart(onnx.load(str(vision_path)))
+        form = self.graphed_vision.form
+        model, cast = load_for_graphs(vision_path, form.token_layout, form.cast_inputs, form.skip_layer_norms,
+                                      form.pack_projections)
+        model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        return VisionPart(model, cast, form.disabled_optimizers)
+
+    def first_token(self, inputs: VisionInputs, layout_for: Callable[[np.ndarray], Layout]) -> FirstToken:
+        """With first-token: the prompt laid out first (the family's layout reads only how many rows an image
+        keeps: zeros of the vision graph's kept-index shape stand in), then vision, splice and prefill in one run."""
+        runs = inputs.all_runs()
+        if self.first_vision is None or len(runs) != 1:
+            return super().first_token(inputs, layout_for)
+        self.check_batch(inputs.items)
+        arrays = runs[0]
+        spec = self.manifest.graphs["vision"]
+        rows = int(next(iter(arrays.values())).shape[0])
+        keep_shape = fixed_shapes(spec.outputs, rows)[KEEP_INDEX][0]
+        start = time.perf_counter()
+        layout = layout_for(np.zeros(keep_shape, dtype=np.int64))
+        laid_out = time.perf_counter()
+        self.check_prompt(layout)
+        if not self.static.takes_first_token(layout.attention_mask):  # left padding: vision, then the exported prompt
+            visual = self.encode(inputs)
+            encoded = time.perf_counter()
+            logits = self.prefill(layout, visual)
+            return FirstToken(visual, layout, logits, (encoded - laid_out) * 1e3, (laid_out - start) * 1e3,
+                              (time.perf_counter() - encoded) * 1e3)
+        self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
+        graph_types = {entry["name"]: np.dtype(entry["dtype"]).type for entry in spec.inputs}
+        feeds = {**typed_inputs(arrays, self.first_vision.float32_inputs, graph_types),
+                 **splice_feeds(self.table, layout.token_ids, layout.visual_rows, int(np.prod(keep_shape))),
+                 **self._feeds(None, layout.positions, layout.attention_mask)}
+        values = self.static.first_token(feeds, *layout.token_ids.shape)
+        self.stage2_index = self.static.stage2_index
+        visual = VisionOutput.of({name: values[graph_name] for name, graph_name in FIRST_TOKEN_VISION.items()})
+        return FirstToken(visual, layout, values[LOGITS][:, -1].astype(np.float32), 0.0, (laid_out - start) * 1e3,
+                          (time.perf_counter() - laid_out) * 1e3)
 
     def _encode(self, arrays: dict[str, np.ndarray]) -> VisionOutput:
         if self.graphed_vision is not None:  # it types the arrays itself (float inputs may be cast on the device)
@@ -146,12 +219,14 @@ class OnnxRuntimeBackend(Backend):
         zeros = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=self.dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type) for _ in self.past_names]
 
-    def _feeds(self, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+    def _feeds(self, embeds: np.ndarray | None, positions: np.ndarray, mask: np.ndarray,
                injected: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """The LLM graph's inputs besides the cache, as host arrays by name."""
-        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=self.dtype),
-                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
+        """The LLM graph's inputs besides the cache, as host arrays by name (``embeds`` None: the first-token graph
+        computes them)."""
+        feeds = {"position_ids": np.ascontiguousarray(positions, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(mask, dtype=np.int64)}
+        if embeds is not None:
+            feeds["inputs_embeds"] = np.ascontiguousarray(embeds, dtype=self.dtype)
         if self.has_image_start:
             feeds[IMAGE_START] = self.image_start
         if self.injected_layers:

@@ -33,6 +33,19 @@ def fixed_shapes(specs: list[dict], batch: int) -> dict[str, tuple[tuple[int, ..
     return shapes
 
 
+def typed_inputs(arrays: dict[str, np.ndarray], float32_inputs: frozenset[str],
+                 graph_types: dict[str, type]) -> dict[str, np.ndarray]:
+    """Each array as the vision graph takes it: its graph type, or float32 for an input the graph casts on the
+    device (a float64 array rounded to the graph's type first, so the device's cast leaves it as the host's would)."""
+    typed = {}
+    for name, array in arrays.items():
+        kind = np.float32 if name in float32_inputs else graph_types[name]
+        if name in float32_inputs and array.dtype != np.float32:
+            array = array.astype(graph_types[name])
+        typed[name] = array if array.dtype == kind else array.astype(kind)
+    return typed
+
+
 @dataclass(frozen=True)
 class VisionSessionForm:
     """How the graphed vision session is made (:mod:`.ort_vision`): its attention in token layout and its float16
@@ -99,15 +112,7 @@ class GraphedVision:
             return self(arrays)
 
     def _typed(self, arrays: dict[str, np.ndarray], run: FixedRun) -> dict[str, np.ndarray]:
-        """Each array as its bound buffer's type; an input cast on the device is sent as float32 (a float64 array
-        is rounded to the graph's type first, so the device's cast leaves it as the host's would)."""
-        typed = {}
-        for name, array in arrays.items():
-            kind = run.input_types[name]
-            if name in self._float32_inputs and array.dtype != np.float32:
-                array = array.astype(self._graph_types[name])
-            typed[name] = array if array.dtype == kind else array.astype(kind)
-        return typed
+        return typed_inputs(arrays, self._float32_inputs, self._graph_types)
 
     def _run(self, batch: int) -> FixedRun | None:
         if self._model is None:

@@ -50,6 +50,7 @@ from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_bound_weights import BoundWeights
 from apet.runtime.backends.ort_device_shapes import to_device
+from apet.runtime.backends.ort_first_token import FirstTokenRun, VisionPart, compose
 from apet.runtime.backends.ort_gqa import (
     GqaGraph,
     NotRewritable,
@@ -68,7 +69,8 @@ log = logging.getLogger(__name__)
 class StaticKV:
     """Prefill and decode of the static-KV graphs; owns the caches of the current batch size."""
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, setup: SessionSetup, dtype: Any) -> None:
+    def __init__(self, artifact_dir: Path, manifest: Manifest, setup: SessionSetup, dtype: Any,
+                 vision: VisionPart | None = None) -> None:
         spec = manifest.model.decoder
         self.manifest, self.setup, self.dtype = manifest, setup, dtype
         self.num_layers, self.max_context = spec.num_layers, manifest.max_context
@@ -92,13 +94,14 @@ class StaticKV:
         self.gqa_model = self.gqa.model.SerializeToString() if self.gqa is not None else None
         # the prefill session (rewritten where decode is); the exported one only for left-padded batches then
         self.prompt_graphs: PromptGraphs | None = None
-        if self.gqa_prompt is not None:
-            if setup.graphs:  # shape values read as data reach the device without copies (CUDA graphs allow none)
-                to_device(self.gqa_prompt.model, self.gqa_prompt.host_inputs)
-            self.prefill_session = self._prompt_session(self.gqa_prompt.model.SerializeToString(), artifact_dir)
-        else:
-            self.prefill_session = setup.session(self.prefill_path)
-        self.exported_prefill = None if self.gqa_prompt is not None else self.prefill_session
+        if self.gqa_prompt is not None and setup.graphs:
+            # shape values read as data reach the device without copies (CUDA graphs allow none)
+            to_device(self.gqa_prompt.model, self.gqa_prompt.host_inputs)
+        # with ``vision`` (first-token) the first tokens run in one graph with the vision graph, and the prefill's own
+        # session (another copy of the weights) is made only where a prompt needs it
+        self.first = self._first_token_run(vision) if vision is not None else None
+        self._prefill_session = None if self.first is not None else self._make_prefill_session()
+        self.exported_prefill = None if self.gqa_prompt is not None else self._prefill_session
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size, without CUDA graphs
         self.graph_sessions: dict[bool, GraphSessions] = {}  # gqa? -> the decode sessions with CUDA graphs
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
@@ -141,6 +144,46 @@ class StaticKV:
         log.info("%s runs as exported (%s)", path.name, reason)
         return None
 
+    @property
+    def prefill_session(self) -> Any:
+        """The prefill's own session (made on first use where first tokens run in one graph with the vision)."""
+        if self._prefill_session is None:
+            self._prefill_session = self._make_prefill_session()
+            if self.gqa_prompt is None:
+                self.exported_prefill = self._prefill_session
+        return self._prefill_session
+
+    @property
+    def entry_session(self) -> Any:
+        """The session a request's prompt enters first: the first-token graph's, else the prefill's."""
+        return self.first.session if self.first is not None else self.prefill_session
+
+    def _make_prefill_session(self) -> Any:
+        if self.gqa_prompt is not None:
+            return self._prompt_session(self.gqa_prompt.model.SerializeToString(), self.weights_dir)
+        return self.setup.session(self.prefill_path)
+
+    def _first_token_run(self, vision: VisionPart) -> FirstTokenRun:
+        """The first-token graph (:mod:`.ort_first_token`) over the prefill this backend runs; its session with a
+        CUDA graph per prompt shape where CUDA graphs are asked for and ONNX Runtime accepts them."""
+        prompt = self.gqa_prompt.model if self.gqa_prompt is not None else load_structure(self.prefill_path)
+        model = compose(vision.model, prompt).SerializeToString()
+        if self.setup.graphs:
+            try:
+                session = self.setup.session(model, None, self.weights_dir, shape_graphs=True,
+                                             disabled_optimizers=vision.disabled_optimizers)
+            except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
+                log.warning("the first-token graph runs without CUDA graphs: %s", str(err).splitlines()[0])
+            else:
+                return FirstTokenRun(session, PromptGraphs(session, self.setup, bound=self.prompt_weights))
+        return FirstTokenRun(self.setup.session(model, None, self.weights_dir,
+                                                disabled_optimizers=vision.disabled_optimizers), None)
+
+    def takes_first_token(self, attention_mask: np.ndarray) -> bool:
+        """Whether a prompt with this mask runs in the first-token graph: where there is one, and its prefill reads
+        left padding (the rewritten prompt does not: a padded batch runs the exported graph, after the vision's)."""
+        return self.first is not None and (self.gqa_prompt is None or bool(np.all(attention_mask)))
+
     def _prompt_session(self, model: bytes, weights_dir: Path) -> object:
         """The rewritten prefill's session: with a CUDA graph per prompt shape where CUDA graphs are asked for and
         ONNX Runtime accepts them (it refuses a session whose shape computations copy between host and device)."""
@@ -171,30 +214,42 @@ class StaticKV:
 
     def prefill(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> np.ndarray:
         """The prompt's inputs by name (host arrays) -> logits [B, V]; the caches hold the prompt afterwards."""
-        session, host = self.prefill_session, {}
-        if self.gqa_prompt is not None and np.all(feeds["attention_mask"]):
+        return self._prompt(feeds, batch, length)[LOGITS][:, -1].astype(np.float32)
+
+    def first_token(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> dict[str, np.ndarray]:
+        """The first-token graph's inputs by name (the vision's, the splice's, the prefill's but its embeddings;
+        :meth:`takes_first_token`) -> every output but the caches: logits, stage 2's and the vision's."""
+        return self._prompt(feeds, batch, length, first_token=True)
+
+    def _prompt(self, feeds: dict[str, np.ndarray], batch: int, length: int,
+                first_token: bool = False) -> dict[str, np.ndarray]:
+        host, weights = {}, self.prompt_weights  # bound where the session's graph came from the rewritten prompt
+        padded = not np.all(feeds["attention_mask"])
+        if first_token:
+            session, graphs = self.first.session, self.first.graphs
+        elif self.gqa_prompt is not None and padded:  # left-padded rows: the exported graph
+            if self.exported_prefill is None:
+                self.exported_prefill = self.setup.session(self.prefill_path)
+            session, graphs, weights = self.exported_prefill, None, None
+        else:
+            session, graphs = self.prefill_session, self.prompt_graphs
+        if self.gqa_prompt is not None and not padded:
             prompt = self.gqa_prompt.prompt(tuple(self.layout.present_length(layer, 0, length)
                                                   for layer in self.gqa_prompt.group_layers), batch)
             host = {name: value for name, value in prompt.items() if name in self.gqa_prompt.host_inputs}
             feeds = {**feeds, **prompt}
-        elif self.gqa_prompt is not None:  # left-padded rows: the exported graph
-            if self.exported_prefill is None:
-                self.exported_prefill = self.setup.session(self.prefill_path)
-            session = self.exported_prefill
         wanted = {i.name for i in session.get_inputs()}  # the rewritten graph reads no mask where it reads no padding
         device = {name: value for name, value in feeds.items() if name in wanted and name not in host}
         in_place = self._in_place(batch)
-        graphs = self.prompt_graphs if session is self.prefill_session else None
         values = graphs.run(device, host) if graphs is not None else None
         if values is None:
             values = self._run_uncaptured(session, {**device, **host}, in_place,
-                                          graphs.uncaptured if graphs is not None else None,
-                                          self.prompt_weights if session is self.prefill_session else None)
+                                          graphs.uncaptured if graphs is not None else None, weights)
             if graphs is not None:
                 graphs.add(device, host, values, in_place)
         self.stage2_index = values.get(STAGE2_INDEX)
         self.batch, self.length = batch, length
-        return values[LOGITS][:, -1].astype(np.float32)
+        return values
 
     @staticmethod
     def _run_uncaptured(session: object, feeds: dict[str, np.ndarray], in_place: dict[str, tuple[str, object]],

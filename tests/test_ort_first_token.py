@@ -1,0 +1,140 @@
+"""ONNX Runtime's first-token graph (apet/runtime/backends/ort_first_token.py, the optional rewrite ``first-token``):
+vision, the prompt's splice and the prefill as one graph computes what the two sessions and the host's splice
+compute — the same kept and stage-2 indices, visual rows, logits and greedy tokens, bit for bit on ONNX Runtime's
+CPU provider — through Pipeline as through the backend; a left-padded batch whose prefill is rewritten runs the two
+sessions; families whose layout reads the kept indices keep the two sessions (logged); the splice inputs against a
+NumPy reference; the artifact is never written."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image
+
+from apet.runtime.backends.base import splice_numpy
+from apet.runtime.backends.ort_first_token import SPLICE_INDEX, TEXT_ROWS, splice_feeds
+from apet.runtime.pipeline import Pipeline
+
+PROMPTS = ["What is in the picture?", "How many objects are there and what color are they?"]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def llava_static_op(artifact_factory) -> Path:
+    return artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+
+
+def _digest(directory: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        sha.update(path.name.encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+def _first_tokens(pipeline: Pipeline, images: list, prompts: list[str], steps: int = STEPS) -> dict:
+    """The first token through Backend.first_token (the pipeline's seam), then greedy steps."""
+    backend, processor = pipeline.backend, pipeline.processor
+    inputs = processor.vision_inputs(images)
+    first = backend.first_token(inputs, lambda keep: processor.layout(prompts, inputs, keep, steps))
+    logits, mask, tokens = [first.logits], first.layout.attention_mask, []
+    for _ in range(steps):
+        token = logits[-1].argmax(-1)
+        tokens.append(token.tolist())
+        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+        logits.append(backend.decode(token.astype(np.int64), mask, processor.decode_positions(first.layout, mask)))
+    return {"tokens": tokens, "logits": np.stack(logits), "keep": np.asarray(first.visual.keep_index),
+            "embeds": np.asarray(first.visual.embeds), "stage2": backend.stage2_index,
+            "lengths": backend.cache_lengths(), "vision_ms": first.vision_ms}
+
+
+@pytest.mark.parametrize("attention", ["gqa", "graph"])
+def test_one_graph_computes_what_the_two_sessions_compute(llava_static_op, attention) -> None:
+    """Batch 1 through the rewritten prompt (GroupQueryAttention) or the exported one: every output equal."""
+    before = _digest(llava_static_op)
+    images = [make_image(1, (300, 200))]
+    one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
+                        ort_rewrites="default,first-token")
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention)
+    static = one.backend.static
+    assert static.first is not None and static._prefill_session is None  # no second copy of the prompt's weights
+    assert one.backend.vision is None  # nor of the vision's
+    merged, apart = (_first_tokens(p, images, PROMPTS[:1]) for p in (one, two))
+    assert merged["vision_ms"] == 0.0 and apart["vision_ms"] > 0  # one run: its time is the prefill's
+    assert merged["tokens"] == apart["tokens"] and len(set(map(tuple, merged["tokens"]))) > 1
+    for key in ("keep", "embeds", "logits", "stage2"):
+        np.testing.assert_array_equal(merged[key], apart[key], err_msg=key)
+    assert merged["lengths"] == apart["lengths"]
+    assert static._prefill_session is None  # still: every prompt took the one graph
+    assert _digest(llava_static_op) == before
+
+
+def test_the_pipeline_generates_the_same_answer_with_it(llava_static_op) -> None:
+    image = make_image(3, (240, 240))
+    one = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites="first-token")
+    two = Pipeline.load(llava_static_op, backend="onnxruntime")
+    got, want = (p.generate(image, PROMPTS[0], max_new_tokens=8) for p in (one, two))
+    assert (got.text, got.token_ids, got.keep_index) == (want.text, want.token_ids, want.keep_index)
+    assert got.stats.vision_ms == 0.0 and got.stats.prefill_ms > 0
+
+
+def test_a_left_padded_batch_runs_in_it_or_apart_as_its_prefill_allows(llava_static_op) -> None:
+    """Two prompts of different lengths (left padding): the exported prefill reads the mask, so it runs in the one
+    graph; the rewritten prompt does not, so the batch runs the vision session and the exported prefill."""
+    images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
+    reference = _first_tokens(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph"),
+                              images, PROMPTS, 4)
+    for attention, in_one in (("graph", True), ("gqa", False)):
+        pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
+                                 ort_rewrites="first-token")
+        got = _first_tokens(pipeline, images, PROMPTS, 4)
+        assert (got["vision_ms"] == 0.0) == in_one, attention
+        assert got["tokens"] == reference["tokens"]
+        np.testing.assert_array_equal(got["keep"], reference["keep"])
+        np.testing.assert_allclose(got["logits"], reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_a_family_whose_layout_reads_the_kept_indices_keeps_two_sessions(qwen_artifact_factory, caplog) -> None:
+    artifact = qwen_artifact_factory(kv_cache="static")
+    with caplog.at_level(logging.WARNING):
+        pipeline = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="first-token")
+    assert pipeline.backend.first_vision is None and pipeline.backend.static.first is None
+    assert "layout reads the kept indices" in caplog.text
+
+
+def test_the_splice_inputs_rebuild_the_hosts_splice() -> None:
+    """Concat(visual rows, text rows) gathered by the splice index equals splice_numpy, on a layout with left
+    padding, two rows and their visual spans at different places."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 6)).astype(np.float32)
+    visual = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    ids = rng.integers(0, 50, (2, 7))
+    rows = np.array([[-1, -1, 0, 1, 2, -1, -1], [-1, 3, 4, 5, -1, -1, -1]])
+    feeds = splice_feeds(table, ids, rows, 6)
+    assert feeds[TEXT_ROWS].shape == (8, 6) and feeds[SPLICE_INDEX].dtype == np.int64
+    rebuilt = np.concatenate([visual.reshape(-1, 6), feeds[TEXT_ROWS]])[feeds[SPLICE_INDEX]]
+    np.testing.assert_array_equal(rebuilt, splice_numpy(table, ids, visual, rows))
+    np.testing.assert_array_equal(feeds[SPLICE_INDEX][rows >= 0], rows[rows >= 0])  # visual slots: their own rows
+
+
+def test_leaving_matmul_add_fusion_out_does_not_change_the_prompt(llava_static_op, tmp_path) -> None:
+    """The first-token graph's session leaves ``MatMulAddFusion`` out for the vision part's sake (as the graphed
+    vision session does); ONNX Runtime's optimized rewritten prompt is the same graph with and without it."""
+    import onnx
+    import onnxruntime as ort
+
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    model = pipeline.backend.static.gqa_prompt.model
+    graphs = []
+    for disabled in ([], ["MatMulAddFusion"]):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized{len(disabled)}.onnx")
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(llava_static_op))
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        graphs.append([(node.op_type, list(node.input), list(node.output)) for node in optimized.graph.node])
+    assert graphs[0] == graphs[1] and any(op == "MatMul" for op, _, _ in graphs[0])
