@@ -101,7 +101,7 @@ def test_a_family_whose_layout_reads_the_kept_indices_keeps_two_sessions(qwen_ar
     artifact = qwen_artifact_factory(kv_cache="static")
     with caplog.at_level(logging.WARNING):
         pipeline = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="first-token")
-    assert pipeline.backend.first_vision is None and pipeline.backend.static.first is None
+    assert pipeline.backend.first_cast is None and pipeline.backend.static.first is None
     assert "layout reads the kept indices" in caplog.text
 
 

@@ -115,7 +115,9 @@ class OnnxRuntimeBackend(Backend):
                                                                          decode_attention, self.rewrites),
                                np.float16 if manifest.dtype == "fp16" else np.float32, first_vision) \
             if manifest.kv_cache == "static" else None
-        self.first_vision = first_vision
+        # the inputs the first-token graph casts on the device; None where first tokens run apart (the composed
+        # graph's vision weights are not kept: its session holds them)
+        self.first_cast = first_vision.float32_inputs if first_vision is not None else None
         self.llm = self.static.entry_session if self.static is not None else \
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         check_provider(self.llm, wanted)
@@ -160,7 +162,7 @@ class OnnxRuntimeBackend(Backend):
         """With first-token: the prompt laid out first (the family's layout reads only how many rows an image
         keeps: zeros of the vision graph's kept-index shape stand in), then vision, splice and prefill in one run."""
         runs = inputs.all_runs()
-        if self.first_vision is None or len(runs) != 1:
+        if self.first_cast is None or len(runs) != 1:
             return super().first_token(inputs, layout_for)
         self.check_batch(inputs.items)
         arrays = runs[0]
@@ -179,7 +181,7 @@ class OnnxRuntimeBackend(Backend):
                               (time.perf_counter() - encoded) * 1e3)
         self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
         graph_types = {entry["name"]: np.dtype(entry["dtype"]).type for entry in spec.inputs}
-        feeds = {**typed_inputs(arrays, self.first_vision.float32_inputs, graph_types),
+        feeds = {**typed_inputs(arrays, self.first_cast, graph_types),
                  **splice_feeds(self.table, layout.token_ids, layout.visual_rows, int(np.prod(keep_shape))),
                  **self._feeds(None, layout.positions, layout.attention_mask)}
         values = self.static.first_token(feeds, *layout.token_ids.shape)

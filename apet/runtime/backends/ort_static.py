@@ -18,7 +18,9 @@ gets its own session with its ``batch`` dim fixed by a free-dimension override, 
 computation to a constant (nothing left on the CPU, no Memcpy nodes). Prefill varies with the prompt length and runs
 in its own session; in the rewritten form that session holds one CUDA graph per prompt shape
 (:mod:`.ort_prompt_graphs`) where ONNX Runtime accepts it. The prefill's session and the decode's hold a copy of the
-weights each, unless ``share-weights`` binds one copy to both (:mod:`.ort_bound_weights`).
+weights each, unless ``share-weights`` binds one copy to both (:mod:`.ort_bound_weights`). With ``first-token``
+(:mod:`.ort_first_token`) the prompt enters a graph that runs the vision graph too, and the prefill's own session is
+made only where a prompt cannot take that graph.
 
 Attention (``decode_attention``): ``graph`` runs the exported graphs; ``gqa`` runs both rewritten in memory for ONNX
 Runtime's GroupQueryAttention (:mod:`.ort_gqa`: the write and the attention over each row's written span in one node
