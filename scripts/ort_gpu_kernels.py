@@ -1,9 +1,9 @@
 """What ONNX Runtime's CUDA execution provider runs on the GPU for one exported artifact, per phase (vision encode,
-prefill, one decode step): the host wall time per call beside the GPU's kernel-busy time, the kernel and copy
-counts and the kernels that take the time. ONNX Runtime's own profiler times only the host side of each node
-(apet.bench.ort_profile); CUPTI, through the PyTorch profiler in the same process, sees every kernel that any
-library launches on the device, ONNX Runtime's and CUDA-graph replays included. Wall minus busy is what the
-host (launches, copies, synchronisation) adds.
+prefill, the two as a request's first token, one decode step): the host wall time per call beside the GPU's
+kernel-busy time, the kernel and copy counts and the kernels that take the time. ONNX Runtime's own profiler
+times only the host side of each node (apet.bench.ort_profile); CUPTI, through the PyTorch profiler in the same
+process, sees every kernel that any library launches on the device, ONNX Runtime's and CUDA-graph replays included.
+Wall minus busy is what the host (launches, copies, synchronisation) adds.
 
     python scripts/ort_gpu_kernels.py ARTIFACT [--no-cuda-graphs] --out ort_kernels.json
 
@@ -122,7 +122,8 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
     state: dict[str, Any] = {}
 
     def request() -> None:  # one request: vision, prefill, a few decode steps (warm-up and the decode phase's start)
-        state["visual"] = backend.encode(inputs)
+        backend.first_token(inputs, make_layout)  # as a request runs it (with first-token: one run)
+        state["visual"] = backend.encode(inputs)  # the phases apart (with first-token, each in its own session)
         state["layout"] = make_layout(state["visual"].keep_index)
         state["logits"] = backend.prefill(state["layout"], state["visual"])
         state["mask"] = state["layout"].attention_mask
@@ -137,7 +138,9 @@ def run(artifact: Path, cuda_graphs: bool, calls: int, decode_steps: int,
         for _ in range(3):
             decode()
     phases = {"vision": profile_phase(lambda: backend.encode(inputs), calls),
-              "prefill": profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls)}
+              "prefill": profile_phase(lambda: backend.prefill(state["layout"], state["visual"]), calls),
+              # as a request runs it: vision, layout, prefill (with first-token: one run)
+              "first_token": profile_phase(lambda: backend.first_token(inputs, make_layout), calls)}
     state["logits"] = backend.prefill(state["layout"], state["visual"])
     state["mask"] = state["layout"].attention_mask
     phases["decode_step"] = profile_phase(decode, decode_steps)

@@ -287,6 +287,7 @@ def test_ort_gpu_kernels_runs_the_static_form(llava_static: Path) -> None:
     """The script's phases on the tiny static artifact (CPU: wall times, no GPU events): the decode phase follows
     a fresh prefill and runs its steps without exceeding the cache."""
     result = _script("ort_gpu_kernels").run(llava_static, cuda_graphs=True, calls=2, decode_steps=3)
-    assert result["kv_cache"] == "static" and set(result["phases"]) == {"vision", "prefill", "decode_step"}
-    assert [p["calls"] for p in result["phases"].values()] == [2, 2, 3]
+    assert result["kv_cache"] == "static" and \
+        list(result["phases"]) == ["vision", "prefill", "first_token", "decode_step"]
+    assert [p["calls"] for p in result["phases"].values()] == [2, 2, 2, 3]
     assert all(p["wall_ms_median"] > 0 for p in result["phases"].values())
