@@ -138,3 +138,17 @@ def test_leaving_matmul_add_fusion_out_does_not_change_the_prompt(llava_static_o
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
         graphs.append([(node.op_type, list(node.input), list(node.output)) for node in optimized.graph.node])
     assert graphs[0] == graphs[1] and any(op == "MatMul" for op, _, _ in graphs[0])
+
+
+def test_video_llava_takes_it_too(video_artifact_factory) -> None:
+    """Video-LLaVA (a video's frames, each its ApET budget, one span) takes the one graph too, with the answer,
+    tokens and kept indices of the two sessions."""
+    from videos import make_frames
+
+    artifact = video_artifact_factory(ratio=0.125, kv_cache="static")
+    one = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="default,first-token")
+    two = Pipeline.load(artifact, backend="onnxruntime")
+    got, want = (p.generate(video=make_frames(5, 12), prompt=PROMPTS[0], max_new_tokens=6) for p in (one, two))
+    assert got.stats.vision_ms == 0.0 and one.backend.static.first is not None  # it ran as one graph
+    assert (got.text, got.token_ids) == (want.text, want.token_ids)
+    np.testing.assert_array_equal(np.asarray(got.keep_index), np.asarray(want.keep_index))

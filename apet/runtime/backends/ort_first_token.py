@@ -15,8 +15,8 @@ puts them in prompt order: that is the prefill's ``inputs_embeds``. The same row
 (:func:`apet.runtime.backends.base.splice_numpy`), in the same dtype: a copy, no arithmetic.
 
 Where: the layout must be known before the vision graph runs, so the family's layout may read only how many rows an
-image keeps (``Processor.layout_reads_kept_values`` False: LLaVA-1.5, Video-LLaVA, InternVL), the vision graph must
-have fixed dims but the batch, and the LLM no injected inputs.
+image keeps (``Processor.layout_reads_kept_values`` False), the vision graph must have fixed dims but the batch, and
+the LLM no injected inputs: LLaVA-1.5 and Video-LLaVA. (InternVL's layout qualifies, its vision graph does not.)
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def compose(vision: onnx.ModelProto, prefill: onnx.ModelProto) -> onnx.ModelProt
     model = helper.make_model(graph, opset_imports=_opsets(vision, prefill), ir_version=max(vision.ir_version,
                                                                                             prefill.ir_version))
     model.producer_name = prefill.producer_name
+    model.functions.extend([*prefill.functions, *vision.functions])
     return model
 
 

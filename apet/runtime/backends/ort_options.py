@@ -48,7 +48,7 @@ GRAPH_REWRITES = {
     "share-weights": "the rewritten static-form graphs' large weights as inputs bound to one device buffer each, "
                      "for the prefill's and the decode's sessions alike (ort_bound_weights): one copy, not two",
     "first-token": "the vision graph, the prompt's splice and the prefill as one graph, a first token in one run "
-                   "(static form; families whose layout reads only how many rows an image keeps; ort_first_token)",
+                   "(the static form of LLaVA-1.5 and Video-LLaVA; ort_first_token)",
 }
 DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections", "gqa-rotary"})  # what the H200
 # measured to pay off with the same kept indices (docs/benchmarks.md: h200-rewrites/, h200-gqa-rotary/)
