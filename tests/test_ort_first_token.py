@@ -152,3 +152,34 @@ def test_video_llava_takes_it_too(video_artifact_factory) -> None:
     assert got.stats.vision_ms == 0.0 and one.backend.static.first is not None  # it ran as one graph
     assert (got.text, got.token_ids) == (want.text, want.token_ids)
     np.testing.assert_array_equal(np.asarray(got.keep_index), np.asarray(want.keep_index))
+
+
+def test_a_vision_graph_it_cannot_compose_leaves_the_two_sessions(llava_static_op, monkeypatch, caplog) -> None:
+    """compose() refuses a vision graph with subgraphs; the backend then runs vision and prefill apart, as without
+    the rewrite, and says why."""
+    from apet.runtime.backends import ort_static
+
+    def refuse(vision, prefill):
+        raise ValueError("the vision graph has subgraphs (control flow), which the first-token graph does not take")
+
+    monkeypatch.setattr(ort_static, "compose", refuse)
+    with caplog.at_level(logging.WARNING):
+        pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites="first-token")
+    assert pipeline.backend.first_cast is None and "could not be made (the vision graph has subgraphs" in caplog.text
+    got = _first_tokens(pipeline, [make_image(1, (300, 200))], PROMPTS[:1], 2)
+    assert got["vision_ms"] > 0
+
+
+def test_compose_refuses_a_vision_graph_with_control_flow() -> None:
+    from onnx import TensorProto, helper
+
+    from apet.runtime.backends.ort_first_token import compose
+
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "branch", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    vision = helper.make_model(helper.make_graph(
+        [helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)], "v",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])]))
+    with pytest.raises(ValueError, match="subgraphs"):
+        compose(vision, vision)

@@ -117,7 +117,8 @@ class OnnxRuntimeBackend(Backend):
             if manifest.kv_cache == "static" else None
         # the inputs the first-token graph casts on the device; None where first tokens run apart (the composed
         # graph's vision weights are not kept: its session holds them)
-        self.first_cast = first_vision.float32_inputs if first_vision is not None else None
+        self.first_cast = first_vision.float32_inputs if self.static is not None and self.static.first is not None \
+            else None
         self.llm = self.static.entry_session if self.static is not None else \
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         check_provider(self.llm, wanted)

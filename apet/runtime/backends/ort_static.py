@@ -101,7 +101,14 @@ class StaticKV:
             to_device(self.gqa_prompt.model, self.gqa_prompt.host_inputs)
         # with ``vision`` (first-token) the first tokens run in one graph with the vision graph, and the prefill's own
         # session (another copy of the weights) is made only where a prompt needs it
-        self.first = self._first_token_run(vision) if vision is not None else None
+        self.first: FirstTokenRun | None = None
+        if vision is not None:
+            try:
+                self.first = self._first_token_run(vision)
+            except Exception as err:  # noqa: BLE001 - compose() refused the graph or ONNX Runtime the session (an
+                # untyped Fail): the two sessions, as without the rewrite
+                log.warning("the first-token graph could not be made (%s); vision and prefill run apart",
+                            str(err).splitlines()[0])
         self._prefill_session = None if self.first is not None else self._make_prefill_session()
         self.exported_prefill = None if self.gqa_prompt is not None else self._prefill_session
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size, without CUDA graphs
