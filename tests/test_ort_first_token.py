@@ -183,3 +183,32 @@ def test_compose_refuses_a_vision_graph_with_control_flow() -> None:
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])]))
     with pytest.raises(ValueError, match="subgraphs"):
         compose(vision, vision)
+
+
+def test_a_bound_run_leaves_the_visual_rows_on_the_device_until_read(llava_static_op) -> None:
+    """With a graph bound per prompt shape (CUDA graphs; here bound by hand on the CPU, as ONNX Runtime binds them),
+    the visual rows stay on the device: read, they are the rows of the unbound run; after the next first token
+    they are refused, not another request's."""
+    from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
+    from apet.runtime.backends.ort_static import FIRST_TOKEN_ROWS
+
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
+                             ort_rewrites="default,first-token")
+    backend, processor, static = pipeline.backend, pipeline.processor, pipeline.backend.static
+    static.first.graphs = PromptGraphs(static.first.session, static.setup, limit=2,
+                                       on_device=frozenset({FIRST_TOKEN_ROWS}))
+    inputs = processor.vision_inputs([make_image(1, (300, 200))])
+
+    def first_token():
+        return backend.first_token(inputs, lambda keep: processor.layout(PROMPTS[:1], inputs, keep, 4))
+
+    unbound, bound = first_token(), first_token()
+    assert isinstance(unbound.visual.embeds, np.ndarray) and not isinstance(bound.visual.embeds, np.ndarray)
+    assert bound.visual.embeds.shape == unbound.visual.embeds.shape
+    np.testing.assert_array_equal(np.asarray(bound.visual.embeds), unbound.visual.embeds)
+    np.testing.assert_array_equal(bound.logits, unbound.logits)
+    np.testing.assert_array_equal(bound.visual.keep_index, unbound.visual.keep_index)
+    later = first_token()
+    with pytest.raises(RuntimeError, match="overwritten by a later first token"):
+        np.asarray(bound.visual.embeds)
+    np.testing.assert_array_equal(np.asarray(later.visual.embeds), unbound.visual.embeds)

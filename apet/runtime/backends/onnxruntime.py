@@ -29,6 +29,7 @@ from apet.contracts.io import (
     KEEP_INDEX,
     LOGITS,
     STAGE2_INDEX,
+    VISUAL_EMBEDS,
     past_names,
     present_names,
 )
@@ -46,7 +47,7 @@ from apet.runtime.backends.base import (
     splice_numpy,
 )
 from apet.runtime.backends.ort_first_token import VISION_OUTPUTS as FIRST_TOKEN_VISION
-from apet.runtime.backends.ort_first_token import VisionPart, splice_feeds
+from apet.runtime.backends.ort_first_token import DeviceRows, VisionPart, splice_feeds
 from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm, fixed_shapes, typed_inputs
 from apet.runtime.backends.ort_options import (
     CUDA_PROVIDER,
@@ -187,7 +188,10 @@ class OnnxRuntimeBackend(Backend):
                  **self._feeds(None, layout.positions, layout.attention_mask)}
         values = self.static.first_token(feeds, *layout.token_ids.shape)
         self.stage2_index = self.static.stage2_index
-        visual = VisionOutput.of({name: values[graph_name] for name, graph_name in FIRST_TOKEN_VISION.items()})
+        outputs = {name: values[graph_name] for name, graph_name in FIRST_TOKEN_VISION.items()}
+        if not isinstance(outputs[VISUAL_EMBEDS], np.ndarray):  # a bound run left them on the device
+            outputs[VISUAL_EMBEDS] = DeviceRows(outputs[VISUAL_EMBEDS], self.static.first)
+        visual = VisionOutput.of(outputs)
         return FirstToken(visual, layout, values[LOGITS][:, -1].astype(np.float32), 0.0, (laid_out - start) * 1e3,
                           (time.perf_counter() - laid_out) * 1e3)
 

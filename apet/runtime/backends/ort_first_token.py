@@ -48,12 +48,35 @@ class VisionPart:
     disabled_optimizers: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass
 class FirstTokenRun:
-    """The first-token graph's session and, with CUDA graphs, its captured runs per prompt shape."""
+    """The first-token graph's session, with CUDA graphs its captured runs per prompt shape, and how many times it
+    ran (what :class:`DeviceRows` checks)."""
 
     session: Any
-    graphs: Any = None  # ort_prompt_graphs.PromptGraphs, or None
+    graphs: Any = None  # ort_prompt_graphs.PromptGraphs (its runs leave the visual rows on the device), or None
+    calls: int = 0
+
+
+class DeviceRows:
+    """The first-token graph's visual rows left on the device until read (``np.asarray``): a request never reads
+    them (the bench's parity and ``apet check`` do), so a first token does not wait for their copy (0.8 MB at
+    LLaVA-1.5-7B shapes). Its buffer is the captured graph's, rewritten by the next first token of the same shape:
+    reading rows after that raises instead of returning another request's."""
+
+    def __init__(self, value: Any, run: FirstTokenRun) -> None:
+        self.value, self.run, self.call = value, run, run.calls
+        self.shape = tuple(value.shape())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self.run.calls != self.call:
+            raise RuntimeError("these visual rows were overwritten by a later first token; read them (np.asarray) "
+                               "before the next request")
+        rows = self.value.numpy()
+        return rows if dtype is None else rows.astype(dtype)
+
+    def reshape(self, *shape: Any) -> np.ndarray:
+        return np.asarray(self).reshape(*shape)
 
 
 def compose(vision: onnx.ModelProto, prefill: onnx.ModelProto) -> onnx.ModelProto:

@@ -37,13 +37,14 @@ class PromptGraphs:
     """The bound, captured prefill runs of one session (created with ``shape_graphs``), by :func:`shape_key`."""
 
     def __init__(self, session: Any, setup: SessionSetup, limit: int = MAX_PROMPT_GRAPHS,
-                 bound: dict[str, Any] | None = None) -> None:
+                 bound: dict[str, Any] | None = None, on_device: frozenset[str] = frozenset()) -> None:
         self.session, self.setup, self.limit = session, setup, limit
         self.bound = bound or {}  # OrtValues every run binds as they are (the weights of share-weights)
+        self.on_device = on_device  # outputs a bound run returns as OrtValues, not read back (FixedRun)
         self.runs: dict[tuple, FixedRun | None] = {}  # None: ONNX Runtime failed to capture this shape
         self.uncaptured = setup.run_options(UNCAPTURED)
 
-    def run(self, device: dict[str, np.ndarray], host: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    def run(self, device: dict[str, np.ndarray], host: dict[str, np.ndarray]) -> dict[str, Any] | None:
         """The outputs by name, or None where this shape has no graph (run it uncaptured, then :meth:`add`)."""
         key = shape_key(device, host)
         bound = self.runs.get(key)
@@ -67,5 +68,5 @@ class PromptGraphs:
         self.runs[key] = FixedRun(self.session, self.setup,
                                   {name: (value.shape, value.dtype.type) for name, value in device.items()},
                                   {name: (value.shape, value.dtype.type) for name, value in outputs.items()},
-                                  in_place, host, self.setup.run_options(graph_id), self.bound)
+                                  in_place, host, self.setup.run_options(graph_id), self.bound, self.on_device)
         log.debug("prompt graph %s bound for %s", graph_id, {name: value.shape for name, value in device.items()})

@@ -118,14 +118,15 @@ def _with_options(providers: list) -> list[tuple[str, dict]]:
 class FixedRun:
     """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
     device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
-    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back.
+    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back (those in
+    ``on_device`` returned as their OrtValues, for the caller to read if it needs them).
     ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`); ``bound``:
     OrtValues bound as they are (weights held for several sessions, :mod:`.ort_bound_weights`)."""
 
     def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
                  outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
                  host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None,
-                 bound: dict[str, Any] | None = None) -> None:
+                 bound: dict[str, Any] | None = None, on_device: frozenset[str] = frozenset()) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session, self.run_options = session, run_options
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
@@ -141,9 +142,10 @@ class FixedRun:
         for name, value in self.outputs.items():
             self.binding.bind_ortvalue_output(name, value)
         self._host = host  # kept alive: bound by address
+        self.on_device = on_device
 
-    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         for name, array in arrays.items():
             self.inputs[name].update_inplace(np.ascontiguousarray(array))
         self.session.run_with_iobinding(self.binding, self.run_options)
-        return {name: value.numpy() for name, value in self.outputs.items()}
+        return {name: value if name in self.on_device else value.numpy() for name, value in self.outputs.items()}

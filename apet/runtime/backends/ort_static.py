@@ -45,6 +45,7 @@ from apet.contracts.io import (
     LLM_PREFILL,
     LOGITS,
     STAGE2_INDEX,
+    VISUAL_EMBEDS,
     past_names,
     present_names,
 )
@@ -52,6 +53,7 @@ from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_bound_weights import BoundWeights
 from apet.runtime.backends.ort_device_shapes import to_device
+from apet.runtime.backends.ort_first_token import VISION_OUTPUTS as FIRST_TOKEN_OUTPUTS
 from apet.runtime.backends.ort_first_token import FirstTokenRun, VisionPart, compose
 from apet.runtime.backends.ort_gqa import (
     GqaGraph,
@@ -66,6 +68,7 @@ from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, GraphSessions, SessionSetup
 
 log = logging.getLogger(__name__)
+FIRST_TOKEN_ROWS = FIRST_TOKEN_OUTPUTS[VISUAL_EMBEDS]  # the first-token graph's visual rows (left on the device)
 
 
 class StaticKV:
@@ -184,7 +187,8 @@ class StaticKV:
             except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses CUDA graphs with an untyped Fail
                 log.warning("the first-token graph runs without CUDA graphs: %s", str(err).splitlines()[0])
             else:
-                return FirstTokenRun(session, PromptGraphs(session, self.setup, bound=self.prompt_weights))
+                return FirstTokenRun(session, PromptGraphs(session, self.setup, bound=self.prompt_weights,
+                                                           on_device=frozenset({FIRST_TOKEN_ROWS})))
         return FirstTokenRun(self.setup.session(model, None, self.weights_dir,
                                                 disabled_optimizers=vision.disabled_optimizers), None)
 
@@ -228,6 +232,7 @@ class StaticKV:
     def first_token(self, feeds: dict[str, np.ndarray], batch: int, length: int) -> dict[str, np.ndarray]:
         """The first-token graph's inputs by name (the vision's, the splice's, the prefill's but its embeddings;
         :meth:`takes_first_token`) -> every output but the caches: logits, stage 2's and the vision's."""
+        self.first.calls += 1
         return self._prompt(feeds, batch, length, first_token=True)
 
     def _prompt(self, feeds: dict[str, np.ndarray], batch: int, length: int,
