@@ -212,3 +212,44 @@ def test_a_bound_run_leaves_the_visual_rows_on_the_device_until_read(llava_stati
     with pytest.raises(RuntimeError, match="overwritten by a later first token"):
         np.asarray(bound.visual.embeds)
     np.testing.assert_array_equal(np.asarray(later.visual.embeds), unbound.visual.embeds)
+
+
+def test_the_graphed_vision_form_composes_as_its_own_session_runs(llava_static_op, monkeypatch) -> None:
+    """The form CUDA composes (token-layout attention, packed q/k/v, MatMulAddFusion left out; an fp16 artifact's
+    pixels also cast in the graph), here on the CPU: the one graph gives the kept and stage-2 indices, rows and
+    logits of that vision graph in its own session, spliced on the host, and the rewritten prompt's prefill."""
+    import onnx
+    import onnxruntime as ort
+
+    from apet.manifest import read_manifest
+    from apet.runtime.backends.base import VisionOutput
+    from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from apet.runtime.backends.ort_first_token import VisionPart
+    from apet.runtime.backends.ort_graphed import VisionSessionForm, typed_inputs
+    from apet.runtime.backends.ort_vision import load_for_graphs
+
+    spec = read_manifest(llava_static_op).graphs["vision"]
+    form = VisionSessionForm.of(frozenset({"pack-projections"}))
+    model, cast = load_for_graphs(llava_static_op / spec.file, form.token_layout, form.cast_inputs,
+                                  form.skip_layer_norms, form.pack_projections)
+    assert isinstance(model, bytes)  # rewritten
+    part = VisionPart(onnx.load_from_string(model), cast, form.disabled_optimizers)
+    monkeypatch.setattr(OnnxRuntimeBackend, "_first_token_vision", lambda self, path, profiled: part)
+    one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
+                        ort_rewrites="default,first-token")
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    processor = one.processor
+    inputs = processor.vision_inputs([make_image(1, (300, 200))])
+    layout_for = lambda keep: processor.layout(PROMPTS[:1], inputs, keep, 4)  # noqa: E731
+    first = one.backend.first_token(inputs, layout_for)
+    vision = ort.InferenceSession(model, providers=["CPUExecutionProvider"],
+                                  disabled_optimizers=list(form.disabled_optimizers))
+    graph_types = {entry["name"]: np.dtype(entry["dtype"]).type for entry in spec.inputs}
+    names = [o.name for o in vision.get_outputs()]
+    visual = VisionOutput.of(dict(zip(names, vision.run(None, typed_inputs(inputs.arrays, cast, graph_types)))))
+    logits = two.backend.prefill(layout_for(visual.keep_index), visual)
+    assert first.vision_ms == 0.0
+    np.testing.assert_array_equal(first.visual.keep_index, visual.keep_index)
+    np.testing.assert_array_equal(np.asarray(first.visual.embeds), visual.embeds)
+    np.testing.assert_array_equal(first.logits, logits)
+    np.testing.assert_array_equal(one.backend.stage2_index, two.backend.stage2_index)
