@@ -189,14 +189,14 @@ def test_a_bound_run_leaves_the_visual_rows_on_the_device_until_read(llava_stati
     """With a graph bound per prompt shape (CUDA graphs; here bound by hand on the CPU, as ONNX Runtime binds them),
     the visual rows stay on the device: read, they are the rows of the unbound run; after the next first token
     they are refused, not another request's."""
+    from apet.runtime.backends.ort_first_token import VISUAL_ROWS
     from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
-    from apet.runtime.backends.ort_static import FIRST_TOKEN_ROWS
 
     pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
                              ort_rewrites="default,first-token")
     backend, processor, static = pipeline.backend, pipeline.processor, pipeline.backend.static
     static.first.graphs = PromptGraphs(static.first.session, static.setup, limit=2,
-                                       on_device=frozenset({FIRST_TOKEN_ROWS}))
+                                       on_device=frozenset({VISUAL_ROWS}))
     inputs = processor.vision_inputs([make_image(1, (300, 200))])
 
     def first_token():

@@ -46,9 +46,14 @@ from apet.runtime.backends.base import (
     no_injected,
     splice_numpy,
 )
-from apet.runtime.backends.ort_first_token import VISION_OUTPUTS as FIRST_TOKEN_VISION
-from apet.runtime.backends.ort_first_token import DeviceRows, VisionPart, splice_feeds
-from apet.runtime.backends.ort_graphed import GraphedVision, VisionSessionForm, fixed_shapes, typed_inputs
+from apet.runtime.backends.ort_first_token import VISION_OUTPUTS, DeviceRows, VisionPart, splice_feeds
+from apet.runtime.backends.ort_graphed import (
+    GraphedVision,
+    VisionSessionForm,
+    fixed_shapes,
+    graph_types,
+    typed_inputs,
+)
 from apet.runtime.backends.ort_options import (
     CUDA_PROVIDER,
     check_provider,
@@ -120,6 +125,7 @@ class OnnxRuntimeBackend(Backend):
         # graph's vision weights are not kept: its session holds them)
         self.first_cast = first_vision.float32_inputs if self.static is not None and self.static.first is not None \
             else None
+        self.vision_types = graph_types(manifest.graphs["vision"].inputs)
         self.llm = self.static.entry_session if self.static is not None else \
             ort.InferenceSession(str(self.artifact_dir / manifest.graphs["llm"].file), llm_options, providers=providers)
         check_provider(self.llm, wanted)
@@ -176,19 +182,16 @@ class OnnxRuntimeBackend(Backend):
         laid_out = time.perf_counter()
         self.check_prompt(layout)
         if not self.static.takes_first_token(layout.attention_mask):  # left padding: vision, then the exported prompt
-            visual = self.encode(inputs)
-            encoded = time.perf_counter()
-            logits = self.prefill(layout, visual)
-            return FirstToken(visual, layout, logits, (encoded - laid_out) * 1e3, (laid_out - start) * 1e3,
-                              (time.perf_counter() - encoded) * 1e3)
+            first = super().first_token(inputs, lambda keep_index: layout)  # the layout reads no kept values
+            first.layout_ms = (laid_out - start) * 1e3
+            return first
         self.image_start = np.ascontiguousarray(layout.image_start, dtype=np.int64)
-        graph_types = {entry["name"]: np.dtype(entry["dtype"]).type for entry in spec.inputs}
-        feeds = {**typed_inputs(arrays, self.first_cast, graph_types),
+        feeds = {**typed_inputs(arrays, self.first_cast, self.vision_types),
                  **splice_feeds(self.table, layout.token_ids, layout.visual_rows, int(np.prod(keep_shape))),
                  **self._feeds(None, layout.positions, layout.attention_mask)}
         values = self.static.first_token(feeds, *layout.token_ids.shape)
         self.stage2_index = self.static.stage2_index
-        outputs = {name: values[graph_name] for name, graph_name in FIRST_TOKEN_VISION.items()}
+        outputs = {name: values[graph_name] for name, graph_name in VISION_OUTPUTS.items()}
         if not isinstance(outputs[VISUAL_EMBEDS], np.ndarray):  # a bound run left them on the device
             outputs[VISUAL_EMBEDS] = DeviceRows(outputs[VISUAL_EMBEDS], self.static.first)
         visual = VisionOutput.of(outputs)

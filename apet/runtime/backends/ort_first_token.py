@@ -35,6 +35,7 @@ TEXT_ROWS = "first_token.text_rows"  # [R, H]: the prompt's text rows, in row-ma
 SPLICE_INDEX = "first_token.splice_index"  # int64 [B, T]: each slot's row of concat(visual rows, text rows)
 EMBEDS = "inputs_embeds"  # the prefill's input the splice computes
 VISION_OUTPUTS = {VISUAL_EMBEDS: VISION_PREFIX + VISUAL_EMBEDS, KEEP_INDEX: VISION_PREFIX + KEEP_INDEX}
+VISUAL_ROWS = VISION_OUTPUTS[VISUAL_EMBEDS]  # the output a bound run leaves on the device (DeviceRows)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ def fixed_shapes(specs: list[dict], batch: int) -> dict[str, tuple[tuple[int, ..
     return shapes
 
 
+def graph_types(specs: list[dict]) -> dict[str, type]:
+    """Manifest IO specs -> {name: numpy dtype}."""
+    return {spec["name"]: np.dtype(spec["dtype"]).type for spec in specs}
+
+
 def typed_inputs(arrays: dict[str, np.ndarray], float32_inputs: frozenset[str],
                  graph_types: dict[str, type]) -> dict[str, np.ndarray]:
     """Each array as the vision graph takes it: its graph type, or float32 for an input the graph casts on the
@@ -78,6 +83,7 @@ class GraphedVision:
     def __init__(self, path: Path, graph_spec: Any, setup: SessionSetup,
                  form: VisionSessionForm = VisionSessionForm()) -> None:
         self.path, self.spec, self.setup, self.form = path, graph_spec, setup, form
+        self.graph_types = graph_types(graph_spec.inputs)
         self.runs: dict[int, FixedRun | None] = {}
         self.sessions: GraphSessions | None = None  # made with the rewritten graph, on first use
         self._model: Path | bytes | None = None  # the graph the sessions load, rewritten on first use
@@ -104,15 +110,12 @@ class GraphedVision:
         if run is None:
             return None
         try:
-            return run(self._typed(arrays, run))
+            return run(typed_inputs(arrays, self._float32_inputs, self.graph_types))
         except Exception as err:  # noqa: BLE001 - ONNX Runtime reports a failed capture as an untyped Fail
             if not self.sessions.refused(run.session, err):
                 raise
             self.runs = {}
             return self(arrays)
-
-    def _typed(self, arrays: dict[str, np.ndarray], run: FixedRun) -> dict[str, np.ndarray]:
-        return typed_inputs(arrays, self._float32_inputs, self._graph_types)
 
     def _run(self, batch: int) -> FixedRun | None:
         if self._model is None:
@@ -131,7 +134,3 @@ class GraphedVision:
                   for name, (shape, kind) in fixed_shapes(self.spec.inputs, batch).items()}
         return FixedRun(session, self.setup, inputs, fixed_shapes(self.spec.outputs, batch),
                         run_options=run_options)
-
-    @property
-    def _graph_types(self) -> dict[str, type]:
-        return {spec["name"]: np.dtype(spec["dtype"]).type for spec in self.spec.inputs}

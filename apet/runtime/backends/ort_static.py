@@ -45,7 +45,6 @@ from apet.contracts.io import (
     LLM_PREFILL,
     LOGITS,
     STAGE2_INDEX,
-    VISUAL_EMBEDS,
     past_names,
     present_names,
 )
@@ -53,8 +52,7 @@ from apet.errors import BackendError, InputError, option
 from apet.manifest import Manifest
 from apet.runtime.backends.ort_bound_weights import BoundWeights
 from apet.runtime.backends.ort_device_shapes import to_device
-from apet.runtime.backends.ort_first_token import VISION_OUTPUTS as FIRST_TOKEN_OUTPUTS
-from apet.runtime.backends.ort_first_token import FirstTokenRun, VisionPart, compose
+from apet.runtime.backends.ort_first_token import VISUAL_ROWS, FirstTokenRun, VisionPart, compose
 from apet.runtime.backends.ort_gqa import (
     GqaGraph,
     NotRewritable,
@@ -68,7 +66,6 @@ from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, GraphSessions, SessionSetup
 
 log = logging.getLogger(__name__)
-FIRST_TOKEN_ROWS = FIRST_TOKEN_OUTPUTS[VISUAL_EMBEDS]  # the first-token graph's visual rows (left on the device)
 
 
 class StaticKV:
@@ -113,7 +110,7 @@ class StaticKV:
                 log.warning("the first-token graph could not be made (%s); vision and prefill run apart",
                             str(err).splitlines()[0])
         self._prefill_session = None if self.first is not None else self._make_prefill_session()
-        self.exported_prefill = None if self.gqa_prompt is not None else self._prefill_session
+        self.exported_prefill = None  # a left-padded batch's session where the prompt runs rewritten (made then)
         self.shared: dict[bool, Any] = {}  # gqa? -> the one decode session of every batch size, without CUDA graphs
         self.graph_sessions: dict[bool, GraphSessions] = {}  # gqa? -> the decode sessions with CUDA graphs
         self.kv_shape = (spec.num_kv_heads, spec.head_dim)
@@ -161,8 +158,6 @@ class StaticKV:
         """The prefill's own session (made on first use where first tokens run in one graph with the vision)."""
         if self._prefill_session is None:
             self._prefill_session = self._make_prefill_session()
-            if self.gqa_prompt is None:
-                self.exported_prefill = self._prefill_session
         return self._prefill_session
 
     @property
@@ -188,7 +183,7 @@ class StaticKV:
                 log.warning("the first-token graph runs without CUDA graphs: %s", str(err).splitlines()[0])
             else:
                 return FirstTokenRun(session, PromptGraphs(session, self.setup, bound=self.prompt_weights,
-                                                           on_device=frozenset({FIRST_TOKEN_ROWS})))
+                                                           on_device=frozenset({VISUAL_ROWS})))
         return FirstTokenRun(self.setup.session(model, None, self.weights_dir,
                                                 disabled_optimizers=vision.disabled_optimizers), None)
 
