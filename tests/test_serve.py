@@ -359,6 +359,17 @@ def test_default_model_id_is_the_artifact_name(artifact) -> None:
     assert model_facts(pipeline, "robot-eyes").model_id == "robot-eyes"
 
 
+def test_model_id_behind_a_symlink_is_the_links_name(artifact, tmp_path, monkeypatch) -> None:
+    """A `current` link repointed between releases must keep the id clients send; `.` names its directory."""
+    from apet.serve.app import model_facts
+
+    link = tmp_path / "current"
+    link.symlink_to(artifact, target_is_directory=True)
+    assert model_facts(Pipeline.load(link, backend="onnxruntime"), None).model_id == "current"
+    monkeypatch.chdir(artifact)
+    assert model_facts(Pipeline.load(".", backend="onnxruntime"), None).model_id == artifact.name
+
+
 def test_models_health_metrics(server, png) -> None:
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny-llava"]

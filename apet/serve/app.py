@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -54,9 +56,12 @@ class ServerState:
 
 def model_facts(pipeline: Pipeline, model_name: str | None) -> ModelFacts:
     """The model id is the artifact directory's name unless ``--served-model-name`` says otherwise: two
-    artifacts of one checkpoint (different budgets) are different models to a client."""
+    artifacts of one checkpoint (different budgets) are different models to a client. The name is the path's own as
+    given (made absolute, so ``.`` names its directory), not a symlink's target: a ``current`` link swapped between
+    releases keeps the id its clients send."""
     manifest, family = pipeline.manifest, family_of(pipeline.manifest)
-    return ModelFacts(model_name or pipeline.artifact_dir.resolve().name, manifest.model.family, family.media,
+    default_id = Path(os.path.abspath(pipeline.artifact_dir)).name
+    return ModelFacts(model_name or default_id, manifest.model.family, family.media,
                       manifest.max_context, family.max_visual_tokens(manifest))
 
 
