@@ -75,6 +75,10 @@
 #   floor [ARGS]    issue 31: the new GPU kernels' tests (ApET stage kernels, fused norms/rotary), then
 #                   scripts/gpu_floor.py: tiny-model token parity, ApET stages, llava-shapes prefill/decode (batch 1, 4)
 #                   and llava-next-shapes prefill, old vs new against their floors (ARGS: --compile, --skip PARTS)
+#   issue31 PART    issue 31's whole table in one session, a call per PART (each within the 10-minute limit): llava
+#                   (LLaVA-1.5-7B batch 1 and 4 compiled, LLaVA-NeXT-7B 672² uncompiled), qwen (Qwen2.5-VL-7B 1344² at
+#                   0.3 and 1.0, batch 1, compiled), qwen4 (the same at batch 4) -> $OUT/issue31_PART.json; after the
+#                   last: python scripts/issue31_table.py issue31_*.json --out issue31_table.md (the docs' table)
 #   profile CASES   per-stage kernel profiles of the torch path (scripts/gpu_profile.py; cases MODEL[:WxH][:bN]...)
 #   gemv [--sweep|--fused]  cuBLAS vs apet's skinny-matmul kernels on the 7B decode projections, cold L2 in CUDA
 #                   graphs (scripts/gpu_gemv.py; --fused: the folded one-row projections), after the kernel tests
@@ -356,6 +360,16 @@ print('threads $threads', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'p
   towers)
     name="towers$(echo "$*" | tr -c 'a-z0-9' '_' | tr -s '_' | cut -c1-60)"  # one JSON per argument set
     timeout 540 python3 scripts/gpu_towers.py --out "$OUT/$name.json" "$@" 2>&1 | grep -v "Loading weights" | tail -80
+    ;;
+  issue31)  # issue31 llava|qwen|qwen4: one part of issue 31's table per call (scripts/issue31_table.py reads them)
+    case "${1:-llava}" in
+      llava) cases=(llava-shapes:b1:s2:compile llava-shapes:b4:s2:compile llava-next-shapes:672x672:r1.0) ;;
+      qwen) cases=(qwen2.5-vl-7b-shapes:1344x1344:r0.3:compile qwen2.5-vl-7b-shapes:1344x1344:r1.0:compile) ;;
+      qwen4) cases=(qwen2.5-vl-7b-shapes:1344x1344:b4:r0.3:compile qwen2.5-vl-7b-shapes:1344x1344:b4:r1.0:compile) ;;
+      *) echo "issue31 takes llava, qwen or qwen4"; exit 2 ;;
+    esac
+    timeout 580 python3 scripts/gpu_profile.py --out "$OUT/issue31_${1:-llava}.json" "${cases[@]}" 2>&1 \
+      | grep -E "decode_step|prefill|ttft|apet_stage|failed" | cut -c1-200
     ;;
   profile)
     python3 scripts/gpu_profile.py --out "$OUT/profile.json" "$@" 2>&1 | grep -v -i warn
