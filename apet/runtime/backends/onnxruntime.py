@@ -62,6 +62,7 @@ from apet.runtime.backends.ort_options import (
     load_cuda_libraries,
     session_options,
 )
+from apet.runtime.backends.ort_packages import installed_distributions, no_cuda_provider
 from apet.runtime.backends.ort_session import SessionSetup
 from apet.runtime.backends.ort_static import StaticKV
 from apet.runtime.backends.ort_vision import load_for_graphs
@@ -82,9 +83,12 @@ class OnnxRuntimeBackend(Backend):
         wanted = CUDA_PROVIDER if device.startswith("cuda") else "CPUExecutionProvider"
         if wanted == CUDA_PROVIDER:
             load_cuda_libraries(ort)
-        if wanted not in ort.get_available_providers():
-            raise BackendError(f"ONNX Runtime has no {wanted} here (available: {ort.get_available_providers()})",
-                               f"pip install onnxruntime-gpu for CUDA, or pass {option('device', 'cpu')}")
+        available = ort.get_available_providers()
+        if wanted == CUDA_PROVIDER and wanted not in available:
+            raise BackendError(*no_cuda_provider(available, installed_distributions()))
+        if wanted not in available:
+            raise BackendError(f"ONNX Runtime has no {wanted} here (available: {available})",
+                               "reinstall onnxruntime (pip install --force-reinstall onnxruntime)")
         try:
             self.rewrites = graph_rewrites(rewrites)
         except ValueError as err:
