@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ from typing import Any
 
 import fake_pb_utils
 import numpy as np
+import onnxruntime
 import pytest
 from google.protobuf import json_format, text_format
 
@@ -149,7 +151,7 @@ def pb(monkeypatch) -> ModuleType:
     fake_pb_utils.MODELS.clear()
 
 
-def load_model(repo: Path, name: str) -> Any:
+def load_model(repo: Path, name: str, kind: str = "CPU") -> Any:
     """What Triton does: import ``1/model.py`` and initialize its TritonPythonModel with the config as JSON."""
     config = json_format.MessageToDict(parse(repo / name), preserving_proto_field_name=True)
     spec = importlib.util.spec_from_file_location(f"triton_repo_{name}", repo / name / "1" / "model.py")
@@ -157,7 +159,7 @@ def load_model(repo: Path, name: str) -> Any:
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / name),
-                      "model_version": "1", "model_name": name, "model_instance_kind": "CPU",
+                      "model_version": "1", "model_name": name, "model_instance_kind": kind,
                       "model_instance_device_id": "0"})
     return model
 
@@ -217,6 +219,19 @@ def test_generation_model_answers_as_the_pipeline(family, family_artifacts, medi
     pieces = [outputs(r)["text"][0].decode() for r, _ in streamed]
     assert "".join(pieces) == expected.text
     assert pieces[-1] == "" and outputs(streamed[-1][0])["token_ids"].tolist() == expected.token_ids
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="this ONNX Runtime has its CUDA provider")
+def test_python_vision_model_on_a_gpu_instance_says_why_it_runs_on_the_cpu(family_artifacts, pb, tmp_path,
+                                                                           caplog) -> None:
+    write_repository(family_artifacts["llava"], tmp_path / "repo", vision_form="python")
+    with caplog.at_level(logging.WARNING, logger="apet.triton.vision_model"):
+        model = load_model(tmp_path / "repo", VISION_MODEL, kind="GPU")
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "runs on the CPU" in warning and "no CUDAExecutionProvider" in warning
+    assert "pip install onnxruntime-gpu" in warning
 
 
 def test_errors_are_triton_errors_and_the_model_keeps_serving(family_artifacts, media_bytes, pb, tmp_path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from apet.runtime.backends.ort_packages import installed_distributions, no_cuda_provider
 from apet.triton.backend_utils import (
     check_digest,
     device_of,
@@ -34,7 +35,11 @@ class TritonPythonModel:
         config = model_config(args)
         path = version_dir(args) / "model.onnx"
         check_digest(path, parameters(config).get("sha256", ""), "the vision graph")
-        cuda = device_of(args).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+        on_gpu, available = device_of(args).startswith("cuda"), ort.get_available_providers()
+        cuda = on_gpu and "CUDAExecutionProvider" in available
+        if on_gpu and not cuda:  # Triton placed this instance on a GPU: say why it runs on the CPU
+            problem, fix = no_cuda_provider(available, installed_distributions())
+            log.warning("the vision model runs on the CPU: %s — %s", problem, fix)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.inputs = [t["name"] for t in config["input"]]
