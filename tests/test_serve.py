@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from conftest import make_image
 
+from apet.errors import UsageError
 from apet.runtime.pipeline import Pipeline
 from apet.runtime.sampling import GenerationConfig
 
@@ -385,6 +387,84 @@ def test_models_health_metrics(server, png) -> None:
                  "apet_decode_tokens_per_second_count", "apet_queue_length", "apet_running_requests",
                  "apet_batch_size_count", "apet_completion_tokens_total", "process_resident_memory_bytes"):
         assert name in text, name
+
+
+KEY = "sk-edge-0123456789"
+
+
+def test_api_key_guards_the_api_not_the_probes(artifact, png, reference) -> None:
+    """With a key, /v1/... answers only 'Authorization: Bearer KEY' (OpenAI's client sends its api_key so) and a
+    refusal is a 401 in OpenAI's shape; /health and /metrics stay open for probes and Prometheus."""
+    from openai import AuthenticationError, OpenAI
+
+    for server in _server(artifact, api_key=KEY):
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}):
+            refused = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
+            assert refused.status_code == 401, headers
+            assert refused.headers["www-authenticate"] == "Bearer"
+            error = refused.json()["error"]
+            assert error["code"] == "invalid_api_key" and "Authorization: Bearer <key>" in error["message"]
+            assert KEY not in refused.text
+        assert post(server, chat_body(png)).status_code == 401  # the chat route too
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10)
+        assert metrics.status_code == 200
+        assert 'apet_request_errors_total{code="invalid_api_key",route="models"} 4.0' in metrics.text
+
+        wrong = OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0)
+        with pytest.raises(AuthenticationError):
+            wrong.models.list()
+        client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-llava"]
+        answer = client.chat.completions.create(model="tiny-llava", messages=chat_body(png)["messages"],
+                                                max_tokens=8, temperature=0)
+        expected = reference.generate(png, PROMPT, max_new_tokens=8)
+        assert answer.model_extra["apet"]["token_ids"] == expected.token_ids
+
+
+def test_api_key_config_and_cli(artifact, capsys, monkeypatch) -> None:
+    """The key comes from --api-key, else APET_API_KEY (kept out of ps); an empty --api-key is refused; the key
+    never shows in the config's repr (logs) nor in --help."""
+    from apet.cli import main
+
+    assert KEY not in repr(ServeConfig(artifact=artifact, api_key=KEY))
+    with pytest.raises(UsageError, match="--api-key"):
+        ServeConfig(artifact=artifact, api_key=" ")
+
+    seen: list[ServeConfig] = []
+    monkeypatch.setattr("apet.serve.server.serve", lambda config, app=None: seen.append(config))
+    monkeypatch.setenv("APET_API_KEY", KEY)
+    assert main(["serve", str(artifact)]) == 0
+    assert main(["serve", str(artifact), "--api-key", "sk-flag"]) == 0
+    monkeypatch.setenv("APET_API_KEY", "")
+    assert main(["serve", str(artifact)]) == 0
+    assert [c.api_key for c in seen] == [KEY, "sk-flag", None]
+    assert main(["serve", str(artifact), "--api-key", ""]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    monkeypatch.setenv("APET_API_KEY", KEY)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert KEY not in capsys.readouterr().out
+
+
+def test_serving_every_interface_without_a_key_warns(artifact, monkeypatch, caplog) -> None:
+    from apet.serve import server as server_module
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise Stop
+
+    app = create_app(Pipeline.load(artifact, backend="onnxruntime", threads=1),
+                     ServeConfig(artifact=artifact, model_name="tiny-llava"))
+    monkeypatch.setattr("uvicorn.Server.run", stop)
+    for host, key, warned in (("0.0.0.0", None, True), ("127.0.0.1", None, False), ("0.0.0.0", KEY, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="apet.serve.server"), pytest.raises(Stop):
+            server_module.serve(ServeConfig(artifact=artifact, host=host, port=0, api_key=key), app=app)
+        assert ("without an API key" in caplog.text) is warned, (host, key)
 
 
 def test_cli_serve_refuses_a_batch_larger_than_the_artifact(artifact, capsys) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import os
 import time
@@ -91,10 +92,10 @@ def create_app(pipeline: Pipeline, config: ServeConfig) -> Starlette:
         finally:
             await run_in_threadpool(scheduler.stop)
 
-    routes = [
-        Route("/v1/chat/completions", _route("chat", chat_completions), methods=["POST"]),
-        Route("/v1/models", _route("models", list_models), methods=["GET"]),
-        Route("/v1/models/{model_id:path}", _route("models", get_model), methods=["GET"]),
+    routes = [  # the API asks for the key where one is set; /health and /metrics (probes, Prometheus) never do
+        Route("/v1/chat/completions", _route("chat", chat_completions, keyed=True), methods=["POST"]),
+        Route("/v1/models", _route("models", list_models, keyed=True), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _route("models", get_model, keyed=True), methods=["GET"]),
         Route("/health", _route("health", health), methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
@@ -105,13 +106,16 @@ def create_app(pipeline: Pipeline, config: ServeConfig) -> Starlette:
 
 
 # -- plumbing ---------------------------------------------------------------------------------------
-def _route(name: str, handler: Callable[[Request, ServerState], Awaitable[Response]]):
-    """Errors -> OpenAI-shaped JSON; every answer counted in the metrics."""
+def _route(name: str, handler: Callable[[Request, ServerState], Awaitable[Response]], keyed: bool = False):
+    """Errors -> OpenAI-shaped JSON; every answer counted in the metrics; ``keyed``: refused (401) without the
+    server's API key, where it has one."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
         state: ServerState = request.app.state.serve
         try:
+            if keyed and state.config.api_key is not None:
+                check_api_key(request.headers.get("authorization"), state.config.api_key)
             response = await handler(request, state)
         except ApiError as exc:
             response = _error_response(exc)
@@ -126,6 +130,18 @@ def _route(name: str, handler: Callable[[Request, ServerState], Awaitable[Respon
         return response
 
     return endpoint
+
+
+def check_api_key(authorization: str | None, key: str) -> None:
+    """Refuse a request whose ``Authorization`` header is not ``Bearer <key>`` (OpenAI's clients send their
+    ``api_key`` so); compared in constant time, so the answer's timing tells nothing of the key."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        return
+    what = "no API key" if not authorization else "a wrong API key, or not as 'Bearer <key>'"
+    raise ApiError(401, f"the request has {what} — send the header 'Authorization: Bearer <key>' with the key the "
+                        "server was started with (apet-serve --api-key or APET_API_KEY; OpenAI clients: api_key=...)",
+                   "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _error_response(exc: ApiError) -> Response:

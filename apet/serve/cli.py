@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from apet.contracts.io import DECODE_ATTENTION
-from apet.serve.config import ServeConfig, media_domains
+from apet.serve.config import API_KEY_ENV, ServeConfig, media_domains
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. images.example.com,cdn.example.org)")
     p.add_argument("--fetch-timeout", type=float, default=d.fetch_timeout_s, help="seconds, with --allow-fetch")
     p.add_argument("--served-model-name", help="the model id clients send (default: from the artifact)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"answer /v1/... only to clients that send 'Authorization: Bearer KEY' (default: the "
+                        f"{API_KEY_ENV} environment variable, which unlike this flag does not show in ps; unset: "
+                        "no key); /health and /metrics never ask")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="onnxruntime on CUDA: run without CUDA graphs (see apet-run --no-cuda-graphs)")
     p.add_argument("--decode-attention", default=d.decode_attention, choices=DECODE_ATTENTION,
@@ -52,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from apet.serve.server import serve
 
+    # the flag if given (an empty one is refused), else the environment's key (empty there = unset)
+    api_key = args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     serve(ServeConfig(artifact=args.artifact, host=args.host, port=args.port, backend=args.backend,
                       device=args.device, threads=args.threads, max_batch=args.max_batch,
                       batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, max_body_mb=args.max_body_mb,
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                       allow_fetch=args.allow_fetch, fetch_timeout_s=args.fetch_timeout,
                       allow_fetch_private=args.allow_fetch_private,
                       allowed_media_domains=media_domains(args.allowed_media_domains),
-                      model_name=args.served_model_name, cuda_graphs=not args.no_cuda_graphs,
+                      model_name=args.served_model_name, api_key=api_key,
+                      cuda_graphs=not args.no_cuda_graphs,
                       decode_attention=args.decode_attention, ort_rewrites=args.ort_rewrites))
     return 0

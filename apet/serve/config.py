@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from apet.contracts.io import DECODE_ATTENTION
 from apet.errors import UsageError, check_range
 from apet.media.images import MAX_PIXELS
 from apet.runtime.backends.ort_options import graph_rewrites
+
+API_KEY_ENV = "APET_API_KEY"  # --api-key's default: a key in the environment stays out of ps and shell history
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class ServeConfig:
     allow_fetch_private: bool = False  # with allow_fetch: loopback/private/link-local hosts too (trusted clients)
     allowed_media_domains: tuple[str, ...] = ()  # with allow_fetch: only these hosts and their subdomains
     model_name: str | None = None  # the id clients send as "model" (default: from the artifact)
+    # clients send it as "Authorization: Bearer KEY" on /v1/...; None: no key asked (/health and /metrics never ask)
+    api_key: str | None = field(default=None, repr=False)
     # the ONNX Runtime backend's forms, as apet-run takes them (docs/architecture.md)
     cuda_graphs: bool = True  # on CUDA: decode, vision and the prompt replayed as CUDA graphs
     decode_attention: str = "auto"  # a --kv-cache static artifact: auto | gqa | graph
@@ -60,6 +64,9 @@ class ServeConfig:
         except ValueError as err:
             raise UsageError(f"--ort-rewrites: {err}", "pass default, none, or a comma list of the known names") \
                 from err
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise UsageError("--api-key (or APET_API_KEY) is empty or has spaces around it",
+                             "pass the key itself, or leave it out to serve without one")
         if self.model_name is not None and not self.model_name.strip():
             raise UsageError("--served-model-name is empty", "pass a name, or leave it out to use the artifact's")
 

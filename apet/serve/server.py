@@ -4,6 +4,8 @@ ephemeral loopback port (tests, and programs that embed a server next to their o
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import socket
 import sys
 import threading
@@ -13,6 +15,8 @@ from typing import Any
 from apet.errors import BackendError, UsageError
 from apet.runtime.backends.base import import_optional
 from apet.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 
 def load_app(config: ServeConfig) -> Any:
@@ -70,14 +74,28 @@ def serve(config: ServeConfig, app: Any | None = None) -> None:
         import uvicorn
 
         state = app.state.serve
+        key = "API key required" if config.api_key is not None else "no API key"
         print(f"apet-serve: {state.facts.model_id} ({state.facts.family}, {state.pipeline.backend.name} backend, "
-              f"max batch {config.max_batch}) on http://{config.host}:{config.port}/v1", file=sys.stderr,
+              f"max batch {config.max_batch}, {key}) on http://{config.host}:{config.port}/v1", file=sys.stderr,
               flush=True)
+        if config.api_key is None and not _loopback(config.host):
+            log.warning("listening on %s without an API key: anyone who reaches port %d can use the model (set "
+                        "APET_API_KEY or --api-key to ask clients for one)", config.host, config.port)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                                timeout_graceful_shutdown=30))
         server.run(sockets=[sock])
     finally:
         sock.close()
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to an outside address
 
 
 class BackgroundServer:
