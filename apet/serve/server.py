@@ -14,7 +14,7 @@ from typing import Any
 
 from apet.errors import BackendError, UsageError
 from apet.runtime.backends.base import import_optional
-from apet.serve.config import ServeConfig
+from apet.serve.config import API_KEY_ENV, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def serve(config: ServeConfig, app: Any | None = None) -> None:
               flush=True)
         if config.api_key is None and not _loopback(config.host):
             log.warning("listening on %s without an API key: anyone who reaches port %d can use the model (set "
-                        "APET_API_KEY or --api-key to ask clients for one)", config.host, config.port)
+                        "%s or --api-key to ask clients for one)", config.host, config.port, API_KEY_ENV)
         server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                                timeout_graceful_shutdown=30))
         server.run(sockets=[sock])
