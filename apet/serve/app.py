@@ -32,7 +32,7 @@ from apet.errors import ApetError, UsageError
 from apet.models.registry import family_of
 from apet.runtime.pipeline import Pipeline
 from apet.serve import responses
-from apet.serve.config import ServeConfig
+from apet.serve.config import API_KEY_ENV, ServeConfig
 from apet.serve.errors import ApiError, from_apet_error, internal_error
 from apet.serve.media import MediaLimits, resolve
 from apet.serve.metrics import CONTENT_TYPE, Metrics
@@ -140,7 +140,7 @@ def check_api_key(authorization: str | None, key: str) -> None:
         return
     what = "no API key" if not authorization else "a wrong API key, or not as 'Bearer <key>'"
     raise ApiError(401, f"the request has {what} — send the header 'Authorization: Bearer <key>' with the key the "
-                        "server was started with (apet-serve --api-key or APET_API_KEY; OpenAI clients: api_key=...)",
+                        f"server was started with (apet-serve --api-key or {API_KEY_ENV}; OpenAI clients: api_key=...)",
                    "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 

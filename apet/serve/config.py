@@ -65,7 +65,7 @@ class ServeConfig:
             raise UsageError(f"--ort-rewrites: {err}", "pass default, none, or a comma list of the known names") \
                 from err
         if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
-            raise UsageError("--api-key (or APET_API_KEY) is empty or has spaces around it",
+            raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty or has spaces around it",
                              "pass the key itself, or leave it out to serve without one")
         if self.model_name is not None and not self.model_name.strip():
             raise UsageError("--served-model-name is empty", "pass a name, or leave it out to use the artifact's")
