@@ -58,6 +58,23 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
     return path
 
 
+def place_file(source: Path, target: Path, otherwise: str) -> str:
+    """Put ``source`` at ``target`` without copying where the filesystem allows: a hard link (the version of the
+    file as it is now, whole, while ``source`` may later be replaced by rename), else -- another filesystem, or
+    links refused -- ``otherwise``: ``"copy"`` or ``"symlink"`` (to ``source``'s real path). Returns what it did:
+    ``"linked"``, ``"copied"`` or ``"symlinked"``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return "linked"
+    except OSError:
+        if otherwise == "symlink":
+            os.symlink(os.path.realpath(source), target)
+            return "symlinked"
+        shutil.copy2(source, target)
+        return "copied"
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2); False where unsupported."""
     try:

@@ -180,10 +180,14 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit-trtexec", action="store_true",
                    help="write trtexec.sh (build + profiling lines) instead of building")
     p.add_argument("--overwrite", action="store_true", help="replace engines built from another export")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="build into DIR instead of the artifact (a read-only volume, a shared store): DIR gets the "
+                        "export's files as hard links, else symbolic links, and the engines; run and serve DIR")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from apet.engines.build import BuildConfig, build_artifact
+    from apet.engines.build_dir import build_directory, check_writable
     from apet.engines.profiles import ShapeLimits
     from apet.engines.trtexec import write_trtexec_script
     from apet.manifest import read_manifest
@@ -191,17 +195,22 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.emit_trtexec:
         limits = ShapeLimits.from_manifest(read_manifest(args.artifact), args.max_batch, args.max_context,
                                            args.max_prompt)
-        print(f"wrote {write_trtexec_script(args.artifact, limits, args.workspace)}")
+        target = build_directory(args.artifact, args.out) if args.out is not None else args.artifact
+        check_writable(target)
+        print(f"wrote {write_trtexec_script(target, limits, args.workspace)}")
         return 0
     cfg = BuildConfig(artifact=args.artifact, backend=args.backend, max_batch=args.max_batch,
                       max_context=args.max_context, max_prompt=args.max_prompt, workspace_mb=args.workspace,
                       optimization_level=args.builder_optimization_level,
                       compute_capabilities=tuple(t for t in args.compute_capability.split(",") if t),
-                      timing_cache=args.timing_cache, graphs=tuple(args.graphs.split(",")), overwrite=args.overwrite)
+                      timing_cache=args.timing_cache, graphs=tuple(args.graphs.split(",")), overwrite=args.overwrite,
+                      out=args.out)
     report = build_artifact(cfg)
     for name, engine in report.engines.items():
         print(f"{engine['file']}: {engine['bytes'] / 1e6:.1f} MB in {engine['seconds']:.1f} s "
               f"({report.builder} {report.version})")
+    if args.out is not None:
+        print(f"{args.out}: the export of {args.artifact} with these engines (run and serve {args.out})")
     return 0
 
 

@@ -14,13 +14,13 @@ The artifact is placed *inside* the repository (``apet_generate/1/artifact/``, t
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from apet import __version__
+from apet.atomic import place_file
 from apet.contracts.files import ENGINE_FILES, MANIFEST_NAME, REPORT_NAME
 from apet.errors import ArtifactError, UsageError, option
 from apet.manifest import Manifest, read_manifest
@@ -60,12 +60,9 @@ def vision_form_of(artifact: Path, form: str) -> str:
 
 
 def _place(source: Path, target: Path, report: RepositoryReport) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
+    if place_file(source, target, otherwise="copy") == "linked":
         report.linked += 1
-    except OSError:  # another filesystem, or links not allowed there
-        shutil.copy2(source, target)
+    else:  # another filesystem, or links not allowed there
         report.copied += 1
 
 
