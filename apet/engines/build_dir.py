@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 def check_writable(artifact: Path) -> None:
     """Refuse, before any build work, an artifact directory that cannot take the engines, with the fix."""
     target = os.path.realpath(artifact)
-    if os.access(target, os.W_OK):
-        return
+    if not os.path.isdir(target) or os.access(target, os.W_OK):
+        return  # a missing artifact: reading its manifest says so
     why = "is on a read-only file system" if _read_only_fs(target) else "is not writable for this user"
     raise UsageError(f"{artifact} {why}: apet-build writes the engines beside the artifact's graphs",
                      f"build into a directory of your own: apet-build {artifact} --out DIR (DIR links the export's "
