@@ -69,9 +69,9 @@ def test_out_on_one_filesystem_hard_links_the_export_and_builds_beside_it(artifa
 @needs_fs
 @pytest.mark.trt
 def test_read_only_volume_builds_into_out_with_symbolic_links(artifact_factory, rtx_api, tmp_path: Path) -> None:
-    """A real read-only mount (as a model store mounted ``:ro``): building in place is refused before any work,
-    naming --out; --out on another filesystem links by symbolic links, builds, verifies, and answers with the
-    source's tokens; --emit-trtexec takes --out too."""
+    """A real read-only mount (as a model store mounted ``:ro``): building in place is refused before any work
+    (exit 6, a storage error), naming --out; --out on another filesystem links by symbolic links, builds,
+    verifies, and answers with the source's tokens; --emit-trtexec takes --out too."""
     artifact = artifact_factory(ratio=0.11, stages=1, dtype="fp16")
     out = tmp_path / "out"
     run = ("-m apet.cli run {} --backend onnxruntime --image @demo --prompt 'What is this?' --max-new-tokens 6 "
@@ -88,7 +88,7 @@ def test_read_only_volume_builds_into_out_with_symbolic_links(artifact_factory, 
               'echo "entries:"; ls -A "$FS"')
     result = small_fs.run(tmp_path / "fs", "64m", script)
     stdout, stderr = result.stdout, result.stderr
-    assert "inplace rc=2" in stdout and "out rc=0" in stdout, stdout + stderr
+    assert "inplace rc=6" in stdout and "out rc=0" in stdout, stdout + stderr
     assert "is on a read-only file system" in stderr and "--out DIR" in stderr, stderr
     assert "verified" in stdout and "against build_report.json" in stdout, stdout + stderr
     export_files = len(read_manifest(artifact).files()) + 1

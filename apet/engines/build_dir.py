@@ -17,19 +17,20 @@ from pathlib import Path
 
 from apet.atomic import place_file, replace_files
 from apet.contracts.files import MANIFEST_NAME, manifest_digest
-from apet.errors import UsageError
+from apet.errors import StorageError, UsageError
 from apet.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
 
 def check_writable(artifact: Path) -> None:
-    """Refuse, before any build work, an artifact directory that cannot take the engines, with the fix."""
+    """Refuse, before any build work, an artifact directory that cannot take the engines, with the fix (exit 6,
+    as every refusal of the file system)."""
     target = os.path.realpath(artifact)
     if not os.path.isdir(target) or os.access(target, os.W_OK):
         return  # a missing artifact: reading its manifest says so
     why = "is on a read-only file system" if _read_only_fs(target) else "is not writable for this user"
-    raise UsageError(f"{artifact} {why}: apet-build writes the engines beside the artifact's graphs",
+    raise StorageError(f"{artifact} {why}: apet-build writes the engines beside the artifact's graphs",
                      f"build into a directory of your own: apet-build {artifact} --out DIR (DIR links the export's "
                      "files and holds the engines; run and serve DIR)")
 
