@@ -24,7 +24,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 from apet.errors import UsageError
 
@@ -58,7 +58,7 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
     return path
 
 
-def place_file(source: Path, target: Path, otherwise: str) -> str:
+def place_file(source: Path, target: Path, otherwise: Literal["copy", "symlink"]) -> str:
     """Put ``source`` at ``target`` without copying where the filesystem allows: a hard link (the version of the
     file as it is now, whole, while ``source`` may later be replaced by rename), else -- another filesystem, or
     links refused -- ``otherwise``: ``"copy"`` or ``"symlink"`` (to ``source``'s real path). Returns what it did:

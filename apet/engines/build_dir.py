@@ -31,8 +31,8 @@ def check_writable(artifact: Path) -> None:
         return  # a missing artifact: reading its manifest says so
     why = "is on a read-only file system" if _read_only_fs(target) else "is not writable for this user"
     raise StorageError(f"{artifact} {why}: apet-build writes the engines beside the artifact's graphs",
-                     f"build into a directory of your own: apet-build {artifact} --out DIR (DIR links the export's "
-                     "files and holds the engines; run and serve DIR)")
+                       f"build into a directory of your own: apet-build {artifact} --out DIR (DIR links the export's "
+                       "files and holds the engines; run and serve DIR)")
 
 
 def _read_only_fs(path: str) -> bool:
