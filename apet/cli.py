@@ -187,7 +187,7 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from apet.engines.build import BuildConfig, build_artifact
-    from apet.engines.build_dir import build_directory, check_writable
+    from apet.engines.build_dir import build_target
     from apet.engines.profiles import ShapeLimits
     from apet.engines.trtexec import write_trtexec_script
     from apet.manifest import read_manifest
@@ -195,9 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.emit_trtexec:
         limits = ShapeLimits.from_manifest(read_manifest(args.artifact), args.max_batch, args.max_context,
                                            args.max_prompt)
-        target = build_directory(args.artifact, args.out) if args.out is not None else args.artifact
-        check_writable(target)
-        print(f"wrote {write_trtexec_script(target, limits, args.workspace)}")
+        print(f"wrote {write_trtexec_script(build_target(args.artifact, args.out), limits, args.workspace)}")
         return 0
     cfg = BuildConfig(artifact=args.artifact, backend=args.backend, max_batch=args.max_batch,
                       max_context=args.max_context, max_prompt=args.max_prompt, workspace_mb=args.workspace,

@@ -61,17 +61,21 @@ class Row:
     unit: str  # "x floor": the stage's ms over its floor; "ms": the stage's ms
 
     def values(self, cases: list[dict[str, Any]]) -> list[tuple[float, float | None]]:
-        """(ms, × floor) of every matching case in the reports."""
-        found = []
-        for case in cases:
-            if self.case.matches(case) and self.stage in case["stages"]:
-                stage = case["stages"][self.stage]
-                over = stage.get("over_floor")
-                if self.stage == "ttft":
-                    floors = sum(case["stages"][name]["floor_ms"] for name in TTFT_STAGES if name in case["stages"])
-                    over = round(stage["ms"] / floors, 2) if floors > 0 else None
-                found.append((stage["ms"], over))
-        return found
+        return stage_values(self.case, self.stage, cases)
+
+
+def stage_values(wanted: Case, stage: str, cases: list[dict[str, Any]]) -> list[tuple[float, float | None]]:
+    """(ms, × floor) of ``stage`` in every profiled case ``wanted`` matches; TTFT against its stages' floors."""
+    found = []
+    for case in cases:
+        if wanted.matches(case) and stage in case["stages"]:
+            timed = case["stages"][stage]
+            over = timed.get("over_floor")
+            if stage == "ttft":
+                floors = sum(case["stages"][name]["floor_ms"] for name in TTFT_STAGES if name in case["stages"])
+                over = round(timed["ms"] / floors, 2) if floors > 0 else None
+            found.append((timed["ms"], over))
+    return found
 
 
 ROWS = (
@@ -113,8 +117,8 @@ def table(reports: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                      f"| {target} | {verdict} |")
         rows.append({"row": row.label, "ms": ms, "over_floor": overs, "target": row.target, "unit": row.unit,
                      "met": met})
-    low = [v[0] for v in ROWS[-1].values(cases)]
-    high = [v[0] for v in Row("", QWEN[1.0, 1], "ttft", 0, "ms").values(cases)]
+    low = [ms for ms, _ in stage_values(QWEN[0.3, 1], "ttft", cases)]
+    high = [ms for ms, _ in stage_values(QWEN[1.0, 1], "ttft", cases)]
     if low and high:
         ratios = [a / b for a in low for b in high]
         met = max(ratios) <= TTFT_RATIO_TARGET

@@ -16,7 +16,7 @@ from apet.contracts.files import ENGINE_FILES, REPORT_NAME, layers_file, manifes
 from apet.contracts.onnx_graph import nodes_by_stage
 from apet.contracts.targets import builder_problem
 from apet.engines.api import TrtApi, load_api
-from apet.engines.build_dir import build_directory, check_writable
+from apet.engines.build_dir import build_target
 from apet.engines.layer_counts import engine_layers_by_stage
 from apet.engines.profiles import ShapeLimits, check_workspace, llm_profiles, vision_profiles
 from apet.engines.trt import BuildOptions, BuiltEngine, Profile, build_engine
@@ -153,9 +153,7 @@ def _stale_files(report: BuildReport, built: tuple[str, ...]) -> set[str]:
 
 def build_artifact(cfg: BuildConfig, api: TrtApi | None = None) -> BuildReport:
     """Build every requested engine into ``cfg.artifact`` (or ``cfg.out``); returns the report written."""
-    if cfg.out is not None:
-        cfg = replace(cfg, artifact=build_directory(cfg.artifact, cfg.out), out=None)
-    check_writable(cfg.artifact)
+    cfg = replace(cfg, artifact=build_target(cfg.artifact, cfg.out), out=None)
     manifest, digest, state = _read_inputs(cfg)
     _guard_existing(cfg, digest)
     api = api or load_api(cfg.backend)

@@ -64,3 +64,11 @@ def build_directory(artifact: Path, out: Path) -> Path:
         stage.files = names  # symbolic links included
     log.info("%s: the export of %s (%s)", out, artifact, ", ".join(f"{n} {how}" for how, n in sorted(placed.items())))
     return out
+
+
+def build_target(artifact: Path, out: Path | None) -> Path:
+    """Where apet-build writes: ``out`` made to hold the export (:func:`build_directory`), else the artifact itself;
+    either checked writable before any build work."""
+    target = build_directory(artifact, out) if out is not None else Path(artifact)
+    check_writable(target)
+    return target
