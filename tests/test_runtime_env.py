@@ -169,6 +169,18 @@ def test_build_with_tensorrt_rtx_without_torch(artifact_factory, tmp_path) -> No
     report = json.loads((artifact / "build_report.json").read_text())
     assert report["builder"] == "tensorrt-rtx" and set(report["engines"]) == {"vision", "llm"}
     assert (artifact / "vision.plan").stat().st_size > 0 and (artifact / "llm.plan").stat().st_size > 0
+    # engines present, but no CUDA Python bindings (pip install . without [cuda12]/[cuda13]) and no GPU here:
+    # --backend auto says why in the log and answers on ONNX Runtime, as docs/jetson.md promises
+    image = tmp_path / "image.png"
+    image.write_bytes((Path(__file__).parents[1] / "apet" / "assets" / "demo.png").read_bytes())
+    run = _cli(_bin("apet-run"), str(artifact), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens",
+               str(TOKENS), "--json")
+    assert run.returncode == 0, run.stderr
+    assert "engines are present but" in run.stderr and "using another backend" in run.stderr
+    from apet.runtime.pipeline import Pipeline
+
+    expected = Pipeline.load(artifact, backend="onnxruntime").generate(str(image), PROMPT, max_new_tokens=TOKENS)
+    assert json.loads(run.stdout)["token_ids"] == expected.token_ids
 
 
 @needs_runtime_env

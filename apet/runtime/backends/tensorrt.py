@@ -43,7 +43,7 @@ from apet.cuda_memory import (
     device_index,
     load_driver,
 )
-from apet.errors import ArtifactError, BackendError, InputError, option
+from apet.errors import ArtifactError, BackendError, InputError, MissingExtraError, option
 from apet.manifest import Manifest
 from apet.models.family import Layout
 from apet.runtime.backends.base import (
@@ -74,7 +74,7 @@ def tensorrt_available(artifact_dir: Path, driver: Any = None) -> bool:
         return False
     try:
         driver = driver or load_driver()
-    except BackendError:
+    except (BackendError, MissingExtraError):  # load_driver raises MissingExtraError where the package is absent
         log.warning("engines are present but NVIDIA's CUDA Python bindings are not installed (%s): using "
                     "another backend", INSTALL_HINT)
         return False
