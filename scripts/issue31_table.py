@@ -129,6 +129,26 @@ def table(reports: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines), rows
 
 
+def profile_summary(reports: list[dict[str, Any]], top: int = 3) -> str:
+    """Where each row's stage spends its time, from the same cases (gpu_profile's kernel profile): the kernels'
+    summed device time against the stage's wall time (the rest is launch gaps and waits) and its top kernels.
+    The issue asks for this beside the table: what stands in the way of a missed target is read from here."""
+    cases = [case for report in reports for case in report["cases"]]
+    lines = ["| row | ms | kernels | kernel ms | gaps ms | top kernels (share of kernel time) |",
+             "|---|---:|---:|---:|---:|---|"]
+    for row in ROWS:
+        for case in cases:
+            timed = case["stages"].get(row.stage) if row.case.matches(case) else None
+            if not timed or "kernel_us" not in timed:
+                continue
+            kernel_ms = timed["kernel_us"] / 1000
+            kernels = "; ".join(f"`{k['kernel'][:60]}` ×{k['calls']} {k['share']:.0%}"
+                                for k in timed.get("top", [])[:top] if k.get("share") is not None)
+            lines.append(f"| {row.label} | {timed['ms']:.2f} | {timed['kernels']:g} | {kernel_ms:.2f} | "
+                         f"{max(timed['ms'] - kernel_ms, 0.0):.2f} | {kernels} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path, help="scripts/gpu_profile.py reports of one session")
@@ -138,9 +158,10 @@ def main() -> None:
     devices = sorted({report["device"] for report in reports})
     markdown, rows = table(reports)
     header = f"Issue 31's rows on {', '.join(devices)} ({', '.join(path.name for path in args.reports)}):\n\n"
-    print(header + markdown)
+    summary = "\n\nWhere each stage's time goes (the same cases' kernel profiles):\n\n" + profile_summary(reports)
+    print(header + markdown + summary)
     if args.out:
-        args.out.write_text(header + markdown + "\n")
+        args.out.write_text(header + markdown + summary + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"devices": devices, "rows": rows}, indent=1))
 
 

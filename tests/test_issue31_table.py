@@ -86,3 +86,16 @@ def test_the_device_runs_cases_are_the_rows_cases() -> None:
         case["size"] = list(case["size"])
     for row in table_script.ROWS:
         assert any(row.case.matches({**case, "stages": {}}) for case in cases), row.label
+
+
+def test_profile_summary_gives_each_rows_kernel_time_gaps_and_top_kernels() -> None:
+    case = _llava(4.0)
+    case["stages"]["decode_step"].update(kernels=230.0, kernel_us=3600.0, top=[
+        {"kernel": "gemv_fold_kernel", "calls": 96, "us_per_step": 2700.0, "share": 0.75},
+        {"kernel": "decode_attention", "calls": 32, "us_per_step": 540.0, "share": 0.15}])
+    packed = _llava(3.0, prefill_attention="packed")  # a "before" form: not summarised either
+    packed["stages"]["decode_step"].update(kernels=1.0, kernel_us=1.0, top=[])
+    summary = table_script.profile_summary([{"device": "H200", "cases": [case, packed]}], top=1)
+    lines = [line for line in summary.splitlines() if line.startswith("| LLaVA")]
+    assert lines == ["| LLaVA-1.5-7B decode step, batch 1 (`--compile`) | 4.00 | 230 | 3.60 | 0.40 | "
+                     "`gemv_fold_kernel` ×96 75% |"]  # cases without a kernel profile (the others) give no line
