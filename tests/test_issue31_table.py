@@ -99,3 +99,19 @@ def test_profile_summary_gives_each_rows_kernel_time_gaps_and_top_kernels() -> N
     lines = [line for line in summary.splitlines() if line.startswith("| LLaVA")]
     assert lines == ["| LLaVA-1.5-7B decode step, batch 1 (`--compile`) | 4.00 | 230 | 3.60 | 0.40 | "
                      "`gemv_fold_kernel` ×96 75% |"]  # cases without a kernel profile (the others) give no line
+
+
+def test_the_docs_table_is_the_scripts_output_for_the_committed_reports() -> None:
+    """docs/benchmarks.md's issue-31 table and profile summary are regenerated from the committed raw JSON, not
+    edited by hand: the script's output for those files appears in the docs verbatim."""
+    import json
+
+    root = Path(__file__).parents[1]
+    runs = sorted((root / "docs" / "benchmarks" / "h200-issue31").glob("issue31_[lq]*.json"))
+    assert [path.name for path in runs] == ["issue31_llava.json", "issue31_qwen.json", "issue31_qwen4.json"]
+    reports = [json.loads(path.read_text()) for path in runs]
+    markdown, rows = table_script.table(reports)
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    assert markdown in docs
+    assert table_script.profile_summary(reports) in docs
+    assert all(row["met"] is not None for row in rows)  # one session profiled every row's case
