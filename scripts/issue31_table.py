@@ -131,7 +131,8 @@ def table(reports: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
 
 def profile_summary(reports: list[dict[str, Any]], top: int = 3) -> str:
     """Where each row's stage spends its time, from the same cases (gpu_profile's kernel profile): the kernels'
-    summed device time against the stage's wall time (the rest is launch gaps and waits) and its top kernels.
+    summed device time against the stage's wall time (the rest is launch gaps and waits; 0 where the profiled
+    calls' kernel time exceeds the timed median, as in a bound-by-compute prefill) and its top kernels.
     The issue asks for this beside the table: what stands in the way of a missed target is read from here."""
     cases = [case for report in reports for case in report["cases"]]
     lines = ["| row | ms | kernels | kernel ms | gaps ms | top kernels (share of kernel time) |",
