@@ -16,7 +16,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # the path's default switches (gpu_profile.parse_case); a case differing in any is a "before" form
 DEFAULT_FORM = {"decode_attention": True, "gemv": True, "fold": True, "pdl": True, "per_image_kernel": True,
@@ -60,21 +60,24 @@ class Row:
     target: float
     unit: str  # "x floor": the stage's ms over its floor; "ms": the stage's ms
 
-    def values(self, cases: list[dict[str, Any]]) -> list[tuple[float, float | None]]:
-        return stage_values(self.case, self.stage, cases)
+
+def timed_stages(wanted: Case, stage: str, cases: list[dict[str, Any]]) -> Iterator[tuple[dict, dict]]:
+    """Every profiled case ``wanted`` matches that timed ``stage``, with that stage's record: which cases a row
+    reads, in one place for the table and the profile summary."""
+    for case in cases:
+        if wanted.matches(case) and stage in case["stages"]:
+            yield case, case["stages"][stage]
 
 
 def stage_values(wanted: Case, stage: str, cases: list[dict[str, Any]]) -> list[tuple[float, float | None]]:
     """(ms, × floor) of ``stage`` in every profiled case ``wanted`` matches; TTFT against its stages' floors."""
     found = []
-    for case in cases:
-        if wanted.matches(case) and stage in case["stages"]:
-            timed = case["stages"][stage]
-            over = timed.get("over_floor")
-            if stage == "ttft":
-                floors = sum(case["stages"][name]["floor_ms"] for name in TTFT_STAGES if name in case["stages"])
-                over = round(timed["ms"] / floors, 2) if floors > 0 else None
-            found.append((timed["ms"], over))
+    for case, timed in timed_stages(wanted, stage, cases):
+        over = timed.get("over_floor")
+        if stage == "ttft":
+            floors = sum(case["stages"][name]["floor_ms"] for name in TTFT_STAGES if name in case["stages"])
+            over = round(timed["ms"] / floors, 2) if floors > 0 else None
+        found.append((timed["ms"], over))
     return found
 
 
@@ -107,7 +110,7 @@ def table(reports: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     lines = ["| row | now | × floor | target | |", "|---|---:|---:|---:|---|"]
     rows: list[dict[str, Any]] = []
     for row in ROWS:
-        found = row.values(cases)
+        found = stage_values(row.case, row.stage, cases)
         ms, overs = [v[0] for v in found], [v[1] for v in found if v[1] is not None]
         judged = overs if row.unit == "x floor" else ms
         met = None if not judged else max(judged) <= row.target
@@ -138,9 +141,8 @@ def profile_summary(reports: list[dict[str, Any]], top: int = 3) -> str:
     lines = ["| row | ms | kernels | kernel ms | gaps ms | top kernels (share of kernel time) |",
              "|---|---:|---:|---:|---:|---|"]
     for row in ROWS:
-        for case in cases:
-            timed = case["stages"].get(row.stage) if row.case.matches(case) else None
-            if not timed or "kernel_us" not in timed:
+        for _, timed in timed_stages(row.case, row.stage, cases):
+            if "kernel_us" not in timed:
                 continue
             kernel_ms = timed["kernel_us"] / 1000
             kernels = "; ".join(f"`{k['kernel'][:60]}` ×{k['calls']} {k['share']:.0%}"
