@@ -17,10 +17,12 @@ from conftest import make_image
 
 from apet.runtime.backends.base import splice_numpy
 from apet.runtime.backends.ort_first_token import SPLICE_INDEX, TEXT_ROWS, splice_feeds
+from apet.runtime.backends.ort_options import DEFAULT_REWRITES
 from apet.runtime.pipeline import Pipeline
 
 PROMPTS = ["What is in the picture?", "How many objects are there and what color are they?"]
 STEPS = 6
+APART = ",".join(sorted(DEFAULT_REWRITES - {"first-token"}))  # the default set, vision and prefill in two sessions
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_one_graph_computes_what_the_two_sessions_compute(llava_static_op, atten
     images = [make_image(1, (300, 200))]
     one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
                         ort_rewrites="default,first-token")
-    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention)
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention, ort_rewrites=APART)
     static = one.backend.static
     assert static.first is not None and static._prefill_session is None  # no second copy of the prompt's weights
     assert one.backend.vision is None  # nor of the vision's
@@ -74,8 +76,9 @@ def test_one_graph_computes_what_the_two_sessions_compute(llava_static_op, atten
 
 def test_the_pipeline_generates_the_same_answer_with_it(llava_static_op) -> None:
     image = make_image(3, (240, 240))
-    one = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites="first-token")
-    two = Pipeline.load(llava_static_op, backend="onnxruntime")
+    one = Pipeline.load(llava_static_op, backend="onnxruntime")  # the default set takes it
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites=APART)
+    assert one.backend.static.first is not None and two.backend.static.first is None
     got, want = (p.generate(image, PROMPTS[0], max_new_tokens=8) for p in (one, two))
     assert (got.text, got.token_ids, got.keep_index) == (want.text, want.token_ids, want.keep_index)
     assert got.stats.vision_ms == 0.0 and got.stats.prefill_ms > 0
@@ -85,8 +88,8 @@ def test_a_left_padded_batch_runs_in_it_or_apart_as_its_prefill_allows(llava_sta
     """Two prompts of different lengths (left padding): the exported prefill reads the mask, so it runs in the one
     graph; the rewritten prompt does not, so the batch runs the vision session and the exported prefill."""
     images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
-    reference = _first_tokens(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph"),
-                              images, PROMPTS, 4)
+    reference = _first_tokens(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph",
+                                            ort_rewrites=APART), images, PROMPTS, 4)
     for attention, in_one in (("graph", True), ("gqa", False)):
         pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
                                  ort_rewrites="first-token")
@@ -103,6 +106,34 @@ def test_a_family_whose_layout_reads_the_kept_indices_keeps_two_sessions(qwen_ar
         pipeline = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="first-token")
     assert pipeline.backend.first_cast is None and pipeline.backend.static.first is None
     assert "layout reads the kept indices" in caplog.text
+
+
+def test_in_the_default_set_it_says_where_it_does_not_apply_at_info(qwen_artifact_factory, caplog) -> None:
+    """Named, a rewrite that does not apply warns (above); from the default set it is logged at info only: most
+    artifacts are not the form it takes, and their users asked for nothing."""
+    artifact = qwen_artifact_factory(kv_cache="static")
+    with caplog.at_level(logging.INFO, logger="apet.runtime.backends.onnxruntime"):
+        pipeline = Pipeline.load(artifact, backend="onnxruntime")
+    assert pipeline.backend.static.first is None
+    said = [r for r in caplog.records if "layout reads the kept indices" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]
+
+
+def test_an_artifact_without_a_tokenizer_takes_it(llava_static_op, tmp_path) -> None:
+    """Whether the first-token graph applies is a fact of the family's processor class: deciding it reads no
+    tokenizer, so an artifact without one (the random-weight benchmark artifacts, which use a synthetic prompt
+    encoder) takes it too. It once built the artifact's processor and failed on the missing tokenizer.json."""
+    from apet.manifest import read_manifest
+    from apet.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in llava_static_op.iterdir():
+        if not path.name.startswith(("tokenizer", "special_tokens", "added_tokens")):
+            (bare / path.name).symlink_to(path)
+    assert not (bare / "tokenizer.json").exists()
+    backend = OnnxRuntimeBackend(bare, read_manifest(bare))
+    assert backend.static.first is not None and backend.vision is None
 
 
 def test_the_splice_inputs_rebuild_the_hosts_splice() -> None:
@@ -147,7 +178,7 @@ def test_video_llava_takes_it_too(video_artifact_factory) -> None:
 
     artifact = video_artifact_factory(ratio=0.125, kv_cache="static")
     one = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="default,first-token")
-    two = Pipeline.load(artifact, backend="onnxruntime")
+    two = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites=APART)
     got, want = (p.generate(video=make_frames(5, 12), prompt=PROMPTS[0], max_new_tokens=6) for p in (one, two))
     assert got.stats.vision_ms == 0.0 and one.backend.static.first is not None  # it ran as one graph
     assert (got.text, got.token_ids) == (want.text, want.token_ids)
@@ -234,10 +265,10 @@ def test_the_graphed_vision_form_composes_as_its_own_session_runs(llava_static_o
                                   form.skip_layer_norms, form.pack_projections)
     assert isinstance(model, bytes)  # rewritten
     part = VisionPart(onnx.load_from_string(model), cast, form.disabled_optimizers)
-    monkeypatch.setattr(OnnxRuntimeBackend, "_first_token_vision", lambda self, path, profiled: part)
+    monkeypatch.setattr(OnnxRuntimeBackend, "_first_token_vision", lambda self, path, profiled, named: part)
     one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
                         ort_rewrites="default,first-token")
-    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa")
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", ort_rewrites=APART)
     processor = one.processor
     inputs = processor.vision_inputs([make_image(1, (300, 200))])
     layout_for = lambda keep: processor.layout(PROMPTS[:1], inputs, keep, 4)  # noqa: E731

@@ -22,6 +22,7 @@ from apet.runtime.backends.ort_options import (
     STRICT_NORM_OPTION,
     cuda_provider,
     graph_rewrites,
+    names_itself,
 )
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 
@@ -131,6 +132,14 @@ def test_rewrite_names_are_checked() -> None:
         DEFAULT_REWRITES | {"vision-skip-norms"}
     with pytest.raises(ValueError, match="unknown ONNX Runtime graph rewrite 'pack'.*known: fuse-norms"):
         graph_rewrites("pack")
+
+
+def test_a_rewrite_is_named_itself_only_by_its_own_name() -> None:
+    """What decides whether a rewrite that does not apply warns (named) or is logged at info (from the default)."""
+    assert "first-token" in DEFAULT_REWRITES
+    assert names_itself("default, first-token", "first-token") and names_itself(["first-token"], "first-token")
+    assert not names_itself(None, "first-token") and not names_itself("default", "first-token")
+    assert not names_itself("default,first-tokens", "first-token")
 
 
 def test_fused_norms_are_strict_on_releases_that_took_float16_statistics() -> None:

@@ -60,6 +60,7 @@ from apet.runtime.backends.ort_options import (
     cuda_provider,
     graph_rewrites,
     load_cuda_libraries,
+    names_itself,
     session_options,
 )
 from apet.runtime.backends.ort_packages import installed_distributions, no_cuda_provider
@@ -117,7 +118,8 @@ class OnnxRuntimeBackend(Backend):
         self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
         # first-token: vision, splice and prefill as one graph (ort_first_token.py), where it applies
         profiled = self._profile_dir is not None or profile_dir is not None
-        first_vision = self._first_token_vision(vision_path, profiled) if "first-token" in self.rewrites else None
+        first_vision = self._first_token_vision(vision_path, profiled, names_itself(rewrites, "first-token")) \
+            if "first-token" in self.rewrites else None
         self.vision = None if self.graphed_vision is not None or first_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
         self.static = StaticKV(self.artifact_dir, manifest, SessionSetup(ort, llm_options, providers,
@@ -144,9 +146,10 @@ class OnnxRuntimeBackend(Backend):
         self.image_start: np.ndarray | None = None
         self.stage2_index: np.ndarray | None = None
 
-    def _first_token_vision(self, vision_path: Path, profiled: bool) -> VisionPart | None:
+    def _first_token_vision(self, vision_path: Path, profiled: bool, named: bool) -> VisionPart | None:
         """The vision graph for the first-token graph (the form the vision session would run), or None where the
-        rewrite does not apply (logged: vision and prefill then run apart, as without it)."""
+        rewrite does not apply (vision and prefill then run apart, as without it; a warning where the rewrite was
+        ``named``, else logged at info: it is in the default set, and most artifacts are not the form it takes)."""
         manifest, spec = self.manifest, self.manifest.graphs["vision"]
         why = None
         if manifest.kv_cache != "static":
@@ -155,12 +158,13 @@ class OnnxRuntimeBackend(Backend):
             why = "a profiled run times the vision graph in its own session"
         elif manifest.model.decoder.injected_layers:
             why = "the LLM takes per-layer visual inputs"
-        elif family_of(manifest).processor(self.artifact_dir, manifest).layout_reads_kept_values:
+        elif family_of(manifest).processor(None, manifest).layout_reads_kept_values:  # no tokenizer read
             why = f"the {manifest.model.family} layout reads the kept indices, known only after the vision graph"
         elif fixed_shapes(spec.inputs, 1) is None or fixed_shapes(spec.outputs, 1) is None:
             why = "the vision graph has dims besides the batch"
         if why is not None:
-            log.warning("the first-token rewrite does not apply: %s; vision and prefill run apart", why)
+            log.log(logging.WARNING if named else logging.INFO,
+                    "the first-token rewrite does not apply: %s; vision and prefill run apart", why)
             return None
         if self.graphed_vision is None:
             return VisionPart(onnx.load(str(vision_path)))
