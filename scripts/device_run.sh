@@ -49,7 +49,8 @@
 #                   -> $OUT/ort_ttft_parts_env_VAR-VALUE[+VAR-VALUE].json
 #   firsttoken      ONNX Runtime's first-token graph (vision, splice, prefill in one run) against the two sessions
 #                   on a tiny fp16 artifact: indices, rows, logits, its CUDA graph replayed (ort_first_token_check.py);
-#                   its time at 7B: ortstatic DIR - ft default,first-token, orttime DIR "default;default,first-token"
+#                   on by default since its 7B time (h200-first-token/); apart: ortstatic DIR - apart
+#                   fuse-norms,pack-projections,gqa-rotary
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
