@@ -51,6 +51,9 @@
 #                   on a tiny fp16 artifact: indices, rows, logits, its CUDA graph replayed (ort_first_token_check.py);
 #                   on by default since its 7B time (h200-first-token/); apart: ortstatic DIR - apart
 #                   fuse-norms,pack-projections,gqa-rotary
+#   flashdecode DIR  issue 28's decode lever: the bench with flash-decode twice and the default once (one session:
+#                   speed, and whether two runs of one form give the same tokens and logits), then the decode step
+#                   alone in both forms (ort_ttft_parts) -> $OUT/ortstatic_{fd1,fd2,def}*.json, flashdecode_repeat.json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
@@ -279,6 +282,23 @@ PY
 r = json.loads(sys.stdin.read())
 print('$setting', {k: r[k]['median_ms'] for k in ('vision', 'layout', 'prefill', 'vision_and_prefill', 'decode_step')})"
     done
+    ;;
+  flashdecode)  # flashdecode DIR: flash-decode's speed and run-to-run reproducibility against the default
+    wait_export "$1" 540
+    for run in fd1 fd2; do bash "$0" ortstatic "$1" - "$run" default,flash-decode 2>&1 | tail -3; done
+    bash "$0" ortstatic "$1" - def default 2>&1 | tail -3
+    python3 - "$OUT" <<'PY' | tee "$OUT/flashdecode_repeat.json"
+import json, sys
+out = sys.argv[1]
+runs = {name: json.load(open(f"{out}/ortstatic_{name}.json"))["runs"][0]["onnxruntime"] for name in ("fd1", "fd2", "def")}
+tokens = {name: [step[0] for step in run["greedy_tokens"]] for name, run in runs.items()}
+diffs = {name: run["parity"]["abs_logit_diff_by_step"] for name, run in runs.items()}
+print(json.dumps({"tokens_equal_fd1_fd2": tokens["fd1"] == tokens["fd2"], "logits_equal_fd1_fd2": diffs["fd1"] == diffs["fd2"],
+                  "tokens_equal_fd1_def": tokens["fd1"] == tokens["def"],
+                  "decode_ms": {name: run["decode_per_token"]["median_ms"] for name, run in runs.items()}}))
+PY
+    python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts_flashdecode.json" --no-ungraphed \
+      --sets "default;default,flash-decode" 2>&1 | grep -v "W:onnxruntime" | cut -c1-400 | tail -2
     ;;
   ortthreads)  # ortthreads DIR: the first token apart with ONNX Runtime's intra-op thread pool (its default: one
     # worker per core, spinning between runs) and without (--threads 1)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,18 @@ GRAPH_REWRITES = {
                      "for the prefill's and the decode's sessions alike (ort_bound_weights): one copy, not two",
     "first-token": "the vision graph, the prompt's splice and the prefill as one graph, a first token in one run "
                    "(the static form of LLaVA-1.5 and Video-LLaVA; elsewhere nothing changes; ort_first_token)",
+    "flash-decode": "a kernel choice, not a graph change: GroupQueryAttention's decode steps by flash decoding, not "
+                    "XQA or cuDNN (ONNX Runtime's environment switches FLASH_DECODE_ENVIRONMENT, set only while the "
+                    "decode sessions are made)",
 }
 DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections", "gqa-rotary", "first-token"})  # what
 # the H200 measured to pay off with the same kept indices (docs/benchmarks.md: h200-rewrites/, h200-gqa-rotary/,
 # h200-first-token/: first-token's outputs bit-equal to the two sessions', 0.9 ms off the 7B first token)
+# ONNX Runtime's GroupQueryAttention picks its decode kernel from switches only its environment sets, read when a
+# session's kernels are made: XQA by default; with XQA off, cuDNN's attention on Hopper; with both off, flash
+# decoding. XQA off took 0.2 ms off the 7B decode step on the H200 but its logits moved between two runs
+# (docs/benchmarks.md, h200-first-token/), so flash-decode pins the flash kernel, not whichever comes next
+FLASH_DECODE_ENVIRONMENT: dict[str, str] = {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}
 FUSED_NORMS = frozenset({"fuse-norms", "vision-skip-norms"})  # the rewrites that make Skip(Simplified)LayerNorm nodes
 # ONNX Runtime 1.31.1's CUDA kernels of those nodes take mean and variance in float32, as precise as the nodes they
 # replace (scripts/ort_norm_precision.py on the H200); older releases took them in float16 unless told otherwise
@@ -98,6 +107,19 @@ def names_itself(names: str | Iterable[str] | None, rewrite: str) -> bool:
         return False
     listed = names.split(",") if isinstance(names, str) else names
     return rewrite in {name.strip() for name in listed}
+
+
+@contextlib.contextmanager
+def scoped_environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """``variables`` in the process environment while the block runs (a session made in it reads them), then as
+    they were; a variable the user set already keeps the user's value (theirs is the deliberate choice)."""
+    added = {name: value for name, value in variables.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def load_cuda_libraries(ort: Any) -> None:

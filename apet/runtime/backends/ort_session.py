@@ -10,14 +10,14 @@ and ONNX Runtime accepts it only where its shape computations need no copies bet
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apet.runtime.backends.ort_options import session_options
+from apet.runtime.backends.ort_options import scoped_environment, session_options
 
 log = logging.getLogger(__name__)
 GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option: which of a session's CUDA graphs a run captures or replays
@@ -35,6 +35,8 @@ class SessionSetup:
     cuda_graphs: bool
     decode_attention: str = "auto"  # auto | gqa | graph (apet.runtime.backends.ort_static)
     rewrites: frozenset[str] = frozenset()  # the optional graph rewrites (ort_options.GRAPH_REWRITES)
+    environment: Mapping[str, str] = field(default_factory=dict)  # ONNX Runtime's kernel switches its sessions
+    # are made under (ort_options.scoped_environment; the decode sessions' with flash-decode)
 
     @property
     def graphs(self) -> bool:
@@ -47,6 +49,11 @@ class SessionSetup:
         with ``batch`` its batch dim is fixed (and CUDA graphs on, where requested); with ``shape_graphs`` CUDA
         graphs are on while every dim stays free (one graph per ``gpu_graph_id``: :func:`run_options`);
         ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out."""
+        with scoped_environment(self.environment):
+            return self._session(model, batch, weights_dir, shape_graphs, disabled_optimizers)
+
+    def _session(self, model: Path | bytes, batch: int | None, weights_dir: Path | None, shape_graphs: bool,
+                 disabled_optimizers: tuple[str, ...]) -> Any:
         source = model if isinstance(model, bytes) else str(model)
         capture = self.graphs and (batch is not None or shape_graphs)
         extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}

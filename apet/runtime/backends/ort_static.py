@@ -31,6 +31,7 @@ left-padded rows runs the exported graphs either way (the rewritten ones attend 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from apet.runtime.backends.ort_gqa import (
     load_structure,
 )
 from apet.runtime.backends.ort_norms import fuse_residual_norms
+from apet.runtime.backends.ort_options import FLASH_DECODE_ENVIRONMENT
 from apet.runtime.backends.ort_pack import pack_sibling_projections
 from apet.runtime.backends.ort_prompt_graphs import PromptGraphs
 from apet.runtime.backends.ort_session import FixedRun, GraphSessions, SessionSetup
@@ -311,6 +313,14 @@ class StaticKV:
         self.length = total
         return logits[:, -1].astype(np.float32)
 
+    @property
+    def decode_setup(self) -> SessionSetup:
+        """:attr:`setup` with the decode sessions' kernel switches (flash-decode): the prompt's and the vision's
+        sessions keep ONNX Runtime's own choice."""
+        if "flash-decode" not in self.setup.rewrites:
+            return self.setup
+        return dataclasses.replace(self.setup, environment=FLASH_DECODE_ENVIRONMENT)
+
     def _decode_session(self, batch: int, gqa: bool) -> tuple[Any, Any]:
         """The session a decode step of ``batch`` rows runs in, and its run options (the CUDA graph it picks):
         with CUDA graphs the one session of every batch size where it can be had (:class:`GraphSessions`), else
@@ -318,11 +328,11 @@ class StaticKV:
         model = self.gqa_model if gqa else self.decode_path
         if self.setup.graphs:
             if gqa not in self.graph_sessions:
-                self.graph_sessions[gqa] = GraphSessions(self.setup, model, lambda: self._device_shaped(gqa),
+                self.graph_sessions[gqa] = GraphSessions(self.decode_setup, model, lambda: self._device_shaped(gqa),
                                                          self.weights_dir, what="decode")
             return self.graph_sessions[gqa].session(batch)
         if gqa not in self.shared:  # a file is read with its own options (a profiled backend's included)
-            self.shared[gqa] = self.setup.session(model, None, self.weights_dir if gqa else None)
+            self.shared[gqa] = self.decode_setup.session(model, None, self.weights_dir if gqa else None)
         return self.shared[gqa], None
 
     @property
