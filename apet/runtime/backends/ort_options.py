@@ -58,9 +58,10 @@ DEFAULT_REWRITES: frozenset[str] = frozenset({"fuse-norms", "pack-projections", 
 # the H200 measured to pay off with the same kept indices (docs/benchmarks.md: h200-rewrites/, h200-gqa-rotary/,
 # h200-first-token/: first-token's outputs bit-equal to the two sessions', 0.9 ms off the 7B first token)
 # ONNX Runtime's GroupQueryAttention picks its decode kernel from switches only its environment sets, read when a
-# session's kernels are made: XQA by default; with XQA off, cuDNN's attention on Hopper; with both off, flash
-# decoding. XQA off took 0.2 ms off the 7B decode step on the H200 but its logits moved between two runs
-# (docs/benchmarks.md, h200-first-token/), so flash-decode pins the flash kernel, not whichever comes next
+# session's kernels are made: XQA by default; with XQA off another (on Hopper possibly cuDNN's attention); with
+# cuDNN's off too, flash decoding. XQA off took 0.2 ms off the 7B decode step on the H200 but its logits moved
+# between two runs (docs/benchmarks.md, h200-first-token/), so flash-decode pins the flash kernel, not whichever
+# comes next
 FLASH_DECODE_ENVIRONMENT: dict[str, str] = {"ORT_ENABLE_XQA": "0", "ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"}
 FUSED_NORMS = frozenset({"fuse-norms", "vision-skip-norms"})  # the rewrites that make Skip(Simplified)LayerNorm nodes
 # ONNX Runtime 1.31.1's CUDA kernels of those nodes take mean and variance in float32, as precise as the nodes they
