@@ -257,8 +257,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true",
                    help="print TTFT, decode tokens/s, ApET stage-1 ms (onnxruntime: from a profile of the vision "
-                        "run; torch: timed; tensorrt: see `python -m apet.engines.trtexec report`), peak memory")
-    p.add_argument("--json", action="store_true", help="print one JSON record (text, token_ids, stats)")
+                        "run, which then runs in its own session, not in the first-token graph; torch: timed; "
+                        "tensorrt: see `python -m apet.engines.trtexec report`), peak memory")
+    p.add_argument("--json", action="store_true", help="print one JSON record (text, token_ids, stats as --stats "
+                   "times them)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
