@@ -10,6 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apet.runtime.backends.ort_options import DEFAULT_REWRITES
+
+# ONNX Runtime's default rewrites with vision and prefill in two sessions (the first-token graph's reference)
+TWO_SESSIONS = ",".join(sorted(DEFAULT_REWRITES - {"first-token"}))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

@@ -13,16 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image
+from conftest import TWO_SESSIONS, make_image
 
 from apet.runtime.backends.base import splice_numpy
 from apet.runtime.backends.ort_first_token import SPLICE_INDEX, TEXT_ROWS, splice_feeds
-from apet.runtime.backends.ort_options import DEFAULT_REWRITES
 from apet.runtime.pipeline import Pipeline
 
 PROMPTS = ["What is in the picture?", "How many objects are there and what color are they?"]
 STEPS = 6
-APART = ",".join(sorted(DEFAULT_REWRITES - {"first-token"}))  # the default set, vision and prefill in two sessions
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,7 @@ def test_one_graph_computes_what_the_two_sessions_compute(llava_static_op, atten
     images = [make_image(1, (300, 200))]
     one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
                         ort_rewrites="default,first-token")
-    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention, ort_rewrites=APART)
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention, ort_rewrites=TWO_SESSIONS)
     static = one.backend.static
     assert static.first is not None and static._prefill_session is None  # no second copy of the prompt's weights
     assert one.backend.vision is None  # nor of the vision's
@@ -77,7 +75,7 @@ def test_one_graph_computes_what_the_two_sessions_compute(llava_static_op, atten
 def test_the_pipeline_generates_the_same_answer_with_it(llava_static_op) -> None:
     image = make_image(3, (240, 240))
     one = Pipeline.load(llava_static_op, backend="onnxruntime")  # the default set takes it
-    two = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites=APART)
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites=TWO_SESSIONS)
     assert one.backend.static.first is not None and two.backend.static.first is None
     got, want = (p.generate(image, PROMPTS[0], max_new_tokens=8) for p in (one, two))
     assert (got.text, got.token_ids, got.keep_index) == (want.text, want.token_ids, want.keep_index)
@@ -89,7 +87,7 @@ def test_a_left_padded_batch_runs_in_it_or_apart_as_its_prefill_allows(llava_sta
     graph; the rewritten prompt does not, so the batch runs the vision session and the exported prefill."""
     images = [make_image(1, (300, 200)), make_image(2, (180, 260))]
     reference = _first_tokens(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="graph",
-                                            ort_rewrites=APART), images, PROMPTS, 4)
+                                            ort_rewrites=TWO_SESSIONS), images, PROMPTS, 4)
     for attention, in_one in (("graph", True), ("gqa", False)):
         pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention=attention,
                                  ort_rewrites="first-token")
@@ -178,7 +176,7 @@ def test_video_llava_takes_it_too(video_artifact_factory) -> None:
 
     artifact = video_artifact_factory(ratio=0.125, kv_cache="static")
     one = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites="default,first-token")
-    two = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites=APART)
+    two = Pipeline.load(artifact, backend="onnxruntime", ort_rewrites=TWO_SESSIONS)
     got, want = (p.generate(video=make_frames(5, 12), prompt=PROMPTS[0], max_new_tokens=6) for p in (one, two))
     assert got.stats.vision_ms == 0.0 and one.backend.static.first is not None  # it ran as one graph
     assert (got.text, got.token_ids) == (want.text, want.token_ids)
@@ -268,7 +266,7 @@ def test_the_graphed_vision_form_composes_as_its_own_session_runs(llava_static_o
     monkeypatch.setattr(OnnxRuntimeBackend, "_first_token_vision", lambda self, path, profiled, named: part)
     one = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
                         ort_rewrites="default,first-token")
-    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", ort_rewrites=APART)
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", ort_rewrites=TWO_SESSIONS)
     processor = one.processor
     inputs = processor.vision_inputs([make_image(1, (300, 200))])
     layout_for = lambda keep: processor.layout(PROMPTS[:1], inputs, keep, 4)  # noqa: E731

@@ -19,14 +19,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import graphs_on_cpu, make_image
+from conftest import TWO_SESSIONS, graphs_on_cpu, make_image
 from test_static_kv import _greedy
 
 from apet.contracts.io import LLM_DECODE, LLM_PREFILL
 from apet.errors import BackendError
 from apet.manifest import read_manifest
 from apet.runtime.backends.ort_gqa import NotRewritable, load_rewritten
-from apet.runtime.backends.ort_options import DEFAULT_REWRITES
 from apet.runtime.pipeline import Pipeline
 
 STEPS = 10
@@ -405,10 +404,11 @@ def test_every_batch_size_decodes_in_one_session(llava_static_op, failure) -> No
     ONNX Runtime session holds its own copy of the weights): the same tokens and logits as the session without CUDA
     graphs. Where ONNX Runtime refuses that session (``session``) or a capture fails in a run (``capture``), each
     batch size takes its own fixed-shape session, and the tokens stay the same."""
-    apart = ",".join(sorted(DEFAULT_REWRITES - {"first-token"}))  # the sessions counted below are decode's alone
+    # two sessions: the sessions counted below are decode's alone
     reference = _batches(Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
-                                       ort_rewrites=apart))
-    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa", ort_rewrites=apart)
+                                       ort_rewrites=TWO_SESSIONS))
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime", decode_attention="gqa",
+                             ort_rewrites=TWO_SESSIONS)
     static = pipeline.backend.static
     made: list[bool] = []  # per session made: shape graphs?
     setup = graphs_on_cpu(static.setup, failure, made)

@@ -90,9 +90,7 @@ def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
     "default,gqa-rotary"; "none" or "": none) -> the set, or a ValueError naming the unknown one and the known ones."""
     if names is None:
         return DEFAULT_REWRITES
-    if isinstance(names, str):
-        names = [] if names == "none" else [name.strip() for name in names.split(",") if name.strip()]
-    named = frozenset(names)
+    named = _named(names)
     chosen = (named - {"default"}) | (DEFAULT_REWRITES if "default" in named else frozenset())
     unknown = sorted(chosen - set(GRAPH_REWRITES))
     if unknown:
@@ -104,10 +102,14 @@ def graph_rewrites(names: str | Iterable[str] | None) -> frozenset[str]:
 def names_itself(names: str | Iterable[str] | None, rewrite: str) -> bool:
     """Whether ``names`` (as :func:`graph_rewrites` takes them) asks for ``rewrite`` by its own name, not only through
     "default": a rewrite asked for by name warns where it does not apply; one that came with the default logs it."""
-    if names is None:
-        return False
-    listed = names.split(",") if isinstance(names, str) else names
-    return rewrite in {name.strip() for name in listed}
+    return names is not None and rewrite in _named(names)
+
+
+def _named(names: str | Iterable[str]) -> frozenset[str]:
+    """The names as given (a comma list, "none" or "" for none, or names), "default" not yet expanded."""
+    if isinstance(names, str):
+        return frozenset() if names == "none" else frozenset(n.strip() for n in names.split(",") if n.strip())
+    return frozenset(names)
 
 
 @contextlib.contextmanager
