@@ -256,9 +256,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="sampling seed (with --temperature > 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true",
-                   help="print TTFT, decode tokens/s, ApET stage-1 ms (onnxruntime: from a profile of the vision "
-                        "run, which then runs in its own session, not in the first-token graph; torch: timed; "
-                        "tensorrt: see `python -m apet.engines.trtexec report`), peak memory")
+                   help="print TTFT, decode tokens/s, ApET stage-1 ms (onnxruntime: from a profiled run of the "
+                        "vision graph on the request's inputs in a session of its own, after the first token, which "
+                        "the request reaches by its usual path; torch: timed; tensorrt: see `python -m "
+                        "apet.engines.trtexec report`), peak memory")
     p.add_argument("--json", action="store_true", help="print one JSON record (text, token_ids, stats as --stats "
                    "times them)")
 

@@ -30,7 +30,8 @@ def summarize(results: dict) -> list[dict]:
             "ratio": run["ratio"], "batch": run["batch"], "attention": ort["attention"], "kv_cache": ort["kv_cache"],
             "cuda_graphs": ort["cuda_graphs"], "max_context": ort.get("max_context"),
             "decode_attention": ort.get("decode_attention"), "vision_cuda_graph": ort.get("vision_cuda_graph"),
-            "prompt_cuda_graph": ort.get("prompt_cuda_graph"), "rewrites": ort.get("rewrites"),
+            "prompt_cuda_graph": ort.get("prompt_cuda_graph"),
+            "first_token_cuda_graph": ort.get("first_token_cuda_graph"), "rewrites": ort.get("rewrites"),
             "torch_ttft_ms": torch_ttft, "torch_decode_ms": torch_decode,
             "ort_ttft_ms": ort_ttft, "ort_decode_ms": ort_decode,
             "ort_decode_p90_ms": ort["decode_per_token"]["p90_ms"], "ttft_ratio": round(ttft_ratio, 3),
@@ -63,7 +64,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['ratio']} | {r['batch']} | {r['attention']}, {r['kv_cache']} (C={r['max_context']}), decode "
               f"{r['decode_attention']}, vision graph {r['vision_cuda_graph']}, "
-              f"prompt graph {r.get('prompt_cuda_graph')}, rewrites {','.join(r.get('rewrites') or []) or '-'} | "
+              f"prompt graph {r.get('prompt_cuda_graph')}, first-token graph {r.get('first_token_cuda_graph')}, "
+              f"rewrites {','.join(r.get('rewrites') or []) or '-'} | "
               f"{r['cuda_graphs']} | {r['torch_ttft_ms']:.2f} / {r['torch_decode_ms']:.2f} | "
               f"{r['ort_ttft_ms']:.2f} / {r['ort_decode_ms']:.2f} | {r['ttft_ratio']}x / {r['decode_ratio']}x | "
               f"{'met' if r['ttft_target_met'] else 'MISSED'} / {'met' if r['decode_target_met'] else 'MISSED'} | "

@@ -82,6 +82,60 @@ def test_the_pipeline_generates_the_same_answer_with_it(llava_static_op) -> None
     assert got.stats.vision_ms == 0.0 and got.stats.prefill_ms > 0
 
 
+def test_stats_read_apet_apart_and_leave_the_request_in_it(llava_static_op, tmp_path, monkeypatch) -> None:
+    """``apet-run --stats``/``--json`` (profile_apet) once put vision in a profiled session of its own, so a timed
+    request ran two sessions, not the first-token graph a plain run takes. The request now runs the one graph, with
+    the same answer; ApET's ms come from a profiled session made after its first token, once, its trace removed."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the profile's scratch directory goes
+    image = make_image(4, (260, 220))
+    stats = Pipeline.load(llava_static_op, backend="onnxruntime", profile_apet=True)
+    plain = Pipeline.load(llava_static_op, backend="onnxruntime")
+    got, want = (p.generate(image, PROMPTS[0], max_new_tokens=6) for p in (stats, plain))
+    assert stats.backend.static.first is not None and stats.backend.static.first.calls == 1
+    assert (got.token_ids, got.keep_index) == (want.token_ids, want.keep_index)
+    assert got.stats.vision_ms == 0.0 and want.stats.apet_ms is None
+    assert isinstance(got.stats.apet_ms, float) and 0 < got.stats.apet_ms < got.stats.prefill_ms
+    assert list(tmp_path.iterdir()) == []
+    again = stats.generate(image, PROMPTS[0], max_new_tokens=2)
+    assert again.stats.apet_ms is None and stats.backend.static.first.calls == 2  # once, as before
+
+
+def test_the_bench_reports_the_first_token_graphs_capture(llava_static_op, monkeypatch) -> None:
+    """The bench's record said "prompt_cuda_graph": false and "vision_cuda_graph": false for the default form,
+    whose first tokens replay the first-token graph's CUDA graph: it now says so (first_token_cuda_graph). The CUDA
+    branches taken on the CPU (ONNX Runtime's CPU provider ignores the graph options; the captures run on a GPU)."""
+    from apet.bench.ort_timing import backend_choices
+    from apet.runtime.backends.ort_session import SessionSetup
+
+    monkeypatch.setattr(SessionSetup, "graphs", property(lambda self: True))
+    pipeline = Pipeline.load(llava_static_op, backend="onnxruntime")
+    backend, processor = pipeline.backend, pipeline.processor
+    assert backend_choices(backend)["first_token_cuda_graph"] is False  # no prompt shape seen yet
+    inputs = processor.vision_inputs([make_image(5)])
+    for _ in range(2):  # the first run gives the shapes, the second binds
+        backend.first_token(inputs, lambda keep: processor.layout(PROMPTS[:1], inputs, keep, 4))
+    choices = backend_choices(backend)
+    assert choices["first_token_cuda_graph"] is True
+    assert choices["prompt_cuda_graph"] is False and choices["vision_cuda_graph"] is False  # neither ran
+
+
+def test_the_profile_is_read_from_its_last_runs_only() -> None:
+    """The profiled session runs the request twice; ApET's ms are the second, warm pass's (events from the start of
+    its runs on), and a profile with fewer runs than asked is read whole."""
+    from apet.runtime.backends.onnxruntime import last_runs, scope_ms
+
+    def node(ts: float, dur: float, scope: str = "apet_stage1") -> dict:
+        return {"cat": "Node", "name": f"/{scope}/MatMul_kernel_time", "ts": ts, "dur": dur}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0}, node(1, 900), node(2, 50, "vision"),
+              {"cat": "Session", "name": "model_run", "ts": 10}, node(11, 30), node(12, 40, "vision"), node(13, 20)]
+    assert scope_ms(last_runs(events, 1), "apet_stage1") == pytest.approx(0.05)
+    assert scope_ms(last_runs(events, 2), "apet_stage1") == pytest.approx(0.95)
+    assert scope_ms(last_runs(events, 3), "apet_stage1") == pytest.approx(0.95)
+
+
 def test_a_left_padded_batch_runs_in_it_or_apart_as_its_prefill_allows(llava_static_op) -> None:
     """Two prompts of different lengths (left padding): the exported prefill reads the mask, so it runs in the one
     graph; the rewritten prompt does not, so the batch runs the vision session and the exported prefill."""

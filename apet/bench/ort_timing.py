@@ -33,7 +33,8 @@ class OrtTimings:
 def backend_choices(backend: Any) -> dict[str, Any]:
     """The forms an ONNX Runtime backend runs, as the bench reports them."""
     return {"decode_attention": backend.decode_attention(), "rewrites": sorted(backend.rewrites),
-            "vision_cuda_graph": backend.vision_graphed(), "prompt_cuda_graph": backend.prompt_graphed()}
+            "vision_cuda_graph": backend.vision_graphed(), "prompt_cuda_graph": backend.prompt_graphed(),
+            "first_token_cuda_graph": backend.first_token_graphed()}
 
 
 def time_backend(backend: Any, processor: Any, inputs: Any, make_layout: Any, repeats: int,

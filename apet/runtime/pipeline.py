@@ -184,7 +184,7 @@ class Pipeline:
         done = time.perf_counter()
         visual, layout, logits = first.visual, first.layout, first.logits
         stats = Stats(backend.name, batch, layout.prompt_lengths, layout.visual_tokens, preprocess_ms=preprocess_ms,
-                      vision_ms=first.vision_ms, apet_ms=backend.apet_ms(visual))
+                      vision_ms=first.vision_ms, apet_ms=backend.apet_ms(visual, inputs))
         stats.prefill_ms = first.prefill_ms  # the layout's host time is in ttft_ms only, as before
         stats.ttft_ms = (done - start) * 1e3
 

@@ -137,9 +137,9 @@ class Backend(ABC):
     def peak_memory_bytes(self) -> int | None:
         return None
 
-    def apet_ms(self, visual: VisionOutput) -> float | None:
-        """Milliseconds of ApET (stage 1) in the last vision run, where the backend can tell; called after the
-        vision timing so that reading a profile does not count as vision time."""
+    def apet_ms(self, visual: VisionOutput, inputs: VisionInputs | None = None) -> float | None:
+        """Milliseconds of ApET (stage 1) in the request's vision run (``inputs``), where the backend can tell;
+        called after the first token's timing so that reading a profile does not count as vision time."""
         return visual.apet_ms
 
     def synchronize(self) -> None:

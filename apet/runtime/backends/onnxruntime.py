@@ -1,8 +1,9 @@
 """ONNX Runtime backend: CPU or CUDA execution provider, IO binding so the KV cache stays put (the static-KV
 form's caches are written in place, its decode replayed as a CUDA graph: :mod:`.ort_static`).
 
-With ``profile_apet`` the first vision run is profiled by ONNX Runtime and ApET's time is the sum of
-the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`), so ``apet-run --stats`` reports it.
+With ``profile_apet`` ApET's time is the sum of the nodes in the ``apet_stage1/`` scope (see :mod:`apet.scopes`)
+in a profiled run of the first request's vision inputs, in a session of its own made after that request's first
+token, so ``apet-run --stats`` reports it while the request runs the path it runs without ``--stats``.
 With ``profile_dir`` both sessions are profiled until :meth:`OnnxRuntimeBackend.end_profiling`
 (:mod:`apet.bench.ort_profile` turns the two traces into time per scope).
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -99,26 +99,24 @@ class OnnxRuntimeBackend(Backend):
         providers = [cuda_provider(self.rewrites, ort.__version__), "CPUExecutionProvider"] \
             if wanted == CUDA_PROVIDER else [wanted]
         self.device_type = "cuda" if wanted == CUDA_PROVIDER else "cpu"
-        self._profile_dir = tempfile.mkdtemp(prefix="apet-ort-profile-") if profile_apet else None
-        if self._profile_dir is not None:  # removed after the first vision run, or when the backend goes away
-            weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
+        self._profile_apet = profile_apet  # until the first request's ApET is read (apet_ms)
+        self._options, self._providers = options, providers
         vision_options, llm_options = options, options
-        if self._profile_dir is not None:
-            vision_options = _profiling(ort, options, Path(self._profile_dir) / "vision")
         if profile_dir is not None:
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
             vision_options = _profiling(ort, options, Path(profile_dir) / "vision")
             llm_options = _profiling(ort, options, Path(profile_dir) / "llm")
         vision_path = self.artifact_dir / manifest.graphs["vision"].file
         # the vision graph as a CUDA graph where its shapes are fixed (not while profiling: that reads node times)
-        self.graphed_vision = None if self._profile_dir is not None or profile_dir is not None else \
+        self.graphed_vision = None if profile_dir is not None else \
             GraphedVision.of(vision_path, manifest.graphs["vision"],
                              SessionSetup(ort, vision_options, providers, self.device_type, cuda_graphs),
                              VisionSessionForm.of(self.rewrites))
+        self.vision_path = vision_path
         self._vision_session = lambda: ort.InferenceSession(str(vision_path), vision_options, providers=providers)
         # first-token: vision, splice and prefill as one graph (ort_first_token.py), where it applies
-        profiled = self._profile_dir is not None or profile_dir is not None
-        first_vision = self._first_token_vision(vision_path, profiled, names_itself(rewrites, "first-token")) \
+        first_vision = self._first_token_vision(vision_path, profile_dir is not None,
+                                                names_itself(rewrites, "first-token")) \
             if "first-token" in self.rewrites else None
         self.vision = None if self.graphed_vision is not None or first_vision is not None else self._vision_session()
         # the static-KV form (--kv-cache static): caches on the device, decode as a CUDA graph (ort_static.py)
@@ -211,22 +209,25 @@ class OnnxRuntimeBackend(Backend):
             outputs = self.graphed_vision(arrays)
             if outputs is not None:
                 return VisionOutput.of(outputs)
-        feed = {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
+        feed = self._exported_feed(arrays)
         if self.vision is None:  # this batch size could not be graphed
             self.vision = self._vision_session()
         names = [o.name for o in self.vision.get_outputs()]
         return VisionOutput.of(dict(zip(names, self.vision.run(None, feed))))
 
-    def apet_ms(self, visual: VisionOutput) -> float | None:
-        """ApET's share of the profiled run (once: ONNX Runtime profiles a session until end_profiling)."""
-        if self._profile_dir is None:
+    def apet_ms(self, visual: VisionOutput, inputs: VisionInputs | None = None) -> float | None:
+        """With ``profile_apet``, once: ApET's kernel ms in the vision graph on ``inputs`` (:func:`profiled_apet_ms`),
+        apart from the request, which ran its usual path (the graphed vision or the first-token graph cannot be
+        profiled per node)."""
+        if not self._profile_apet or inputs is None:
             return visual.apet_ms
-        try:
-            events = json.loads(Path(self.vision.end_profiling()).read_text())
-        finally:
-            shutil.rmtree(self._profile_dir, ignore_errors=True)
-            self._profile_dir = None
-        return scope_ms(events, scopes.APET_STAGE1)
+        self._profile_apet = False
+        feeds = [self._exported_feed(run) for run in inputs.all_runs()]
+        return profiled_apet_ms(self._ort, self.vision_path, self._options, self._providers, feeds)
+
+    def _exported_feed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``arrays`` as the exported vision graph takes them (float inputs in the artifact's dtype)."""
+        return {name: value.astype(self.dtype) if value.dtype.kind == "f" else value for name, value in arrays.items()}
 
     def end_profiling(self) -> dict[str, Path]:
         """Stop profiling (``profile_dir``) and return each session's trace (chrome-trace JSON)."""
@@ -305,7 +306,13 @@ class OnnxRuntimeBackend(Backend):
     def prompt_graphed(self) -> bool:
         """Whether the prefill holds a CUDA graph for a prompt shape seen so far (:mod:`.ort_prompt_graphs`)."""
         graphs = self.static.prompt_graphs if self.static is not None else None
-        return graphs is not None and any(run is not None for run in graphs.runs.values())
+        return _any_captured(graphs)
+
+    def first_token_graphed(self) -> bool:
+        """Whether the first-token graph (vision, splice and prefill in one run) holds a CUDA graph for a prompt shape
+        seen so far: with it, the vision and prefill graphs above may never run."""
+        first = self.static.first if self.static is not None else None
+        return first is not None and _any_captured(first.graphs)
 
     def cache_lengths(self) -> list[int]:
         if self.static is not None:
@@ -313,9 +320,38 @@ class OnnxRuntimeBackend(Backend):
         return [int(value.shape()[2]) for value in self.past[::2]]
 
 
+def _any_captured(graphs: Any) -> bool:
+    """Whether a :class:`~.ort_prompt_graphs.PromptGraphs` (or None) holds a graph for a shape seen so far."""
+    return graphs is not None and any(run is not None for run in graphs.runs.values())
+
+
 def _profiling(ort, base, prefix: Path):
     """Session options like ``base`` (threads, config entries) with ONNX Runtime's profiler writing to ``prefix``."""
     return session_options(ort, base.intra_op_num_threads, prefix)
+
+
+def profiled_apet_ms(ort, vision_path: Path, options, providers: list, feeds: list[dict[str, np.ndarray]]) -> float:
+    """ApET's stage-1 kernel ms in the vision graph at ``vision_path`` on ``feeds`` (one request's vision runs), read
+    from ONNX Runtime's profile of a session of its own: the runs are made twice and only the second, warm pass is
+    read (the first includes ONNX Runtime's first-run setup). The session and its trace are gone afterwards."""
+    with tempfile.TemporaryDirectory(prefix="apet-ort-profile-") as scratch:
+        session = ort.InferenceSession(str(vision_path), _profiling(ort, options, Path(scratch) / "vision"),
+                                       providers=providers)
+        for _ in range(2):
+            for feed in feeds:
+                session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return scope_ms(last_runs(events, len(feeds)), scopes.APET_STAGE1)
+
+
+def last_runs(events: list, runs: int) -> list:
+    """The events of an ONNX Runtime profile from its last ``runs`` session runs on (their ``model_run`` events
+    start them)."""
+    starts = sorted(float(e["ts"]) for e in events if isinstance(e, dict) and e.get("name") == "model_run")
+    if len(starts) < runs:
+        return events
+    first = starts[-runs]
+    return [e for e in events if isinstance(e, dict) and float(e.get("ts", 0)) >= first]
 
 
 def scope_ms(events: list, scope: str) -> float:
