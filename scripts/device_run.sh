@@ -54,6 +54,9 @@
 #   flashdecode DIR  issue 28's decode lever: the bench with flash-decode twice and the default once (one session:
 #                   speed, and whether two runs of one form give the same tokens and logits), then the decode step
 #                   alone in both forms (ort_ttft_parts) -> $OUT/ortstatic_{fd1,fd2,def}*.json, flashdecode_repeat.json
+#   apetgraphs DIR  ApET's cost inside ONNX Runtime's graphs: each ApET scope of /tmp/DIR cut out and timed alone, as
+#                   a CUDA graph and without, beside the whole vision graph (scripts/ort_apet_graphs.py)
+#                   -> $OUT/ort_apet_graphs.json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
@@ -299,6 +302,11 @@ print(json.dumps({"tokens_equal_fd1_fd2": tokens["fd1"] == tokens["fd2"], "logit
 PY
     python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts_flashdecode.json" --no-ungraphed \
       --sets "default;default,flash-decode" 2>&1 | grep -v "W:onnxruntime" | cut -c1-400 | tail -2
+    ;;
+  apetgraphs)  # apetgraphs DIR: ApET's stages alone in ONNX Runtime CUDA (graphed and not), the vision graph whole
+    wait_export "$1" 540
+    python3 scripts/ort_apet_graphs.py "/tmp/$1" --out "$OUT/ort_apet_graphs.json" 2>&1 | grep -v "W:onnxruntime" \
+      | grep -v "^USDT" | tail -4
     ;;
   ortthreads)  # ortthreads DIR: the first token apart with ONNX Runtime's intra-op thread pool (its default: one
     # worker per core, spinning between runs) and without (--threads 1)

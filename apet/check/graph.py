@@ -57,17 +57,24 @@ def graph_scopes(model: onnx.ModelProto) -> GraphScopes:
     return result
 
 
-def extract_scope(model_path: Path, scope: str, out: Path) -> Path:
-    """The nodes of ``scope`` as a standalone ONNX model (inputs: what the scope reads from outside it;
-    outputs: what it hands on), small enough to attach to a bug report."""
-    model = onnx.load(str(model_path))
-    found = graph_scopes(model)
+def scope_io(model: onnx.ModelProto, scope: str) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of ``scope``'s nodes as a graph of their own: what they read from outside the scope (not
+    initializers), and what they hand on (its boundary tensors; the last node's output where none leaves)."""
     inner = [n for n in model.graph.node if scope_of_tensor(n.name) == scope]
+    if not inner:
+        raise ValueError(f"the graph has no node in scope {scope!r}")
     produced = {o for n in inner for o in n.output}
     initializers = {i.name for i in model.graph.initializer}
     inputs = list(dict.fromkeys(i for n in inner for i in n.input
                                 if i and i not in produced and i not in initializers))
-    outputs = found.boundaries.get(scope) or [inner[-1].output[0]]
+    outputs = graph_scopes(model).boundaries.get(scope) or [inner[-1].output[0]]
+    return inputs, outputs
+
+
+def extract_scope(model_path: Path, scope: str, out: Path) -> Path:
+    """The nodes of ``scope`` as a standalone ONNX model (inputs: what the scope reads from outside it;
+    outputs: what it hands on), small enough to attach to a bug report."""
+    inputs, outputs = scope_io(onnx.load(str(model_path)), scope)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.utils.extract_model(str(model_path), str(out), inputs, outputs, check_model=False)
     return out
