@@ -287,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stats:
         s = result.stats
         apet = f"{s.apet_ms:.2f} ms" if s.apet_ms is not None else \
-            "not separable in the engine: python -m apet.engines.trtexec report"
+            "not separable in the engine: python -m apet.engines.trtexec report" if s.backend == "tensorrt" else \
+            "not measured"
         device_mem = f", device peak {s.peak_device_mb:.0f} MiB" if s.peak_device_mb is not None else ""
         # 0 ms: vision ran inside the prefill's run (ONNX Runtime's first-token graph), whose time holds both
         vision = f"vision {s.vision_ms:.1f} ms (ApET {apet}) | prefill" if s.vision_ms else "vision + prefill"

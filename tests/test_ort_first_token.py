@@ -102,6 +102,24 @@ def test_stats_read_apet_apart_and_leave_the_request_in_it(llava_static_op, tmp_
     assert again.stats.apet_ms is None and stats.backend.static.first.calls == 2  # once, as before
 
 
+def test_stats_without_a_writable_temp_dir_still_answer(llava_static_op, tmp_path, monkeypatch, caplog) -> None:
+    """ApET's profile is written to the temp dir; where it cannot be (full, or not a directory), the request still
+    answers, its ApET ms are None and the log says which setting to fix."""
+    import tempfile
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))
+    image = make_image(4, (260, 220))
+    stats = Pipeline.load(llava_static_op, backend="onnxruntime", profile_apet=True)
+    with caplog.at_level(logging.WARNING):
+        got = stats.generate(image, PROMPTS[0], max_new_tokens=4)
+    monkeypatch.undo()
+    want = Pipeline.load(llava_static_op, backend="onnxruntime").generate(image, PROMPTS[0], max_new_tokens=4)
+    assert got.token_ids == want.token_ids and got.stats.apet_ms is None
+    assert "TMPDIR" in caplog.text and blocked.read_text() == ""
+
+
 def test_the_bench_reports_the_first_token_graphs_capture(llava_static_op, monkeypatch) -> None:
     """The bench's record said "prompt_cuda_graph": false and "vision_cuda_graph": false for the default form,
     whose first tokens replay the first-token graph's CUDA graph: it now says so (first_token_cuda_graph). The CUDA

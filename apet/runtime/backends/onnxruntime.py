@@ -223,7 +223,12 @@ class OnnxRuntimeBackend(Backend):
             return visual.apet_ms
         self._profile_apet = False
         feeds = [self._exported_feed(run) for run in inputs.all_runs()]
-        return profiled_apet_ms(self._ort, self.vision_path, self._options, self._providers, feeds)
+        try:
+            return profiled_apet_ms(self._ort, self.vision_path, self._options, self._providers, feeds)
+        except OSError as err:  # the answer does not depend on it: the request goes on without ApET's ms
+            log.warning("ApET's time could not be profiled (%s: %s); set TMPDIR to a writable directory with free "
+                        "space", type(err).__name__, err)
+            return None
 
     def _exported_feed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``arrays`` as the exported vision graph takes them (float inputs in the artifact's dtype)."""
