@@ -86,7 +86,7 @@ def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: i
     from apet.runtime.backends.ort_session import FixedRun
 
     profile_phase = _profile_phase()
-    batch = int(next(iter(feeds.values())).shape[0])
+    batch = int(next(v.shape[0] for v in feeds.values() if v.ndim))  # the graphs' leading dim is the batch
     result: dict[str, Any] = {}
     plain_setup = _setup(device, False)
     plain = plain_setup.session(model, batch, weights_dir)

@@ -218,7 +218,7 @@ class OnnxRuntimeBackend(Backend):
     def apet_ms(self, visual: VisionOutput, inputs: VisionInputs | None = None) -> float | None:
         """With ``profile_apet``, once: ApET's kernel ms in the vision graph on ``inputs`` (:func:`profiled_apet_ms`),
         apart from the request, which ran its usual path (the graphed vision or the first-token graph cannot be
-        profiled per node)."""
+        profiled per node). The profiled session holds a second copy of the vision weights while it runs."""
         if not self._profile_apet or inputs is None:
             return visual.apet_ms
         self._profile_apet = False
