@@ -6,7 +6,10 @@ needs neither transformers nor torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +21,41 @@ from apet.models.family import Layout, positions_from_mask
 
 CACHED_PROMPTS = 64  # prompts whose token ids an encoder keeps: a device asking the same question of every frame
 # tokenizes it once (tokenizing took ~70 of a layout's ~110 µs on a desktop CPU, and lies on the first token's path)
+CACHED_LAYOUTS = 16  # layouts an encoder keeps (LayoutCache): the same question over the same visual spans is laid
+# out once; built right after a session run the arrays took ~100 µs on a desktop CPU, 0.15-0.4 ms on the H200's host
+# (docs/benchmarks.md, issue 28: ONNX Runtime lays the prompt out inside its first token)
+
+
+class LayoutCache:
+    """The latest :data:`CACHED_LAYOUTS` layouts of :func:`single_span_layout` by what they are built from. A hit
+    returns copies of the arrays and a fresh ``state`` (callers may change what they get), never the kept ones."""
+
+    def __init__(self, size: int = CACHED_LAYOUTS) -> None:
+        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()  # threads may share a processor
+
+    def get(self, key: tuple) -> "Layout | None":
+        with self.lock:
+            layout = self.entries.get(key)
+            if layout is None:
+                return None
+            self.entries.move_to_end(key)
+        return _copied(layout)
+
+    def put(self, key: tuple, layout: "Layout") -> "Layout":
+        kept = _copied(layout)
+        with self.lock:
+            self.entries[key] = kept
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+        return layout
+
+
+def _copied(layout: "Layout") -> "Layout":
+    arrays = {f.name: getattr(layout, f.name).copy() for f in dataclasses.fields(layout)
+              if isinstance(getattr(layout, f.name), np.ndarray)}
+    return dataclasses.replace(layout, **arrays, visual_tokens=list(layout.visual_tokens),
+                               prompt_lengths=list(layout.prompt_lengths), state=dict(layout.state))
 
 
 class PromptEncoder:
@@ -33,6 +71,7 @@ class PromptEncoder:
         self.model = model
         self.pad_id = model.pad_token_id if model.pad_token_id is not None else 0
         self._split_ids = functools.lru_cache(maxsize=CACHED_PROMPTS)(self._tokenize)
+        self.layouts = LayoutCache()
 
     def split(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single media placeholder of the formatted prompt."""
@@ -75,6 +114,7 @@ class SyntheticPromptEncoder(PromptEncoder):
         self.before = estimated_text_before(model.prompt_template, model.image_placeholder)
         self.vocab = model.decoder.vocab_size
         self._cached_ids = functools.lru_cache(maxsize=CACHED_PROMPTS)(self._random_ids)
+        self.layouts = LayoutCache()
 
     def _random_ids(self, part: int, count: int) -> tuple[int, ...]:
         rng = np.random.default_rng([self.seed, part, count])
@@ -119,6 +159,16 @@ def single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Se
     a token, e.g. an ``image_newline``), ``ids[j]`` the token id stored there (the placeholder id for
     visual rows).
     """
+    key = (tuple(prompts), tuple((rows.dtype.str, rows.tobytes(), ids.dtype.str, ids.tobytes()) for rows, ids in spans),
+           max_context, max_new_tokens)
+    cached = encoder.layouts.get(key)
+    if cached is not None:
+        return cached
+    return encoder.layouts.put(key, _single_span_layout(encoder, prompts, spans, max_context, max_new_tokens))
+
+
+def _single_span_layout(encoder: PromptEncoder, prompts: Sequence[str], spans: Sequence[tuple[np.ndarray, np.ndarray]],
+                        max_context: int, max_new_tokens: int) -> Layout:
     rows_per_prompt, starts = [], []
     for prompt, (rows, ids) in zip(prompts, spans):
         before, after = encoder.split(prompt)
