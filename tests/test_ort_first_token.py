@@ -139,6 +139,46 @@ def test_the_bench_reports_the_first_token_graphs_capture(llava_static_op, monke
     assert choices["prompt_cuda_graph"] is False and choices["vision_cuda_graph"] is False  # neither ran
 
 
+def test_a_repeated_prompt_uploads_only_what_changed(llava_static_op, monkeypatch) -> None:
+    """A captured first-token graph's small inputs (positions, mask, splice index, text rows of a tiny model) are
+    uploaded only where their values changed (ort_session.SKIP_UNCHANGED_BYTES: each upload is a synchronous copy);
+    the pixels every time. A new question of the same length replays the same graph with its own text rows: its
+    logits are those of the two sessions, so nothing stale was read. The CUDA branches taken on the CPU."""
+    import onnxruntime as ort
+
+    from apet.runtime.backends.ort_session import SessionSetup
+
+    monkeypatch.setattr(SessionSetup, "graphs", property(lambda self: True))
+    one = Pipeline.load(llava_static_op, backend="onnxruntime")
+    backend, processor = one.backend, one.processor
+    candidates = (PROMPTS[0], "What is on the picture?", "What is in the image?", "Who is in the picture?")
+    lengths = {p: len(sum(processor.encoder.split(p), [])) for p in candidates}
+    same = [p for p in lengths if p != PROMPTS[0] and lengths[p] == lengths[PROMPTS[0]]]
+    assert same, lengths
+    uploads: list[int] = []
+    real = ort.OrtValue.update_inplace
+    monkeypatch.setattr(ort.OrtValue, "update_inplace", lambda self, array: uploads.append(array.nbytes) or
+                        real(self, array))
+    inputs = processor.vision_inputs([make_image(6)])
+
+    def first(prompt: str):
+        uploads.clear()
+        return backend.first_token(inputs, lambda keep: processor.layout([prompt], inputs, keep, 4))
+
+    for _ in range(2):  # the shape's first run gives its shapes, the second binds and uploads every input
+        first(PROMPTS[0])
+    assert len(uploads) > 3
+    repeated = first(PROMPTS[0])
+    assert uploads == [inputs.arrays["pixel_values"].nbytes]  # only the pixels
+    other = first(same[0])
+    assert len(uploads) == 2  # the pixels and the new question's text rows
+    monkeypatch.undo()
+    two = Pipeline.load(llava_static_op, backend="onnxruntime", ort_rewrites=TWO_SESSIONS)
+    for got, prompt in ((repeated, PROMPTS[0]), (other, same[0])):
+        want = two.backend.first_token(inputs, lambda keep: two.processor.layout([prompt], inputs, keep, 4))
+        np.testing.assert_array_equal(got.logits, want.logits, err_msg=prompt)
+
+
 def test_the_profile_is_read_from_its_last_runs_only() -> None:
     """The profiled session runs the request twice; ApET's ms are the second, warm pass's (events from the start of
     its runs on), and a profile with fewer runs than asked is read whole."""

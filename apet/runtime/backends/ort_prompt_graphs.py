@@ -68,5 +68,6 @@ class PromptGraphs:
         self.runs[key] = FixedRun(self.session, self.setup,
                                   {name: (value.shape, value.dtype.type) for name, value in device.items()},
                                   {name: (value.shape, value.dtype.type) for name, value in outputs.items()},
-                                  in_place, host, self.setup.run_options(graph_id), self.bound, self.on_device)
+                                  in_place, host, self.setup.run_options(graph_id), self.bound, self.on_device,
+                                  skip_unchanged=True)
         log.debug("prompt graph %s bound for %s", graph_id, {name: value.shape for name, value in device.items()})

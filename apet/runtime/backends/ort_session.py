@@ -22,6 +22,9 @@ from apet.runtime.backends.ort_options import scoped_environment, session_option
 log = logging.getLogger(__name__)
 GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option: which of a session's CUDA graphs a run captures or replays
 UNCAPTURED = "-1"  # its value for a run that neither captures nor replays
+SKIP_UNCHANGED_BYTES = 64 * 1024  # a prompt graph's bound input this small is uploaded only when its values change
+# (FixedRun's skip_unchanged): each upload is a synchronous copy, and a repeated question's positions, mask and
+# splice index repeat (comparing costs far less); larger inputs (pixels) are uploaded every call
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,20 @@ def _with_options(providers: list) -> list[tuple[str, dict]]:
 
 class FixedRun:
     """One session at fixed shapes with its bindings made once (CUDA graph replays need every address unchanged):
-    device inputs refilled in place, buffers bound as both input and output (the caches, written in place), inputs
-    the kernels read on the host (GroupQueryAttention's total length), outputs on the device and read back (those in
-    ``on_device`` returned as their OrtValues, for the caller to read if it needs them).
+    device inputs refilled in place (with ``skip_unchanged``, small ones only where their values changed:
+    :data:`SKIP_UNCHANGED_BYTES`; a prompt's, whose values repeat with the question, not a decode step's, whose
+    position and mask change every step),
+    buffers bound as both input and output (the caches, written in place), inputs the kernels read on the host
+    (GroupQueryAttention's total length), outputs on the device and read back (those in ``on_device`` returned as
+    their OrtValues, for the caller to read if it needs them).
     ``run_options`` picks the graph where the session holds several (:meth:`SessionSetup.run_options`); ``bound``:
     OrtValues bound as they are (weights held for several sessions, :mod:`.ort_bound_weights`)."""
 
     def __init__(self, session: Any, setup: SessionSetup, inputs: dict[str, tuple[tuple, Any]],
                  outputs: dict[str, tuple[tuple, Any]], in_place: dict[str, tuple[str, Any]] | None = None,
                  host_constants: dict[str, np.ndarray] | None = None, run_options: Any = None,
-                 bound: dict[str, Any] | None = None, on_device: frozenset[str] = frozenset()) -> None:
+                 bound: dict[str, Any] | None = None, on_device: frozenset[str] = frozenset(),
+                 skip_unchanged: bool = False) -> None:
         new = setup.ort.OrtValue.ortvalue_from_shape_and_type
         self.session, self.run_options = session, run_options
         self.inputs = {name: new(list(shape), kind, setup.device_type, 0) for name, (shape, kind) in inputs.items()}
@@ -150,9 +157,19 @@ class FixedRun:
             self.binding.bind_ortvalue_output(name, value)
         self._host = host  # kept alive: bound by address
         self.on_device = on_device
+        self.skip_unchanged = skip_unchanged
+        self.uploaded: dict[str, np.ndarray] = {}  # the small inputs' values in their bound buffers
 
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         for name, array in arrays.items():
-            self.inputs[name].update_inplace(np.ascontiguousarray(array))
+            array = np.ascontiguousarray(array)
+            last = self.uploaded.get(name)
+            if last is not None and last.dtype == array.dtype and np.array_equal(last, array):
+                continue  # the bound buffer holds these values already
+            self.inputs[name].update_inplace(array)
+            if self.skip_unchanged and array.nbytes <= SKIP_UNCHANGED_BYTES:
+                self.uploaded[name] = array.copy()
+            else:
+                self.uploaded.pop(name, None)
         self.session.run_with_iobinding(self.binding, self.run_options)
         return {name: value if name in self.on_device else value.numpy() for name, value in self.outputs.items()}
