@@ -57,6 +57,8 @@
 #   apetgraphs DIR  ApET's cost inside ONNX Runtime's graphs: each ApET scope of /tmp/DIR cut out and timed alone, as
 #                   a CUDA graph and without, beside the whole vision graph (scripts/ort_apet_graphs.py)
 #                   -> $OUT/ort_apet_graphs.json
+#   hostcaches DIR  the first token apart with the host's caches (the prompt's layout, a prompt graph's unchanged
+#                   small inputs) and without (--no-host-caches), each its own process -> ort_ttft_parts_hostcaches_*.json
 #   ortthreads DIR  the first token apart with ONNX Runtime's intra-op thread pool and without it (--threads 1):
 #                   whether workers spinning on the host slow the host-bound steps (layout, prefill's host work)
 #   autotune [llava|qwen]  LLaVA-1.5-7B (0.11, two stages) or Qwen2.5-VL-7B 1344² (1.0) compiled in Inductor's default
@@ -307,6 +309,18 @@ PY
     wait_export "$1" 540
     python3 scripts/ort_apet_graphs.py "/tmp/$1" --out "$OUT/ort_apet_graphs.json" 2>&1 | grep -v "W:onnxruntime" \
       | grep -v "^USDT" | tail -4
+    ;;
+  hostcaches)  # hostcaches DIR: the first token's host work with the caches and without, in turn, twice
+    wait_export "$1" 540
+    n=0
+    for run in on off on off; do
+      n=$((n + 1)); extra=(); [ "$run" = off ] && extra=(--no-host-caches)
+      python3 scripts/ort_ttft_parts.py "/tmp/$1" --out "$OUT/ort_ttft_parts_hostcaches_${run}${n}.json" \
+        --no-ungraphed --sets default "${extra[@]}" 2>&1 | grep -v "W:onnxruntime" | tail -1 | python3 -c "import json, sys
+r = json.loads(sys.stdin.read())
+print('host caches $run', {k: r[k]['median_ms'] for k in ('layout', 'vision_and_prefill', 'decode_step')},
+      r['inside_first_token'])"
+    done
     ;;
   ortthreads)  # ortthreads DIR: the first token apart with ONNX Runtime's intra-op thread pool (its default: one
     # worker per core, spinning between runs) and without (--threads 1)
