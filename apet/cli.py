@@ -291,9 +291,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "not measured"
         device_mem = f", device peak {s.peak_device_mb:.0f} MiB" if s.peak_device_mb is not None else ""
         # 0 ms: vision ran inside the prefill's run (ONNX Runtime's first-token graph), whose time holds both
-        vision = f"vision {s.vision_ms:.1f} ms (ApET {apet}) | prefill" if s.vision_ms else "vision + prefill"
-        print(f"[{s.backend}] visual tokens {s.visual_tokens}, prompt {s.prompt_tokens[0]} tokens | {vision} "
-              f"{s.prefill_ms:.1f} ms | TTFT {s.ttft_ms:.1f} ms | "
+        steps = f"vision {s.vision_ms:.1f} ms (ApET {apet}) | prefill {s.prefill_ms:.1f} ms" if s.vision_ms else \
+            f"vision + prefill {s.prefill_ms:.1f} ms (ApET {apet})"
+        print(f"[{s.backend}] visual tokens {s.visual_tokens}, prompt {s.prompt_tokens[0]} tokens | {steps} | "
+              f"TTFT {s.ttft_ms:.1f} ms | "
               f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.new_tokens} tokens) | peak RSS "
               f"{s.peak_rss_mb:.0f} MiB{device_mem}", file=sys.stderr)
     return 0

@@ -124,6 +124,18 @@ def test_stats_report_apet_milliseconds_on_onnxruntime(artifact_factory) -> None
     assert isinstance(stats["apet_ms"], float) and 0 < stats["apet_ms"] < stats["vision_ms"]
 
 
+def test_stats_name_apet_where_vision_runs_inside_the_first_token(artifact_factory) -> None:
+    """The static form runs vision inside ONNX Runtime's first-token graph (vision ms 0): the stats line says
+    "vision + prefill" and still gives ApET's ms, profiled apart."""
+    import re
+
+    artifact = artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+    result = _cli("run", str(artifact), "--image", "@demo", "--prompt", "What?", "--max-new-tokens", "2",
+                  "--backend", "onnxruntime", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"vision \+ prefill [0-9.]+ ms \(ApET [0-9.]+ ms\) \| TTFT", result.stderr), result.stderr
+
+
 def test_readme_points_at_what_exists() -> None:
     repo = Path(__file__).resolve().parents[1]
     readme = (repo / "README.md").read_text()
