@@ -120,6 +120,29 @@ def test_stats_without_a_writable_temp_dir_still_answer(llava_static_op, tmp_pat
     assert "TMPDIR" in caplog.text and blocked.read_text() == ""
 
 
+def test_stats_where_the_profiled_session_fails_still_answer(llava_static_op, monkeypatch, caplog) -> None:
+    """The profiled session holds a second copy of the vision weights; where ONNX Runtime cannot make it (a device
+    short of memory), the request still answers without ApET's ms, and the log says why."""
+    import onnxruntime as ort
+
+    image = make_image(4, (260, 220))
+    stats = Pipeline.load(llava_static_op, backend="onnxruntime", profile_apet=True)
+    real = ort.InferenceSession
+
+    def session(path, options=None, **kwargs):
+        if options is not None and options.enable_profiling:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory")
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with caplog.at_level(logging.WARNING):
+        got = stats.generate(image, PROMPTS[0], max_new_tokens=4)
+    monkeypatch.undo()
+    want = Pipeline.load(llava_static_op, backend="onnxruntime").generate(image, PROMPTS[0], max_new_tokens=4)
+    assert got.token_ids == want.token_ids and got.stats.apet_ms is None
+    assert "out of memory" in caplog.text and "--stats" in caplog.text
+
+
 def test_the_bench_reports_the_first_token_graphs_capture(llava_static_op, monkeypatch) -> None:
     """The bench's record said "prompt_cuda_graph": false and "vision_cuda_graph": false for the default form,
     whose first tokens replay the first-token graph's CUDA graph: it now says so (first_token_cuda_graph). The CUDA

@@ -228,7 +228,11 @@ class OnnxRuntimeBackend(Backend):
         except OSError as err:  # the answer does not depend on it: the request goes on without ApET's ms
             log.warning("ApET's time could not be profiled (%s: %s); set TMPDIR to a writable directory with free "
                         "space", type(err).__name__, err)
-            return None
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime's errors are untyped; e.g. no device memory for a
+            # second copy of the vision weights
+            log.warning("ApET's time could not be profiled (%s: %s); on a device short of memory leave out --stats",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
 
     def _exported_feed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``arrays`` as the exported vision graph takes them (float inputs in the artifact's dtype)."""
