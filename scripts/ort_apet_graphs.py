@@ -78,11 +78,12 @@ def _setup(device: str, cuda_graphs: bool) -> Any:
 
 
 def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: int,
-               weights_dir: Path | None = None, bound_runs: bool | None = None) -> dict[str, Any]:
+               weights_dir: Path | None = None, bound_runs: bool | None = None) \
+        -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One model timed on fixed inputs: without CUDA graphs (plain runs) and, with ``bound_runs`` (default: on
     CUDA), replayed as one (bound once, :class:`apet.runtime.backends.ort_session.FixedRun`; on the CPU the same
-    bound runs without a capture, which is how the tests reach this branch) -> profiles per form, and the plain
-    run's outputs."""
+    bound runs without a capture, which is how the tests reach this branch) -> (profiles per form, the plain
+    run's outputs)."""
     from apet.runtime.backends.ort_session import FixedRun
 
     profile_phase = _profile_phase()
@@ -109,7 +110,7 @@ def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: i
             result["graphed"] = profile_phase(lambda: bound(feeds), calls)
             result["graphed_outputs_equal"] = all(np.array_equal(replayed[n], outputs[n]) for n in names)
     result["nodes"] = len(onnx.load_from_string(model).graph.node)
-    return result | {"outputs": outputs}
+    return result, outputs
 
 
 def _compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -121,13 +122,10 @@ def _compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[st
     return {"outputs_equal": all(np.array_equal(got[n], want[n]) for n in got), "max_abs_diff": largest}
 
 
-def request_tensors(artifact: Path, device: str) -> dict[str, Any]:
-    """One request's inputs for both graphs: the vision graph's feeds, and the exported prefill's feeds and caches
-    built from the vision graph's outputs the way the backend builds them (seeded media, the family's processor)."""
+def request_inputs(artifact: Path) -> dict[str, Any]:
+    """One request (seeded media, the family's processor): the vision graph's feeds, and how its prompt is laid out."""
     from apet.bench.ort_profile import artifact_request
-    from apet.contracts.io import IMAGE_START, KEEP_INDEX, VISUAL_EMBEDS, past_names
     from apet.manifest import read_manifest
-    from apet.runtime.backends.base import load_embedding_table, splice_numpy
 
     manifest = read_manifest(artifact)
     if manifest.kv_cache != "static":
@@ -135,22 +133,38 @@ def request_tensors(artifact: Path, device: str) -> dict[str, Any]:
     _, inputs, make_layout = artifact_request(artifact, manifest, 1, (640, 480), 40, 8)
     dtype = np.float16 if manifest.dtype == "fp16" else np.float32
     (arrays,) = inputs.all_runs()
-    vision_feeds = {n: v.astype(dtype) if v.dtype.kind == "f" else v for n, v in arrays.items()}
-    vision = onnx.load(str(artifact / manifest.graphs["vision"].file))
-    session = _setup(device, False).session(vision.SerializeToString())
-    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, vision_feeds)))
-    layout = make_layout(out[KEEP_INDEX])
+    return {"manifest": manifest, "dtype": dtype, "make_layout": make_layout,
+            "vision_feeds": {n: v.astype(dtype) if v.dtype.kind == "f" else v for n, v in arrays.items()}}
+
+
+def prefill_inputs(artifact: Path, request: dict[str, Any], vision_out: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The exported prefill's feeds and zero caches, built from the vision graph's outputs the way the backend
+    builds them."""
+    from apet.contracts.io import IMAGE_START, KEEP_INDEX, VISUAL_EMBEDS, past_names
+    from apet.runtime.backends.base import load_embedding_table, splice_numpy
+
+    manifest, dtype = request["manifest"], request["dtype"]
+    layout = request["make_layout"](vision_out[KEEP_INDEX])
     table = load_embedding_table(artifact, manifest)
-    embeds = splice_numpy(table, layout.token_ids, out[VISUAL_EMBEDS], layout.visual_rows)
-    prefill_feeds = {"inputs_embeds": embeds.astype(dtype), "position_ids": layout.positions.astype(np.int64),
-                     "attention_mask": layout.attention_mask.astype(np.int64),
-                     IMAGE_START: layout.image_start.astype(np.int64)}
+    embeds = splice_numpy(table, layout.token_ids, vision_out[VISUAL_EMBEDS], layout.visual_rows)
     spec = manifest.model.decoder
     caches = {name: np.zeros((1, spec.num_kv_heads, manifest.cache_layout.capacity(i // 2, manifest.max_context),
                               spec.head_dim), dtype)
               for i, name in enumerate(past_names(spec.num_layers))}
-    return {"manifest": manifest, "vision": vision, "vision_feeds": vision_feeds, "prefill_feeds": prefill_feeds,
-            "caches": caches}
+    return {"inputs_embeds": embeds.astype(dtype), "position_ids": layout.positions.astype(np.int64),
+            "attention_mask": layout.attention_mask.astype(np.int64),
+            IMAGE_START: layout.image_start.astype(np.int64), **caches}
+
+
+def cut_and_run(model: onnx.ModelProto, scope: str, feeds: dict[str, np.ndarray], device: str,
+                weights_dir: Path | None = None) -> tuple[onnx.ModelProto, list[str], list[str], dict[str, np.ndarray]]:
+    """``scope`` cut out of ``model`` (:func:`cut`), and one run of the whole model that also returns the tensors at
+    the scope's edges -> (cut, its inputs, its outputs, every value of that run: feeds and outputs by name)."""
+    part, ins, outs = cut(model, scope)
+    whole = with_outputs(model, ins + outs, _types(part))
+    session = _setup(device, False).session(whole.SerializeToString(), None, weights_dir)
+    fed = {n: v for n, v in feeds.items() if n in {i.name for i in session.get_inputs()}}
+    return part, ins, outs, {**fed, **dict(zip([o.name for o in session.get_outputs()], session.run(None, fed)))}
 
 
 def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = None) -> dict[str, Any]:
@@ -159,39 +173,28 @@ def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = N
     from apet import scopes
     from apet.runtime.backends.ort_gqa import load_structure
 
-    tensors = request_tensors(artifact, device)
-    manifest = tensors["manifest"]
+    request = request_inputs(artifact)
+    manifest = request["manifest"]
     result: dict[str, Any] = {"artifact": str(artifact), "device": device, "onnxruntime": ort.__version__,
                               "calls": calls}
-    # stage 1: the vision graph's tensors at the scope's edges, from one run of the whole graph
-    vision = tensors["vision"]
-    part, ins, outs = cut(vision, scopes.APET_STAGE1)
-    whole = with_outputs(vision, ins + outs, _types(part))
-    session = _setup(device, False).session(whole.SerializeToString())
-    values = {**tensors["vision_feeds"],
-              **dict(zip([o.name for o in session.get_outputs()], session.run(None, tensors["vision_feeds"])))}
-    stage1 = time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls, None, bound_runs)
-    result["apet_stage1"] = _report(stage1, {n: values[n] for n in outs})
-    result["vision_whole"] = _report(time_graph(vision.SerializeToString(), tensors["vision_feeds"], device, calls,
-                                                None, bound_runs))
+    # stage 1: one run of the whole vision graph gives the scope's edges and the request's visual rows
+    vision = onnx.load(str(artifact / manifest.graphs["vision"].file))
+    part, ins, outs, values = cut_and_run(vision, scopes.APET_STAGE1, request["vision_feeds"], device)
+    result["apet_stage1"] = _report(*time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls,
+                                                None, bound_runs), {n: values[n] for n in outs})
+    result["vision_whole"] = _report(*time_graph(vision.SerializeToString(), request["vision_feeds"], device, calls,
+                                                 None, bound_runs))
     # stage 2: the exported prefill (weights read where they lie), its caches given as inputs
     prefill_path = artifact / manifest.graphs["llm_prefill"].file
-    prefill = load_structure(prefill_path)
-    part, ins, outs = cut(prefill, scopes.APET_STAGE2)
-    whole = with_outputs(prefill, ins + outs, _types(part))
-    session = _setup(device, False).session(whole.SerializeToString(), None, prefill_path.parent)
-    feeds = {**tensors["prefill_feeds"], **tensors["caches"]}
-    wanted = {i.name for i in session.get_inputs()}
-    fed = {n: v for n, v in feeds.items() if n in wanted}
-    values = {**fed, **dict(zip([o.name for o in session.get_outputs()], session.run(None, fed)))}
-    stage2 = time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls, prefill_path.parent,
-                        bound_runs)
-    result["apet_stage2"] = _report(stage2, {n: values[n] for n in outs})
+    part, ins, outs, values = cut_and_run(load_structure(prefill_path), scopes.APET_STAGE2,
+                                          prefill_inputs(artifact, request, values), device, prefill_path.parent)
+    result["apet_stage2"] = _report(*time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls,
+                                                prefill_path.parent, bound_runs), {n: values[n] for n in outs})
     return result
 
 
-def _report(timed: dict[str, Any], want: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    outputs = timed.pop("outputs")
+def _report(timed: dict[str, Any], outputs: dict[str, np.ndarray],
+            want: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     return timed | (_compare(outputs, want) if want is not None else {})
 
 

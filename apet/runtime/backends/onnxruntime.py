@@ -225,14 +225,13 @@ class OnnxRuntimeBackend(Backend):
         feeds = [self._exported_feed(run) for run in inputs.all_runs()]
         try:
             return profiled_apet_ms(self._ort, self.vision_path, self._options, self._providers, feeds)
-        except OSError as err:  # the answer does not depend on it: the request goes on without ApET's ms
-            log.warning("ApET's time could not be profiled (%s: %s); set TMPDIR to a writable directory with free "
-                        "space", type(err).__name__, err)
-        except Exception as err:  # noqa: BLE001 - ONNX Runtime's errors are untyped; e.g. no device memory for a
-            # second copy of the vision weights
-            log.warning("ApET's time could not be profiled (%s: %s); on a device short of memory leave out --stats",
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        return None
+        except Exception as err:  # noqa: BLE001 - the answer does not depend on it (ONNX Runtime's errors are
+            # untyped: e.g. no device memory for the second copy of the vision weights)
+            fix = "set TMPDIR to a writable directory with free space" if isinstance(err, OSError) else \
+                "on a device short of memory leave out --stats"
+            log.warning("ApET's time could not be profiled (%s: %s); %s", type(err).__name__,
+                        (str(err).splitlines() or [""])[0], fix)
+            return None
 
     def _exported_feed(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``arrays`` as the exported vision graph takes them (float inputs in the artifact's dtype)."""

@@ -163,13 +163,16 @@ class FixedRun:
     def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         for name, array in arrays.items():
             array = np.ascontiguousarray(array)
-            last = self.uploaded.get(name)
-            if last is not None and last.dtype == array.dtype and np.array_equal(last, array):
-                continue  # the bound buffer holds these values already
+            if self.skip_unchanged and self._holds(name, array):
+                continue
             self.inputs[name].update_inplace(array)
-            if self.skip_unchanged and array.nbytes <= SKIP_UNCHANGED_BYTES:
+            if self.skip_unchanged and array.nbytes <= SKIP_UNCHANGED_BYTES:  # kept once it is in the buffer
                 self.uploaded[name] = array.copy()
-            else:
-                self.uploaded.pop(name, None)
         self.session.run_with_iobinding(self.binding, self.run_options)
         return {name: value if name in self.on_device else value.numpy() for name, value in self.outputs.items()}
+
+    def _holds(self, name: str, array: np.ndarray) -> bool:
+        """Whether ``name``'s bound buffer holds ``array``'s values already (the small inputs' last uploads are kept
+        on the host to compare)."""
+        last = self.uploaded.get(name)
+        return last is not None and last.dtype == array.dtype and np.array_equal(last, array)
