@@ -78,12 +78,12 @@ def _setup(device: str, cuda_graphs: bool) -> Any:
 
 
 def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: int,
-               weights_dir: Path | None = None, bound_runs: bool | None = None) \
-        -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               weights_dir: Path | None = None, bound_runs: bool | None = None,
+               host_inputs: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One model timed on fixed inputs: without CUDA graphs (plain runs) and, with ``bound_runs`` (default: on
     CUDA), replayed as one (bound once, :class:`apet.runtime.backends.ort_session.FixedRun`; on the CPU the same
     bound runs without a capture, which is how the tests reach this branch) -> (profiles per form, the plain
-    run's outputs)."""
+    run's outputs). ``host_inputs`` are bound on the host (:func:`host_values`)."""
     from apet.runtime.backends.ort_session import FixedRun
 
     profile_phase = _profile_phase()
@@ -100,14 +100,16 @@ def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: i
         try:
             setup = _setup(device, True)
             session = setup.session(model, batch, weights_dir)
-            bound = FixedRun(session, setup, {n: (v.shape, v.dtype.type) for n, v in feeds.items()},
-                             {n: (v.shape, v.dtype.type) for n, v in outputs.items()})
+            device_feeds = {n: v for n, v in feeds.items() if n not in host_inputs}
+            bound = FixedRun(session, setup, {n: (v.shape, v.dtype.type) for n, v in device_feeds.items()},
+                             {n: (v.shape, v.dtype.type) for n, v in outputs.items()},
+                             host_constants={n: feeds[n] for n in host_inputs})
             for _ in range(4):  # warm-up and the capture
-                replayed = bound(feeds)
+                replayed = bound(device_feeds)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses a capture with an untyped Fail: say so, go on
             result["graphed_refused"] = str(err).splitlines()[0]
         else:
-            result["graphed"] = profile_phase(lambda: bound(feeds), calls)
+            result["graphed"] = profile_phase(lambda: bound(device_feeds), calls)
             result["graphed_outputs_equal"] = all(np.array_equal(replayed[n], outputs[n]) for n in names)
     result["nodes"] = len(onnx.load_from_string(model).graph.node)
     return result, outputs
@@ -167,6 +169,31 @@ def cut_and_run(model: onnx.ModelProto, scope: str, feeds: dict[str, np.ndarray]
     return part, ins, outs, {**fed, **dict(zip([o.name for o in session.get_outputs()], session.run(None, fed)))}
 
 
+def host_values(model: onnx.ModelProto, inputs: list[str], values: dict[str, np.ndarray]) -> frozenset[str]:
+    """The cut's inputs that ``model`` computes as shape arithmetic (small integers, not its own graph inputs): ONNX
+    Runtime keeps those on the host in the whole graph, and the backend's graphs give the kernels that read them a
+    device twin (:func:`apet.runtime.backends.ort_device_shapes.to_device`). Fed to the cut on the device instead,
+    they would be copied to the host inside the run, which refuses the CUDA graph (stage 2's span length)."""
+    from apet.runtime.backends.ort_device_shapes import MAX_ELEMENTS
+
+    own = {i.name for i in model.graph.input}
+    return frozenset(n for n in inputs
+                     if n not in own and values[n].dtype.kind in "iu" and values[n].size <= MAX_ELEMENTS)
+
+
+def as_run(model: onnx.ModelProto, part: onnx.ModelProto, inputs: list[str],
+           values: dict[str, np.ndarray]) -> tuple[bytes, frozenset[str], int]:
+    """The cut as the backend's graphs run it: its shape values bound on the host and twinned on the device where a
+    kernel reads them as data -> (model bytes, the host inputs, how many twins). ``part`` is left as cut."""
+    from apet.runtime.backends.ort_device_shapes import to_device
+
+    host = host_values(model, inputs, values)
+    run = onnx.ModelProto()
+    run.CopyFrom(part)
+    twins = to_device(run, host)
+    return run.SerializeToString(), host, twins
+
+
 def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = None) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -180,17 +207,28 @@ def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = N
     # stage 1: one run of the whole vision graph gives the scope's edges and the request's visual rows
     vision = onnx.load(str(artifact / manifest.graphs["vision"].file))
     part, ins, outs, values = cut_and_run(vision, scopes.APET_STAGE1, request["vision_feeds"], device)
-    result["apet_stage1"] = _report(*time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls,
-                                                None, bound_runs), {n: values[n] for n in outs})
+    result["apet_stage1"] = _time_cut(vision, part, ins, outs, values, device, calls, None, bound_runs)
     result["vision_whole"] = _report(*time_graph(vision.SerializeToString(), request["vision_feeds"], device, calls,
                                                  None, bound_runs))
     # stage 2: the exported prefill (weights read where they lie), its caches given as inputs
     prefill_path = artifact / manifest.graphs["llm_prefill"].file
-    part, ins, outs, values = cut_and_run(load_structure(prefill_path), scopes.APET_STAGE2,
-                                          prefill_inputs(artifact, request, values), device, prefill_path.parent)
-    result["apet_stage2"] = _report(*time_graph(part.SerializeToString(), {n: values[n] for n in ins}, device, calls,
-                                                prefill_path.parent, bound_runs), {n: values[n] for n in outs})
+    prefill = load_structure(prefill_path)
+    part, ins, outs, values = cut_and_run(prefill, scopes.APET_STAGE2, prefill_inputs(artifact, request, values),
+                                          device, prefill_path.parent)
+    result["apet_stage2"] = _time_cut(prefill, part, ins, outs, values, device, calls, prefill_path.parent,
+                                      bound_runs)
     return result
+
+
+def _time_cut(model: onnx.ModelProto, part: onnx.ModelProto, ins: list[str], outs: list[str],
+              values: dict[str, np.ndarray], device: str, calls: int, weights_dir: Path | None,
+              bound_runs: bool | None) -> dict[str, Any]:
+    """A cut (:func:`as_run`) timed on the values the whole graph handed it, checked against the whole graph's."""
+    run_bytes, host, twins = as_run(model, part, ins, values)
+    timed, outputs = time_graph(run_bytes, {n: values[n] for n in ins}, device, calls, weights_dir, bound_runs, host)
+    facts = {"nodes": len(part.graph.node), "nodes_run": timed["nodes"], "host_inputs": sorted(host),
+             "device_twins": twins}  # nodes: the scope's; nodes_run: with the twins' few nodes
+    return _report(timed | facts, outputs, {n: values[n] for n in outs})
 
 
 def _report(timed: dict[str, Any], outputs: dict[str, np.ndarray],

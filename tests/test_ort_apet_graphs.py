@@ -41,6 +41,25 @@ def test_each_cut_computes_what_the_whole_graph_computes(artifact_factory, scrip
         assert row["nodes"] == _scope_nodes(artifact / graph, scope) > 100, scope
         assert row["ungraphed"]["calls"] == row["graphed"]["calls"] == 2
     assert result["vision_whole"]["nodes"] > result[scopes.APET_STAGE1]["nodes"]
+    # stage 2 reads the prompt's length, shape arithmetic of the whole graph: bound on the host and twinned on the
+    # device as the backend's prefill does (fed on the device, ONNX Runtime copied it inside the run and refused
+    # the cut's CUDA graph on the H100, docs/benchmarks.md stop 58); stage 1 reads none
+    assert result[scopes.APET_STAGE1]["host_inputs"] == [] and result[scopes.APET_STAGE1]["device_twins"] == 0
+    stage2 = result[scopes.APET_STAGE2]
+    assert len(stage2["host_inputs"]) == 1 and stage2["device_twins"] > 0
+    assert stage2["nodes_run"] > stage2["nodes"]
+
+
+def test_host_values_are_the_cuts_shape_arithmetic(artifact_factory, script) -> None:
+    """host_values: small integer tensors the whole graph computes, never its own inputs (a request's values)."""
+    import numpy as np
+
+    artifact = artifact_factory(ratio=0.11, stages=2, kv_cache="static", attention="op")
+    model = onnx.load(str(artifact / "vision.onnx"), load_external_data=False)
+    own = model.graph.input[0].name
+    inner = model.graph.node[0].output[0]
+    values = {own: np.array([3]), inner: np.array([3]), "wide": np.arange(9), "real": np.array([1.0])}
+    assert script.host_values(model, [own, inner, "wide", "real"], values) == frozenset({inner})
 
 
 def test_a_cut_holds_only_its_scopes_nodes(artifact_factory, script) -> None:
