@@ -239,7 +239,7 @@ def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from apet.runtime.backends.ort_device_shapes import host_reads, to_device
+    from apet.runtime.backends.ort_device_shapes import host_reads, placed_on_cpu, to_device
 
     manifest = read_manifest(llava_static_op)
     spec, layout, context = manifest.model.decoder, manifest.cache_layout, manifest.max_context
@@ -281,10 +281,26 @@ def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
     assert host_reads(model) == [(4, 1)]
     to_device(model)
     assert host_reads(model) == []
+    # the twin is one device kernel, Range (a Reshape on the device is a view); its other nodes are host arithmetic
+    twin = [n.op_type for i, n in enumerate(model.graph.node)
+            if n.output[0].startswith("last/device") and i not in placed_on_cpu(model) and n.op_type != "Constant"]
+    assert twin == ["Range", "Reshape"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for start, n in ((9, 6), (1, 6), (3, 1)):
         clamped, _ = session.run(None, {"x": np.zeros((2, n), np.float32), "start": np.array(start)})
         assert int(clamped) == min(start, n - 2)  # n - 2 = -1 for the last: negative values too
+    # values past float32's 2^24 (the twin summed ones before): a host value scaled by 2^40, clamped on the device
+    nodes[2] = helper.make_node("Mul", ["length", "two"], ["last"])
+    scaled = helper.make_model(helper.make_graph(
+        nodes, "g", list(model.graph.input), list(model.graph.output),
+        [onnx.numpy_helper.from_array(np.array(1), "one"), onnx.numpy_helper.from_array(np.array(2**40), "two")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    to_device(scaled)
+    assert host_reads(scaled) == []
+    session = ort.InferenceSession(scaled.SerializeToString(), providers=["CPUExecutionProvider"])
+    for start in (2**40 * 6 - 1, 2**40 * 6 + 1):
+        clamped, _ = session.run(None, {"x": np.zeros((2, 6), np.float32), "start": np.array(start)})
+        assert int(clamped) == min(start, 6 * 2**40)
 
 
 def test_expand_shapes_of_constants_stay_on_the_host(tmp_path) -> None:

@@ -12,10 +12,11 @@ First, ``ConstantOfShape(Shape(t))`` of a statically shaped ``t`` becomes the co
 ``expand(..., -1)`` pattern: ONNX Runtime runs ``ConstantOfShape`` on the device, so the shape arithmetic after it
 would be copied back to ``Expand``'s host input). Then the rewrite gives each value (an integer tensor of at most
 :data:`MAX_ELEMENTS` elements) a device twin computed from host inputs the kernels are built to read: per element
-``e``, ``ConstantOfShape(max(e, 0))`` and ``ConstantOfShape(max(-e, 0))`` write that many ones on the device (their
-shape input is a host input), and the difference of their sums is ``e``. Exact for |e| < 2^24; a few tiny kernels
-per value, inside the captured graph. :func:`host_reads` models ONNX Runtime's placement to find them (the tests
-check it; the GPU run checks ORT).
+``e``, ``Range(e, e + 1, 1)`` — CUDA's ``Range`` reads its three inputs on the host and writes ``[e]`` on the
+device, so ONNX Runtime keeps it there (a kernel's own host inputs never pull a node onto the CPU), while ``e + 1``
+is host arithmetic. Exact for every integer; one tiny kernel per element inside the captured graph (the ones summed
+by ``ConstantOfShape`` before took six, and held only |e| < 2^24). :func:`host_reads` models ONNX Runtime's
+placement to find them (the tests check it; the GPU run checks ORT).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ CPU_INPUTS = {
 }
 _HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _INTEGER = (TensorProto.INT64, TensorProto.INT32)
+_NUMPY = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32}
+_ONE = {kind: f"device_shapes/one{np.dtype(_NUMPY[kind]).itemsize * 8}" for kind in _INTEGER}  # Range's step, +1
 
 
 def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -73,6 +76,36 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
     host before the run). ``host_inputs``: graph inputs bound on the host."""
     graph = model.graph
     types = _types(model) if types is None else types
+    cpu_nodes, cpu_tensors, small = _placement(model, host_inputs, types)
+    inputs = {i.name for i in graph.input}
+    reads = []
+    for index, node in enumerate(graph.node):
+        if index in cpu_nodes:  # a device input read on the host: ONNX Runtime copies it before the run
+            reads.extend((index, slot) for slot, name in enumerate(node.input)
+                         if name in inputs and name not in host_inputs)
+            continue
+        if node.op_type in CPU_OUTPUTS or all(name in small for name in node.output):
+            continue
+        for slot, name in enumerate(node.input):
+            host_slot = slot in CPU_INPUTS.get(node.op_type, ())
+            if name in cpu_tensors and name not in host_inputs and not host_slot:
+                reads.append((index, slot))  # a host value read as data: MemcpyFromHost
+            elif host_slot and name and name not in cpu_tensors and name not in small and name not in inputs:
+                reads.append((index, slot))  # a device value read on the host: MemcpyToHost
+    return reads
+
+
+def placed_on_cpu(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()) -> set[int]:
+    """Indices of the nodes ONNX Runtime's CUDA provider would leave to the CPU (shape arithmetic), by its rule."""
+    return _placement(model, host_inputs, _types(model))[0]
+
+
+def _placement(model: onnx.ModelProto, host_inputs: frozenset[str],
+               types: dict[str, onnx.TypeProto]) -> tuple[set[int], set[str], set[str]]:
+    """(nodes placed on the CPU, tensors that live on the host, small constants): ``GetCpuPreferredNodes`` as
+    modelled here (a node whose inputs are all host values goes to the CPU, unless the device kernel reads one of
+    them on the host anyway)."""
+    graph = model.graph
     small = {t.name for t in graph.initializer if _numel(t) <= SMALL_INITIALIZER}
     small.update(node.output[0] for node in graph.node if node.op_type == "Constant")  # ORT loads them as such
     for node in graph.node:  # ONNX Runtime folds nodes of constants before it places nodes (small: shape values)
@@ -119,21 +152,7 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
                 cpu_tensors.add(name)
                 for consumer in consumers.get(name, []):
                     heapq.heappush(queue, consumer)
-    reads = []
-    for index, node in enumerate(graph.node):
-        if index in cpu_nodes:  # a device input read on the host: ONNX Runtime copies it before the run
-            reads.extend((index, slot) for slot, name in enumerate(node.input)
-                         if name in inputs and name not in host_inputs)
-            continue
-        if node.op_type in CPU_OUTPUTS or all(name in small for name in node.output):
-            continue
-        for slot, name in enumerate(node.input):
-            host_slot = slot in CPU_INPUTS.get(node.op_type, ())
-            if name in cpu_tensors and name not in host_inputs and not host_slot:
-                reads.append((index, slot))  # a host value read as data: MemcpyFromHost
-            elif host_slot and name and name not in cpu_tensors and name not in small and name not in inputs:
-                reads.append((index, slot))  # a device value read on the host: MemcpyToHost
-    return reads
+    return cpu_nodes, cpu_tensors, small
 
 
 def _numel(tensor: TensorProto) -> int:
@@ -152,7 +171,9 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
     reads = host_reads(model, host_inputs, types)
     twins: dict[str, str] = {}
     inserted: dict[int, list[onnx.NodeProto]] = {}
-    constants = {"device_shapes/flat": [-1], "device_shapes/axis0": [0], "device_shapes/zero": [0]}
+    constants = {"device_shapes/flat": np.array([-1], np.int64),
+                 **{_ONE[kind]: np.array(1, _NUMPY[kind]) for kind in _INTEGER},
+                 **{_index(k): np.array(k, np.int64) for k in range(MAX_ELEMENTS)}}
     for index, slot in reads:
         node = graph.node[index]
         name = node.input[slot]
@@ -168,8 +189,7 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
     ordered = [new for i, node in enumerate(graph.node) for new in (*inserted.get(i, []), node)]
     del graph.node[:]
     graph.node.extend(ordered)
-    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k)
-                             for k, v in constants.items())
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
     return len(twins)
 
 
@@ -196,40 +216,29 @@ def _fold_static_fills(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto])
         graph.initializer.append(constant)
 
 
+def _index(k: int) -> str:
+    return f"device_shapes/index{k}"
+
+
 def _twin(name: str, kind: int, size: int, types: dict[str, onnx.TypeProto]) -> tuple[str, list[onnx.NodeProto]]:
-    """Nodes computing ``name``'s values on the device from host inputs only; its shape as ``name``'s."""
+    """Nodes computing ``name``'s values on the device from host values only; its shape as ``name``'s. Per element
+    ``e`` (a host scalar: ``Gather`` of the flattened value), ``Range(e, e + 1, 1)`` on the device."""
     prefix = f"{name}/device"
     nodes = [helper.make_node("Reshape", [name, "device_shapes/flat"], [f"{prefix}/flat"])]
     parts = []
     for k in range(size):
         element = f"{prefix}/{k}"
-        start, end = f"{prefix}/start{k}", f"{prefix}/end{k}"
-        nodes += [helper.make_node("Constant", [], [start], value=helper.make_tensor(start, TensorProto.INT64,
-                                                                                      [1], [k])),
-                  helper.make_node("Constant", [], [end], value=helper.make_tensor(end, TensorProto.INT64,
-                                                                                  [1], [k + 1])),
-                  helper.make_node("Slice", [f"{prefix}/flat", start, end], [element])]
-        sums = []
-        for sign, source in (("pos", element), ("neg", f"{element}/negated")):
-            if sign == "neg":
-                nodes.append(helper.make_node("Neg", [element], [source]))
-            count = f"{element}/{sign}"
-            nodes += [helper.make_node("Max", [source, "device_shapes/zero"], [count]),
-                      helper.make_node("ConstantOfShape", [count], [f"{count}/ones"],
-                                       value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
-                      helper.make_node("ReduceSum", [f"{count}/ones", "device_shapes/axis0"], [f"{count}/sum"],
-                                       keepdims=1)]
-            sums.append(f"{count}/sum")
-        nodes.append(helper.make_node("Sub", sums, [f"{element}/value"]))
+        nodes += [helper.make_node("Gather", [f"{prefix}/flat", _index(k)], [element], axis=0),  # host, 0-D
+                  helper.make_node("Add", [element, _ONE[kind]], [f"{element}/end"]),  # host
+                  helper.make_node("Range", [element, f"{element}/end", _ONE[kind]], [f"{element}/value"])]
         parts.append(f"{element}/value")
     joined = parts[0]
     if len(parts) > 1:
         joined = f"{prefix}/joined"
         nodes.append(helper.make_node("Concat", parts, [joined], axis=0))
-    nodes.append(helper.make_node("Cast", [joined], [f"{prefix}/cast"], to=kind))
     shape = [d.dim_value for d in types[name].tensor_type.shape.dim]
     shape_name = f"{prefix}/shape"
     nodes.append(helper.make_node("Constant", [], [shape_name],
                                   value=helper.make_tensor(shape_name, TensorProto.INT64, [len(shape)], shape)))
-    nodes.append(helper.make_node("Reshape", [f"{prefix}/cast", shape_name], [f"{prefix}/value"]))
+    nodes.append(helper.make_node("Reshape", [joined, shape_name], [f"{prefix}/value"]))
     return f"{prefix}/value", nodes
