@@ -14,9 +14,10 @@ would be copied back to ``Expand``'s host input). Then the rewrite gives each va
 :data:`MAX_ELEMENTS` elements) a device twin computed from host inputs the kernels are built to read: per element
 ``e``, ``Range(e, e + 1, 1)`` — CUDA's ``Range`` reads its three inputs on the host and writes ``[e]`` on the
 device, so ONNX Runtime keeps it there (a kernel's own host inputs never pull a node onto the CPU), while ``e + 1``
-is host arithmetic. Exact for every integer; one tiny kernel per element inside the captured graph (the ones summed
-by ``ConstantOfShape`` before took six, and held only |e| < 2^24). :func:`host_reads` models ONNX Runtime's
-placement to find them (the tests check it; the GPU run checks ORT).
+is host arithmetic. Exact for |e| < 2^53 (ONNX Runtime counts ``Range``'s elements in double); one tiny kernel per
+element inside the captured graph (the ones summed by ``ConstantOfShape`` before took six, and held only
+|e| < 2^24). :func:`host_reads` models ONNX Runtime's placement to find them (the tests check it; the GPU run checks
+ORT).
 """
 
 from __future__ import annotations
