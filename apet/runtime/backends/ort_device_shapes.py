@@ -190,7 +190,9 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
     ordered = [new for i, node in enumerate(graph.node) for new in (*inserted.get(i, []), node)]
     del graph.node[:]
     graph.node.extend(ordered)
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    used = {name for nodes in inserted.values() for node in nodes for name in node.input}  # no unused initializer:
+    # ONNX Runtime warns of each one when a session is made
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k in used)
     return len(twins)
 
 
