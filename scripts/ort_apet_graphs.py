@@ -9,7 +9,9 @@ LLaVA-1.5-7B shapes on the H200, docs/benchmarks.md), where ONNX Runtime runs Ap
 nodes one kernel each. This says how much of ORT's first-token gap (issue 28) ApET's nodes make.
 
 Each cut is checked: its outputs on the captured inputs against the whole graph's (``outputs_equal``, the largest
-difference), so a cut that dropped a dependency cannot pass for a timing.
+difference), so a cut that dropped a dependency cannot pass for a timing. A value the scope reads that the whole
+graph computes from shapes is computed so in the cut too (:func:`cut`), and twinned on the device as the backend's
+graphs are, so ONNX Runtime places and captures the cut as it does the whole graph.
 
     python scripts/ort_apet_graphs.py ARTIFACT --out ort_apet_graphs.json [--calls 30] [--device auto|cuda|cpu]
 """
@@ -54,12 +56,45 @@ def with_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, onnx
 
 def cut(model: onnx.ModelProto, scope: str) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """``scope``'s nodes as a model of their own (onnx.utils.Extractor on ``model``, whose large weights may stay
-    external: a scope that reads none needs none) -> (model, its inputs, its outputs)."""
+    external: a scope that reads none needs none) -> (model, its inputs, its outputs). A value the scope reads that
+    the whole graph computes from tensors' shapes alone (:func:`shape_sources`: stage 2's prompt length) is computed
+    the same way in the cut, from the same tensors' shapes: ONNX Runtime then places that arithmetic on the CPU as
+    in the whole graph. Fed as an input instead, it stays a device value whatever the binding (ONNX Runtime places
+    nodes before inputs are bound), and the index ranges built from it were copied to the host inside the run,
+    which refuses the CUDA graph (docs/benchmarks.md, stop 59)."""
     from apet.check.graph import scope_io
 
     inputs, outputs = scope_io(model, scope)
+    derived = {name: shape_sources(model, name) for name in inputs}
+    shaped = {name: sources for name, sources in derived.items() if sources}
+    read = [name for name in inputs if name not in shaped]
+    inputs = read + sorted({s for sources in shaped.values() for s in sources} - set(read))
     part = onnx.utils.Extractor(model).extract_model(inputs, outputs)
     return part, inputs, outputs
+
+
+def shape_sources(model: onnx.ModelProto, name: str) -> frozenset[str]:
+    """The tensors from whose shapes alone (``Shape``/``Size``, then constants and arithmetic) ``model`` computes
+    ``name``; empty where it reads any tensor's values (a graph input's, a computed tensor's) on the way."""
+    from apet.runtime.backends.ort_graph_edit import producer_map
+
+    producers = producer_map(model.graph)
+    initializers = {t.name for t in model.graph.initializer}
+    sources: set[str] = set()
+    pending, seen = [name], set()
+    while pending:
+        current = pending.pop()
+        if not current or current in seen or current in initializers:
+            continue
+        seen.add(current)
+        node = producers.get(current)
+        if node is None:  # a graph input's values
+            return frozenset()
+        if node.op_type in ("Shape", "Size"):
+            sources.add(node.input[0])
+        else:
+            pending.extend(node.input)
+    return frozenset(sources)
 
 
 def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -78,12 +113,12 @@ def _setup(device: str, cuda_graphs: bool) -> Any:
 
 
 def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: int,
-               weights_dir: Path | None = None, bound_runs: bool | None = None,
-               host_inputs: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               weights_dir: Path | None = None,
+               bound_runs: bool | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One model timed on fixed inputs: without CUDA graphs (plain runs) and, with ``bound_runs`` (default: on
     CUDA), replayed as one (bound once, :class:`apet.runtime.backends.ort_session.FixedRun`; on the CPU the same
     bound runs without a capture, which is how the tests reach this branch) -> (profiles per form, the plain
-    run's outputs). ``host_inputs`` are bound on the host (:func:`host_values`)."""
+    run's outputs)."""
     from apet.runtime.backends.ort_session import FixedRun
 
     profile_phase = _profile_phase()
@@ -100,16 +135,14 @@ def time_graph(model: bytes, feeds: dict[str, np.ndarray], device: str, calls: i
         try:
             setup = _setup(device, True)
             session = setup.session(model, batch, weights_dir)
-            device_feeds = {n: v for n, v in feeds.items() if n not in host_inputs}
-            bound = FixedRun(session, setup, {n: (v.shape, v.dtype.type) for n, v in device_feeds.items()},
-                             {n: (v.shape, v.dtype.type) for n, v in outputs.items()},
-                             host_constants={n: feeds[n] for n in host_inputs})
+            bound = FixedRun(session, setup, {n: (v.shape, v.dtype.type) for n, v in feeds.items()},
+                             {n: (v.shape, v.dtype.type) for n, v in outputs.items()})
             for _ in range(4):  # warm-up and the capture
-                replayed = bound(device_feeds)
+                replayed = bound(feeds)
         except Exception as err:  # noqa: BLE001 - ONNX Runtime refuses a capture with an untyped Fail: say so, go on
             result["graphed_refused"] = str(err).splitlines()[0]
         else:
-            result["graphed"] = profile_phase(lambda: bound(device_feeds), calls)
+            result["graphed"] = profile_phase(lambda: bound(feeds), calls)
             result["graphed_outputs_equal"] = all(np.array_equal(replayed[n], outputs[n]) for n in names)
     result["nodes"] = len(onnx.load_from_string(model).graph.node)
     return result, outputs
@@ -169,29 +202,16 @@ def cut_and_run(model: onnx.ModelProto, scope: str, feeds: dict[str, np.ndarray]
     return part, ins, outs, {**fed, **dict(zip([o.name for o in session.get_outputs()], session.run(None, fed)))}
 
 
-def host_values(model: onnx.ModelProto, inputs: list[str], values: dict[str, np.ndarray]) -> frozenset[str]:
-    """The cut's inputs that ``model`` computes as shape arithmetic (small integers, not its own graph inputs): ONNX
-    Runtime keeps those on the host in the whole graph, and the backend's graphs give the kernels that read them a
-    device twin (:func:`apet.runtime.backends.ort_device_shapes.to_device`). Fed to the cut on the device instead,
-    they would be copied to the host inside the run, which refuses the CUDA graph (stage 2's span length)."""
-    from apet.runtime.backends.ort_device_shapes import MAX_ELEMENTS
-
-    own = {i.name for i in model.graph.input}
-    return frozenset(n for n in inputs
-                     if n not in own and values[n].dtype.kind in "iu" and values[n].size <= MAX_ELEMENTS)
-
-
-def as_run(model: onnx.ModelProto, part: onnx.ModelProto, inputs: list[str],
-           values: dict[str, np.ndarray]) -> tuple[bytes, frozenset[str], int]:
-    """The cut as the backend's graphs run it: its shape values bound on the host and twinned on the device where a
-    kernel reads them as data -> (model bytes, the host inputs, how many twins). ``part`` is left as cut."""
+def as_run(part: onnx.ModelProto) -> tuple[bytes, int]:
+    """The cut as the backend's graphs run it: the shape values its kernels read as data twinned on the device
+    (:func:`apet.runtime.backends.ort_device_shapes.to_device`) -> (model bytes, how many twins). ``part`` is left as
+    cut."""
     from apet.runtime.backends.ort_device_shapes import to_device
 
-    host = host_values(model, inputs, values)
     run = onnx.ModelProto()
     run.CopyFrom(part)
-    twins = to_device(run, host)
-    return run.SerializeToString(), host, twins
+    twins = to_device(run)
+    return run.SerializeToString(), twins
 
 
 def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = None) -> dict[str, Any]:
@@ -207,7 +227,7 @@ def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = N
     # stage 1: one run of the whole vision graph gives the scope's edges and the request's visual rows
     vision = onnx.load(str(artifact / manifest.graphs["vision"].file))
     part, ins, outs, values = cut_and_run(vision, scopes.APET_STAGE1, request["vision_feeds"], device)
-    result["apet_stage1"] = _time_cut(vision, part, ins, outs, values, device, calls, None, bound_runs)
+    result["apet_stage1"] = _time_cut(scopes.APET_STAGE1, part, ins, outs, values, device, calls, None, bound_runs)
     result["vision_whole"] = _report(*time_graph(vision.SerializeToString(), request["vision_feeds"], device, calls,
                                                  None, bound_runs))
     # stage 2: the exported prefill (weights read where they lie), its caches given as inputs
@@ -215,19 +235,21 @@ def measure(artifact: Path, device: str, calls: int, bound_runs: bool | None = N
     prefill = load_structure(prefill_path)
     part, ins, outs, values = cut_and_run(prefill, scopes.APET_STAGE2, prefill_inputs(artifact, request, values),
                                           device, prefill_path.parent)
-    result["apet_stage2"] = _time_cut(prefill, part, ins, outs, values, device, calls, prefill_path.parent,
-                                      bound_runs)
+    result["apet_stage2"] = _time_cut(scopes.APET_STAGE2, part, ins, outs, values, device, calls,
+                                      prefill_path.parent, bound_runs)
     return result
 
 
-def _time_cut(model: onnx.ModelProto, part: onnx.ModelProto, ins: list[str], outs: list[str],
-              values: dict[str, np.ndarray], device: str, calls: int, weights_dir: Path | None,
-              bound_runs: bool | None) -> dict[str, Any]:
+def _time_cut(scope: str, part: onnx.ModelProto, ins: list[str], outs: list[str], values: dict[str, np.ndarray],
+              device: str, calls: int, weights_dir: Path | None, bound_runs: bool | None) -> dict[str, Any]:
     """A cut (:func:`as_run`) timed on the values the whole graph handed it, checked against the whole graph's."""
-    run_bytes, host, twins = as_run(model, part, ins, values)
-    timed, outputs = time_graph(run_bytes, {n: values[n] for n in ins}, device, calls, weights_dir, bound_runs, host)
-    facts = {"nodes": len(part.graph.node), "nodes_run": timed["nodes"], "host_inputs": sorted(host),
-             "device_twins": twins}  # nodes: the scope's; nodes_run: with the twins' few nodes
+    from apet.check.graph import scope_of_tensor
+
+    run_bytes, twins = as_run(part)
+    timed, outputs = time_graph(run_bytes, {n: values[n] for n in ins}, device, calls, weights_dir, bound_runs)
+    own = sum(scope_of_tensor(node.name) == scope for node in part.graph.node)
+    facts = {"nodes": own, "nodes_run": timed["nodes"], "shape_nodes": len(part.graph.node) - own,
+             "device_twins": twins}  # nodes: the scope's; nodes_run: with the recomputed shape values and twins
     return _report(timed | facts, outputs, {n: values[n] for n in outs})
 
 

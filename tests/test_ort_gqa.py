@@ -303,6 +303,21 @@ def test_shape_values_read_as_data_get_device_twins(llava_static_op) -> None:
     for start in (2**40 * 6 - 1, 2**40 * 6 + 1):
         clamped, _ = session.run(None, {"x": np.zeros((2, 6), np.float32), "start": np.array(start)})
         assert int(clamped) == min(start, 6 * 2**40)
+    # ONNX Runtime places nodes before inputs are bound: only CPU outputs (Shape's) start its search, so arithmetic on
+    # a graph input bound on the host stays on the device; it reads that input as data (copied at each run) and an
+    # index range built from it goes back to the host. Stage 2's cut fed the prompt's length so and was refused its
+    # CUDA graph (docs/benchmarks.md stop 59); a twin cannot help (its arithmetic would stay on the device too)
+    bound = helper.make_model(helper.make_graph(
+        [helper.make_node("Sub", ["count", "one"], ["less"]),
+         helper.make_node("Range", ["zero", "less", "one"], ["r"]), helper.make_node("Abs", ["count"], ["size"])],
+        "g", [helper.make_tensor_value_info("count", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in ("r", "size")],
+        [onnx.numpy_helper.from_array(np.array(0), "zero"), onnx.numpy_helper.from_array(np.array(1), "one")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    host = frozenset({"count"})
+    assert placed_on_cpu(bound) == set()
+    assert host_reads(bound, host) == [(0, 0), (1, 1), (2, 0)]
+    assert to_device(bound, host) == 0 and host_reads(bound, host) == [(0, 0), (1, 1), (2, 0)]
 
 
 def test_expand_shapes_of_constants_stay_on_the_host(tmp_path) -> None:

@@ -3,7 +3,9 @@ ONNX Runtime can capture the session as CUDA graphs (:mod:`.ort_prompt_graphs`).
 
 ONNX Runtime's CUDA execution provider puts shape arithmetic on the CPU: a consumer of a CPU tensor (``Shape``'s
 output) whose every input is a CPU tensor, a small initializer or a graph input, and so on downstream
-(``GetCpuPreferredNodes``, onnxruntime/core/framework/fallback_cpu_capability.cc). Where a CUDA kernel then reads
+(``GetCpuPreferredNodes``, onnxruntime/core/framework/fallback_cpu_capability.cc). Only CPU outputs start that
+search: a node that reads graph inputs and constants alone stays on the device, also where the caller binds the
+input on the host (placement comes before binding). Where a CUDA kernel then reads
 such a value as data, not as one of its host inputs, ONNX Runtime inserts a ``MemcpyFromHost``, and a session with a
 copy node cannot use CUDA graphs. ApET's stage 2 does this in the prefill: it clamps the image span to the prompt's
 length and builds its index ranges from it.
@@ -73,11 +75,11 @@ def _static_size(types: dict[str, onnx.TypeProto], name: str) -> int | None:
 def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset(),
                types: dict[str, onnx.TypeProto] | None = None) -> list[tuple[int, int]]:
     """(node index, input index) of every input a CUDA kernel reads as data from a tensor ONNX Runtime computes on
-    the CPU (where it would insert a copy), and of every device input a node placed on the CPU reads (copied to the
-    host before the run). ``host_inputs``: graph inputs bound on the host."""
+    the CPU (where it would insert a copy) or from a graph input bound on the host (``host_inputs``: copied at each
+    run), and of every device input a node placed on the CPU reads (copied to the host before the run)."""
     graph = model.graph
     types = _types(model) if types is None else types
-    cpu_nodes, cpu_tensors, small = _placement(model, host_inputs, types)
+    cpu_nodes, cpu_tensors, small = _placement(model, types)
     inputs = {i.name for i in graph.input}
     reads = []
     for index, node in enumerate(graph.node):
@@ -89,20 +91,19 @@ def host_reads(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()
             continue
         for slot, name in enumerate(node.input):
             host_slot = slot in CPU_INPUTS.get(node.op_type, ())
-            if name in cpu_tensors and name not in host_inputs and not host_slot:
+            if (name in cpu_tensors or name in host_inputs) and not host_slot:
                 reads.append((index, slot))  # a host value read as data: MemcpyFromHost
             elif host_slot and name and name not in cpu_tensors and name not in small and name not in inputs:
                 reads.append((index, slot))  # a device value read on the host: MemcpyToHost
     return reads
 
 
-def placed_on_cpu(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()) -> set[int]:
+def placed_on_cpu(model: onnx.ModelProto) -> set[int]:
     """Indices of the nodes ONNX Runtime's CUDA provider would leave to the CPU (shape arithmetic), by its rule."""
-    return _placement(model, host_inputs, _types(model))[0]
+    return _placement(model, _types(model))[0]
 
 
-def _placement(model: onnx.ModelProto, host_inputs: frozenset[str],
-               types: dict[str, onnx.TypeProto]) -> tuple[set[int], set[str], set[str]]:
+def _placement(model: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> tuple[set[int], set[str], set[str]]:
     """(nodes placed on the CPU, tensors that live on the host, small constants): ``GetCpuPreferredNodes`` as
     modelled here (a node whose inputs are all host values goes to the CPU, unless the device kernel reads one of
     them on the host anyway)."""
@@ -117,13 +118,14 @@ def _placement(model: onnx.ModelProto, host_inputs: frozenset[str],
     for index, node in enumerate(graph.node):
         for name in node.input:
             consumers.setdefault(name, []).append(index)
-    cpu_tensors = set(host_inputs)
+    # ONNX Runtime places nodes before any input is bound: only CPU outputs start its search, and a graph input (bound
+    # on the host or not) lets a node go to the CPU without sending it there
+    cpu_tensors: set[str] = set()
     queue: list[int] = []
     for index, node in enumerate(graph.node):
         for slot in CPU_OUTPUTS.get(node.op_type, ()):
             cpu_tensors.add(node.output[slot])
             queue.extend(consumers.get(node.output[slot], []))
-    queue.extend(i for name in host_inputs for i in consumers.get(name, []))
     heapq.heapify(queue)  # node order is topological: ONNX Runtime visits candidates in that order too
     visited: set[int] = set()
     cpu_nodes: set[int] = set()
@@ -165,9 +167,12 @@ def _numel(tensor: TensorProto) -> int:
 
 def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset()) -> int:
     """Rewrite ``model`` in place (module docstring); returns how many host values now have a device twin. Values
-    it cannot twin (not integer, unknown or larger size) are left as they are (ONNX Runtime then copies them)."""
+    it cannot twin (not integer, unknown or larger size, or a graph input bound on the host: the twin's host
+    arithmetic would stay on the device, ONNX Runtime places before inputs are bound) are left as they are (ONNX
+    Runtime then copies them)."""
     graph = model.graph
     types = _types(model)
+    inputs = {i.name for i in graph.input}
     _fold_static_fills(graph, types)
     reads = host_reads(model, host_inputs, types)
     twins: dict[str, str] = {}
@@ -179,7 +184,8 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
         node = graph.node[index]
         name = node.input[slot]
         kind, size = _elem(types, name), _static_size(types, name)
-        if kind not in _INTEGER or size is None or size > MAX_ELEMENTS:
+        if slot in CPU_INPUTS.get(node.op_type, ()) or name in inputs or kind not in _INTEGER or size is None \
+                or size > MAX_ELEMENTS:  # a device value read on the host: a twin lives on the device too
             continue
         if name not in twins:
             twins[name], nodes = _twin(name, kind, size, types)
