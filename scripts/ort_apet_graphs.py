@@ -63,9 +63,11 @@ def cut(model: onnx.ModelProto, scope: str) -> tuple[onnx.ModelProto, list[str],
     nodes before inputs are bound), and the index ranges built from it were copied to the host inside the run,
     which refuses the CUDA graph (docs/benchmarks.md, stop 59)."""
     from apet.check.graph import scope_io
+    from apet.runtime.backends.ort_graph_edit import producer_map
 
     inputs, outputs = scope_io(model, scope)
-    derived = {name: shape_sources(model, name) for name in inputs}
+    producers = producer_map(model.graph)  # once for every input's walk
+    derived = {name: shape_sources(model, name, producers) for name in inputs}
     shaped = {name: sources for name, sources in derived.items() if sources}
     read = [name for name in inputs if name not in shaped]
     inputs = read + sorted({s for sources in shaped.values() for s in sources} - set(read))
@@ -73,12 +75,14 @@ def cut(model: onnx.ModelProto, scope: str) -> tuple[onnx.ModelProto, list[str],
     return part, inputs, outputs
 
 
-def shape_sources(model: onnx.ModelProto, name: str) -> frozenset[str]:
+def shape_sources(model: onnx.ModelProto, name: str,
+                  producers: dict[str, onnx.NodeProto] | None = None) -> frozenset[str]:
     """The tensors from whose shapes alone (``Shape``/``Size``, then constants and arithmetic) ``model`` computes
-    ``name``; empty where it reads any tensor's values (a graph input's, a computed tensor's) on the way."""
+    ``name``; empty where it reads any tensor's values (a graph input's, a computed tensor's) on the way.
+    ``producers``: ``model``'s producer map where the caller has it."""
     from apet.runtime.backends.ort_graph_edit import producer_map
 
-    producers = producer_map(model.graph)
+    producers = producer_map(model.graph) if producers is None else producers
     initializers = {t.name for t in model.graph.initializer}
     sources: set[str] = set()
     pending, seen = [name], set()

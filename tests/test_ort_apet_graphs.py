@@ -1,6 +1,7 @@
 """scripts/ort_apet_graphs.py: each ApET scope cut out of the exported graphs as a graph of its own, fed the tensors
 the whole graph hands it, computes what the whole graph computes there (so its GPU timing on the H200 is ApET's
-cost inside ONNX Runtime's graphs), and the cut holds exactly the scope's nodes."""
+cost inside ONNX Runtime's graphs), and the cut holds exactly the scope's nodes, plus the shape arithmetic of
+the values the whole graph computes from shapes."""
 
 from __future__ import annotations
 

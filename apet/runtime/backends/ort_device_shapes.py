@@ -185,7 +185,7 @@ def to_device(model: onnx.ModelProto, host_inputs: frozenset[str] = frozenset())
         name = node.input[slot]
         kind, size = _elem(types, name), _static_size(types, name)
         if slot in CPU_INPUTS.get(node.op_type, ()) or name in inputs or kind not in _INTEGER or size is None \
-                or size > MAX_ELEMENTS:  # a device value read on the host: a twin lives on the device too
+                or size > MAX_ELEMENTS:  # a device value read on the host, or a graph input: no twin helps
             continue
         if name not in twins:
             twins[name], nodes = _twin(name, kind, size, types)
